@@ -1,0 +1,75 @@
+"""jaxnet: train neural networks in JAX's purely functional, compiled style."""
+
+from jaxnet.base import Batch as Batch
+from jaxnet.base import Model as Model
+from jaxnet.base import Params as Params
+from jaxnet.base import PRNGKey as PRNGKey
+from jaxnet.base import TrainState as TrainState
+from jaxnet.layers import ACTIVATIONS as ACTIVATIONS
+from jaxnet.layers import activation_layer as activation_layer
+from jaxnet.layers import batched as batched
+from jaxnet.layers import default_initializer as default_initializer
+from jaxnet.layers import dense as dense
+from jaxnet.layers import get_activation as get_activation
+from jaxnet.layers import mlp as mlp
+from jaxnet.layers import serial as serial
+from jaxnet.layers import with_params as with_params
+from jaxnet.loop import FitState as FitState
+from jaxnet.loop import NonFiniteLossError as NonFiniteLossError
+from jaxnet.loop import epoch_batches as epoch_batches
+from jaxnet.loop import fit as fit
+from jaxnet.loop import make_epoch as make_epoch
+from jaxnet.losses import LOSSES as LOSSES
+from jaxnet.losses import LossSpec as LossSpec
+from jaxnet.losses import accuracy as accuracy
+from jaxnet.losses import batch_mean as batch_mean
+from jaxnet.losses import binary_accuracy as binary_accuracy
+from jaxnet.losses import get_loss as get_loss
+from jaxnet.losses import half_sum_squares as half_sum_squares
+from jaxnet.losses import mean_squared_error as mean_squared_error
+from jaxnet.losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from jaxnet.losses import softmax_cross_entropy as softmax_cross_entropy
+from jaxnet.step import init_state as init_state
+from jaxnet.step import make_eval_fn as make_eval_fn
+from jaxnet.step import make_loss_fn as make_loss_fn
+from jaxnet.step import make_train_step as make_train_step
+from jaxnet.step import make_update as make_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "Batch",
+    "FitState",
+    "LOSSES",
+    "LossSpec",
+    "Model",
+    "NonFiniteLossError",
+    "PRNGKey",
+    "Params",
+    "TrainState",
+    "accuracy",
+    "activation_layer",
+    "batch_mean",
+    "batched",
+    "binary_accuracy",
+    "default_initializer",
+    "dense",
+    "epoch_batches",
+    "fit",
+    "get_activation",
+    "get_loss",
+    "half_sum_squares",
+    "init_state",
+    "make_epoch",
+    "make_eval_fn",
+    "make_loss_fn",
+    "make_train_step",
+    "make_update",
+    "mean_squared_error",
+    "mlp",
+    "serial",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+    "with_params",
+]

@@ -1,0 +1,133 @@
+"""Losses and metrics: per-example functions, and their weighted batch means.
+
+A per-example loss maps ``(prediction, target) -> scalar`` for one example; :func:`batch_mean`
+turns it into a function of whole batches with optional per-example weights (the weights mask
+padding in a final partial batch).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxnet.base import Params  # noqa: F401  (re-exported type, keeps imports uniform)
+
+PerExample = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def half_sum_squares(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """``1/2 * sum((y - t)**2)`` over the outputs of one example (the worked example's L).
+
+    Args:
+      prediction: ``(out,)`` network output.
+      target: ``(out,)`` target.
+
+    Examples:
+      >>> float(half_sum_squares(jnp.array([1.0, 2.0]), jnp.array([0.0, 0.0])))
+      2.5
+    """
+    return 0.5 * jnp.sum((prediction - target) ** 2)
+
+
+def mean_squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """``mean((y - t)**2)`` over the outputs of one example; shapes ``(out,)`` or scalars."""
+    return jnp.mean((prediction - target) ** 2)
+
+
+def softmax_cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
+    """Cross-entropy of softmax(logits) against an integer class label.
+
+    Args:
+      logits: ``(classes,)`` unnormalized scores.
+      label: scalar int in ``[0, classes)``.
+    """
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(label, jnp.int32))
+
+
+def sigmoid_binary_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """Binary cross-entropy of sigmoid(logits) against targets in {0, 1}, averaged over outputs.
+
+    Args:
+      logits: ``(out,)`` or scalar.
+      target: same shape as ``logits``, values in [0, 1].
+    """
+    target = jnp.reshape(target, jnp.shape(logits)).astype(logits.dtype)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
+
+
+def accuracy(logits: jax.Array, label: jax.Array) -> jax.Array:
+    """1.0 if ``argmax(logits) == label`` else 0.0, for one example."""
+    return (jnp.argmax(logits, axis=-1) == label).astype(jnp.float32)
+
+
+def binary_accuracy(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """Fraction of outputs whose sign (logit > 0) matches a {0, 1} target, for one example."""
+    target = jnp.reshape(target, jnp.shape(logits))
+    return jnp.mean(((logits > 0) == (target > 0.5)).astype(jnp.float32))
+
+
+class LossSpec(NamedTuple):
+    """A named loss: the per-example function, its accuracy metric (None for regression),
+    and whether targets are integer class labels."""
+
+    name: str
+    fn: PerExample
+    metric: PerExample | None
+    integer_labels: bool
+
+
+LOSSES: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in (
+        LossSpec("half_sse", half_sum_squares, None, False),
+        LossSpec("mse", mean_squared_error, None, False),
+        LossSpec("softmax_cross_entropy", softmax_cross_entropy, accuracy, True),
+        LossSpec("sigmoid_binary_cross_entropy", sigmoid_binary_cross_entropy, binary_accuracy, False),
+    )
+}
+"""Losses by name."""
+
+ALIASES = {"sse": "half_sse", "cross_entropy": "softmax_cross_entropy", "bce": "sigmoid_binary_cross_entropy"}
+
+
+def get_loss(loss: str | PerExample | LossSpec) -> LossSpec:
+    """Resolves a loss name (see ``LOSSES``; aliases ``sse``, ``cross_entropy``, ``bce``), a
+    per-example callable (no accuracy metric) or a :class:`LossSpec`."""
+    if isinstance(loss, LossSpec):
+        return loss
+    if isinstance(loss, str):
+        name = ALIASES.get(loss, loss)
+        if name in LOSSES:
+            return LOSSES[name]
+        names = sorted(LOSSES) + sorted(ALIASES)
+        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(names)}")
+    if callable(loss):
+        return LossSpec(getattr(loss, "__name__", "custom"), loss, None, False)
+    raise TypeError(f"loss must be a name or a callable (prediction, target) -> scalar, got {loss!r}")
+
+
+def batch_mean(fn: PerExample) -> Callable[..., jax.Array]:
+    """Turns a per-example function into a weighted mean over a batch.
+
+    Returns:
+      ``f(predictions: (batch, ...), targets: (batch, ...), weights: (batch,) | None) -> scalar``,
+      ``sum(w * fn(p, t)) / sum(w)``; 0 when all weights are 0.
+
+    Examples:
+      >>> f = batch_mean(half_sum_squares)
+      >>> float(f(jnp.ones((2, 1)), jnp.zeros((2, 1)), jnp.array([1.0, 0.0])))
+      0.5
+    """
+
+    def reduced(predictions, targets, weights=None):
+        values = jax.vmap(fn)(predictions, targets).astype(jnp.float32)
+        if weights is None:
+            return jnp.mean(values)
+        weights = weights.astype(jnp.float32)
+        total = jnp.sum(weights)
+        return jnp.where(total > 0, jnp.sum(weights * values) / jnp.maximum(total, 1e-30), 0.0)
+
+    return reduced

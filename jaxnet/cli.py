@@ -61,7 +61,199 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list = []
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers, e.g. ``64,64`` (empty: no hidden layer)."""
+    if text.strip() == "":
+        return ()
+    sizes = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"layer sizes must be positive integers, got {value} in {text!r}")
+        sizes.append(value)
+    return tuple(sizes)
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction in [0, 1)")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+class Progress:
+    """Per-epoch progress: a tqdm bar on a terminal, plain lines otherwise, nothing when quiet."""
+
+    def __init__(self, total: int, stream, quiet: bool):
+        self.stream, self.quiet, self.bar = stream, quiet, None
+        if not quiet and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="epoch", file=stream, dynamic_ncols=True)
+
+    def __call__(self, fit_state, record) -> None:
+        if self.quiet:
+            return
+        speed = record["steps"] / record["seconds"] if record["seconds"] > 0 else float("inf")
+        fields = {"loss": f"{record['train_loss']:.4g}"}
+        if "val_loss" in record:
+            fields["val_loss"] = f"{record['val_loss']:.4g}"
+        if record.get("val_accuracy") is not None:
+            fields["val_acc"] = f"{record['val_accuracy']:.4f}"
+        fields["steps/s"] = f"{speed:,.0f}"
+        if self.bar is not None:
+            self.bar.update(record["epoch"] - self.bar.n)
+            self.bar.set_postfix(fields, refresh=True)
+        else:
+            text = " ".join(f"{k}={v}" for k, v in fields.items())
+            print(f"epoch {record['epoch']}: {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an MLP on a built-in dataset or a CSV/.npz file",
+                       description="Train an MLP. Unset options take the dataset's preset (see docs).")
+    src = p.add_argument_group("data")
+    src.add_argument("--dataset", help="built-in dataset: seed, xor, moons, spirals, digits (default: digits)")
+    src.add_argument("--data", metavar="FILE", help="a CSV file (with --target) or .npz file (arrays x, y)")
+    src.add_argument("--target", metavar="COLUMN", help="the CSV column to predict")
+    src.add_argument("--val-split", type=fraction, metavar="F", help="validation fraction (default 0.1)")
+    src.add_argument("--test-split", type=fraction, metavar="F", help="test fraction (default 0.2)")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--hidden", type=int_list, metavar="SIZES", help="hidden layer sizes, e.g. 64,64")
+    m.add_argument("--activation", help="hidden activation, e.g. relu, tanh, sigmoid")
+    m.add_argument("--loss", help="mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)")
+    m.add_argument("--optimizer", help="sgd, adam or adamw")
+    m.add_argument("--lr", type=positive_float, help="learning rate")
+    m.add_argument("--epochs", type=positive_int)
+    m.add_argument("--batch-size", type=positive_int)
+    m.add_argument("--seed", type=nonnegative_int, help="seed of every random draw (default 0)")
+    m.add_argument("--patience", type=positive_int, help="early stopping after N epochs without improvement")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help="write model.npz, metrics.jsonl and curves.png here")
+    o.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
+    o.add_argument("--json", action="store_true", help="print one JSON object with the final figures")
+    p.set_defaults(run=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    import json
+
+    from jaxnet import train
+
+    config = train.make_config(
+        dataset=args.dataset, data=args.data, target=args.target, hidden=args.hidden,
+        activation=args.activation, loss=args.loss, optimizer=args.optimizer, lr=args.lr,
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val_split=args.val_split,
+        test_split=args.test_split, patience=args.patience,
+    )
+    stream = sys.stderr if args.json else sys.stdout
+    progress = Progress(config.epochs, stream, args.quiet)
+    callbacks = [progress]
+    if args.out:
+        callbacks.append(lambda fit_state, record: train.write_metrics(args.out, fit_state.history))
+    try:
+        result = train.run(config, callbacks=callbacks)
+    finally:
+        progress.close()
+    if args.out:
+        train.write_outputs(args.out, result)
+    summary = result.summary
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        parts = [f"{summary['epochs']} epochs in {summary['seconds']:.1f}s", f"train loss {summary['train_loss']:.4g}"]
+        if summary["val_accuracy"] is not None:
+            parts.append(f"validation accuracy {summary['val_accuracy']:.4f}")
+        if summary["test_accuracy"] is not None:
+            parts.append(f"test accuracy {summary['test_accuracy']:.4f}")
+        print("; ".join(parts))
+        if args.out:
+            print(f"wrote {args.out}/model.npz, metrics.jsonl, curves.png")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="write a trained model's predictions as CSV to stdout")
+    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    p.add_argument("--data", required=True, metavar="FILE", help="CSV with the model's feature columns, or .npz with x")
+    p.set_defaults(run=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    import csv
+
+    import numpy as np
+
+    from jaxnet import io, train
+
+    saved = io.load_model(args.model)
+    x, _ = train.load_features(saved, args.data)
+    outputs = train.predict(saved, x)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    if saved.meta["task"] == "classification":
+        if saved.meta["loss"] == "sigmoid_binary_cross_entropy":
+            writer.writerow(["prediction", "probability"])
+            writer.writerows([[int(p[0] > 0.5), f"{p[0]:.6g}"] for p in outputs])
+        else:
+            writer.writerow(["prediction"] + [f"prob_{k}" for k in range(outputs.shape[1])])
+            writer.writerows([[int(np.argmax(p))] + [f"{v:.6g}" for v in p] for p in outputs])
+    else:
+        names = ["prediction"] if outputs.shape[1] == 1 else [f"prediction_{k}" for k in range(outputs.shape[1])]
+        writer.writerow(names)
+        writer.writerows([[f"{v:.8g}" for v in p] for p in outputs])
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="print a trained model's loss and accuracy on labelled data")
+    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    p.add_argument("--data", required=True, metavar="FILE", help="CSV or .npz file with features and targets")
+    p.add_argument("--target", metavar="COLUMN", help="the CSV target column (default: the one trained on)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    import json
+
+    from jaxnet import io, train
+
+    saved = io.load_model(args.model)
+    if args.target:
+        saved = saved._replace(meta=dict(saved.meta, target=args.target))
+    x, y = train.load_features(saved, args.data)
+    if y is None:
+        raise CliError(f"{args.data} has no targets: name the target column with --target")
+    metrics = train.evaluate(saved, x, y)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        line = f"loss {metrics['loss']:.6g}"
+        if metrics["accuracy"] is not None:
+            line += f"  accuracy {metrics['accuracy']:.4f}"
+        print(f"{line}  ({len(x)} examples)")
+    return 0
+
+
+_SUBCOMMANDS: list = [_add_train, _add_predict, _add_evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -222,7 +222,8 @@ def fit(
 
     if resume is None:
         resume = FitState(init_state(params, optimizer, key), 0, [])
-    fit_state = resume
+    # Epochs donate the state's buffers; copy first so the caller's params and key stay valid.
+    fit_state = resume._replace(train=jax.tree.map(jnp.copy, resume.train))
     history = list(fit_state.history)
     if validation is not None:
         xv, yv = _as_array("validation x", validation[0]), _as_array("validation y", validation[1])

@@ -1,0 +1,113 @@
+"""Files a run leaves behind: the trained model (``model.npz``) and metric logs.
+
+Everything is written atomically (a temporary file in the same folder, then ``os.replace``), so a
+crash or kill never leaves a half-written file under its final name. Nothing is pickled: a model
+file holds arrays and one JSON document, and loading it cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import numpy as np
+
+MODEL_FILE = "model.npz"
+MODEL_FORMAT = "jaxnet-model"
+MODEL_FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a temporary path beside ``path``; on success it is renamed to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Writes one JSON object per line, atomically (the whole file is replaced)."""
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+class SavedModel(NamedTuple):
+    """A trained model as stored: ``meta`` (JSON: architecture, loss, task, feature names, config),
+    ``params`` (list of ``{"w", "b"}`` numpy arrays, optionally with a leading member axis) and the
+    standardization ``mean``/``std`` fitted on the training split."""
+
+    meta: dict
+    params: Any
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def _flatten_params(params) -> dict[str, np.ndarray]:
+    return {f"params/{i}/{name}": np.asarray(value) for i, layer in enumerate(params) for name, value in layer.items()}
+
+
+def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
+    """Saves ``model`` to ``directory/model.npz`` atomically and returns that path."""
+    meta = dict(model.meta, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION)
+    arrays = _flatten_params(model.params)
+    arrays["norm/mean"] = np.asarray(model.mean, np.float32)
+    arrays["norm/std"] = np.asarray(model.std, np.float32)
+    arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    path = Path(directory) / MODEL_FILE
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> SavedModel:
+    """Loads a model saved by :func:`save_model` from a run folder or a ``model.npz`` path.
+
+    Raises:
+      ValueError: the path is not a jaxnet model, or the file is damaged.
+    """
+    path = Path(path)
+    file = path / MODEL_FILE if path.is_dir() else path
+    if not file.exists():
+        where = f"{path} has no {MODEL_FILE}" if path.is_dir() else f"{path} does not exist"
+        raise ValueError(f"not a jaxnet model: {where} (give the --out folder of 'jaxnet train')")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"not a jaxnet model or damaged: {file} ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"not a jaxnet model: {file} was not written by jaxnet")
+    if meta.get("format_version", 0) > MODEL_FORMAT_VERSION:
+        raise ValueError(f"{file} uses model format {meta['format_version']}: upgrade jaxnet to read it")
+    layers: dict[int, dict] = {}
+    for name, value in arrays.items():
+        if name.startswith("params/"):
+            _, index, leaf = name.split("/")
+            layers.setdefault(int(index), {})[leaf] = value
+    params = [layers[i] for i in sorted(layers)]
+    if len(params) != len(meta.get("sizes", [])) - 1 or "norm/mean" not in arrays:
+        raise ValueError(f"damaged jaxnet model: {file} is missing arrays")
+    return SavedModel(meta, params, arrays["norm/mean"], arrays["norm/std"])
+

@@ -1,0 +1,156 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnet as jn
+
+
+def _data(key, n=50, d=3, classes=3):
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (n, d)), jax.random.randint(ky, (n,), 0, classes)
+
+
+def test_scanned_epoch_equals_python_loop_of_jitted_steps(key):
+    x, y = _data(key, n=50)
+    net = jn.mlp([3, 6, 3], activation="tanh")
+    opt = optax.adam(0.01)
+    params = net.init(jax.random.key(1))
+    state, _ = jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=opt, epochs=3,
+                      batch_size=8, key=jax.random.key(2))
+    # Reference: the same shuffles, one jitted step per batch, the last batch truly smaller.
+    step = jn.make_train_step(net, "softmax_cross_entropy", opt, donate=False)
+    ref = jn.init_state(params, opt, jax.random.key(2))
+    shuffle_key = jax.random.key(2)
+    x, y = np.asarray(x), np.asarray(y)
+    for _ in range(3):
+        shuffle_key, k = jax.random.split(shuffle_key)
+        index, weight = jn.epoch_batches(k, 50, 8)
+        for idx, w in zip(np.asarray(index), np.asarray(weight)):
+            real = idx[w > 0]
+            ref, _ = step(ref, (x[real], y[real]))
+    assert int(state.step) == int(ref.step) == 3 * 7
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params)
+
+
+def test_epoch_batches_cover_every_example_once_and_mask_padding(key):
+    index, weight = jn.epoch_batches(key, 10, 4)
+    assert index.shape == weight.shape == (3, 4)
+    real = np.asarray(index)[np.asarray(weight) > 0]
+    assert sorted(real.tolist()) == list(range(10))
+    assert np.asarray(weight).sum() == 10
+    index, weight = jn.epoch_batches(key, 10, 4, drop_remainder=True)
+    assert index.shape == (2, 4) and len(set(np.asarray(index).ravel().tolist())) == 8
+
+
+def test_shuffles_differ_between_epochs_and_repeat_for_the_same_seed():
+    orders = []
+    for _ in range(2):
+        key, seen = jax.random.key(5), []
+        for _ in range(3):
+            key, k = jax.random.split(key)
+            seen.append(np.asarray(jn.epoch_batches(k, 32, 8)[0]).ravel())
+        orders.append(seen)
+    assert not np.array_equal(orders[0][0], orders[0][1])
+    assert not np.array_equal(orders[0][1], orders[0][2])
+    for a, b in zip(*orders):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_is_reproducible_from_its_seed(key):
+    x, y = _data(key)
+    net = jn.mlp([3, 5, 3])
+    runs = [
+        jn.fit(net, net.init(jax.random.key(1)), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1),
+               epochs=2, batch_size=7, key=jax.random.key(3))[0].params
+        for _ in range(2)
+    ]
+    jax.tree.map(np.testing.assert_array_equal, *runs)
+
+
+def test_fit_learns_xor():
+    x = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    y = jnp.array([0, 1, 1, 0])
+    net = jn.mlp([2, 8, 2], activation="tanh")
+    state, history = jn.fit(net, net.init(jax.random.key(0)), x, y, loss="softmax_cross_entropy",
+                            optimizer=optax.adam(0.05), epochs=300, batch_size=4, key=jax.random.key(1),
+                            validation=(x, y))
+    assert history[-1]["val_accuracy"] == 1.0
+    assert history[-1]["train_loss"] < 0.05
+
+
+def test_epoch_compiles_once(key):
+    traces = []
+    base = jn.mlp([3, 3])
+
+    def apply(params, x):
+        traces.append(1)
+        return base.apply(params, x)
+
+    x, y = _data(key)
+    jn.fit(jn.Model(base.init, apply), base.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1),
+           epochs=4, batch_size=16, key=key)
+    assert len(traces) == 1
+
+
+def test_early_stopping_returns_best_params(key):
+    x, y = _data(key, n=40)
+    xv, yv = _data(jax.random.key(9), n=40)  # unrelated labels: validation loss soon rises
+    net = jn.mlp([3, 32, 3])
+    seen = {}
+
+    def remember(fit_state, record):
+        seen[record["epoch"]] = jax.tree.map(np.array, fit_state.train.params)
+
+    state, history = jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.adam(0.05),
+                            epochs=200, batch_size=8, key=key, validation=(xv, yv), patience=3,
+                            callbacks=[remember])
+    best = min(history, key=lambda r: r["val_loss"])["epoch"]
+    assert len(history) == best + 3 < 200
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), seen[best])
+
+
+def test_callback_can_stop_training(key):
+    x, y = _data(key)
+    net = jn.mlp([3, 3])
+    _, history = jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=10,
+                        batch_size=10, key=key, callbacks=[lambda s, r: r["epoch"] == 2])
+    assert len(history) == 2
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(key):
+    x, y = _data(key)
+    x = x.at[7].set(jnp.inf)
+    net = jn.mlp([3, 3])
+    with pytest.raises(jn.NonFiniteLossError, match=r"epoch 1, step \d+"):
+        jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=2,
+               batch_size=10, key=key)
+    state, history = jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=2,
+                            batch_size=10, key=key, skip_nonfinite=True)
+    assert [r["skipped"] for r in history] == [1, 1]
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(batch_size=0), "batch size must be a positive integer"),
+     (dict(epochs=0), "epochs must be a positive integer"),
+     (dict(patience=2), "needs validation data"),
+     (dict(monitor="val_f1"), "unknown monitor")],
+)
+def test_fit_rejects_bad_arguments(key, kwargs, match):
+    x, y = _data(key)
+    net = jn.mlp([3, 3])
+    args = dict(loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=1, batch_size=8, key=key) | kwargs
+    with pytest.raises(ValueError, match=match):
+        jn.fit(net, net.init(key), x, y, **args)
+
+
+def test_fit_rejects_empty_and_mismatched_data(key):
+    net = jn.mlp([3, 3])
+    args = dict(loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=1, batch_size=8, key=key)
+    with pytest.raises(ValueError, match="x is empty"):
+        jn.fit(net, net.init(key), np.zeros((0, 3)), np.zeros((0,), int), **args)
+    with pytest.raises(ValueError, match="x has 5 examples but y has 4"):
+        jn.fit(net, net.init(key), np.zeros((5, 3)), np.zeros((4,), int), **args)

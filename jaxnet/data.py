@@ -1,0 +1,648 @@
+"""Datasets as numpy arrays: built-ins, CSV and ``.npz`` files, splits and standardization.
+
+Everything here is numpy in, numpy out: no models and no device placement. A :class:`Dataset`
+holds ``x`` as ``(n, d)`` float32 and ``y`` as ``(n,)`` int32 class labels (classification) or
+``(n, k)`` float32 targets (regression).
+
+Task inference (CSV and ``.npz``, when ``task`` is None): a single target column whose values are
+all integers (``"1"``, ``"2.0"``; integer or integer-valued arrays) is a classification target
+with ``num_classes = max + 1``, provided ``max < MAX_INFERRED_CLASSES`` (an integer-valued
+target with larger values, such as a year or a price, is taken as regression). Negative integer
+labels are refused as out of range. Anything else is regression. Pass ``task`` to decide.
+
+Randomness (generated datasets, splits) comes only from ``np.random.default_rng(seed)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import zipfile
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+TASKS = ("classification", "regression")
+BUILTINS: tuple[str, ...] = ("seed", "xor", "moons", "spirals", "digits")
+DEFAULT_DATASET = "digits"
+MAX_INFERRED_CLASSES = 1000
+"""An integer-valued target is inferred as classification only if its largest value is below this."""
+
+DATASETS_EXTRA = "pip install 'jaxnet-trainer[datasets]'"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class Dataset(NamedTuple):
+    """Examples as numpy arrays.
+
+    Attributes:
+      x: ``(n, d)`` float32 features.
+      y: ``(n,)`` int32 labels in ``[0, num_classes)`` (classification) or ``(n, k)`` float32
+        targets (regression).
+      task: ``"classification"`` or ``"regression"``.
+      num_classes: number of classes, or None for regression.
+      feature_names: ``d`` column names.
+      name: the built-in's name or the file's name.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    task: str
+    num_classes: int | None
+    feature_names: tuple[str, ...]
+    name: str
+
+
+class Splits(NamedTuple):
+    """Train, validation and test parts of a dataset; ``val``/``test`` are None when not requested."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+
+
+class Standardizer(NamedTuple):
+    """Per-feature affine transform ``(x - mean) / std``; both ``(d,)`` float32."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_task(task: str | None) -> None:
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use 'classification', 'regression' or None (infer)")
+
+
+def _count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _rng(seed) -> np.random.Generator:
+    return np.random.default_rng(_count("seed", seed, 0))
+
+
+def _labels_message(num_classes: int, detail: str) -> str:
+    return (
+        f"labels out of range for {num_classes} classes: {detail}; "
+        f"class labels must be integers 0..{num_classes - 1}"
+    )
+
+
+def check_labels(y, num_classes: int) -> None:
+    """Raises ValueError unless ``y`` holds integer class labels in ``[0, num_classes)``.
+
+    Args:
+      y: ``(n,)`` (or ``(n, 1)``) labels, integer or integer-valued float.
+      num_classes: the number of classes (a model's output size).
+
+    Examples:
+      >>> check_labels(np.array([0, 2, 1]), 3)
+      >>> check_labels(np.array([0, 3]), 3)
+      Traceback (most recent call last):
+      ...
+      ValueError: labels out of range for 3 classes: found 3 at example 1; class labels must be integers 0..2
+    """
+    num_classes = _count("num_classes", num_classes, 1)
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array of class indices, got shape {y.shape}")
+    if y.size == 0:
+        return
+    if y.dtype.kind not in "biuf":
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if y.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"labels must be integer class indices: found {y[i].item()!r} at example {i}")
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        value = int(y[i])
+        raise ValueError(_labels_message(num_classes, f"found {value} at example {i}"))
+
+
+def _targets(
+    values: np.ndarray, task: str | None, integral_dtype: bool, where: Callable[[int], str]
+) -> tuple[np.ndarray, str, int | None]:
+    """Infers or checks the task of finite ``(n, k)`` target values; returns ``(y, task, num_classes)``.
+
+    ``where(i)`` names example ``i`` in error messages (a file line, an array index).
+    """
+    values = np.asarray(values)
+    n, k = values.shape
+    as_float = values.astype(np.float64)
+    integral = integral_dtype or bool(np.all(as_float == np.round(as_float)))
+    if task is None:
+        small = k == 1 and float(as_float.max()) < MAX_INFERRED_CLASSES
+        task = "classification" if integral and small else "regression"
+    if task == "regression":
+        return values.astype(np.float32), task, None
+    if k != 1:
+        raise ValueError(f"classification needs a single column of class labels, got {k} target columns")
+    labels = as_float[:, 0]
+    if not integral:
+        i = int(np.flatnonzero(labels != np.round(labels))[0])
+        raise ValueError(
+            f"{where(i)}: target {labels[i].item()!r} is not an integer class label "
+            "(use task='regression' for a numeric target)"
+        )
+    low = int(np.argmin(labels))
+    if labels[low] < 0:
+        raise ValueError(
+            f"labels out of range: {where(low)}: class label {int(labels[low])} is negative; class labels "
+            "must be integers 0..C-1 (use task='regression' for a numeric target)"
+        )
+    num_classes = int(labels.max()) + 1
+    return labels.astype(np.int32), task, num_classes
+
+
+def _finite32(array: np.ndarray) -> np.ndarray:
+    """Mask of entries that are finite once cast to float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isfinite(array.astype(np.float32))
+
+
+def from_arrays(
+    x,
+    y,
+    task: str | None = None,
+    name: str = "arrays",
+    feature_names: tuple[str, ...] | None = None,
+) -> Dataset:
+    """Builds a checked :class:`Dataset` from in-memory arrays, inferring the task like CSV files.
+
+    Args:
+      x: ``(n, d)`` numeric features; a 1-D ``(n,)`` array is taken as one feature ``(n, 1)``.
+      y: ``(n,)`` or ``(n, k)`` numeric targets.
+      task: ``"classification"``, ``"regression"`` or None to infer (see the module docstring).
+      name: the dataset's name, used in messages.
+      feature_names: ``d`` names; default ``x0, x1, ...``.
+
+    Returns:
+      A Dataset with float32 ``x`` and int32 labels or float32 targets.
+    """
+    _check_task(task)
+    x, y = np.asarray(x), np.asarray(y)
+    for label, array in (("x", x), ("y", y)):
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{name}: {label} must be a numeric array, got dtype {array.dtype}")
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"{name}: x must be 2-D (examples, features), got shape {x.shape}; reshape it")
+    if y.ndim not in (1, 2):
+        raise ValueError(f"{name}: y must be 1-D or 2-D (examples[, outputs]), got shape {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: x has {x.shape[0]} examples but y has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty dataset: {name} has no examples")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: x has no feature columns; at least one is needed")
+    if y.ndim == 2 and y.shape[1] == 0:
+        raise ValueError(f"{name}: y has no target columns")
+    for label, array in (("x", x), ("y", y)):
+        bad = np.argwhere(~_finite32(array))
+        if bad.size:
+            index = ", ".join(str(int(i)) for i in bad[0])
+            raise ValueError(
+                f"{name}: {label}[{index}] is {array[tuple(bad[0])].item()!r}: NaN, inf and values beyond "
+                "float32 range are not allowed"
+            )
+    if feature_names is None:
+        feature_names = tuple(f"x{j}" for j in range(x.shape[1]))
+    feature_names = tuple(str(f) for f in feature_names)
+    if len(feature_names) != x.shape[1]:
+        raise ValueError(f"{name}: {len(feature_names)} feature names for {x.shape[1]} features")
+    y2 = y if y.ndim == 2 else y[:, None]
+    labels, task, num_classes = _targets(y2, task, y.dtype.kind in "biu", lambda i: f"{name}: y[{i}]")
+    return Dataset(x.astype(np.float32), labels, task, num_classes, feature_names, name)
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def _seed_sample() -> Dataset:
+    x = np.array([[0.5, 0.5, 0.1]], np.float32)
+    y = np.array([[0.9, 0.1]], np.float32)
+    return Dataset(x, y, "regression", None, ("x0", "x1", "x2"), "seed")
+
+
+def _xor(rng: np.random.Generator, num_examples: int | None, noise: float = 0.1) -> Dataset:
+    corners = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+    labels = np.array([0, 1, 1, 0], np.int32)
+    if num_examples is None:
+        x, y = corners, labels
+    else:
+        which = rng.permutation(np.arange(num_examples) % 4)
+        x = corners[which] + noise * rng.standard_normal((num_examples, 2))
+        y = labels[which]
+    return Dataset(x.astype(np.float32), y, "classification", 2, ("x0", "x1"), "xor")
+
+
+def _balanced_labels(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
+    return rng.permutation(np.arange(n) % classes).astype(np.int32)
+
+
+def _moons(rng: np.random.Generator, n: int, noise: float = 0.1) -> Dataset:
+    y = _balanced_labels(rng, n, 2)
+    angle = rng.uniform(0.0, np.pi, n)
+    # Class 0: upper half circle centred at (0, 0); class 1: lower one centred at (1, 0.5).
+    x = np.where(
+        (y == 0)[:, None],
+        np.stack([np.cos(angle), np.sin(angle)], axis=1),
+        np.stack([1.0 - np.cos(angle), 0.5 - np.sin(angle)], axis=1),
+    )
+    x = x + noise * rng.standard_normal((n, 2))
+    return Dataset(x.astype(np.float32), y, "classification", 2, ("x0", "x1"), "moons")
+
+
+def _spirals(rng: np.random.Generator, n: int, noise: float = 0.05, turns: float = 1.25) -> Dataset:
+    y = _balanced_labels(rng, n, 2)
+    t = rng.uniform(0.05, 1.0, n)  # radius; the arm's angle grows with it
+    angle = 2.0 * np.pi * turns * t + np.pi * y
+    x = t[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    x = x + noise * rng.standard_normal((n, 2))
+    return Dataset(x.astype(np.float32), y, "classification", 2, ("x0", "x1"), "spirals")
+
+
+def _digits(num_examples: int | None) -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise MissingExtraError(
+            f"the digits dataset needs scikit-learn, which is not installed: {DATASETS_EXTRA}"
+        ) from e
+    bunch = load_digits()
+    x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int32)
+    if num_examples is not None:
+        if num_examples > x.shape[0]:
+            raise ValueError(f"digits has {x.shape[0]} examples; num_examples={num_examples} is too many")
+        x, y = x[:num_examples], y[:num_examples]
+    names = tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))
+    return Dataset(x, y, "classification", 10, names, "digits")
+
+
+def load_builtin(name: str, seed: int = 0, num_examples: int | None = None) -> Dataset:
+    """Loads or generates a built-in dataset.
+
+    - ``seed``: the worked example's single sample, ``x = [[0.5, 0.5, 0.1]]``, ``y = [[0.9, 0.1]]``
+      (regression; ``num_examples`` must be None or 1).
+    - ``xor``: the 4 XOR points, 2 classes. With ``num_examples``, that many points drawn evenly
+      from the 4 corners with Gaussian noise (std 0.1).
+    - ``moons``: two interleaved half circles, noise std 0.1; 1000 examples by default.
+    - ``spirals``: two interleaved spiral arms (1.25 turns, radius up to 1), noise std 0.05;
+      1000 examples by default.
+    - ``digits``: scikit-learn's 8x8 handwritten digits, 1,797 images, 64 features (0..16),
+      10 classes; ``num_examples`` takes the first ones. Needs scikit-learn (the ``datasets`` extra).
+
+    Args:
+      name: one of ``BUILTINS``.
+      seed: non-negative integer for the generated datasets (``xor`` with noise, ``moons``,
+        ``spirals``); the same seed gives identical arrays.
+      num_examples: number of examples, or None for the default.
+
+    Returns:
+      The :class:`Dataset`; generated classes are balanced and the examples shuffled.
+    """
+    if name not in BUILTINS:
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(BUILTINS)}")
+    rng = _rng(seed)
+    if num_examples is not None:
+        num_examples = _count("num_examples", num_examples, 2 if name in ("moons", "spirals") else 1)
+    if name == "seed":
+        if num_examples not in (None, 1):
+            raise ValueError(f"the seed dataset has exactly 1 example, got num_examples={num_examples}")
+        return _seed_sample()
+    if name == "xor":
+        return _xor(rng, num_examples)
+    if name == "moons":
+        return _moons(rng, 1000 if num_examples is None else num_examples)
+    if name == "spirals":
+        return _spirals(rng, 1000 if num_examples is None else num_examples)
+    return _digits(num_examples)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _file_error(path, e: OSError) -> OSError:
+    if isinstance(e, FileNotFoundError):
+        return FileNotFoundError(f"data file not found: {os.fspath(path)}")
+    reason = e.strerror or str(e)
+    return OSError(f"cannot read data file {os.fspath(path)}: {reason}")
+
+
+def _read_csv_rows(path) -> list[tuple[int, list[str]]]:
+    """All non-blank rows with their 1-based line numbers in the file (the header is line 1)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except OSError as e:
+        raise _file_error(path, e) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{os.fspath(path)} is not a UTF-8 text CSV file") from None
+    except csv.Error as e:
+        raise ValueError(f"{os.fspath(path)} is not valid CSV: {e}") from None
+    return rows
+
+
+def _parse_cell(cell: str, where: str) -> float:
+    text = cell.strip()
+    if not text:
+        raise ValueError(f"{where}: empty value (missing values are not supported)")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: non-numeric value {text!r}") from None
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{where}: value {text!r} is not finite (NaN, inf or beyond float32 range)")
+    return value
+
+
+def load_csv(path, target: str, task: str | None = None) -> Dataset:
+    """Reads a CSV file with a header row: numeric features and one target column.
+
+    Every column other than ``target`` is a feature. Blank lines are skipped. Errors name the
+    line in the file (the header is line 1) and the column.
+
+    Args:
+      path: the CSV file.
+      target: the name of the target column.
+      task: ``"classification"``, ``"regression"`` or None to infer (see the module docstring);
+        a regression target becomes ``y`` of shape ``(n, 1)``.
+
+    Returns:
+      The :class:`Dataset`, named after the file.
+    """
+    _check_task(task)
+    name = os.path.basename(os.fspath(path))
+    rows = _read_csv_rows(path)
+    if not rows:
+        raise ValueError(f"empty dataset: {name} is empty (expected a header row and data rows)")
+    _, header = rows[0]
+    header = [h.strip() for h in header]
+    duplicates = sorted({h for h in header if header.count(h) > 1})
+    if duplicates:
+        raise ValueError(f"{name}: duplicate column names in the header: {', '.join(map(repr, duplicates))}")
+    if target not in header:
+        raise ValueError(
+            f"target column {target!r} not found in {name}; available columns: {', '.join(header)}"
+        )
+    if len(header) < 2:
+        raise ValueError(f"{name}: no feature columns besides the target {target!r}; at least one is needed")
+    if len(rows) == 1:
+        raise ValueError(f"empty dataset: {name} has a header but no data rows")
+    values = np.empty((len(rows) - 1, len(header)), np.float64)
+    for i, (line, row) in enumerate(rows[1:]):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{name} line {line}: ragged row with {len(row)} fields, "
+                f"expected {len(header)} as in the header"
+            )
+        for j, cell in enumerate(row):
+            values[i, j] = _parse_cell(cell, f"{name} line {line}, column {header[j]!r}")
+    t = header.index(target)
+    lines = [line for line, _ in rows[1:]]
+    y, task, num_classes = _targets(
+        values[:, t : t + 1], task, False, lambda i: f"{name} line {lines[i]}, column {target!r}"
+    )
+    x = np.delete(values, t, axis=1).astype(np.float32)
+    features = tuple(h for j, h in enumerate(header) if j != t)
+    return Dataset(x, y, task, num_classes, features, name)
+
+
+def load_npz(path, task: str | None = None) -> Dataset:
+    """Reads arrays ``x`` and ``y`` from a ``.npz`` archive (``numpy.savez``), never unpickling.
+
+    ``x`` is ``(n, d)`` numeric (a 1-D ``(n,)`` array is one feature); ``y`` is ``(n,)`` or
+    ``(n, k)`` numeric. Integer or integer-valued ``y`` is inferred as class labels (see the module
+    docstring). Other arrays in the archive are ignored. Object arrays, which would need pickle,
+    are refused.
+
+    Args:
+      path: the ``.npz`` file.
+      task: ``"classification"``, ``"regression"`` or None to infer.
+
+    Returns:
+      The :class:`Dataset`, named after the file; features are named ``x0, x1, ...``.
+    """
+    _check_task(task)
+    name = os.path.basename(os.fspath(path))
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise _file_error(path, e) from None
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        raise ValueError(
+            f"{name} is not an .npz archive (save one with numpy.savez(path, x=..., y=...))"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{name} holds a single array, not an .npz archive with arrays 'x' and 'y'")
+    with archive:
+        missing = [k for k in ("x", "y") if k not in archive.files]
+        if missing:
+            present = ", ".join(archive.files) or "none"
+            raise ValueError(
+                f"{name} lacks array(s) {', '.join(repr(k) for k in missing)}; arrays present: {present}"
+            )
+        arrays = {}
+        for k in ("x", "y"):
+            try:
+                arrays[k] = archive[k]
+            except ValueError:
+                raise ValueError(
+                    f"{name}: array {k!r} holds Python objects, which would need pickle to load; "
+                    "this is refused: save numeric arrays"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise ValueError(f"{name}: array {k!r} cannot be read: {e}") from None
+    return from_arrays(arrays["x"], arrays["y"], task=task, name=name)
+
+
+def load(
+    dataset: str | None = None,
+    data=None,
+    target: str | None = None,
+    seed: int = 0,
+    task: str | None = None,
+) -> Dataset:
+    """Loads a built-in dataset by name or a data file (``.csv`` or ``.npz``).
+
+    Args:
+      dataset: a name in ``BUILTINS``; when neither ``dataset`` nor ``data`` is given,
+        ``DEFAULT_DATASET`` (digits).
+      data: a ``.csv`` or ``.npz`` file (exclusive with ``dataset``).
+      target: the CSV target column (required for CSV; not used by other sources).
+      seed: the seed of generated built-ins.
+      task: for files, ``"classification"``, ``"regression"`` or None to infer; for built-ins,
+        None or the built-in's own task.
+
+    Returns:
+      The :class:`Dataset`.
+    """
+    _check_task(task)
+    if dataset is not None and data is not None:
+        raise ValueError("give either a built-in dataset name or a data file, not both")
+    if data is None:
+        if target is not None:
+            raise ValueError("a target column applies only to a CSV data file, not to a built-in dataset")
+        ds = load_builtin(DEFAULT_DATASET if dataset is None else dataset, seed=seed)
+        if task is not None and task != ds.task:
+            raise ValueError(f"dataset {ds.name!r} is a {ds.task} dataset, not {task}")
+        return ds
+    suffix = os.path.splitext(os.fspath(data))[1].lower()
+    if suffix == ".csv":
+        if target is None:
+            raise ValueError(f"{os.fspath(data)}: a CSV file needs the name of its target column (target)")
+        return load_csv(data, target, task=task)
+    if suffix == ".npz":
+        if target is not None:
+            raise ValueError(
+                f"{os.fspath(data)}: an .npz file holds arrays 'x' and 'y'; "
+                "a target column applies only to CSV"
+            )
+        return load_npz(data, task=task)
+    raise ValueError(f"unsupported data file {os.fspath(data)!r}: use a .csv or .npz file")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def subset(ds: Dataset, indices) -> Dataset:
+    """The examples of ``ds`` at ``indices`` (an integer array), with the same metadata."""
+    indices = np.asarray(indices, np.intp)
+    return ds._replace(x=ds.x[indices], y=ds.y[indices])
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """``(train, val, test)`` sizes for ``n`` examples; each fraction > 0 gets at least 1 example.
+
+    Sizes are rounded half up from ``fraction * n``. Raises ValueError for fractions outside
+    ``[0, 1)``, fractions summing to 1 or more, or too few examples to leave a training set.
+    """
+    for label, f in (("validation fraction", val_fraction), ("test fraction", test_fraction)):
+        if isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{label} must be a number in [0, 1), got {f!r}")
+        if not (0.0 <= f < 1.0):
+            raise ValueError(f"{label} must be in [0, 1), got {f!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"validation ({val_fraction}) and test ({test_fraction}) fractions must sum to less than 1 "
+            "to leave a training set"
+        )
+
+    def size(f: float) -> int:
+        return max(1, int(math.floor(f * n + 0.5))) if f > 0 else 0
+
+    n_val, n_test = size(val_fraction), size(test_fraction)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise ValueError(
+            f"{n} examples are too few for a {n_val}-example validation split and a {n_test}-example test "
+            "split and a training set: use smaller fractions or more data"
+        )
+    return n_train, n_val, n_test
+
+
+def split(ds: Dataset, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Splits a dataset at random into train, validation and test parts.
+
+    One permutation is drawn from ``np.random.default_rng(seed)``: the test split takes its first
+    ``test`` examples, the validation split the next ``val``, and training the rest. So the test
+    split depends only on the seed, the dataset size and ``test_fraction``. Within each part the
+    examples keep their original order.
+
+    Args:
+      ds: the dataset.
+      val_fraction: fraction of all examples held out for validation, in ``[0, 1)``; 0 for none.
+      test_fraction: fraction of all examples held out for testing, in ``[0, 1)``; 0 for none.
+      seed: non-negative integer; the same seed gives the same splits.
+
+    Returns:
+      :class:`Splits`; ``val``/``test`` are None when their fraction is 0.
+    """
+    n = ds.x.shape[0]
+    _, n_val, n_test = split_sizes(n, val_fraction, test_fraction)
+    order = _rng(seed).permutation(n)
+    test = np.sort(order[:n_test])
+    val = np.sort(order[n_test : n_test + n_val])
+    train = np.sort(order[n_test + n_val :])
+    return Splits(
+        subset(ds, train),
+        subset(ds, val) if n_val else None,
+        subset(ds, test) if n_test else None,
+    )
+
+
+# ----------------------------------------------------------------------------- standardization
+
+
+def fit_standardizer(x: np.ndarray) -> Standardizer:
+    """Per-feature mean and standard deviation of ``x`` (fit on the training split only).
+
+    A (near-)constant feature, whose std is below float32 resolution of its mean, gets std 1, so
+    it maps to 0 instead of dividing by zero.
+
+    Args:
+      x: ``(n, d)`` features, ``n >= 1``.
+
+    Returns:
+      A :class:`Standardizer` with ``(d,)`` float32 ``mean`` and ``std``.
+
+    Examples:
+      >>> s = fit_standardizer(np.array([[0.0, 5.0], [2.0, 5.0]]))
+      >>> s.mean.tolist(), s.std.tolist()
+      ([1.0, 5.0], [1.0, 1.0])
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(
+            f"fit_standardizer needs (examples, features) with at least one example, got shape {x.shape}"
+        )
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    tiny = np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))
+    std = np.where(std > tiny, std, 1.0)
+    return Standardizer(mean.astype(np.float32), std.astype(np.float32))
+
+
+def standardize(x: np.ndarray, s: Standardizer) -> np.ndarray:
+    """``(x - mean) / std`` per feature.
+
+    Args:
+      x: ``(n, d)`` features; ``d`` must match the standardizer (a saved model's input size).
+      s: the :class:`Standardizer`.
+
+    Returns:
+      ``(n, d)`` float32.
+    """
+    x = np.asarray(x, np.float32)
+    d = s.mean.shape[0]
+    if x.ndim != 2 or x.shape[1] != d:
+        got = x.shape[1] if x.ndim == 2 else f"shape {x.shape}"
+        raise ValueError(f"feature count mismatch: the data has {got} features, expected {d}")
+    return ((x - s.mean) / s.std).astype(np.float32)
+
+
+def standardize_splits(splits: Splits) -> tuple[Splits, Standardizer]:
+    """Fits a :class:`Standardizer` on ``splits.train`` and applies it to every part."""
+    s = fit_standardizer(splits.train.x)
+
+    def apply(ds: Dataset | None) -> Dataset | None:
+        return None if ds is None else ds._replace(x=standardize(ds.x, s))
+
+    return Splits(apply(splits.train), apply(splits.val), apply(splits.test)), s

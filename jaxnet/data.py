@@ -157,13 +157,13 @@ def _targets(
         i = int(np.flatnonzero(labels != np.round(labels))[0])
         raise ValueError(
             f"{where(i)}: target {labels[i].item()!r} is not an integer class label "
-            "(use task='regression' for a numeric target)"
+            "(for a numeric target use a regression loss, e.g. --loss mse)"
         )
     low = int(np.argmin(labels))
     if labels[low] < 0:
         raise ValueError(
             f"labels out of range: {where(low)}: class label {int(labels[low])} is negative; class labels "
-            "must be integers 0..C-1 (use task='regression' for a numeric target)"
+            "must be integers 0..C-1 (for a numeric target use a regression loss, e.g. --loss mse)"
         )
     num_classes = int(labels.max()) + 1
     return labels.astype(np.int32), task, num_classes
@@ -471,6 +471,67 @@ def load_npz(path, task: str | None = None) -> Dataset:
             except (OSError, EOFError, zipfile.BadZipFile) as e:
                 raise ValueError(f"{name}: array {k!r} cannot be read: {e}") from None
     return from_arrays(arrays["x"], arrays["y"], task=task, name=name)
+
+
+def load_features(path, feature_names, target: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads inputs for a trained model: the named feature columns of a CSV, or ``x`` of an ``.npz``.
+
+    Args:
+      path: a ``.csv`` (header with every name in ``feature_names``; other columns are ignored)
+        or ``.npz`` file (array ``x``, optionally ``y``).
+      feature_names: the model's features, in its order.
+      target: for CSV, the target column to return as ``y`` when the file has it.
+
+    Returns:
+      ``(x: (n, d) float32, y)``: ``y`` is the raw target (float64 for CSV, as stored for npz),
+      or None when the file has none.
+    """
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    name = os.path.basename(os.fspath(path))
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
+        except OSError as e:
+            raise _file_error(path, e) from None
+        except ValueError as e:
+            raise ValueError(f"{name} is not a readable .npz archive without pickle: {e}") from None
+        if "x" not in arrays:
+            raise ValueError(f"{name} has no array 'x' (the model's inputs)")
+        x = np.asarray(arrays["x"])
+        x = x[:, None] if x.ndim == 1 else x
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+            raise ValueError(f"{name}: 'x' must be a finite numeric (n, d) array, got {x.dtype} {x.shape}")
+        if len(x) == 0:
+            raise ValueError(f"empty dataset: {name} has no examples")
+        return x.astype(np.float32), arrays.get("y")
+    if suffix != ".csv":
+        raise ValueError(f"unsupported data file {os.fspath(path)!r}: use a .csv or .npz file")
+    rows = _read_csv_rows(path)
+    if len(rows) < 2:
+        raise ValueError(f"empty dataset: {name} has no data rows")
+    header = [h.strip() for h in rows[0][1]]
+    missing = [f for f in feature_names if f not in header]
+    if missing:
+        raise ValueError(
+            f"{name} lacks the model's feature columns {', '.join(map(repr, missing[:5]))}"
+            f"{' ...' if len(missing) > 5 else ''}: the model expects {len(feature_names)} features "
+            f"({', '.join(list(feature_names)[:5])}{' ...' if len(feature_names) > 5 else ''})"
+        )
+    wanted = [header.index(f) for f in feature_names]
+    t = header.index(target) if target in header else None
+    x = np.empty((len(rows) - 1, len(wanted)), np.float64)
+    y = np.empty(len(rows) - 1, np.float64) if t is not None else None
+    for i, (line, row) in enumerate(rows[1:]):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{name} line {line}: ragged row with {len(row)} fields, expected {len(header)} as in the header"
+            )
+        for j, c in enumerate(wanted):
+            x[i, j] = _parse_cell(row[c], f"{name} line {line}, column {header[c]!r}")
+        if t is not None:
+            y[i] = _parse_cell(row[t], f"{name} line {line}, column {header[t]!r}")
+    return x.astype(np.float32), y
 
 
 def load(

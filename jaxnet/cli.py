@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def int_list(text: str) -> tuple[int, ...]:
     """argparse type: comma-separated positive integers, e.g. ``64,64`` (empty: no hidden layer)."""
     if text.strip() == "":
@@ -253,7 +252,45 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-_SUBCOMMANDS: list = [_add_train, _add_predict, _add_evaluate]
+def _add_seed(sub) -> None:
+    p = sub.add_parser(
+        "seed",
+        help="the hand-worked example: one SGD step of a 3-2-2 sigmoid network, by autodiff",
+        description="Forward pass, gradients and one SGD step of the notes' 3-2-2 sigmoid network "
+        "(half sum of squares loss), in the notes' notation. w_jk is the weight from input k to neuron j.",
+    )
+    p.add_argument("--x", nargs="+", type=finite_float, metavar="X", help="3 inputs (default 0.5 0.5 0.1)")
+    p.add_argument("--target", nargs="+", type=finite_float, metavar="T", help="2 targets (default 0.9 0.1)")
+    p.add_argument("--lr", type=positive_float, help="learning rate (default 0.1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--figure", metavar="FILE.png", help="also draw the annotated network to this file")
+    p.set_defaults(run=_run_seed)
+
+
+def _run_seed(args) -> int:
+    import json
+
+    from jaxnet.seed import format_worked_example, worked_example
+
+    if args.figure:
+        from jaxnet.plot import check_figure_path
+
+        check_figure_path(args.figure)  # fail before computing
+    result = worked_example(x=args.x, target=args.target, lr=args.lr)
+    if args.figure:
+        from jaxnet.plot import draw_network
+
+        draw_network(result, args.figure)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_worked_example(result))
+        if args.figure:
+            print(f"figure written to {args.figure}")
+    return 0
+
+
+_SUBCOMMANDS = [_add_seed, _add_train, _add_predict, _add_evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"jaxnet: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"jaxnet: error: {message}", file=sys.stderr)
         return EXIT_USAGE

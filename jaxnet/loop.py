@@ -18,6 +18,7 @@ import optax
 
 from jaxnet.base import Model, Params, PRNGKey, TrainState
 from jaxnet.losses import LossSpec, PerExample, get_loss
+from jaxnet.shuffle import index_permutation
 from jaxnet.step import Update, init_state, make_eval_fn, make_update
 
 Record = dict[str, Any]
@@ -65,7 +66,7 @@ def epoch_batches(key: PRNGKey, num_examples: int, batch_size: int, drop_remaind
       1.0 for real examples, 0.0 for the padding that fills the last batch.
     """
     nb = num_batches(num_examples, batch_size, drop_remainder)
-    perm = jax.random.permutation(key, num_examples)
+    perm = index_permutation(key, num_examples)
     total = nb * batch_size
     if total <= num_examples:
         index = perm[:total]
@@ -110,13 +111,13 @@ def make_epoch(
     def epoch(state: TrainState, x: jax.Array, y: jax.Array):
         key, shuffle_key = jax.random.split(state.key)
         index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder)
-        batches = (x[index], y[index], weight)
 
-        def body(state, batch):
-            state, metrics = update(state, batch)
+        def body(state, batch_index):
+            rows, w = batch_index  # gather one minibatch per step: no shuffled copy of the data
+            state, metrics = update(state, (x[rows], y[rows], w))
             return state, metrics["loss"]
 
-        state, losses = jax.lax.scan(body, state._replace(key=key), batches, unroll=unroll)
+        state, losses = jax.lax.scan(body, state._replace(key=key), (index, weight), unroll=unroll)
         counts = jnp.sum(weight, axis=1)
         finite = jnp.isfinite(losses)
         metrics = {

@@ -34,6 +34,22 @@ def test_scanned_epoch_equals_python_loop_of_jitted_steps(key):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params)
 
 
+@pytest.mark.parametrize("n", [48, 50])  # batches divide n (plain reshapes), or the last one is padded
+def test_unshuffled_fit_equals_python_loop_in_data_order(key, n):
+    x, y = _data(key, n=n)
+    net = jn.mlp([3, 5, 3], activation="tanh")
+    opt = optax.sgd(0.1)
+    params = net.init(jax.random.key(1))
+    state, _ = jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=opt, epochs=2,
+                      batch_size=8, key=jax.random.key(2), shuffle=False)
+    step = jn.make_train_step(net, "softmax_cross_entropy", opt, donate=False)
+    ref = jn.init_state(params, opt, jax.random.key(2))
+    for _ in range(2):
+        for start in range(0, n, 8):
+            ref, _ = step(ref, (x[start:start + 8], y[start:start + 8]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params)
+
+
 def test_epoch_batches_cover_every_example_once_and_mask_padding(key):
     index, weight = jn.epoch_batches(key, 10, 4)
     assert index.shape == weight.shape == (3, 4)

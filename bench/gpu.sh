@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Full benchmark suite on the default accelerator, capped to fit about 7 minutes in all.
+# Usage (from the repository root): bash bench/gpu.sh [RESULTS_DIR] [extra bench/run.py args...]
+# Installs nothing: jax, optax, and optionally torch, flax and equinox must already be importable;
+# jaxnet is imported from this checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-bench/results}"
+shift || true
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python}"
+"$PY" -c 'import jax; print("devices:", jax.devices())'
+# --time-limit stops starting new cases after 330 s; the outer timeout is the hard cap.
+timeout 420 "$PY" bench/run.py --suite full --out "$OUT" --json "$OUT/latest.json" --time-limit 330 "$@" \
+  2>&1 | tee "$OUT/run.log"

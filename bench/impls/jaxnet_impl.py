@@ -1,0 +1,159 @@
+"""jaxnet through its public API, as a user writes it: ``mlp`` + ``fit``, or ``make_epoch`` + ``jit``.
+
+``fit`` is timed from its own history: each epoch record carries its wall time (one compiled call
+plus the host reading the epoch's loss); the first epoch includes compilation.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxnet
+from bench import common
+
+
+def _fit_timing(history, units) -> common.Timing:
+    seconds = [r["seconds"] for r in history]
+    rest = seconds[1:]
+    return common.Timing(compile_s=max(seconds[0] - statistics.median(rest), 0.0), seconds=rest, units=units)
+
+
+def _seed_model():
+    return jaxnet.with_params(jaxnet.mlp([3, 2, 2], "sigmoid", "sigmoid"), common.seed_params())
+
+
+def _seed_check(cfg, model, params):
+    k = cfg["check_steps"]
+    _, history = jaxnet.fit(
+        model, params, common.SEED_X[None], common.SEED_T[None], loss="half_sse",
+        optimizer=optax.sgd(common.SEED_LR), epochs=k + 1, batch_size=1, key=jax.random.key(0),
+    )
+    return history[k]["train_loss"]  # the loss before step k + 1 is the loss after k steps
+
+
+def seed_sgd(cfg, shuffle=False):
+    """``fit`` with ``batch_size=1``: one epoch is ``steps`` online updates.
+
+    ``shuffle=False`` trains on the stream in order, the same work as the hand-written scan;
+    ``shuffle=True`` reshuffles every epoch, the work of the hand-written shuffled scan.
+    """
+    model = _seed_model()
+    params = model.init(jax.random.key(0))
+    check = _seed_check(cfg, model, params)
+    xs, ts = common.seed_stream(cfg["steps"])
+    _, history = jaxnet.fit(
+        model, params, xs, ts, loss="half_sse", optimizer=optax.sgd(common.SEED_LR),
+        epochs=cfg["repeats"] + 1, batch_size=1, key=jax.random.key(1), shuffle=shuffle,
+        unroll=cfg.get("unroll", 1),
+    )
+    return check, _fit_timing(history, cfg["steps"])
+
+
+def _timed_epoch(run_epoch, state, x, y, units, cfg):
+    holder = {"s": state}
+
+    def run():
+        holder["s"], metrics = run_epoch(holder["s"], x, y)
+        float(metrics["loss"])  # the host reads the epoch's loss, as fit does
+
+    return common.time_calls(run, run, units, cfg["repeats"], cfg.get("min_seconds", 0.0))
+
+
+def seed_sgd_epoch(cfg):
+    """``jax.jit(make_epoch(make_update(...)))`` called by the user's own loop."""
+    model = _seed_model()
+    params = model.init(jax.random.key(0))
+    check = _seed_check(cfg, model, params)
+    xs, ts = map(jnp.asarray, common.seed_stream(cfg["steps"]))
+    opt = optax.sgd(common.SEED_LR)
+    update = jaxnet.make_update(model, "half_sse", opt)
+    epoch = jaxnet.make_epoch(update, cfg["steps"], 1, shuffle=False, unroll=cfg.get("unroll", 1))
+    run_epoch = jax.jit(epoch, donate_argnums=0)
+    state = jaxnet.init_state(params, opt, jax.random.key(1))
+    return check, _timed_epoch(run_epoch, state, xs, ts, cfg["steps"], cfg)
+
+
+def ensemble(cfg):
+    """``vmap`` over ``make_epoch``: K models, each with its own params, optimizer state and shuffle key.
+
+    TODO: switch to fit's member API (a leading model axis in ``fit``) once it lands; this is the
+    code a user writes until then.
+    """
+    k = cfg["k"]
+    model = jaxnet.mlp([3, 2, 2], "sigmoid", "sigmoid")
+    opt = optax.sgd(common.SEED_LR)
+    update = jaxnet.make_update(model, "half_sse", opt)
+    params = jax.tree.map(jnp.asarray, common.ensemble_params(k))
+    keys = jax.random.split(jax.random.key(1), k)
+    new_states = jax.jit(jax.vmap(lambda p, key: jaxnet.init_state(p, opt, key)))
+
+    x1, t1 = jnp.asarray(common.SEED_X[None]), jnp.asarray(common.SEED_T[None])
+    check_epoch = jax.jit(jax.vmap(jaxnet.make_epoch(update, 1, 1), in_axes=(0, None, None)))
+    state = new_states(params, keys)
+    for _ in range(cfg["check_steps"]):
+        state, _ = check_epoch(state, x1, t1)
+    losses = jax.vmap(jaxnet.make_loss_fn(model, "half_sse"), in_axes=(0, None))(state.params, (x1, t1))
+    check = float(jnp.mean(losses))
+
+    xs, ts = map(jnp.asarray, common.seed_stream(cfg["steps"]))
+    epoch = jaxnet.make_epoch(update, cfg["steps"], 1, shuffle=False, unroll=cfg.get("unroll", 1))
+    run_epoch = jax.jit(jax.vmap(epoch, in_axes=(0, None, None)), donate_argnums=0)
+    holder = {"s": new_states(params, keys)}
+
+    def run():
+        holder["s"], metrics = run_epoch(holder["s"], xs, ts)
+        jax.block_until_ready(metrics["loss"])
+
+    return check, common.time_calls(run, run, k * cfg["steps"], cfg["repeats"], cfg["min_seconds"])
+
+
+def _problem(case, cfg):
+    """(model, params, loss name, optimizer, data(n, seed) -> (x, y)) of a minibatch case."""
+    if case == "wide":
+        sizes, dtype = [cfg["width"]] * 5, jnp.dtype(cfg.get("dtype", "float32"))
+        model = jaxnet.mlp(sizes, "relu", dtype=dtype)
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), common.mlp_params(sizes))
+
+        def data(n, seed=0):
+            x, y = common.regression_data(n, sizes[0], sizes[-1], seed)
+            return jnp.asarray(x, dtype), jnp.asarray(y)
+
+        return model, params, "mse", optax.sgd(cfg["lr"]), data
+    sizes = cfg["sizes"]
+    params = jax.tree.map(jnp.asarray, common.mlp_params(sizes))
+    data = lambda n, seed=0: common.classification_data(n, sizes[0], sizes[-1], seed)  # noqa: E731
+    return jaxnet.mlp(sizes, "relu"), params, "softmax_cross_entropy", optax.adam(cfg["lr"]), data
+
+
+def minibatch_check(case, cfg):
+    model, params, loss, opt, data = _problem(case, cfg)
+    x, y = data(cfg["check_batch"], seed=1)
+    k = cfg["check_steps"]
+    _, history = jaxnet.fit(model, params, x, y, loss=loss, optimizer=opt, epochs=k + 1,
+                            batch_size=cfg["check_batch"], key=jax.random.key(0))
+    return history[k]["train_loss"]
+
+
+def minibatch(case, cfg):
+    """``fit`` over ``batch * steps`` examples: one epoch is ``steps`` updates."""
+    model, params, loss, opt, data = _problem(case, cfg)
+    n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
+    x, y = data(n)
+    _, history = jaxnet.fit(model, params, x, y, loss=loss, optimizer=opt, epochs=cfg["repeats"] + 1,
+                            batch_size=cfg["batch"], key=jax.random.key(1), unroll=cfg.get("unroll", 1))
+    return minibatch_check(case, cfg), _fit_timing(history, n)
+
+
+def minibatch_epoch(case, cfg):
+    """``jax.jit(make_epoch(make_update(...)))`` called by the user's own loop."""
+    model, params, loss, opt, data = _problem(case, cfg)
+    n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
+    x, y = map(jnp.asarray, data(n))
+    update = jaxnet.make_update(model, loss, opt)
+    run_epoch = jax.jit(jaxnet.make_epoch(update, n, cfg["batch"], unroll=cfg.get("unroll", 1)), donate_argnums=0)
+    state = jaxnet.init_state(params, opt, jax.random.key(1))
+    return minibatch_check(case, cfg), _timed_epoch(run_epoch, state, x, y, n, cfg)

@@ -156,7 +156,7 @@ def _circle(fig, center, radius, color):
     return Circle(center, radius, fc=color, ec="0.25", lw=1.2, zorder=4)
 
 
-def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
+def plot_curves(history: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
     """Draws loss (train and validation) and validation accuracy against epoch to ``path``."""
     Figure, FigureCanvasAgg = _matplotlib()
     epochs = [r["epoch"] for r in history]
@@ -179,5 +179,5 @@ def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
         axes[1].set(xlabel="epoch", ylabel="accuracy")
         axes[1].grid(alpha=0.3)
         axes[1].legend()
-    fig.suptitle(f"jaxnet training: {Path(path).parent.name or 'run'}")
+    fig.suptitle(title or f"jaxnet training: {Path(path).parent.name or 'run'}")
     save_figure(fig, path)

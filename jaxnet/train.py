@@ -352,7 +352,11 @@ def write_outputs(out: str | Path, result: RunResult) -> None:
     io.write_jsonl(out / "metrics.jsonl", result.history)
     from jaxnet import plot
 
-    plot.plot_curves(result.history, out / "curves.png")
+    summary = result.summary
+    title = summary["dataset"]
+    if summary.get("test_accuracy") is not None:
+        title += f": test accuracy {summary['test_accuracy']:.4f}"
+    plot.plot_curves(result.history, out / "curves.png", title=title)
 
 
 def write_metrics(out: str | Path, history: list) -> None:

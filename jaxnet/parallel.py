@@ -22,8 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
-# The environment variables that jax.distributed.initialize() reads by itself (plus the cluster
-# managers it detects: SLURM, Open MPI, Cloud TPU, ...).
+# jax.distributed.initialize() reads JAX_COORDINATOR_ADDRESS itself and gets the process count and
+# index from the cluster managers it detects (SLURM, Open MPI, Cloud TPU, ...); the other two names
+# let a plain launcher (or a shell loop) give them too.
 _JAX_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -124,9 +125,9 @@ def initialize_distributed(
 ) -> bool:
     """Joins this process to a multi-process JAX run (``jax.distributed.initialize``).
 
-    Call it before any other JAX use. Give all three arguments, or none: then JAX's own
-    environment variables (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``)
-    or a detected cluster (SLURM, Open MPI, Cloud TPU) supply them.
+    Call it before any other JAX use. Give all three arguments, or none: then the environment
+    variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or JAX's
+    cluster detection (a SLURM job of several tasks, Open MPI, Cloud TPU) supply them.
 
     Args:
       coordinator: ``HOST:PORT`` of process 0's coordinator service.
@@ -137,9 +138,16 @@ def initialize_distributed(
       True if initialized from the arguments or the environment, False when there was nothing to
       join (no arguments, no JAX variables set): the run stays single-process.
     """
+    if coordinator is None and num_processes is None and process_id is None:
+        env = [os.environ.get(name) for name in _JAX_ENV]
+        if all(env[1:]):
+            coordinator, num_processes, process_id = env[0], _env_int(_JAX_ENV[1]), _env_int(_JAX_ENV[2])
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise ValueError("multi-process training needs all of --coordinator, --num-processes and --process-id")
+        raise ValueError(
+            "multi-process training needs all of --coordinator, --num-processes and --process-id "
+            "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        )
     if all(given):
         if ":" not in coordinator:
             raise ValueError(f"coordinator must be HOST:PORT, got {coordinator!r}")
@@ -153,6 +161,13 @@ def initialize_distributed(
         jax.distributed.initialize()
         return True
     return False
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
 
 
 def is_primary() -> bool:

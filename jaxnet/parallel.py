@@ -50,6 +50,10 @@ def make_data_mesh(devices=None) -> Mesh:
     elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
         if devices <= 0:
             raise ValueError(f"the number of devices must be a positive integer, got {devices}")
+        if jax.process_count() > 1 and devices != len(available):
+            raise ValueError(
+                f"a multi-process run trains on all {len(available)} devices of its processes: use --devices all"
+            )
         if devices > len(available):
             raise ValueError(
                 f"{devices} devices requested but {len(available)} available ({available[0].platform}); "
@@ -203,7 +207,8 @@ def global_rows(local, mesh: Mesh):
         its number of local devices in ``mesh``.
 
     Returns:
-      A ``(m * process_count, ...)`` :class:`jax.Array`, rows in process order.
+      A ``(m * process_count, ...)`` :class:`jax.Array`; the shares lie in the mesh's device
+      order, which is process order on the usual meshes.
     """
     local = np.asarray(local)
     n_local = len(mesh.local_devices)

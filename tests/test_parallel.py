@@ -1,6 +1,9 @@
 """Data parallelism on emulated CPU devices, two processes on localhost, mixed precision."""
 
+import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -152,3 +155,27 @@ def test_bfloat16_digits_accuracy_close_to_float32():
         assert floats and all(a.dtype == jnp.float32 for a in floats)  # float32 master params and optimizer state
     assert accuracy[None] > 0.9
     assert abs(accuracy[jnp.bfloat16] - accuracy[None]) <= 0.01, accuracy
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--devices", "99"], r"99 devices requested but \d+ available \(cpu\).*xla_force_host_platform_device_count"),
+    (["--coordinator", "127.0.0.1:1"], "needs all of --coordinator, --num-processes and --process-id"),
+    (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
+    (["--devices", "two"], "--devices: 'two' is not an integer"),
+])
+def test_cli_bad_parallel_options(capsys, args, pattern):
+    from jaxnet import cli
+
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxnet: error:") and re.search(pattern, err[0]), err
+
+
+@needs_4
+def test_cli_train_on_all_devices_in_bfloat16(capfd):
+    from jaxnet import cli
+
+    assert cli.main(["train", "--dataset", "xor", "--epochs", "2", "--devices", "all", "--dtype", "bfloat16",
+                     "--json"]) == 0
+    summary = json.loads(capfd.readouterr().out)  # stdout is the JSON object alone
+    assert summary["epochs"] == 2 and math.isfinite(summary["train_loss"])

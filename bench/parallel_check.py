@@ -31,13 +31,17 @@ def _run(**overrides):
     return result
 
 
+def _figures(summary: dict) -> dict:
+    return {"test_accuracy": summary["test_accuracy"], "steps_per_second": summary["steps_per_second"]}
+
+
 def mixed_precision(seeds: int, epochs: int | None) -> list[dict]:
     rows = []
     for seed in range(seeds):
         row = {"seed": seed}
         for dtype in ("float32", "bfloat16"):
             summary = _run(seed=seed, epochs=epochs, dtype=dtype).summary
-            row[dtype] = {"test_accuracy": summary["test_accuracy"], "steps_per_second": summary["steps_per_second"]}
+            row[dtype] = _figures(summary)
         row["difference_points"] = 100 * (row["bfloat16"]["test_accuracy"] - row["float32"]["test_accuracy"])
         rows.append(row)
     return rows
@@ -58,9 +62,8 @@ def data_parallel(epochs: int | None, batch_size: int) -> dict:
         "platform": jax.devices()[0].platform,
         "devices": mesh.size,
         "batch_size": batch_size,
-        "one_device": {"test_accuracy": one.summary["test_accuracy"], "steps_per_second": one.summary["steps_per_second"]},
-        "data_parallel": {"test_accuracy": many.summary["test_accuracy"],
-                          "steps_per_second": many.summary["steps_per_second"]},
+        "one_device": _figures(one.summary),
+        "data_parallel": _figures(many.summary),
         "max_param_difference": diff,
     }
 

@@ -142,14 +142,16 @@ def _check_hparams(epochs: int, batch_size: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _data_parallel(mesh, batch_size: int):
-    """``(place, jit_options)``: how ``fit`` puts arrays and outputs on ``mesh`` (identity if None)."""
+def _data_parallel(update: Update, mesh, batch_size: int):
+    """``(update, place, jit_options)`` for training on ``mesh``: the update with its batch split
+    over the mesh, how to put arrays on it, and the jit options (all unchanged if ``mesh`` is None)."""
     if mesh is None:
-        return (lambda tree: tree), {}
+        return update, (lambda tree: tree), {}
     from jaxnet import parallel
 
     parallel.check_batch_size(batch_size, mesh.size)
-    return (lambda tree: parallel.put_replicated(tree, mesh)), {"out_shardings": parallel.replicated(mesh)}
+    place = lambda tree: parallel.put_replicated(tree, mesh)  # noqa: E731
+    return parallel.constrain_batch(update, mesh), place, {"out_shardings": parallel.replicated(mesh)}
 
 
 def fit(
@@ -228,11 +230,7 @@ def fit(
     if skip_nonfinite:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
     update = make_update(model, spec, optimizer, compute_dtype=compute_dtype)
-    place, jit_options = _data_parallel(mesh, batch_size)
-    if mesh is not None:
-        from jaxnet.parallel import constrain_batch
-
-        update = constrain_batch(update, mesh)
+    update, place, jit_options = _data_parallel(update, mesh, batch_size)
     run_epoch = jax.jit(
         make_epoch(update, n, batch_size, drop_remainder=drop_remainder, unroll=unroll), donate_argnums=(0,),
         **jit_options,

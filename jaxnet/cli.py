@@ -192,6 +192,7 @@ def _cmd_train(args) -> int:
     # Before any other JAX use: joining a multi-process run must precede backend start-up.
     distributed = parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = parallel.make_data_mesh(args.devices) if args.devices or distributed else None
+    json_stdout = args.json
     if not parallel.is_primary():  # only process 0 prints progress and writes files
         args.quiet, args.json, args.out = True, False, None
     config = train.make_config(
@@ -206,7 +207,7 @@ def _cmd_train(args) -> int:
     if args.out:
         callbacks.append(lambda fit_state, record: train.write_metrics(args.out, fit_state.history))
     try:
-        with _stdout_to_stderr(args.json):
+        with _stdout_to_stderr(json_stdout):
             result = train.run(config, callbacks=callbacks, mesh=mesh)
     finally:
         progress.close()

@@ -29,6 +29,14 @@ from jaxnet.losses import half_sum_squares as half_sum_squares
 from jaxnet.losses import mean_squared_error as mean_squared_error
 from jaxnet.losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxnet.losses import softmax_cross_entropy as softmax_cross_entropy
+from jaxnet.parallel import batch_sharding as batch_sharding
+from jaxnet.parallel import check_batch_size as check_batch_size
+from jaxnet.parallel import global_rows as global_rows
+from jaxnet.parallel import initialize_distributed as initialize_distributed
+from jaxnet.parallel import is_primary as is_primary
+from jaxnet.parallel import make_data_mesh as make_data_mesh
+from jaxnet.parallel import process_rows as process_rows
+from jaxnet.parallel import replicated as replicated
 from jaxnet.step import init_state as init_state
 from jaxnet.step import make_eval_fn as make_eval_fn
 from jaxnet.step import make_loss_fn as make_loss_fn
@@ -51,16 +59,22 @@ __all__ = [
     "accuracy",
     "activation_layer",
     "batch_mean",
+    "batch_sharding",
     "batched",
     "binary_accuracy",
+    "check_batch_size",
     "default_initializer",
     "dense",
     "epoch_batches",
     "fit",
     "get_activation",
     "get_loss",
+    "global_rows",
     "half_sum_squares",
     "init_state",
+    "initialize_distributed",
+    "is_primary",
+    "make_data_mesh",
     "make_epoch",
     "make_eval_fn",
     "make_loss_fn",
@@ -68,6 +82,8 @@ __all__ = [
     "make_update",
     "mean_squared_error",
     "mlp",
+    "process_rows",
+    "replicated",
     "serial",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",

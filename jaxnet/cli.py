@@ -6,7 +6,9 @@ This is the only module that prints or exits. Every error is one line on stderr,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -145,6 +147,13 @@ def _add_train(sub) -> None:
     m.add_argument("--batch-size", type=positive_int)
     m.add_argument("--seed", type=nonnegative_int, help="seed of every random draw (default 0)")
     m.add_argument("--patience", type=positive_int, help="early stopping after N epochs without improvement")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype; bfloat16: mixed precision, float32 master params (default float32)")
+    d = p.add_argument_group("devices and processes (see docs/distributed.md)")
+    d.add_argument("--devices", type=devices_arg, metavar="N|all", help="data parallel over N devices or all")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
+    d.add_argument("--num-processes", type=positive_int, metavar="N", help="multi-process run: process count")
+    d.add_argument("--process-id", type=nonnegative_int, metavar="I", help="multi-process run: this process")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="write model.npz, metrics.jsonl and curves.png here")
     o.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
@@ -152,16 +161,45 @@ def _add_train(sub) -> None:
     p.set_defaults(run=_cmd_train)
 
 
+def devices_arg(text: str):
+    """argparse type: ``all`` or a positive number of devices."""
+    return "all" if text == "all" else positive_int(text)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool):
+    """Sends file descriptor 1 to stderr while active, so that native libraries' chatter (the
+    collectives' connection lines) cannot spoil a ``--json`` stdout."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _cmd_train(args) -> int:
     import json
 
-    from jaxnet import train
+    from jaxnet import parallel, train
 
+    # Before any other JAX use: joining a multi-process run must precede backend start-up.
+    distributed = parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = parallel.make_data_mesh(args.devices) if args.devices or distributed else None
+    json_stdout = args.json
+    if not parallel.is_primary():  # only process 0 prints progress and writes files
+        args.quiet, args.json, args.out = True, False, None
     config = train.make_config(
         dataset=args.dataset, data=args.data, target=args.target, hidden=args.hidden,
         activation=args.activation, loss=args.loss, optimizer=args.optimizer, lr=args.lr,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val_split=args.val_split,
-        test_split=args.test_split, patience=args.patience,
+        test_split=args.test_split, patience=args.patience, dtype=args.dtype,
     )
     stream = sys.stderr if args.json else sys.stdout
     progress = Progress(config.epochs, stream, args.quiet)
@@ -169,7 +207,8 @@ def _cmd_train(args) -> int:
     if args.out:
         callbacks.append(lambda fit_state, record: train.write_metrics(args.out, fit_state.history))
     try:
-        result = train.run(config, callbacks=callbacks)
+        with _stdout_to_stderr(json_stdout):
+            result = train.run(config, callbacks=callbacks, mesh=mesh)
     finally:
         progress.close()
     if args.out:

@@ -158,6 +158,18 @@ def _check_hparams(epochs: int, batch_size: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _data_parallel(update: Update, mesh, batch_size: int):
+    """``(update, place, jit_options)`` for training on ``mesh``: the update with its batch split
+    over the mesh, how to put arrays on it, and the jit options (all unchanged if ``mesh`` is None)."""
+    if mesh is None:
+        return update, (lambda tree: tree), {}
+    from jaxnet import parallel
+
+    parallel.check_batch_size(batch_size, mesh.size)
+    place = lambda tree: parallel.put_replicated(tree, mesh)  # noqa: E731
+    return parallel.constrain_batch(update, mesh), place, {"out_shardings": parallel.replicated(mesh)}
+
+
 def fit(
     model: Model,
     params: Params,
@@ -179,6 +191,7 @@ def fit(
     skip_nonfinite: bool = False,
     shuffle: bool = True,
     unroll: int = 1,
+    mesh=None,
 ) -> tuple[TrainState, list[Record]]:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -204,6 +217,9 @@ def fit(
         instead of stopping; each record then counts them in ``skipped``.
       shuffle: reshuffle the examples every epoch (from ``key``); False trains on them in order.
       unroll: ``lax.scan`` unroll factor for the steps of an epoch.
+      mesh: a device mesh from :func:`jaxnet.make_data_mesh` for data-parallel training: each
+        batch is split over its ``"data"`` axis (``batch_size`` must divide evenly), params and
+        optimizer state are replicated. ``x``/``y`` may be global arrays (multi-process).
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` (with the best params when validation
@@ -232,18 +248,20 @@ def fit(
     if skip_nonfinite:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
     update = make_update(model, spec, optimizer, compute_dtype=compute_dtype)
+    update, place, jit_options = _data_parallel(update, mesh, batch_size)
     epoch_fn = make_epoch(update, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle, unroll=unroll)
-    run_epoch = jax.jit(epoch_fn, donate_argnums=(0,))
-    evaluate = jax.jit(make_eval_fn(model, spec))
+    run_epoch = jax.jit(epoch_fn, donate_argnums=(0,), **jit_options)
+    evaluate = jax.jit(make_eval_fn(model, spec), **jit_options)
     steps_per_epoch = num_batches(n, batch_size, drop_remainder)
 
     if resume is None:
         resume = FitState(init_state(params, optimizer, key), 0, [])
     # Epochs donate the state's buffers; copy first so the caller's params and key stay valid.
-    fit_state = resume._replace(train=jax.tree.map(jnp.copy, resume.train))
+    fit_state = resume._replace(train=jax.tree.map(jnp.copy, place(resume.train)))
+    x, y = place((x, y))
     history = list(fit_state.history)
     if validation is not None:
-        xv, yv = _as_array("validation x", validation[0]), _as_array("validation y", validation[1])
+        xv, yv = place((_as_array("validation x", validation[0]), _as_array("validation y", validation[1])))
     sign = 1.0 if monitor == "val_loss" else -1.0
 
     while fit_state.epoch < epochs:

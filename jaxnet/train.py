@@ -27,6 +27,7 @@ from jaxnet.losses import LOSSES, get_loss
 from jaxnet.step import make_eval_fn
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TrainConfig:
       val_split, test_split: held-out fractions, drawn deterministically from ``seed``.
       patience: early-stopping patience in epochs on validation loss (None: train all epochs).
       standardize: standardize features with the training split's mean and std.
+      dtype: compute dtype of the forward and backward pass: ``float32``, or ``bfloat16`` for mixed
+        precision (float32 master params, optimizer state and loss).
     """
 
     dataset: str | None = None
@@ -66,6 +69,7 @@ class TrainConfig:
     test_split: float = 0.2
     patience: int | None = None
     standardize: bool = True
+    dtype: str = "float32"
 
     def __post_init__(self):
         validate(self)
@@ -153,6 +157,8 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"{name.replace('_', ' ')} must be a fraction in [0, 1), got {value!r}")
     if c.val_split + c.test_split >= 1:
         raise ValueError("validation and test splits together must leave some training data (sum < 1)")
+    if c.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {c.dtype!r}: use one of {', '.join(DTYPES)}")
     if c.patience is not None and c.val_split == 0:
         raise ValueError("early stopping (--patience) needs a validation split (--val-split > 0)")
 
@@ -265,8 +271,12 @@ def run(
     config: TrainConfig,
     callbacks: Sequence[Callable[[FitState, Record], bool | None]] = (),
     resume: FitState | None = None,
+    mesh=None,
 ) -> RunResult:
     """Runs ``config``: loads data, builds the MLP, trains with :func:`jaxnet.fit`, tests once.
+
+    With a ``mesh`` (:func:`jaxnet.make_data_mesh`) training is data parallel over its devices; in
+    a multi-process run each process trains on its own share of the training rows.
 
     Returns:
       A :class:`RunResult`; ``summary`` has the keys of ``jaxnet train --json``: dataset, epochs,
@@ -279,15 +289,22 @@ def run(
     optimizer = make_optimizer(config)
     init_key, shuffle_key = jax.random.split(jax.random.key(config.seed))
     train, val, test = problem.splits
+    x, y = train.x, train.y
+    if mesh is not None and jax.process_count() > 1:
+        from jaxnet.parallel import global_rows, process_rows
+
+        rows = process_rows(len(x))
+        x, y = global_rows(x[rows], mesh), global_rows(y[rows], mesh)
     state, history = fit(
-        model, model.init(init_key), train.x, train.y,
+        model, model.init(init_key), x, y,
         loss=problem.loss, optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
         key=shuffle_key, validation=(val.x, val.y) if val is not None else None, patience=config.patience,
-        callbacks=callbacks, resume=resume,
+        callbacks=callbacks, resume=resume, mesh=mesh,
+        compute_dtype=None if config.dtype == "float32" else jnp.dtype(config.dtype),
     )
     params = jax.tree.map(np.asarray, state.params)
     saved = io.SavedModel(meta, params, problem.standardizer.mean, problem.standardizer.std)
-    test_metrics = make_eval_fn(model, problem.loss)(state.params, (test.x, test.y)) if test is not None else {}
+    test_metrics = make_eval_fn(model, problem.loss)(params, (test.x, test.y)) if test is not None else {}
     summary = summarize(config, history, test_metrics, time.perf_counter() - start)
     return RunResult(saved, history, summary)
 

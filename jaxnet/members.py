@@ -202,23 +202,21 @@ def check_memory(needed: int, members: int, device: jax.Device | None = None) ->
 def member_scores(history: list, monitor: str = "val_loss") -> list[float]:
     """Each member's score in a member history (records whose metrics are per-member lists).
 
-    For validation metrics, the best value over the member's epochs (the epoch its kept params come
-    from); for ``train_loss``, the last value. Members without a finite value score NaN.
+    With validation (records have ``best_epoch``), the ``monitor`` value at the member's best epoch,
+    the epoch its kept params come from; otherwise the member's last value. NaN for a member
+    without a finite value.
     """
     if not history or monitor not in history[0]:
         raise ValueError(f"the history has no {monitor!r}: train with validation data or monitor 'train_loss'")
     k = len(history[0][monitor])
-    higher = monitor.endswith("accuracy")
     scores = []
     for i in range(k):
-        values = [r[monitor][i] for r in history if r[monitor][i] is not None and math.isfinite(r[monitor][i])]
-        if not values:
-            scores.append(math.nan)
-        elif monitor.startswith("val_"):
-            scores.append(max(values) if higher else min(values))
+        if "best_epoch" in history[-1] and history[-1]["best_epoch"][i] > 0:
+            value = history[history[-1]["best_epoch"][i] - 1][monitor][i]
         else:
-            last = history[-1][monitor][i]
-            scores.append(last if last is not None else math.nan)
+            values = [r[monitor][i] for r in history if r[monitor][i] is not None]
+            value = values[-1] if values and len(values) == len(history) else None
+        scores.append(float(value) if value is not None and math.isfinite(value) else math.nan)
     return scores
 
 

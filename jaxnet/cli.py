@@ -78,15 +78,20 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def _float_list(text: str, minimum: float, strict: bool) -> tuple[float, ...]:
+    parts = text.split(",")
+    where = f" in {text!r} (give e.g. 0.001,0.01)" if len(parts) > 1 else ""
     values = []
-    for part in text.split(","):
+    for part in parts:
+        part = part.strip()
         try:
             value = float(part)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a number in {text!r} (give e.g. 0.001,0.01)") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number{where}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number{where}")
+        if value < minimum or (strict and value == minimum):
             bound = f"greater than {minimum:g}" if strict else f"{minimum:g} or more"
-            raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be a finite number {bound}")
+            raise argparse.ArgumentTypeError(f"{part!r} must be {bound}{where}")
         values.append(value)
     return tuple(values)
 

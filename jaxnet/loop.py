@@ -18,7 +18,7 @@ import optax
 
 from jaxnet.base import Model, Params, PRNGKey, TrainState
 from jaxnet.losses import LossSpec, PerExample, get_loss
-from jaxnet.members import num_members, set_hyperparams
+from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
 from jaxnet.step import Update, init_state, make_eval_fn, make_update
 
 Record = dict[str, Any]
@@ -309,6 +309,9 @@ def _fit_members(
                 f"{k} member keys need params with a leading member axis of {k}, got leaf shapes {shapes[:4]}: "
                 "use init_members(model, keys)"
             )
+        # Refuse a K that cannot fit before compiling (params exist already; the rest is estimated).
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+        check_memory(estimate_member_bytes(one, jax.eval_shape(optimizer.init, one), batch_size, k), k)
     n = x.shape[0]
     if skip_nonfinite:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)

@@ -59,7 +59,8 @@ def member_grid(seeds: int, first_seed: int = 0, **hyperparams: Sequence[float])
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} values must be finite numbers, got {value!r}")
             if value < 0 or (value == 0 and name != "weight_decay"):
-                raise ValueError(f"{name} values must be greater than 0, got {value!r}")
+                bound = "0 or more" if name == "weight_decay" else "greater than 0"
+                raise ValueError(f"{name} values must be {bound}, got {value!r}")
     grid = []
     for combo in itertools.product(*(hyperparams[n] for n in names)):
         for seed in range(first_seed, first_seed + seeds):

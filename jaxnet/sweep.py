@@ -136,6 +136,8 @@ def run_members(
         summaries.append(entry)
     best_test = {name: v[best] for name, v in tests.items()}
     summary = trainlib.summarize(config, member_history(history, best), best_test, seconds)
+    if summary["steps_per_second"] is not None:
+        summary["model_steps_per_second"] = summary["steps_per_second"] * k  # each step updates K models
     summary.update(best_member=best, monitor=monitor, members=summaries)
     params = jax.tree.map(np.asarray, state.params)
     if config.ensemble:

@@ -35,8 +35,8 @@ def _xor_data(seed, n):
 X, Y = _xor_data(0, 48)
 VAL = _xor_data(1, 24)
 # Two seeds at a sensible rate, and a rate so large that its member stops early.
-GRID = member_grid(2, first_seed=3, learning_rate=[0.05]) + [{"seed": 3, "learning_rate": 3.0}]
-EPOCHS, PATIENCE = 8, 2
+GRID = member_grid(2, first_seed=3, learning_rate=[0.05]) + [{"seed": 3, "learning_rate": 5.0}]
+EPOCHS, PATIENCE = 20, 2
 
 
 def _keys(seeds):

@@ -275,7 +275,7 @@ def _cmd_train_members(args, config) -> int:
         print(json.dumps(summary))
     elif not args.quiet and args.out:
         what = f"all {k} members" if config.ensemble else f"member {summary['best_member']}"
-        print(f"wrote {args.out}/model.npz ({what}), metrics.jsonl (one line per member and epoch), curves.png")
+        print(f"wrote {args.out}/model.npz ({what}), metrics.jsonl (a line per member and epoch), curves.png")
     return 0
 
 

@@ -351,9 +351,10 @@ def _fit_members(
         losses = np.asarray(metrics["loss"])  # one host sync per epoch
         epoch = fit_state.epoch + 1
         active = ~stopped
-        diverged = active & (np.asarray(metrics["first_nonfinite"]) >= 0) if not skip_nonfinite else np.zeros(k, bool)
+        first_bad = np.asarray(metrics["first_nonfinite"])
+        diverged = active & (first_bad >= 0) if not skip_nonfinite else np.zeros(k, bool)
         if active.all() and diverged.all():  # every member diverged at once: as a single run would
-            bad = int(np.min(np.where(diverged, np.asarray(metrics["first_nonfinite"]), np.iinfo(np.int32).max)))
+            bad = int(np.min(first_bad))
             raise NonFiniteLossError(epoch, fit_state.epoch * steps_per_epoch + bad + 1)
         record: Record = {"epoch": epoch, "train_loss": _member_values(losses, active & ~diverged)}
         if skip_nonfinite:

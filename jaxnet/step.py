@@ -182,7 +182,8 @@ def per_example_grad_norms(grads: Params) -> jax.Array:
     leaves = jax.tree.leaves(grads)
     if not leaves:
         raise ValueError("per_example_grad_norms needs a non-empty pytree of per-example gradients")
-    squares = [jnp.sum(jnp.reshape(leaf, (leaf.shape[0], -1)).astype(jnp.float32) ** 2, axis=1) for leaf in leaves]
+    squares = [jnp.sum(jnp.square(jnp.reshape(leaf, (leaf.shape[0], -1)).astype(jnp.float32)), axis=1)
+               for leaf in leaves]
     return jnp.sqrt(sum(squares))
 
 
@@ -205,7 +206,7 @@ def dp_aggregate(l2_norm_clip: float, noise_multiplier: float, key: PRNGKey) -> 
       from :func:`per_example_grads`) and returns ordinary updates (leaves shaped like params). It must
       come first in a chain: see :func:`dp_optimizer`.
     """
-    for name, value, low in (("l2_norm_clip", l2_norm_clip, "greater than 0"), ("noise_multiplier", noise_multiplier, "0 or more")):
+    for name, value in (("l2_norm_clip", l2_norm_clip), ("noise_multiplier", noise_multiplier)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not jnp.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if l2_norm_clip <= 0:
@@ -251,9 +252,8 @@ def make_per_example_update(
     """
     _check_optimizer(optimizer)
     loss_fn = make_loss_fn(model, loss, compute_dtype=compute_dtype)
-    value_and_grad = jax.vmap(
-        jax.value_and_grad(lambda p, example: loss_fn(p, jax.tree.map(lambda a: a[None], example))), in_axes=(None, 0)
-    )
+    single = jax.value_and_grad(lambda p, example: loss_fn(p, jax.tree.map(lambda a: a[None], example)))
+    value_and_grad = jax.vmap(single, in_axes=(None, 0))
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         example_batch = _single_example_batches(batch)

@@ -158,7 +158,8 @@ def write_member_outputs(out: str | Path, result: trainlib.RunResult) -> None:
     from jaxnet import plot
 
     best = result.summary["best_member"]
-    curves = [{k: v for k, v in r.items() if k not in ("member", "seed")} for r in result.history if r["member"] == best]
+    curves = [{k: v for k, v in r.items() if k not in ("member", "seed")}
+              for r in result.history if r["member"] == best]
     plot.plot_curves(curves, out / "curves.png")
 
 

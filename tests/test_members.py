@@ -78,7 +78,8 @@ def test_each_member_equals_its_configuration_trained_alone(members_run, alone_r
         mine = [r["val_loss"][i] for r in history]
         assert all(v is None for v in mine[len(alone_history):])
         np.testing.assert_allclose(mine[: len(alone_history)], [r["val_loss"] for r in alone_history], rtol=RTOL)
-        assert history[-1]["best_epoch"][i] == min(range(len(alone_history)), key=lambda e: alone_history[e]["val_loss"]) + 1
+        best_alone = min(range(len(alone_history)), key=lambda e: alone_history[e]["val_loss"]) + 1
+        assert history[-1]["best_epoch"][i] == best_alone
         stopped_at.append(len(alone_history))
     assert len(history) == max(stopped_at)  # the run stops when every member has stopped
     assert min(stopped_at) < EPOCHS  # early stopping really differed between members
@@ -205,7 +206,8 @@ def test_cli_ensemble_predict_averages_the_members(cli_runs, tmp_path, capsys):
     printed = np.array([[float(v) for v in row.split(",")[1:]] for row in rows])
     xs = (x - saved.mean) / saved.std
     model = train.build_model(saved.meta)
-    probs = [jax.nn.softmax(jax.vmap(model.apply, in_axes=(None, 0))(take_member(saved.params, i), xs)) for i in range(3)]
+    apply = jax.vmap(model.apply, in_axes=(None, 0))
+    probs = [jax.nn.softmax(apply(take_member(saved.params, i), xs)) for i in range(3)]
     np.testing.assert_allclose(printed, np.mean(probs, axis=0), atol=1e-5)
 
 

@@ -91,7 +91,9 @@ def test_clipping_bounds_every_per_example_norm(problem, grads):
     # The whole batch: the mean of g * min(1, C / |g|).
     out, _ = update(grads, state)
     scale = np.minimum(1.0, clip / norms)
-    expected = jax.tree.map(lambda g: np.mean(np.asarray(g) * scale.reshape((-1,) + (1,) * (g.ndim - 1)), axis=0), grads)
+    expected = jax.tree.map(
+        lambda g: np.mean(np.asarray(g) * scale.reshape((-1,) + (1,) * (g.ndim - 1)), axis=0), grads
+    )
     jax.tree.map(lambda o, e: np.testing.assert_allclose(o, e, atol=ATOL, rtol=RTOL), out, expected)
 
 

@@ -287,6 +287,7 @@ def fit(
     return final, history
 
 
+@jax.jit
 def _where_members(mask: jax.Array, new, old):
     """Per member (leading axis), ``new`` where ``mask`` else ``old``."""
     return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
@@ -322,7 +323,7 @@ def _fit_members(
     steps_per_epoch = num_batches(n, batch_size, drop_remainder)
 
     if resume is None:
-        train = jax.vmap(lambda p, kk: init_state(p, optimizer, kk))(params, key)
+        train = jax.jit(jax.vmap(lambda p, kk: init_state(p, optimizer, kk)))(params, key)
         if hyperparams:
             train = train._replace(opt_state=set_hyperparams(train.opt_state, hyperparams))
         resume = FitState(train, 0, [], None, [0] * k)

@@ -73,7 +73,7 @@ def member_keys(seeds: Sequence[int]) -> PRNGKey:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("member_keys needs at least one seed")
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return jax.jit(jax.vmap(jax.random.key))(jnp.asarray(seeds, jnp.uint32))
 
 
 def num_members(key: PRNGKey) -> int | None:
@@ -88,7 +88,7 @@ def init_members(model: Model, keys: PRNGKey) -> Params:
     """``vmap(model.init)(keys)``: params of K members, every leaf with a leading axis K."""
     if num_members(keys) is None:
         raise ValueError("init_members needs a (K,) array of keys: use member_keys(seeds)")
-    return jax.vmap(model.init)(keys)
+    return jax.jit(jax.vmap(model.init))(keys)  # one compiled call, not one per op
 
 
 def take_member(tree: Any, i: int) -> Any:

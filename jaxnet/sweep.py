@@ -108,7 +108,7 @@ def run_members(
     k = num_members(config)
     _check_memory(config, problem, model, optimizer, k)
     grid = mem.member_grid(config.seeds, first_seed=config.seed, **grid_of(config))
-    keys = jax.vmap(jax.random.split)(mem.member_keys([m["seed"] for m in grid]))
+    keys = jax.jit(jax.vmap(jax.random.split))(mem.member_keys([m["seed"] for m in grid]))
     init_keys, shuffle_keys = keys[:, 0], keys[:, 1]
     train, val, test = problem.splits
     hyperparams = {name: jnp.asarray([m[name] for m in grid], jnp.float32) for name in grid_of(config)}

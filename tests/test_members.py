@@ -124,9 +124,9 @@ def test_member_grid_rejects_bad_grids(args, kwargs, match):
 
 
 def test_set_hyperparams_checks_names_and_shapes():
-    params = init_members(NET, member_keys([0, 1]))
+    params = {"w": jnp.zeros((2, 3))}  # two members
     opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
-    state = jax.vmap(opt.init)(params)
+    state = jax.jit(jax.vmap(opt.init))(params)
     new = set_hyperparams(state, {"learning_rate": [0.1, 0.2]})
     np.testing.assert_allclose(new.hyperparams["learning_rate"], [0.1, 0.2])
     with pytest.raises(ValueError, match="one per member"):
@@ -134,7 +134,7 @@ def test_set_hyperparams_checks_names_and_shapes():
     with pytest.raises(ValueError, match="no hyperparameter 'momentum'"):
         set_hyperparams(state, {"momentum": [0.1, 0.2]})
     with pytest.raises(TypeError, match="inject_hyperparams"):
-        set_hyperparams(jax.vmap(optax.adam(0.1).init)(params), {"learning_rate": [0.1, 0.2]})
+        set_hyperparams(jax.jit(jax.vmap(optax.adam(0.1).init))(params), {"learning_rate": [0.1, 0.2]})
 
 
 def test_member_keys_need_member_params():

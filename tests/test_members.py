@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -156,26 +155,38 @@ def test_memory_estimate_is_linear_and_checked():
 # --- the CLI --------------------------------------------------------------------------------------------------
 
 
-def _jaxnet(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "jaxnet.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=240)
-
-
 COMMON = ("train", "--dataset", "moons", "--hidden", "8", "--epochs", "3", "--batch-size", "64", "--quiet")
 
 
-@pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def cli_started(tmp_path_factory):
+    """Starts the CLI runs when the module starts, so that they overlap the in-process tests."""
     d = tmp_path_factory.mktemp("members")
     commands = {
         "sweep": (*COMMON, "--seeds", "2", "--lr", "0.001,0.05", "--json", "--out", d / "sweep"),
         "ensemble": (*COMMON, "--seeds", "3", "--ensemble", "--out", d / "ensemble"),
     }
-    with ThreadPoolExecutor(len(commands)) as pool:
-        results = dict(zip(commands, pool.map(lambda c: _jaxnet(*c), commands.values())))
-    for name, result in results.items():
-        assert result.returncode == 0, (name, result.stderr)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = {
+        name: subprocess.Popen([sys.executable, "-m", "jaxnet.cli", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+        for name, args in commands.items()
+    }
+    yield d, procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def cli_runs(cli_started):
+    d, procs = cli_started
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, (name, err)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return d, results
 
 

@@ -37,11 +37,26 @@ from jaxnet.parallel import is_primary as is_primary
 from jaxnet.parallel import make_data_mesh as make_data_mesh
 from jaxnet.parallel import process_rows as process_rows
 from jaxnet.parallel import replicated as replicated
+from jaxnet.members import best_member as best_member
+from jaxnet.members import check_memory as check_memory
+from jaxnet.members import estimate_member_bytes as estimate_member_bytes
+from jaxnet.members import init_members as init_members
+from jaxnet.members import member_grid as member_grid
+from jaxnet.members import member_keys as member_keys
+from jaxnet.members import member_scores as member_scores
+from jaxnet.members import memory_limit as memory_limit
+from jaxnet.members import set_hyperparams as set_hyperparams
+from jaxnet.members import take_member as take_member
+from jaxnet.step import dp_aggregate as dp_aggregate
+from jaxnet.step import dp_optimizer as dp_optimizer
 from jaxnet.step import init_state as init_state
 from jaxnet.step import make_eval_fn as make_eval_fn
 from jaxnet.step import make_loss_fn as make_loss_fn
+from jaxnet.step import make_per_example_update as make_per_example_update
 from jaxnet.step import make_train_step as make_train_step
 from jaxnet.step import make_update as make_update
+from jaxnet.step import per_example_grad_norms as per_example_grad_norms
+from jaxnet.step import per_example_grads as per_example_grads
 
 __version__ = "0.1.0"
 
@@ -61,16 +76,22 @@ __all__ = [
     "batch_mean",
     "batch_sharding",
     "batched",
+    "best_member",
     "binary_accuracy",
     "check_batch_size",
+    "check_memory",
     "default_initializer",
     "dense",
+    "dp_aggregate",
+    "dp_optimizer",
     "epoch_batches",
+    "estimate_member_bytes",
     "fit",
     "get_activation",
     "get_loss",
     "global_rows",
     "half_sum_squares",
+    "init_members",
     "init_state",
     "initialize_distributed",
     "is_primary",
@@ -78,14 +99,23 @@ __all__ = [
     "make_epoch",
     "make_eval_fn",
     "make_loss_fn",
+    "make_per_example_update",
     "make_train_step",
     "make_update",
     "mean_squared_error",
+    "member_grid",
+    "member_keys",
+    "member_scores",
+    "memory_limit",
     "mlp",
     "process_rows",
     "replicated",
+    "per_example_grad_norms",
+    "per_example_grads",
     "serial",
+    "set_hyperparams",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
+    "take_member",
     "with_params",
 ]

@@ -79,6 +79,42 @@ def int_list(text: str) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def _float_list(text: str, minimum: float, strict: bool) -> tuple[float, ...]:
+    parts = text.split(",")
+    where = f" in {text!r} (give e.g. 0.001,0.01)" if len(parts) > 1 else ""
+    values = []
+    for part in parts:
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number{where}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number{where}")
+        if value < minimum or (strict and value == minimum):
+            bound = f"greater than {minimum:g}" if strict else f"{minimum:g} or more"
+            raise argparse.ArgumentTypeError(f"{part!r} must be {bound}{where}")
+        values.append(value)
+    return tuple(values)
+
+
+def positive_float_list(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated positive finite numbers, e.g. ``0.001,0.01,0.1``."""
+    return _float_list(text, 0.0, strict=True)
+
+
+def nonnegative_float_list(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated finite numbers >= 0, e.g. ``0,1e-4``."""
+    return _float_list(text, 0.0, strict=False)
+
+
+def _grid(values):
+    """``(single value, None)`` for one value, ``(None, values)`` for a list to sweep."""
+    if values is None:
+        return None, None
+    return (values[0], None) if len(values) == 1 else (None, values)
+
+
 def fraction(text: str) -> float:
     value = finite_float(text)
     if not 0 <= value < 1:
@@ -142,7 +178,14 @@ def _add_train(sub) -> None:
     m.add_argument("--activation", help="hidden activation, e.g. relu, tanh, sigmoid")
     m.add_argument("--loss", help="mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)")
     m.add_argument("--optimizer", help="sgd, adam or adamw")
-    m.add_argument("--lr", type=positive_float, help="learning rate")
+    m.add_argument("--lr", type=positive_float_list, metavar="LR[,LR...]",
+                   help="learning rate; a comma-separated list trains one member per value")
+    m.add_argument("--weight-decay", type=nonnegative_float_list, metavar="WD[,WD...]",
+                   help="adamw weight decay; a comma-separated list trains one member per value")
+    m.add_argument("--seeds", type=positive_int, metavar="N",
+                   help="train N members from seeds seed..seed+N-1 in one program (times each lr)")
+    m.add_argument("--ensemble", action="store_true",
+                   help="with several members, save them all; predict and evaluate average them")
     m.add_argument("--epochs", type=positive_int)
     m.add_argument("--batch-size", type=positive_int)
     m.add_argument("--seed", type=nonnegative_int, help="seed of every random draw (default 0)")
@@ -187,7 +230,7 @@ def _stdout_to_stderr(active: bool):
 def _cmd_train(args) -> int:
     import json
 
-    from jaxnet import parallel, train
+    from jaxnet import parallel, sweep, train
 
     # Before any other JAX use: joining a multi-process run must precede backend start-up.
     distributed = parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -195,12 +238,19 @@ def _cmd_train(args) -> int:
     json_stdout = args.json
     if not parallel.is_primary():  # only process 0 prints progress and writes files
         args.quiet, args.json, args.out = True, False, None
+    (lr, lrs), (weight_decay, weight_decays) = _grid(args.lr), _grid(args.weight_decay)
     config = train.make_config(
         dataset=args.dataset, data=args.data, target=args.target, hidden=args.hidden,
-        activation=args.activation, loss=args.loss, optimizer=args.optimizer, lr=args.lr,
+        activation=args.activation, loss=args.loss, optimizer=args.optimizer, lr=lr,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val_split=args.val_split,
-        test_split=args.test_split, patience=args.patience, dtype=args.dtype,
+        test_split=args.test_split, patience=args.patience, dtype=args.dtype, weight_decay=weight_decay,
+        seeds=args.seeds, lrs=lrs, weight_decays=weight_decays, ensemble=args.ensemble or None,
     )
+    if sweep.is_member_run(config):
+        if mesh is not None:
+            raise CliError("member runs (--seeds, lists of --lr or --weight-decay) train on one device: "
+                           "drop --devices and the multi-process options")
+        return _cmd_train_members(args, config)
     stream = sys.stderr if args.json else sys.stdout
     progress = Progress(config.epochs, stream, args.quiet)
     callbacks = [progress]
@@ -225,6 +275,49 @@ def _cmd_train(args) -> int:
         print("; ".join(parts))
         if args.out:
             print(f"wrote {args.out}/model.npz, metrics.jsonl, curves.png")
+    return 0
+
+
+def _cmd_train_members(args, config) -> int:
+    """``jaxnet train`` of several members (--seeds, lists of --lr/--weight-decay): one program."""
+    import json
+    from pathlib import Path
+
+    from jaxnet import io, members, sweep, train
+
+    stream = sys.stderr if args.json else sys.stdout
+    k = sweep.num_members(config)
+    grid = []  # built after the memory check, at the first epoch
+
+    def progress(fit_state, record) -> None:
+        if args.quiet:
+            return
+        active = sum(v is not None for v in record["train_loss"])
+        line = f"epoch {record['epoch']}: {active}/{k} members training"
+        for name in ("val_accuracy", "val_loss", "train_loss"):
+            values = [v for v in record.get(name, []) if v is not None]
+            if values:
+                best = max(values) if name.endswith("accuracy") else min(values)
+                line += f", best {name} {best:.4g}"
+                break
+        print(line, file=stream, flush=True)
+
+    def write_metrics(fit_state, record) -> None:
+        if not grid:
+            grid.extend(members.member_grid(config.seeds, first_seed=config.seed, **sweep.grid_of(config)))
+        io.write_jsonl(Path(args.out) / "metrics.jsonl", sweep.member_records(fit_state.history, grid))
+
+    result = train.run(config, callbacks=[progress] + ([write_metrics] if args.out else []))
+    if args.out:
+        train.write_outputs(args.out, result)
+    summary = result.summary
+    if not args.quiet:
+        print(sweep.format_members(summary), file=stream, flush=True)
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet and args.out:
+        what = f"all {k} members" if config.ensemble else f"member {summary['best_member']}"
+        print(f"wrote {args.out}/model.npz ({what}), metrics.jsonl (a line per member and epoch), curves.png")
     return 0
 
 

@@ -19,6 +19,7 @@ import optax
 from jaxnet.base import Model, Params, PRNGKey, TrainState
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.shuffle import index_permutation
+from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
 from jaxnet.step import Update, init_state, make_eval_fn, make_update
 
 Record = dict[str, Any]
@@ -192,6 +193,7 @@ def fit(
     shuffle: bool = True,
     unroll: int = 1,
     mesh=None,
+    hyperparams: dict | None = None,
 ) -> tuple[TrainState, list[Record]]:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -220,6 +222,17 @@ def fit(
       mesh: a device mesh from :func:`jaxnet.make_data_mesh` for data-parallel training: each
         batch is split over its ``"data"`` axis (``batch_size`` must divide evenly), params and
         optimizer state are replicated. ``x``/``y`` may be global arrays (multi-process).
+      hyperparams: member runs only: name -> ``(K,)`` per-member values of the hyperparameters of an
+        ``optax.inject_hyperparams`` optimizer (see :func:`jaxnet.set_hyperparams`).
+
+    Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
+    (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),
+    K models train at once, the epoch ``vmap``-ed over the member axis with the data shared. Each
+    member then trains as it would alone with its own key. Records hold per-member lists
+    (``train_loss``, ``val_loss``, ``val_accuracy``, ``best_epoch``); early stopping is per member
+    (a member whose patience ran out keeps its best params, its later values are None) and the run
+    stops when every member has stopped. A member whose loss turns non-finite stops likewise (None
+    values); NonFiniteLossError is raised only when every member has.
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` (with the best params when validation
@@ -243,6 +256,18 @@ def fit(
     x, y = _as_array("x", x), _as_array("y", y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+
+    if num_members(key if resume is None else resume.train.key) is not None:
+        if mesh is not None:
+            raise ValueError("member runs train on one device: drop mesh, or train members one by one on the mesh")
+        return _fit_members(
+            model, params, x, y, spec=spec, optimizer=optimizer, epochs=epochs, batch_size=batch_size, key=key,
+            validation=validation, patience=patience, monitor=monitor, drop_remainder=drop_remainder,
+            callbacks=callbacks, resume=resume, compute_dtype=compute_dtype, skip_nonfinite=skip_nonfinite,
+            shuffle=shuffle, unroll=unroll, hyperparams=hyperparams,
+        )
+    if hyperparams is not None:
+        raise ValueError("hyperparams are per-member values: give a (K,) array of keys (member_keys) for a member run")
 
     n = x.shape[0]
     if skip_nonfinite:
@@ -291,6 +316,109 @@ def fit(
         if patience is not None and epoch - best_epoch >= patience:
             break
         if stop:
+            break
+
+    final = fit_state.train
+    if fit_state.best_params is not None:
+        final = final._replace(params=fit_state.best_params)
+    return final, history
+
+
+@jax.jit
+def _where_members(mask: jax.Array, new, old):
+    """Per member (leading axis), ``new`` where ``mask`` else ``old``."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _member_values(values, keep: np.ndarray) -> list:
+    return [float(v) if k and math.isfinite(float(v)) else None for v, k in zip(np.asarray(values), keep)]
+
+
+def _fit_members(
+    model, params, x, y, *, spec, optimizer, epochs, batch_size, key, validation, patience, monitor,
+    drop_remainder, callbacks, resume, compute_dtype, skip_nonfinite, shuffle, unroll, hyperparams,
+) -> tuple[TrainState, list[Record]]:
+    """:func:`fit` for K members at once (leading member axis); arguments as there."""
+    k = num_members(key if resume is None else resume.train.key)
+    if resume is None:
+        shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
+        if not shapes or any(len(s) == 0 or s[0] != k for s in shapes):
+            raise ValueError(
+                f"{k} member keys need params with a leading member axis of {k}, got leaf shapes {shapes[:4]}: "
+                "use init_members(model, keys)"
+            )
+        # Refuse a K that cannot fit before compiling (params exist already; the rest is estimated).
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+        check_memory(estimate_member_bytes(one, jax.eval_shape(optimizer.init, one), batch_size, k), k)
+    n = x.shape[0]
+    if skip_nonfinite:
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
+    update = make_update(model, spec, optimizer, compute_dtype=compute_dtype)
+    epoch_fn = make_epoch(update, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle, unroll=unroll)
+    run_epoch = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None)), donate_argnums=(0,))
+    evaluate = jax.jit(jax.vmap(make_eval_fn(model, spec), in_axes=(0, None)))
+    steps_per_epoch = num_batches(n, batch_size, drop_remainder)
+
+    if resume is None:
+        train = jax.jit(jax.vmap(lambda p, kk: init_state(p, optimizer, kk)))(params, key)
+        if hyperparams:
+            train = train._replace(opt_state=set_hyperparams(train.opt_state, hyperparams))
+        resume = FitState(train, 0, [], None, [0] * k)
+    elif hyperparams:
+        raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
+    fit_state = resume._replace(train=jax.tree.map(jnp.copy, resume.train))
+    history = list(fit_state.history)
+    if validation is not None:
+        xv, yv = _as_array("validation x", validation[0]), _as_array("validation y", validation[1])
+    sign = 1.0 if monitor == "val_loss" else -1.0
+    best_epoch = np.asarray(fit_state.best_epoch or [0] * k, dtype=np.int64).reshape(k)
+    best_value = np.array(
+        [history[e - 1][monitor][i] if e and history[e - 1][monitor][i] is not None else math.inf * sign
+         for i, e in enumerate(best_epoch)], dtype=np.float64,
+    ) if validation is not None else np.full(k, math.inf * sign)
+    last = history[-1] if history else {}
+    # A member stopped (patience ran out or diverged) when its values in the last record are None.
+    stopped = np.array([v is None for v in last.get("train_loss", [0.0] * k)], dtype=bool)
+    if patience is not None and history:
+        stopped |= fit_state.epoch - best_epoch >= patience
+    best_params = fit_state.best_params
+
+    while fit_state.epoch < epochs:
+        start = time.perf_counter()
+        train, metrics = run_epoch(fit_state.train, x, y)
+        losses = np.asarray(metrics["loss"])  # one host sync per epoch
+        epoch = fit_state.epoch + 1
+        active = ~stopped
+        first_bad = np.asarray(metrics["first_nonfinite"])
+        diverged = active & (first_bad >= 0) if not skip_nonfinite else np.zeros(k, bool)
+        if active.all() and diverged.all():  # every member diverged at once: as a single run would
+            bad = int(np.min(first_bad))
+            raise NonFiniteLossError(epoch, fit_state.epoch * steps_per_epoch + bad + 1)
+        record: Record = {"epoch": epoch, "train_loss": _member_values(losses, active & ~diverged)}
+        if skip_nonfinite:
+            record["skipped"] = [int(v) for v in np.asarray(metrics["nonfinite"])]
+        keep = active & ~diverged
+        if validation is not None:
+            val = evaluate(train.params, (xv, yv))
+            record.update({f"val_{name}": _member_values(v, keep) for name, v in val.items()})
+            current = np.asarray(val[monitor[len("val_"):]], dtype=np.float64)
+            improved = keep & ((best_epoch == 0) | (sign * current < sign * best_value))
+            if best_params is None:
+                best_params = jax.tree.map(jnp.copy, train.params)
+            elif improved.any():
+                best_params = _where_members(jnp.asarray(improved), train.params, best_params)
+            best_epoch = np.where(improved, epoch, best_epoch)
+            best_value = np.where(improved, current, best_value)
+            record["best_epoch"] = [int(e) for e in best_epoch]
+        record["seconds"] = time.perf_counter() - start
+        record["steps"] = steps_per_epoch
+        history.append(record)
+        stopped = stopped | diverged
+        if patience is not None:
+            stopped |= epoch - best_epoch >= patience
+        fit_state = FitState(train, epoch, history, best_params, [int(e) for e in best_epoch])
+        stop = any([bool(cb(fit_state, record)) for cb in callbacks])
+        if stopped.all() or stop:
             break
 
     final = fit_state.train

@@ -142,3 +142,130 @@ def make_eval_fn(model: Model, loss: str | PerExample | LossSpec) -> Callable[[P
     return evaluate
 
 
+
+
+def _single_example_batches(batch: Batch):
+    """``batch`` as a tuple of arrays to vmap over: ``(x, y)`` or ``(x, y, weights)``."""
+    x, y, w = _unpack(batch)
+    return (x, y) if w is None else (x, y, w)
+
+
+def per_example_grads(loss_fn: Callable[[Params, Batch], jax.Array], params: Params, batch: Batch) -> Params:
+    """The gradient of ``loss_fn`` at each example of ``batch`` separately (``vmap`` of ``grad``).
+
+    Args:
+      loss_fn: a batch loss ``(params, batch) -> scalar``, e.g. ``make_loss_fn(model, "mse")``; it is
+        applied to batches of one example.
+      params: the params (a pytree).
+      batch: ``(x: (n, ...), y: (n, ...))`` or ``(x, y, weights: (n,))``; an example of weight 0 has
+        gradient 0.
+
+    Returns:
+      A pytree like ``params`` whose leaves have a leading axis ``n``: leaf ``[i]`` is the gradient
+      of the loss of example ``i`` alone. For an unweighted batch their mean is the batch gradient.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnet import mlp, make_loss_fn
+      >>> net = mlp([2, 3, 1])
+      >>> g = per_example_grads(make_loss_fn(net, "mse"), net.init(jax.random.key(0)),
+      ...                       (jnp.ones((5, 2)), jnp.zeros((5, 1))))
+      >>> g[0]["w"].shape
+      (5, 2, 3)
+    """
+    grad = jax.grad(lambda p, example: loss_fn(p, jax.tree.map(lambda a: a[None], example)))
+    return jax.vmap(grad, in_axes=(None, 0))(params, _single_example_batches(batch))
+
+
+def per_example_grad_norms(grads: Params) -> jax.Array:
+    """The global L2 norm of each example's gradient: ``grads`` leaves ``(n, ...)`` -> ``(n,)``."""
+    leaves = jax.tree.leaves(grads)
+    if not leaves:
+        raise ValueError("per_example_grad_norms needs a non-empty pytree of per-example gradients")
+    squares = [jnp.sum(jnp.square(jnp.reshape(leaf, (leaf.shape[0], -1)).astype(jnp.float32)), axis=1)
+               for leaf in leaves]
+    return jnp.sqrt(sum(squares))
+
+
+def dp_aggregate(l2_norm_clip: float, noise_multiplier: float, key: PRNGKey) -> optax.GradientTransformation:
+    """Per-example clipping plus Gaussian noise, averaged over the batch (the DP-SGD recipe).
+
+    A thin, validated wrapper of ``optax.contrib.differentially_private_aggregate``: each example's
+    gradient is scaled to global L2 norm at most ``l2_norm_clip``, the clipped gradients are summed,
+    Gaussian noise of standard deviation ``l2_norm_clip * noise_multiplier`` is added, and the sum is
+    divided by the batch size ``n`` (padding examples count in ``n``: use ``drop_remainder`` for exact
+    accounting).
+
+    Args:
+      l2_norm_clip: the clipping bound ``C > 0`` on each per-example gradient norm.
+      noise_multiplier: ``sigma >= 0``; the noise standard deviation is ``sigma * C`` (0: clipping only).
+      key: PRNG key of the noise stream (kept in the transformation's state).
+
+    Returns:
+      An optax transformation whose ``update`` takes per-example gradients (leaves ``(n, ...)``, e.g.
+      from :func:`per_example_grads`) and returns ordinary updates (leaves shaped like params). It must
+      come first in a chain: see :func:`dp_optimizer`.
+    """
+    for name, value in (("l2_norm_clip", l2_norm_clip), ("noise_multiplier", noise_multiplier)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not jnp.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if l2_norm_clip <= 0:
+        raise ValueError(f"l2_norm_clip must be greater than 0, got {l2_norm_clip!r}")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be 0 or more, got {noise_multiplier!r}")
+    from optax import contrib
+
+    return contrib.differentially_private_aggregate(l2_norm_clip, noise_multiplier, key)
+
+
+def dp_optimizer(
+    learning_rate: float,
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    key: PRNGKey,
+    base: Callable[[float], optax.GradientTransformation] = optax.sgd,
+) -> optax.GradientTransformation:
+    """DP-SGD: :func:`dp_aggregate` chained with ``base(learning_rate)`` (plain SGD by default).
+
+    Use it with :func:`make_per_example_update`, which feeds it per-example gradients.
+
+    Args:
+      learning_rate: passed to ``base``.
+      l2_norm_clip, noise_multiplier, key: as in :func:`dp_aggregate`.
+      base: an optax optimizer factory, e.g. ``optax.adam``.
+    """
+    return optax.chain(dp_aggregate(l2_norm_clip, noise_multiplier, key), base(learning_rate))
+
+
+def make_per_example_update(
+    model: Model,
+    loss: str | PerExample | LossSpec,
+    optimizer: optax.GradientTransformation,
+    *,
+    compute_dtype=None,
+) -> Update:
+    """Like :func:`make_update`, but ``optimizer`` receives per-example gradients (leading batch axis).
+
+    For transformations that aggregate examples themselves, such as :func:`dp_optimizer`. The
+    ``loss`` metric is the weighted batch mean of the per-example losses; it plugs into
+    :func:`jaxnet.make_epoch` like any update.
+    """
+    _check_optimizer(optimizer)
+    loss_fn = make_loss_fn(model, loss, compute_dtype=compute_dtype)
+    single = jax.value_and_grad(lambda p, example: loss_fn(p, jax.tree.map(lambda a: a[None], example)))
+    value_and_grad = jax.vmap(single, in_axes=(None, 0))
+
+    def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        example_batch = _single_example_batches(batch)
+        values, grads = value_and_grad(state.params, example_batch)
+        w = example_batch[2] if len(example_batch) == 3 else None
+        if w is None:
+            loss_value = jnp.mean(values)
+        else:
+            w = w.astype(jnp.float32)
+            loss_value = jnp.where(jnp.sum(w) > 0, jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-30), 0.0)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), {"loss": loss_value}
+
+    return update

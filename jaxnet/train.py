@@ -50,6 +50,10 @@ class TrainConfig:
       standardize: standardize features with the training split's mean and std.
       dtype: compute dtype of the forward and backward pass: ``float32``, or ``bfloat16`` for mixed
         precision (float32 master params, optimizer state and loss).
+      seeds, lrs, weight_decays: train a grid of members in one program (``jaxnet.sweep``): seeds
+        ``seed ... seed + seeds - 1`` times each learning rate in ``lrs`` (empty: ``lr``) times each
+        weight decay in ``weight_decays`` (adamw; empty: ``weight_decay``).
+      ensemble: with members, save them all (predictions average them) instead of the best one.
     """
 
     dataset: str | None = None
@@ -70,6 +74,10 @@ class TrainConfig:
     patience: int | None = None
     standardize: bool = True
     dtype: str = "float32"
+    seeds: int = 1
+    lrs: tuple[float, ...] = ()
+    weight_decays: tuple[float, ...] = ()
+    ensemble: bool = False
 
     def __post_init__(self):
         validate(self)
@@ -86,6 +94,9 @@ class TrainConfig:
         values = dict(values)
         if values.get("hidden") is not None:
             values["hidden"] = tuple(values["hidden"])
+        for name in ("lrs", "weight_decays"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 
@@ -161,6 +172,25 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"unknown dtype {c.dtype!r}: use one of {', '.join(DTYPES)}")
     if c.patience is not None and c.val_split == 0:
         raise ValueError("early stopping (--patience) needs a validation split (--val-split > 0)")
+    _validate_members(c)
+
+
+def _validate_members(c: TrainConfig) -> None:
+    if not _is_int(c.seeds) or c.seeds <= 0:
+        raise ValueError(f"seeds must be a positive integer, got {c.seeds!r}")
+    for name, low in (("lrs", "greater than 0"), ("weight_decays", "0 or more")):
+        values = getattr(c, name)
+        if not isinstance(values, tuple):
+            raise TypeError(f"{name} must be a tuple of numbers, got {values!r}")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must hold finite numbers, got {value!r}")
+            if value < 0 or (value == 0 and name == "lrs"):
+                raise ValueError(f"{name} values must be {low}, got {value!r}")
+    if c.weight_decays and c.optimizer != "adamw":
+        raise ValueError(f"a weight decay sweep needs the adamw optimizer (--optimizer adamw), not {c.optimizer!r}")
+    if not isinstance(c.ensemble, bool):
+        raise TypeError(f"ensemble must be True or False, got {c.ensemble!r}")
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -282,6 +312,12 @@ def run(
       A :class:`RunResult`; ``summary`` has the keys of ``jaxnet train --json``: dataset, epochs,
       train_loss, val_accuracy, test_accuracy (None for regression), seconds, steps_per_second.
     """
+    from jaxnet import sweep
+
+    if sweep.is_member_run(config):
+        if resume is not None:
+            raise ValueError("resuming is not supported for runs of several members (seeds, lrs)")
+        return sweep.run_members(config, callbacks)
     start = time.perf_counter()
     problem = load_problem(config)
     meta = model_meta(config, problem)
@@ -342,7 +378,12 @@ def load_features(saved: io.SavedModel, path: str) -> tuple[np.ndarray, np.ndarr
 
 def predict(saved: io.SavedModel, x: np.ndarray) -> np.ndarray:
     """Model outputs for standardized inputs ``x: (n, d)``: class probabilities for classification
-    losses (softmax, or sigmoid for binary cross-entropy), raw outputs for regression."""
+    losses (softmax, or sigmoid for binary cross-entropy), raw outputs for regression. A saved
+    ensemble (meta ``members``) averages its members' probabilities (outputs for regression)."""
+    if saved.meta.get("members"):
+        from jaxnet import sweep
+
+        return sweep.ensemble_predict(saved, x)
     model = build_model(saved.meta)
     outputs = jax.jit(jax.vmap(model.apply, in_axes=(None, 0)))(saved.params, jnp.asarray(x))
     loss = saved.meta["loss"]
@@ -355,7 +396,11 @@ def predict(saved: io.SavedModel, x: np.ndarray) -> np.ndarray:
 
 def evaluate(saved: io.SavedModel, x: np.ndarray, y: np.ndarray) -> dict:
     """``{"loss", "accuracy"}`` of a saved model on standardized ``x`` and raw targets ``y``
-    (accuracy None for regression)."""
+    (accuracy None for regression). A saved ensemble is evaluated on its averaged predictions."""
+    if saved.meta.get("members"):
+        from jaxnet import sweep
+
+        return sweep.ensemble_evaluate(saved, x, y)
     meta = saved.meta
     y = prepare_targets(np.asarray(y), meta["loss"], meta["sizes"][-1] if meta["num_classes"] else None)
     metrics = make_eval_fn(build_model(meta), meta["loss"])(saved.params, (jnp.asarray(x), jnp.asarray(y)))
@@ -364,6 +409,10 @@ def evaluate(saved: io.SavedModel, x: np.ndarray, y: np.ndarray) -> dict:
 
 def write_outputs(out: str | Path, result: RunResult) -> None:
     """Writes ``model.npz``, ``metrics.jsonl`` and ``curves.png`` (when matplotlib is installed)."""
+    if "members" in result.summary:
+        from jaxnet import sweep
+
+        return sweep.write_member_outputs(out, result)
     out = Path(out)
     io.save_model(out, result.model)
     io.write_jsonl(out / "metrics.jsonl", result.history)

@@ -1,0 +1,234 @@
+"""Many models in one program: a leading *member* axis on params, optimizer state and PRNG keys.
+
+An ensemble is K copies of a model from K init seeds; a sweep gives each member its own
+hyperparameters through ``optax.inject_hyperparams``. :func:`jaxnet.fit` trains all members at
+once when its ``key`` is a ``(K,)`` array of keys (see :func:`member_keys`) and ``params`` have a
+leading axis K (see :func:`init_members`): the epoch is ``vmap``-ed over the member axis, the data
+is shared.
+
+Memory grows linearly with K; :func:`estimate_member_bytes` and :func:`check_memory` refuse a grid
+that cannot fit before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet.base import Model, Params, PRNGKey
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def member_grid(seeds: int, first_seed: int = 0, **hyperparams: Sequence[float]) -> list[dict]:
+    """The cartesian product of ``seeds`` init seeds and each hyperparameter's values.
+
+    Args:
+      seeds: number of seeds per hyperparameter combination (seeds ``first_seed ...
+        first_seed + seeds - 1``).
+      first_seed: the first seed.
+      **hyperparams: name -> non-empty list of positive finite values (0 is allowed for
+        ``weight_decay``).
+
+    Returns:
+      One dict per member, ``{"seed": int, name: float, ...}``; seeds vary fastest.
+
+    Examples:
+      >>> [m["learning_rate"] for m in member_grid(2, learning_rate=[0.1, 0.01])]
+      [0.1, 0.1, 0.01, 0.01]
+    """
+    if not _is_int(seeds) or seeds <= 0:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    if not _is_int(first_seed) or first_seed < 0:
+        raise ValueError(f"first seed must be a non-negative integer, got {first_seed!r}")
+    names = list(hyperparams)
+    for name in names:
+        values = hyperparams[name]
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ValueError(f"{name} needs a non-empty list of values, got {values!r}")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} values must be finite numbers, got {value!r}")
+            if value < 0 or (value == 0 and name != "weight_decay"):
+                bound = "0 or more" if name == "weight_decay" else "greater than 0"
+                raise ValueError(f"{name} values must be {bound}, got {value!r}")
+    grid = []
+    for combo in itertools.product(*(hyperparams[n] for n in names)):
+        for seed in range(first_seed, first_seed + seeds):
+            grid.append({"seed": seed, **{n: float(v) for n, v in zip(names, combo)}})
+    return grid
+
+
+def member_keys(seeds: Sequence[int]) -> PRNGKey:
+    """A ``(K,)`` array of typed PRNG keys, ``jax.random.key(s)`` for each seed ``s``."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("member_keys needs at least one seed")
+    return jax.jit(jax.vmap(jax.random.key))(jnp.asarray(seeds, jnp.uint32))
+
+
+def num_members(key: PRNGKey) -> int | None:
+    """K when ``key`` is a ``(K,)`` array of typed keys (or ``(K, 2)`` raw uint32 keys), else None."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.shape[0] if key.ndim == 1 else None
+    return key.shape[0] if key.ndim == 2 else None
+
+
+def init_members(model: Model, keys: PRNGKey) -> Params:
+    """``vmap(model.init)(keys)``: params of K members, every leaf with a leading axis K."""
+    if num_members(keys) is None:
+        raise ValueError("init_members needs a (K,) array of keys: use member_keys(seeds)")
+    return jax.jit(jax.vmap(model.init))(keys)  # one compiled call, not one per op
+
+
+def take_member(tree: Any, i: int) -> Any:
+    """Member ``i`` of a pytree with a leading member axis (params, optimizer state, ...)."""
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _hyperparams_states(opt_state):
+    """The ``inject_hyperparams`` states inside ``opt_state`` (searched through tuples/chains)."""
+    if hasattr(opt_state, "hyperparams") and isinstance(opt_state.hyperparams, dict):
+        return [opt_state]
+    if isinstance(opt_state, tuple):
+        return [s for part in opt_state for s in _hyperparams_states(part)]
+    return []
+
+
+def set_hyperparams(opt_state, values: Mapping[str, Any]):
+    """``opt_state`` with its injected hyperparameters replaced by ``values``.
+
+    Args:
+      opt_state: the state of an ``optax.inject_hyperparams(...)`` optimizer (possibly inside a
+        chain), with a leading member axis K when built by ``vmap(optimizer.init)``.
+      values: name -> ``(K,)`` values (one per member), e.g. ``{"learning_rate": [1e-3, 1e-2]}``.
+
+    Raises:
+      TypeError: the optimizer does not inject hyperparameters.
+      ValueError: an unknown name, or values of the wrong shape.
+    """
+    states = _hyperparams_states(opt_state)
+    if not states:
+        raise TypeError(
+            "the optimizer state has no injected hyperparameters: build the optimizer with "
+            "optax.inject_hyperparams(optax.adam)(learning_rate=...)"
+        )
+    replaced = {}
+    for name, value in values.items():
+        owner = next((s for s in states if name in s.hyperparams), None)
+        if owner is None:
+            known = sorted({n for s in states for n in s.hyperparams})
+            raise ValueError(f"the optimizer has no hyperparameter {name!r}: use one of {', '.join(known)}")
+        old = owner.hyperparams[name]
+        new = jnp.asarray(value, dtype=old.dtype)
+        if new.shape != old.shape:
+            raise ValueError(f"{name} needs values of shape {old.shape} (one per member), got shape {new.shape}")
+        replaced.setdefault(id(owner), {})[name] = new
+
+    def rebuild(state):
+        if id(state) in replaced:
+            return state._replace(hyperparams={**state.hyperparams, **replaced[id(state)]})
+        if isinstance(state, tuple) and not hasattr(state, "hyperparams"):
+            parts = [rebuild(p) for p in state]
+            return type(state)(*parts) if hasattr(state, "_fields") else type(state)(parts)
+        return state
+
+    return rebuild(opt_state)
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) of a pytree."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)
+               if hasattr(a, "shape") and hasattr(a, "dtype") and not jnp.issubdtype(a.dtype, jax.dtypes.prng_key))
+
+
+def estimate_member_bytes(params: Params, opt_state: Any, batch_size: int, members: int) -> int:
+    """An estimate of the device memory K members need while training (not counting the data).
+
+    Per member: params three times (params, gradients, best params kept for early stopping), the
+    optimizer state, and the activations of one minibatch, estimated as ``2 * batch_size * 4``
+    bytes per unit (forward values and their gradients; units = the summed size of the 1-D param
+    leaves, the layer widths of an MLP). It is a lower bound of the live arrays: XLA may add
+    temporaries.
+
+    Args:
+      params, opt_state: one member's params and optimizer state (arrays or the
+        ``jax.ShapeDtypeStruct`` of ``jax.eval_shape``, which allocates nothing).
+      batch_size: examples per step.
+      members: K.
+    """
+    units = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params) if len(a.shape) == 1)
+    per_member = 3 * tree_bytes(params) + tree_bytes(opt_state) + 2 * batch_size * units * 4
+    return members * per_member
+
+
+def memory_limit(device: jax.Device | None = None) -> tuple[int, str]:
+    """``(bytes, where)``: the device's memory limit (``memory_stats()["bytes_limit"]``), or the
+    host's physical memory when the device does not report one (CPU)."""
+    device = device or jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends do not implement memory_stats
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.platform} device {device.id}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_memory(needed: int, members: int, device: jax.Device | None = None) -> None:
+    """Raises ValueError when ``needed`` bytes (of ``members`` members) exceed the memory limit."""
+    limit, where = memory_limit(device)
+    if needed > limit:
+        raise ValueError(
+            f"{members} members need about {_gib(needed)} while training, more than the {_gib(limit)} of "
+            f"{where}: train fewer members (seeds x hyperparameter values) or a smaller batch"
+        )
+
+
+def member_scores(history: list, monitor: str = "val_loss") -> list[float]:
+    """Each member's score in a member history (records whose metrics are per-member lists).
+
+    With validation (records have ``best_epoch``), the ``monitor`` value at the member's best epoch,
+    the epoch its kept params come from; otherwise the member's last value. NaN for a member
+    without a finite value.
+    """
+    if not history or monitor not in history[0]:
+        raise ValueError(f"the history has no {monitor!r}: train with validation data or monitor 'train_loss'")
+    k = len(history[0][monitor])
+    scores = []
+    for i in range(k):
+        if "best_epoch" in history[-1] and history[-1]["best_epoch"][i] > 0:
+            value = history[history[-1]["best_epoch"][i] - 1][monitor][i]
+        else:
+            values = [r[monitor][i] for r in history if r[monitor][i] is not None]
+            value = values[-1] if values and len(values) == len(history) else None
+        scores.append(float(value) if value is not None and math.isfinite(value) else math.nan)
+    return scores
+
+
+def best_member(history: list, monitor: str = "val_loss") -> int:
+    """The index of the member with the best ``monitor`` (highest accuracy, lowest loss).
+
+    Raises ValueError when no member has a finite score.
+    """
+    scores = member_scores(history, monitor)
+    sign = -1.0 if monitor.endswith("accuracy") else 1.0
+    finite = [(sign * s, i) for i, s in enumerate(scores) if math.isfinite(s)]
+    if not finite:
+        raise ValueError(f"no member has a finite {monitor}: every member diverged; lower the learning rates")
+    return min(finite)[1]

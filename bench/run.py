@@ -108,7 +108,7 @@ def implementations(case, suite):
     if case == "ensemble":
         return [
             ("raw-jax", raw_jax.ensemble, "jit(vmap(scan)) over K nets"),
-            ("jaxnet", jaxnet_impl.ensemble, "jit(vmap(make_epoch)); TODO: fit's member API"),
+            ("jaxnet", jaxnet_impl.ensemble, "fit with params (K, ...) and keys (K,): one vmapped program"),
         ]
     if case in ("mlp784", "wide"):
         return [

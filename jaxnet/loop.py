@@ -129,17 +129,26 @@ def make_epoch(
         if padded:
             batches = (*batches, weight)
 
-        def body(state, batch):
-            state, metrics = update(state, batch)
-            return state, metrics["loss"]
-
-        state, losses = jax.lax.scan(body, state._replace(key=key), batches, unroll=unroll)
         counts = jnp.sum(weight, axis=1)
-        finite = jnp.isfinite(losses)
+
+        # The epoch's metrics accumulate in the carry (no per-step output buffer to write).
+        def body(carry, step_input):
+            state, total, first_bad, num_bad, i = carry
+            batch, count = step_input
+            state, metrics = update(state, batch)
+            loss = metrics["loss"]
+            finite = jnp.isfinite(loss)
+            total = total + jnp.where(finite, loss * count, 0.0).astype(total.dtype)
+            first_bad = jnp.where((first_bad < 0) & ~finite, i, first_bad)
+            return (state, total, first_bad, num_bad + (~finite).astype(jnp.int32), i + 1), None
+
+        zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+        carry = (state._replace(key=key), zero_f, zero_i - 1, zero_i, zero_i)
+        (state, total, first_bad, num_bad, _), _ = jax.lax.scan(body, carry, (batches, counts), unroll=unroll)
         metrics = {
-            "loss": jnp.sum(losses * counts) / jnp.sum(counts),
-            "first_nonfinite": jnp.where(jnp.all(finite), -1, jnp.argmin(finite)),
-            "nonfinite": jnp.sum(~finite),
+            "loss": jnp.where(num_bad > 0, jnp.nan, total / jnp.sum(counts)),
+            "first_nonfinite": first_bad,
+            "nonfinite": num_bad,
         }
         return state, metrics
 

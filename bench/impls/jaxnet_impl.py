@@ -78,37 +78,27 @@ def seed_sgd_epoch(cfg):
 
 
 def ensemble(cfg):
-    """``vmap`` over ``make_epoch``: K models, each with its own params, optimizer state and shuffle key.
+    """``fit`` with a leading model axis: K members (params ``(K, ...)``, keys ``(K,)``) in one program.
 
-    TODO: switch to fit's member API (a leading model axis in ``fit``) once it lands; this is the
-    code a user writes until then.
+    Every member trains on the same stream in order (``shuffle=False``), the work of the
+    hand-written ``jit(vmap(scan))``.
     """
     k = cfg["k"]
     model = jaxnet.mlp([3, 2, 2], "sigmoid", "sigmoid")
     opt = optax.sgd(common.SEED_LR)
-    update = jaxnet.make_update(model, "half_sse", opt)
     params = jax.tree.map(jnp.asarray, common.ensemble_params(k))
     keys = jax.random.split(jax.random.key(1), k)
-    new_states = jax.jit(jax.vmap(lambda p, key: jaxnet.init_state(p, opt, key)))
 
-    x1, t1 = jnp.asarray(common.SEED_X[None]), jnp.asarray(common.SEED_T[None])
-    check_epoch = jax.jit(jax.vmap(jaxnet.make_epoch(update, 1, 1), in_axes=(0, None, None)))
-    state = new_states(params, keys)
-    for _ in range(cfg["check_steps"]):
-        state, _ = check_epoch(state, x1, t1)
+    x1, t1 = common.SEED_X[None], common.SEED_T[None]
+    state, _ = jaxnet.fit(model, params, x1, t1, loss="half_sse", optimizer=opt, epochs=cfg["check_steps"],
+                          batch_size=1, key=keys, shuffle=False)
     losses = jax.vmap(jaxnet.make_loss_fn(model, "half_sse"), in_axes=(0, None))(state.params, (x1, t1))
     check = float(jnp.mean(losses))
 
-    xs, ts = map(jnp.asarray, common.seed_stream(cfg["steps"]))
-    epoch = jaxnet.make_epoch(update, cfg["steps"], 1, shuffle=False, unroll=cfg.get("unroll", 1))
-    run_epoch = jax.jit(jax.vmap(epoch, in_axes=(0, None, None)), donate_argnums=0)
-    holder = {"s": new_states(params, keys)}
-
-    def run():
-        holder["s"], metrics = run_epoch(holder["s"], xs, ts)
-        jax.block_until_ready(metrics["loss"])
-
-    return check, common.time_calls(run, run, k * cfg["steps"], cfg["repeats"], cfg["min_seconds"])
+    xs, ts = common.seed_stream(cfg["steps"])
+    _, history = jaxnet.fit(model, params, xs, ts, loss="half_sse", optimizer=opt, epochs=cfg["repeats"] + 1,
+                            batch_size=1, key=keys, shuffle=False, unroll=cfg.get("unroll", 1))
+    return check, _fit_timing(history, k * cfg["steps"])
 
 
 def _problem(case, cfg):

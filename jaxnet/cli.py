@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -145,8 +146,12 @@ def _add_train(sub) -> None:
     m.add_argument("--batch-size", type=positive_int)
     m.add_argument("--seed", type=nonnegative_int, help="seed of every random draw (default 0)")
     m.add_argument("--patience", type=positive_int, help="early stopping after N epochs without improvement")
+    m.add_argument("--skip-nonfinite", action="store_true", help="skip updates with non-finite gradients instead of stopping")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="write model.npz, metrics.jsonl and curves.png here")
+    o.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="checkpoint every N epochs into DIR/checkpoints")
+    o.add_argument("--keep", type=positive_int, metavar="K", help="keep the newest K checkpoints (default 3)")
+    o.add_argument("--resume", metavar="DIR", help="continue the run in DIR (an earlier --out) from its newest checkpoint")
     o.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures")
     p.set_defaults(run=_cmd_train)
@@ -155,23 +160,63 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     import json
 
-    from jaxnet import train
+    from jaxnet import checkpoint, train
+    from jaxnet.loop import NonFiniteLossError
 
-    config = train.make_config(
+    given = dict(
         dataset=args.dataset, data=args.data, target=args.target, hidden=args.hidden,
         activation=args.activation, loss=args.loss, optimizer=args.optimizer, lr=args.lr,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val_split=args.val_split,
-        test_split=args.test_split, patience=args.patience,
+        test_split=args.test_split, patience=args.patience, skip_nonfinite=args.skip_nonfinite or None,
     )
+    restored = None
+    if args.resume:
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise CliError("--resume DIR writes on into DIR: drop --out")
+        args.out = args.resume
+        restored = checkpoint.restore(args.resume)
+        for path, reason in restored.damaged:
+            print(f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}", file=sys.stderr)
+        checkpoint.check_overrides(restored.config, **given)
+        config = restored.config
+    else:
+        for flag, value in (("--checkpoint-every N", args.checkpoint_every), ("--keep K", args.keep)):
+            if value is not None and not args.out:
+                raise CliError(f"{flag} needs --out DIR")
+        config = train.make_config(**given)
     stream = sys.stderr if args.json else sys.stdout
     progress = Progress(config.epochs, stream, args.quiet)
-    callbacks = [progress]
+    interrupt = checkpoint.Interrupt()
+    callbacks = [progress, interrupt]
     if args.out:
         callbacks.append(lambda fit_state, record: train.write_metrics(args.out, fit_state.history))
+    if restored is not None:
+        train.write_metrics(args.out, restored.fit_state.history)  # epochs after the checkpoint are redone
+        if restored.meta.get("finished") and not args.quiet:
+            print(f"{args.out} already finished at epoch {restored.meta['epoch']}; not training further", file=stream)
     try:
-        result = train.run(config, callbacks=callbacks)
+        with interrupt:
+            if restored is not None:
+                result = checkpoint.resume(args.out, callbacks, restored=restored, checkpoint_every=args.checkpoint_every,
+                                           keep=args.keep)
+            else:
+                result = train.run(config, callbacks=callbacks, out=args.out, checkpoint_every=args.checkpoint_every,
+                                   keep=args.keep or 3)
+    except NonFiniteLossError as e:
+        last = checkpoint.latest(args.out) if args.out else None
+        where = f"last good checkpoint: {last}" if last else "no checkpoint was saved (use --out DIR --checkpoint-every N)"
+        raise CliError(f"{e}; {where}") from None
     finally:
         progress.close()
+    if interrupt.signum is not None and not checkpoint.history_finished(config, result.history):
+        epoch = result.history[-1]["epoch"] if result.history else 0
+        if args.out:
+            print(f"interrupted at epoch {epoch}; checkpoint in {checkpoint.latest(args.out)}; "
+                  f"resume with: jaxnet train --resume {args.out}", file=sys.stderr)
+        else:
+            print(f"interrupted at epoch {epoch}; nothing was saved (train with --out DIR to keep checkpoints)",
+                  file=sys.stderr)
+        return interrupt.exit_code
     if args.out:
         train.write_outputs(args.out, result)
     summary = result.summary

@@ -228,6 +228,8 @@ def fit(
     if validation is not None:
         xv, yv = _as_array("validation x", validation[0]), _as_array("validation y", validation[1])
     sign = 1.0 if monitor == "val_loss" else -1.0
+    if patience is not None and fit_state.best_epoch and fit_state.epoch - fit_state.best_epoch >= patience:
+        epochs = fit_state.epoch  # resuming a run that had stopped early: nothing left to do
 
     while fit_state.epoch < epochs:
         start = time.perf_counter()

@@ -47,6 +47,8 @@ class TrainConfig:
       val_split, test_split: held-out fractions, drawn deterministically from ``seed``.
       patience: early-stopping patience in epochs on validation loss (None: train all epochs).
       standardize: standardize features with the training split's mean and std.
+      skip_nonfinite: skip updates with non-finite gradients instead of stopping (counted in the
+        metrics as ``skipped``).
     """
 
     dataset: str | None = None
@@ -66,6 +68,7 @@ class TrainConfig:
     test_split: float = 0.2
     patience: int | None = None
     standardize: bool = True
+    skip_nonfinite: bool = False
 
     def __post_init__(self):
         validate(self)
@@ -265,8 +268,16 @@ def run(
     config: TrainConfig,
     callbacks: Sequence[Callable[[FitState, Record], bool | None]] = (),
     resume: FitState | None = None,
+    *,
+    out: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    keep: int | None = 3,
 ) -> RunResult:
     """Runs ``config``: loads data, builds the MLP, trains with :func:`jaxnet.fit`, tests once.
+
+    With ``out``, checkpoints go to ``out/checkpoints`` (see :mod:`jaxnet.checkpoint`): every
+    ``checkpoint_every`` epochs (if given) and after the last epoch, keeping the newest ``keep``.
+    ``resume`` continues a restored :class:`FitState` (:func:`jaxnet.checkpoint.restore`).
 
     Returns:
       A :class:`RunResult`; ``summary`` has the keys of ``jaxnet train --json``: dataset, epochs,
@@ -279,12 +290,21 @@ def run(
     optimizer = make_optimizer(config)
     init_key, shuffle_key = jax.random.split(jax.random.key(config.seed))
     train, val, test = problem.splits
+    saver = None
+    if out is not None:
+        from jaxnet import checkpoint
+
+        saver = checkpoint.Saver(out, config, meta, problem.standardizer, every=checkpoint_every, keep=keep,
+                                 start_epoch=resume.epoch if resume is not None else 0)
+        callbacks = [*callbacks, saver]
     state, history = fit(
         model, model.init(init_key), train.x, train.y,
         loss=problem.loss, optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
         key=shuffle_key, validation=(val.x, val.y) if val is not None else None, patience=config.patience,
-        callbacks=callbacks, resume=resume,
+        callbacks=callbacks, resume=resume, skip_nonfinite=config.skip_nonfinite,
     )
+    if saver is not None:
+        saver.finish()
     params = jax.tree.map(np.asarray, state.params)
     saved = io.SavedModel(meta, params, problem.standardizer.mean, problem.standardizer.std)
     test_metrics = make_eval_fn(model, problem.loss)(state.params, (test.x, test.y)) if test is not None else {}

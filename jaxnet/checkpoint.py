@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -156,6 +157,8 @@ class Saver:
             for child in directory.iterdir():
                 if child.name.isdigit() and int(child.name) > start_epoch:
                     child.rename(child.with_name(f"{child.name}.damaged"))
+                elif ".orbax-checkpoint-tmp" in child.name and child.is_dir():
+                    shutil.rmtree(child)  # a save killed midway: never finalized, never used
         self.manager = _manager(out, keep, create=True)
 
     def __call__(self, fit_state: FitState, record) -> None:
@@ -283,8 +286,9 @@ def _load(path: Path):
     return config, fit_state, dict(meta, norm=norm)
 
 
-def restore(out: str | os.PathLike) -> Restored:
-    """The newest usable checkpoint in run folder ``out``; damaged newer ones are skipped.
+def restore(out: str | os.PathLike, step: int | None = None) -> Restored:
+    """The newest usable checkpoint in run folder ``out`` (or the one of epoch ``step``); damaged
+    newer ones are skipped and listed in ``damaged``.
 
     Raises:
       ValueError: ``out`` has no checkpoints, or none of them is usable (the message says why).
@@ -295,6 +299,10 @@ def restore(out: str | os.PathLike) -> Restored:
     found = steps(out)
     if not found:
         raise ValueError(f"cannot resume: {out} has no checkpoints (give the --out folder of an earlier 'jaxnet train')")
+    if step is not None:
+        if step not in found:
+            raise ValueError(f"{out} has no checkpoint of epoch {step}: it has {', '.join(map(str, found))}")
+        found = [step]
     damaged = []
     for step in reversed(found):
         path = checkpoint_dir(out) / str(step)
@@ -353,7 +361,7 @@ class Interrupt:
     def _handle(self, signum, frame):
         self.signum = signum
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        print(f"\nstopping after this epoch ({signal.Signals(signum).name}; again to quit at once)",
+        print(f"stopping after this epoch ({signal.Signals(signum).name}; again to quit at once)",
               file=sys.stderr, flush=True)
 
     def __enter__(self) -> "Interrupt":

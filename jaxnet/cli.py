@@ -204,8 +204,9 @@ def _cmd_train(args) -> int:
                                    keep=args.keep or 3)
     except NonFiniteLossError as e:
         last = checkpoint.latest(args.out) if args.out else None
-        where = f"last good checkpoint: {last}" if last else "no checkpoint was saved (use --out DIR --checkpoint-every N)"
-        raise CliError(f"{e}; {where}") from None
+        hint = "--checkpoint-every N" if args.out else "--out DIR --checkpoint-every N"
+        where = f"last good checkpoint: {last}" if last else f"no checkpoint was saved (use {hint})"
+        raise CliError(f"{str(e).replace('(skip_nonfinite)', '(--skip-nonfinite)')}; {where}") from None
     finally:
         progress.close()
     if interrupt.signum is not None and not checkpoint.history_finished(config, result.history):

@@ -156,15 +156,24 @@ class Saver:
         if directory.is_dir():
             for child in directory.iterdir():
                 if child.name.isdigit() and int(child.name) > start_epoch:
-                    child.rename(child.with_name(f"{child.name}.damaged"))
+                    aside, n = child.with_name(f"{child.name}.damaged"), 1
+                    while aside.exists():
+                        aside, n = child.with_name(f"{child.name}.damaged-{n}"), n + 1
+                    child.rename(aside)
                 elif ".orbax-checkpoint-tmp" in child.name and child.is_dir():
                     shutil.rmtree(child)  # a save killed midway: never finalized, never used
-        self.manager = _manager(out, keep, create=True)
+        self._manager = None  # created at the first save: a run that fails early leaves nothing
 
     def __call__(self, fit_state: FitState, record) -> None:
         self.last = fit_state
         if self.every is not None and fit_state.epoch % self.every == 0:
             self.save(fit_state)
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            self._manager = _manager(self.out, self.keep, create=True)
+        return self._manager
 
     def save(self, fit_state: FitState) -> Path:
         """Writes the checkpoint of ``fit_state`` (synchronously) and returns its folder."""
@@ -198,7 +207,8 @@ class Saver:
         """Saves the last epoch seen unless it is already saved; returns the newest checkpoint."""
         if self.last is not None and self.last.epoch != self.saved_epoch:
             self.save(self.last)
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.close()
         return latest(self.out)
 
 
@@ -273,7 +283,7 @@ def _load(path: Path):
     except ValueError:
         raise
     except Exception as e:  # orbax/tensorstore/json errors of every kind mean: unreadable
-        raise ValueError(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        raise ValueError(f"{type(e).__name__}: {e}") from None
     finally:
         manager.close()
     tree = jax.tree.unflatten(treedef, [arrays[k] for k in named])
@@ -309,7 +319,8 @@ def restore(out: str | os.PathLike, step: int | None = None) -> Restored:
         try:
             config, fit_state, meta = _load(path)
         except ValueError as e:
-            damaged.append((path, str(e)))
+            reason = " ".join(str(e).split())
+            damaged.append((path, reason if len(reason) <= 160 else reason[:157] + "..."))
             continue
         return Restored(config, fit_state, meta, path, damaged)
     reasons = "; ".join(f"checkpoint {p.name}: {r}" for p, r in damaged)
@@ -411,3 +422,20 @@ def history_finished(config, history) -> bool:
         if "val_loss" in record and (best == 0 or record["val_loss"] < history[best - 1]["val_loss"]):
             best = record["epoch"]
     return finished(config, len(history), best)
+
+
+def quiet_failed_reads() -> None:
+    """Silences the "Event loop is closed" tracebacks that orbax's I/O threads print when a read of
+    a damaged checkpoint fails (the failure itself is reported by :func:`restore`). For command-line
+    use: it replaces ``sys.unraisablehook`` for the rest of the process."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+            return
+        if isinstance(getattr(error, "__cause__", None), RuntimeError) and "Event loop is closed" in str(error.__cause__):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook

@@ -174,6 +174,7 @@ def _cmd_train(args) -> int:
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise CliError("--resume DIR writes on into DIR: drop --out")
         args.out = args.resume
+        checkpoint.quiet_failed_reads()
         restored = checkpoint.restore(args.resume)
         for path, reason in restored.damaged:
             print(f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}", file=sys.stderr)

@@ -298,7 +298,7 @@ def run(
                                  start_epoch=resume.epoch if resume is not None else 0)
         callbacks = [*callbacks, saver]
     state, history = fit(
-        model, model.init(init_key), train.x, train.y,
+        model, model.init(init_key) if resume is None else resume.train.params, train.x, train.y,
         loss=problem.loss, optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
         key=shuffle_key, validation=(val.x, val.y) if val is not None else None, patience=config.patience,
         callbacks=callbacks, resume=resume, skip_nonfinite=config.skip_nonfinite,

@@ -20,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnet import checkpoint, io, train
+from jaxnet import checkpoint, cli, io, train
+
+ORBAX_AT_IMPORT = any(name.split(".")[0] == "orbax" for name in sys.modules)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--dataset", "moons", "--hidden", "4", "--epochs", "16", "--batch-size", "64"]
@@ -52,7 +54,7 @@ def jaxnet(*args, timeout=120):
 
 
 def start(*args):
-    return subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
 
 
 def tmp_dirs(out):
@@ -90,115 +92,50 @@ def metrics(out):
 
 
 def fault_chain(root):
-    """One run killed with SIGKILL five times (three during saves), then Ctrl-C, then finished."""
+    """One run killed with SIGKILL five times: three times during a save, twice at a random moment
+    of start-up, restore or training; resumed after each kill and finally run to the end."""
     out = root / "faulty"
     rng = random.Random()
     log = []
     proc = start("train", *RUN, "--checkpoint-every", "1", "--out", out)
     for i in range(5):
-        during = i % 2 == 0
-        code, stderr, mid = interrupt(proc, out, signal.SIGKILL, during_save=during, delay=0 if during else rng.uniform(0, 0.3))
+        if i % 2 == 0:
+            code, stderr, mid = interrupt(proc, out, signal.SIGKILL, during_save=True)
+        else:
+            time.sleep(rng.uniform(1.0, 3.0))
+            proc.kill()
+            code, stderr, mid = proc.wait(), proc.communicate()[1], False
         log.append((code, mid, stderr[-300:]))
-        proc = start("train", "--resume", out)
-    code, stderr, _ = interrupt(proc, out, signal.SIGINT)
-    log.append((code, False, stderr))
-    final = jaxnet("train", "--resume", out, "--json")
-    return out, log, final
+        proc = start("train", "--resume", out, *(["--json"] if i == 4 else []))
+    stdout, stderr = proc.communicate()
+    return out, log, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def other_chain(root):
     r = {}
     r["baseline"] = jaxnet("train", *RUN, "--out", root / "baseline", "--json")
-    r["no_orbax"] = subprocess.run(
-        [sys.executable, "-c", "import sys, jaxnet, jaxnet.cli, jaxnet.train; print('orbax' in ' '.join(sys.modules))"],
-        capture_output=True, text=True, env=env())
-    term = root / "term"
-    proc = start("train", *RUN, "--epochs", "200", "--checkpoint-every", "2", "--out", term)
-    r["sigterm"] = interrupt(proc, term, signal.SIGTERM)
-    r["conflict"] = jaxnet("train", "--resume", term, "--hidden", "8")
-    x = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
-    np.savez(root / "linear.npz", x=x, y=x @ np.array([1.0, -1.0], np.float32))
-    # Plain gradient descent on a quadratic with a step size past stability: the error grows by
-    # a constant factor per step until it overflows, several epochs in.
-    blowup = ["--data", root / "linear.npz", "--hidden", "", "--optimizer", "sgd", "--lr", "3", "--batch-size", "64",
-              "--epochs", "40", "--checkpoint-every", "1"]
-    r["nonfinite"] = jaxnet("train", *blowup, "--out", root / "nonfinite")
-    r["skip"] = jaxnet("train", *blowup, "--epochs", "14", "--skip-nonfinite", "--out", root / "skip", "--json")
+    stopped = root / "sigint"
+    proc = start("train", *RUN, "--checkpoint-every", "2", "--out", stopped)
+    r["sigint"] = interrupt(proc, stopped, signal.SIGINT)
+    r["sigint_steps"] = checkpoint.steps(stopped)
+    r["sigint_resumed"] = jaxnet("train", "--resume", stopped)
     return r
 
 
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def background(compilation_cache, tmp_path_factory):
+    """Starts the two subprocess chains at once; the in-process tests run meanwhile."""
     root = tmp_path_factory.mktemp("jobs")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        fault = pool.submit(fault_chain, root)
-        other = pool.submit(other_chain, root)
-        return root, fault.result(), other.result()
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = pool.submit(fault_chain, root), pool.submit(other_chain, root)
+    yield root, futures
+    pool.shutdown(wait=True)
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(jobs):
-    root, (out, log, final), other = jobs
-    assert other["baseline"].returncode == 0, other["baseline"].stderr
-    kills = [entry for entry in log[:5] if entry[0] == -signal.SIGKILL]
-    assert len(kills) == 5, log
-    assert any(mid for _, mid, _ in kills), f"no kill landed during a save: {log}"
-    assert final.returncode == 0, final.stderr
-    assert params_bytes(out) == params_bytes(root / "baseline")
-    assert metrics(out) == metrics(root / "baseline")
-    assert json.loads(final.stdout)["epochs"] == json.loads(other["baseline"].stdout)["epochs"] == 16
-
-
-def test_sigint_stops_at_epoch_boundary_with_a_checkpoint_and_resume_hint(jobs):
-    root, (out, log, final), _ = jobs
-    code, _, stderr = log[5]
-    assert code == 130, stderr
-    match = re.search(r"interrupted at epoch (\d+); checkpoint in (\S+); resume with: jaxnet train --resume (\S+)", stderr)
-    assert match, stderr
-    assert match.group(3) == str(out) and match.group(2).endswith(f"checkpoints/{match.group(1)}")
-    # the resumed result equals the uninterrupted run (previous test); the run trained on from there
-    assert [r["epoch"] for r in metrics(out)] == list(range(1, 17))
-
-
-def test_sigterm_exits_143_and_conflicting_resume_is_refused(jobs):
-    root, _, other = jobs
-    code, stderr, _ = other["sigterm"]
-    assert code == 143, stderr
-    epoch = int(re.search(r"interrupted at epoch (\d+)", stderr).group(1))
-    assert checkpoint.steps(root / "term")[-1] == epoch
-    conflict = other["conflict"]
-    assert conflict.returncode == 2
-    assert conflict.stderr.strip().count("\n") == 0 and "--hidden 8 conflicts with the checkpoint's 4" in conflict.stderr
-
-
-def test_orbax_is_not_imported_without_checkpoints(jobs):
-    assert jobs[2]["no_orbax"].stdout.strip() == "False", jobs[2]["no_orbax"].stderr
-
-
-def test_nonfinite_loss_stops_cleanly_naming_epoch_step_and_intact_checkpoint(jobs):
-    root, _, other = jobs
-    result = other["nonfinite"]
-    assert result.returncode == 2
-    line = result.stderr.strip()
-    assert "\n" not in line and "Traceback" not in line, line
-    match = re.search(r"non-finite at epoch (\d+), step (\d+).*last good checkpoint: (\S+)$", line)
-    assert match, line
-    epoch, step, path = int(match.group(1)), int(match.group(2)), Path(match.group(3))
-    assert path.name == str(epoch - 1)
-    restored = checkpoint.restore(root / "nonfinite")
-    per_epoch = restored.fit_state.history[0]["steps"]
-    assert epoch >= 2 and (epoch - 1) * per_epoch < step <= epoch * per_epoch
-    assert restored.path == path and restored.fit_state.epoch == epoch - 1 and not restored.damaged
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.fit_state.train.params))
-
-
-def test_skip_nonfinite_trains_on_and_counts_skips(jobs):
-    root, _, other = jobs
-    result = other["skip"]
-    assert result.returncode == 0, result.stderr
-    records = metrics(root / "skip")
-    assert len(records) == 14 and all("skipped" in r for r in records)
-    assert sum(r["skipped"] for r in records) > 0
-    assert checkpoint.restore(root / "skip").config.skip_nonfinite is True
+@pytest.fixture(scope="module")
+def jobs(background):
+    root, (fault, other) = background
+    return root, fault.result(), other.result()
 
 
 # ---- in-process API tests -------------------------------------------------------------------
@@ -240,13 +177,6 @@ def test_resume_from_an_older_checkpoint_is_bitwise_identical(saved, tmp_path):
         assert a.tobytes() == b.tobytes()
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in result.history]
     assert resumed.summary["test_accuracy"] == result.summary["test_accuracy"]
-
-
-def test_two_identical_runs_give_identical_bytes(saved):
-    out, config, result = saved
-    again = train.run(config)
-    assert [a.tobytes() for a in jax.tree.leaves(again.model.params)] == [
-        a.tobytes() for a in jax.tree.leaves(result.model.params)]
 
 
 def _files(path):
@@ -315,3 +245,116 @@ def test_check_overrides_names_the_conflicting_option(saved):
         checkpoint.check_overrides(config, batch_size=32)
     with pytest.raises(ValueError, match="--dataset xor conflicts"):
         checkpoint.check_overrides(config, dataset="xor")
+
+
+def blowup_args(root):
+    x = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
+    np.savez(root / "linear.npz", x=x, y=x @ np.array([1.0, -1.0], np.float32))
+    # Plain gradient descent on a quadratic with a step size past stability: the error grows by
+    # a constant factor per step until it overflows, several epochs in.
+    return ["--data", str(root / "linear.npz"), "--hidden", "", "--optimizer", "sgd", "--lr", "3",
+            "--batch-size", "64", "--quiet"]
+
+
+def test_nonfinite_loss_stops_cleanly_naming_epoch_step_and_intact_checkpoint(tmp_path, capsys):
+    code = cli.main(["train", *blowup_args(tmp_path), "--epochs", "40", "--checkpoint-every", "1", "--out",
+                     str(tmp_path / "run")])
+    line = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in line and "Traceback" not in line, line
+    match = re.search(r"non-finite at epoch (\d+), step (\d+).*--skip-nonfinite.*last good checkpoint: (\S+)$", line)
+    assert match, line
+    epoch, step, path = int(match.group(1)), int(match.group(2)), Path(match.group(3))
+    assert path.name == str(epoch - 1)
+    restored = checkpoint.restore(tmp_path / "run")
+    per_epoch = restored.fit_state.history[0]["steps"]
+    assert epoch >= 2 and (epoch - 1) * per_epoch < step <= epoch * per_epoch
+    assert restored.path == path and restored.fit_state.epoch == epoch - 1 and not restored.damaged
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.fit_state.train.params))
+
+
+def test_skip_nonfinite_trains_on_and_counts_skips(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *blowup_args(tmp_path), "--epochs", "14", "--skip-nonfinite", "--out", str(out)]) == 0
+    records = metrics(out)
+    assert len(records) == 14 and all("skipped" in r for r in records)
+    assert sum(r["skipped"] for r in records) > 0
+    assert checkpoint.restore(out).config.skip_nonfinite is True
+
+
+def test_cli_resume_refuses_conflicts_and_reports_a_finished_run(saved, capsys):
+    out, config, result = saved
+    assert cli.main(["train", "--resume", str(out), "--hidden", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--hidden 8 conflicts with the checkpoint's 4" in err
+    assert cli.main(["train", "--checkpoint-every", "2", "--dataset", "xor"]) == 2
+    assert "--checkpoint-every N needs --out DIR" in capsys.readouterr().err
+    before = checkpoint.steps(out)
+    assert cli.main(["train", "--resume", str(out), "--dataset", "moons", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "already finished at epoch 4" in captured.err
+    summary = json.loads(captured.out)
+    assert summary["epochs"] == 4 and summary["test_accuracy"] == result.summary["test_accuracy"]
+    assert checkpoint.steps(out) == before
+
+
+def test_cli_resume_of_damaged_or_missing_checkpoints_is_one_line(saved, tmp_path, capsys):
+    out, _, _ = saved
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for step in checkpoint.steps(copy):
+        empty(checkpoint.checkpoint_dir(copy) / str(step))
+    for target in (copy, tmp_path / "nope", tmp_path):
+        assert cli.main(["train", "--resume", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jaxnet: error: cannot resume") and "\n" not in err, err
+
+
+# ---- subprocesses ------------------------------------------------------------------------
+
+def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(jobs):
+    """Also the determinism test: three runs of one seed and config (uninterrupted, killed five
+    times, stopped by Ctrl-C) end with the same bytes of parameters."""
+    root, (out, log, final), other = jobs
+    assert other["baseline"].returncode == 0, other["baseline"].stderr
+    assert [code for code, _, _ in log] == [-signal.SIGKILL] * 5, log
+    assert any(mid for _, mid, _ in log), f"no kill landed during a save: {log}"
+    assert final.returncode == 0, final.stderr
+    assert params_bytes(out) == params_bytes(root / "baseline")
+    assert metrics(out) == metrics(root / "baseline")
+    assert json.loads(final.stdout)["epochs"] == json.loads(other["baseline"].stdout)["epochs"] == 16
+    assert checkpoint.steps(out) == [14, 15, 16] and not tmp_dirs(out)
+
+
+def test_sigint_stops_at_epoch_boundary_with_a_checkpoint_that_resumes_to_the_same_result(jobs):
+    root, _, other = jobs
+    code, stderr, _ = other["sigint"]
+    assert code == 130, stderr
+    match = re.search(r"interrupted at epoch (\d+); checkpoint in (\S+); resume with: jaxnet train --resume (\S+)", stderr)
+    assert match, stderr
+    epoch = int(match.group(1))
+    assert match.group(3) == str(root / "sigint") and match.group(2).endswith(f"checkpoints/{epoch}")
+    assert other["sigint_steps"][-1] == epoch and epoch < 16
+    assert other["sigint_resumed"].returncode == 0, other["sigint_resumed"].stderr
+    assert params_bytes(root / "sigint") == params_bytes(root / "baseline")
+    assert metrics(root / "sigint") == metrics(root / "baseline")
+
+
+def test_orbax_is_not_imported_without_checkpoints():
+    assert not ORBAX_AT_IMPORT
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_at_the_next_boundary_and_a_second_signal_acts_at_once(signum):
+    previous = signal.getsignal(signum)
+    with checkpoint.Interrupt() as stop:
+        assert not stop(None, None)
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+        assert stop(None, None) and stop.exit_code == 128 + signum
+        if signum == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signum)
+                time.sleep(0.5)
+        else:
+            assert signal.getsignal(signum) == signal.SIG_DFL
+    assert signal.getsignal(signum) == previous

@@ -410,6 +410,12 @@ def resume(out: str | os.PathLike, callbacks=(), *, restored: Restored | None = 
     from jaxnet import train as trainlib
 
     restored = restored if restored is not None else restore(out)
+    problem = trainlib.load_problem(restored.config)
+    for name, now, then in zip(("mean", "std"), problem.standardizer, restored.meta["norm"]):
+        if not np.array_equal(np.asarray(now, np.float32), then):
+            raise ValueError(
+                f"cannot resume: the data of {out} changed since the checkpoint (its standardization {name} differs)"
+            )
     every = checkpoint_every if checkpoint_every is not None else restored.meta.get("checkpoint_every")
     keep = keep if keep is not None else restored.meta.get("keep")
     return trainlib.run(restored.config, callbacks, restored.fit_state, out=out, checkpoint_every=every, keep=keep)

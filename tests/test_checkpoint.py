@@ -309,6 +309,17 @@ def test_cli_resume_of_damaged_or_missing_checkpoints_is_one_line(saved, tmp_pat
         assert err.startswith("jaxnet: error: cannot resume") and "\n" not in err, err
 
 
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, y=(x[:, 0] > 0).astype(np.int32))
+    config = train.make_config(data=str(tmp_path / "data.npz"), hidden=(2,), epochs=1, batch_size=8)
+    train.run(config, out=tmp_path / "run")
+    np.savez(tmp_path / "data.npz", x=x * 2, y=(x[:, 0] > 0).astype(np.int32))
+    with pytest.raises(ValueError, match="data of .* changed since the checkpoint"):
+        checkpoint.resume(tmp_path / "run")
+
+
 # ---- subprocesses ------------------------------------------------------------------------
 
 def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(jobs):

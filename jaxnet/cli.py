@@ -190,6 +190,8 @@ def _add_train(sub) -> None:
     m.add_argument("--batch-size", type=positive_int)
     m.add_argument("--seed", type=nonnegative_int, help="seed of every random draw (default 0)")
     m.add_argument("--patience", type=positive_int, help="early stopping after N epochs without improvement")
+    m.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip updates with non-finite gradients instead of stopping")
     m.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype; bfloat16: mixed precision, float32 master params (default float32)")
     d = p.add_argument_group("devices and processes (see docs/distributed.md)")
@@ -199,6 +201,9 @@ def _add_train(sub) -> None:
     d.add_argument("--process-id", type=nonnegative_int, metavar="I", help="multi-process run: this process")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="write model.npz, metrics.jsonl and curves.png here")
+    o.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="checkpoint every N epochs into DIR/checkpoints")
+    o.add_argument("--keep", type=positive_int, metavar="K", help="keep the newest K checkpoints (default 3)")
+    o.add_argument("--resume", metavar="DIR", help="continue the run in DIR (an earlier --out) from its newest checkpoint")
     o.add_argument("--quiet", action="store_true", help="print nothing but errors (and --json)")
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures")
     p.set_defaults(run=_cmd_train)
@@ -230,39 +235,88 @@ def _stdout_to_stderr(active: bool):
 def _cmd_train(args) -> int:
     import json
 
-    from jaxnet import parallel, sweep, train
+    from jaxnet import checkpoint, parallel, sweep, train
+    from jaxnet.loop import NonFiniteLossError
 
     # Before any other JAX use: joining a multi-process run must precede backend start-up.
     distributed = parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = parallel.make_data_mesh(args.devices) if args.devices or distributed else None
     json_stdout = args.json
-    if not parallel.is_primary():  # only process 0 prints progress and writes files
-        args.quiet, args.json, args.out = True, False, None
+    primary = parallel.is_primary()
+    if not primary:  # only process 0 prints progress and writes files; all take part in checkpoints
+        args.quiet, args.json = True, False
     (lr, lrs), (weight_decay, weight_decays) = _grid(args.lr), _grid(args.weight_decay)
-    config = train.make_config(
+    given = dict(
         dataset=args.dataset, data=args.data, target=args.target, hidden=args.hidden,
         activation=args.activation, loss=args.loss, optimizer=args.optimizer, lr=lr,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val_split=args.val_split,
         test_split=args.test_split, patience=args.patience, dtype=args.dtype, weight_decay=weight_decay,
         seeds=args.seeds, lrs=lrs, weight_decays=weight_decays, ensemble=args.ensemble or None,
+        skip_nonfinite=args.skip_nonfinite or None,
     )
+    restored = None
+    if args.resume:
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise CliError("--resume DIR writes on into DIR: drop --out")
+        args.out = args.resume
+        checkpoint.quiet_failed_reads()
+        restored = checkpoint.restore(args.resume)
+        for path, reason in restored.damaged:
+            if primary:
+                print(f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}",
+                      file=sys.stderr)
+        checkpoint.check_overrides(restored.config, **given)
+        config = restored.config
+    else:
+        for flag, value in (("--checkpoint-every N", args.checkpoint_every), ("--keep K", args.keep)):
+            if value is not None and not args.out:
+                raise CliError(f"{flag} needs --out DIR")
+        config = train.make_config(**given)
     if sweep.is_member_run(config):
         if mesh is not None:
             raise CliError("member runs (--seeds, lists of --lr or --weight-decay) train on one device: "
                            "drop --devices and the multi-process options")
+        if args.checkpoint_every or args.keep:
+            raise CliError("member runs (--seeds, lists of --lr or --weight-decay) are not checkpointed: "
+                           "drop --checkpoint-every and --keep")
         return _cmd_train_members(args, config)
+    writes = args.out if primary else None  # metrics, plots and the model: process 0 only
     stream = sys.stderr if args.json else sys.stdout
     progress = Progress(config.epochs, stream, args.quiet)
-    callbacks = [progress]
-    if args.out:
-        callbacks.append(lambda fit_state, record: train.write_metrics(args.out, fit_state.history))
+    interrupt = checkpoint.Interrupt()
+    callbacks = [progress, interrupt]
+    if writes:
+        callbacks.append(lambda fit_state, record: train.write_metrics(writes, fit_state.history))
+    if restored is not None and writes:
+        train.write_metrics(writes, restored.fit_state.history)  # epochs after the checkpoint are redone
+        if restored.meta.get("finished") and not args.quiet:
+            print(f"{args.out} already finished at epoch {restored.meta['epoch']}; not training further", file=stream)
     try:
-        with _stdout_to_stderr(json_stdout):
-            result = train.run(config, callbacks=callbacks, mesh=mesh)
+        with interrupt, _stdout_to_stderr(json_stdout):
+            if restored is not None:
+                result = checkpoint.resume(args.out, callbacks, restored=restored,
+                                           checkpoint_every=args.checkpoint_every, keep=args.keep, mesh=mesh)
+            else:
+                result = train.run(config, callbacks=callbacks, mesh=mesh, out=args.out,
+                                   checkpoint_every=args.checkpoint_every, keep=args.keep or 3)
+    except NonFiniteLossError as e:
+        last = checkpoint.latest(args.out) if args.out else None
+        hint = "--checkpoint-every N" if args.out else "--out DIR --checkpoint-every N"
+        where = f"last good checkpoint: {last}" if last else f"no checkpoint was saved (use {hint})"
+        raise CliError(f"{str(e).replace('(skip_nonfinite)', '(--skip-nonfinite)')}; {where}") from None
     finally:
         progress.close()
-    if args.out:
-        train.write_outputs(args.out, result)
+    if interrupt.signum is not None and not checkpoint.history_finished(config, result.history):
+        epoch = result.history[-1]["epoch"] if result.history else 0
+        if primary and args.out:
+            print(f"interrupted at epoch {epoch}; checkpoint in {checkpoint.latest(args.out)}; "
+                  f"resume with: jaxnet train --resume {args.out}", file=sys.stderr)
+        elif primary:
+            print(f"interrupted at epoch {epoch}; nothing was saved (train with --out DIR to keep checkpoints)",
+                  file=sys.stderr)
+        return interrupt.exit_code
+    if writes:
+        train.write_outputs(writes, result)
     summary = result.summary
     if args.json:
         print(json.dumps(summary))
@@ -308,8 +362,8 @@ def _cmd_train_members(args, config) -> int:
         io.write_jsonl(Path(args.out) / "metrics.jsonl", sweep.member_records(fit_state.history, grid))
 
     result = train.run(config, callbacks=[progress] + ([write_metrics] if args.out else []))
-    if args.out:
-        train.write_outputs(args.out, result)
+    if writes:
+        train.write_outputs(writes, result)
     summary = result.summary
     if not args.quiet:
         print(sweep.format_members(summary), file=stream, flush=True)

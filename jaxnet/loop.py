@@ -74,9 +74,8 @@ def epoch_batches(
     if total <= num_examples:
         index = perm[:total]
         weight = jnp.ones((total,), jnp.float32)
-    else:
-        pad = total - num_examples
-        index = jnp.concatenate([perm, perm[:pad]])
+    else:  # pad by repeating the order (cyclically, also when one batch exceeds the data)
+        index = perm[jnp.arange(total) % num_examples]
         weight = (jnp.arange(total) < num_examples).astype(jnp.float32)
     return index.reshape(nb, batch_size), weight.reshape(nb, batch_size)
 
@@ -297,6 +296,8 @@ def fit(
     if validation is not None:
         xv, yv = place((_as_array("validation x", validation[0]), _as_array("validation y", validation[1])))
     sign = 1.0 if monitor == "val_loss" else -1.0
+    if patience is not None and fit_state.best_epoch and fit_state.epoch - fit_state.best_epoch >= patience:
+        epochs = fit_state.epoch  # resuming a run that had stopped early: nothing left to do
 
     while fit_state.epoch < epochs:
         start = time.perf_counter()

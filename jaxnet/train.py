@@ -54,6 +54,8 @@ class TrainConfig:
         ``seed ... seed + seeds - 1`` times each learning rate in ``lrs`` (empty: ``lr``) times each
         weight decay in ``weight_decays`` (adamw; empty: ``weight_decay``).
       ensemble: with members, save them all (predictions average them) instead of the best one.
+      skip_nonfinite: skip updates with non-finite gradients instead of stopping (counted in the
+        metrics as ``skipped``).
     """
 
     dataset: str | None = None
@@ -78,6 +80,7 @@ class TrainConfig:
     lrs: tuple[float, ...] = ()
     weight_decays: tuple[float, ...] = ()
     ensemble: bool = False
+    skip_nonfinite: bool = False
 
     def __post_init__(self):
         validate(self)
@@ -302,11 +305,19 @@ def run(
     callbacks: Sequence[Callable[[FitState, Record], bool | None]] = (),
     resume: FitState | None = None,
     mesh=None,
+    *,
+    out: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    keep: int | None = 3,
 ) -> RunResult:
     """Runs ``config``: loads data, builds the MLP, trains with :func:`jaxnet.fit`, tests once.
 
     With a ``mesh`` (:func:`jaxnet.make_data_mesh`) training is data parallel over its devices; in
     a multi-process run each process trains on its own share of the training rows.
+    With ``out``, checkpoints go to ``out/checkpoints`` (see :mod:`jaxnet.checkpoint`): every
+    ``checkpoint_every`` epochs (if given) and after the last epoch, keeping the newest ``keep``;
+    in a multi-process run every process passes the same (shared) ``out`` and orbax coordinates.
+    ``resume`` continues a restored :class:`FitState` (:func:`jaxnet.checkpoint.restore`).
 
     Returns:
       A :class:`RunResult`; ``summary`` has the keys of ``jaxnet train --json``: dataset, epochs,
@@ -331,13 +342,22 @@ def run(
 
         rows = process_rows(len(x))
         x, y = global_rows(x[rows], mesh), global_rows(y[rows], mesh)
+    saver = None
+    if out is not None:
+        from jaxnet import checkpoint
+
+        saver = checkpoint.Saver(out, config, meta, problem.standardizer, every=checkpoint_every, keep=keep,
+                                 start_epoch=resume.epoch if resume is not None else 0)
+        callbacks = [*callbacks, saver]
     state, history = fit(
-        model, model.init(init_key), x, y,
+        model, model.init(init_key) if resume is None else resume.train.params, x, y,
         loss=problem.loss, optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
         key=shuffle_key, validation=(val.x, val.y) if val is not None else None, patience=config.patience,
-        callbacks=callbacks, resume=resume, mesh=mesh,
+        callbacks=callbacks, resume=resume, mesh=mesh, skip_nonfinite=config.skip_nonfinite,
         compute_dtype=None if config.dtype == "float32" else jnp.dtype(config.dtype),
     )
+    if saver is not None:
+        saver.finish()
     params = jax.tree.map(np.asarray, state.params)
     saved = io.SavedModel(meta, params, problem.standardizer.mean, problem.standardizer.std)
     test_metrics = make_eval_fn(model, problem.loss)(params, (test.x, test.y)) if test is not None else {}

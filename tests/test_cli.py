@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_results):
 
 def test_train_predict_evaluate_agree(files, tmp_path):
     model = files["model"]
-    assert {p.name for p in model.iterdir()} == {"model.npz", "metrics.jsonl", "curves.png"}
+    assert {p.name for p in model.iterdir()} == {"model.npz", "metrics.jsonl", "curves.png", "checkpoints"}
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     predicted = jaxnet("predict", "--model", model, "--data", files["good"])

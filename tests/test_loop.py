@@ -56,6 +56,9 @@ def test_epoch_batches_cover_every_example_once_and_mask_padding(key):
     real = np.asarray(index)[np.asarray(weight) > 0]
     assert sorted(real.tolist()) == list(range(10))
     assert np.asarray(weight).sum() == 10
+    index, weight = jn.epoch_batches(key, 3, 8)  # one batch larger than twice the data
+    assert index.shape == (1, 8) and np.asarray(weight).sum() == 3
+    assert sorted(np.asarray(index)[0, :3].tolist()) == [0, 1, 2]
     index, weight = jn.epoch_batches(key, 10, 4, drop_remainder=True)
     assert index.shape == (2, 4) and len(set(np.asarray(index).ravel().tolist())) == 8
 

@@ -260,7 +260,8 @@ def _cmd_train(args) -> int:
             raise CliError("--resume DIR writes on into DIR: drop --out")
         args.out = args.resume
         checkpoint.quiet_failed_reads()
-        restored = checkpoint.restore(args.resume)
+        with _stdout_to_stderr(json_stdout):  # orbax may sync the processes here
+            restored = checkpoint.restore(args.resume)
         for path, reason in restored.damaged:
             if primary:
                 print(f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}",

@@ -363,8 +363,8 @@ def _cmd_train_members(args, config) -> int:
         io.write_jsonl(Path(args.out) / "metrics.jsonl", sweep.member_records(fit_state.history, grid))
 
     result = train.run(config, callbacks=[progress] + ([write_metrics] if args.out else []))
-    if writes:
-        train.write_outputs(writes, result)
+    if args.out:
+        train.write_outputs(args.out, result)
     summary = result.summary
     if not args.quiet:
         print(sweep.format_members(summary), file=stream, flush=True)

@@ -11,8 +11,9 @@ from jaxnet import (
     per_example_grad_norms, per_example_grads,
 )
 
-# float32 sums of a handful of terms: differences are rounding, far below the gradients' size (~0.1-1).
-ATOL, RTOL = 1e-6, 1e-5
+# float32 sums of a handful of terms: differences are rounding (seen up to a few 1e-6 between compiled
+# programs), far below the size of the gradients (~0.1-1) and of any real error.
+ATOL, RTOL = 1e-5, 1e-4
 
 NET = mlp([3, 5, 4])
 

@@ -59,28 +59,32 @@ def files(tmp_path_factory):
 
 BAD = {
     "missing file": (["train", "--data", "{d}/nope.csv", "--target", "label"], "not found"),
-    "unreadable file": (["train", "--data", "{baddir}.csv", "--target", "label"], "not found"),
     "directory as file": (["train", "--data", "{baddir}", "--target", "label"], "unsupported data file"),
     "non-numeric cell": (["train", "--data", "{text}", "--target", "label"], "line 3, column 'b'.*non-numeric"),
     "ragged row": (["train", "--data", "{ragged}", "--target", "label"], "line 3: ragged row"),
     "nan": (["train", "--data", "{nan}", "--target", "label"], "line 3, column 'b'.*not finite"),
-    "inf": (["train", "--data", "{inf}", "--target", "label"], "line 2, column 'b'.*not finite"),
     "missing target": (["train", "--data", "{good}", "--target", "y"], "target column 'y' not found.*a, b, c, label"),
     "labels out of range": (["train", "--data", "{good}", "--target", "label", "--loss", "bce"], "labels out of range"),
     "empty dataset": (["train", "--data", "{empty}", "--target", "label"], "empty dataset"),
     "batch size 0": (["train", "--batch-size", "0"], "--batch-size.*positive integer"),
-    "negative batch": (["train", "--batch-size", "-4"], "--batch-size.*positive integer"),
     "lr 0": (["train", "--lr", "0"], "--lr.*greater than 0"),
+    "feature mismatch csv": (["predict", "--model", "{model}", "--data", "{other}"], "lacks the model's feature columns"),
+    "not a model": (["predict", "--model", "{baddir}", "--data", "{good}"], "not a jaxnet model"),
+    "evaluate label range": (["evaluate", "--model", "{model}", "--data", "{range}"], "labels out of range.*found 7"),
+}
+
+# The same checks in-process (cli.main): the same code path, without a Python start-up each.
+BAD_IN_PROCESS = {
+    "unreadable file": (["train", "--data", "{baddir}.csv", "--target", "label"], "not found"),
+    "inf": (["train", "--data", "{inf}", "--target", "label"], "line 2, column 'b'.*not finite"),
+    "negative batch": (["train", "--batch-size", "-4"], "--batch-size.*positive integer"),
     "lr nan": (["train", "--lr", "nan"], "--lr.*not a finite number"),
     "lr text": (["train", "--lr", "fast"], "--lr.*not a number"),
     "bad hidden": (["train", "--hidden", "64,0"], "--hidden.*positive integers"),
     "unknown activation": (["train", "--activation", "swish2"], "unknown activation 'swish2'"),
     "unknown loss": (["train", "--loss", "hinge"], "unknown loss 'hinge'"),
     "unknown dataset": (["train", "--dataset", "mnist"], "unknown dataset 'mnist'"),
-    "feature mismatch csv": (["predict", "--model", "{model}", "--data", "{other}"], "lacks the model's feature columns"),
     "feature mismatch npz": (["predict", "--model", "{model}", "--data", "{wide}"], "7 features but the model expects 3"),
-    "not a model": (["predict", "--model", "{baddir}", "--data", "{good}"], "not a jaxnet model"),
-    "evaluate label range": (["evaluate", "--model", "{model}", "--data", "{range}"], "labels out of range.*found 7"),
     "evaluate without targets": (["evaluate", "--model", "{model}", "--data", "{other}"], "lacks the model's feature"),
 }
 
@@ -110,6 +114,24 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_results):
     assert len(lines) == 1 and lines[0].startswith("jaxnet: error: "), result.stderr
     assert "Traceback" not in result.stderr
     assert re.search(BAD[case][1], lines[0]), lines[0]
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IN_PROCESS))
+def test_bad_input_in_process_is_one_line_exit_2_and_writes_nothing(case, files, tmp_path, capsys):
+    import re
+
+    from jaxnet.cli import main
+
+    names = {k: str(v) for k, v in files.items()} | {"d": str(files["good"].parent)}
+    args, pattern = BAD_IN_PROCESS[case]
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if args[0] == "train" else []
+    assert main([a.format(**names) for a in args] + extra) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxnet: error: "), captured.err
+    assert re.search(pattern, lines[0]), lines[0]
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 

@@ -6,19 +6,21 @@ import pytest
 
 from jaxnet.shuffle import index_permutation
 
+permutation = jax.jit(index_permutation, static_argnums=1)
 
-@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 1000, 4097])
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 4097])
 def test_is_a_permutation(n):
     for seed in range(3):
-        order = np.asarray(index_permutation(jax.random.key(seed), n))
+        order = np.asarray(permutation(jax.random.key(seed), n))
         assert order.dtype == np.int32
         np.testing.assert_array_equal(np.sort(order), np.arange(n))
 
 
 def test_same_key_same_order_other_key_other_order():
-    a = index_permutation(jax.random.key(0), 500)
-    np.testing.assert_array_equal(a, index_permutation(jax.random.key(0), 500))
-    assert not np.array_equal(a, index_permutation(jax.random.key(1), 500))
+    a = permutation(jax.random.key(0), 500)
+    np.testing.assert_array_equal(a, permutation(jax.random.key(0), 500))
+    assert not np.array_equal(a, permutation(jax.random.key(1), 500))
 
 
 def test_positions_are_uniform_over_keys():

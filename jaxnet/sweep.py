@@ -184,13 +184,7 @@ def ensemble_outputs(saved: io.SavedModel, x: np.ndarray) -> np.ndarray:
 def ensemble_predict(saved: io.SavedModel, x: np.ndarray) -> np.ndarray:
     """What :func:`jaxnet.train.predict` returns, for a saved ensemble: averaged probabilities
     (classification) or averaged outputs (regression)."""
-    outputs = jnp.asarray(ensemble_outputs(saved, x))
-    loss = saved.meta["loss"]
-    if loss == "softmax_cross_entropy":
-        outputs = jax.nn.softmax(outputs, axis=-1)
-    elif loss == "sigmoid_binary_cross_entropy":
-        outputs = jax.nn.sigmoid(outputs)
-    return np.asarray(outputs)
+    return trainlib.output_probabilities(jnp.asarray(ensemble_outputs(saved, x)), saved.meta["loss"])
 
 
 def ensemble_evaluate(saved: io.SavedModel, x: np.ndarray, y: np.ndarray) -> dict:

@@ -315,6 +315,16 @@ def targets(rows, backend):
         v = ratio(case, "jaxnet", "raw-jax")
         if v is not None:
             out.append((f"{case}: jaxnet / raw JAX", v, 0.95 if case != "fit-epoch" else 0.90))
+    # Issue targets for K members in one program, against one copy's fit and the PyTorch loop of the
+    # same network (the seed-sgd rows of this same run: same network, SGD, one example per step).
+    ens, single = get.get(("ensemble", "jaxnet")), get.get(("seed-sgd", "jaxnet"))
+    torch_loop = get.get(("seed-sgd", "torch"))
+    if ens and single:
+        out.append(("ensemble: jaxnet model-steps/s / one copy's fit (seed-sgd jaxnet)",
+                    ens["median"] / single["median"], 3 if backend == "cpu" else 1000))
+    if ens and torch_loop and backend == "cpu":
+        out.append(("ensemble: jaxnet model-steps/s / PyTorch loop (seed-sgd torch)",
+                    ens["median"] / torch_loop["median"], 10_000))
     v = ratio("seed-sgd", "jaxnet-shuffled", "raw-jax-shuffled")
     if v is not None:
         out.append(("seed-sgd: jaxnet-shuffled / raw-jax-shuffled", v, 0.95))

@@ -6,6 +6,9 @@ import pytest
 
 import jaxnet as jn
 
+# Compiled once per layout: eagerly, the shuffle's integer ops would each compile on their own.
+epoch_batches = jax.jit(jn.epoch_batches, static_argnums=(1, 2, 3))
+
 
 def _data(key, n=50, d=3, classes=3):
     kx, ky = jax.random.split(key)
@@ -26,7 +29,7 @@ def test_scanned_epoch_equals_python_loop_of_jitted_steps(key):
     x, y = np.asarray(x), np.asarray(y)
     for _ in range(3):
         shuffle_key, k = jax.random.split(shuffle_key)
-        index, weight = jn.epoch_batches(k, 50, 8)
+        index, weight = epoch_batches(k, 50, 8)
         for idx, w in zip(np.asarray(index), np.asarray(weight)):
             real = idx[w > 0]
             ref, _ = step(ref, (x[real], y[real]))
@@ -51,15 +54,15 @@ def test_unshuffled_fit_equals_python_loop_in_data_order(key, n):
 
 
 def test_epoch_batches_cover_every_example_once_and_mask_padding(key):
-    index, weight = jn.epoch_batches(key, 10, 4)
+    index, weight = epoch_batches(key, 10, 4)
     assert index.shape == weight.shape == (3, 4)
     real = np.asarray(index)[np.asarray(weight) > 0]
     assert sorted(real.tolist()) == list(range(10))
     assert np.asarray(weight).sum() == 10
-    index, weight = jn.epoch_batches(key, 3, 8)  # one batch larger than twice the data
+    index, weight = epoch_batches(key, 3, 8)  # one batch larger than twice the data
     assert index.shape == (1, 8) and np.asarray(weight).sum() == 3
     assert sorted(np.asarray(index)[0, :3].tolist()) == [0, 1, 2]
-    index, weight = jn.epoch_batches(key, 10, 4, drop_remainder=True)
+    index, weight = epoch_batches(key, 10, 4, True)
     assert index.shape == (2, 4) and len(set(np.asarray(index).ravel().tolist())) == 8
 
 
@@ -69,7 +72,7 @@ def test_shuffles_differ_between_epochs_and_repeat_for_the_same_seed():
         key, seen = jax.random.key(5), []
         for _ in range(3):
             key, k = jax.random.split(key)
-            seen.append(np.asarray(jn.epoch_batches(k, 32, 8)[0]).ravel())
+            seen.append(np.asarray(epoch_batches(k, 32, 8)[0]).ravel())
         orders.append(seen)
     assert not np.array_equal(orders[0][0], orders[0][1])
     assert not np.array_equal(orders[0][1], orders[0][2])

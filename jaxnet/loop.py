@@ -7,6 +7,7 @@ scans the update over them. The loop in Python only runs epochs, evaluates, and 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -154,6 +155,10 @@ def make_epoch(
     return epoch
 
 
+# Fresh copies of a pytree's arrays in one compiled call (eagerly, each leaf shape compiles its own copy).
+_copy_tree = jax.jit(functools.partial(jax.tree.map, jnp.copy))
+
+
 def _as_array(name: str, value) -> jax.Array:
     array = jnp.asarray(value)
     if array.ndim == 0 or array.shape[0] == 0:
@@ -288,9 +293,9 @@ def fit(
     steps_per_epoch = num_batches(n, batch_size, drop_remainder)
 
     if resume is None:
-        resume = FitState(init_state(params, optimizer, key), 0, [])
+        resume = FitState(jax.jit(lambda p, k: init_state(p, optimizer, k))(params, key), 0, [])
     # Epochs donate the state's buffers; copy first so the caller's params and key stay valid.
-    fit_state = resume._replace(train=jax.tree.map(jnp.copy, place(resume.train)))
+    fit_state = resume._replace(train=_copy_tree(place(resume.train)))
     x, y = place((x, y))
     history = list(fit_state.history)
     if validation is not None:
@@ -316,7 +321,7 @@ def fit(
             record.update({f"val_{k}": float(v) for k, v in val.items()})
             best_value = history[best_epoch - 1][monitor] if best_epoch else math.inf * sign
             if best_epoch == 0 or sign * record[monitor] < sign * best_value:
-                best_params = jax.tree.map(jnp.copy, train.params)
+                best_params = _copy_tree(train.params)
                 best_epoch = epoch
         record["seconds"] = time.perf_counter() - start
         record["steps"] = steps_per_epoch
@@ -376,7 +381,7 @@ def _fit_members(
         resume = FitState(train, 0, [], None, [0] * k)
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
-    fit_state = resume._replace(train=jax.tree.map(jnp.copy, resume.train))
+    fit_state = resume._replace(train=_copy_tree(resume.train))
     history = list(fit_state.history)
     if validation is not None:
         xv, yv = _as_array("validation x", validation[0]), _as_array("validation y", validation[1])
@@ -414,7 +419,7 @@ def _fit_members(
             current = np.asarray(val[monitor[len("val_"):]], dtype=np.float64)
             improved = keep & ((best_epoch == 0) | (sign * current < sign * best_value))
             if best_params is None:
-                best_params = jax.tree.map(jnp.copy, train.params)
+                best_params = _copy_tree(train.params)
             elif improved.any():
                 best_params = _where_members(jnp.asarray(improved), train.params, best_params)
             best_epoch = np.where(improved, epoch, best_epoch)

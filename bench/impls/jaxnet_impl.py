@@ -101,6 +101,29 @@ def ensemble(cfg):
     return check, _fit_timing(history, k * cfg["steps"])
 
 
+def ensemble_separate(cfg, members=4):
+    """``members`` separate ``fit`` calls, one per member, timed end to end (each call traces and
+    compiles its own program, as a loop of K calls would): model-steps/s of K separate calls.
+
+    Returns no loss check: tests/test_members.py shows that members trained alone equal the
+    members of one vmapped run.
+    """
+    model = jaxnet.mlp([3, 2, 2], "sigmoid", "sigmoid")
+    params = common.ensemble_params(members)
+    keys = jax.random.split(jax.random.key(1), members)
+    xs, ts = common.seed_stream(cfg["steps"])
+
+    def run():
+        for i in range(members):
+            own = jax.tree.map(lambda a: jnp.asarray(a[i]), params)
+            state, _ = jaxnet.fit(model, own, xs, ts, loss="half_sse", optimizer=optax.sgd(common.SEED_LR),
+                                  epochs=1, batch_size=1, key=keys[i], shuffle=False)
+            jax.block_until_ready(state.params)
+
+    timing = common.time_calls(run, run, members * cfg["steps"], max(1, cfg["repeats"] // 2))
+    return None, timing
+
+
 def _problem(case, cfg):
     """(model, params, loss name, optimizer, data(n, seed) -> (x, y)) of a minibatch case."""
     if case == "wide":

@@ -86,11 +86,9 @@ def _float_list(text: str, minimum: float, strict: bool) -> tuple[float, ...]:
     for part in parts:
         part = part.strip()
         try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a number{where}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number{where}")
+            value = finite_float(part)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e}{where}") from None
         if value < minimum or (strict and value == minimum):
             bound = f"greater than {minimum:g}" if strict else f"{minimum:g} or more"
             raise argparse.ArgumentTypeError(f"{part!r} must be {bound}{where}")

@@ -1,7 +1,21 @@
 import os
+import shutil
+import tempfile
 
-import jax
 import pytest
+
+# One persistent compilation cache for the whole session, shared by the xdist workers and by the CLI
+# subprocesses the tests start (they inherit the environment): programs that many tests and processes
+# compile identically (the same model, loss and optimizer) are compiled once. A fresh directory per
+# session, removed at the end, so no run ever loads another run's programs. An entry that a concurrent
+# writer left incomplete fails to load and is compiled again (JAX warns); results never depend on it.
+_CACHE_OWNER = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _CACHE_OWNER:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxnet-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+import jax  # noqa: E402  (after the cache variables, which JAX reads when imported)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Four CPU devices for the data-parallel tests (tests/test_parallel.py); computations stay on
@@ -14,3 +28,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def pytest_unconfigure(config):
+    if _CACHE_OWNER:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

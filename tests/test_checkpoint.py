@@ -28,21 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--dataset", "moons", "--hidden", "4", "--epochs", "16", "--batch-size", "64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this module's subprocesses: each resumed process
-    loads the compiled programs instead of compiling them again (the same executables)."""
-    global CACHE
-    CACHE = str(tmp_path_factory.mktemp("jax-cache"))
-
-
-CACHE = None
-
-
 def env():
-    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # (conftest.py's compilation cache, inherited: each resumed process loads the programs that the
+    # first one compiled)
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def command(*args):
@@ -123,7 +112,7 @@ def other_chain(root):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def background(compilation_cache, tmp_path_factory):
+def background(tmp_path_factory):
     """Starts the two subprocess chains at once; the in-process tests run meanwhile."""
     root = tmp_path_factory.mktemp("jobs")
     pool = ThreadPoolExecutor(max_workers=2)

@@ -58,35 +58,38 @@ def files(tmp_path_factory):
     return paths
 
 
+# Checked as a user meets them: a real process, its exit code and its whole stderr (one per command
+# path: a data file, an argument, a saved model).
 BAD = {
     "missing file": (["train", "--data", "{d}/nope.csv", "--target", "label"], "not found"),
+    "batch size 0": (["train", "--batch-size", "0"], "--batch-size.*positive integer"),
+    "not a model": (["predict", "--model", "{baddir}", "--data", "{good}"], "not a jaxnet model"),
+}
+
+# The same checks in-process (cli.main, the console script's entry point): the same code path,
+# without a Python start-up each.
+BAD_IN_PROCESS = {
     "directory as file": (["train", "--data", "{baddir}", "--target", "label"], "unsupported data file"),
+    "unreadable file": (["train", "--data", "{baddir}.csv", "--target", "label"], "not found"),
     "non-numeric cell": (["train", "--data", "{text}", "--target", "label"], "line 3, column 'b'.*non-numeric"),
     "ragged row": (["train", "--data", "{ragged}", "--target", "label"], "line 3: ragged row"),
     "nan": (["train", "--data", "{nan}", "--target", "label"], "line 3, column 'b'.*not finite"),
+    "inf": (["train", "--data", "{inf}", "--target", "label"], "line 2, column 'b'.*not finite"),
     "missing target": (["train", "--data", "{good}", "--target", "y"], "target column 'y' not found.*a, b, c, label"),
     "labels out of range": (["train", "--data", "{good}", "--target", "label", "--loss", "bce"], "labels out of range"),
     "empty dataset": (["train", "--data", "{empty}", "--target", "label"], "empty dataset"),
-    "batch size 0": (["train", "--batch-size", "0"], "--batch-size.*positive integer"),
-    "lr 0": (["train", "--lr", "0"], "--lr.*greater than 0"),
-    "feature mismatch csv": (["predict", "--model", "{model}", "--data", "{other}"], "lacks the model's feature columns"),
-    "not a model": (["predict", "--model", "{baddir}", "--data", "{good}"], "not a jaxnet model"),
-    "evaluate label range": (["evaluate", "--model", "{model}", "--data", "{range}"], "labels out of range.*found 7"),
-}
-
-# The same checks in-process (cli.main): the same code path, without a Python start-up each.
-BAD_IN_PROCESS = {
-    "unreadable file": (["train", "--data", "{baddir}.csv", "--target", "label"], "not found"),
-    "inf": (["train", "--data", "{inf}", "--target", "label"], "line 2, column 'b'.*not finite"),
     "negative batch": (["train", "--batch-size", "-4"], "--batch-size.*positive integer"),
+    "lr 0": (["train", "--lr", "0"], "--lr.*greater than 0"),
     "lr nan": (["train", "--lr", "nan"], "--lr.*not a finite number"),
     "lr text": (["train", "--lr", "fast"], "--lr.*not a number"),
     "bad hidden": (["train", "--hidden", "64,0"], "--hidden.*positive integers"),
     "unknown activation": (["train", "--activation", "swish2"], "unknown activation 'swish2'"),
     "unknown loss": (["train", "--loss", "hinge"], "unknown loss 'hinge'"),
     "unknown dataset": (["train", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    "feature mismatch csv": (["predict", "--model", "{model}", "--data", "{other}"], "lacks the model's feature columns"),
     "feature mismatch npz": (["predict", "--model", "{model}", "--data", "{wide}"], "7 features but the model expects 3"),
     "evaluate without targets": (["evaluate", "--model", "{model}", "--data", "{other}"], "lacks the model's feature"),
+    "evaluate label range": (["evaluate", "--model", "{model}", "--data", "{range}"], "labels out of range.*found 7"),
 }
 
 
@@ -101,7 +104,7 @@ def bad_results(files, tmp_path_factory):
         extra = ["--out", out] if args[0] == "train" else []
         return case, (jaxnet(*[a.format(**names) for a in args], *extra), out)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=len(BAD)) as pool:
         return dict(pool.map(run, BAD.items()))
 
 
@@ -155,7 +158,9 @@ def test_train_predict_evaluate_agree(files, tmp_path):
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
 
-def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tmp_path):
+def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tmp_path, capsys):
+    from jaxnet.cli import main
+
     out = tmp_path / "digits"
     result = jaxnet("train", "--json", "--out", out)
     assert result.returncode == 0, result.stderr
@@ -168,10 +173,11 @@ def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tm
     ds = datalib.load_builtin("digits")
     test = datalib.split(ds, 0.1, 0.2, 0).test
     np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
-    evaluated = jaxnet("evaluate", "--model", out, "--data", tmp_path / "test.npz", "--json")
-    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
-    predicted = jaxnet("predict", "--model", out, "--data", tmp_path / "test.npz")
-    rows = list(csv.DictReader(predicted.stdout.splitlines()))
+    # (In-process: test_train_predict_evaluate_agree runs both commands as processes.)
+    assert main(["evaluate", "--model", str(out), "--data", str(tmp_path / "test.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert main(["predict", "--model", str(out), "--data", str(tmp_path / "test.npz")]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     accuracy = np.mean([int(r["prediction"]) == t for r, t in zip(rows, test.y)])
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-6)
 

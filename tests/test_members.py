@@ -1,10 +1,8 @@
 """Many members in one program: each equals its configuration trained alone; grids, sweeps, CLI."""
 
+import contextlib
 import json
-import math
-import os
-import subprocess
-import sys
+from io import StringIO
 from pathlib import Path
 
 import jax
@@ -19,7 +17,6 @@ from jaxnet import (
 )
 from jaxnet import cli, io, train
 
-ROOT = Path(__file__).resolve().parents[1]
 NET = mlp([2, 12, 2])
 # Members and lone runs compute the same float32 ops, batched differently: rounding-level differences
 # (~1e-7 per step) that some 120 steps of SGD can grow by a few orders of magnitude at most.
@@ -169,41 +166,28 @@ def test_memory_estimate_is_linear_and_checked():
 COMMON = ("train", "--dataset", "moons", "--hidden", "8", "--epochs", "3", "--batch-size", "64", "--quiet")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cli_started(tmp_path_factory):
-    """Starts the CLI runs when the module starts, so that they overlap the in-process tests."""
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """A sweep and an ensemble through ``cli.main``, the console script's entry point (in-process:
+    tests/test_cli.py runs the command as a process)."""
     d = tmp_path_factory.mktemp("members")
     commands = {
         "sweep": (*COMMON, "--seeds", "2", "--lr", "0.001,0.05", "--json", "--out", d / "sweep"),
         "ensemble": (*COMMON, "--seeds", "3", "--ensemble", "--out", d / "ensemble"),
     }
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = {
-        name: subprocess.Popen([sys.executable, "-m", "jaxnet.cli", *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-        for name, args in commands.items()
-    }
-    yield d, procs
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-@pytest.fixture(scope="module")
-def cli_runs(cli_started):
-    d, procs = cli_started
     results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, (name, err)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    for name, args in commands.items():
+        out, err = StringIO(), StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in args])
+        assert code == 0, (name, err.getvalue())
+        results[name] = out.getvalue()
     return d, results
 
 
 def test_cli_sweep_reports_members_and_saves_the_best(cli_runs):
     d, results = cli_runs
-    summary = json.loads(results["sweep"].stdout)
+    summary = json.loads(results["sweep"])
     assert {"dataset", "epochs", "train_loss", "val_accuracy", "test_accuracy", "seconds"} <= set(summary)
     members = summary["members"]
     assert [(m["seed"], m["learning_rate"]) for m in members] == [(0, 0.001), (1, 0.001), (0, 0.05), (1, 0.05)]

@@ -57,6 +57,7 @@ from jaxnet.step import make_train_step as make_train_step
 from jaxnet.step import make_update as make_update
 from jaxnet.step import per_example_grad_norms as per_example_grad_norms
 from jaxnet.step import per_example_grads as per_example_grads
+from jaxnet.step import skip_nonfinite_updates as skip_nonfinite_updates
 
 __version__ = "0.1.0"
 
@@ -114,6 +115,7 @@ __all__ = [
     "per_example_grads",
     "serial",
     "set_hyperparams",
+    "skip_nonfinite_updates",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "take_member",

@@ -231,14 +231,12 @@ def latest(out) -> Path | None:
 def _template(config, model_meta: dict, has_best: bool):
     """The checkpoint's array tree, as shapes and dtypes, rebuilt from the config."""
     from jaxnet import train as trainlib
-    from jaxnet.step import init_state
+    from jaxnet.step import init_state, skip_nonfinite_updates
 
     model = trainlib.build_model(model_meta)
     optimizer = trainlib.make_optimizer(config)
     if config.skip_nonfinite:
-        import optax
-
-        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
+        optimizer = skip_nonfinite_updates(optimizer)
 
     def build():
         params = model.init(jax.random.key(0))

@@ -279,14 +279,24 @@ def _spirals(rng: np.random.Generator, n: int, noise: float = 0.05, turns: float
 
 
 def _digits(num_examples: int | None) -> Dataset:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
         raise MissingExtraError(
             f"the digits dataset needs scikit-learn, which is not installed: {DATASETS_EXTRA}"
-        ) from e
-    bunch = load_digits()
-    x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int32)
+        )
+    # The file behind sklearn.datasets.load_digits, read directly: importing scikit-learn takes
+    # seconds, reading this file milliseconds (tests/test_data.py checks both agree).
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        x, y = table[:, :-1], table[:, -1].astype(np.int32)
+    else:  # another scikit-learn layout
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int32)
     if num_examples is not None:
         if num_examples > x.shape[0]:
             raise ValueError(f"digits has {x.shape[0]} examples; num_examples={num_examples} is too many")

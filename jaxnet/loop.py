@@ -21,7 +21,7 @@ from jaxnet.base import Model, Params, PRNGKey, TrainState
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.shuffle import index_permutation
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
-from jaxnet.step import Update, init_state, make_eval_fn, make_update
+from jaxnet.step import Update, init_state, make_eval_fn, make_update, skip_nonfinite_updates
 
 Record = dict[str, Any]
 
@@ -103,8 +103,10 @@ def make_epoch(
 
     Returns:
       ``epoch(state, x: (n, ...), y: (n, ...)) -> (state, metrics)``, with metrics
-      ``{"loss": mean train loss over examples, "first_nonfinite": index of the first step whose
-      loss was not finite, or -1, "nonfinite": number of such steps}``.
+      ``{"loss": mean train loss over examples (NaN if any step's loss was not finite),
+      "first_nonfinite": index of the first step whose loss was not finite (or whose running
+      sum overflowed float32), or -1}``. Under ``optax.apply_if_finite`` the optimizer state
+      counts the skipped updates (``total_notfinite``).
     """
     if batch_size <= 0:
         raise ValueError(f"batch size must be a positive integer, got {batch_size}")
@@ -118,37 +120,41 @@ def make_epoch(
 
     def epoch(state: TrainState, x: jax.Array, y: jax.Array):
         key, shuffle_key = jax.random.split(state.key)
-        index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder, shuffle)
-        if not shuffle and not padded:
-            batches = (x[: nb * batch_size].reshape(nb, batch_size, *x.shape[1:]),
-                       y[: nb * batch_size].reshape(nb, batch_size, *y.shape[1:]))
-        else:
+        if shuffle or padded:
+            index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder, shuffle)
             # One gather of the whole epoch up front: on a CPU, per-step gathers inside the scan
             # run about 3x slower than this for small models.
-            batches = (x[index], y[index])
-        if padded:
-            batches = (*batches, weight)
+            steps = (x[index], y[index], weight) if padded else (x[index], y[index])
+        else:  # the data's own order: each step slices its batch straight from x and y, no copy
+            steps = jnp.arange(nb, dtype=jnp.int32)
 
-        counts = jnp.sum(weight, axis=1)
+        def batch_of(step_input):
+            if shuffle or padded:
+                return step_input
+            start = step_input * batch_size
+            return (jax.lax.dynamic_slice_in_dim(x, start, batch_size),
+                    jax.lax.dynamic_slice_in_dim(y, start, batch_size))
 
-        # The epoch's metrics accumulate in the carry (no per-step output buffer to write).
+        # The epoch's metrics accumulate in the carry (a per-step output buffer would hold members
+        # x steps losses when vmapped): the sum of the batch losses, and the number of steps after
+        # which that sum was still finite. A non-finite loss leaves the sum non-finite for the rest
+        # of the epoch, so that number is the index of the first non-finite step. (Two scalar ops
+        # per step: on a CPU, each further one costs about 2% of a small model's step.)
         def body(carry, step_input):
-            state, total, first_bad, num_bad, i = carry
-            batch, count = step_input
+            state, total, finite_steps = carry
+            batch = batch_of(step_input)
             state, metrics = update(state, batch)
-            loss = metrics["loss"]
-            finite = jnp.isfinite(loss)
-            total = total + jnp.where(finite, loss * count, 0.0).astype(total.dtype)
-            first_bad = jnp.where((first_bad < 0) & ~finite, i, first_bad)
-            return (state, total, first_bad, num_bad + (~finite).astype(jnp.int32), i + 1), None
+            loss = metrics["loss"] * jnp.sum(batch[2]) if padded else metrics["loss"]
+            total = total + loss.astype(total.dtype)
+            return (state, total, finite_steps + jnp.isfinite(total).astype(jnp.int32)), None
 
-        zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
-        carry = (state._replace(key=key), zero_f, zero_i - 1, zero_i, zero_i)
-        (state, total, first_bad, num_bad, _), _ = jax.lax.scan(body, carry, (batches, counts), unroll=unroll)
+        carry = (state._replace(key=key), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (state, total, finite_steps), _ = jax.lax.scan(body, carry, steps, unroll=unroll)
+        finite = jnp.isfinite(total)
         metrics = {
-            "loss": jnp.where(num_bad > 0, jnp.nan, total / jnp.sum(counts)),
-            "first_nonfinite": first_bad,
-            "nonfinite": num_bad,
+            # without padding every batch has the same size: the mean of the batch losses
+            "loss": jnp.where(finite, total / (num_examples if padded else nb), jnp.nan),
+            "first_nonfinite": jnp.where(finite, -1, finite_steps),
         }
         return state, metrics
 
@@ -157,6 +163,11 @@ def make_epoch(
 
 # Fresh copies of a pytree's arrays in one compiled call (eagerly, each leaf shape compiles its own copy).
 _copy_tree = jax.jit(functools.partial(jax.tree.map, jnp.copy))
+
+
+def _skipped_updates(opt_state) -> np.ndarray:
+    """Updates that ``optax.apply_if_finite`` (the outermost transformation) has skipped so far."""
+    return np.asarray(opt_state.total_notfinite, dtype=np.int64)
 
 
 def _as_array(name: str, value) -> jax.Array:
@@ -228,8 +239,9 @@ def fit(
       callbacks: called after each epoch as ``cb(fit_state, record)``; returning True stops.
       resume: a :class:`FitState` (e.g. from a checkpoint) to continue from.
       compute_dtype: e.g. ``jnp.bfloat16`` for mixed precision (float32 master params).
-      skip_nonfinite: skip updates whose gradients are not finite (``optax.apply_if_finite``)
-        instead of stopping; each record then counts them in ``skipped``.
+      skip_nonfinite: skip updates whose loss or gradients are not finite instead of stopping
+        (:func:`jaxnet.skip_nonfinite_updates`); each record then counts them in ``skipped``, and
+        its ``train_loss`` is NaN when the epoch had any.
       shuffle: reshuffle the examples every epoch (from ``key``); False trains on them in order.
       unroll: ``lax.scan`` unroll factor for the steps of an epoch.
       mesh: a device mesh from :func:`jaxnet.make_data_mesh` for data-parallel training: each
@@ -284,7 +296,7 @@ def fit(
 
     n = x.shape[0]
     if skip_nonfinite:
-        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
+        optimizer = skip_nonfinite_updates(optimizer)
     update = make_update(model, spec, optimizer, compute_dtype=compute_dtype)
     update, place, jit_options = _data_parallel(update, mesh, batch_size)
     epoch_fn = make_epoch(update, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle, unroll=unroll)
@@ -301,6 +313,7 @@ def fit(
     if validation is not None:
         xv, yv = place((_as_array("validation x", validation[0]), _as_array("validation y", validation[1])))
     sign = 1.0 if monitor == "val_loss" else -1.0
+    skipped_before = _skipped_updates(fit_state.train.opt_state) if skip_nonfinite else None
     if patience is not None and fit_state.best_epoch and fit_state.epoch - fit_state.best_epoch >= patience:
         epochs = fit_state.epoch  # resuming a run that had stopped early: nothing left to do
 
@@ -314,7 +327,9 @@ def fit(
             raise NonFiniteLossError(epoch, fit_state.epoch * steps_per_epoch + bad + 1)
         record: Record = {"epoch": epoch, "train_loss": train_loss}
         if skip_nonfinite:
-            record["skipped"] = int(metrics["nonfinite"])
+            skipped = _skipped_updates(train.opt_state)
+            record["skipped"] = int(skipped - skipped_before)
+            skipped_before = skipped
         best_params, best_epoch = fit_state.best_params, fit_state.best_epoch
         if validation is not None:
             val = evaluate(train.params, (xv, yv))
@@ -367,7 +382,7 @@ def _fit_members(
         check_memory(estimate_member_bytes(one, jax.eval_shape(optimizer.init, one), batch_size, k), k)
     n = x.shape[0]
     if skip_nonfinite:
-        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
+        optimizer = skip_nonfinite_updates(optimizer)
     update = make_update(model, spec, optimizer, compute_dtype=compute_dtype)
     epoch_fn = make_epoch(update, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle, unroll=unroll)
     run_epoch = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None)), donate_argnums=(0,))
@@ -386,6 +401,7 @@ def _fit_members(
     if validation is not None:
         xv, yv = _as_array("validation x", validation[0]), _as_array("validation y", validation[1])
     sign = 1.0 if monitor == "val_loss" else -1.0
+    skipped_before = _skipped_updates(fit_state.train.opt_state) if skip_nonfinite else None
     best_epoch = np.asarray(fit_state.best_epoch or [0] * k, dtype=np.int64).reshape(k)
     best_value = np.array(
         [history[e - 1][monitor][i] if e and history[e - 1][monitor][i] is not None else math.inf * sign
@@ -411,7 +427,9 @@ def _fit_members(
             raise NonFiniteLossError(epoch, fit_state.epoch * steps_per_epoch + bad + 1)
         record: Record = {"epoch": epoch, "train_loss": _member_values(losses, active & ~diverged)}
         if skip_nonfinite:
-            record["skipped"] = [int(v) for v in np.asarray(metrics["nonfinite"])]
+            skipped = _skipped_updates(train.opt_state)
+            record["skipped"] = [int(v) for v in skipped - skipped_before]
+            skipped_before = skipped
         keep = active & ~diverged
         if validation is not None:
             val = evaluate(train.params, (xv, yv))

@@ -78,6 +78,9 @@ def make_update(
 
     One step of ``optimizer`` on the batch loss; ``metrics`` is ``{"loss": scalar}`` (the loss
     before the update). Use it inside ``lax.scan`` or ``vmap``; :func:`make_train_step` jits it.
+
+    With an optimizer from :func:`skip_nonfinite_updates`, a step whose loss is not finite is
+    skipped like one whose gradients are not finite.
     """
     _check_optimizer(optimizer)
     loss_fn = make_loss_fn(model, loss, compute_dtype=compute_dtype)
@@ -85,11 +88,20 @@ def make_update(
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         loss_value, grads = value_and_grad(state.params, batch)
+        if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss: skip the step too
+            grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_value), g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), {"loss": loss_value}
 
     return update
+
+
+def skip_nonfinite_updates(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` that skips updates whose gradients (or, in :func:`make_update`, loss) are not
+    finite, keeping params and optimizer state; its state counts them in ``total_notfinite``
+    (``optax.apply_if_finite``, never giving up)."""
+    return optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
 
 
 def make_train_step(

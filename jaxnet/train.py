@@ -54,8 +54,8 @@ class TrainConfig:
         ``seed ... seed + seeds - 1`` times each learning rate in ``lrs`` (empty: ``lr``) times each
         weight decay in ``weight_decays`` (adamw; empty: ``weight_decay``).
       ensemble: with members, save them all (predictions average them) instead of the best one.
-      skip_nonfinite: skip updates with non-finite gradients instead of stopping (counted in the
-        metrics as ``skipped``).
+      skip_nonfinite: skip updates whose loss or gradients are not finite instead of stopping
+        (counted in the metrics as ``skipped``).
     """
 
     dataset: str | None = None

@@ -75,6 +75,10 @@ def params_bytes(out):
     return [np.asarray(a).tobytes() for a in jax.tree.leaves(saved.params)]
 
 
+def saved_params(out):
+    return [np.asarray(a) for a in jax.tree.leaves(io.load_model(out).params)]
+
+
 def metrics(out):
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
             for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -267,6 +271,7 @@ def test_skip_nonfinite_trains_on_and_counts_skips(tmp_path, capsys):
     records = metrics(out)
     assert len(records) == 14 and all("skipped" in r for r in records)
     assert sum(r["skipped"] for r in records) > 0
+    assert all(np.isfinite(a).all() for a in saved_params(out))  # skipped steps left no trace
     assert checkpoint.restore(out).config.skip_nonfinite is True
 
 

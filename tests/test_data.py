@@ -76,7 +76,13 @@ def test_moons_classes_are_the_two_half_circles():
 
 
 def test_digits_is_sklearn_digits():
+    from sklearn.datasets import load_digits
+
     ds = data.load_builtin("digits")
+    reference = load_digits()
+    np.testing.assert_array_equal(ds.x, reference.data)
+    np.testing.assert_array_equal(ds.y, reference.target)
+    assert ds.x.dtype == np.float32 and ds.y.dtype == np.int32
     assert ds.x.shape == (1797, 64) and ds.num_classes == 10
     assert ds.x.min() == 0.0 and ds.x.max() == 16.0
     assert data.load_builtin("digits", num_examples=100).x.shape == (100, 64)

@@ -176,3 +176,34 @@ def test_fit_rejects_empty_and_mismatched_data(key):
         jn.fit(net, net.init(key), np.zeros((0, 3)), np.zeros((0,), int), **args)
     with pytest.raises(ValueError, match="x has 5 examples but y has 4"):
         jn.fit(net, net.init(key), np.zeros((5, 3)), np.zeros((4,), int), **args)
+
+
+@pytest.mark.parametrize("bad_example, first_bad_step", [(None, -1), (7, 0), (23, 2), (49, 4)])
+def test_epoch_reports_the_first_nonfinite_step_and_mean_loss(bad_example, first_bad_step):
+    x, y = _data(n=50)
+    if bad_example is not None:
+        x[bad_example] = np.nan
+    net = jn.mlp([3, 3])
+    opt = optax.sgd(0.1)
+    params = net.init(jax.random.key(1))
+    epoch = jax.jit(jn.make_epoch(jn.make_update(net, "cross_entropy", opt), 50, 10, shuffle=False))
+    _, metrics = epoch(jn.init_state(params, opt, jax.random.key(2)), x, y)
+    assert int(metrics["first_nonfinite"]) == first_bad_step
+    if bad_example is None:  # the mean over examples of the loss before each step, as a Python loop
+        step = jn.make_train_step(net, "cross_entropy", opt, donate=False)
+        state, losses = jn.init_state(params, opt, jax.random.key(2)), []
+        for start in range(0, 50, 10):
+            state, m = step(state, (x[start:start + 10], y[start:start + 10]))
+            losses.append(float(m["loss"]))
+        np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
+        # With a padded last batch (50 = 6 x 8 + 2): batch losses weighted by their real examples.
+        epoch = jax.jit(jn.make_epoch(jn.make_update(net, "cross_entropy", opt), 50, 8, shuffle=False))
+        _, metrics = epoch(jn.init_state(params, opt, jax.random.key(2)), x, y)
+        state, total = jn.init_state(params, opt, jax.random.key(2)), 0.0
+        for start in range(0, 50, 8):
+            state, m = step(state, (x[start:start + 8], y[start:start + 8]))
+            total += float(m["loss"]) * len(x[start:start + 8])
+        np.testing.assert_allclose(float(metrics["loss"]), total / 50, rtol=1e-6)
+        assert int(metrics["first_nonfinite"]) == -1
+    else:
+        assert np.isnan(float(metrics["loss"]))

@@ -95,3 +95,28 @@ def test_bad_optimizer_and_batch_are_type_errors(key):
     loss_fn = jn.make_loss_fn(net, "softmax_cross_entropy")
     with pytest.raises(TypeError, match="a batch is a tuple"):
         loss_fn(params, x)
+
+
+def test_skip_nonfinite_updates_skips_a_nonfinite_loss_or_gradient(key):
+    net, params, x, y = _problem(key)
+    opt = jn.skip_nonfinite_updates(optax.sgd(0.1))
+    update = jax.jit(jn.make_update(net, "softmax_cross_entropy", opt))
+    state = jn.init_state(params, opt, key)
+    state, _ = update(state, (x, y))  # a finite step is applied
+    assert int(state.opt_state.total_notfinite) == 0
+    before = state.params
+    for bad_x in (x.at[0].set(jnp.inf), x.at[0].set(jnp.nan)):
+        state, metrics = update(state, (bad_x, y))
+        assert not np.isfinite(float(metrics["loss"]))
+        jax.tree.map(np.testing.assert_array_equal, state.params, before)  # params untouched
+    assert int(state.opt_state.total_notfinite) == 2 and int(state.step) == 3
+
+
+def test_a_nonfinite_loss_with_finite_gradients_is_skipped_too(key):
+    net, params, x, y = _problem(key)
+    opt = jn.skip_nonfinite_updates(optax.sgd(0.1))
+    infinite = lambda prediction, label: 0.0 * jnp.sum(prediction) + jnp.inf  # noqa: E731  (gradient 0)
+    loss_fn = jn.make_loss_fn(net, infinite)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(jax.grad(loss_fn)(params, (x, y))))
+    state, _ = jn.make_update(net, infinite, opt)(jn.init_state(params, opt, key), (x, y))
+    assert int(state.opt_state.total_notfinite) == 1

@@ -247,14 +247,64 @@ def run_case(case, cfg, suite, wanted, env, log):
                     row["note"] = f"LOSS MISMATCH: {check!r} vs raw JAX {ref!r} (rel {diff:.2e} > {rtol:g})"
             if peak is not None:
                 nominal, executed = _flops(case, c)
-                row.update(tflops=row["median"] * nominal / 1e12, tflops_executed=row["median"] * executed / 1e12,
-                           peak_tflops=peak)
-                row["frac_peak"] = row["tflops"] / peak
-                row["frac_peak_executed"] = row["tflops_executed"] / peak
+                row.update(flops_per_example=nominal, flops_executed_per_example=executed, peak_tflops=peak)
+                _add_tflops(row)
             rows.append(row)
             loss = "no check" if check is None else f"loss {check:.6g}"
             log(f"  {name:14s} {impl:17s} {row['median']:>14,.0f} {UNITS[case]} (compile {t.compile_s:.2f} s, {loss})")
     return rows
+
+
+def _add_tflops(row):
+    row["tflops"] = row["median"] * row["flops_per_example"] / 1e12
+    row["tflops_executed"] = row["median"] * row["flops_executed_per_example"] / 1e12
+    row["frac_peak"] = row["tflops"] / row["peak_tflops"]
+    row["frac_peak_executed"] = row["tflops_executed"] / row["peak_tflops"]
+
+
+def merge_rounds(rounds):
+    """One row per (case, implementation) from several rounds of the suite: the repeats of every
+    round pooled (median, min, max over all of them), and ``round_medians`` with each round's
+    median, so that ratios pair the implementations round by round (see :func:`ratio`)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged, by_key = [], {}
+    for rows in rounds:
+        for r in rows:
+            key = (r["case"], r["impl"])
+            if key not in by_key:
+                by_key[key] = dict(r, round_medians=[r["median"]] if r.get("status") == "ok" else [],
+                                   round_peaks=[r["peak_tflops"]] if "peak_tflops" in r else [],
+                                   round_compile_s=[r["compile_s"]] if r.get("compile_s") is not None else [])
+                merged.append(by_key[key])
+                continue
+            m = by_key[key]
+            if r.get("status") != "ok" or m.get("status") != "ok":
+                m["note"] = (m.get("note", "") + f" (a later round: {r.get('status')} {r.get('note', '')})").strip()
+                continue
+            m["rates"] = m["rates"] + r["rates"]
+            m["round_medians"].append(r["median"])
+            m["round_peaks"] += [r["peak_tflops"]] if "peak_tflops" in r else []
+            m["round_compile_s"] += [r["compile_s"]] if r.get("compile_s") is not None else []
+    for m in merged:
+        if m.get("status") != "ok":
+            continue
+        m.update(median=statistics.median(m["rates"]), min=min(m["rates"]), max=max(m["rates"]))
+        if m["round_compile_s"]:
+            m["compile_s"] = statistics.median(m["round_compile_s"])
+        if m["round_peaks"]:
+            m["peak_tflops"] = statistics.median(m["round_peaks"])
+            _add_tflops(m)
+    return merged
+
+
+def ratio(a, b):
+    """``a``'s throughput over ``b``'s: with several rounds, the median of the per-round ratios
+    (drift of a shared machine between rounds cancels), else the ratio of the medians."""
+    ra, rb = a.get("round_medians") or [], b.get("round_medians") or []
+    if len(ra) > 1 and len(ra) == len(rb):
+        return statistics.median(x / y for x, y in zip(ra, rb))
+    return a["median"] / b["median"]
 
 
 def _jsonable(cfg):
@@ -293,16 +343,13 @@ def run_train_cli(log):
 
 
 def add_ratios(rows):
-    by = {}
-    for r in rows:
-        if r.get("status") == "ok":
-            by[(r["case"], r["impl"])] = r["median"]
+    by = {(r["case"], r["impl"]): r for r in rows if r.get("status") == "ok"}
     for r in rows:
         if r.get("status") != "ok" or r["case"] == "train-cli":
             continue
         for ref, key in (("raw-jax", "vs_raw_jax"), ("torch", "vs_torch")):
             if (r["case"], ref) in by:
-                r[key] = r["median"] / by[(r["case"], ref)]
+                r[key] = ratio(r, by[(r["case"], ref)])
 
 
 def targets(rows, backend):
@@ -310,13 +357,13 @@ def targets(rows, backend):
     get = {(r["case"], r["impl"]): r for r in rows if r.get("status") == "ok"}
     out = []
 
-    def ratio(case, a, b):
+    def case_ratio(case, a, b):
         if (case, a) in get and (case, b) in get:
-            return get[(case, a)]["median"] / get[(case, b)]["median"]
+            return ratio(get[(case, a)], get[(case, b)])
         return None
 
     for case in sorted({r["case"] for r in rows if r["case"] != "train-cli"}):
-        v = ratio(case, "jaxnet", "raw-jax")
+        v = case_ratio(case, "jaxnet", "raw-jax")
         if v is not None:
             out.append((f"{case}: jaxnet / raw JAX", v, 0.95 if case != "fit-epoch" else 0.90))
     # Issue targets for K members in one program, against one copy's fit and the PyTorch loop of the
@@ -325,19 +372,19 @@ def targets(rows, backend):
     torch_loop = get.get(("seed-sgd", "torch"))
     if ens and single:
         out.append(("ensemble: jaxnet model-steps/s / one copy's fit (seed-sgd jaxnet)",
-                    ens["median"] / single["median"], 3 if backend == "cpu" else 1000))
+                    ratio(ens, single), 3 if backend == "cpu" else 1000))
     if ens and torch_loop and backend == "cpu":
         out.append(("ensemble: jaxnet model-steps/s / PyTorch loop (seed-sgd torch)",
-                    ens["median"] / torch_loop["median"], 10_000))
-    v = ratio("seed-sgd", "jaxnet-shuffled", "raw-jax-shuffled")
+                    ratio(ens, torch_loop), 10_000))
+    v = case_ratio("seed-sgd", "jaxnet-shuffled", "raw-jax-shuffled")
     if v is not None:
         out.append(("seed-sgd: jaxnet-shuffled / raw-jax-shuffled", v, 0.95))
     cpu = backend == "cpu"
     for name, v, t in [
-        ("seed-sgd: jaxnet / PyTorch eager", ratio("seed-sgd", "jaxnet", "torch"), 2000 if cpu else 100),
-        ("seed-sgd: jaxnet / Equinox", ratio("seed-sgd", "jaxnet", "equinox"), 1000 if cpu else None),
-        ("mlp784-b128: jaxnet / PyTorch eager", ratio("mlp784-b128", "jaxnet", "torch"), 1.6 if cpu else None),
-        ("mlp784-b1024: jaxnet / PyTorch eager", ratio("mlp784-b1024", "jaxnet", "torch"), None if cpu else 15),
+        ("seed-sgd: jaxnet / PyTorch eager", case_ratio("seed-sgd", "jaxnet", "torch"), 2000 if cpu else 100),
+        ("seed-sgd: jaxnet / Equinox", case_ratio("seed-sgd", "jaxnet", "equinox"), 1000 if cpu else None),
+        ("mlp784-b128: jaxnet / PyTorch eager", case_ratio("mlp784-b128", "jaxnet", "torch"), 1.6 if cpu else None),
+        ("mlp784-b1024: jaxnet / PyTorch eager", case_ratio("mlp784-b1024", "jaxnet", "torch"), None if cpu else 15),
     ]:
         if v is not None and t is not None:
             out.append((name, v, t))
@@ -368,7 +415,10 @@ def markdown(env, rows, tgts):
         f"Flags: `{json.dumps(env['flags'])}`. Load average at start: {env.get('loadavg_start')}.",
         "",
         "Throughput is the median over repeats (min–max in brackets); compilation is excluded and shown apart.",
-        "Ratios are against raw JAX and PyTorch eager in this same run. `loss check`: relative difference of the",
+        "Ratios are against raw JAX and PyTorch eager in this same run"
+        + (f", each the median of {env['rounds']} rounds' ratios (every round runs every implementation; "
+           "the repeats of all rounds are pooled for the throughput)" if env.get("rounds", 1) > 1 else "")
+        + ". `loss check`: relative difference of the",
         "loss after a fixed number of steps from the same weights and data, against raw JAX.",
         "",
         "| case | implementation | throughput (min–max) | unit | vs raw JAX | vs PyTorch | TFLOP/s | of peak "
@@ -451,6 +501,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds after which remaining cases are skipped (noted in the output)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the suite this many times and pool the repeats; ratios are then medians of "
+                             "per-round ratios (steadier on a shared, noisy machine)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply step counts and repeats' work by this (e.g. 0.05 for a smoke run)")
     args = parser.parse_args(argv)
@@ -461,18 +514,27 @@ def main(argv=None):
     log(f"jaxnet bench: suite {args.suite} on {env['device']} ({env['backend']}); versions {env['versions']}")
     sizes = SUITES[args.suite]["cpu" if env["backend"] == "cpu" else "accel"]
     wanted = set(args.impls) if args.impls else None
-    rows = []
-    for case in args.cases:
-        if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
-            rows.append({"case": case, "impl": "-", "unit": "", "status": "skipped",
-                         "note": f"time limit of {args.time_limit:g} s reached"})
-            log(f"{case}: skipped, time limit reached")
-            continue
-        log(f"{case}:")
-        if case == "train-cli":
-            rows += run_train_cli(log)
-            continue
-        rows += run_case(case, scaled(sizes[case], args.scale), args.suite, wanted, env, log)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    rounds = []
+    for round_index in range(args.rounds):
+        if args.rounds > 1:
+            log(f"round {round_index + 1} of {args.rounds}")
+        rows = []
+        for case in args.cases:
+            if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
+                rows.append({"case": case, "impl": "-", "unit": "", "status": "skipped",
+                             "note": f"time limit of {args.time_limit:g} s reached"})
+                log(f"{case}: skipped, time limit reached")
+                continue
+            log(f"{case}:")
+            if case == "train-cli":
+                rows += run_train_cli(log)
+                continue
+            rows += run_case(case, scaled(sizes[case], args.scale), args.suite, wanted, env, log)
+        rounds.append(rows)
+    env["rounds"] = args.rounds
+    rows = merge_rounds(rounds)
     add_ratios(rows)
     tgts = targets(rows, env["backend"])
     env["seconds"] = time.perf_counter() - began

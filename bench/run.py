@@ -116,8 +116,11 @@ def implementations(case, suite):
         return [
             ("raw-jax", _mb(case)(raw_jax), "jit + lax.scan over pre-made batches, one call"),
             ("raw-jax-loop", lambda cfg: raw_jax.minibatch_loop(case, cfg), "donated jit step from a Python loop"),
-            ("jaxnet", _mb(case)(jaxnet_impl), "fit: one shuffled epoch per compiled call"),
-            ("jaxnet-epoch", lambda cfg: jaxnet_impl.minibatch_epoch(case, cfg), "jit(make_epoch(make_update(...)))"),
+            ("jaxnet", _mb(case)(jaxnet_impl), "fit(shuffle=False): the batches in order, as raw-jax"),
+            ("jaxnet-shuffled", _mb(case)(jaxnet_impl, shuffle=True),
+             "fit: reshuffled every epoch (permutation and gather in the compiled call)"),
+            ("jaxnet-epoch", lambda cfg: jaxnet_impl.minibatch_epoch(case, cfg),
+             "jit(make_epoch(make_update(...), shuffle=False))"),
             ("torch", _mb(case)(torch_impl), "PyTorch eager"),
             ("torch-compile", torch_compile(_mb(case)(torch_impl, compiled=True)), "torch.compile(model)"),
             ("equinox", _mb(case)(equinox_impl), "eqx.filter_jit step from a Python loop"),

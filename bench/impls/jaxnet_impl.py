@@ -151,13 +151,20 @@ def minibatch_check(case, cfg):
     return history[k]["train_loss"]
 
 
-def minibatch(case, cfg):
+def _shuffles(case, shuffle):
+    """mlp784 and wide compare with pre-made batches in a fixed order (``shuffle=False``, the same
+    work); fit-epoch with a hand-written shuffled epoch."""
+    return case == "fit-epoch" if shuffle is None else shuffle
+
+
+def minibatch(case, cfg, shuffle=None):
     """``fit`` over ``batch * steps`` examples: one epoch is ``steps`` updates."""
     model, params, loss, opt, data = _problem(case, cfg)
     n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
     x, y = data(n)
     _, history = jaxnet.fit(model, params, x, y, loss=loss, optimizer=opt, epochs=cfg["repeats"] + 1,
-                            batch_size=cfg["batch"], key=jax.random.key(1), unroll=cfg.get("unroll", 1))
+                            batch_size=cfg["batch"], key=jax.random.key(1), unroll=cfg.get("unroll", 1),
+                            shuffle=_shuffles(case, shuffle))
     return minibatch_check(case, cfg), _fit_timing(history, n)
 
 

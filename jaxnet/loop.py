@@ -241,7 +241,7 @@ def fit(
       compute_dtype: e.g. ``jnp.bfloat16`` for mixed precision (float32 master params).
       skip_nonfinite: skip updates whose loss or gradients are not finite instead of stopping
         (:func:`jaxnet.skip_nonfinite_updates`); each record then counts them in ``skipped``, and
-        its ``train_loss`` is NaN when the epoch had any.
+        its ``train_loss`` is NaN when any of the epoch's losses was.
       shuffle: reshuffle the examples every epoch (from ``key``); False trains on them in order.
       unroll: ``lax.scan`` unroll factor for the steps of an epoch.
       mesh: a device mesh from :func:`jaxnet.make_data_mesh` for data-parallel training: each

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnet.base import Params  # noqa: F401  (re-exported type, keeps imports uniform)
 
 PerExample = Callable[[jax.Array, jax.Array], jax.Array]
 

@@ -3,7 +3,6 @@
 import contextlib
 import json
 from io import StringIO
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -93,7 +93,9 @@ def implementations(case, suite):
 
     if case == "seed-sgd":
         return [
-            ("raw-jax", raw_jax.seed_sgd, "jit + lax.scan over all steps, one call"),
+            ("raw-jax", raw_jax.seed_sgd, "jit + lax.scan over all steps, one call; sums the loss (fit reports it)"),
+            ("raw-jax-noloss", lambda cfg: raw_jax.seed_sgd(cfg, track_loss=False),
+             "the same taking only the gradient: no loss value, no running sum"),
             ("raw-jax-shuffled", raw_jax.seed_sgd_shuffled, "the same, shuffled in the call (permutation + gather)"),
             ("raw-jax-loop", raw_jax.seed_sgd_loop, "donated jit step from a Python loop"),
             ("jaxnet", jaxnet_impl.seed_sgd, "fit(batch_size=1, shuffle=False): the stream in order, as raw-jax"),
@@ -107,14 +109,14 @@ def implementations(case, suite):
         ]
     if case == "ensemble":
         return [
-            ("raw-jax", raw_jax.ensemble, "jit(vmap(scan)) over K nets"),
+            ("raw-jax", raw_jax.ensemble, "jit(vmap(scan)) over K nets; each sums its loss"),
             ("jaxnet", jaxnet_impl.ensemble, "fit with params (K, ...) and keys (K,): one vmapped program"),
             ("jaxnet-separate", jaxnet_impl.ensemble_separate,
              "4 separate fit calls, one per member, each compiling its own program (per-member rate)"),
         ]
     if case in ("mlp784", "wide"):
         return [
-            ("raw-jax", _mb(case)(raw_jax), "jit + lax.scan over pre-made batches, one call"),
+            ("raw-jax", _mb(case)(raw_jax), "jit + lax.scan over pre-made batches, one call; mean loss"),
             ("raw-jax-loop", lambda cfg: raw_jax.minibatch_loop(case, cfg), "donated jit step from a Python loop"),
             ("jaxnet", _mb(case)(jaxnet_impl), "fit(shuffle=False): the batches in order, as raw-jax"),
             ("jaxnet-shuffled", _mb(case)(jaxnet_impl, shuffle=True),
@@ -197,7 +199,12 @@ def _flops(case, cfg):
     return 6 * w, 6 * w - 2 * sizes[0] * sizes[1]  # no gradient is taken with respect to the inputs
 
 
-def run_case(case, cfg, suite, wanted, env, log):
+def run_case(case, cfg, suite, wanted, env, log, reverse=False):
+    """Rows of one round of ``case``: every implementation compiled, checked and timed in turn.
+
+    ``reverse`` runs the implementations in the opposite order (alternate rounds do, so that no
+    implementation always runs first or last); the loss checks against raw JAX come afterwards.
+    """
     rows = []
     sub = [(f"{case}-b{b}", dict(cfg, batch=b, steps=s)) for b, s in cfg["batches"].items()] \
         if case == "mlp784" else [(case, cfg)]
@@ -211,35 +218,43 @@ def run_case(case, cfg, suite, wanted, env, log):
                 [(c["batch"], 512, 512), (c["batch"], 784, 512), (1024, 1024, 1024)]
             peak = max(raw_jax.matmul_peak(*s, dtype) for s in shapes)
             log(f"  {name}: matmul peak {peak:.3f} TFLOP/s ({dtype.name}, best of {shapes})")
-        ref = None
-        for impl, fn, desc in implementations(case, suite):
-            if wanted and impl not in wanted and impl != "raw-jax":
-                continue
-            row = {"case": name, "impl": impl, "how": desc, "unit": UNITS[case], "config": _jsonable(c)}
+        impls = [i for i in implementations(case, suite) if not wanted or i[0] in wanted or i[0] == "raw-jax"]
+        case_rows = {}
+        for impl, fn, desc in (reversed(impls) if reverse else impls):
+            case_rows[impl] = row = {"case": name, "impl": impl, "how": desc, "unit": UNITS[case],
+                                     "config": _jsonable(c)}
             if impl.startswith("torch") and torch_impl.torch is not None and env["backend"] != "cpu" \
                     and torch_impl.device() == "cpu":
                 row.update(status="skipped", note="torch has no accelerator in this environment")
-                rows.append(row)
                 continue
             start = time.perf_counter()
             try:
                 check, t = fn(c)
             except common.Skip as e:
                 row.update(status="skipped", note=str(e))
-                rows.append(row)
                 log(f"  {name:14s} {impl:17s} skipped: {e}")
                 continue
             except Exception as e:  # noqa: BLE001 - one failing peer must not stop the suite
                 row.update(status="error", note=f"{type(e).__name__}: {e}".splitlines()[0][:300])
-                rows.append(row)
                 log(f"  {name:14s} {impl:17s} ERROR {row['note']}")
                 traceback.print_exc(file=sys.stderr)
                 continue
             rates = t.rates
             row.update(status="ok", median=statistics.median(rates), min=min(rates), max=max(rates), rates=rates,
                        compile_s=t.compile_s, check_loss=check, wall_s=time.perf_counter() - start)
-            if impl == "raw-jax":
-                ref = check
+            if peak is not None:
+                nominal, executed = _flops(case, c)
+                row.update(flops_per_example=nominal, flops_executed_per_example=executed, peak_tflops=peak)
+                _add_tflops(row)
+            loss = "no check" if check is None else f"loss {check:.6g}"
+            log(f"  {name:14s} {impl:17s} {row['median']:>14,.0f} {UNITS[case]} (compile {t.compile_s:.2f} s, {loss})")
+        ref = case_rows.get("raw-jax", {}).get("check_loss")
+        for impl, _, _ in impls:  # rows in the table's order, each loss checked against raw JAX
+            row = case_rows[impl]
+            rows.append(row)
+            if row.get("status") != "ok":
+                continue
+            check = row["check_loss"]
             if check is None:
                 row["note"] = "no loss check (members alone equal vmapped members: tests/test_members.py)"
             elif ref is not None:
@@ -248,13 +263,6 @@ def run_case(case, cfg, suite, wanted, env, log):
                 row.update(check_ref=ref, check_rel_diff=diff, check_rtol=rtol, check_ok=diff <= rtol)
                 if diff > rtol:
                     row["note"] = f"LOSS MISMATCH: {check!r} vs raw JAX {ref!r} (rel {diff:.2e} > {rtol:g})"
-            if peak is not None:
-                nominal, executed = _flops(case, c)
-                row.update(flops_per_example=nominal, flops_executed_per_example=executed, peak_tflops=peak)
-                _add_tflops(row)
-            rows.append(row)
-            loss = "no check" if check is None else f"loss {check:.6g}"
-            log(f"  {name:14s} {impl:17s} {row['median']:>14,.0f} {UNITS[case]} (compile {t.compile_s:.2f} s, {loss})")
     return rows
 
 
@@ -266,7 +274,7 @@ def _add_tflops(row):
 
 
 def merge_rounds(rounds):
-    """One row per (case, implementation) from several rounds of the suite: the repeats of every
+    """One row per (case, implementation) from several rounds of a case: the repeats of every
     round pooled (median, min, max over all of them), and ``round_medians`` with each round's
     median, so that ratios pair the implementations round by round (see :func:`ratio`)."""
     if len(rounds) == 1:
@@ -283,7 +291,8 @@ def merge_rounds(rounds):
                 continue
             m = by_key[key]
             if r.get("status") != "ok" or m.get("status") != "ok":
-                m["note"] = (m.get("note", "") + f" (a later round: {r.get('status')} {r.get('note', '')})").strip()
+                if (r.get("status"), r.get("note")) != (m.get("status"), m.get("note")):
+                    m["note"] = (m.get("note", "") + f" (a later round: {r.get('status')}: {r.get('note', '')})").strip()
                 continue
             m["rates"] = m["rates"] + r["rates"]
             m["round_medians"].append(r["median"])
@@ -419,8 +428,8 @@ def markdown(env, rows, tgts):
         "",
         "Throughput is the median over repeats (min–max in brackets); compilation is excluded and shown apart.",
         "Ratios are against raw JAX and PyTorch eager in this same run"
-        + (f", each the median of {env['rounds']} rounds' ratios (every round runs every implementation; "
-           "the repeats of all rounds are pooled for the throughput)" if env.get("rounds", 1) > 1 else "")
+        + (f", each the median of {env['rounds']} rounds' ratios (each case runs its rounds back to back, "
+           "every round runs every implementation; the repeats of all rounds are pooled for the throughput)" if env.get("rounds", 1) > 1 else "")
         + ". `loss check`: relative difference of the",
         "loss after a fixed number of steps from the same weights and data, against raw JAX.",
         "",
@@ -505,8 +514,8 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds after which remaining cases are skipped (noted in the output)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run the suite this many times and pool the repeats; ratios are then medians of "
-                             "per-round ratios (steadier on a shared, noisy machine)")
+                        help="run each case this many times back to back and pool the repeats; ratios are then "
+                             "medians of per-round ratios (steadier on a shared, noisy machine)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply step counts and repeats' work by this (e.g. 0.05 for a smoke run)")
     args = parser.parse_args(argv)
@@ -519,25 +528,26 @@ def main(argv=None):
     wanted = set(args.impls) if args.impls else None
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    rounds = []
-    for round_index in range(args.rounds):
-        if args.rounds > 1:
-            log(f"round {round_index + 1} of {args.rounds}")
-        rows = []
-        for case in args.cases:
-            if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
-                rows.append({"case": case, "impl": "-", "unit": "", "status": "skipped",
-                             "note": f"time limit of {args.time_limit:g} s reached"})
-                log(f"{case}: skipped, time limit reached")
-                continue
+    rows = []
+    for case in args.cases:
+        if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
+            rows.append({"case": case, "impl": "-", "unit": "", "status": "skipped",
+                         "note": f"time limit of {args.time_limit:g} s reached"})
+            log(f"{case}: skipped, time limit reached")
+            continue
+        if case == "train-cli":  # one wall time of a fresh process: rounds would only repeat it
             log(f"{case}:")
-            if case == "train-cli":
-                rows += run_train_cli(log)
-                continue
-            rows += run_case(case, scaled(sizes[case], args.scale), args.suite, wanted, env, log)
-        rounds.append(rows)
+            rows += run_train_cli(log)
+            continue
+        # The rounds of a case run back to back, so that the implementations a ratio pairs are
+        # measured seconds apart, not minutes (a shared machine's load drifts in between).
+        rounds = []
+        for round_index in range(args.rounds):
+            log(f"{case}:" + (f" round {round_index + 1} of {args.rounds}" if args.rounds > 1 else ""))
+            rounds.append(run_case(case, scaled(sizes[case], args.scale), args.suite, wanted, env, log,
+                                   reverse=round_index % 2 == 1))
+        rows += merge_rounds(rounds)
     env["rounds"] = args.rounds
-    rows = merge_rounds(rounds)
     add_ratios(rows)
     tgts = targets(rows, env["backend"])
     env["seconds"] = time.perf_counter() - began

@@ -320,7 +320,8 @@ def fit(
     while fit_state.epoch < epochs:
         start = time.perf_counter()
         train, metrics = run_epoch(fit_state.train, x, y)
-        train_loss = float(metrics["loss"])  # one host sync per epoch
+        metrics = jax.device_get(metrics)  # one host sync per epoch
+        train_loss = float(metrics["loss"])
         epoch = fit_state.epoch + 1
         bad = int(metrics["first_nonfinite"])
         if bad >= 0 and not skip_nonfinite:
@@ -417,7 +418,8 @@ def _fit_members(
     while fit_state.epoch < epochs:
         start = time.perf_counter()
         train, metrics = run_epoch(fit_state.train, x, y)
-        losses = np.asarray(metrics["loss"])  # one host sync per epoch
+        metrics = jax.device_get(metrics)  # one host sync per epoch
+        losses = np.asarray(metrics["loss"])
         epoch = fit_state.epoch + 1
         active = ~stopped
         first_bad = np.asarray(metrics["first_nonfinite"])

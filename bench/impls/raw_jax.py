@@ -42,7 +42,21 @@ def _seed_step(params, xt):
     return jax.tree.map(lambda p, g: p - common.SEED_LR * g, params, grads), None
 
 
+def _seed_step_tracked(carry, xt):
+    """One SGD step that also adds the example's loss to a running sum, as a training loop that
+    reports its epoch loss does (fit reports it)."""
+    params, total = carry
+    loss, grads = jax.value_and_grad(_seed_loss)(params, *xt)
+    return (jax.tree.map(lambda p, g: p - common.SEED_LR * g, params, grads), total + loss), None
+
+
 def _seed_train(params, xs, ts):
+    """``(params, mean loss over the steps)`` after one SGD step per example of ``xs, ts``."""
+    (params, total), _ = jax.lax.scan(_seed_step_tracked, (params, jnp.zeros((), jnp.float32)), (xs, ts))
+    return params, total / xs.shape[0]
+
+
+def _seed_train_untracked(params, xs, ts):
     return jax.lax.scan(_seed_step, params, (xs, ts))[0]
 
 
@@ -52,10 +66,13 @@ def _seed_check(cfg, train):
     return train, xs, ts
 
 
-def seed_sgd(cfg):
-    train = jax.jit(_seed_train)
+def seed_sgd(cfg, track_loss=True):
+    """``jit`` + ``lax.scan`` over the stream; ``track_loss=False`` takes only the gradient (no loss
+    value, no running sum), the least work an online SGD loop can do."""
+    train = jax.jit(_seed_train if track_loss else _seed_train_untracked)
     _, xs_c, ts_c = _seed_check(cfg, train)
     params = train(_tree(common.seed_params()), xs_c, ts_c)
+    params = params[0] if track_loss else params
     check = float(_seed_loss(params, jnp.asarray(common.SEED_X), jnp.asarray(common.SEED_T)))
 
     xs, ts = map(jnp.asarray, common.seed_stream(cfg["steps"]))
@@ -77,7 +94,7 @@ def seed_sgd_shuffled(cfg):
     x1, t1 = jnp.asarray(common.SEED_X[None]), jnp.asarray(common.SEED_T[None])
     params = p0
     for _ in range(k):  # epochs of the single worked example, as fit runs them
-        params = train(params, jax.random.key(0), x1, t1)
+        params, _ = train(params, jax.random.key(0), x1, t1)
     check = float(_seed_loss(params, x1[0], t1[0]))
 
     xs, ts = map(jnp.asarray, common.seed_stream(cfg["steps"]))
@@ -113,7 +130,7 @@ def ensemble(cfg):
     k = cfg["k"]
     p0 = _tree(common.ensemble_params(k))
     _, xs_c, ts_c = _seed_check(cfg, train)
-    params = train(p0, xs_c, ts_c)
+    params, _ = train(p0, xs_c, ts_c)
     losses = jax.vmap(_seed_loss, in_axes=(0, None, None))(params, jnp.asarray(common.SEED_X), jnp.asarray(common.SEED_T))
     check = float(jnp.mean(losses))
 
@@ -177,7 +194,11 @@ def minibatch(case, cfg):
     xb = jnp.asarray(x.reshape(steps, b, -1), dtype)
     yb = jnp.asarray(y.reshape((steps, b) + y.shape[1:]))
     step = _make_step(loss_fn, opt)
-    train = jax.jit(lambda carry, xb, yb: jax.lax.scan(step, carry, (xb, yb))[0])
+    def train(carry, xb, yb):  # the carry and the mean loss, as a loop reporting its epoch loss
+        carry, losses = jax.lax.scan(step, carry, (xb, yb))
+        return carry, jnp.mean(losses)
+
+    train = jax.jit(train)
     carry0 = (params, opt.init(params))
     call = lambda: jax.block_until_ready(train(carry0, xb, yb))  # noqa: E731
     return minibatch_check(case, cfg), common.time_calls(call, call, b * steps, cfg["repeats"], cfg["min_seconds"])

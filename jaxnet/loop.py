@@ -124,32 +124,34 @@ def make_epoch(
             index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder, shuffle)
             # One gather of the whole epoch up front: on a CPU, per-step gathers inside the scan
             # run about 3x slower than this for small models.
-            steps = (x[index], y[index], weight) if padded else (x[index], y[index])
+            batches = (x[index], y[index], weight) if padded else (x[index], y[index])
         else:  # the data's own order: each step slices its batch straight from x and y, no copy
-            steps = jnp.arange(nb, dtype=jnp.int32)
+            batches = None
 
-        def batch_of(step_input):
-            if shuffle or padded:
-                return step_input
-            start = step_input * batch_size
-            return (jax.lax.dynamic_slice_in_dim(x, start, batch_size),
-                    jax.lax.dynamic_slice_in_dim(y, start, batch_size))
+        def batch_of(i, batch):
+            if batch is not None:
+                return batch
+            return (jax.lax.dynamic_slice_in_dim(x, i * batch_size, batch_size),
+                    jax.lax.dynamic_slice_in_dim(y, i * batch_size, batch_size))
 
         # The epoch's metrics accumulate in the carry (a per-step output buffer would hold members
         # x steps losses when vmapped): the sum of the batch losses, and the number of steps after
         # which that sum was still finite. A non-finite loss leaves the sum non-finite for the rest
-        # of the epoch, so that number is the index of the first non-finite step. (Two scalar ops
-        # per step: on a CPU, each further one costs about 2% of a small model's step.)
-        def body(carry, step_input):
-            state, total, finite_steps = carry
-            batch = batch_of(step_input)
+        # of the epoch, so that number is the index of the first non-finite step. The step index i
+        # is carried (XLA merges it with the loop's own counter); a select of it costs less per
+        # step than counting (on a CPU each further op costs about 2% of a small model's step).
+        def body(carry, batch):
+            state, total, finite_steps, i = carry
+            batch = batch_of(i, batch)
             state, metrics = update(state, batch)
             loss = metrics["loss"] * jnp.sum(batch[2]) if padded else metrics["loss"]
             total = total + loss.astype(total.dtype)
-            return (state, total, finite_steps + jnp.isfinite(total).astype(jnp.int32)), None
+            i = i + 1
+            return (state, total, jnp.where(jnp.isfinite(total), i, finite_steps), i), None
 
-        carry = (state._replace(key=key), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (state, total, finite_steps), _ = jax.lax.scan(body, carry, steps, unroll=unroll)
+        zero = jnp.zeros((), jnp.int32)
+        carry = (state._replace(key=key), jnp.zeros((), jnp.float32), zero, zero)
+        (state, total, finite_steps, _), _ = jax.lax.scan(body, carry, batches, length=nb, unroll=unroll)
         finite = jnp.isfinite(total)
         metrics = {
             # without padding every batch has the same size: the mean of the batch losses

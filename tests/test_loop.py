@@ -207,3 +207,19 @@ def test_epoch_reports_the_first_nonfinite_step_and_mean_loss(bad_example, first
         assert int(metrics["first_nonfinite"]) == -1
     else:
         assert np.isnan(float(metrics["loss"]))
+        # The padded path (batches of 8: the example's step is its index // 8) finds it too.
+        epoch = jax.jit(jn.make_epoch(jn.make_update(net, "cross_entropy", opt), 50, 8, shuffle=False))
+        _, metrics = epoch(jn.init_state(params, opt, jax.random.key(2)), x, y)
+        assert int(metrics["first_nonfinite"]) == bad_example // 8
+
+
+def test_shuffled_epoch_reports_the_first_nonfinite_step():
+    x, y = _data(n=40)
+    net = jn.mlp([3, 3])
+    opt = optax.sgd(0.1)
+    state = jn.init_state(net.init(jax.random.key(1)), opt, jax.random.key(2))
+    epoch = jax.jit(jn.make_epoch(jn.make_update(net, "cross_entropy", opt), 40, 10))
+    assert int(epoch(state, x, y)[1]["first_nonfinite"]) == -1
+    x[:20] = np.inf  # half the examples: some batch of the first two holds one (any shuffle)
+    _, metrics = epoch(state, x, y)
+    assert int(metrics["first_nonfinite"]) in (0, 1) and np.isnan(float(metrics["loss"]))

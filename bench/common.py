@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -101,27 +102,129 @@ class Timing:
         return statistics.median(self.rates)
 
 
-def time_calls(first: Callable[[], object], run: Callable[[], object], units: float, repeats: int,
-               min_seconds: float = 0.0) -> Timing:
-    """Times ``first()`` (compilation plus one run) once, then ``run()`` ``repeats`` times.
+class Timer:
+    """A prepared implementation, timed one repeat at a time so that a runner can interleave several.
 
-    Both must block until their results are ready. A repeat that takes less than ``min_seconds``
-    is grown by calling ``run`` several times in it, so that timer resolution and launch noise stay small.
+    ``start()`` compiles (the first call) and returns; each ``repeat()`` returns the wall seconds of
+    one repeat of ``units`` of work; ``finish()`` releases what the timer holds and returns the
+    :class:`Timing`. ``repeats`` is how many repeats the implementation asks for.
     """
-    start = time.perf_counter()
-    first()
-    first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    run()
-    once = time.perf_counter() - start
-    calls = max(1, int(np.ceil(min_seconds / max(once, 1e-9)))) if min_seconds else 1
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        seconds.append(time.perf_counter() - start)
-    return Timing(compile_s=max(first_s - once, 0.0), seconds=seconds, units=units * calls)
+
+    units: float
+    repeats: int
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def repeat(self) -> float:
+        raise NotImplementedError
+
+    def finish(self, seconds: list[float]) -> Timing:
+        raise NotImplementedError
+
+    def measure(self) -> Timing:
+        """Every repeat back to back (no interleaving)."""
+        self.start()
+        return self.finish([self.repeat() for _ in range(self.repeats)])
+
+
+class CallTimer(Timer):
+    """Times ``first()`` (compilation plus one run) once, then ``run()`` once per repeat.
+
+    Both must block until their results are ready. A repeat that would take less than
+    ``min_seconds`` calls ``run`` several times, so that timer resolution and launch noise stay small.
+    """
+
+    def __init__(self, first: Callable[[], object], run: Callable[[], object], units: float, repeats: int,
+                 min_seconds: float = 0.0):
+        self._first, self._run, self._min_seconds = first, run, min_seconds
+        self._units, self.repeats, self._calls = units, repeats, 1
+
+    @property
+    def units(self) -> float:
+        return self._units * self._calls
+
+    def start(self) -> None:
+        begin = time.perf_counter()
+        self._first()
+        self._first_s = time.perf_counter() - begin
+        begin = time.perf_counter()
+        self._run()
+        self._once = time.perf_counter() - begin
+        if self._min_seconds:
+            self._calls = max(1, int(np.ceil(self._min_seconds / max(self._once, 1e-9))))
+
+    def repeat(self) -> float:
+        begin = time.perf_counter()
+        for _ in range(self._calls):
+            self._run()
+        return time.perf_counter() - begin
+
+    def finish(self, seconds: list[float]) -> Timing:
+        return Timing(compile_s=max(self._first_s - self._once, 0.0), seconds=seconds, units=self.units)
+
+
+def time_calls(first: Callable[[], object], run: Callable[[], object], units: float, repeats: int,
+               min_seconds: float = 0.0) -> CallTimer:
+    """A :class:`CallTimer` of ``first`` and ``run`` (nothing runs until the runner starts it)."""
+    return CallTimer(first, run, units, repeats, min_seconds)
+
+
+class EpochTimer(Timer):
+    """Times a training loop that reports each epoch's wall time (``jaxnet.fit``), one epoch per repeat.
+
+    ``train(callback)`` runs the loop for ``repeats + 1`` epochs, calling ``callback(seconds)``
+    after every epoch; the loop runs in a thread that waits in the callback until the runner asks
+    for the next epoch, so that the waiting is outside the epochs' own timing. The first epoch
+    includes compilation.
+    """
+
+    def __init__(self, train: Callable[[Callable[[float], None]], object], units: float, repeats: int):
+        self._train, self.units, self.repeats = train, units, repeats
+        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
+        self._epochs: list[float] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _after_epoch(self, seconds: float) -> None:
+        self._epochs.append(seconds)
+        self._done.release()
+        self._go.acquire()
+
+    def _main(self) -> None:
+        try:
+            self._train(self._after_epoch)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the runner's thread
+            self._error = e
+        finally:
+            self._thread_done = True
+            self._done.release()
+
+    def _wait(self) -> float:
+        self._done.acquire()
+        if self._error is not None:
+            raise self._error
+        if getattr(self, "_thread_done", False):
+            raise RuntimeError("the training loop ended before its last epoch")
+        return self._epochs[-1]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        self._wait()
+
+    def repeat(self) -> float:
+        self._go.release()
+        return self._wait()
+
+    def finish(self, seconds: list[float]) -> Timing:
+        if self._thread is not None:
+            while self._thread.is_alive():  # let the loop run to its end
+                self._go.release()
+                self._thread.join(timeout=0.1)
+        first = self._epochs[0] if self._epochs else 0.0
+        compile_s = max(first - statistics.median(seconds), 0.0) if seconds else None
+        return Timing(compile_s=compile_s, seconds=seconds, units=self.units)
 
 
 class Skip(Exception):

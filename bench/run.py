@@ -200,10 +200,13 @@ def _flops(case, cfg):
 
 
 def run_case(case, cfg, suite, wanted, env, log, reverse=False):
-    """Rows of one round of ``case``: every implementation compiled, checked and timed in turn.
+    """Rows of one round of ``case``.
 
-    ``reverse`` runs the implementations in the opposite order (alternate rounds do, so that no
-    implementation always runs first or last); the loss checks against raw JAX come afterwards.
+    Every implementation is first prepared: its loss check runs and its first call compiles. Then
+    the repeats are interleaved: repeat i of every implementation runs before repeat i + 1 of any,
+    the order rotating from one repeat to the next, so that a shared machine's drift hits all
+    implementations alike and ratios can pair repeat i with repeat i (see :func:`ratio`).
+    ``reverse`` prepares the implementations in the opposite order (alternate rounds do).
     """
     rows = []
     sub = [(f"{case}-b{b}", dict(cfg, batch=b, steps=s)) for b, s in cfg["batches"].items()] \
@@ -219,36 +222,48 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
             peak = max(raw_jax.matmul_peak(*s, dtype) for s in shapes)
             log(f"  {name}: matmul peak {peak:.3f} TFLOP/s ({dtype.name}, best of {shapes})")
         impls = [i for i in implementations(case, suite) if not wanted or i[0] in wanted or i[0] == "raw-jax"]
-        case_rows = {}
-        for impl, fn, desc in (reversed(impls) if reverse else impls):
-            case_rows[impl] = row = {"case": name, "impl": impl, "how": desc, "unit": UNITS[case],
-                                     "config": _jsonable(c)}
+        case_rows = {impl: {"case": name, "impl": impl, "how": desc, "unit": UNITS[case], "config": _jsonable(c)}
+                     for impl, _, desc in impls}
+        timers, checks, began = {}, {}, {}
+        for impl, fn, _ in (reversed(impls) if reverse else impls):
+            row = case_rows[impl]
             if impl.startswith("torch") and torch_impl.torch is not None and env["backend"] != "cpu" \
                     and torch_impl.device() == "cpu":
                 row.update(status="skipped", note="torch has no accelerator in this environment")
                 continue
-            start = time.perf_counter()
+            began[impl] = time.perf_counter()
             try:
-                check, t = fn(c)
+                checks[impl], timer = fn(c)
+                timer.start()
+                timers[impl] = timer
             except common.Skip as e:
                 row.update(status="skipped", note=str(e))
                 log(f"  {name:14s} {impl:17s} skipped: {e}")
-                continue
             except Exception as e:  # noqa: BLE001 - one failing peer must not stop the suite
-                row.update(status="error", note=f"{type(e).__name__}: {e}".splitlines()[0][:300])
-                log(f"  {name:14s} {impl:17s} ERROR {row['note']}")
-                traceback.print_exc(file=sys.stderr)
-                continue
+                _failed(row, e, log, name)
+        seconds = {impl: [] for impl in timers}
+        order = [impl for impl, _, _ in impls if impl in timers]
+        for i in range(max((t.repeats for t in timers.values()), default=0)):
+            for impl in order[i % len(order):] + order[:i % len(order)]:
+                if impl in timers and len(seconds[impl]) < timers[impl].repeats:
+                    try:
+                        seconds[impl].append(timers[impl].repeat())
+                    except Exception as e:  # noqa: BLE001
+                        _failed(case_rows[impl], e, log, name)
+                        timers.pop(impl).finish([])
+        for impl, timer in timers.items():
+            t = timer.finish(seconds[impl])
             rates = t.rates
+            row, check = case_rows[impl], checks[impl]
             row.update(status="ok", median=statistics.median(rates), min=min(rates), max=max(rates), rates=rates,
-                       compile_s=t.compile_s, check_loss=check, wall_s=time.perf_counter() - start)
+                       compile_s=t.compile_s, check_loss=check, wall_s=time.perf_counter() - began[impl])
             if peak is not None:
                 nominal, executed = _flops(case, c)
                 row.update(flops_per_example=nominal, flops_executed_per_example=executed, peak_tflops=peak)
                 _add_tflops(row)
             loss = "no check" if check is None else f"loss {check:.6g}"
             log(f"  {name:14s} {impl:17s} {row['median']:>14,.0f} {UNITS[case]} (compile {t.compile_s:.2f} s, {loss})")
-        ref = case_rows.get("raw-jax", {}).get("check_loss")
+        ref = case_rows["raw-jax"].get("check_loss") if "raw-jax" in case_rows else None
         for impl, _, _ in impls:  # rows in the table's order, each loss checked against raw JAX
             row = case_rows[impl]
             rows.append(row)
@@ -266,6 +281,12 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
     return rows
 
 
+def _failed(row, error, log, name):
+    row.update(status="error", note=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+    log(f"  {name:14s} {row['impl']:17s} ERROR {row['note']}")
+    traceback.print_exc(file=sys.stderr)
+
+
 def _add_tflops(row):
     row["tflops"] = row["median"] * row["flops_per_example"] / 1e12
     row["tflops_executed"] = row["median"] * row["flops_executed_per_example"] / 1e12
@@ -275,8 +296,8 @@ def _add_tflops(row):
 
 def merge_rounds(rounds):
     """One row per (case, implementation) from several rounds of a case: the repeats of every
-    round pooled (median, min, max over all of them), and ``round_medians`` with each round's
-    median, so that ratios pair the implementations round by round (see :func:`ratio`)."""
+    round pooled in order (median, min, max over all of them; paired repeats stay paired, see
+    :func:`ratio`), and ``round_medians`` with each round's median."""
     if len(rounds) == 1:
         return rounds[0]
     merged, by_key = [], {}
@@ -311,10 +332,11 @@ def merge_rounds(rounds):
 
 
 def ratio(a, b):
-    """``a``'s throughput over ``b``'s: with several rounds, the median of the per-round ratios
-    (drift of a shared machine between rounds cancels), else the ratio of the medians."""
-    ra, rb = a.get("round_medians") or [], b.get("round_medians") or []
-    if len(ra) > 1 and len(ra) == len(rb):
+    """``a``'s throughput over ``b``'s: the median of the ratios of paired repeats (repeat i of
+    both ran back to back, so that a shared machine's drift cancels) when both have the same
+    number of repeats, else the ratio of the medians."""
+    ra, rb = a.get("rates") or [], b.get("rates") or []
+    if ra and len(ra) == len(rb):
         return statistics.median(x / y for x, y in zip(ra, rb))
     return a["median"] / b["median"]
 
@@ -427,10 +449,11 @@ def markdown(env, rows, tgts):
         f"Flags: `{json.dumps(env['flags'])}`. Load average at start: {env.get('loadavg_start')}.",
         "",
         "Throughput is the median over repeats (min–max in brackets); compilation is excluded and shown apart.",
-        "Ratios are against raw JAX and PyTorch eager in this same run"
-        + (f", each the median of {env['rounds']} rounds' ratios (each case runs its rounds back to back, "
-           "every round runs every implementation; the repeats of all rounds are pooled for the throughput)" if env.get("rounds", 1) > 1 else "")
-        + ". `loss check`: relative difference of the",
+        "Repeats are interleaved: repeat i of every implementation of a case runs before repeat i + 1 of any."
+        + (f" Each case ran {env['rounds']} rounds back to back (every implementation recompiled each round); "
+           "their repeats are pooled." if env.get("rounds", 1) > 1 else ""),
+        "Ratios are against raw JAX and PyTorch eager in this same run: the median of the ratios of paired "
+        "repeats. `loss check`: relative difference of the",
         "loss after a fixed number of steps from the same weights and data, against raw JAX.",
         "",
         "| case | implementation | throughput (min–max) | unit | vs raw JAX | vs PyTorch | TFLOP/s | of peak "

@@ -106,7 +106,7 @@ def test_backprop_uses_weights_before_the_update():
     # The notes' formula for dC/dw_11^1 with the right weights gives the autodiff gradient;
     # with the updated weights it gives 0.00321 instead of 0.00336.
     r = worked_example(x=X_FORWARD)
-    (a11, a21), (a12, a22) = r["layers"][0]["a"], r["layers"][1]["a"]
+    (a11, _), (a12, a22) = r["layers"][0]["a"], r["layers"][1]["a"]
     t1, t2 = NOTES_TARGET
 
     def notes_formula(w11, w21):

@@ -1,12 +1,12 @@
 """jaxnet through its public API, as a user writes it: ``mlp`` + ``fit``, or ``make_epoch`` + ``jit``.
 
 ``fit`` is timed from its own history: each epoch record carries its wall time (one compiled call
-plus the host reading the epoch's loss); the first epoch includes compilation.
+plus the host reading the epoch's loss); the first epoch includes compilation. A callback holds
+``fit`` between epochs while the runner times the other implementations (see ``common.EpochTimer``).
 """
 
 from __future__ import annotations
 
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +16,14 @@ import jaxnet
 from bench import common
 
 
-def _fit_timing(history, units) -> common.Timing:
-    seconds = [r["seconds"] for r in history]
-    rest = seconds[1:]
-    return common.Timing(compile_s=max(seconds[0] - statistics.median(rest), 0.0), seconds=rest, units=units)
+def _fit_timer(cfg, units, *args, **kwargs) -> common.EpochTimer:
+    """``jaxnet.fit(*args, **kwargs)`` for ``cfg["repeats"] + 1`` epochs, one epoch per repeat."""
+
+    def train(after_epoch):
+        jaxnet.fit(*args, epochs=cfg["repeats"] + 1, callbacks=[lambda state, record: after_epoch(record["seconds"])],
+                   **kwargs)
+
+    return common.EpochTimer(train, units, cfg["repeats"])
 
 
 def _seed_model():
@@ -45,12 +49,9 @@ def seed_sgd(cfg, shuffle=False):
     params = model.init(jax.random.key(0))
     check = _seed_check(cfg, model, params)
     xs, ts = common.seed_stream(cfg["steps"])
-    _, history = jaxnet.fit(
-        model, params, xs, ts, loss="half_sse", optimizer=optax.sgd(common.SEED_LR),
-        epochs=cfg["repeats"] + 1, batch_size=1, key=jax.random.key(1), shuffle=shuffle,
-        unroll=cfg.get("unroll", 1),
-    )
-    return check, _fit_timing(history, cfg["steps"])
+    return check, _fit_timer(cfg, cfg["steps"], model, params, xs, ts, loss="half_sse",
+                             optimizer=optax.sgd(common.SEED_LR), batch_size=1, key=jax.random.key(1),
+                             shuffle=shuffle, unroll=cfg.get("unroll", 1))
 
 
 def _timed_epoch(run_epoch, state, x, y, units, cfg):
@@ -96,9 +97,8 @@ def ensemble(cfg):
     check = float(jnp.mean(losses))
 
     xs, ts = common.seed_stream(cfg["steps"])
-    _, history = jaxnet.fit(model, params, xs, ts, loss="half_sse", optimizer=opt, epochs=cfg["repeats"] + 1,
-                            batch_size=1, key=keys, shuffle=False, unroll=cfg.get("unroll", 1))
-    return check, _fit_timing(history, k * cfg["steps"])
+    return check, _fit_timer(cfg, k * cfg["steps"], model, params, xs, ts, loss="half_sse", optimizer=opt,
+                             batch_size=1, key=keys, shuffle=False, unroll=cfg.get("unroll", 1))
 
 
 def ensemble_separate(cfg, members=4):
@@ -162,10 +162,9 @@ def minibatch(case, cfg, shuffle=None):
     model, params, loss, opt, data = _problem(case, cfg)
     n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
     x, y = data(n)
-    _, history = jaxnet.fit(model, params, x, y, loss=loss, optimizer=opt, epochs=cfg["repeats"] + 1,
-                            batch_size=cfg["batch"], key=jax.random.key(1), unroll=cfg.get("unroll", 1),
-                            shuffle=_shuffles(case, shuffle))
-    return minibatch_check(case, cfg), _fit_timing(history, n)
+    return minibatch_check(case, cfg), _fit_timer(cfg, n, model, params, x, y, loss=loss, optimizer=opt,
+                                                  batch_size=cfg["batch"], key=jax.random.key(1),
+                                                  unroll=cfg.get("unroll", 1), shuffle=_shuffles(case, shuffle))
 
 
 def minibatch_epoch(case, cfg):
@@ -174,6 +173,7 @@ def minibatch_epoch(case, cfg):
     n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
     x, y = map(jnp.asarray, data(n))
     update = jaxnet.make_update(model, loss, opt)
-    run_epoch = jax.jit(jaxnet.make_epoch(update, n, cfg["batch"], unroll=cfg.get("unroll", 1)), donate_argnums=0)
+    epoch = jaxnet.make_epoch(update, n, cfg["batch"], shuffle=_shuffles(case, None), unroll=cfg.get("unroll", 1))
+    run_epoch = jax.jit(epoch, donate_argnums=0)
     state = jaxnet.init_state(params, opt, jax.random.key(1))
     return minibatch_check(case, cfg), _timed_epoch(run_epoch, state, x, y, n, cfg)

@@ -133,11 +133,13 @@ class CallTimer(Timer):
 
     Both must block until their results are ready. A repeat that would take less than
     ``min_seconds`` calls ``run`` several times, so that timer resolution and launch noise stay small.
+    ``compile_s``, when given, is compile time spent before the timer (e.g. during the loss check),
+    added to that of ``first``.
     """
 
     def __init__(self, first: Callable[[], object], run: Callable[[], object], units: float, repeats: int,
-                 min_seconds: float = 0.0):
-        self._first, self._run, self._min_seconds = first, run, min_seconds
+                 min_seconds: float = 0.0, compile_s: float | None = None):
+        self._first, self._run, self._min_seconds, self._compile_s = first, run, min_seconds, compile_s
         self._units, self.repeats, self._calls = units, repeats, 1
 
     @property
@@ -161,13 +163,14 @@ class CallTimer(Timer):
         return time.perf_counter() - begin
 
     def finish(self, seconds: list[float]) -> Timing:
-        return Timing(compile_s=max(self._first_s - self._once, 0.0), seconds=seconds, units=self.units)
+        compile_s = max(self._first_s - self._once, 0.0) + (self._compile_s or 0.0)
+        return Timing(compile_s=compile_s, seconds=seconds, units=self.units)
 
 
 def time_calls(first: Callable[[], object], run: Callable[[], object], units: float, repeats: int,
-               min_seconds: float = 0.0) -> CallTimer:
+               min_seconds: float = 0.0, compile_s: float | None = None) -> CallTimer:
     """A :class:`CallTimer` of ``first`` and ``run`` (nothing runs until the runner starts it)."""
-    return CallTimer(first, run, units, repeats, min_seconds)
+    return CallTimer(first, run, units, repeats, min_seconds, compile_s)
 
 
 class EpochTimer(Timer):

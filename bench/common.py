@@ -174,25 +174,33 @@ def time_calls(first: Callable[[], object], run: Callable[[], object], units: fl
 
 
 class EpochTimer(Timer):
-    """Times a training loop that reports each epoch's wall time (``jaxnet.fit``), one epoch per repeat.
+    """Times a training loop that reports each epoch's wall time (``jaxnet.fit``).
 
-    ``train(callback)`` runs the loop for ``repeats + 1`` epochs, calling ``callback(seconds)``
-    after every epoch; the loop runs in a thread that waits in the callback until the runner asks
-    for the next epoch, so that the waiting is outside the epochs' own timing. The first epoch
-    includes compilation.
+    ``train(after_epoch)`` runs the loop, calling ``after_epoch(seconds)`` after every epoch and
+    stopping when it returns True. The loop runs in a thread that waits in ``after_epoch`` until
+    the runner asks for more, so that the waiting is outside the epochs' own timing. The first
+    epoch includes compilation; a repeat is as many whole epochs as make up ``min_seconds``
+    (measured on the second epoch), their times summed.
     """
 
-    def __init__(self, train: Callable[[Callable[[float], None]], object], units: float, repeats: int):
-        self._train, self.units, self.repeats = train, units, repeats
+    def __init__(self, train: Callable[[Callable[[float], bool]], object], units: float, repeats: int,
+                 min_seconds: float = 0.0):
+        self._train, self._units, self.repeats, self._min_seconds = train, units, repeats, min_seconds
         self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
         self._epochs: list[float] = []
+        self._per_repeat, self._stop, self._ended = 1, False, False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def _after_epoch(self, seconds: float) -> None:
+    @property
+    def units(self) -> float:
+        return self._units * self._per_repeat
+
+    def _after_epoch(self, seconds: float) -> bool:
         self._epochs.append(seconds)
         self._done.release()
         self._go.acquire()
+        return self._stop
 
     def _main(self) -> None:
         try:
@@ -200,34 +208,40 @@ class EpochTimer(Timer):
         except BaseException as e:  # noqa: BLE001 - re-raised in the runner's thread
             self._error = e
         finally:
-            self._thread_done = True
+            self._ended = True
             self._done.release()
 
-    def _wait(self) -> float:
+    def _next_epoch(self) -> float:
+        self._go.release()
         self._done.acquire()
         if self._error is not None:
             raise self._error
-        if getattr(self, "_thread_done", False):
+        if self._ended:
             raise RuntimeError("the training loop ended before its last epoch")
         return self._epochs[-1]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, daemon=True)
         self._thread.start()
-        self._wait()
+        self._done.acquire()  # the first epoch: compilation and one run
+        if self._error is not None:
+            raise self._error
+        if self._min_seconds:
+            once = self._next_epoch()
+            self._per_repeat = max(1, int(np.ceil(self._min_seconds / max(once, 1e-9))))
 
     def repeat(self) -> float:
-        self._go.release()
-        return self._wait()
+        return sum(self._next_epoch() for _ in range(self._per_repeat))
 
     def finish(self, seconds: list[float]) -> Timing:
         if self._thread is not None:
-            while self._thread.is_alive():  # let the loop run to its end
+            self._stop = True
+            while self._thread.is_alive():
                 self._go.release()
                 self._thread.join(timeout=0.1)
         first = self._epochs[0] if self._epochs else 0.0
-        compile_s = max(first - statistics.median(seconds), 0.0) if seconds else None
-        return Timing(compile_s=compile_s, seconds=seconds, units=self.units)
+        steady = statistics.median(self._epochs[1:]) if len(self._epochs) > 1 else 0.0
+        return Timing(compile_s=max(first - steady, 0.0), seconds=seconds, units=self.units)
 
 
 class Skip(Exception):

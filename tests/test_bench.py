@@ -12,12 +12,14 @@ from bench.run import ratio  # noqa: E402
 
 
 def _fake_fit(epoch_seconds, events, name):
-    """A training loop that reports fixed epoch times and logs when each epoch runs."""
+    """A training loop that reports fixed epoch times, logs when each epoch runs, and stops when
+    its callback says so."""
 
     def train(after_epoch):
         for i, seconds in enumerate(epoch_seconds):
             events.append(f"{name} epoch {i}")
-            after_epoch(seconds)
+            if after_epoch(seconds):
+                break
         events.append(f"{name} done")
 
     return train
@@ -25,7 +27,7 @@ def _fake_fit(epoch_seconds, events, name):
 
 def test_epoch_timer_holds_the_loop_between_epochs_and_excludes_the_first():
     events = []
-    timer = common.EpochTimer(_fake_fit([5.0, 1.0, 2.0, 3.0], events, "fit"), units=10, repeats=3)
+    timer = common.EpochTimer(_fake_fit([5.0, 1.0, 2.0, 3.0, 9.0, 9.0], events, "fit"), units=10, repeats=3)
     timer.start()
     assert events == ["fit epoch 0"]  # compiled, then held
     seconds = []
@@ -34,10 +36,17 @@ def test_epoch_timer_holds_the_loop_between_epochs_and_excludes_the_first():
         seconds.append(timer.repeat())
     timing = timer.finish(seconds)
     assert events == ["fit epoch 0", "other repeat 0", "fit epoch 1", "other repeat 1", "fit epoch 2",
-                      "other repeat 2", "fit epoch 3", "fit done"]
+                      "other repeat 2", "fit epoch 3", "fit done"]  # stopped by its callback
     assert timing.seconds == [1.0, 2.0, 3.0]
     assert timing.rates == [10.0, 5.0, 10 / 3]
     assert timing.compile_s == pytest.approx(3.0)  # first epoch minus the median epoch
+
+
+def test_epoch_timer_groups_short_epochs_into_repeats_of_min_seconds():
+    timer = common.EpochTimer(_fake_fit([5.0] + [0.25] * 20, [], "fit"), units=10, repeats=2, min_seconds=1.0)
+    timer.start()  # the second epoch (0.25 s) sets four epochs per repeat
+    timing = timer.finish([timer.repeat(), timer.repeat()])
+    assert timing.seconds == [1.0, 1.0] and timing.units == 40 and timing.rates == [40.0, 40.0]
 
 
 def test_epoch_timer_reraises_the_loops_error_and_a_short_loop():

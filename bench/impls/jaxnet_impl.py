@@ -17,13 +17,17 @@ from bench import common
 
 
 def _fit_timer(cfg, units, *args, **kwargs) -> common.EpochTimer:
-    """``jaxnet.fit(*args, **kwargs)`` for ``cfg["repeats"] + 1`` epochs, one epoch per repeat."""
+    """``jaxnet.fit(*args, **kwargs)``, one or more epochs per repeat (at least ``min_seconds``),
+    stopped by its callback when the runner is done."""
 
     def train(after_epoch):
-        jaxnet.fit(*args, epochs=cfg["repeats"] + 1, callbacks=[lambda state, record: after_epoch(record["seconds"])],
+        jaxnet.fit(*args, epochs=_UNTIL_STOPPED, callbacks=[lambda state, record: after_epoch(record["seconds"])],
                    **kwargs)
 
-    return common.EpochTimer(train, units, cfg["repeats"])
+    return common.EpochTimer(train, units, cfg["repeats"], cfg.get("min_seconds", 0.0))
+
+
+_UNTIL_STOPPED = 1_000_000  # epochs: fit runs until the timer's callback stops it
 
 
 def _seed_model():

@@ -212,15 +212,13 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
     sub = [(f"{case}-b{b}", dict(cfg, batch=b, steps=s)) for b, s in cfg["batches"].items()] \
         if case == "mlp784" else [(case, cfg)]
     for name, c in sub:
-        peak = None
+        shapes = []
         if case in ("mlp784", "wide"):
             import jax.numpy as jnp
 
             dtype = jnp.dtype(c.get("dtype", "float32"))
             shapes = [(c["batch"], c["width"], c["width"])] if case == "wide" else \
                 [(c["batch"], 512, 512), (c["batch"], 784, 512), (1024, 1024, 1024)]
-            peak = max(raw_jax.matmul_peak(*s, dtype) for s in shapes)
-            log(f"  {name}: matmul peak {peak:.3f} TFLOP/s ({dtype.name}, best of {shapes})")
         impls = [i for i in implementations(case, suite) if not wanted or i[0] in wanted or i[0] == "raw-jax"]
         case_rows = {impl: {"case": name, "impl": impl, "how": desc, "unit": UNITS[case], "config": _jsonable(c)}
                      for impl, _, desc in impls}
@@ -241,9 +239,17 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
                 log(f"  {name:14s} {impl:17s} skipped: {e}")
             except Exception as e:  # noqa: BLE001 - one failing peer must not stop the suite
                 _failed(row, e, log, name)
-        seconds = {impl: [] for impl in timers}
+        repeats = max((t.repeats for t in timers.values()), default=0)
         order = [impl for impl, _, _ in impls if impl in timers]
-        for i in range(max((t.repeats for t in timers.values()), default=0)):
+        # The matmul peak is timed among the implementations, one repeat per repeat, so that each
+        # repeat's fraction of peak compares rates measured moments apart.
+        for shape in shapes:
+            key = ("peak", shape)
+            timers[key] = raw_jax.matmul_timer(*shape, dtype, repeats, c.get("min_seconds") or 0.2)
+            timers[key].start()
+            order.append(key)
+        seconds = {impl: [] for impl in timers}
+        for i in range(repeats):
             for impl in order[i % len(order):] + order[:i % len(order)]:
                 if impl in timers and len(seconds[impl]) < timers[impl].repeats:
                     try:
@@ -251,15 +257,21 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
                     except Exception as e:  # noqa: BLE001
                         _failed(case_rows[impl], e, log, name)
                         timers.pop(impl).finish([])
+        peaks = None
+        if shapes:  # per repeat, the best matmul rate over the shapes (TFLOP/s)
+            per_shape = [timers.pop(("peak", shape)).finish(seconds[("peak", shape)]).rates for shape in shapes]
+            peaks = [max(rates) for rates in zip(*per_shape)]
+            log(f"  {name}: matmul peak {statistics.median(peaks):.3f} TFLOP/s ({dtype.name}, best of {shapes}, "
+                "median over the repeats)")
         for impl, timer in timers.items():
             t = timer.finish(seconds[impl])
             rates = t.rates
             row, check = case_rows[impl], checks[impl]
             row.update(status="ok", median=statistics.median(rates), min=min(rates), max=max(rates), rates=rates,
                        compile_s=t.compile_s, check_loss=check, wall_s=time.perf_counter() - began[impl])
-            if peak is not None:
+            if peaks is not None:
                 nominal, executed = _flops(case, c)
-                row.update(flops_per_example=nominal, flops_executed_per_example=executed, peak_tflops=peak)
+                row.update(flops_per_example=nominal, flops_executed_per_example=executed, peak_repeats=peaks)
                 _add_tflops(row)
             loss = "no check" if check is None else f"loss {check:.6g}"
             log(f"  {name:14s} {impl:17s} {row['median']:>14,.0f} {UNITS[case]} (compile {t.compile_s:.2f} s, {loss})")
@@ -288,10 +300,16 @@ def _failed(row, error, log, name):
 
 
 def _add_tflops(row):
-    row["tflops"] = row["median"] * row["flops_per_example"] / 1e12
-    row["tflops_executed"] = row["median"] * row["flops_executed_per_example"] / 1e12
-    row["frac_peak"] = row["tflops"] / row["peak_tflops"]
-    row["frac_peak_executed"] = row["tflops_executed"] / row["peak_tflops"]
+    """TFLOP/s of the row's median and its fractions of the matmul peak: the median over repeats
+    of each repeat's rate over the peak timed beside it (their medians' ratio if unpaired)."""
+    peaks = row["peak_repeats"]
+    row["peak_tflops"] = statistics.median(peaks)
+    for suffix, key in (("", "flops_per_example"), ("_executed", "flops_executed_per_example")):
+        row["tflops" + suffix] = row["median"] * row[key] / 1e12
+        if len(peaks) == len(row["rates"]):
+            row["frac_peak" + suffix] = statistics.median(r * row[key] / 1e12 / p for r, p in zip(row["rates"], peaks))
+        else:
+            row["frac_peak" + suffix] = row["tflops" + suffix] / row["peak_tflops"]
 
 
 def merge_rounds(rounds):
@@ -306,7 +324,6 @@ def merge_rounds(rounds):
             key = (r["case"], r["impl"])
             if key not in by_key:
                 by_key[key] = dict(r, round_medians=[r["median"]] if r.get("status") == "ok" else [],
-                                   round_peaks=[r["peak_tflops"]] if "peak_tflops" in r else [],
                                    round_compile_s=[r["compile_s"]] if r.get("compile_s") is not None else [])
                 merged.append(by_key[key])
                 continue
@@ -317,7 +334,8 @@ def merge_rounds(rounds):
                 continue
             m["rates"] = m["rates"] + r["rates"]
             m["round_medians"].append(r["median"])
-            m["round_peaks"] += [r["peak_tflops"]] if "peak_tflops" in r else []
+            if "peak_repeats" in r:
+                m["peak_repeats"] = m["peak_repeats"] + r["peak_repeats"]
             m["round_compile_s"] += [r["compile_s"]] if r.get("compile_s") is not None else []
     for m in merged:
         if m.get("status") != "ok":
@@ -325,8 +343,7 @@ def merge_rounds(rounds):
         m.update(median=statistics.median(m["rates"]), min=min(m["rates"]), max=max(m["rates"]))
         if m["round_compile_s"]:
             m["compile_s"] = statistics.median(m["round_compile_s"])
-        if m["round_peaks"]:
-            m["peak_tflops"] = statistics.median(m["round_peaks"])
+        if "peak_repeats" in m:
             _add_tflops(m)
     return merged
 
@@ -483,7 +500,9 @@ def markdown(env, rows, tgts):
                      f"| {comp} | {check} | {note} |")
     peaks = {r["case"]: r["peak_tflops"] for r in rows if "peak_tflops" in r}
     if peaks:
-        lines += ["", "Matmul peak measured in this run (jitted matmul of the case's sizes and dtype): "
+        lines += ["", "Matmul peak measured in this run, timed among the implementations (jitted matmuls of the "
+                  "case's sizes and dtype, the best shape per repeat, median over repeats); `of peak` is the median "
+                  "over repeats of each repeat's rate over the peak beside it: "
                   + ", ".join(f"{c} {p:.3g} TFLOP/s" for c, p in peaks.items())
                   + ". For mlp784 the bracketed TFLOP/s counts the FLOPs actually executed "
                   "(no gradient with respect to the inputs)."]

@@ -6,7 +6,6 @@ the check problem, then the timing of the case's workload.
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -245,21 +244,16 @@ def fit_epoch(cfg):
     return minibatch_check("fit-epoch", cfg), common.time_calls(run, run, n, cfg["repeats"])
 
 
-def matmul_peak(m, k, n, dtype, repeats=5, min_seconds=0.2):
-    """TFLOP/s of a jitted ``(m, k) @ (k, n)`` matmul, calls queued back to back, median of repeats."""
+def matmul_timer(m, k, n, dtype, repeats, min_seconds=0.2, queued=8) -> common.CallTimer:
+    """A timer of a jitted ``(m, k) @ (k, n)`` matmul whose rates are TFLOP/s: each call queues
+    ``queued`` matmuls back to back and waits for the last."""
     a = jnp.ones((m, k), dtype)
     b = jnp.ones((k, n), dtype) / k
     mm = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(mm(a, b))
-    start = time.perf_counter()
-    jax.block_until_ready(mm(a, b))
-    once = time.perf_counter() - start
-    calls = max(1, int(min_seconds / max(once, 1e-9)))
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
+
+    def run():
+        for _ in range(queued):
             out = mm(a, b)
         jax.block_until_ready(out)
-        rates.append(2 * m * k * n * calls / (time.perf_counter() - start) / 1e12)
-    return float(np.median(rates))
+
+    return common.time_calls(run, run, queued * 2 * m * k * n / 1e12, repeats, min_seconds)

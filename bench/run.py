@@ -540,7 +540,7 @@ def chart(env, rows, path):
         for y, m in enumerate(med):
             ax.text(m, y, " " + _fmt(m), va="center", fontsize=7)
     fig.suptitle(f"jaxnet benchmarks: {env['device']}, {env['date'][:10]}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the first plot
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -349,11 +349,11 @@ def merge_rounds(rounds):
 
 
 def ratio(a, b):
-    """``a``'s throughput over ``b``'s: the median of the ratios of paired repeats (repeat i of
-    both ran back to back, so that a shared machine's drift cancels) when both have the same
-    number of repeats, else the ratio of the medians."""
+    """``a``'s throughput over ``b``'s: for two rows of one case with the same number of repeats,
+    the median of the ratios of paired repeats (repeat i of both ran back to back, so that a shared
+    machine's drift cancels); otherwise the ratio of the medians."""
     ra, rb = a.get("rates") or [], b.get("rates") or []
-    if ra and len(ra) == len(rb):
+    if ra and len(ra) == len(rb) and a.get("case") == b.get("case"):
         return statistics.median(x / y for x, y in zip(ra, rb))
     return a["median"] / b["median"]
 

@@ -87,3 +87,6 @@ def test_ratio_pairs_interleaved_repeats():
     b = {"rates": [2.0, 1.0, 1.0], "median": 1.0}
     assert ratio(a, b) == pytest.approx(2.0)  # paired: 2, 4, 1 -> 2 (the medians give 4)
     assert ratio({"rates": [3.0], "median": 3.0}, {"rates": [1.0, 2.0], "median": 1.5}) == pytest.approx(2.0)
+    # rows of different cases were not timed side by side: the ratio of their medians
+    a, b = dict(a, case="ensemble"), dict(b, case="seed-sgd")
+    assert ratio(a, b) == pytest.approx(4.0)

@@ -199,26 +199,45 @@ def _flops(case, cfg):
     return 6 * w, 6 * w - 2 * sizes[0] * sizes[1]  # no gradient is taken with respect to the inputs
 
 
+def _peak_shapes(case, c):
+    """The ``(m, k, n)`` matmuls whose best rate is a minibatch case's peak; none for other cases."""
+    if case == "wide":
+        return [(c["batch"], c["width"], c["width"])]
+    if case == "mlp784":
+        return [(c["batch"], 512, 512), (c["batch"], 784, 512), (1024, 1024, 1024)]
+    return []
+
+
+def _interleave(timers, on_error):
+    """Seconds of every repeat of each started timer, repeat i of all before repeat i + 1 of any, the
+    starting timer rotating. A timer whose repeat raises is finished, dropped from ``timers`` and
+    reported through ``on_error(name, exception)``."""
+    order = list(timers)
+    seconds = {name: [] for name in order}
+    for i in range(max((t.repeats for t in timers.values()), default=0)):
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            if name in timers and len(seconds[name]) < timers[name].repeats:
+                try:
+                    seconds[name].append(timers[name].repeat())
+                except Exception as e:  # noqa: BLE001 - one failing peer must not stop the suite
+                    timers.pop(name).finish([])
+                    on_error(name, e)
+    return seconds
+
+
 def run_case(case, cfg, suite, wanted, env, log, reverse=False):
     """Rows of one round of ``case``.
 
-    Every implementation is first prepared: its loss check runs and its first call compiles. Then
-    the repeats are interleaved: repeat i of every implementation runs before repeat i + 1 of any,
-    the order rotating from one repeat to the next, so that a shared machine's drift hits all
-    implementations alike and ratios can pair repeat i with repeat i (see :func:`ratio`).
-    ``reverse`` prepares the implementations in the opposite order (alternate rounds do).
+    Every implementation is first prepared: its loss check runs and its first call compiles
+    (``reverse`` prepares them in the opposite order; alternate rounds do). Then the repeats are
+    interleaved (:func:`_interleave`), with the matmul peak of minibatch cases timed among them, so
+    that a shared machine's drift hits all alike and ratios can pair repeat i with repeat i
+    (:func:`ratio`).
     """
     rows = []
     sub = [(f"{case}-b{b}", dict(cfg, batch=b, steps=s)) for b, s in cfg["batches"].items()] \
         if case == "mlp784" else [(case, cfg)]
     for name, c in sub:
-        shapes = []
-        if case in ("mlp784", "wide"):
-            import jax.numpy as jnp
-
-            dtype = jnp.dtype(c.get("dtype", "float32"))
-            shapes = [(c["batch"], c["width"], c["width"])] if case == "wide" else \
-                [(c["batch"], 512, 512), (c["batch"], 784, 512), (1024, 1024, 1024)]
         impls = [i for i in implementations(case, suite) if not wanted or i[0] in wanted or i[0] == "raw-jax"]
         case_rows = {impl: {"case": name, "impl": impl, "how": desc, "unit": UNITS[case], "config": _jsonable(c)}
                      for impl, _, desc in impls}
@@ -239,31 +258,28 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
                 log(f"  {name:14s} {impl:17s} skipped: {e}")
             except Exception as e:  # noqa: BLE001 - one failing peer must not stop the suite
                 _failed(row, e, log, name)
+        timers = {impl: timers[impl] for impl, _, _ in impls if impl in timers}  # the table's order
         repeats = max((t.repeats for t in timers.values()), default=0)
-        order = [impl for impl, _, _ in impls if impl in timers]
-        # The matmul peak is timed among the implementations, one repeat per repeat, so that each
-        # repeat's fraction of peak compares rates measured moments apart.
+        shapes = _peak_shapes(case, c)
+        dtype = jax.numpy.dtype(c.get("dtype", "float32"))
         for shape in shapes:
-            key = ("peak", shape)
-            timers[key] = raw_jax.matmul_timer(*shape, dtype, repeats, c.get("min_seconds") or 0.2)
-            timers[key].start()
-            order.append(key)
-        seconds = {impl: [] for impl in timers}
-        for i in range(repeats):
-            for impl in order[i % len(order):] + order[:i % len(order)]:
-                if impl in timers and len(seconds[impl]) < timers[impl].repeats:
-                    try:
-                        seconds[impl].append(timers[impl].repeat())
-                    except Exception as e:  # noqa: BLE001
-                        _failed(case_rows[impl], e, log, name)
-                        timers.pop(impl).finish([])
+            timers[shape] = raw_jax.matmul_timer(*shape, dtype, repeats, c.get("min_seconds") or 0.2)
+            timers[shape].start()
+
+        def on_error(key, e, name=name, case_rows=case_rows):
+            _failed(case_rows[key] if key in case_rows else {"impl": f"matmul {key}"}, e, log, name)
+
+        seconds = _interleave(timers, on_error)
         peaks = None
-        if shapes:  # per repeat, the best matmul rate over the shapes (TFLOP/s)
-            per_shape = [timers.pop(("peak", shape)).finish(seconds[("peak", shape)]).rates for shape in shapes]
+        if shapes and all(shape in timers for shape in shapes):  # per repeat, the best rate of the shapes
+            per_shape = [timers.pop(shape).finish(seconds[shape]).rates for shape in shapes]
             peaks = [max(rates) for rates in zip(*per_shape)]
             log(f"  {name}: matmul peak {statistics.median(peaks):.3f} TFLOP/s ({dtype.name}, best of {shapes}, "
                 "median over the repeats)")
         for impl, timer in timers.items():
+            if impl not in case_rows:  # a peak matmul left after another one failed
+                timer.finish(seconds[impl])
+                continue
             t = timer.finish(seconds[impl])
             rates = t.rates
             row, check = case_rows[impl], checks[impl]
@@ -275,25 +291,29 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
                 _add_tflops(row)
             loss = "no check" if check is None else f"loss {check:.6g}"
             log(f"  {name:14s} {impl:17s} {row['median']:>14,.0f} {UNITS[case]} (compile {t.compile_s:.2f} s, {loss})")
-        ref = case_rows["raw-jax"].get("check_loss") if "raw-jax" in case_rows else None
-        for impl, _, _ in impls:  # rows in the table's order, each loss checked against raw JAX
-            row = case_rows[impl]
-            rows.append(row)
-            if row.get("status") != "ok":
-                continue
-            check = row["check_loss"]
-            if check is None:
-                row["note"] = "no loss check (members alone equal vmapped members: tests/test_members.py)"
-            elif ref is not None:
-                rtol = CHECK_RTOL_BF16 if c.get("dtype") == "bfloat16" else CHECK_RTOL[case]
-                diff = abs(check - ref) / max(abs(ref), 1e-12)
-                row.update(check_ref=ref, check_rel_diff=diff, check_rtol=rtol, check_ok=diff <= rtol)
-                if diff > rtol:
-                    row["note"] = f"LOSS MISMATCH: {check!r} vs raw JAX {ref!r} (rel {diff:.2e} > {rtol:g})"
+        rows += [_check_loss(case_rows[impl], case_rows.get("raw-jax", {}).get("check_loss"), case, c)
+                 for impl, _, _ in impls]
     return rows
 
 
+def _check_loss(row, ref, case, c):
+    """The row with its loss check against raw JAX's (``ref``) noted."""
+    if row.get("status") != "ok":
+        return row
+    check = row["check_loss"]
+    if check is None:
+        row["note"] = "no loss check (members alone equal vmapped members: tests/test_members.py)"
+    elif ref is not None:
+        rtol = CHECK_RTOL_BF16 if c.get("dtype") == "bfloat16" else CHECK_RTOL[case]
+        diff = abs(check - ref) / max(abs(ref), 1e-12)
+        row.update(check_ref=ref, check_rel_diff=diff, check_rtol=rtol, check_ok=diff <= rtol)
+        if diff > rtol:
+            row["note"] = f"LOSS MISMATCH: {check!r} vs raw JAX {ref!r} (rel {diff:.2e} > {rtol:g})"
+    return row
+
+
 def _failed(row, error, log, name):
+    """Marks ``row`` as an error with the exception's first line, and logs it with its traceback."""
     row.update(status="error", note=f"{type(error).__name__}: {error}".splitlines()[0][:300])
     log(f"  {name:14s} {row['impl']:17s} ERROR {row['note']}")
     traceback.print_exc(file=sys.stderr)

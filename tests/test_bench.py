@@ -90,3 +90,29 @@ def test_ratio_pairs_interleaved_repeats():
     # rows of different cases were not timed side by side: the ratio of their medians
     a, b = dict(a, case="ensemble"), dict(b, case="seed-sgd")
     assert ratio(a, b) == pytest.approx(4.0)
+
+
+def test_interleave_alternates_timers_and_drops_a_failing_one():
+    from bench.run import _interleave
+
+    events, errors, timed = [], [], []
+
+    def run_of(name, fail_at=None):
+        def run():
+            events.append(name)
+            if timed and fail_at is not None and events.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+        return run
+
+    timers = {"a": common.time_calls(run_of("a"), run_of("a"), 1, repeats=3),
+              "b": common.time_calls(run_of("b", fail_at=2), run_of("b", fail_at=2), 1, repeats=3),
+              "c": common.time_calls(run_of("c"), run_of("c"), 1, repeats=2)}
+    for timer in timers.values():
+        timer.start()  # first call and calibration call of each
+    events.clear()
+    timed.append(True)
+    seconds = _interleave(timers, lambda name, e: errors.append((name, str(e))))
+    # repeat 0 starts at a; repeat 1 at b, which fails (its 2nd timed call); repeat 2 at c, already done
+    assert events == ["a", "b", "c", "b", "c", "a", "a"]
+    assert errors == [("b", "b broke")] and set(timers) == {"a", "c"}
+    assert [len(seconds[k]) for k in "abc"] == [3, 1, 2]

@@ -223,3 +223,28 @@ def test_shuffled_epoch_reports_the_first_nonfinite_step():
     x[:20] = np.inf  # half the examples: some batch of the first two holds one (any shuffle)
     _, metrics = epoch(state, x, y)
     assert int(metrics["first_nonfinite"]) in (0, 1) and np.isnan(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_wide_rows_gather_per_step_as_the_whole_epoch_gather_does(monkeypatch, drop_remainder):
+    # 300 float32 features: 1.2 kB a row, over GATHER_PER_STEP_BYTES, so each step gathers its rows;
+    # with the threshold raised, the epoch gathers all rows up front. Same order, same updates.
+    x, y = _data(n=45, d=300)
+    net = jn.mlp([300, 4, 3])
+    opt = optax.sgd(0.1)
+    state = jn.init_state(net.init(jax.random.key(1)), opt, jax.random.key(2))
+    members = jax.tree.map(lambda a: jnp.stack([a, a]), state)._replace(key=jax.random.split(jax.random.key(3), 2))
+
+    def run(vmapped):
+        epoch = jn.make_epoch(jn.make_update(net, "cross_entropy", opt), 45, 10, drop_remainder=drop_remainder)
+        epoch = jax.vmap(epoch, in_axes=(0, None, None)) if vmapped else epoch
+        return jax.jit(epoch)(members if vmapped else state, x, y)
+
+    assert 300 * 4 >= jn.loop.GATHER_PER_STEP_BYTES
+    per_step = run(False), run(True)
+    monkeypatch.setattr(jn.loop, "GATHER_PER_STEP_BYTES", 10**9)
+    up_front = run(False), run(True)
+    for (state_a, metrics_a), (state_b, metrics_b) in zip(per_step, up_front):
+        close = lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)  # noqa: E731
+        jax.tree.map(close, (state_a.params, metrics_a), (state_b.params, metrics_b))
+    assert np.isfinite(float(per_step[0][1]["loss"])) and int(per_step[0][1]["first_nonfinite"]) == -1

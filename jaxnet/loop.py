@@ -111,6 +111,8 @@ def make_epoch(
         ``drop_remainder``.
       shuffle: draw a new order each epoch from ``state.key``; False keeps the data's order (a
         stream, a time series) and, when ``b`` divides ``n``, batches are plain reshapes of it.
+        Shuffled rows of ``GATHER_PER_STEP_BYTES`` or more are gathered step by step, narrower
+        ones for the whole epoch at once.
       unroll: ``lax.scan`` unroll factor.
 
     Returns:

@@ -97,10 +97,6 @@ class Timing:
     def rates(self) -> list[float]:
         return [self.units / s for s in self.seconds]
 
-    @property
-    def median_rate(self) -> float:
-        return statistics.median(self.rates)
-
 
 class Timer:
     """A prepared implementation, timed one repeat at a time so that a runner can interleave several.
@@ -121,11 +117,6 @@ class Timer:
 
     def finish(self, seconds: list[float]) -> Timing:
         raise NotImplementedError
-
-    def measure(self) -> Timing:
-        """Every repeat back to back (no interleaving)."""
-        self.start()
-        return self.finish([self.repeat() for _ in range(self.repeats)])
 
 
 class CallTimer(Timer):

@@ -72,7 +72,8 @@ def test_call_timer_grows_short_repeats_to_min_seconds():
     timer = common.time_calls(lambda: calls.append("first"), lambda: calls.append("run"), units=4, repeats=2,
                               min_seconds=1e-3)
     assert calls == []  # nothing runs until the runner starts it
-    timing = timer.measure()
+    timer.start()
+    timing = timer.finish([timer.repeat(), timer.repeat()])
     assert calls[:2] == ["first", "run"] and len(calls) > 4
     assert timing.units == 4 * (len(calls) - 2) / 2 and len(timing.seconds) == 2
 

@@ -424,6 +424,8 @@ def _cmd_evaluate(args) -> int:
     if args.target:
         saved = saved._replace(meta=dict(saved.meta, target=args.target))
     x, y = train.load_features(saved, args.data)
+    if y is None and args.target:
+        raise CliError(f"{args.data} has no column {args.target!r}: name its target column with --target")
     if y is None:
         raise CliError(f"{args.data} has no targets: name the target column with --target")
     metrics = train.evaluate(saved, x, y)

@@ -90,6 +90,8 @@ BAD_IN_PROCESS = {
     "feature mismatch npz": (["predict", "--model", "{model}", "--data", "{wide}"], "7 features but the model expects 3"),
     "evaluate without targets": (["evaluate", "--model", "{model}", "--data", "{other}"], "lacks the model's feature"),
     "evaluate label range": (["evaluate", "--model", "{model}", "--data", "{range}"], "labels out of range.*found 7"),
+    "evaluate unknown target": (["evaluate", "--model", "{model}", "--data", "{good}", "--target", "y"],
+                                "has no column 'y': name its target column"),
 }
 
 

@@ -7,13 +7,14 @@ plus the host reading the epoch's loss); the first epoch includes compilation. A
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import optax
 
 import jaxnet
 from bench import common
+
+_UNTIL_STOPPED = 1_000_000  # epochs: fit runs until the timer's callback stops it
 
 
 def _fit_timer(cfg, units, *args, **kwargs) -> common.EpochTimer:
@@ -25,9 +26,6 @@ def _fit_timer(cfg, units, *args, **kwargs) -> common.EpochTimer:
                    **kwargs)
 
     return common.EpochTimer(train, units, cfg["repeats"], cfg.get("min_seconds", 0.0))
-
-
-_UNTIL_STOPPED = 1_000_000  # epochs: fit runs until the timer's callback stops it
 
 
 def _seed_model():

@@ -6,7 +6,6 @@ the check problem, then the timing of the case's workload.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +34,12 @@ def _seed_loss(params, x, t):
     return 0.5 * jnp.sum((y - t) ** 2)
 
 
+def _sgd(params, grads):
+    return jax.tree.map(lambda p, g: p - common.SEED_LR * g, params, grads)
+
+
 def _seed_step(params, xt):
-    x, t = xt
-    grads = jax.grad(_seed_loss)(params, x, t)
-    return jax.tree.map(lambda p, g: p - common.SEED_LR * g, params, grads), None
+    return _sgd(params, jax.grad(_seed_loss)(params, *xt)), None
 
 
 def _seed_step_tracked(carry, xt):
@@ -46,7 +47,7 @@ def _seed_step_tracked(carry, xt):
     reports its epoch loss does (fit reports it)."""
     params, total = carry
     loss, grads = jax.value_and_grad(_seed_loss)(params, *xt)
-    return (jax.tree.map(lambda p, g: p - common.SEED_LR * g, params, grads), total + loss), None
+    return (_sgd(params, grads), total + loss), None
 
 
 def _seed_train(params, xs, ts):
@@ -193,6 +194,7 @@ def minibatch(case, cfg):
     xb = jnp.asarray(x.reshape(steps, b, -1), dtype)
     yb = jnp.asarray(y.reshape((steps, b) + y.shape[1:]))
     step = _make_step(loss_fn, opt)
+
     def train(carry, xb, yb):  # the carry and the mean loss, as a loop reporting its epoch loss
         carry, losses = jax.lax.scan(step, carry, (xb, yb))
         return carry, jnp.mean(losses)

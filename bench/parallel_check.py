@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def _run(**overrides):
-    from jaxnet import train
+    from jaxnet import config, run
 
     mesh = overrides.pop("mesh", None)
-    result = train.run(train.make_config(dataset="digits", **overrides), mesh=mesh)
+    result = run.run(config.make_config(dataset="digits", **overrides), mesh=mesh)
     return result
 
 

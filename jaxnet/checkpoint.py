@@ -1,26 +1,17 @@
-"""Checkpoints of a training run: save every N epochs, keep the last K, resume exactly.
+"""Checkpoints of a fit: the bytes on disk, written and read back against a caller's template.
 
-A checkpoint is ``<out>/checkpoints/<epoch>``, written by orbax-checkpoint's
-``CheckpointManager`` (atomic finalize: a save killed midway leaves only a temporary folder, which
-is ignored; retention of the last ``keep`` steps). Each holds two items:
+:func:`save` writes a :class:`~jaxnet.loop.FitState` (params, optimizer state, PRNG key, step,
+best params, epoch, history) plus the caller's JSON metadata as ``<directory>/<epoch>``, through
+orbax-checkpoint's ``CheckpointManager`` (atomic finalize: a save killed midway leaves only a
+temporary folder, which is never read; retention of the newest ``keep``). :func:`restore` reads
+the newest usable one into the structure of a template the caller gives, for example
+``jax.eval_shape`` of :func:`jaxnet.init_fit_state`, so that any model checkpoints and nothing is
+ever unpickled. Arrays are stored by pytree path, checked by name, shape and dtype, and covered
+by a sha256 checksum (orbax does not verify contents on read); a damaged checkpoint is skipped
+for the one before it.
 
-- ``state``: a flat dict of named arrays: the :class:`~jaxnet.loop.FitState`'s train state (params,
-  optimizer state, PRNG key data, step), the best params so far (early stopping) and the data
-  standardization (``norm.mean``, ``norm.std``).
-- ``meta``: JSON: format and version, epoch, history, best epoch, the run's config, the model meta,
-  the checkpoint schedule and a sha256 checksum over the arrays and the rest of the meta.
-
-Restoring never unpickles: the tree structure is rebuilt from the config (model + optimizer), and
-the arrays are read into it by name, shape and dtype. Orbax does not verify array contents on
-read (a flipped byte inside a stored chunk may decode to different numbers), so the checksum is
-verified here and a mismatch is reported as damage.
-
-The arrays are flattened to a dict keyed by their pytree path, so the same layout serves models
-with a leading member axis (the arrays just gain a dimension) and sharded ``jax.Array`` leaves
-(orbax writes each process's shards; the checksum would then have to be computed per shard).
-
-orbax is imported inside the functions that use it: training without checkpoints does not pay
-its import time.
+This module only stores: when to save is :class:`jaxnet.callbacks.Checkpointer`'s business.
+orbax is imported inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -30,50 +21,49 @@ import json
 import os
 import re
 import shutil
-import signal
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from jaxnet import checks
 from jaxnet.base import TrainState
 from jaxnet.loop import FitState
 
 FORMAT = "jaxnet-checkpoint"
-FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
+FORMAT_VERSION = 2
+CHECKPOINT_EXTRA = "pip install 'jaxnet-trainer[checkpoint]'"
 
 
 class Restored(NamedTuple):
     """A restored checkpoint.
 
     Attributes:
-      config: the run's :class:`jaxnet.train.TrainConfig`.
-      fit_state: the :class:`~jaxnet.loop.FitState` to pass to ``fit(resume=...)``.
-      meta: the checkpoint's JSON meta (``epoch``, ``finished``, ``checkpoint_every``, ``keep``...).
+      state: the :class:`~jaxnet.loop.FitState` to pass to ``fit(resume=...)``.
+      metadata: the JSON metadata given to :func:`save`.
       path: the checkpoint folder.
       damaged: ``(path, reason)`` for each newer checkpoint that was skipped as damaged.
     """
 
-    config: Any
-    fit_state: FitState
-    meta: dict
+    state: FitState
+    metadata: dict
     path: Path
     damaged: list
 
 
-def checkpoint_dir(out: str | os.PathLike) -> Path:
-    """The checkpoint folder of run folder ``out``: ``out/checkpoints`` (absolute)."""
-    return Path(out).absolute() / CHECKPOINTS
+def _orbax():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        raise ImportError(f"checkpoints need orbax-checkpoint, which is not installed: {CHECKPOINT_EXTRA}") from None
+    return ocp
 
 
-def _manager(out, keep: int | None = None, create: bool = False):
-    import orbax.checkpoint as ocp
-
+def _manager(directory, keep: int | None = None, create: bool = False):
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(checkpoint_dir(out), options=options)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
 def _name(path) -> str:
@@ -91,20 +81,13 @@ def _flatten(tree) -> dict[str, Any]:
     return {_name(path): leaf for path, leaf in leaves}
 
 
-def _state_tree(fit_state: FitState, mean, std) -> dict:
-    """The arrays of a checkpoint as a pytree (typed key as its raw ``key_data``)."""
-    train = fit_state.train
-    tree = {
-        "train": {
-            "params": train.params,
-            "opt_state": train.opt_state,
-            "key": jax.random.key_data(train.key),
-            "step": train.step,
-        },
-        "norm": {"mean": mean, "std": std},
-    }
-    if fit_state.best_params is not None:
-        tree["best_params"] = fit_state.best_params
+def _array_tree(state: FitState) -> dict:
+    """The arrays of a checkpoint as a pytree (the typed key as its raw ``key_data``)."""
+    train = state.train
+    tree = {"train": {"params": train.params, "opt_state": train.opt_state,
+                      "key": jax.random.key_data(train.key), "step": train.step}}
+    if state.best_params is not None:
+        tree["best_params"] = state.best_params
     return tree
 
 
@@ -119,102 +102,41 @@ def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
     return h.hexdigest()
 
 
-def finished(config, epoch: int, best_epoch: int) -> bool:
-    """Whether a run of ``config`` is over after ``epoch`` epochs (all done, or early-stopped)."""
-    if epoch >= config.epochs:
-        return True
-    return config.patience is not None and best_epoch > 0 and epoch - best_epoch >= config.patience
-
-
-class Saver:
-    """A ``fit`` callback that checkpoints every ``every`` epochs into ``out/checkpoints``.
+def save(directory: str | os.PathLike, state: FitState, *, metadata: dict | None = None,
+         keep: int | None = None) -> Path:
+    """Writes ``state`` as checkpoint ``<directory>/<state.epoch>`` (synchronously, atomically).
 
     Args:
-      out: the run folder.
-      config: the run's :class:`~jaxnet.train.TrainConfig`.
-      model_meta: :func:`jaxnet.train.model_meta` of the run.
-      standardizer: the training split's ``(mean, std)``.
-      every: save after every ``every``-th epoch (None: only through :meth:`finish`).
-      keep: keep the newest ``keep`` checkpoints (None: all).
-      start_epoch: the epoch the run resumes from; existing checkpoints newer than it (damaged
-        ones that were skipped) are renamed to ``<epoch>.damaged`` so they are not overwritten.
+      directory: the checkpoint folder (created if needed); one run's checkpoints only.
+      state: the :class:`~jaxnet.loop.FitState` after an epoch (single or member run).
+      metadata: JSON-serializable data to keep with it (a config, a data description).
+      keep: keep the newest ``keep`` checkpoints, deleting older ones (None: all).
+
+    Returns:
+      The checkpoint's folder.
     """
-
-    def __init__(self, out, config, model_meta: dict, standardizer, *, every: int | None = None,
-                 keep: int | None = 3, start_epoch: int = 0):
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every <= 0):
-            raise ValueError(f"checkpoint_every must be a positive integer, got {every!r}")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0):
-            raise ValueError(f"keep must be a positive integer, got {keep!r}")
-        self.out, self.config, self.model_meta = Path(out), config, model_meta
-        self.mean = np.asarray(standardizer[0], np.float32)
-        self.std = np.asarray(standardizer[1], np.float32)
-        self.every, self.keep = every, keep
-        self.last: FitState | None = None
-        self.saved_epoch = start_epoch
-        directory = checkpoint_dir(out)
-        if directory.is_dir() and jax.process_index() == 0:  # one process tidies the shared folder
-            for child in directory.iterdir():
-                if child.name.isdigit() and int(child.name) > start_epoch:
-                    aside, n = child.with_name(f"{child.name}.damaged"), 1
-                    while aside.exists():
-                        aside, n = child.with_name(f"{child.name}.damaged-{n}"), n + 1
-                    child.rename(aside)
-                elif ".orbax-checkpoint-tmp" in child.name and child.is_dir():
-                    shutil.rmtree(child)  # a save killed midway: never finalized, never used
-        self._manager = None  # created at the first save: a run that fails early leaves nothing
-
-    def __call__(self, fit_state: FitState, record) -> None:
-        self.last = fit_state
-        if self.every is not None and fit_state.epoch % self.every == 0:
-            self.save(fit_state)
-
-    @property
-    def manager(self):
-        if self._manager is None:
-            self._manager = _manager(self.out, self.keep, create=True)
-        return self._manager
-
-    def save(self, fit_state: FitState) -> Path:
-        """Writes the checkpoint of ``fit_state`` (synchronously) and returns its folder."""
-        import orbax.checkpoint as ocp
-
-        tree = jax.tree.map(np.asarray, _state_tree(fit_state, self.mean, self.std))
-        arrays = _flatten(tree)
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "epoch": fit_state.epoch,
-            "best_epoch": fit_state.best_epoch,
-            "finished": finished(self.config, fit_state.epoch, fit_state.best_epoch),
-            "history": fit_state.history,
-            "config": self.config.to_dict(),
-            "model": self.model_meta,
-            "key_impl": str(jax.random.key_impl(fit_state.train.key)),
-            "has_best": fit_state.best_params is not None,
-            "checkpoint_every": self.every,
-            "keep": self.keep,
-        }
-        meta["checksum"] = _checksum(arrays, meta)
-        self.manager.save(
-            fit_state.epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
-        )
-        self.manager.wait_until_finished()
-        self.saved_epoch = fit_state.epoch
-        return checkpoint_dir(self.out) / str(fit_state.epoch)
-
-    def finish(self) -> Path | None:
-        """Saves the last epoch seen unless it is already saved; returns the newest checkpoint."""
-        if self.last is not None and self.last.epoch != self.saved_epoch:
-            self.save(self.last)
-        if self._manager is not None:
-            self._manager.close()
-        return latest(self.out)
+    checks.optional_integer("keep", keep)
+    ocp = _orbax()
+    arrays = _flatten(jax.tree.map(np.asarray, _array_tree(state)))
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "epoch": state.epoch, "best_epoch": state.best_epoch,
+        "history": state.history, "key_impl": str(jax.random.key_impl(state.train.key)),
+        "has_best": state.best_params is not None, "metadata": metadata or {},
+    }
+    meta["checksum"] = _checksum(arrays, meta)
+    manager = _manager(directory, keep, create=True)
+    try:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+        manager.save(state.epoch, args=args, force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return Path(directory).absolute() / str(state.epoch)
 
 
-def steps(out) -> list[int]:
-    """The epochs of the complete checkpoints in run folder ``out``, oldest first."""
-    directory = checkpoint_dir(out)
+def epochs(directory: str | os.PathLike) -> list[int]:
+    """The epochs of the complete checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
     if not directory.is_dir():
         return []
     # A finalized orbax step is a folder named by the integer step; a save that was killed
@@ -222,57 +144,68 @@ def steps(out) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def latest(out) -> Path | None:
-    """The folder of the newest complete checkpoint in ``out`` (not verified), or None."""
-    found = steps(out)
-    return checkpoint_dir(out) / str(found[-1]) if found else None
+def latest(directory: str | os.PathLike) -> Path | None:
+    """The folder of the newest complete checkpoint in ``directory`` (not verified), or None."""
+    found = epochs(directory)
+    return Path(directory).absolute() / str(found[-1]) if found else None
 
 
-def _template(config, model_meta: dict, has_best: bool):
-    """The checkpoint's array tree, as shapes and dtypes, rebuilt from the config."""
-    from jaxnet import train as trainlib
-    from jaxnet.step import init_state, skip_nonfinite_updates
+def set_aside(directory: str | os.PathLike, after: int) -> list[Path]:
+    """Renames the checkpoints newer than epoch ``after`` to ``<epoch>.damaged`` (so that a resumed
+    run neither overwrites nor keeps them) and removes the temporary folders of saves killed midway.
 
-    model = trainlib.build_model(model_meta)
-    optimizer = trainlib.make_optimizer(config)
-    if config.skip_nonfinite:
-        optimizer = skip_nonfinite_updates(optimizer)
+    Returns:
+      The new paths of the checkpoints set aside.
+    """
+    directory, moved = Path(directory), []
+    if not directory.is_dir():
+        return moved
+    for child in sorted(directory.iterdir()):
+        if child.name.isdigit() and int(child.name) > after:
+            aside, n = child.with_name(f"{child.name}.damaged"), 1
+            while aside.exists():
+                aside, n = child.with_name(f"{child.name}.damaged-{n}"), n + 1
+            child.rename(aside)
+            moved.append(aside)
+        elif ".orbax-checkpoint-tmp" in child.name and child.is_dir():
+            shutil.rmtree(child)  # a save killed midway: never finalized, never used
+    return moved
 
-    def build():
-        params = model.init(jax.random.key(0))
-        state = init_state(params, optimizer, jax.random.key(0))
-        fit_state = FitState(state, 0, [], params if has_best else None, 0)
-        d = model_meta["sizes"][0]
-        return _state_tree(fit_state, jax.numpy.zeros(d, jax.numpy.float32), jax.numpy.zeros(d, jax.numpy.float32))
 
-    shapes = jax.eval_shape(build)
-    treedef = jax.tree.structure(shapes)
-    return shapes, treedef
+def _template(like: FitState, has_best: bool) -> dict:
+    """The checkpoint's array tree as shapes and dtypes, from the caller's template."""
+
+    def build(train, best):
+        best = train.params if best is None else best
+        return _array_tree(FitState(train, 0, [], best if has_best else None))
+
+    return jax.eval_shape(build, like.train, like.best_params)
 
 
-def _load(path: Path):
+def _read_meta(manager, step: int) -> dict:
+    meta = manager.restore(step, args=_orbax().args.Composite(meta=_orbax().args.JsonRestore())).meta
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError("not a jaxnet checkpoint")
+    if meta.get("format_version", 0) != FORMAT_VERSION:
+        newer = meta.get("format_version", 0) > FORMAT_VERSION
+        raise ValueError(f"checkpoint format {meta.get('format_version')}: "
+                         + ("upgrade jaxnet to read it" if newer else "written by an older jaxnet"))
+    return meta
+
+
+def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     """Reads and verifies one checkpoint folder; raises ValueError saying what is wrong."""
-    import orbax.checkpoint as ocp
-
-    from jaxnet import train as trainlib
-
-    manager = _manager(path.parent.parent)
+    ocp = _orbax()
+    manager = _manager(path.parent)
     try:
         step = int(path.name)
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError("not a jaxnet checkpoint")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"checkpoint format {meta['format_version']}: upgrade jaxnet to read it")
-        config = trainlib.TrainConfig.from_dict(meta["config"])
-        shapes, treedef = _template(config, meta["model"], bool(meta.get("has_best")))
+        meta = _read_meta(manager, step)
+        shapes = _template(like, bool(meta.get("has_best")))
         named = _flatten(shapes)
         template = {k: np.zeros(v.shape, v.dtype) for k, v in named.items()}
-        arrays = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
-        ).state
+        arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))).state
         if set(arrays) != set(named):
-            raise ValueError("its arrays do not match its config")
+            raise ValueError("its arrays do not match the template (another model or optimizer)")
         for k, v in named.items():
             if arrays[k].shape != v.shape or arrays[k].dtype != v.dtype:
                 raise ValueError(f"array {k} has shape {arrays[k].shape}, expected {v.shape}")
@@ -284,164 +217,47 @@ def _load(path: Path):
         raise ValueError(f"{type(e).__name__}: {e}") from None
     finally:
         manager.close()
-    tree = jax.tree.unflatten(treedef, [arrays[k] for k in named])
+    tree = jax.tree.unflatten(jax.tree.structure(shapes), [arrays[k] for k in named])
     t = tree["train"]
-    impl = meta.get("key_impl")
-    key = jax.random.wrap_key_data(t["key"], impl=impl) if impl else jax.random.wrap_key_data(t["key"])
+    key = jax.random.wrap_key_data(t["key"], impl=meta["key_impl"])
     train = TrainState(t["params"], t["opt_state"], key, t["step"])
-    fit_state = FitState(train, meta["epoch"], list(meta["history"]), tree.get("best_params"), meta["best_epoch"])
-    norm = (tree["norm"]["mean"], tree["norm"]["std"])
-    return config, fit_state, dict(meta, norm=norm)
+    state = FitState(train, meta["epoch"], list(meta["history"]), tree.get("best_params"), meta["best_epoch"])
+    return state, meta["metadata"]
 
 
-def restore(out: str | os.PathLike, step: int | None = None) -> Restored:
-    """The newest usable checkpoint in run folder ``out`` (or the one of epoch ``step``); damaged
-    newer ones are skipped and listed in ``damaged``.
+def restore(directory: str | os.PathLike, like: FitState, *, epoch: int | None = None) -> Restored:
+    """The newest usable checkpoint in ``directory`` (or the one of ``epoch``).
+
+    Args:
+      directory: the checkpoint folder given to :func:`save`.
+      like: a template: a :class:`~jaxnet.loop.FitState` of arrays or ``jax.ShapeDtypeStruct``
+        with the run's structure, e.g. ``jax.eval_shape(lambda: init_fit_state(params, optimizer,
+        key))``; its ``best_params`` may be None (they share the params' structure).
+      epoch: restore this epoch's checkpoint instead of the newest.
+
+    Returns:
+      A :class:`Restored`; damaged newer checkpoints were skipped and are listed in ``damaged``.
 
     Raises:
-      ValueError: ``out`` has no checkpoints, or none of them is usable (the message says why).
+      ValueError: ``directory`` has no checkpoints, or none of them is usable (the message says why).
     """
-    out = Path(out)
-    if not out.exists():
-        raise ValueError(f"cannot resume: {out} does not exist (give the --out folder of an earlier run)")
-    found = steps(out)
+    directory = Path(directory)
+    found = epochs(directory)
     if not found:
-        raise ValueError(f"cannot resume: {out} has no checkpoints (give the --out folder of an earlier 'jaxnet train')")
-    if step is not None:
-        if step not in found:
-            raise ValueError(f"{out} has no checkpoint of epoch {step}: it has {', '.join(map(str, found))}")
-        found = [step]
+        raise ValueError(f"cannot resume: {directory} has no checkpoints")
+    if epoch is not None:
+        if epoch not in found:
+            raise ValueError(f"{directory} has no checkpoint of epoch {epoch}: it has {', '.join(map(str, found))}")
+        found = [epoch]
     damaged = []
     for step in reversed(found):
-        path = checkpoint_dir(out) / str(step)
+        path = directory.absolute() / str(step)
         try:
-            config, fit_state, meta = _load(path)
+            state, metadata = _read(path, like)
         except ValueError as e:
             reason = " ".join(str(e).split())
             damaged.append((path, reason if len(reason) <= 160 else reason[:157] + "..."))
             continue
-        return Restored(config, fit_state, meta, path, damaged)
+        return Restored(state, metadata, path, damaged)
     reasons = "; ".join(f"checkpoint {p.name}: {r}" for p, r in damaged)
-    raise ValueError(f"cannot resume: no usable checkpoint in {out} ({reasons})")
-
-
-OVERRIDABLE = ("checkpoint_every", "keep")
-
-
-def check_overrides(config, **given) -> None:
-    """Raises ValueError naming the first option in ``given`` (None = not given) that differs from
-    the checkpoint's ``config``: a resumed run keeps its config."""
-    from jaxnet.losses import get_loss
-
-    for name, value in given.items():
-        if value is None:
-            continue
-        have = getattr(config, name)
-        same = value == have
-        if name == "loss" and have is not None:
-            same = get_loss(value).name == get_loss(have).name
-        if name == "data" and have is not None:
-            same = Path(value).absolute() == Path(have).absolute()
-        if name == "hidden":
-            same = tuple(value) == tuple(have)
-            value, have = ",".join(map(str, value)), ",".join(map(str, have))
-        if not same:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"{flag} {value} conflicts with the checkpoint's {have}: a resumed run keeps its config "
-                "(drop the option, or train into a new --out folder)"
-            )
-
-
-class Interrupt:
-    """Turns SIGINT/SIGTERM into a stop at the next epoch boundary (a ``fit`` callback).
-
-    Use as a context manager around training; the first signal sets ``signum`` and makes the
-    callback return True (stop). A second SIGINT raises KeyboardInterrupt at once (a second
-    SIGTERM terminates): checkpoints are finalized atomically, so nothing is corrupted.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        print(f"stopping after this epoch ({signal.Signals(signum).name}; again to quit at once)",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "Interrupt":
-        for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def __call__(self, fit_state, record) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
-        return 128 + int(self.signum or 0)
-
-
-
-def resume(out: str | os.PathLike, callbacks=(), *, restored: Restored | None = None,
-           checkpoint_every: int | None = None, keep: int | None = None, mesh=None):
-    """Continues the run in folder ``out`` from its newest usable checkpoint, writing on into ``out``.
-
-    Args:
-      out: the run folder (the ``out`` of the interrupted :func:`jaxnet.train.run`).
-      callbacks: ``fit`` callbacks.
-      restored: an already restored checkpoint of ``out`` (default: :func:`restore`).
-      checkpoint_every, keep: the checkpoint schedule (default: the checkpoint's own).
-      mesh: a device mesh for data-parallel training, as in :func:`jaxnet.train.run`.
-
-    Returns:
-      The :class:`jaxnet.train.RunResult`; a run that had already finished trains no further.
-    """
-    from jaxnet import train as trainlib
-
-    restored = restored if restored is not None else restore(out)
-    problem = trainlib.load_problem(restored.config)
-    for name, now, then in zip(("mean", "std"), problem.standardizer, restored.meta["norm"]):
-        if not np.array_equal(np.asarray(now, np.float32), then):
-            raise ValueError(
-                f"cannot resume: the data of {out} changed since the checkpoint (its standardization {name} differs)"
-            )
-    every = checkpoint_every if checkpoint_every is not None else restored.meta.get("checkpoint_every")
-    keep = keep if keep is not None else restored.meta.get("keep")
-    return trainlib.run(restored.config, callbacks, restored.fit_state, mesh, out=out, checkpoint_every=every,
-                        keep=keep)
-
-
-def history_finished(config, history) -> bool:
-    """Whether a run of ``config`` with ``history`` is over (all epochs, or stopped early)."""
-    best = 0
-    for record in history:
-        if "val_loss" in record and (best == 0 or record["val_loss"] < history[best - 1]["val_loss"]):
-            best = record["epoch"]
-    return finished(config, len(history), best)
-
-
-def quiet_failed_reads() -> None:
-    """Silences the "Event loop is closed" tracebacks that orbax's I/O threads print when a read of
-    a damaged checkpoint fails (the failure itself is reported by :func:`restore`). For command-line
-    use: it replaces ``sys.unraisablehook`` for the rest of the process."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
-            return
-        if isinstance(getattr(error, "__cause__", None), RuntimeError) and "Event loop is closed" in str(error.__cause__):
-            return
-        previous(unraisable)
-
-    sys.unraisablehook = hook
+    raise ValueError(f"cannot resume: no usable checkpoint in {directory} ({reasons})")

@@ -4,11 +4,13 @@ Everything here is numpy in, numpy out: no models and no device placement. A :cl
 holds ``x`` as ``(n, d)`` float32 and ``y`` as ``(n,)`` int32 class labels (classification) or
 ``(n, k)`` float32 targets (regression).
 
-Task inference (CSV and ``.npz``, when ``task`` is None): a single target column whose values are
-all integers (``"1"``, ``"2.0"``; integer or integer-valued arrays) is a classification target
-with ``num_classes = max + 1``, provided ``max < MAX_INFERRED_CLASSES`` (an integer-valued
-target with larger values, such as a year or a price, is taken as regression). Negative integer
-labels are refused as out of range. Anything else is regression. Pass ``task`` to decide.
+Task inference (CSV and ``.npz``, when ``task`` is None) decides only when the targets leave no
+doubt: values that are not all integers, or integer values of ``MAX_INFERRED_CLASSES`` or more (a
+year, a price), are a regression target; a single integer column with few distinct values (at
+most ``FEW_CLASSES``, or at most one per ``ROWS_PER_CLASS`` rows) is class labels, with
+``num_classes = max + 1`` (negative labels are refused as out of range). Anything else, such as
+scikit-learn's diabetes target (214 distinct integers in 442 rows), is ambiguous and refused:
+pass ``task`` to decide.
 
 Randomness (generated datasets, splits) comes only from ``np.random.default_rng(seed)``.
 """
@@ -23,11 +25,16 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from jaxnet.checks import ArgumentError
+
 TASKS = ("classification", "regression")
 BUILTINS: tuple[str, ...] = ("seed", "xor", "moons", "spirals", "digits")
 DEFAULT_DATASET = "digits"
 MAX_INFERRED_CLASSES = 1000
 """An integer-valued target is inferred as classification only if its largest value is below this."""
+FEW_CLASSES = 20
+ROWS_PER_CLASS = 5
+"""Integer targets with at most ``max(FEW_CLASSES, rows // ROWS_PER_CLASS)`` distinct values are class labels."""
 
 DATASETS_EXTRA = "pip install 'jaxnet-trainer[datasets]'"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -146,8 +153,7 @@ def _targets(
     as_float = values.astype(np.float64)
     integral = integral_dtype or bool(np.all(as_float == np.round(as_float)))
     if task is None:
-        small = k == 1 and float(as_float.max()) < MAX_INFERRED_CLASSES
-        task = "classification" if integral and small else "regression"
+        task = _infer_task(as_float, integral)
     if task == "regression":
         return values.astype(np.float32), task, None
     if k != 1:
@@ -167,6 +173,19 @@ def _targets(
         )
     num_classes = int(labels.max()) + 1
     return labels.astype(np.int32), task, num_classes
+
+
+def _infer_task(values: np.ndarray, integral: bool) -> str:
+    """The task of finite ``(n, k)`` targets when unambiguous (see the module docstring)."""
+    n, k = values.shape
+    if not integral or float(values.max()) >= MAX_INFERRED_CLASSES:
+        return "regression"
+    distinct = np.unique(values).size if k == 1 else None
+    if distinct is not None and distinct <= max(FEW_CLASSES, n // ROWS_PER_CLASS):
+        return "classification"
+    what = f"{distinct} distinct integer values in {n} rows" if distinct else f"{k} columns of integer values"
+    raise ArgumentError(f"the target holds {what}: class labels or a numeric target? Set {{0}} to "
+                        "'classification' or 'regression'", "task")
 
 
 def _finite32(array: np.ndarray) -> np.ndarray:

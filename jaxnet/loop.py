@@ -1,8 +1,10 @@
-"""``fit``: whole epochs compiled as one ``lax.scan``, validation, early stopping, history.
+"""``fit``: whole epochs compiled as one call each, validation, early stopping, history.
 
-The epoch is a pure function ``(state, x, y) -> (state, metrics)``: it draws a permutation
-from ``state.key``, splits the data into minibatches (the last one padded and masked), and
-scans the update over them. The loop in Python only runs epochs, evaluates, and calls back.
+One host loop serves single runs and member runs (K models under ``vmap``): its bookkeeping (best
+epoch, best value, stopped, skipped updates) is arrays with a member axis, K = 1 for a single run.
+Only the compiled programs differ: ``jit(epoch)`` (optionally data parallel on a mesh) or
+``jit(vmap(epoch))``. The loop in Python runs epochs, evaluates, keeps the best params and calls
+back; it does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -17,178 +19,136 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnet import checks, parallel
 from jaxnet.base import Model, Params, PRNGKey, TrainState
+from jaxnet.epoch import make_epoch, num_batches
 from jaxnet.losses import LossSpec, PerExample, get_loss
-from jaxnet.shuffle import index_permutation
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
-from jaxnet.step import Update, init_state, make_eval_fn, make_update, skip_nonfinite_updates
+from jaxnet.step import init_state, make_eval_fn, make_update, skip_nonfinite_updates
 
 Record = dict[str, Any]
+MONITORS = ("val_loss", "val_accuracy")
 
 
-class NonFiniteLossError(ValueError):
-    """Training produced a non-finite loss; ``epoch`` and ``step`` (1-based, global) say where."""
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; ``epoch`` and ``step`` (1-based, global) say where.
 
-    def __init__(self, epoch: int, step: int):
-        self.epoch, self.step = epoch, step
-        super().__init__(
-            f"loss became non-finite at epoch {epoch}, step {step}: lower the learning rate, "
-            "check the data for extreme values, or skip such updates (skip_nonfinite)"
-        )
+    Like :class:`jaxnet.checks.ArgumentError`, it names an argument (``skip_nonfinite``) through
+    ``template``, so that a front end can :meth:`render` it in its own spelling.
+    """
+
+    def __init__(self, epoch: int, step: int, context: str = ""):
+        self.epoch, self.step, self.names = epoch, step, ("skip_nonfinite", "out", "checkpoint_every")
+        self.template = (f"loss became non-finite at epoch {epoch}, step {step}: lower the learning rate, "
+                         "check the data for extreme values, or skip such updates ({0})" + context)
+        super().__init__(self.template.format(*self.names))
+
+    def render(self, spell) -> str:
+        return self.template.format(*(spell(name) for name in self.names))
 
 
 class FitState(NamedTuple):
-    """The loop's state between epochs: all that is needed to resume exactly.
+    """The loop's complete state after an epoch: what :func:`fit` returns and resumes from.
 
     Attributes:
-      train: the :class:`TrainState` (params, optimizer state, key, step).
+      train: the last epoch's :class:`TrainState` (params, optimizer state, key, step); leaves
+        have a leading member axis K in a member run.
       epoch: number of completed epochs.
       history: one record per completed epoch.
-      best_params: params of the best epoch so far (early stopping), or None.
-      best_epoch: 1-based epoch of ``best_params``, 0 if none.
+      best_params: params of the best epoch by the monitored metric (with validation), else None.
+      best_epoch: 1-based epoch of ``best_params`` (0 if none); a list of K in a member run.
     """
 
     train: TrainState
     epoch: int
     history: list
     best_params: Params | None = None
-    best_epoch: int = 0
+    best_epoch: int | list = 0
+
+    @property
+    def params(self) -> Params:
+        """The params to use: the best epoch's with validation, else the last epoch's."""
+        return self.train.params if self.best_params is None else self.best_params
 
 
-def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
-    """Minibatches per epoch: ``ceil(n / b)``, or ``floor(n / b)`` with ``drop_remainder``."""
-    return num_examples // batch_size if drop_remainder else math.ceil(num_examples / batch_size)
+class _Programs(NamedTuple):
+    """The compiled pieces of a fit, and how to place arrays for them."""
+
+    run_epoch: Callable
+    evaluate: Callable
+    place: Callable
+    steps_per_epoch: int
 
 
-def epoch_batches(
-    key: PRNGKey, num_examples: int, batch_size: int, drop_remainder: bool = False, shuffle: bool = True
-):
-    """The batch layout of one epoch, shuffled by ``key`` (:func:`jaxnet.shuffle.index_permutation`).
+class _Book(NamedTuple):
+    """Host-side bookkeeping, one entry per member: ``(K,)`` numpy arrays."""
 
-    Returns:
-      ``(index, weight)``, both ``(num_batches, batch_size)``: example indices into the data, and
-      1.0 for real examples, 0.0 for the padding that fills the last batch.
-    """
-    nb = num_batches(num_examples, batch_size, drop_remainder)
-    perm = index_permutation(key, num_examples) if shuffle else jnp.arange(num_examples, dtype=jnp.int32)
-    total = nb * batch_size
-    if total <= num_examples:
-        index = perm[:total]
-        weight = jnp.ones((total,), jnp.float32)
-    else:  # pad by repeating the order (cyclically, also when one batch exceeds the data)
-        index = perm[jnp.arange(total) % num_examples]
-        weight = (jnp.arange(total) < num_examples).astype(jnp.float32)
-    return index.reshape(nb, batch_size), weight.reshape(nb, batch_size)
+    best_epoch: np.ndarray
+    best_value: np.ndarray
+    stopped: np.ndarray
+    skipped: np.ndarray | None
 
 
-# A shuffled epoch gathers each step's rows inside the loop when an example (x and y together)
-# takes at least this many bytes, and the whole epoch's rows up front otherwise. Measured on a
-# 2-core CPU against the unshuffled epoch: 784-float rows, batch 1024, lose 11% up front and 4%
-# per step (and per step needs no second copy of the data on the device); 3-float rows, batch 1,
-# lose 2% up front and 27% per step; 64-float rows do about as well either way.
-GATHER_PER_STEP_BYTES = 1024
+class _Setup(NamedTuple):
+    """What the loop needs besides the state (fixed for the whole fit)."""
 
-
-def _row_bytes(a: jax.Array) -> int:
-    return math.prod(a.shape[1:]) * a.dtype.itemsize
-
-
-def make_epoch(
-    update: Update,
-    num_examples: int,
-    batch_size: int,
-    *,
-    drop_remainder: bool = False,
-    shuffle: bool = True,
-    unroll: int = 1,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """One epoch of shuffled minibatch updates as a pure function (jit, vmap or shard it).
-
-    Args:
-      update: the per-batch update, ``(state, (x, y[, w])) -> (state, {"loss": scalar})``.
-      num_examples: number of training examples ``n``.
-      batch_size: examples per update ``b``; the last batch is padded and masked unless
-        ``drop_remainder``.
-      shuffle: draw a new order each epoch from ``state.key``; False keeps the data's order (a
-        stream, a time series) and, when ``b`` divides ``n``, batches are plain reshapes of it.
-        Shuffled rows of ``GATHER_PER_STEP_BYTES`` or more are gathered step by step, narrower
-        ones for the whole epoch at once.
-      unroll: ``lax.scan`` unroll factor.
-
-    Returns:
-      ``epoch(state, x: (n, ...), y: (n, ...)) -> (state, metrics)``, with metrics
-      ``{"loss": mean train loss over examples (NaN if any step's loss was not finite),
-      "first_nonfinite": index of the first step whose loss was not finite (or whose running
-      sum overflowed float32), or -1}``. Under ``optax.apply_if_finite`` the optimizer state
-      counts the skipped updates (``total_notfinite``).
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size}")
-    if drop_remainder and batch_size > num_examples:
-        raise ValueError(
-            f"batch size {batch_size} exceeds the {num_examples} training examples with drop_remainder: "
-            "lower the batch size"
-        )
-    nb = num_batches(num_examples, batch_size, drop_remainder)
-    padded = nb * batch_size > num_examples  # only then do updates need per-example weights
-
-    def epoch(state: TrainState, x: jax.Array, y: jax.Array):
-        key, shuffle_key = jax.random.split(state.key)
-        gather_per_step = (shuffle or padded) and _row_bytes(x) + _row_bytes(y) >= GATHER_PER_STEP_BYTES
-        if not (shuffle or padded):  # the data's own order: each step slices its batch from x and y
-            batches = None
-        else:
-            index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder, shuffle)
-            if gather_per_step:  # each step gathers its rows: no copy of the epoch's data
-                batches = (index, weight) if padded else (index,)
-            else:  # one gather of the whole epoch up front (see GATHER_PER_STEP_BYTES)
-                batches = (x[index], y[index], weight) if padded else (x[index], y[index])
-
-        def batch_of(i, step_input):
-            if step_input is None:
-                return (jax.lax.dynamic_slice_in_dim(x, i * batch_size, batch_size),
-                        jax.lax.dynamic_slice_in_dim(y, i * batch_size, batch_size))
-            if gather_per_step:
-                rows, *weight = step_input
-                return (x[rows], y[rows], *weight)
-            return step_input
-
-        # The epoch's metrics accumulate in the carry (a per-step output buffer would hold members
-        # x steps losses when vmapped): the sum of the batch losses, and the number of steps after
-        # which that sum was still finite. A non-finite loss leaves the sum non-finite for the rest
-        # of the epoch, so that number is the index of the first non-finite step. The step index i
-        # is carried (XLA merges it with the loop's own counter); a select of it costs less per
-        # step than counting (on a CPU each further op costs about 2% of a small model's step).
-        def body(carry, step_input):
-            state, total, finite_steps, i = carry
-            batch = batch_of(i, step_input)
-            state, metrics = update(state, batch)
-            loss = metrics["loss"] * jnp.sum(batch[2]) if padded else metrics["loss"]
-            total = total + loss.astype(total.dtype)
-            i = i + 1
-            return (state, total, jnp.where(jnp.isfinite(total), i, finite_steps), i), None
-
-        zero = jnp.zeros((), jnp.int32)
-        carry = (state._replace(key=key), jnp.zeros((), jnp.float32), zero, zero)
-        (state, total, finite_steps, _), _ = jax.lax.scan(body, carry, batches, length=nb, unroll=unroll)
-        finite = jnp.isfinite(total)
-        metrics = {
-            # without padding every batch has the same size: the mean of the batch losses
-            "loss": jnp.where(finite, total / (num_examples if padded else nb), jnp.nan),
-            "first_nonfinite": jnp.where(finite, -1, finite_steps),
-        }
-        return state, metrics
-
-    return epoch
+    programs: _Programs
+    data: tuple
+    validation: tuple | None
+    epochs: int
+    patience: int | None
+    monitor: str
+    skip_nonfinite: bool
+    members: int | None
+    callbacks: Sequence
 
 
 # Fresh copies of a pytree's arrays in one compiled call (eagerly, each leaf shape compiles its own copy).
 _copy_tree = jax.jit(functools.partial(jax.tree.map, jnp.copy))
 
 
-def _skipped_updates(opt_state) -> np.ndarray:
-    """Updates that ``optax.apply_if_finite`` (the outermost transformation) has skipped so far."""
-    return np.asarray(opt_state.total_notfinite, dtype=np.int64)
+@jax.jit
+def _where_members(mask: jax.Array, new, old):
+    """Per member (leading axis), ``new`` where ``mask`` else ``old``."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def init_fit_state(
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    key: PRNGKey,
+    *,
+    skip_nonfinite: bool = False,
+    hyperparams: dict | None = None,
+) -> FitState:
+    """The :class:`FitState` that :func:`fit` starts from (epoch 0, empty history).
+
+    ``jax.eval_shape`` of it is the template that :func:`jaxnet.checkpoint.restore` needs.
+
+    Args:
+      params: the initial params; with a leading member axis K when ``key`` is ``(K,)``.
+      optimizer: the optax optimizer (wrapped by :func:`jaxnet.skip_nonfinite_updates` when
+        ``skip_nonfinite``, as :func:`fit` does).
+      key: the PRNG key of shuffling (and dropout); a ``(K,)`` array of keys for a member run.
+      skip_nonfinite, hyperparams: as in :func:`fit`.
+    """
+    if skip_nonfinite:
+        optimizer = skip_nonfinite_updates(optimizer)
+    k = num_members(key)
+    if k is None:
+        if hyperparams is not None:
+            raise ValueError("hyperparams are per-member values: give a (K,) array of keys (member_keys)")
+        return FitState(jax.jit(lambda p, kk: init_state(p, optimizer, kk))(params, key), 0, [])
+    shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
+    if not shapes or any(len(s) == 0 or s[0] != k for s in shapes):
+        raise ValueError(
+            f"{k} member keys need params with a leading member axis of {k}, got leaf shapes {shapes[:4]}: "
+            "use init_members(model, keys)"
+        )
+    train = jax.jit(jax.vmap(lambda p, kk: init_state(p, optimizer, kk)))(params, key)
+    if hyperparams:
+        train = train._replace(opt_state=set_hyperparams(train.opt_state, hyperparams))
+    return FitState(train, 0, [], None, [0] * k)
 
 
 def _as_array(name: str, value) -> jax.Array:
@@ -198,22 +158,169 @@ def _as_array(name: str, value) -> jax.Array:
     return array
 
 
-def _check_hparams(epochs: int, batch_size: int) -> None:
-    for name, value in (("epochs", epochs), ("batch size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_data(x, y, validation):
+    x, y = _as_array("x", x), _as_array("y", y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+    if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError("validation must be a pair (x_val, y_val)")
+        validation = (_as_array("validation x", validation[0]), _as_array("validation y", validation[1]))
+    return x, y, validation
 
 
-def _data_parallel(update: Update, mesh, batch_size: int):
-    """``(update, place, jit_options)`` for training on ``mesh``: the update with its batch split
-    over the mesh, how to put arrays on it, and the jit options (all unchanged if ``mesh`` is None)."""
-    if mesh is None:
-        return update, (lambda tree: tree), {}
-    from jaxnet import parallel
+def _check_options(spec: LossSpec, epochs, batch_size, patience, monitor, validation) -> None:
+    checks.integer("epochs", epochs)
+    checks.integer("batch_size", batch_size)
+    checks.choice("monitor", monitor, MONITORS)
+    if monitor == "val_accuracy" and spec.metric is None:
+        raise ValueError(f"monitor 'val_accuracy' needs a classification loss, not {spec.name!r}")
+    checks.optional_integer("patience", patience)
+    if patience is not None and validation is None:
+        raise ValueError("early stopping (patience) needs validation data")
 
-    parallel.check_batch_size(batch_size, mesh.size)
-    place = lambda tree: parallel.put_replicated(tree, mesh)  # noqa: E731
-    return parallel.constrain_batch(update, mesh), place, {"out_shardings": parallel.replicated(mesh)}
+
+def _compile(model, spec, optimizer, options: dict, members: int | None, mesh) -> _Programs:
+    """The epoch and evaluation programs: plain, data parallel on ``mesh``, or vmapped over members."""
+    if options["skip_nonfinite"]:
+        optimizer = skip_nonfinite_updates(optimizer)
+    update = make_update(model, spec, optimizer, compute_dtype=options["compute_dtype"])
+    evaluate = make_eval_fn(model, spec)
+    place, jit_options = (lambda tree: tree), {}
+    if mesh is not None:
+        if members is not None:
+            raise ValueError("member runs train on one device: drop mesh, or train members one by one on the mesh")
+        parallel.check_batch_size(options["batch_size"], mesh.size)
+        update = parallel.constrain_batch(update, mesh)
+        place = functools.partial(parallel.put_replicated, mesh=mesh)
+        jit_options = {"out_shardings": parallel.replicated(mesh)}
+    layout = {k: options[k] for k in ("drop_remainder", "shuffle", "unroll")}
+    epoch = make_epoch(update, options["num_examples"], options["batch_size"], **layout)
+    if members is not None:
+        epoch, evaluate = jax.vmap(epoch, in_axes=(0, None, None)), jax.vmap(evaluate, in_axes=(0, None))
+    steps = num_batches(options["num_examples"], options["batch_size"], options["drop_remainder"])
+    return _Programs(
+        jax.jit(epoch, donate_argnums=(0,), **jit_options), jax.jit(evaluate, **jit_options), place, steps
+    )
+
+
+def _skipped_updates(opt_state, k: int) -> np.ndarray:
+    """Updates that ``optax.apply_if_finite`` (the outermost transformation) has skipped so far."""
+    return np.asarray(opt_state.total_notfinite, dtype=np.int64).reshape(k)
+
+
+def _per_member(value, k: int) -> list:
+    """A record's value as a list of K (a single run's records hold scalars)."""
+    return list(value) if isinstance(value, list) else [value] * k
+
+
+def _open_book(state: FitState, monitor: str, patience: int | None, skip_nonfinite: bool) -> _Book:
+    """The bookkeeping of ``state``: fresh, or rebuilt from a resumed state's history."""
+    k = num_members(state.train.key) or 1
+    sign = 1.0 if monitor == "val_loss" else -1.0
+    best_epoch = np.asarray(_per_member(state.best_epoch, k), dtype=np.int64)
+    best_value = np.full(k, math.inf * sign)
+    stopped = np.zeros(k, bool)
+    if state.history:
+        last = state.history[-1]
+        stopped |= np.array([v is None for v in _per_member(last["train_loss"], k)])
+        for i, e in enumerate(best_epoch):
+            value = _per_member(state.history[e - 1].get(monitor), k)[i] if e else None
+            best_value[i] = math.inf * sign if value is None else value
+        if patience is not None:
+            stopped |= (best_epoch > 0) & (state.epoch - best_epoch >= patience)
+    skipped = _skipped_updates(state.train.opt_state, k) if skip_nonfinite else None
+    return _Book(best_epoch, best_value, stopped, skipped)
+
+
+def is_finished(state: FitState, *, epochs: int, patience: int | None = None, monitor: str = "val_loss") -> bool:
+    """Whether :func:`fit` would train ``state`` no further: all ``epochs`` done, or every member
+    stopped (early stopping, or a non-finite loss)."""
+    return state.epoch >= epochs or bool(_open_book(state, monitor, patience, False).stopped.all())
+
+
+def _values(array, keep: np.ndarray) -> list:
+    """Per-member floats of ``array``, None for members not kept (stopped or diverged)."""
+    return [float(v) if kept else None for v, kept in zip(np.asarray(array).reshape(keep.shape), keep)]
+
+
+def _record(epoch: int, metrics: dict, val: dict | None, book: _Book, keep: np.ndarray, train) -> Record:
+    record: Record = {"epoch": epoch, "train_loss": _values(metrics["loss"], keep)}
+    if book.skipped is not None:
+        record["skipped"] = [int(v) for v in _skipped_updates(train.opt_state, keep.size) - book.skipped]
+    if val is not None:
+        record.update({f"val_{name}": _values(v, keep) for name, v in val.items()})
+        record["best_epoch"] = [int(e) for e in book.best_epoch]
+    return record
+
+
+def _keep_best(improved: np.ndarray, params, best, members: int | None):
+    """``best`` with every improved member's params taken from ``params``."""
+    if best is None:
+        return _copy_tree(params)
+    if members is None:
+        return _copy_tree(params) if improved[0] else best
+    return _where_members(jnp.asarray(improved), params, best) if improved.any() else best
+
+
+def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, monitor: str) -> tuple[_Book, np.ndarray]:
+    sign = 1.0 if monitor == "val_loss" else -1.0
+    current = np.asarray(val[monitor[len("val_") :]], dtype=np.float64).reshape(keep.shape)
+    improved = keep & ((book.best_epoch == 0) | (sign * current < sign * book.best_value))
+    book = book._replace(
+        best_epoch=np.where(improved, epoch, book.best_epoch), best_value=np.where(improved, current, book.best_value)
+    )
+    return book, improved
+
+
+def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book, Record]:
+    """Runs one epoch and its validation; returns the new state, bookkeeping and record."""
+    start = time.perf_counter()
+    programs, k = setup.programs, setup.members or 1
+    train, metrics = programs.run_epoch(state.train, *setup.data)
+    metrics = jax.device_get(metrics)  # one host sync per epoch
+    epoch = state.epoch + 1
+    active = ~book.stopped
+    first_bad = np.asarray(metrics["first_nonfinite"]).reshape(k)
+    diverged = active & (first_bad >= 0) if not setup.skip_nonfinite else np.zeros(k, bool)
+    if active.all() and diverged.all():  # every member diverged at once (always so for a single run)
+        raise NonFiniteLossError(epoch, state.epoch * programs.steps_per_epoch + int(first_bad.min()) + 1)
+    keep = active & ~diverged
+    best, val = state.best_params, None
+    if setup.validation is not None:
+        val = jax.device_get(programs.evaluate(train.params, setup.validation))
+        book, improved = _improve(book, val, keep, epoch, setup.monitor)
+        best = _keep_best(improved, train.params, best, setup.members)
+    record = _record(epoch, metrics, val, book, keep, train)
+    record.update(seconds=time.perf_counter() - start, steps=programs.steps_per_epoch)
+    stopped = book.stopped | diverged
+    if setup.patience is not None:
+        stopped |= epoch - book.best_epoch >= setup.patience
+    skipped = _skipped_updates(train.opt_state, k) if book.skipped is not None else None
+    book = book._replace(stopped=stopped, skipped=skipped)
+    if setup.members is None:  # a single run's records and best epoch hold scalars
+        record = {name: v[0] if isinstance(v, list) else v for name, v in record.items()}
+    best_epoch = int(book.best_epoch[0]) if setup.members is None else [int(e) for e in book.best_epoch]
+    return FitState(train, epoch, [*state.history, record], best, best_epoch), book, record
+
+
+def _call(callbacks, hook: str, state: FitState) -> None:
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(state)
+
+
+def _loop(state: FitState, setup: _Setup) -> FitState:
+    """Epochs until the last, every member stopped, or a callback asks to stop."""
+    book = _open_book(state, setup.monitor, setup.patience, setup.skip_nonfinite)
+    _call(setup.callbacks, "on_run_start", state)
+    while state.epoch < setup.epochs and not book.stopped.all():
+        state, book, record = _epoch(state, book, setup)
+        if any([bool(callback(state, record)) for callback in setup.callbacks]):
+            break
+    _call(setup.callbacks, "on_run_end", state)
+    return state
 
 
 def fit(
@@ -239,7 +346,7 @@ def fit(
     unroll: int = 1,
     mesh=None,
     hyperparams: dict | None = None,
-) -> tuple[TrainState, list[Record]]:
+) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
     Args:
@@ -252,13 +359,16 @@ def fit(
       batch_size: examples per step; the last partial batch is padded and masked (its update
         averages over its real examples only) unless ``drop_remainder``.
       key: PRNG key for shuffling; the run is reproducible from it.
-      validation: optional ``(x_val, y_val)`` evaluated after every epoch.
+      validation: optional ``(x_val: (m, ...), y_val: (m, ...))`` evaluated after every epoch.
       patience: stop after this many epochs without improvement of ``monitor`` (needs
-        ``validation``); the returned params are then the best epoch's.
+        ``validation``).
       monitor: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher is better).
       drop_remainder: drop the last partial batch instead of masking it.
-      callbacks: called after each epoch as ``cb(fit_state, record)``; returning True stops.
-      resume: a :class:`FitState` (e.g. from a checkpoint) to continue from.
+      callbacks: called after each epoch as ``cb(fit_state, record)``; returning True stops. A
+        callback may also have methods ``on_run_start(fit_state)`` and ``on_run_end(fit_state)``
+        (called when the loop ends without an error): see :mod:`jaxnet.callbacks`.
+      resume: a :class:`FitState` (returned by ``fit`` or restored from a checkpoint) to continue
+        from; the result equals a run never interrupted.
       compute_dtype: e.g. ``jnp.bfloat16`` for mixed precision (float32 master params).
       skip_nonfinite: skip updates whose loss or gradients are not finite instead of stopping
         (:func:`jaxnet.skip_nonfinite_updates`); each record then counts them in ``skipped``, and
@@ -281,203 +391,46 @@ def fit(
     values); NonFiniteLossError is raised only when every member has.
 
     Returns:
-      ``(state, history)``: the final :class:`TrainState` (with the best params when validation
-      is given) and one record per epoch: ``epoch``, ``train_loss``, ``val_loss``,
-      ``val_accuracy`` (when the loss has a metric), ``seconds`` and ``steps``.
+      The final :class:`FitState`: the last epoch's complete train state (resumable exactly),
+      the best params and epoch (with validation; ``.params`` picks them) and the history, one
+      record per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy`` (when the loss
+      has a metric), ``best_epoch`` (with validation), ``seconds`` and ``steps``.
 
     Raises:
       NonFiniteLossError: a step produced a non-finite loss (the state is left as it was before
         that epoch, which callbacks have already seen).
     """
     spec = get_loss(loss)
-    _check_hparams(epochs, batch_size)
-    if monitor not in ("val_loss", "val_accuracy"):
-        raise ValueError(f"unknown monitor {monitor!r}: use 'val_loss' or 'val_accuracy'")
-    if monitor == "val_accuracy" and spec.metric is None:
-        raise ValueError(f"monitor 'val_accuracy' needs a classification loss, not {spec.name!r}")
-    if patience is not None and (not isinstance(patience, int) or patience <= 0):
-        raise ValueError(f"patience must be a positive integer, got {patience!r}")
-    if patience is not None and validation is None:
-        raise ValueError("early stopping (patience) needs validation data")
-    x, y = _as_array("x", x), _as_array("y", y)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
-
-    if num_members(key if resume is None else resume.train.key) is not None:
-        if mesh is not None:
-            raise ValueError("member runs train on one device: drop mesh, or train members one by one on the mesh")
-        return _fit_members(
-            model, params, x, y, spec=spec, optimizer=optimizer, epochs=epochs, batch_size=batch_size, key=key,
-            validation=validation, patience=patience, monitor=monitor, drop_remainder=drop_remainder,
-            callbacks=callbacks, resume=resume, compute_dtype=compute_dtype, skip_nonfinite=skip_nonfinite,
-            shuffle=shuffle, unroll=unroll, hyperparams=hyperparams,
-        )
-    if hyperparams is not None:
-        raise ValueError("hyperparams are per-member values: give a (K,) array of keys (member_keys) for a member run")
-
-    n = x.shape[0]
-    if skip_nonfinite:
-        optimizer = skip_nonfinite_updates(optimizer)
-    update = make_update(model, spec, optimizer, compute_dtype=compute_dtype)
-    update, place, jit_options = _data_parallel(update, mesh, batch_size)
-    epoch_fn = make_epoch(update, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle, unroll=unroll)
-    run_epoch = jax.jit(epoch_fn, donate_argnums=(0,), **jit_options)
-    evaluate = jax.jit(make_eval_fn(model, spec), **jit_options)
-    steps_per_epoch = num_batches(n, batch_size, drop_remainder)
-
+    x, y, validation = _check_data(x, y, validation)
+    _check_options(spec, epochs, batch_size, patience, monitor, validation)
+    members = num_members(key if resume is None else resume.train.key)
     if resume is None:
-        resume = FitState(jax.jit(lambda p, k: init_state(p, optimizer, k))(params, key), 0, [])
-    # Epochs donate the state's buffers; copy first so the caller's params and key stay valid.
-    fit_state = resume._replace(train=_copy_tree(place(resume.train)))
-    x, y = place((x, y))
-    history = list(fit_state.history)
-    if validation is not None:
-        xv, yv = place((_as_array("validation x", validation[0]), _as_array("validation y", validation[1])))
-    sign = 1.0 if monitor == "val_loss" else -1.0
-    skipped_before = _skipped_updates(fit_state.train.opt_state) if skip_nonfinite else None
-    if patience is not None and fit_state.best_epoch and fit_state.epoch - fit_state.best_epoch >= patience:
-        epochs = fit_state.epoch  # resuming a run that had stopped early: nothing left to do
-
-    while fit_state.epoch < epochs:
-        start = time.perf_counter()
-        train, metrics = run_epoch(fit_state.train, x, y)
-        metrics = jax.device_get(metrics)  # one host sync per epoch
-        train_loss = float(metrics["loss"])
-        epoch = fit_state.epoch + 1
-        bad = int(metrics["first_nonfinite"])
-        if bad >= 0 and not skip_nonfinite:
-            raise NonFiniteLossError(epoch, fit_state.epoch * steps_per_epoch + bad + 1)
-        record: Record = {"epoch": epoch, "train_loss": train_loss}
-        if skip_nonfinite:
-            skipped = _skipped_updates(train.opt_state)
-            record["skipped"] = int(skipped - skipped_before)
-            skipped_before = skipped
-        best_params, best_epoch = fit_state.best_params, fit_state.best_epoch
-        if validation is not None:
-            val = evaluate(train.params, (xv, yv))
-            record.update({f"val_{k}": float(v) for k, v in val.items()})
-            best_value = history[best_epoch - 1][monitor] if best_epoch else math.inf * sign
-            if best_epoch == 0 or sign * record[monitor] < sign * best_value:
-                best_params = _copy_tree(train.params)
-                best_epoch = epoch
-        record["seconds"] = time.perf_counter() - start
-        record["steps"] = steps_per_epoch
-        history.append(record)
-        fit_state = FitState(train, epoch, history, best_params, best_epoch)
-        stop = any([bool(cb(fit_state, record)) for cb in callbacks])
-        if patience is not None and epoch - best_epoch >= patience:
-            break
-        if stop:
-            break
-
-    final = fit_state.train
-    if fit_state.best_params is not None:
-        final = final._replace(params=fit_state.best_params)
-    return final, history
-
-
-@jax.jit
-def _where_members(mask: jax.Array, new, old):
-    """Per member (leading axis), ``new`` where ``mask`` else ``old``."""
-    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
-
-
-def _member_values(values, keep: np.ndarray) -> list:
-    return [float(v) if k and math.isfinite(float(v)) else None for v, k in zip(np.asarray(values), keep)]
-
-
-def _fit_members(
-    model, params, x, y, *, spec, optimizer, epochs, batch_size, key, validation, patience, monitor,
-    drop_remainder, callbacks, resume, compute_dtype, skip_nonfinite, shuffle, unroll, hyperparams,
-) -> tuple[TrainState, list[Record]]:
-    """:func:`fit` for K members at once (leading member axis); arguments as there."""
-    k = num_members(key if resume is None else resume.train.key)
-    if resume is None:
-        shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
-        if not shapes or any(len(s) == 0 or s[0] != k for s in shapes):
-            raise ValueError(
-                f"{k} member keys need params with a leading member axis of {k}, got leaf shapes {shapes[:4]}: "
-                "use init_members(model, keys)"
-            )
-        # Refuse a K that cannot fit before compiling (params exist already; the rest is estimated).
-        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
-        check_memory(estimate_member_bytes(one, jax.eval_shape(optimizer.init, one), batch_size, k), k)
-    n = x.shape[0]
-    if skip_nonfinite:
-        optimizer = skip_nonfinite_updates(optimizer)
-    update = make_update(model, spec, optimizer, compute_dtype=compute_dtype)
-    epoch_fn = make_epoch(update, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle, unroll=unroll)
-    run_epoch = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None)), donate_argnums=(0,))
-    evaluate = jax.jit(jax.vmap(make_eval_fn(model, spec), in_axes=(0, None)))
-    steps_per_epoch = num_batches(n, batch_size, drop_remainder)
-
-    if resume is None:
-        train = jax.jit(jax.vmap(lambda p, kk: init_state(p, optimizer, kk)))(params, key)
-        if hyperparams:
-            train = train._replace(opt_state=set_hyperparams(train.opt_state, hyperparams))
-        resume = FitState(train, 0, [], None, [0] * k)
+        data_bytes = sum(a.nbytes for a in (x, y, *(validation or ())))
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
+        check_fit_memory(one, optimizer, batch_size, members or 1, data_bytes)
+        resume = init_fit_state(params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams)
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
-    fit_state = resume._replace(train=_copy_tree(resume.train))
-    history = list(fit_state.history)
-    if validation is not None:
-        xv, yv = _as_array("validation x", validation[0]), _as_array("validation y", validation[1])
-    sign = 1.0 if monitor == "val_loss" else -1.0
-    skipped_before = _skipped_updates(fit_state.train.opt_state) if skip_nonfinite else None
-    best_epoch = np.asarray(fit_state.best_epoch or [0] * k, dtype=np.int64).reshape(k)
-    best_value = np.array(
-        [history[e - 1][monitor][i] if e and history[e - 1][monitor][i] is not None else math.inf * sign
-         for i, e in enumerate(best_epoch)], dtype=np.float64,
-    ) if validation is not None else np.full(k, math.inf * sign)
-    last = history[-1] if history else {}
-    # A member stopped (patience ran out or diverged) when its values in the last record are None.
-    stopped = np.array([v is None for v in last.get("train_loss", [0.0] * k)], dtype=bool)
-    if patience is not None and history:
-        stopped |= fit_state.epoch - best_epoch >= patience
-    best_params = fit_state.best_params
+    options = dict(num_examples=x.shape[0], batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle,
+                   unroll=unroll, compute_dtype=compute_dtype, skip_nonfinite=skip_nonfinite)
+    programs = _compile(model, spec, optimizer, options, members, mesh)
+    # Epochs donate the state's buffers; copy first so the caller's params, key and state stay valid.
+    state = resume._replace(train=_copy_tree(programs.place(resume.train)))
+    setup = _Setup(programs, programs.place((x, y)), programs.place(validation) if validation else None, epochs,
+                   patience, monitor, skip_nonfinite, members, tuple(callbacks))
+    return _loop(state, setup)
 
-    while fit_state.epoch < epochs:
-        start = time.perf_counter()
-        train, metrics = run_epoch(fit_state.train, x, y)
-        metrics = jax.device_get(metrics)  # one host sync per epoch
-        losses = np.asarray(metrics["loss"])
-        epoch = fit_state.epoch + 1
-        active = ~stopped
-        first_bad = np.asarray(metrics["first_nonfinite"])
-        diverged = active & (first_bad >= 0) if not skip_nonfinite else np.zeros(k, bool)
-        if active.all() and diverged.all():  # every member diverged at once: as a single run would
-            bad = int(np.min(first_bad))
-            raise NonFiniteLossError(epoch, fit_state.epoch * steps_per_epoch + bad + 1)
-        record: Record = {"epoch": epoch, "train_loss": _member_values(losses, active & ~diverged)}
-        if skip_nonfinite:
-            skipped = _skipped_updates(train.opt_state)
-            record["skipped"] = [int(v) for v in skipped - skipped_before]
-            skipped_before = skipped
-        keep = active & ~diverged
-        if validation is not None:
-            val = evaluate(train.params, (xv, yv))
-            record.update({f"val_{name}": _member_values(v, keep) for name, v in val.items()})
-            current = np.asarray(val[monitor[len("val_"):]], dtype=np.float64)
-            improved = keep & ((best_epoch == 0) | (sign * current < sign * best_value))
-            if best_params is None:
-                best_params = _copy_tree(train.params)
-            elif improved.any():
-                best_params = _where_members(jnp.asarray(improved), train.params, best_params)
-            best_epoch = np.where(improved, epoch, best_epoch)
-            best_value = np.where(improved, current, best_value)
-            record["best_epoch"] = [int(e) for e in best_epoch]
-        record["seconds"] = time.perf_counter() - start
-        record["steps"] = steps_per_epoch
-        history.append(record)
-        stopped = stopped | diverged
-        if patience is not None:
-            stopped |= epoch - best_epoch >= patience
-        fit_state = FitState(train, epoch, history, best_params, [int(e) for e in best_epoch])
-        stop = any([bool(cb(fit_state, record)) for cb in callbacks])
-        if stopped.all() or stop:
-            break
 
-    final = fit_state.train
-    if fit_state.best_params is not None:
-        final = final._replace(params=fit_state.best_params)
-    return final, history
+def check_fit_memory(params, optimizer: optax.GradientTransformation, batch_size: int, members: int = 1,
+                     data_bytes: int = 0) -> None:
+    """Refuses a fit whose estimated memory exceeds the device's, before anything is allocated.
+
+    Args:
+      params: one member's params, or their ``jax.ShapeDtypeStruct`` (``jax.eval_shape``).
+      optimizer: the optax optimizer (its state is estimated with ``jax.eval_shape``).
+      batch_size: examples per step; members: K (1 for a single run).
+      data_bytes: the bytes of the data placed on the device.
+    """
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    opt_state = jax.eval_shape(optimizer.init, one)
+    check_memory(estimate_member_bytes(one, opt_state, batch_size, members) + data_bytes, members)

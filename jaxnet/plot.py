@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jaxnet import io
+from jaxnet import files
 
 _FORMATS = ("png", "svg", "pdf")
 
@@ -47,7 +47,7 @@ def _format(path: str | os.PathLike) -> str:
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Writes a matplotlib figure atomically: a temporary file in the same folder, then ``os.replace``."""
     fmt = check_figure_path(path)
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             fig.savefig(f, format=fmt)
 
@@ -64,7 +64,7 @@ def draw_network(result: dict[str, Any], path: str | os.PathLike) -> None:
     and the updated ``w'``.
 
     Args:
-      result: the dict returned by :func:`jaxnet.seed.worked_example`.
+      result: the dict returned by :func:`jaxnet.worked_example.worked_example`.
       path: output file, ``.png`` (or ``.svg``, ``.pdf``).
 
     Raises:

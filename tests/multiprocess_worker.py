@@ -29,7 +29,7 @@ def train(x, y, mesh=None):
 
     net = mlp([5, 16, 3])
     params = net.init(jax.random.key(0))
-    state, _ = fit(net, params, x, y, optimizer=optax.adam(1e-2), key=jax.random.key(1), mesh=mesh, **CONFIG)
+    state = fit(net, params, x, y, optimizer=optax.adam(1e-2), key=jax.random.key(1), mesh=mesh, **CONFIG)
     return state.params
 
 

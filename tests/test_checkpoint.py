@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnet import checkpoint, cli, io, train
+from jaxnet import callbacks, checkpoint, cli, config as configlib, files, run as runlib
 
 ORBAX_AT_IMPORT = any(name.split(".")[0] == "orbax" for name in sys.modules)
 
@@ -46,8 +46,16 @@ def start(*args):
     return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
 
 
+def ckpt_dir(out):
+    return Path(out).absolute() / "checkpoints"
+
+
+def steps(out):
+    return checkpoint.epochs(ckpt_dir(out))
+
+
 def tmp_dirs(out):
-    d = checkpoint.checkpoint_dir(out)
+    d = ckpt_dir(out)
     return [p for p in d.iterdir() if "tmp" in p.name] if d.is_dir() else []
 
 
@@ -55,10 +63,10 @@ def interrupt(proc, out, sig, *, during_save=False, delay=0.0, timeout=60):
     """Waits until ``proc`` writes a checkpoint newer than the ones there now, then sends ``sig``
     (at once when a save is under way if ``during_save``, else after ``delay`` seconds).
     Returns ``(returncode, stderr, killed_mid_save)``."""
-    before = max(checkpoint.steps(out), default=0)
+    before = max(steps(out), default=0)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        if max(checkpoint.steps(out), default=0) > before and (not during_save or tmp_dirs(out)):
+        if max(steps(out), default=0) > before and (not during_save or tmp_dirs(out)):
             break
         time.sleep(0.005)
     time.sleep(delay)
@@ -71,12 +79,12 @@ def interrupt(proc, out, sig, *, during_save=False, delay=0.0, timeout=60):
 
 
 def params_bytes(out):
-    saved = io.load_model(out)
+    saved = files.load_model(out)
     return [np.asarray(a).tobytes() for a in jax.tree.leaves(saved.params)]
 
 
 def saved_params(out):
-    return [np.asarray(a) for a in jax.tree.leaves(io.load_model(out).params)]
+    return [np.asarray(a) for a in jax.tree.leaves(files.load_model(out).params)]
 
 
 def metrics(out):
@@ -110,7 +118,7 @@ def other_chain(root):
     stopped = root / "sigint"
     proc = start("train", *RUN, "--checkpoint-every", "2", "--out", stopped)
     r["sigint"] = interrupt(proc, stopped, signal.SIGINT)
-    r["sigint_steps"] = checkpoint.steps(stopped)
+    r["sigint_steps"] = steps(stopped)
     r["sigint_resumed"] = jaxnet("train", "--resume", stopped)
     return r
 
@@ -139,23 +147,23 @@ CONFIG = dict(dataset="moons", hidden=(4,), epochs=4, batch_size=128)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("api") / "run"
-    config = train.make_config(**CONFIG)
-    result = train.run(config, out=out, checkpoint_every=1, keep=3)
+    config = configlib.make_config(**CONFIG)
+    result = runlib.run(config, out=out, checkpoint_every=1, keep=3)
     return out, config, result
 
 
 def test_round_trip_restores_the_whole_state(saved):
     out, config, result = saved
-    assert checkpoint.steps(out) == [2, 3, 4]  # keep=3
-    restored = checkpoint.restore(out)
-    assert restored.config == config and restored.path.name == "4" and not restored.damaged
-    state = restored.fit_state
-    assert state.epoch == 4 and state.history == result.history and restored.meta["finished"]
+    assert steps(out) == [2, 3, 4]  # keep=3
+    stored, restored = runlib.restore(out)
+    assert stored == config and restored.path.name == "4" and not restored.damaged
+    state = restored.state
+    assert state.epoch == 4 and state.history == result.history and result.finished
     assert int(state.train.step) == sum(r["steps"] for r in result.history)
     final = state.best_params if state.best_params is not None else state.train.params
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(result.model.params)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    np.testing.assert_array_equal(restored.meta["norm"][0], result.model.mean)
+    np.testing.assert_array_equal(np.asarray(restored.metadata["norm"]["mean"], np.float32), result.model.mean)
     assert jax.random.key_impl(state.train.key) == jax.random.key_impl(jax.random.key(0))
 
 
@@ -164,8 +172,8 @@ def test_resume_from_an_older_checkpoint_is_bitwise_identical(saved, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     for step in (3, 4):
-        shutil.rmtree(checkpoint.checkpoint_dir(copy) / str(step))
-    resumed = checkpoint.resume(copy)
+        shutil.rmtree(ckpt_dir(copy) / str(step))
+    resumed = runlib.resume(copy)
     for a, b in zip(jax.tree.leaves(resumed.model.params), jax.tree.leaves(result.model.params)):
         assert a.tobytes() == b.tobytes()
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in result.history]
@@ -213,31 +221,34 @@ def test_damaged_newest_checkpoint_falls_back_and_all_damaged_is_refused(saved, 
     out, _, _ = saved
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    newest = checkpoint.checkpoint_dir(copy) / "4"
+    newest = ckpt_dir(copy) / "4"
     damage(newest)
-    restored = checkpoint.restore(copy)
+    restored = runlib.restore(copy)[1]
     assert restored.path.name == "3" and [p.name for p, _ in restored.damaged] == ["4"]
     for step in (2, 3):
-        damage(checkpoint.checkpoint_dir(copy) / str(step))
+        damage(ckpt_dir(copy) / str(step))
     with pytest.raises(ValueError, match=r"no usable checkpoint .*checkpoint 4: .*checkpoint 2: ") as e:
-        checkpoint.restore(copy)
+        runlib.restore(copy)
     assert "\n" not in str(e.value)
 
 
 def test_missing_run_folder_or_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        checkpoint.restore(tmp_path / "nope")
+        runlib.resume(tmp_path / "nope")
     with pytest.raises(ValueError, match="has no checkpoints"):
-        checkpoint.restore(tmp_path)
+        runlib.resume(tmp_path)
+    with pytest.raises(ValueError, match="has no checkpoints"):
+        checkpoint.restore(tmp_path, None)
 
 
 def test_check_overrides_names_the_conflicting_option(saved):
     _, config, _ = saved
-    checkpoint.check_overrides(config, dataset="moons", hidden=(4,), loss=None, lr=None)
-    with pytest.raises(ValueError, match="--batch-size 32 conflicts with the checkpoint's 128"):
-        checkpoint.check_overrides(config, batch_size=32)
-    with pytest.raises(ValueError, match="--dataset xor conflicts"):
-        checkpoint.check_overrides(config, dataset="xor")
+    configlib.check_overrides(config, dict(dataset="moons", hidden=(4,), loss=None, lr=None))
+    with pytest.raises(ValueError, match="batch_size 32 conflicts with the run's 128") as e:
+        configlib.check_overrides(config, dict(batch_size=32))
+    assert e.value.render(cli.flag).startswith("--batch-size 32 conflicts with the run's 128")
+    with pytest.raises(ValueError, match="dataset xor conflicts"):
+        configlib.check_overrides(config, dict(dataset="xor"))
 
 
 def blowup_args(root):
@@ -253,16 +264,16 @@ def test_nonfinite_loss_stops_cleanly_naming_epoch_step_and_intact_checkpoint(tm
     code = cli.main(["train", *blowup_args(tmp_path), "--epochs", "40", "--checkpoint-every", "2", "--out",
                      str(tmp_path / "run")])
     line = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in line and "Traceback" not in line, line
+    assert code == 1 and "\n" not in line and "Traceback" not in line, line
     match = re.search(r"non-finite at epoch (\d+), step (\d+).*--skip-nonfinite.*last good checkpoint: (\S+)$", line)
     assert match, line
     epoch, step, path = int(match.group(1)), int(match.group(2)), Path(match.group(3))
     assert int(path.name) == 2 * ((epoch - 1) // 2)  # the newest checkpoint before the bad epoch
-    restored = checkpoint.restore(tmp_path / "run")
-    per_epoch = restored.fit_state.history[0]["steps"]
+    restored = runlib.restore(tmp_path / "run")[1]
+    per_epoch = restored.state.history[0]["steps"]
     assert epoch >= 3 and (epoch - 1) * per_epoch < step <= epoch * per_epoch
-    assert restored.path == path and restored.fit_state.epoch == int(path.name) and not restored.damaged
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.fit_state.train.params))
+    assert restored.path == path and restored.state.epoch == int(path.name) and not restored.damaged
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.state.train.params))
 
 
 def test_skip_nonfinite_trains_on_and_counts_skips(tmp_path, capsys):
@@ -272,31 +283,31 @@ def test_skip_nonfinite_trains_on_and_counts_skips(tmp_path, capsys):
     assert len(records) == 14 and all("skipped" in r for r in records)
     assert sum(r["skipped"] for r in records) > 0
     assert all(np.isfinite(a).all() for a in saved_params(out))  # skipped steps left no trace
-    assert checkpoint.restore(out).config.skip_nonfinite is True
+    assert runlib.restore(out)[0].skip_nonfinite is True
 
 
 def test_cli_resume_refuses_conflicts_and_reports_a_finished_run(saved, capsys):
     out, config, result = saved
     assert cli.main(["train", "--resume", str(out), "--hidden", "8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--hidden 8 conflicts with the checkpoint's 4" in err
+    assert "\n" not in err and "--hidden 8 conflicts with the run's 4" in err
     assert cli.main(["train", "--checkpoint-every", "2", "--dataset", "xor"]) == 2
     assert "--checkpoint-every N needs --out DIR" in capsys.readouterr().err
-    before = checkpoint.steps(out)
+    before = steps(out)
     assert cli.main(["train", "--resume", str(out), "--dataset", "moons", "--json"]) == 0
     captured = capsys.readouterr()
     assert "already finished at epoch 4" in captured.err
     summary = json.loads(captured.out)
     assert summary["epochs"] == 4 and summary["test_accuracy"] == result.summary["test_accuracy"]
-    assert checkpoint.steps(out) == before
+    assert steps(out) == before
 
 
 def test_cli_resume_of_damaged_or_missing_checkpoints_is_one_line(saved, tmp_path, capsys):
     out, _, _ = saved
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    for step in checkpoint.steps(copy):
-        empty(checkpoint.checkpoint_dir(copy) / str(step))
+    for step in steps(copy):
+        empty(ckpt_dir(copy) / str(step))
     for target in (copy, tmp_path / "nope", tmp_path):
         assert cli.main(["train", "--resume", str(target)]) == 2
         err = capsys.readouterr().err.strip()
@@ -307,11 +318,11 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 2)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=x, y=(x[:, 0] > 0).astype(np.int32))
-    config = train.make_config(data=str(tmp_path / "data.npz"), hidden=(2,), epochs=1, batch_size=8)
-    train.run(config, out=tmp_path / "run")
+    config = configlib.make_config(data=str(tmp_path / "data.npz"), hidden=(2,), epochs=1, batch_size=8)
+    runlib.run(config, out=tmp_path / "run")
     np.savez(tmp_path / "data.npz", x=x * 2, y=(x[:, 0] > 0).astype(np.int32))
     with pytest.raises(ValueError, match="data of .* changed since the checkpoint"):
-        checkpoint.resume(tmp_path / "run")
+        runlib.resume(tmp_path / "run")
 
 
 # ---- subprocesses ------------------------------------------------------------------------
@@ -327,7 +338,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(jobs):
     assert params_bytes(out) == params_bytes(root / "baseline")
     assert metrics(out) == metrics(root / "baseline")
     assert json.loads(final.stdout)["epochs"] == json.loads(other["baseline"].stdout)["epochs"] == 16
-    assert checkpoint.steps(out) == [14, 15, 16] and not tmp_dirs(out)
+    assert steps(out) == [14, 15, 16] and not tmp_dirs(out)
 
 
 def test_sigint_stops_at_epoch_boundary_with_a_checkpoint_that_resumes_to_the_same_result(jobs):
@@ -351,7 +362,7 @@ def test_orbax_is_not_imported_without_checkpoints():
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_at_the_next_boundary_and_a_second_signal_acts_at_once(signum):
     previous = signal.getsignal(signum)
-    with checkpoint.Interrupt() as stop:
+    with callbacks.Interrupt() as stop:
         assert not stop(None, None)
         os.kill(os.getpid(), signum)
         time.sleep(0.05)

@@ -83,9 +83,9 @@ BAD_IN_PROCESS = {
     "lr nan": (["train", "--lr", "nan"], "--lr.*not a finite number"),
     "lr text": (["train", "--lr", "fast"], "--lr.*not a number"),
     "bad hidden": (["train", "--hidden", "64,0"], "--hidden.*positive integers"),
-    "unknown activation": (["train", "--activation", "swish2"], "unknown activation 'swish2'"),
+    "unknown activation": (["train", "--activation", "swish2"], "unknown --activation 'swish2'"),
     "unknown loss": (["train", "--loss", "hinge"], "unknown loss 'hinge'"),
-    "unknown dataset": (["train", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    "unknown dataset": (["train", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
     "feature mismatch csv": (["predict", "--model", "{model}", "--data", "{other}"], "lacks the model's feature columns"),
     "feature mismatch npz": (["predict", "--model", "{model}", "--data", "{wide}"], "7 features but the model expects 3"),
     "evaluate without targets": (["evaluate", "--model", "{model}", "--data", "{other}"], "lacks the model's feature"),
@@ -143,7 +143,7 @@ def test_bad_input_in_process_is_one_line_exit_2_and_writes_nothing(case, files,
 
 def test_train_predict_evaluate_agree(files, tmp_path):
     model = files["model"]
-    assert {p.name for p in model.iterdir()} == {"model.npz", "metrics.jsonl", "curves.png", "checkpoints"}
+    assert {p.name for p in model.iterdir()} == {"model.npz", "metrics.jsonl", "curves.png", "checkpoints", "config.json"}
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     predicted = jaxnet("predict", "--model", model, "--data", files["good"])
@@ -167,8 +167,8 @@ def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tm
     result = jaxnet("train", "--json", "--out", out)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"dataset", "epochs", "train_loss", "val_accuracy", "test_accuracy", "seconds",
-                            "steps_per_second"}
+    assert set(summary) == {"dataset", "task", "epochs", "train_loss", "val_loss", "val_accuracy", "test_loss",
+                            "test_accuracy", "seconds", "steps_per_second"}
     assert summary["dataset"] == "digits" and summary["test_accuracy"] >= 0.95
     assert "epoch 1:" in result.stderr  # plain progress lines: stderr is not a terminal
     # The test split, rebuilt from the seed, evaluates to the reported test accuracy.

@@ -20,8 +20,17 @@ def test_scanned_epoch_equals_python_loop_of_jitted_steps(key):
     net = jn.mlp([3, 6, 3], activation="tanh")
     opt = optax.adam(0.01)
     params = net.init(jax.random.key(1))
-    state, _ = jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=opt, epochs=3,
-                      batch_size=8, key=jax.random.key(2))
+    state = jn.fit(
+        net,
+        params,
+        x,
+        y,
+        loss="softmax_cross_entropy",
+        optimizer=opt,
+        epochs=3,
+        batch_size=8,
+        key=jax.random.key(2),
+    )
     # Reference: the same shuffles, one jitted step per batch, the last batch truly smaller.
     step = jn.make_train_step(net, "softmax_cross_entropy", opt, donate=False)
     ref = jn.init_state(params, opt, jax.random.key(2))
@@ -33,8 +42,10 @@ def test_scanned_epoch_equals_python_loop_of_jitted_steps(key):
         for idx, w in zip(np.asarray(index), np.asarray(weight)):
             real = idx[w > 0]
             ref, _ = step(ref, (x[real], y[real]))
-    assert int(state.step) == int(ref.step) == 3 * 7
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params)
+    assert int(state.train.step) == int(ref.step) == 3 * 7
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params
+    )
 
 
 @pytest.mark.parametrize("n", [48, 50])  # batches divide n (plain reshapes), or the last one is padded
@@ -43,14 +54,26 @@ def test_unshuffled_fit_equals_python_loop_in_data_order(key, n):
     net = jn.mlp([3, 5, 3], activation="tanh")
     opt = optax.sgd(0.1)
     params = net.init(jax.random.key(1))
-    state, _ = jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=opt, epochs=2,
-                      batch_size=8, key=jax.random.key(2), shuffle=False)
+    state = jn.fit(
+        net,
+        params,
+        x,
+        y,
+        loss="softmax_cross_entropy",
+        optimizer=opt,
+        epochs=2,
+        batch_size=8,
+        key=jax.random.key(2),
+        shuffle=False,
+    )
     step = jn.make_train_step(net, "softmax_cross_entropy", opt, donate=False)
     ref = jn.init_state(params, opt, jax.random.key(2))
     for _ in range(2):
         for start in range(0, n, 8):
-            ref, _ = step(ref, (x[start:start + 8], y[start:start + 8]))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params)
+            ref, _ = step(ref, (x[start : start + 8], y[start : start + 8]))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params
+    )
 
 
 def test_epoch_batches_cover_every_example_once_and_mask_padding(key):
@@ -84,8 +107,17 @@ def test_fit_is_reproducible_from_its_seed(key):
     x, y = _data()
     net = jn.mlp([3, 5, 3])
     runs = [
-        jn.fit(net, net.init(jax.random.key(1)), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1),
-               epochs=2, batch_size=7, key=jax.random.key(3))[0].params
+        jn.fit(
+            net,
+            net.init(jax.random.key(1)),
+            x,
+            y,
+            loss="cross_entropy",
+            optimizer=optax.sgd(0.1),
+            epochs=2,
+            batch_size=7,
+            key=jax.random.key(3),
+        )[0].params
         for _ in range(2)
     ]
     jax.tree.map(np.testing.assert_array_equal, *runs)
@@ -95,9 +127,19 @@ def test_fit_learns_xor():
     x = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
     y = jnp.array([0, 1, 1, 0])
     net = jn.mlp([2, 8, 2], activation="tanh")
-    state, history = jn.fit(net, net.init(jax.random.key(0)), x, y, loss="softmax_cross_entropy",
-                            optimizer=optax.adam(0.05), epochs=300, batch_size=4, key=jax.random.key(1),
-                            validation=(x, y))
+    state = jn.fit(
+        net,
+        net.init(jax.random.key(0)),
+        x,
+        y,
+        loss="softmax_cross_entropy",
+        optimizer=optax.adam(0.05),
+        epochs=300,
+        batch_size=4,
+        key=jax.random.key(1),
+        validation=(x, y),
+    )
+    history = state.history
     assert history[-1]["val_accuracy"] == 1.0
     assert history[-1]["train_loss"] < 0.05
 
@@ -111,8 +153,17 @@ def test_epoch_compiles_once(key):
         return base.apply(params, x)
 
     x, y = _data()
-    jn.fit(jn.Model(base.init, apply), base.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1),
-           epochs=4, batch_size=16, key=key)
+    jn.fit(
+        jn.Model(base.init, apply),
+        base.init(key),
+        x,
+        y,
+        loss="cross_entropy",
+        optimizer=optax.sgd(0.1),
+        epochs=4,
+        batch_size=16,
+        key=key,
+    )
     assert len(traces) == 1
 
 
@@ -125,9 +176,22 @@ def test_early_stopping_returns_best_params(key):
     def remember(fit_state, record):
         seen[record["epoch"]] = jax.tree.map(np.array, fit_state.train.params)
 
-    state, history = jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.adam(0.05),
-                            epochs=200, batch_size=8, key=key, validation=(xv, yv), patience=3,
-                            callbacks=[remember])
+    state = jn.fit(
+        net,
+        net.init(key),
+        x,
+        y,
+        loss="cross_entropy",
+        optimizer=optax.adam(0.05),
+        epochs=200,
+        batch_size=8,
+        key=key,
+        validation=(xv, yv),
+        patience=3,
+        callbacks=[remember],
+    )
+
+    history = state.history
     best = min(history, key=lambda r: r["val_loss"])["epoch"]
     assert len(history) == best + 3 < 200
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), seen[best])
@@ -136,8 +200,19 @@ def test_early_stopping_returns_best_params(key):
 def test_callback_can_stop_training(key):
     x, y = _data()
     net = jn.mlp([3, 3])
-    _, history = jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=10,
-                        batch_size=10, key=key, callbacks=[lambda s, r: r["epoch"] == 2])
+    _fit = jn.fit(
+        net,
+        net.init(key),
+        x,
+        y,
+        loss="cross_entropy",
+        optimizer=optax.sgd(0.1),
+        epochs=10,
+        batch_size=10,
+        key=key,
+        callbacks=[lambda s, r: r["epoch"] == 2],
+    )
+    history = _fit.history
     assert len(history) == 2
 
 
@@ -146,20 +221,42 @@ def test_non_finite_loss_stops_with_epoch_and_step(key):
     x[7] = np.inf
     net = jn.mlp([3, 3])
     with pytest.raises(jn.NonFiniteLossError, match=r"epoch 1, step \d+"):
-        jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=2,
-               batch_size=10, key=key)
-    state, history = jn.fit(net, net.init(key), x, y, loss="cross_entropy", optimizer=optax.sgd(0.1), epochs=2,
-                            batch_size=10, key=key, skip_nonfinite=True)
+        jn.fit(
+            net,
+            net.init(key),
+            x,
+            y,
+            loss="cross_entropy",
+            optimizer=optax.sgd(0.1),
+            epochs=2,
+            batch_size=10,
+            key=key,
+        )
+    state = jn.fit(
+        net,
+        net.init(key),
+        x,
+        y,
+        loss="cross_entropy",
+        optimizer=optax.sgd(0.1),
+        epochs=2,
+        batch_size=10,
+        key=key,
+        skip_nonfinite=True,
+    )
+    history = state.history
     assert [r["skipped"] for r in history] == [1, 1]
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(batch_size=0), "batch size must be a positive integer"),
-     (dict(epochs=0), "epochs must be a positive integer"),
-     (dict(patience=2), "needs validation data"),
-     (dict(monitor="val_f1"), "unknown monitor")],
+    [
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(epochs=0), "epochs must be a positive integer"),
+        (dict(patience=2), "needs validation data"),
+        (dict(monitor="val_f1"), "unknown monitor"),
+    ],
 )
 def test_fit_rejects_bad_arguments(key, kwargs, match):
     x, y = _data()
@@ -193,7 +290,7 @@ def test_epoch_reports_the_first_nonfinite_step_and_mean_loss(bad_example, first
         step = jn.make_train_step(net, "cross_entropy", opt, donate=False)
         state, losses = jn.init_state(params, opt, jax.random.key(2)), []
         for start in range(0, 50, 10):
-            state, m = step(state, (x[start:start + 10], y[start:start + 10]))
+            state, m = step(state, (x[start : start + 10], y[start : start + 10]))
             losses.append(float(m["loss"]))
         np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
         # With a padded last batch (50 = 6 x 8 + 2): batch losses weighted by their real examples.
@@ -201,8 +298,8 @@ def test_epoch_reports_the_first_nonfinite_step_and_mean_loss(bad_example, first
         _, metrics = epoch(jn.init_state(params, opt, jax.random.key(2)), x, y)
         state, total = jn.init_state(params, opt, jax.random.key(2)), 0.0
         for start in range(0, 50, 8):
-            state, m = step(state, (x[start:start + 8], y[start:start + 8]))
-            total += float(m["loss"]) * len(x[start:start + 8])
+            state, m = step(state, (x[start : start + 8], y[start : start + 8]))
+            total += float(m["loss"]) * len(x[start : start + 8])
         np.testing.assert_allclose(float(metrics["loss"]), total / 50, rtol=1e-6)
         assert int(metrics["first_nonfinite"]) == -1
     else:
@@ -233,16 +330,20 @@ def test_wide_rows_gather_per_step_as_the_whole_epoch_gather_does(monkeypatch, d
     net = jn.mlp([300, 4, 3])
     opt = optax.sgd(0.1)
     state = jn.init_state(net.init(jax.random.key(1)), opt, jax.random.key(2))
-    members = jax.tree.map(lambda a: jnp.stack([a, a]), state)._replace(key=jax.random.split(jax.random.key(3), 2))
+    members = jax.tree.map(lambda a: jnp.stack([a, a]), state)._replace(
+        key=jax.random.split(jax.random.key(3), 2)
+    )
 
     def run(vmapped):
-        epoch = jn.make_epoch(jn.make_update(net, "cross_entropy", opt), 45, 10, drop_remainder=drop_remainder)
+        epoch = jn.make_epoch(
+            jn.make_update(net, "cross_entropy", opt), 45, 10, drop_remainder=drop_remainder
+        )
         epoch = jax.vmap(epoch, in_axes=(0, None, None)) if vmapped else epoch
         return jax.jit(epoch)(members if vmapped else state, x, y)
 
-    assert 300 * 4 >= jn.loop.GATHER_PER_STEP_BYTES
+    assert 300 * 4 >= jn.epoch.GATHER_PER_STEP_BYTES
     per_step = run(False), run(True)
-    monkeypatch.setattr(jn.loop, "GATHER_PER_STEP_BYTES", 10**9)
+    monkeypatch.setattr(jn.epoch, "GATHER_PER_STEP_BYTES", 10**9)
     up_front = run(False), run(True)
     for (state_a, metrics_a), (state_b, metrics_b) in zip(per_step, up_front):
         close = lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)  # noqa: E731

@@ -11,10 +11,19 @@ import optax
 import pytest
 
 from jaxnet import (
-    best_member, check_memory, estimate_member_bytes, fit, init_members, member_grid, member_keys, member_scores,
-    mlp, set_hyperparams, take_member,
+    best_member,
+    check_memory,
+    estimate_member_bytes,
+    fit,
+    init_members,
+    member_grid,
+    member_keys,
+    member_scores,
+    mlp,
+    set_hyperparams,
+    take_member,
 )
-from jaxnet import cli, io, train
+from jaxnet import cli, files, task
 
 NET = mlp([2, 12, 2])
 # Members and lone runs compute the same float32 ops, batched differently: rounding-level differences
@@ -41,6 +50,8 @@ def sgdw(learning_rate, weight_decay):
     """SGD with decoupled weight decay. (With Adam, whose steps divide by the root of the second
     moment, rounding-level differences between batched and lone runs grow to ~1e-3 relative.)"""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
+
+
 EPOCHS, PATIENCE = 20, 2
 
 
@@ -54,8 +65,17 @@ def members_run():
     init_keys, shuffle_keys = _keys([m["seed"] for m in GRID])
     optimizer = optax.inject_hyperparams(sgdw)(learning_rate=0.1, weight_decay=0.0)
     return fit(
-        NET, init_members(NET, init_keys), X, Y, loss="softmax_cross_entropy", optimizer=optimizer, epochs=EPOCHS,
-        batch_size=8, key=shuffle_keys, validation=VAL, patience=PATIENCE,
+        NET,
+        init_members(NET, init_keys),
+        X,
+        Y,
+        loss="softmax_cross_entropy",
+        optimizer=optimizer,
+        epochs=EPOCHS,
+        batch_size=8,
+        key=shuffle_keys,
+        validation=VAL,
+        patience=PATIENCE,
         hyperparams={name: jnp.array([m[name] for m in GRID]) for name in ("learning_rate", "weight_decay")},
     )
 
@@ -65,25 +85,44 @@ def alone_runs():
     runs = []
     for m in GRID:
         init_key, shuffle_key = jax.random.split(jax.random.key(m["seed"]))
-        runs.append(fit(
-            NET, NET.init(init_key), X, Y, loss="softmax_cross_entropy",
-            optimizer=sgdw(m["learning_rate"], m["weight_decay"]),
-            epochs=EPOCHS, batch_size=8, key=shuffle_key, validation=VAL, patience=PATIENCE,
-        ))
+        runs.append(
+            _with_history(fit(
+                NET,
+                NET.init(init_key),
+                X,
+                Y,
+                loss="softmax_cross_entropy",
+                optimizer=sgdw(m["learning_rate"], m["weight_decay"]),
+                epochs=EPOCHS,
+                batch_size=8,
+                key=shuffle_key,
+                validation=VAL,
+                patience=PATIENCE,
+            ))
+        )
     return runs
 
 
+def _with_history(result):
+    return result, result.history
+
+
 def test_each_member_equals_its_configuration_trained_alone(members_run, alone_runs):
-    state, history = members_run
+    state, history = members_run, members_run.history
     assert [m["seed"] for m in GRID] == [3, 4, 3]
     stopped_at = []
     for i, (alone, alone_history) in enumerate(alone_runs):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL, rtol=RTOL),
-                     take_member(state.params, i), alone.params)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL, rtol=RTOL),
+            take_member(state.params, i),
+            alone.params,
+        )
         # The member's history is the lone run's, with None once the member stopped.
         mine = [r["val_loss"][i] for r in history]
-        assert all(v is None for v in mine[len(alone_history):])
-        np.testing.assert_allclose(mine[: len(alone_history)], [r["val_loss"] for r in alone_history], rtol=RTOL)
+        assert all(v is None for v in mine[len(alone_history) :])
+        np.testing.assert_allclose(
+            mine[: len(alone_history)], [r["val_loss"] for r in alone_history], rtol=RTOL
+        )
         best_alone = min(range(len(alone_history)), key=lambda e: alone_history[e]["val_loss"]) + 1
         assert history[-1]["best_epoch"][i] == best_alone
         stopped_at.append(len(alone_history))
@@ -92,7 +131,7 @@ def test_each_member_equals_its_configuration_trained_alone(members_run, alone_r
 
 
 def test_a_sweep_picks_the_member_with_the_best_validation_metric(members_run, alone_runs):
-    _, history = members_run
+    history = members_run.history
     best_alone = [min(r["val_loss"] for r in h) for _, h in alone_runs]
     np.testing.assert_allclose(member_scores(history, "val_loss"), best_alone, rtol=RTOL)
     assert best_member(history, "val_loss") == int(np.argmin(best_alone))
@@ -101,7 +140,12 @@ def test_a_sweep_picks_the_member_with_the_best_validation_metric(members_run, a
 def test_best_member_by_accuracy_and_by_final_train_loss():
     history = [
         {"epoch": 1, "train_loss": [0.5, 0.4, 0.6], "val_accuracy": [0.7, 0.8, 0.6], "best_epoch": [1, 1, 1]},
-        {"epoch": 2, "train_loss": [0.3, None, 0.2], "val_accuracy": [0.9, None, 0.95], "best_epoch": [2, 1, 2]},
+        {
+            "epoch": 2,
+            "train_loss": [0.3, None, 0.2],
+            "val_accuracy": [0.9, None, 0.95],
+            "best_epoch": [2, 1, 2],
+        },
     ]
     assert best_member(history, "val_accuracy") == 2
     assert member_scores(history, "val_accuracy") == [0.9, 0.8, 0.95]
@@ -117,13 +161,16 @@ def test_member_grid():
     assert len(member_grid(2, learning_rate=[0.1], weight_decay=[0.0, 1e-4])) == 4
 
 
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((0,), {}, "seeds must be a positive integer"),
-    ((2,), {"learning_rate": []}, "non-empty list"),
-    ((2,), {"learning_rate": [0.1, -1.0]}, "greater than 0"),
-    ((2,), {"learning_rate": [float("nan")]}, "finite"),
-    ((2,), {"learning_rate": "0.1"}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((0,), {}, "seeds must be a positive integer"),
+        ((2,), {"learning_rate": []}, "non-empty list"),
+        ((2,), {"learning_rate": [0.1, -1.0]}, "greater than 0"),
+        ((2,), {"learning_rate": [float("nan")]}, "finite"),
+        ((2,), {"learning_rate": "0.1"}, "non-empty list"),
+    ],
+)
 def test_member_grid_rejects_bad_grids(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         member_grid(*args, **kwargs)
@@ -145,8 +192,17 @@ def test_set_hyperparams_checks_names_and_shapes():
 
 def test_member_keys_need_member_params():
     with pytest.raises(ValueError, match="leading member axis of 2"):
-        fit(NET, NET.init(jax.random.key(0)), X, Y, loss="softmax_cross_entropy", optimizer=optax.sgd(0.1),
-            epochs=1, batch_size=8, key=member_keys([0, 1]))
+        fit(
+            NET,
+            NET.init(jax.random.key(0)),
+            X,
+            Y,
+            loss="softmax_cross_entropy",
+            optimizer=optax.sgd(0.1),
+            epochs=1,
+            batch_size=8,
+            key=member_keys([0, 1]),
+        )
 
 
 def test_memory_estimate_is_linear_and_checked():
@@ -189,11 +245,16 @@ def test_cli_sweep_reports_members_and_saves_the_best(cli_runs):
     summary = json.loads(results["sweep"])
     assert {"dataset", "epochs", "train_loss", "val_accuracy", "test_accuracy", "seconds"} <= set(summary)
     members = summary["members"]
-    assert [(m["seed"], m["learning_rate"]) for m in members] == [(0, 0.001), (1, 0.001), (0, 0.05), (1, 0.05)]
+    assert [(m["seed"], m["learning_rate"]) for m in members] == [
+        (0, 0.001),
+        (1, 0.001),
+        (0, 0.05),
+        (1, 0.05),
+    ]
     best = summary["best_member"]
     assert members[best]["val_accuracy"] == max(m["val_accuracy"] for m in members)
     assert summary["test_accuracy"] == pytest.approx(members[best]["test_accuracy"])
-    saved = io.load_model(d / "sweep")
+    saved = files.load_model(d / "sweep")
     assert saved.params[0]["w"].shape == (2, 8) and "members" not in saved.meta  # one model, as a single run
     assert saved.meta["member"]["seed"] == members[best]["seed"]
     lines = [json.loads(line) for line in (d / "sweep" / "metrics.jsonl").read_text().splitlines()]
@@ -202,7 +263,7 @@ def test_cli_sweep_reports_members_and_saves_the_best(cli_runs):
 
 def test_cli_ensemble_predict_averages_the_members(cli_runs, tmp_path, capsys):
     d, _ = cli_runs
-    saved = io.load_model(d / "ensemble")
+    saved = files.load_model(d / "ensemble")
     assert saved.meta["members"] == 3 and saved.params[0]["w"].shape == (3, 2, 8)
     x = np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
@@ -210,19 +271,22 @@ def test_cli_ensemble_predict_averages_the_members(cli_runs, tmp_path, capsys):
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     printed = np.array([[float(v) for v in row.split(",")[1:]] for row in rows])
     xs = (x - saved.mean) / saved.std
-    model = train.build_model(saved.meta)
+    model = task.build_model(saved.meta)
     apply = jax.vmap(model.apply, in_axes=(None, 0))
     probs = [jax.nn.softmax(apply(take_member(saved.params, i), xs)) for i in range(3)]
     np.testing.assert_allclose(printed, np.mean(probs, axis=0), atol=1e-5)
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--lr", "0.1,,0.2"), "'' is not a number"),
-    (("--lr", "abc"), "'abc' is not a number"),
-    (("--seeds", "0"), "must be a positive integer"),
-    (("--weight-decay", "0,1e-4"), "needs the adamw optimizer"),
-    (("--seeds", "1000000000", "--lr", "0.1,0.2"), "members need about"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--lr", "0.1,,0.2"), "'' is not a number"),
+        (("--lr", "abc"), "'abc' is not a number"),
+        (("--seeds", "0"), "must be a positive integer"),
+        (("--weight-decay", "-1"), "--weight-decay must be 0 or more"),
+        (("--seeds", "1000000000", "--lr", "0.1,0.2"), "members need about"),
+    ],
+)
 def test_cli_rejects_bad_grids_in_one_line(args, message, capsys):
     assert cli.main([*COMMON, *args]) == 2
     err = capsys.readouterr().err

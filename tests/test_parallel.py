@@ -18,7 +18,7 @@ import pytest
 from jaxnet import fit, mlp
 from jaxnet import data as datalib
 from jaxnet import parallel
-from jaxnet.loop import make_epoch
+from jaxnet.epoch import make_epoch
 from jaxnet.step import init_state, make_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,13 @@ def two_processes(tmp_path_factory):
     address = f"127.0.0.1:{free_port()}"
     worker = Path(__file__).parent / "multiprocess_worker.py"
     procs = [
-        subprocess.Popen([sys.executable, str(worker), address, "2", str(i), str(d / f"p{i}.npz")], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(worker), address, "2", str(i), str(d / f"p{i}.npz")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     try:
@@ -105,8 +110,18 @@ def test_batch_size_must_divide_over_devices():
         x, y = multiprocess_worker.problem()
         net = mlp([5, 3])
         with pytest.raises(ValueError, match="does not divide evenly"):
-            fit(net, net.init(jax.random.key(0)), x, y, loss="softmax_cross_entropy", optimizer=optax.sgd(.1),
-                epochs=1, batch_size=6, key=jax.random.key(1), mesh=parallel.make_data_mesh(4))
+            fit(
+                net,
+                net.init(jax.random.key(0)),
+                x,
+                y,
+                loss="softmax_cross_entropy",
+                optimizer=optax.sgd(0.1),
+                epochs=1,
+                batch_size=6,
+                key=jax.random.key(1),
+                mesh=parallel.make_data_mesh(4),
+            )
 
 
 def test_mesh_and_process_rows_bad_input():
@@ -147,24 +162,39 @@ def test_bfloat16_digits_accuracy_close_to_float32():
     net = mlp([xtr.shape[1], 32, 10])
     accuracy = {}
     for dtype in (None, jnp.bfloat16):
-        state, _ = fit(net, net.init(jax.random.key(0)), xtr, splits.train.y.astype(np.int32),
-                       loss="softmax_cross_entropy", optimizer=optax.adam(3e-3), epochs=5, batch_size=32,
-                       key=jax.random.key(1), compute_dtype=dtype)
+        state = fit(
+            net,
+            net.init(jax.random.key(0)),
+            xtr,
+            splits.train.y.astype(np.int32),
+            loss="softmax_cross_entropy",
+            optimizer=optax.adam(3e-3),
+            epochs=5,
+            batch_size=32,
+            key=jax.random.key(1),
+            compute_dtype=dtype,
+        )
         predictions = jax.vmap(net.apply, in_axes=(None, 0))(state.params, xte)
         accuracy[dtype] = float(np.mean(np.argmax(predictions, -1) == splits.test.y))
-        leaves = jax.tree.leaves((state.params, state.opt_state))
+        leaves = jax.tree.leaves((state.params, state.train.opt_state))
         floats = [a for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)]
         assert floats and all(a.dtype == jnp.float32 for a in floats)  # float32 master state
     assert accuracy[None] > 0.9
     assert abs(accuracy[jnp.bfloat16] - accuracy[None]) <= 0.01, accuracy
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["--devices", "99"], r"99 devices requested but \d+ available \(cpu\).*host_platform_device_count=N"),
-    (["--coordinator", "127.0.0.1:1"], "needs all of --coordinator, --num-processes and --process-id"),
-    (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
-    (["--devices", "two"], "--devices: 'two' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (
+            ["--devices", "99"],
+            r"99 devices requested but \d+ available \(cpu\).*host_platform_device_count=N",
+        ),
+        (["--coordinator", "127.0.0.1:1"], "needs all of --coordinator, --num-processes and --process-id"),
+        (["--dtype", "float16"], "unknown --dtype 'float16': use one of float32, bfloat16"),
+        (["--devices", "two"], "--devices: 'two' is not an integer"),
+    ],
+)
 def test_cli_bad_parallel_options(capsys, args, pattern):
     from jaxnet import cli
 
@@ -177,7 +207,22 @@ def test_cli_bad_parallel_options(capsys, args, pattern):
 def test_cli_train_on_all_devices_in_bfloat16(capfd):
     from jaxnet import cli
 
-    assert cli.main(["train", "--dataset", "xor", "--epochs", "2", "--devices", "all", "--dtype", "bfloat16",
-                     "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "xor",
+                "--epochs",
+                "2",
+                "--devices",
+                "all",
+                "--dtype",
+                "bfloat16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capfd.readouterr().out)  # stdout is the JSON object alone
     assert summary["epochs"] == 2 and math.isfinite(summary["train_loss"])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from jaxnet.plot import draw_network
-from jaxnet.seed import worked_example
+from jaxnet.worked_example import worked_example
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -22,8 +22,12 @@ def _fit_timer(cfg, units, *args, **kwargs) -> common.EpochTimer:
     stopped by its callback when the runner is done."""
 
     def train(after_epoch):
-        jaxnet.fit(*args, epochs=_UNTIL_STOPPED, callbacks=[lambda state, record: after_epoch(record["seconds"])],
-                   **kwargs)
+        jaxnet.fit(
+            *args,
+            epochs=_UNTIL_STOPPED,
+            callbacks=[lambda state, record: after_epoch(record["seconds"])],
+            **kwargs,
+        )
 
     return common.EpochTimer(train, units, cfg["repeats"], cfg.get("min_seconds", 0.0))
 
@@ -34,10 +38,18 @@ def _seed_model():
 
 def _seed_check(cfg, model, params):
     k = cfg["check_steps"]
-    _, history = jaxnet.fit(
-        model, params, common.SEED_X[None], common.SEED_T[None], loss="half_sse",
-        optimizer=optax.sgd(common.SEED_LR), epochs=k + 1, batch_size=1, key=jax.random.key(0),
+    _fit = jaxnet.fit(
+        model,
+        params,
+        common.SEED_X[None],
+        common.SEED_T[None],
+        loss="half_sse",
+        optimizer=optax.sgd(common.SEED_LR),
+        epochs=k + 1,
+        batch_size=1,
+        key=jax.random.key(0),
     )
+    history = _fit.history
     return history[k]["train_loss"]  # the loss before step k + 1 is the loss after k steps
 
 
@@ -51,9 +63,20 @@ def seed_sgd(cfg, shuffle=False):
     params = model.init(jax.random.key(0))
     check = _seed_check(cfg, model, params)
     xs, ts = common.seed_stream(cfg["steps"])
-    return check, _fit_timer(cfg, cfg["steps"], model, params, xs, ts, loss="half_sse",
-                             optimizer=optax.sgd(common.SEED_LR), batch_size=1, key=jax.random.key(1),
-                             shuffle=shuffle, unroll=cfg.get("unroll", 1))
+    return check, _fit_timer(
+        cfg,
+        cfg["steps"],
+        model,
+        params,
+        xs,
+        ts,
+        loss="half_sse",
+        optimizer=optax.sgd(common.SEED_LR),
+        batch_size=1,
+        key=jax.random.key(1),
+        shuffle=shuffle,
+        unroll=cfg.get("unroll", 1),
+    )
 
 
 def _timed_epoch(run_epoch, state, x, y, units, cfg):
@@ -93,14 +116,36 @@ def ensemble(cfg):
     keys = jax.random.split(jax.random.key(1), k)
 
     x1, t1 = common.SEED_X[None], common.SEED_T[None]
-    state, _ = jaxnet.fit(model, params, x1, t1, loss="half_sse", optimizer=opt, epochs=cfg["check_steps"],
-                          batch_size=1, key=keys, shuffle=False)
+    state = jaxnet.fit(
+        model,
+        params,
+        x1,
+        t1,
+        loss="half_sse",
+        optimizer=opt,
+        epochs=cfg["check_steps"],
+        batch_size=1,
+        key=keys,
+        shuffle=False,
+    )
     losses = jax.vmap(jaxnet.make_loss_fn(model, "half_sse"), in_axes=(0, None))(state.params, (x1, t1))
     check = float(jnp.mean(losses))
 
     xs, ts = common.seed_stream(cfg["steps"])
-    return check, _fit_timer(cfg, k * cfg["steps"], model, params, xs, ts, loss="half_sse", optimizer=opt,
-                             batch_size=1, key=keys, shuffle=False, unroll=cfg.get("unroll", 1))
+    return check, _fit_timer(
+        cfg,
+        k * cfg["steps"],
+        model,
+        params,
+        xs,
+        ts,
+        loss="half_sse",
+        optimizer=opt,
+        batch_size=1,
+        key=keys,
+        shuffle=False,
+        unroll=cfg.get("unroll", 1),
+    )
 
 
 def ensemble_separate(cfg, members=4):
@@ -118,8 +163,18 @@ def ensemble_separate(cfg, members=4):
     def run():
         for i in range(members):
             own = jax.tree.map(lambda a: jnp.asarray(a[i]), params)
-            state, _ = jaxnet.fit(model, own, xs, ts, loss="half_sse", optimizer=optax.sgd(common.SEED_LR),
-                                  epochs=1, batch_size=1, key=keys[i], shuffle=False)
+            state = jaxnet.fit(
+                model,
+                own,
+                xs,
+                ts,
+                loss="half_sse",
+                optimizer=optax.sgd(common.SEED_LR),
+                epochs=1,
+                batch_size=1,
+                key=keys[i],
+                shuffle=False,
+            )
             jax.block_until_ready(state.params)
 
     timing = common.time_calls(run, run, members * cfg["steps"], max(1, cfg["repeats"] // 2))
@@ -148,8 +203,18 @@ def minibatch_check(case, cfg):
     model, params, loss, opt, data = _problem(case, cfg)
     x, y = data(cfg["check_batch"], seed=1)
     k = cfg["check_steps"]
-    _, history = jaxnet.fit(model, params, x, y, loss=loss, optimizer=opt, epochs=k + 1,
-                            batch_size=cfg["check_batch"], key=jax.random.key(0))
+    _fit = jaxnet.fit(
+        model,
+        params,
+        x,
+        y,
+        loss=loss,
+        optimizer=opt,
+        epochs=k + 1,
+        batch_size=cfg["check_batch"],
+        key=jax.random.key(0),
+    )
+    history = _fit.history
     return history[k]["train_loss"]
 
 
@@ -164,9 +229,20 @@ def minibatch(case, cfg, shuffle=None):
     model, params, loss, opt, data = _problem(case, cfg)
     n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
     x, y = data(n)
-    return minibatch_check(case, cfg), _fit_timer(cfg, n, model, params, x, y, loss=loss, optimizer=opt,
-                                                  batch_size=cfg["batch"], key=jax.random.key(1),
-                                                  unroll=cfg.get("unroll", 1), shuffle=_shuffles(case, shuffle))
+    return minibatch_check(case, cfg), _fit_timer(
+        cfg,
+        n,
+        model,
+        params,
+        x,
+        y,
+        loss=loss,
+        optimizer=opt,
+        batch_size=cfg["batch"],
+        key=jax.random.key(1),
+        unroll=cfg.get("unroll", 1),
+        shuffle=_shuffles(case, shuffle),
+    )
 
 
 def minibatch_epoch(case, cfg):
@@ -175,7 +251,9 @@ def minibatch_epoch(case, cfg):
     n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
     x, y = map(jnp.asarray, data(n))
     update = jaxnet.make_update(model, loss, opt)
-    epoch = jaxnet.make_epoch(update, n, cfg["batch"], shuffle=_shuffles(case, None), unroll=cfg.get("unroll", 1))
+    epoch = jaxnet.make_epoch(
+        update, n, cfg["batch"], shuffle=_shuffles(case, None), unroll=cfg.get("unroll", 1)
+    )
     run_epoch = jax.jit(epoch, donate_argnums=0)
     state = jaxnet.init_state(params, opt, jax.random.key(1))
     return minibatch_check(case, cfg), _timed_epoch(run_epoch, state, x, y, n, cfg)

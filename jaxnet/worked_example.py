@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxnet import checks
 import optax
 
 from jaxnet.base import Model, Params
@@ -101,9 +103,7 @@ def check_inputs(x=None, target=None, lr=None) -> tuple[np.ndarray, np.ndarray, 
         lr = float(lr)
     except (TypeError, ValueError):
         raise TypeError(f"lr must be a number, got {lr!r}") from None
-    if not np.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number greater than 0, got {lr!r}")
-    return x, target, lr
+    return x, target, checks.number("lr", lr, 0.0, strict=True)
 
 
 def _forward(params: Params, x: jax.Array) -> list[tuple[jax.Array, jax.Array]]:

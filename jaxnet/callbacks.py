@@ -1,0 +1,148 @@
+"""Callbacks for :func:`jaxnet.fit`: checkpoints on a schedule, signals, progress.
+
+A callback is called after every epoch as ``callback(fit_state, record)`` and stops training by
+returning True; it may also define ``on_run_start(fit_state)`` and ``on_run_end(fit_state)``
+(the latter runs when the loop ends without an error: all epochs done, early stopping, or a
+callback's stop). The same callbacks serve single and member runs.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, TextIO
+
+from jaxnet import checkpoint, checks
+from jaxnet.loop import FitState, Record
+
+
+class Checkpointer:
+    """Saves the fit state into ``directory`` every ``every`` epochs and when the run ends.
+
+    Args:
+      directory: the checkpoint folder (see :func:`jaxnet.checkpoint.save`).
+      every: save after every ``every``-th epoch (None: only at the end of the run).
+      keep: keep the newest ``keep`` checkpoints (None: all).
+      metadata: JSON metadata saved with every checkpoint (e.g. the run's config).
+
+    Examples:
+      >>> saver = Checkpointer("/tmp/run/checkpoints", every=5)  # doctest: +SKIP
+      >>> fit(..., callbacks=[saver])                            # doctest: +SKIP
+    """
+
+    def __init__(self, directory, *, every: int | None = None, keep: int | None = 3, metadata: dict | None = None):
+        self.directory = Path(directory)
+        self.every = checks.optional_integer("every", every)
+        self.keep = checks.optional_integer("keep", keep)
+        self.metadata = dict(metadata or {})
+        self.saved_epoch: int | None = None
+        self.last: FitState | None = None
+
+    def on_run_start(self, state: FitState) -> None:
+        self.saved_epoch = state.epoch if state.epoch else None  # a resumed state is saved already
+
+    def __call__(self, state: FitState, record: Record) -> None:
+        self.last = state
+        if self.every is not None and state.epoch % self.every == 0:
+            self.save(state)
+
+    def on_run_end(self, state: FitState) -> None:
+        if state.epoch and state.epoch != self.saved_epoch:
+            self.save(state)
+
+    def save(self, state: FitState) -> Path:
+        """Writes the checkpoint of ``state`` now; returns its folder."""
+        path = checkpoint.save(self.directory, state, metadata=self.metadata, keep=self.keep)
+        self.saved_epoch = state.epoch
+        return path
+
+
+class Interrupt:
+    """Turns SIGINT/SIGTERM into a stop at the next epoch boundary.
+
+    Use as a context manager around training; the first signal sets ``signum``, calls
+    ``notify(message)`` and makes the callback return True (stop). A second SIGINT raises
+    KeyboardInterrupt at once (a second SIGTERM terminates): checkpoints are finalized
+    atomically, so nothing is corrupted.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, notify: Callable[[str], None] | None = None):
+        self.signum: int | None = None
+        self.notify = notify
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        if self.notify is not None:
+            self.notify(f"stopping after this epoch ({signal.Signals(signum).name}; again to quit at once)")
+
+    def __enter__(self) -> "Interrupt":
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def __call__(self, state, record) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + int(self.signum or 0)
+
+
+def _progress_fields(record: Record) -> dict[str, str]:
+    """What one epoch's progress shows; a member run's record shows its best member's figures."""
+    members = isinstance(record["train_loss"], list)
+    fields = {}
+    if members:
+        active = [v for v in record["train_loss"] if v is not None]
+        fields["members"] = f"{len(active)}/{len(record['train_loss'])}"
+    for name, label, best in (("train_loss", "loss", min), ("val_loss", "val_loss", min),
+                              ("val_accuracy", "val_acc", max)):
+        value = record.get(name)
+        if members and value is not None:
+            value = best([v for v in value if v is not None], default=None)
+        if value is not None:
+            fields[label] = f"{value:.4f}" if name == "val_accuracy" else f"{value:.4g}"
+    speed = record["steps"] / record["seconds"] if record["seconds"] > 0 else float("inf")
+    fields["steps/s"] = f"{speed:,.0f}"
+    return fields
+
+
+class Progress:
+    """Per-epoch progress on ``stream``: a tqdm bar on a terminal, one plain line per epoch otherwise.
+
+    Args:
+      total: the number of epochs of the run.
+      stream: where to write (default stderr).
+      bar: True for a tqdm bar, False for lines, None for a bar only when ``stream`` is a terminal.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None = None, bar: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.bar = None
+        if bar or (bar is None and self.stream.isatty()):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="epoch", file=self.stream, dynamic_ncols=True)
+
+    def __call__(self, state, record: Record) -> None:
+        fields = _progress_fields(record)
+        if self.bar is not None:
+            self.bar.update(record["epoch"] - self.bar.n)
+            self.bar.set_postfix(fields, refresh=True)
+        else:
+            text = " ".join(f"{k}={v}" for k, v in fields.items())
+            print(f"epoch {record['epoch']}: {text}", file=self.stream, flush=True)
+
+    def on_run_end(self, state) -> None:
+        if self.bar is not None:
+            self.bar.close()

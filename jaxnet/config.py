@@ -1,0 +1,269 @@
+"""A run's configuration: the frozen :class:`TrainConfig`, dataset presets and the one optimizer factory.
+
+A config is data: JSON-serializable, validated once when it is made (every message names the
+field), stored in the run folder and in every checkpoint. A config describes a grid of members:
+seeds ``seed ... seed + seeds - 1`` times each learning rate in ``lrs`` times each weight decay in
+``weight_decays``; a plain run is the grid of one member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Any
+
+import optax
+
+from jaxnet import checks
+from jaxnet.checks import ArgumentError
+from jaxnet.data import BUILTINS, TASKS
+from jaxnet.layers import ACTIVATIONS
+from jaxnet.losses import get_loss
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DTYPES = ("float32", "bfloat16")
+ADAMW_WEIGHT_DECAY = 1e-4
+"""The weight decay of ``adamw`` when none is given (optax's default); other optimizers get 0."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Unset fields take the dataset's preset or defaults.
+
+    Attributes:
+      dataset: a built-in dataset name (``jaxnet.data.BUILTINS``), or None when ``data`` is given.
+      data: path of a CSV (with ``target``) or ``.npz`` file (arrays ``x`` and ``y``); stored
+        absolute, so that a resume does not depend on the current directory.
+      target: the CSV column to predict.
+      task: ``classification`` or ``regression``; None infers it from the targets when that is
+        unambiguous (see :mod:`jaxnet.data`) and refuses otherwise.
+      hidden: hidden layer sizes.
+      activation: hidden activation (a name in ``jaxnet.ACTIVATIONS``).
+      output_activation: activation of the output layer (None: identity; logits for cross-entropy).
+      loss: a name in ``jaxnet.LOSSES`` (or alias); None picks softmax cross-entropy for
+        classification and mean squared error for regression.
+      optimizer: ``sgd``, ``adam`` or ``adamw``; lr: its learning rate.
+      weight_decay: for ``adamw`` decoupled weight decay (default 1e-4); for ``sgd`` and ``adam``
+        an L2 term added to the gradient (PyTorch's ``weight_decay``; default 0).
+      epochs, batch_size, seed: the schedule and the seed every random draw derives from.
+      val_split, test_split: held-out fractions, drawn deterministically from ``seed``.
+      patience: early-stopping patience in epochs on the validation loss (None: all epochs).
+      standardize: standardize features with the training split's mean and std.
+      dtype: compute dtype of the forward and backward pass: ``float32``, or ``bfloat16`` for mixed
+        precision (float32 master params, optimizer state and loss).
+      seeds, lrs, weight_decays: train a grid of members in one program: seeds ``seed ... seed +
+        seeds - 1`` times each learning rate in ``lrs`` (empty: ``lr``) times each weight decay in
+        ``weight_decays`` (empty: ``weight_decay``).
+      ensemble: save every member (predictions average them) instead of the best one.
+      skip_nonfinite: skip updates whose loss or gradients are not finite instead of stopping
+        (counted in the metrics as ``skipped``).
+    """
+
+    dataset: str | None = None
+    data: str | None = None
+    target: str | None = None
+    task: str | None = None
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "relu"
+    output_activation: str | None = None
+    loss: str | None = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    val_split: float = 0.1
+    test_split: float = 0.2
+    patience: int | None = None
+    standardize: bool = True
+    dtype: str = "float32"
+    seeds: int = 1
+    lrs: tuple[float, ...] = ()
+    weight_decays: tuple[float, ...] = ()
+    ensemble: bool = False
+    skip_nonfinite: bool = False
+
+    def __post_init__(self):
+        for name in ("hidden", "lrs", "weight_decays"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.data is not None:
+            object.__setattr__(self, "data", os.path.abspath(os.fspath(self.data)))
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", ADAMW_WEIGHT_DECAY if self.optimizer == "adamw" else 0.0)
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config of a stored ``to_dict()``; unknown fields are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}: this run was made by a different jaxnet version")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The worked example's network and its single sample: 3-2-2 sigmoid, half-SSE, online SGD 0.1.
+    "seed": dict(
+        hidden=(2,), activation="sigmoid", output_activation="sigmoid", loss="half_sse", optimizer="sgd",
+        lr=0.1, batch_size=1, epochs=1000, val_split=0.0, test_split=0.0, standardize=False,
+    ),
+    "xor": dict(hidden=(8,), activation="tanh", lr=0.05, batch_size=4, epochs=300, val_split=0.0, test_split=0.0),
+    "moons": dict(hidden=(32, 32), lr=0.01, epochs=60),
+    "spirals": dict(hidden=(64, 64), lr=0.01, epochs=150),
+    "digits": dict(hidden=(64, 64), lr=1e-3, epochs=30, batch_size=64),
+}
+"""Per-dataset defaults, applied to every field the user leaves unset."""
+
+
+def make_config(**overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from defaults, the dataset's preset, then ``overrides`` (None = unset)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "data" not in overrides:
+        overrides.setdefault("dataset", "digits")
+    preset = PRESETS.get(overrides.get("dataset") or "", {})
+    return TrainConfig(**{**preset, **overrides})
+
+
+def differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """The names of the fields in which ``a`` and ``b`` differ, in field order."""
+    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def _validate_model(c: TrainConfig) -> None:
+    for i, size in enumerate(c.hidden):
+        if not checks.is_int(size) or size <= 0:
+            raise ArgumentError(f"{{0}} sizes must be positive integers, got {checks.literal(size)} at position "
+                                f"{i + 1}", "hidden")
+    checks.choice("activation", c.activation, sorted(ACTIVATIONS))
+    if c.output_activation is not None:
+        checks.choice("output_activation", c.output_activation, sorted(ACTIVATIONS))
+    if c.loss is not None:
+        get_loss(c.loss)
+    checks.choice("optimizer", c.optimizer, OPTIMIZERS)
+    checks.choice("dtype", c.dtype, DTYPES)
+
+
+def _validate_data(c: TrainConfig) -> None:
+    if (c.dataset is None) == (c.data is None):
+        raise ArgumentError("give either a built-in dataset ({0}) or a data file ({1}), not both", "dataset", "data")
+    if c.dataset is not None:
+        checks.choice("dataset", c.dataset, BUILTINS)
+    if c.data is not None and str(c.data).lower().endswith(".csv") and not c.target:
+        raise ArgumentError(f"{checks.escape(c.data)} is a CSV file: name the column to predict with {{0}}", "target")
+    if c.task is not None:
+        checks.choice("task", c.task, TASKS)
+    checks.fraction("val_split", c.val_split)
+    checks.fraction("test_split", c.test_split)
+    if c.val_split + c.test_split >= 1:
+        raise ArgumentError("{0} and {1} together must leave some training data (sum < 1)", "val_split", "test_split")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raises ValueError/TypeError naming the first bad field of ``config`` and how to fix it."""
+    c = config
+    _validate_data(c)
+    _validate_model(c)
+    checks.number("lr", c.lr, 0.0, strict=True)
+    checks.number("weight_decay", c.weight_decay, 0.0)
+    checks.integer("epochs", c.epochs)
+    checks.integer("batch_size", c.batch_size)
+    checks.integer("seed", c.seed, 0, 2**32 - 1)
+    checks.optional_integer("patience", c.patience)
+    if c.patience is not None and c.val_split == 0:
+        raise ArgumentError("early stopping ({0}) needs a validation split ({1} > 0)", "patience", "val_split")
+    checks.integer("seeds", c.seeds)
+    if c.seed + c.seeds - 1 > 2**32 - 1:
+        raise ArgumentError("{0} + {1} - 1 must stay below 2**32", "seed", "seeds")
+    for name, strict in (("lrs", True), ("weight_decays", False)):
+        if not isinstance(getattr(c, name), tuple):
+            raise TypeError(f"{name} must be a tuple of numbers, got {getattr(c, name)!r}")
+        for value in getattr(c, name):
+            checks.number(name, value, 0.0, strict=strict)
+    for name in ("standardize", "ensemble", "skip_nonfinite"):
+        checks.boolean(name, getattr(c, name))
+
+
+def hyperparameter_grid(config: TrainConfig) -> dict[str, list[float]]:
+    """The optimizer's hyperparameters and their values: ``learning_rate``, and ``weight_decay``
+    when the optimizer applies one (adamw, or any weight decay above 0)."""
+    grid = {"learning_rate": list(config.lrs) or [config.lr]}
+    decays = list(config.weight_decays) or [config.weight_decay]
+    if config.optimizer == "adamw" or any(d > 0 for d in decays):
+        grid["weight_decay"] = decays
+    return grid
+
+
+def members(config: TrainConfig) -> list[dict]:
+    """One dict per member, ``{"seed": int, "learning_rate": float[, "weight_decay": float]}``;
+    seeds vary fastest. A plain run has one member."""
+    grid = hyperparameter_grid(config)
+    out = []
+    for combo in itertools.product(*grid.values()):
+        for seed in range(config.seed, config.seed + config.seeds):
+            out.append({"seed": seed, **{n: float(v) for n, v in zip(grid, combo)}})
+    return out
+
+
+def num_members(config: TrainConfig) -> int:
+    """K: the number of members of ``config``'s grid (1 for a plain run)."""
+    k = config.seeds
+    for values in hyperparameter_grid(config).values():
+        k *= len(values)
+    return k
+
+
+def is_member_run(config: TrainConfig) -> bool:
+    """True when ``config`` trains several members in one program (or asks for an ensemble)."""
+    return num_members(config) > 1 or config.ensemble
+
+
+def _factory(name: str, decay: bool):
+    """``make(learning_rate, weight_decay) -> optax optimizer`` for optimizer ``name``."""
+    base = {"sgd": optax.sgd, "adam": optax.adam}.get(name)
+
+    def make(learning_rate, weight_decay=0.0):
+        if base is None:
+            return optax.adamw(learning_rate, weight_decay=weight_decay)
+        if not decay:
+            return base(learning_rate)
+        return optax.chain(optax.add_decayed_weights(weight_decay), base(learning_rate))
+
+    return make
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The optax optimizer of ``config``. A member run injects its swept hyperparameters
+    (``optax.inject_hyperparams``) so that each member's values are set in its optimizer state."""
+    grid = hyperparameter_grid(config)
+    make = _factory(config.optimizer, decay="weight_decay" in grid)
+    if not is_member_run(config):
+        return make(config.lr, config.weight_decay)
+    return optax.inject_hyperparams(make)(**{name: values[0] for name, values in grid.items()})
+
+
+def check_overrides(config: TrainConfig, given: dict) -> None:
+    """Raises ArgumentError naming the first field in ``given`` (None = not given) whose value
+    differs from ``config``'s: a resumed run keeps its config."""
+    for name, value in given.items():
+        if value is None:
+            continue
+        have = getattr(config, name)
+        if name == "loss" and have is not None:
+            same = get_loss(value).name == get_loss(have).name
+        elif name == "data" and have is not None:
+            same = os.path.abspath(value) == have
+        else:
+            same = (tuple(value) if isinstance(value, list) else value) == have
+        if not same:
+            shown = [",".join(map(str, v)) if isinstance(v, (tuple, list)) else v for v in (value, have)]
+            raise ArgumentError(
+                f"{{0}} {checks.escape(shown[0])} conflicts with the run's {checks.escape(shown[1])}: a resumed run "
+                "keeps its config (drop {0}, or train into another folder)", name
+            )

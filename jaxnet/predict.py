@@ -1,0 +1,126 @@
+"""Predictions and metrics of trained models, with a member axis everywhere.
+
+A saved model holds one member or an ensemble of K (params with a leading axis K). Everything here
+runs the K members under one ``vmap`` (K = 1 for a single model) and then combines them: an
+ensemble averages its members' probabilities (classification) or outputs (regression); one
+member is used as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet import data as datalib
+from jaxnet.files import SavedModel
+from jaxnet.losses import batch_mean, get_loss
+from jaxnet.task import build_model, prepare_targets
+
+_EPS = 1e-7
+
+
+def stacked_params(saved: SavedModel):
+    """The saved params with a leading member axis (K = 1 for a single model)."""
+    if saved.meta.get("members"):
+        return saved.params
+    return jax.tree.map(lambda a: np.asarray(a)[None], saved.params)
+
+
+def member_outputs(meta: dict, params, x) -> jax.Array:
+    """Raw outputs ``(K, n, out)`` of K members (params with a leading axis K) on inputs ``(n, d)``."""
+    apply = build_model(meta).apply
+    run = jax.jit(jax.vmap(jax.vmap(apply, in_axes=(None, 0)), in_axes=(0, None)))
+    return run(params, jnp.asarray(x))
+
+
+def combine(outputs: jax.Array, loss: str) -> jax.Array:
+    """One model's outputs ``(n, out)`` from K members' ``(K, n, out)``: the member itself when
+    K = 1; else the average of the members' probabilities, returned as logits (the log of the
+    average) for the classification losses, the average output for regression."""
+    if outputs.shape[0] == 1:
+        return outputs[0]
+    if loss == "softmax_cross_entropy":
+        return jnp.log(jnp.clip(jnp.mean(jax.nn.softmax(outputs, axis=-1), axis=0), _EPS, 1.0))
+    if loss == "sigmoid_binary_cross_entropy":
+        p = jnp.clip(jnp.mean(jax.nn.sigmoid(outputs), axis=0), _EPS, 1 - _EPS)
+        return jnp.log(p) - jnp.log1p(-p)
+    return jnp.mean(outputs, axis=0)
+
+
+def probabilities(outputs, loss: str) -> np.ndarray:
+    """Raw outputs ``(n, out)`` as predictions: softmax or sigmoid probabilities for the
+    classification losses, unchanged for regression."""
+    if loss == "softmax_cross_entropy":
+        outputs = jax.nn.softmax(outputs, axis=-1)
+    elif loss == "sigmoid_binary_cross_entropy":
+        outputs = jax.nn.sigmoid(outputs)
+    return np.asarray(outputs)
+
+
+def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs for a saved model from CSV (columns by feature name) or ``.npz`` (``x``).
+
+    Returns ``(x, y)``: ``x`` ``(n, d)`` standardized as in training; ``y`` the raw target column
+    (or the npz's ``y``) when present, else None.
+    """
+    x, y = datalib.load_features(path, saved.meta["feature_names"], target=saved.meta.get("target"))
+    expected = len(saved.meta["feature_names"])
+    if x.shape[1] != expected:
+        raise ValueError(f"{path} has {x.shape[1]} features but the model expects {expected}")
+    return datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
+
+
+def predict(saved: SavedModel, x: np.ndarray) -> np.ndarray:
+    """Predictions ``(n, out)`` for standardized inputs ``x: (n, d)``: class probabilities for the
+    classification losses, outputs for regression; an ensemble averages its members."""
+    loss = saved.meta["loss"]
+    return probabilities(combine(member_outputs(saved.meta, stacked_params(saved), x), loss), loss)
+
+
+def regression_metrics(outputs, targets) -> dict[str, float]:
+    """MSE, MAE and R² (coefficient of determination, averaged over outputs) of ``(n, k)`` arrays."""
+    outputs, targets = np.asarray(outputs, np.float64), np.asarray(targets, np.float64)
+    error = outputs - targets
+    spread = np.sum((targets - targets.mean(axis=0)) ** 2, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(spread > 0, 1.0 - np.sum(error**2, axis=0) / spread, np.nan)
+    return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error))), "r2": float(np.mean(r2))}
+
+
+@functools.partial(jax.jit, static_argnames="loss")
+def _loss_and_accuracy(outputs, y, loss: str) -> dict:
+    spec = get_loss(loss)
+    out = {"loss": batch_mean(spec.fn)(outputs, y)}
+    if spec.metric is not None:
+        out["accuracy"] = batch_mean(spec.metric)(outputs, y)
+    return out
+
+
+def metrics_of(outputs, y, meta: dict) -> dict:
+    """``{"loss", "accuracy"}`` for classification, ``{"loss", "mse", "mae", "r2"}`` for
+    regression, of one model's outputs ``(n, out)`` against prepared targets ``y``."""
+    out = {k: float(v) for k, v in _loss_and_accuracy(outputs, jnp.asarray(y), meta["loss"]).items()}
+    if meta["task"] == "regression":
+        out.update(regression_metrics(outputs, y))
+    return out
+
+
+def targets_for(meta: dict, y) -> np.ndarray:
+    """Raw targets prepared as the model's loss expects."""
+    return prepare_targets(np.asarray(y), meta["loss"], meta["sizes"][-1] if meta["num_classes"] else None)
+
+
+def evaluate(saved: SavedModel, x: np.ndarray, y: np.ndarray) -> dict:
+    """The metrics (:func:`metrics_of`) of a saved model on standardized ``x: (n, d)`` and raw
+    targets ``y``; an ensemble is evaluated on its averaged predictions."""
+    outputs = combine(member_outputs(saved.meta, stacked_params(saved), x), saved.meta["loss"])
+    return metrics_of(outputs, targets_for(saved.meta, y), saved.meta)
+
+
+def member_metrics(meta: dict, params, x, y) -> list[dict]:
+    """The metrics of each of K members (params with a leading axis K) on prepared ``x``, ``y``."""
+    outputs = member_outputs(meta, params, x)
+    return [metrics_of(outputs[i], y, meta) for i in range(outputs.shape[0])]

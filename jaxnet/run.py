@@ -1,0 +1,418 @@
+"""One run layer: a :class:`~jaxnet.config.TrainConfig` in, a trained model, history and summary out.
+
+:func:`run` executes a config (a single run, a sweep or an ensemble: a member axis everywhere,
+K = 1 for a single run) and, with ``out``, owns the run folder: one writer at a time, checkpoints,
+``metrics.jsonl``, ``model.npz`` and ``curves.png``; running the same config into the same folder
+again continues it from its newest checkpoint. :func:`resume` continues (or extends to more
+epochs) the run in a folder from its own config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet import checkpoint, files, parallel, plot, predict
+from jaxnet import config as configlib
+from jaxnet import members as memberlib
+from jaxnet.callbacks import Checkpointer
+from jaxnet.checks import ArgumentError
+from jaxnet.checks import escape as checks_escape
+from jaxnet.config import TrainConfig
+from jaxnet.loop import FitState, NonFiniteLossError, check_fit_memory, fit, init_fit_state, is_finished
+from jaxnet.rundir import RunFolder
+from jaxnet.task import Problem, build_model, describe, load_problem, model_meta
+
+Notify = Callable[..., None]
+"""``notify(message, always=False)``: a one-line message for the user; ``always`` for the ones
+that must show even when progress is off (a run continued, a checkpoint skipped as damaged)."""
+
+
+class RunResult(NamedTuple):
+    """What a run returns.
+
+    Attributes:
+      model: the trained model as saved (the best member, or every member of an ensemble).
+      history: the ``metrics.jsonl`` rows: one per epoch (a line per member and epoch in a member run).
+      summary: the final figures (the ``jaxnet train --json`` object).
+      state: the final :class:`~jaxnet.loop.FitState` (resumable).
+      finished: False when the run stopped before its end (a callback's stop, e.g. a signal).
+    """
+
+    model: files.SavedModel
+    history: list
+    summary: dict
+    state: FitState
+    finished: bool
+
+
+class Job(NamedTuple):
+    """A config made concrete: its data, model, optimizer and members."""
+
+    config: TrainConfig
+    problem: Problem
+    meta: dict
+    grid: list[dict]
+    member_run: bool
+
+    @property
+    def monitor(self) -> str:
+        classify = self.problem.task == "classification"
+        return ("val_accuracy" if classify else "val_loss") if self.problem.splits.val is not None else "train_loss"
+
+
+def prepare(config: TrainConfig) -> Job:
+    """Loads the data of ``config`` and describes its model and members; refuses a run whose
+    estimated memory exceeds the device's before anything is allocated."""
+    problem = load_problem(config)
+    meta = model_meta(config, problem)
+    one = jax.eval_shape(build_model(meta).init, jax.random.key(0))
+    data = sum(part.x.nbytes + part.y.nbytes for part in problem.splits if part is not None)
+    check_fit_memory(one, configlib.make_optimizer(config), config.batch_size, configlib.num_members(config), data)
+    return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config))
+
+
+def _keys(job: Job):
+    """``(init_key, shuffle_key)``: each member's come from its own seed, as in a run alone."""
+    if not job.member_run:
+        return jax.random.split(jax.random.key(job.config.seed))
+    keys = jax.jit(jax.vmap(jax.random.split))(memberlib.member_keys([m["seed"] for m in job.grid]))
+    return keys[:, 0], keys[:, 1]
+
+
+def _fresh(job: Job) -> tuple:
+    """``(params, key, hyperparams)`` of a new run."""
+    model, (init_key, shuffle_key) = build_model(job.meta), _keys(job)
+    if not job.member_run:
+        return jax.jit(model.init)(init_key), shuffle_key, None
+    names = configlib.hyperparameter_grid(job.config)
+    hyperparams = {name: jnp.asarray([m[name] for m in job.grid], jnp.float32) for name in names}
+    return memberlib.init_members(model, init_key), shuffle_key, hyperparams
+
+
+def template(job: Job) -> FitState:
+    """The abstract :class:`FitState` of ``job`` (shapes and dtypes), for restoring checkpoints."""
+    optimizer = configlib.make_optimizer(job.config)
+
+    def build():
+        params, key, hyperparams = _fresh(job)
+        return init_fit_state(params, optimizer, key, skip_nonfinite=job.config.skip_nonfinite,
+                              hyperparams=hyperparams)
+
+    return jax.eval_shape(build)
+
+
+def _local_rows(job: Job, mesh):
+    """The training rows this process holds: all of them, or its share as one global array."""
+    train = job.problem.splits.train
+    if mesh is None or jax.process_count() == 1:
+        return train.x, train.y
+    rows = parallel.process_rows(len(train.x))
+    return parallel.global_rows(train.x[rows], mesh), parallel.global_rows(train.y[rows], mesh)
+
+
+def train(job: Job, resume: FitState | None = None, callbacks: Sequence = (), mesh=None) -> FitState:
+    """Trains ``job`` with :func:`jaxnet.fit` (from scratch, or on from ``resume``)."""
+    c, val = job.config, job.problem.splits.val
+    if job.member_run and mesh is not None:
+        raise ArgumentError("member runs ({0}, lists of {1} or {2}) train on one device: drop {3}",
+                            "seeds", "lrs", "weight_decays", "devices")
+    params, key, hyperparams = _fresh(job) if resume is None else (None, None, None)
+    x, y = _local_rows(job, mesh)
+    return fit(
+        build_model(job.meta), params, x, y, loss=job.problem.loss, optimizer=configlib.make_optimizer(c),
+        epochs=c.epochs, batch_size=c.batch_size, key=key, validation=(val.x, val.y) if val is not None else None,
+        patience=c.patience, callbacks=callbacks, resume=resume, mesh=mesh, skip_nonfinite=c.skip_nonfinite,
+        hyperparams=hyperparams, compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
+    )
+
+
+def member_history(history: list, i: int) -> list[dict]:
+    """Member ``i``'s records in the single-run form (scalars), for the epochs it trained; a
+    single run's history is its own."""
+    out = []
+    for record in history:
+        if isinstance(record["train_loss"], list):
+            if record["train_loss"][i] is None:
+                break
+            record = {k: (v[i] if isinstance(v, list) else v) for k, v in record.items()}
+        out.append(record)
+    return out
+
+
+def metrics_rows(job: Job, history: list) -> list[dict]:
+    """The rows of ``metrics.jsonl``: a single run's records, or one row per member and epoch
+    (``member``, its ``seed`` and hyperparameters, then its scalar metrics)."""
+    if not job.member_run:
+        return list(history)
+    rows = []
+    for i, member in enumerate(job.grid):
+        for record in member_history(history, i):
+            rows.append({"member": i, **member, **record})
+    return sorted(rows, key=lambda r: (r["epoch"], r["member"]))
+
+
+def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
+    """One summary entry per member: its seed and hyperparameters, epochs, best figures, test metrics."""
+    entries = []
+    for i, member in enumerate(job.grid):
+        own = member_history(history, i)
+        last = own[-1] if own else {}
+        best = own[last["best_epoch"] - 1] if last.get("best_epoch") else last
+        entry = {"member": i, **member, "epochs": len(own), "train_loss": last.get("train_loss")}
+        if job.problem.splits.val is not None:
+            entry.update(best_epoch=last.get("best_epoch"), val_loss=best.get("val_loss"),
+                         val_accuracy=best.get("val_accuracy"))
+        entry.update({f"test_{name}": value for name, value in tests[i].items()} if tests else {})
+        entries.append(entry)
+    return entries
+
+
+def _speed(history: list) -> float | None:
+    """Steps per second over the epochs after the first, which also pays for compilation."""
+    timed = history[1:] if len(history) > 1 else history
+    busy = sum(r["seconds"] for r in timed)
+    return sum(r["steps"] for r in timed) / busy if busy > 0 else None
+
+
+def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
+    """``(summary, best)``: the run's final figures and the index of its best member."""
+    test, k = job.problem.splits.test, len(job.grid)
+    params = state.params if job.member_run else jax.tree.map(lambda a: a[None], state.params)
+    tests = predict.member_metrics(job.meta, params, test.x, test.y) if test is not None else []
+    best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
+    entries = _member_entries(job, state.history, tests)
+    c = job.config
+    summary = {"dataset": c.dataset or Path(c.data).name, "task": job.problem.task, "epochs": entries[best]["epochs"],
+               "train_loss": entries[best]["train_loss"], "val_loss": entries[best].get("val_loss"),
+               "val_accuracy": entries[best].get("val_accuracy"), "test_accuracy": None}
+    summary.update({name: v for name, v in entries[best].items() if name.startswith("test_")})
+    summary.update(seconds=seconds, steps_per_second=_speed(state.history))
+    if job.member_run:
+        if summary["steps_per_second"] is not None:
+            summary["model_steps_per_second"] = summary["steps_per_second"] * k  # each step updates K models
+        summary.update(best_member=best, monitor=job.monitor, members=entries)
+    return summary, best
+
+
+def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
+    """The model to save: the run's params, the best member of a sweep, or every member of an ensemble."""
+    params, meta = jax.tree.map(np.asarray, state.params), job.meta
+    if job.config.ensemble:
+        meta = dict(meta, members=len(job.grid), grid=job.grid)
+    elif job.member_run:
+        params, meta = memberlib.take_member(params, best), dict(meta, member=dict(job.grid[best], index=best))
+    return files.SavedModel(meta, params, job.problem.standardizer.mean, job.problem.standardizer.std)
+
+
+def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
+    """Writes ``model.npz``, ``metrics.jsonl`` and ``curves.png`` (the best member's curves)."""
+    files.save_model(folder.path, result.model)
+    files.write_jsonl(folder.path / "metrics.jsonl", result.history)
+    best = result.summary.get("best_member", 0)
+    title = result.summary["dataset"]
+    if result.summary.get("test_accuracy") is not None:
+        title += f": test accuracy {result.summary['test_accuracy']:.4f}"
+    plot.plot_curves(member_history(result.state.history, best), folder.path / "curves.png", title=title)
+
+
+def _metadata(job: Job, every: int | None, keep: int | None) -> dict:
+    return {"config": job.config.to_dict(), "model": job.meta, "schedule": {"every": every, "keep": keep},
+            "norm": {"mean": job.problem.standardizer.mean.tolist(), "std": job.problem.standardizer.std.tolist()}}
+
+
+class _MetricsWriter:
+    """Rewrites ``metrics.jsonl`` after every epoch (atomically), so a crash keeps the epochs done."""
+
+    def __init__(self, folder: RunFolder, job: Job):
+        self.folder, self.job = folder, job
+
+    def __call__(self, state: FitState, record) -> None:
+        files.write_jsonl(self.folder.path / "metrics.jsonl", metrics_rows(self.job, state.history))
+
+
+def _execute(job: Job, folder: RunFolder | None, state: FitState | None, callbacks: Sequence, mesh,
+             schedule: tuple[int | None, int | None]) -> RunResult:
+    """Trains ``job`` (on from ``state``), writing into ``folder`` when given; returns the result."""
+    start = time.perf_counter()
+    primary = parallel.is_primary()
+    callbacks = list(callbacks)
+    if folder is not None:
+        if primary:
+            callbacks.append(_MetricsWriter(folder, job))
+        every, keep = schedule
+        callbacks.append(Checkpointer(folder.checkpoints, every=every, keep=keep, metadata=_metadata(job, every, keep)))
+    try:
+        state = train(job, state, callbacks, mesh)
+    except NonFiniteLossError as e:
+        last = checkpoint.latest(folder.checkpoints) if folder is not None else None
+        where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved (use {1} DIR {2} N)"
+        raise NonFiniteLossError(e.epoch, e.step, checks_escape(where) if last else where) from None
+    summary, best = summarize(job, state, time.perf_counter() - start)
+    finished = is_finished(state, epochs=job.config.epochs, patience=job.config.patience)
+    result = RunResult(saved_model(job, state, best), metrics_rows(job, state.history), summary, state, finished)
+    if folder is not None and primary:
+        write_outputs(folder, job, result)
+    return result
+
+
+def _owned(folder: RunFolder):
+    """The folder's lock in the process that writes (process 0), nothing in the others."""
+    return folder.lock() if parallel.is_primary() else _nothing()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _say(notify: Notify | None, message: str, always: bool = True) -> None:
+    if notify is not None and parallel.is_primary():
+        notify(message, always)
+
+
+def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:
+    for name, now in zip(("mean", "std"), job.problem.standardizer):
+        then = np.asarray(metadata["norm"][name], np.float32)
+        if not np.array_equal(np.asarray(now, np.float32), then):
+            raise ValueError(f"cannot resume: the data of {folder.path} changed since the checkpoint "
+                             f"(its standardization {name} differs)")
+
+
+def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule, notify) -> RunResult:
+    """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
+    before anything in the folder changes)."""
+    job = prepare(config)
+    restored = checkpoint.restore(folder.checkpoints, template(job))
+    _check_same_data(job, restored.metadata, folder)
+    _say(notify, describe(job.problem), always=False)
+    for path, reason in restored.damaged:
+        _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
+    stored = restored.metadata.get("schedule", {})
+    schedule = tuple(given if given is not None else stored.get(name) for given, name in zip(schedule, ("every", "keep")))
+    epoch = restored.state.epoch
+    if is_finished(restored.state, epochs=config.epochs, patience=config.patience):
+        _say(notify, f"{folder.path} already finished at epoch {epoch}; not training further")
+    else:
+        _say(notify, f"continuing the run in {folder.path} from its checkpoint of epoch {epoch}")
+    if parallel.is_primary():
+        checkpoint.set_aside(folder.checkpoints, epoch)
+        folder.write_config(config.to_dict())
+    return _execute(job, folder, restored.state, callbacks, mesh, schedule)
+
+
+def run(
+    config: TrainConfig,
+    *,
+    out: str | Path | None = None,
+    callbacks: Sequence = (),
+    mesh=None,
+    checkpoint_every: int | None = None,
+    keep: int | None = None,
+    overwrite: bool = False,
+    notify: Notify | None = None,
+) -> RunResult:
+    """Runs ``config``: loads data, builds the model, trains every member with :func:`jaxnet.fit`, tests.
+
+    Args:
+      config: the run (single, sweep or ensemble).
+      out: the run folder. It is locked while the run writes it (a second writer is refused);
+        if it already holds this config's run, that run continues from its newest checkpoint
+        (a requeued job picks up where it stopped); another run's folder is refused unless
+        ``overwrite``.
+      callbacks: :func:`jaxnet.fit` callbacks.
+      mesh: a device mesh (:func:`jaxnet.make_data_mesh`) for data-parallel training; in a
+        multi-process run each process trains on its own share of the training rows.
+      checkpoint_every: with ``out``, checkpoint every N epochs (always after the last one).
+      keep: keep the newest ``keep`` checkpoints (default 3).
+      overwrite: replace the run that ``out`` holds.
+      notify: called with one-line messages (continuing, damaged checkpoints).
+
+    Returns:
+      A :class:`RunResult`.
+    """
+    if out is None:
+        job = prepare(config)
+        _say(notify, describe(job.problem), always=False)
+        return _execute(job, None, None, callbacks, mesh, (None, None))
+    folder = RunFolder(out)
+    with _owned(folder):
+        stored = folder.stored_config()
+        if stored is not None and not overwrite:
+            _check_same_run(folder, TrainConfig.from_dict(stored), config)
+            if checkpoint.epochs(folder.checkpoints):
+                return _continue(folder, config, callbacks, mesh, (checkpoint_every, keep), notify)
+        elif folder.holds_outputs() and not overwrite:
+            raise ArgumentError(f"{checks_escape(folder.path)} holds files of a run without its config.json: "
+                                "train into another folder, or replace them ({0})", "overwrite")
+        job = prepare(config)
+        _say(notify, describe(job.problem), always=False)
+        if parallel.is_primary():
+            folder.clear()
+            folder.write_config(config.to_dict())
+        return _execute(job, folder, None, callbacks, mesh, (checkpoint_every, 3 if keep is None else keep))
+
+
+def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig) -> None:
+    differ = configlib.differences(stored, config)
+    if differ:
+        names = ", ".join("{%d}" % i for i in range(len(differ)))
+        raise ArgumentError(
+            f"{checks_escape(folder.path)} holds another run (it differs in {names}): train into another folder, "
+            f"continue that run as it is, or replace it ({{{len(differ)}}})", *differ, "overwrite"
+        )
+
+
+def resume(
+    out: str | Path,
+    *,
+    epochs: int | None = None,
+    callbacks: Sequence = (),
+    mesh=None,
+    checkpoint_every: int | None = None,
+    keep: int | None = None,
+    notify: Notify | None = None,
+    overrides: dict | None = None,
+) -> RunResult:
+    """Continues the run in folder ``out`` from its newest usable checkpoint, with its own config.
+
+    Args:
+      out: the run folder of an earlier :func:`run`.
+      epochs: extend (or shorten) the run to this many epochs; the result equals a run of that
+        many epochs never interrupted.
+      callbacks, mesh, notify: as in :func:`run`.
+      checkpoint_every, keep: the checkpoint schedule (default: the run's own).
+      overrides: config fields given again (None: not given); each must equal the run's own.
+    """
+    folder = RunFolder(out)
+    if not folder.path.is_dir():
+        raise ValueError(f"cannot resume: {out} does not exist (give the out folder of an earlier run)")
+    with _owned(folder):
+        stored = folder.stored_config()
+        if stored is None or not checkpoint.epochs(folder.checkpoints):
+            raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
+        config = TrainConfig.from_dict(stored)
+        configlib.check_overrides(config, overrides or {})
+        if epochs is not None:
+            config = dataclasses.replace(config, epochs=epochs)
+        return _continue(folder, config, callbacks, mesh, (checkpoint_every, keep), notify)
+
+
+def restore(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:
+    """``(config, restored)``: the config of the run in folder ``out`` and its newest usable
+    checkpoint (:func:`jaxnet.checkpoint.restore` against the run's own template)."""
+    folder = RunFolder(out)
+    stored = folder.stored_config()
+    if stored is None:
+        raise ValueError(f"cannot resume: {out} holds no run (give the out folder of an earlier run)")
+    config = TrainConfig.from_dict(stored)
+    return config, checkpoint.restore(folder.checkpoints, template(prepare(config)))

@@ -1,0 +1,118 @@
+"""A run folder: what it holds, who is writing it, and whether it holds this run.
+
+A run folder (``jaxnet train --out DIR``) holds ``config.json`` (the run's config, written when
+training starts), ``metrics.jsonl``, ``model.npz``, ``curves.png`` and ``checkpoints/``. It has
+one writer at a time: :meth:`RunFolder.lock` takes an exclusive ``flock`` on ``DIR/.lock``, which
+the operating system releases when the holder exits or is killed, so a lock left by a dead
+process is never in the way (the file's text only names the last holder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from jaxnet import files
+
+CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+CHECKPOINTS = "checkpoints"
+OUTPUTS = (CONFIG_FILE, files.MODEL_FILE, "metrics.jsonl", "curves.png")
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process is writing the run folder."""
+
+
+class RunFolder:
+    """The run folder at ``path`` (absolute)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).absolute()
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the folder's lock while the block runs; raises :class:`RunFolderBusy` at once if
+        another process holds it. The lock file is removed on release, and so is the folder when
+        the block failed before writing anything into a folder it created."""
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / LOCK_FILE
+        f = _acquire(path)
+        try:
+            yield self
+        except BaseException:
+            if created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+                path.unlink()
+                f.close()
+                self.path.rmdir()
+            raise
+        finally:
+            if not f.closed:
+                path.unlink(missing_ok=True)  # while still held: a waiting opener retries on the new file
+                f.close()
+
+    def stored_config(self) -> dict | None:
+        """The config the folder's run was started with, or None when it holds no jaxnet run."""
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}): train into another folder") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is not a jaxnet run config: train into another folder")
+        return config
+
+    def holds_outputs(self) -> bool:
+        """True when the folder holds a run's files or checkpoints."""
+        return any((self.path / name).exists() for name in (*OUTPUTS, CHECKPOINTS))
+
+    def write_config(self, config: dict) -> None:
+        files.write_text(self.path / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+    def clear(self) -> None:
+        """Removes the run's files and checkpoints (to train another run into the folder)."""
+        for name in OUTPUTS:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / name).unlink()
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+def _acquire(path: Path):
+    """The open, exclusively ``flock``-ed lock file at ``path``, naming this process."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise RunFolderBusy(
+                f"{path.parent} is in use by {holder}: wait for it to finish, or train into another folder"
+            ) from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file that its last holder removed while we opened it
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            return f
+        f.close()

@@ -1,0 +1,119 @@
+"""From a config to the learning problem: data splits prepared for the loss, the model's description.
+
+:func:`load_problem` loads and splits the data of a :class:`~jaxnet.config.TrainConfig`, fits the
+standardization on the training split, decides the loss and the output size; :func:`model_meta`
+describes the model as JSON (saved with it) and :func:`build_model` rebuilds it from that.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxnet import data as datalib
+from jaxnet.base import Model
+from jaxnet.checks import ArgumentError
+from jaxnet.config import TrainConfig
+from jaxnet.layers import mlp
+from jaxnet.losses import get_loss
+
+
+class Problem(NamedTuple):
+    """The data of a run, prepared for its loss.
+
+    Attributes:
+      splits: train / val / test parts: ``x`` ``(n, d)`` standardized float32, ``y`` as the loss
+        expects (``(n,)`` int32 labels, ``(n, k)`` float32 targets); val and test may be None.
+      standardizer: the training split's ``(mean, std)``, each ``(d,)``.
+      loss: the loss name; out_dim: the model's output size; task: classification or regression.
+      num_classes: for classification; feature_names: ``d`` names.
+    """
+
+    splits: datalib.Splits
+    standardizer: datalib.Standardizer
+    loss: str
+    out_dim: int
+    task: str
+    num_classes: int | None
+    feature_names: tuple
+
+
+def _task_of(config: TrainConfig) -> str | None:
+    """The task that ``config`` asks for, through ``task`` or its loss."""
+    if config.loss is None:
+        return config.task
+    implied = "classification" if get_loss(config.loss).metric is not None else "regression"
+    if config.task is not None and config.task != implied:
+        raise ArgumentError(f"{{0}} {config.task!r} does not fit {{1}} {config.loss!r}, a {implied} loss",
+                            "task", "loss")
+    return implied
+
+
+def prepare_targets(y: np.ndarray, loss: str, num_classes: int | None) -> np.ndarray:
+    """Targets ``(n,)`` or ``(n, k)`` in the form ``loss`` expects; raises ValueError for labels
+    out of its range."""
+    spec = get_loss(loss)
+    if spec.name == "sigmoid_binary_cross_entropy":
+        if y.ndim == 1:
+            if y.size and (y.min() < 0 or y.max() > 1):
+                raise ValueError(
+                    f"labels out of range for {spec.name}: it needs labels 0 or 1, got {int(y.min())}..{int(y.max())}"
+                )
+            return y.astype(np.float32)[:, None]
+        return y.astype(np.float32)
+    if spec.integer_labels:
+        if y.ndim != 1:
+            raise ValueError(f"{spec.name} needs integer class labels, but the targets have shape {y.shape}")
+        datalib.check_labels(y, num_classes)
+        return y.astype(np.int32)
+    return (y[:, None] if y.ndim == 1 else y).astype(np.float32)
+
+
+def load_problem(config: TrainConfig) -> Problem:
+    """Loads and splits the data of ``config`` and fits the standardization on the training split."""
+    ds = datalib.load(dataset=config.dataset, data=config.data, target=config.target, seed=config.seed,
+                      task=_task_of(config))
+    loss = get_loss(config.loss or ("softmax_cross_entropy" if ds.task == "classification" else "mse")).name
+    splits = datalib.split(ds, config.val_split, config.test_split, config.seed)
+    if config.standardize:
+        splits, standardizer = datalib.standardize_splits(splits)
+    else:
+        d = ds.x.shape[1]
+        standardizer = datalib.Standardizer(np.zeros(d, np.float32), np.ones(d, np.float32))
+
+    def prepared(part):
+        return None if part is None else part._replace(y=prepare_targets(part.y, loss, ds.num_classes))
+
+    splits = datalib.Splits(*(prepared(part) for part in splits))
+    out_dim = ds.num_classes if get_loss(loss).integer_labels else splits.train.y.shape[1]
+    return Problem(splits, standardizer, loss, out_dim, ds.task, ds.num_classes, tuple(ds.feature_names))
+
+
+def model_meta(config: TrainConfig, problem: Problem) -> dict:
+    """The JSON description saved with the params: enough to rebuild and use the model."""
+    return {
+        "sizes": [len(problem.feature_names), *config.hidden, problem.out_dim],
+        "activation": config.activation,
+        "output_activation": config.output_activation,
+        "loss": problem.loss,
+        "task": problem.task,
+        "num_classes": problem.num_classes,
+        "feature_names": list(problem.feature_names),
+        "target": config.target,
+        "config": config.to_dict(),
+    }
+
+
+def build_model(meta: dict) -> Model:
+    """The :class:`jaxnet.Model` a saved ``meta`` describes."""
+    return mlp(meta["sizes"], activation=meta["activation"], output_activation=meta["output_activation"])
+
+
+def describe(problem: Problem) -> str:
+    """One line on the task, for the first line of a run's output."""
+    train, val, test = problem.splits
+    sizes = f"{len(train.x)} train / {len(val.x) if val else 0} val / {len(test.x) if test else 0} test rows"
+    if problem.task == "classification":
+        return f"task: classification, {problem.num_classes} classes, loss {problem.loss}; {sizes}"
+    return f"task: regression, {problem.out_dim} output(s), loss {problem.loss}; {sizes}"

@@ -113,7 +113,8 @@ def batch_mean(fn: PerExample) -> Callable[..., jax.Array]:
 
     Returns:
       ``f(predictions: (batch, ...), targets: (batch, ...), weights: (batch,) | None) -> scalar``,
-      ``sum(w * fn(p, t)) / sum(w)``; 0 when all weights are 0.
+      ``sum(w * fn(p, t)) / sum(w)``; 0 when all weights are 0. Reduced in the values' float
+      dtype, at least float32 (bfloat16 values are summed in float32, float64 stay float64).
 
     Examples:
       >>> f = batch_mean(half_sum_squares)
@@ -122,10 +123,11 @@ def batch_mean(fn: PerExample) -> Callable[..., jax.Array]:
     """
 
     def reduced(predictions, targets, weights=None):
-        values = jax.vmap(fn)(predictions, targets).astype(jnp.float32)
+        values = jax.vmap(fn)(predictions, targets)
+        values = values.astype(jnp.promote_types(values.dtype, jnp.float32))  # float64 stays float64
         if weights is None:
             return jnp.mean(values)
-        weights = weights.astype(jnp.float32)
+        weights = weights.astype(values.dtype)
         total = jnp.sum(weights)
         return jnp.where(total > 0, jnp.sum(weights * values) / jnp.maximum(total, 1e-30), 0.0)
 

@@ -55,7 +55,7 @@ def make_loss_fn(
             params, x = _cast_floats(params, compute_dtype), _cast_floats(x, compute_dtype)
         predictions = predict(params, x)
         if compute_dtype is not None:
-            predictions = predictions.astype(jnp.float32)
+            predictions = predictions.astype(jnp.float32)  # the loss in float32, as the master params
         return reduce(predictions, y, w)
 
     return loss_fn
@@ -274,7 +274,7 @@ def make_per_example_update(
         if w is None:
             loss_value = jnp.mean(values)
         else:
-            w = w.astype(jnp.float32)
+            w = w.astype(values.dtype)
             loss_value = jnp.where(jnp.sum(w) > 0, jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-30), 0.0)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -12,7 +12,7 @@ import functools
 import statistics
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -128,8 +128,15 @@ class CallTimer(Timer):
     added to that of ``first``.
     """
 
-    def __init__(self, first: Callable[[], object], run: Callable[[], object], units: float, repeats: int,
-                 min_seconds: float = 0.0, compile_s: float | None = None):
+    def __init__(
+        self,
+        first: Callable[[], object],
+        run: Callable[[], object],
+        units: float,
+        repeats: int,
+        min_seconds: float = 0.0,
+        compile_s: float | None = None,
+    ):
         self._first, self._run, self._min_seconds, self._compile_s = first, run, min_seconds, compile_s
         self._units, self.repeats, self._calls = units, repeats, 1
 
@@ -158,8 +165,14 @@ class CallTimer(Timer):
         return Timing(compile_s=compile_s, seconds=seconds, units=self.units)
 
 
-def time_calls(first: Callable[[], object], run: Callable[[], object], units: float, repeats: int,
-               min_seconds: float = 0.0, compile_s: float | None = None) -> CallTimer:
+def time_calls(
+    first: Callable[[], object],
+    run: Callable[[], object],
+    units: float,
+    repeats: int,
+    min_seconds: float = 0.0,
+    compile_s: float | None = None,
+) -> CallTimer:
     """A :class:`CallTimer` of ``first`` and ``run`` (nothing runs until the runner starts it)."""
     return CallTimer(first, run, units, repeats, min_seconds, compile_s)
 
@@ -174,8 +187,13 @@ class EpochTimer(Timer):
     (measured on the second epoch), their times summed.
     """
 
-    def __init__(self, train: Callable[[Callable[[float], bool]], object], units: float, repeats: int,
-                 min_seconds: float = 0.0):
+    def __init__(
+        self,
+        train: Callable[[Callable[[float], bool]], object],
+        units: float,
+        repeats: int,
+        min_seconds: float = 0.0,
+    ):
         self._train, self._units, self.repeats, self._min_seconds = train, units, repeats, min_seconds
         self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
         self._epochs: list[float] = []

@@ -46,8 +46,11 @@ def main(argv=None):
     epoch = jax.jit(jaxnet.make_epoch(update, args.steps, 1, shuffle=False))
     state = jaxnet.init_state(params, opt, jax.random.key(0))
 
-    calls = {"hand-written scan": lambda: raw(params, xs, ts), "jaxnet make_epoch": lambda: epoch(state, xs, ts),
-             "the scan, no loss": lambda: raw_noloss(params, xs, ts)}
+    calls = {
+        "hand-written scan": lambda: raw(params, xs, ts),
+        "jaxnet make_epoch": lambda: epoch(state, xs, ts),
+        "the scan, no loss": lambda: raw_noloss(params, xs, ts),
+    }
     (ref, ref_loss), (mine, metrics), _ = (jax.block_until_ready(f()) for f in calls.values())
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ref, mine.params)
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=1e-4)
@@ -63,8 +66,10 @@ def main(argv=None):
     for name, s in seconds.items():
         print(f"  {name:18s} {statistics.median(s) / args.steps * 1e9:6.1f} ns/step (median)")
     for name, ref_s in (("hand-written", raw_s), ("hand-written, no loss", noloss_s)):
-        print(f"  jaxnet / {name} throughput: {statistics.median(r / e for r, e in zip(ref_s, epoch_s)):.3f} "
-              "(median of per-round ratios)")
+        print(
+            f"  jaxnet / {name} throughput: {statistics.median(r / e for r, e in zip(ref_s, epoch_s)):.3f} "
+            "(median of per-round ratios)"
+        )
     return 0
 
 

@@ -37,12 +37,25 @@ def _matmuls(batch):
     """name -> (function, lhs shape, rhs shape, FLOPs) for every matmul of one training step."""
     out = {}
     for a, b in zip(SIZES[:-1], SIZES[1:]):
-        out[f"forward  h@W    ({batch}x{a})@({a}x{b})"] = (lambda h, w: h @ w, (batch, a), (a, b), 2 * batch * a * b)
-        out[f"weights  h^T@dy ({a}x{batch})@({batch}x{b})"] = (lambda h, d: h.T @ d, (batch, a), (batch, b),
-                                                              2 * batch * a * b)
+        out[f"forward  h@W    ({batch}x{a})@({a}x{b})"] = (
+            lambda h, w: h @ w,
+            (batch, a),
+            (a, b),
+            2 * batch * a * b,
+        )
+        out[f"weights  h^T@dy ({a}x{batch})@({batch}x{b})"] = (
+            lambda h, d: h.T @ d,
+            (batch, a),
+            (batch, b),
+            2 * batch * a * b,
+        )
         if a != SIZES[0]:  # no gradient with respect to the inputs
-            out[f"inputs   dy@W^T ({batch}x{b})@({b}x{a})"] = (lambda d, w: d @ w.T, (batch, b), (a, b),
-                                                             2 * batch * a * b)
+            out[f"inputs   dy@W^T ({batch}x{b})@({b}x{a})"] = (
+                lambda d, w: d @ w.T,
+                (batch, b),
+                (a, b),
+                2 * batch * a * b,
+            )
     return out
 
 
@@ -57,6 +70,7 @@ def _steps(batch, steps):
     def grads(p, s, xb, yb):
         def step(acc, b):
             return jax.tree.map(jnp.add, acc, jax.grad(raw_jax._ce_loss)(p, *b)), None
+
         return jax.lax.scan(step, p, (xb, yb))[0]
 
     def trainer(opt):
@@ -110,8 +124,10 @@ def main(argv=None):
             seconds[name].append(_time(call))
     rate = {name: flops[name] / statistics.median(s) / 1e12 for name, s in seconds.items()}
     peak = max(v for k, v in rate.items() if k.startswith("forward  "))
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {b}, {n} steps per call, "
-          f"{args.rounds} interleaved rounds; fractions of the best forward matmul ({peak:.3f} TFLOP/s)")
+    print(
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {b}, {n} steps per call, "
+        f"{args.rounds} interleaved rounds; fractions of the best forward matmul ({peak:.3f} TFLOP/s)"
+    )
     for name, v in rate.items():
         print(f"  {name:42s} {v:7.3f} TFLOP/s  {v / peak:6.1%}")
     return 0

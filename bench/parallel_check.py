@@ -56,8 +56,10 @@ def data_parallel(epochs: int | None, batch_size: int) -> dict:
     mesh = parallel.make_data_mesh("all")
     one = _run(epochs=epochs, batch_size=batch_size)
     many = _run(epochs=epochs, batch_size=batch_size, mesh=mesh)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one.model.params),
-                                                             jax.tree.leaves(many.model.params)))
+    diff = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(one.model.params), jax.tree.leaves(many.model.params))
+    )
     return {
         "platform": jax.devices()[0].platform,
         "devices": mesh.size,
@@ -69,8 +71,12 @@ def data_parallel(epochs: int | None, batch_size: int) -> dict:
 
 
 def emulated_cpu(epochs: int | None, batch_size: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     args = [sys.executable, __file__, "--only-data-parallel", "--batch-size", str(batch_size)]
     if epochs:
         args += ["--epochs", str(epochs)]

@@ -39,10 +39,26 @@ SUITES = {
         "cpu": {
             "seed-sgd": dict(steps=200_000, loop_steps=1000, check_steps=100, repeats=5, min_seconds=0.2),
             "ensemble": dict(k=1024, steps=2000, check_steps=100, repeats=5, min_seconds=0.2),
-            "mlp784": dict(batches={128: 16, 1024: 8}, sizes=MLP784, lr=1e-3, check_batch=128, check_steps=5,
-                           repeats=3, min_seconds=0.3),
-            "wide": dict(width=1024, batch=1024, steps=2, dtype="float32", lr=1e-3, check_batch=256, check_steps=3,
-                         repeats=3, min_seconds=0.0),
+            "mlp784": dict(
+                batches={128: 16, 1024: 8},
+                sizes=MLP784,
+                lr=1e-3,
+                check_batch=128,
+                check_steps=5,
+                repeats=3,
+                min_seconds=0.3,
+            ),
+            "wide": dict(
+                width=1024,
+                batch=1024,
+                steps=2,
+                dtype="float32",
+                lr=1e-3,
+                check_batch=256,
+                check_steps=3,
+                repeats=3,
+                min_seconds=0.0,
+            ),
             "fit-epoch": dict(n=1440, batch=32, sizes=DIGITS, lr=1e-3, check_batch=32, check_steps=5, repeats=30),
         },
     },
@@ -50,19 +66,51 @@ SUITES = {
         "cpu": {
             "seed-sgd": dict(steps=1_000_000, loop_steps=3000, check_steps=100, repeats=7, min_seconds=0.5),
             "ensemble": dict(k=1024, steps=10_000, check_steps=100, repeats=5, min_seconds=0.5),
-            "mlp784": dict(batches={128: 32, 1024: 16, 8192: 4}, sizes=MLP784, lr=1e-3, check_batch=128,
-                           check_steps=5, repeats=5, min_seconds=0.5),
-            "wide": dict(width=1024, batch=1024, steps=4, dtype="float32", lr=1e-3, check_batch=256, check_steps=3,
-                         repeats=5, min_seconds=0.0),
+            "mlp784": dict(
+                batches={128: 32, 1024: 16, 8192: 4},
+                sizes=MLP784,
+                lr=1e-3,
+                check_batch=128,
+                check_steps=5,
+                repeats=5,
+                min_seconds=0.5,
+            ),
+            "wide": dict(
+                width=1024,
+                batch=1024,
+                steps=4,
+                dtype="float32",
+                lr=1e-3,
+                check_batch=256,
+                check_steps=3,
+                repeats=5,
+                min_seconds=0.0,
+            ),
             "fit-epoch": dict(n=1440, batch=32, sizes=DIGITS, lr=1e-3, check_batch=32, check_steps=5, repeats=50),
         },
         "accel": {
             "seed-sgd": dict(steps=200_000, loop_steps=2000, check_steps=100, repeats=5, min_seconds=0.3),
             "ensemble": dict(k=8192, steps=5000, check_steps=100, repeats=5, min_seconds=0.3),
-            "mlp784": dict(batches={128: 200, 1024: 100, 8192: 32}, sizes=MLP784, lr=1e-3, check_batch=128,
-                           check_steps=5, repeats=5, min_seconds=0.3),
-            "wide": dict(width=8192, batch=8192, steps=4, dtype="bfloat16", lr=1e-3, check_batch=1024,
-                         check_steps=3, repeats=5, min_seconds=0.3),
+            "mlp784": dict(
+                batches={128: 200, 1024: 100, 8192: 32},
+                sizes=MLP784,
+                lr=1e-3,
+                check_batch=128,
+                check_steps=5,
+                repeats=5,
+                min_seconds=0.3,
+            ),
+            "wide": dict(
+                width=8192,
+                batch=8192,
+                steps=4,
+                dtype="bfloat16",
+                lr=1e-3,
+                check_batch=1024,
+                check_steps=3,
+                repeats=5,
+                min_seconds=0.3,
+            ),
             "fit-epoch": dict(n=1440, batch=32, sizes=DIGITS, lr=1e-3, check_batch=32, check_steps=5, repeats=30),
         },
     },
@@ -73,12 +121,17 @@ SUITES["quick"]["accel"] = SUITES["full"]["accel"]
 CHECK_RTOL = {"seed-sgd": 1e-4, "ensemble": 1e-4, "mlp784": 1e-3, "wide": 1e-3, "fit-epoch": 1e-3}
 CHECK_RTOL_BF16 = 3e-2
 
-UNITS = {"seed-sgd": "steps/s", "ensemble": "model-steps/s", "mlp784": "examples/s", "wide": "examples/s",
-         "fit-epoch": "examples/s"}
+UNITS = {
+    "seed-sgd": "steps/s",
+    "ensemble": "model-steps/s",
+    "mlp784": "examples/s",
+    "wide": "examples/s",
+    "fit-epoch": "examples/s",
+}
 
 
 def _mb(case):
-    return lambda module, **kw: (lambda cfg: module.minibatch(case, cfg, **kw))
+    return lambda module, **kw: lambda cfg: module.minibatch(case, cfg, **kw)
 
 
 # case -> [(impl name, function(cfg) -> (check_loss, Timing), description)]
@@ -93,17 +146,39 @@ def implementations(case, suite):
 
     if case == "seed-sgd":
         return [
-            ("raw-jax", raw_jax.seed_sgd, "jit + lax.scan over all steps, one call; sums the loss (fit reports it)"),
-            ("raw-jax-noloss", lambda cfg: raw_jax.seed_sgd(cfg, track_loss=False),
-             "the same taking only the gradient: no loss value, no running sum"),
-            ("raw-jax-shuffled", raw_jax.seed_sgd_shuffled, "the same, shuffled in the call (permutation + gather)"),
+            (
+                "raw-jax",
+                raw_jax.seed_sgd,
+                "jit + lax.scan over all steps, one call; sums the loss (fit reports it)",
+            ),
+            (
+                "raw-jax-noloss",
+                lambda cfg: raw_jax.seed_sgd(cfg, track_loss=False),
+                "the same taking only the gradient: no loss value, no running sum",
+            ),
+            (
+                "raw-jax-shuffled",
+                raw_jax.seed_sgd_shuffled,
+                "the same, shuffled in the call (permutation + gather)",
+            ),
             ("raw-jax-loop", raw_jax.seed_sgd_loop, "donated jit step from a Python loop"),
-            ("jaxnet", jaxnet_impl.seed_sgd, "fit(batch_size=1, shuffle=False): the stream in order, as raw-jax"),
-            ("jaxnet-shuffled", lambda cfg: jaxnet_impl.seed_sgd(cfg, shuffle=True),
-             "fit(batch_size=1): reshuffled each epoch, as raw-jax-shuffled"),
+            (
+                "jaxnet",
+                jaxnet_impl.seed_sgd,
+                "fit(batch_size=1, shuffle=False): the stream in order, as raw-jax",
+            ),
+            (
+                "jaxnet-shuffled",
+                lambda cfg: jaxnet_impl.seed_sgd(cfg, shuffle=True),
+                "fit(batch_size=1): reshuffled each epoch, as raw-jax-shuffled",
+            ),
             ("jaxnet-epoch", jaxnet_impl.seed_sgd_epoch, "jit(make_epoch(make_update(...), shuffle=False))"),
             ("torch", torch_impl.seed_sgd, "PyTorch eager, optim.SGD"),
-            ("torch-compile", torch_compile(lambda cfg: torch_impl.seed_sgd(cfg, compiled=True)), "torch.compile(model)"),
+            (
+                "torch-compile",
+                torch_compile(lambda cfg: torch_impl.seed_sgd(cfg, compiled=True)),
+                "torch.compile(model)",
+            ),
             ("equinox", equinox_impl.seed_sgd, "eqx.filter_jit step from a Python loop"),
             ("flax-nnx", flax_impl.seed_sgd, "nnx.jit step via nnx.cached_partial"),
         ]
@@ -111,18 +186,31 @@ def implementations(case, suite):
         return [
             ("raw-jax", raw_jax.ensemble, "jit(vmap(scan)) over K nets; each sums its loss"),
             ("jaxnet", jaxnet_impl.ensemble, "fit with params (K, ...) and keys (K,): one vmapped program"),
-            ("jaxnet-separate", jaxnet_impl.ensemble_separate,
-             "4 separate fit calls, one per member, each compiling its own program (per-member rate)"),
+            (
+                "jaxnet-separate",
+                jaxnet_impl.ensemble_separate,
+                "4 separate fit calls, one per member, each compiling its own program (per-member rate)",
+            ),
         ]
     if case in ("mlp784", "wide"):
         return [
             ("raw-jax", _mb(case)(raw_jax), "jit + lax.scan over pre-made batches, one call; mean loss"),
-            ("raw-jax-loop", lambda cfg: raw_jax.minibatch_loop(case, cfg), "donated jit step from a Python loop"),
+            (
+                "raw-jax-loop",
+                lambda cfg: raw_jax.minibatch_loop(case, cfg),
+                "donated jit step from a Python loop",
+            ),
             ("jaxnet", _mb(case)(jaxnet_impl), "fit(shuffle=False): the batches in order, as raw-jax"),
-            ("jaxnet-shuffled", _mb(case)(jaxnet_impl, shuffle=True),
-             "fit: reshuffled every epoch (permutation and gather in the compiled call)"),
-            ("jaxnet-epoch", lambda cfg: jaxnet_impl.minibatch_epoch(case, cfg),
-             "jit(make_epoch(make_update(...), shuffle=False))"),
+            (
+                "jaxnet-shuffled",
+                _mb(case)(jaxnet_impl, shuffle=True),
+                "fit: reshuffled every epoch (permutation and gather in the compiled call)",
+            ),
+            (
+                "jaxnet-epoch",
+                lambda cfg: jaxnet_impl.minibatch_epoch(case, cfg),
+                "jit(make_epoch(make_update(...), shuffle=False))",
+            ),
             ("torch", _mb(case)(torch_impl), "PyTorch eager"),
             ("torch-compile", torch_compile(_mb(case)(torch_impl, compiled=True)), "torch.compile(model)"),
             ("equinox", _mb(case)(equinox_impl), "eqx.filter_jit step from a Python loop"),
@@ -132,7 +220,11 @@ def implementations(case, suite):
         return [
             ("raw-jax", raw_jax.fit_epoch, "hand-written epoch: permutation + gather + scan, one call"),
             ("jaxnet", lambda cfg: jaxnet_impl.minibatch("fit-epoch", cfg), "fit, per-epoch wall time"),
-            ("jaxnet-epoch", lambda cfg: jaxnet_impl.minibatch_epoch("fit-epoch", cfg), "jit(make_epoch(...))"),
+            (
+                "jaxnet-epoch",
+                lambda cfg: jaxnet_impl.minibatch_epoch("fit-epoch", cfg),
+                "jit(make_epoch(...))",
+            ),
         ]
     raise ValueError(case)
 
@@ -179,10 +271,15 @@ def environment(suite):
         "slug": re.sub(r"[^a-z0-9]+", "-", slug_src.lower()).strip("-"),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": _versions(),
-        "flags": {k: v for k, v in os.environ.items()
-                  if k.startswith(("XLA_", "JAX_", "TF_", "CUDA_VISIBLE", "OMP_", "MKL_", "TORCH"))},
-        "jax_config": {"jax_enable_x64": jax.config.jax_enable_x64,
-                       "jax_default_matmul_precision": jax.config.jax_default_matmul_precision},
+        "flags": {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith(("XLA_", "JAX_", "TF_", "CUDA_VISIBLE", "OMP_", "MKL_", "TORCH"))
+        },
+        "jax_config": {
+            "jax_enable_x64": jax.config.jax_enable_x64,
+            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        },
         "platform": platform.platform(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -215,7 +312,7 @@ def _interleave(timers, on_error):
     order = list(timers)
     seconds = {name: [] for name in order}
     for i in range(max((t.repeats for t in timers.values()), default=0)):
-        for name in order[i % len(order):] + order[:i % len(order)]:
+        for name in order[i % len(order) :] + order[: i % len(order)]:
             if name in timers and len(seconds[name]) < timers[name].repeats:
                 try:
                     seconds[name].append(timers[name].repeat())
@@ -235,17 +332,26 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
     (:func:`ratio`).
     """
     rows = []
-    sub = [(f"{case}-b{b}", dict(cfg, batch=b, steps=s)) for b, s in cfg["batches"].items()] \
-        if case == "mlp784" else [(case, cfg)]
+    sub = (
+        [(f"{case}-b{b}", dict(cfg, batch=b, steps=s)) for b, s in cfg["batches"].items()]
+        if case == "mlp784"
+        else [(case, cfg)]
+    )
     for name, c in sub:
         impls = [i for i in implementations(case, suite) if not wanted or i[0] in wanted or i[0] == "raw-jax"]
-        case_rows = {impl: {"case": name, "impl": impl, "how": desc, "unit": UNITS[case], "config": _jsonable(c)}
-                     for impl, _, desc in impls}
+        case_rows = {
+            impl: {"case": name, "impl": impl, "how": desc, "unit": UNITS[case], "config": _jsonable(c)}
+            for impl, _, desc in impls
+        }
         timers, checks, began = {}, {}, {}
-        for impl, fn, _ in (reversed(impls) if reverse else impls):
+        for impl, fn, _ in reversed(impls) if reverse else impls:
             row = case_rows[impl]
-            if impl.startswith("torch") and torch_impl.torch is not None and env["backend"] != "cpu" \
-                    and torch_impl.device() == "cpu":
+            if (
+                impl.startswith("torch")
+                and torch_impl.torch is not None
+                and env["backend"] != "cpu"
+                and torch_impl.device() == "cpu"
+            ):
                 row.update(status="skipped", note="torch has no accelerator in this environment")
                 continue
             began[impl] = time.perf_counter()
@@ -274,8 +380,10 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
         if shapes and all(shape in timers for shape in shapes):  # per repeat, the best rate of the shapes
             per_shape = [timers.pop(shape).finish(seconds[shape]).rates for shape in shapes]
             peaks = [max(rates) for rates in zip(*per_shape)]
-            log(f"  {name}: matmul peak {statistics.median(peaks):.3f} TFLOP/s ({dtype.name}, best of {shapes}, "
-                "median over the repeats)")
+            log(
+                f"  {name}: matmul peak {statistics.median(peaks):.3f} TFLOP/s ({dtype.name}, best of {shapes}, "
+                "median over the repeats)"
+            )
         for impl, timer in timers.items():
             if impl not in case_rows:  # a peak matmul left after another one failed
                 timer.finish(seconds[impl])
@@ -283,16 +391,26 @@ def run_case(case, cfg, suite, wanted, env, log, reverse=False):
             t = timer.finish(seconds[impl])
             rates = t.rates
             row, check = case_rows[impl], checks[impl]
-            row.update(status="ok", median=statistics.median(rates), min=min(rates), max=max(rates), rates=rates,
-                       compile_s=t.compile_s, check_loss=check, wall_s=time.perf_counter() - began[impl])
+            row.update(
+                status="ok",
+                median=statistics.median(rates),
+                min=min(rates),
+                max=max(rates),
+                rates=rates,
+                compile_s=t.compile_s,
+                check_loss=check,
+                wall_s=time.perf_counter() - began[impl],
+            )
             if peaks is not None:
                 nominal, executed = _flops(case, c)
                 row.update(flops_per_example=nominal, flops_executed_per_example=executed, peak_repeats=peaks)
                 _add_tflops(row)
             loss = "no check" if check is None else f"loss {check:.6g}"
             log(f"  {name:14s} {impl:17s} {row['median']:>14,.0f} {UNITS[case]} (compile {t.compile_s:.2f} s, {loss})")
-        rows += [_check_loss(case_rows[impl], case_rows.get("raw-jax", {}).get("check_loss"), case, c)
-                 for impl, _, _ in impls]
+        rows += [
+            _check_loss(case_rows[impl], case_rows.get("raw-jax", {}).get("check_loss"), case, c)
+            for impl, _, _ in impls
+        ]
     return rows
 
 
@@ -343,14 +461,19 @@ def merge_rounds(rounds):
         for r in rows:
             key = (r["case"], r["impl"])
             if key not in by_key:
-                by_key[key] = dict(r, round_medians=[r["median"]] if r.get("status") == "ok" else [],
-                                   round_compile_s=[r["compile_s"]] if r.get("compile_s") is not None else [])
+                by_key[key] = dict(
+                    r,
+                    round_medians=[r["median"]] if r.get("status") == "ok" else [],
+                    round_compile_s=[r["compile_s"]] if r.get("compile_s") is not None else [],
+                )
                 merged.append(by_key[key])
                 continue
             m = by_key[key]
             if r.get("status") != "ok" or m.get("status") != "ok":
                 if (r.get("status"), r.get("note")) != (m.get("status"), m.get("note")):
-                    m["note"] = (m.get("note", "") + f" (a later round: {r.get('status')}: {r.get('note', '')})").strip()
+                    m["note"] = (
+                        m.get("note", "") + f" (a later round: {r.get('status')}: {r.get('note', '')})"
+                    ).strip()
                 continue
             m["rates"] = m["rates"] + r["rates"]
             m["round_medians"].append(r["median"])
@@ -384,27 +507,48 @@ def _jsonable(cfg):
 
 def run_train_cli(log):
     """Time from process start to the end of the first epoch of ``jaxnet train`` (a subprocess)."""
-    row = {"case": "train-cli", "impl": "jaxnet", "unit": "s", "how": "jaxnet train --epochs 1 --quiet --json"}
+    row = {
+        "case": "train-cli",
+        "impl": "jaxnet",
+        "unit": "s",
+        "how": "jaxnet train --epochs 1 --quiet --json",
+    }
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "jaxnet.cli", "train"]
     probe = subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     if probe.returncode != 0:
-        row.update(status="skipped", note="`jaxnet train` is not available yet: " + (probe.stderr.strip().splitlines()
-                                                                                     or ["no output"])[-1][:200])
+        row.update(
+            status="skipped",
+            note="`jaxnet train` is not available yet: "
+            + (probe.stderr.strip().splitlines() or ["no output"])[-1][:200],
+        )
         log(f"  train-cli skipped: {row['note']}")
         return [row]
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        proc = subprocess.run(cmd + ["--epochs", "1", "--quiet", "--json", "--out", out], capture_output=True,
-                              text=True, env=env, cwd=ROOT, timeout=600)
+        proc = subprocess.run(
+            cmd + ["--epochs", "1", "--quiet", "--json", "--out", out],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=600,
+        )
         seconds = time.perf_counter() - start
     if proc.returncode != 0:
         row.update(status="error", note=(proc.stderr.strip().splitlines() or ["no output"])[-1][:300])
     else:
-        row.update(status="ok", median=seconds, min=seconds, max=seconds, rates=[seconds], compile_s=None,
-                   note="wall time of the whole command: start-up, data, compilation and one epoch")
+        row.update(
+            status="ok",
+            median=seconds,
+            min=seconds,
+            max=seconds,
+            rates=[seconds],
+            compile_s=None,
+            note="wall time of the whole command: start-up, data, compilation and one epoch",
+        )
         try:
             row["result"] = json.loads(proc.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -442,11 +586,15 @@ def targets(rows, backend):
     ens, single = get.get(("ensemble", "jaxnet")), get.get(("seed-sgd", "jaxnet"))
     torch_loop = get.get(("seed-sgd", "torch"))
     if ens and single:
-        out.append(("ensemble: jaxnet model-steps/s / one copy's fit (seed-sgd jaxnet)",
-                    ratio(ens, single), 3 if backend == "cpu" else 1000))
+        out.append(
+            (
+                "ensemble: jaxnet model-steps/s / one copy's fit (seed-sgd jaxnet)",
+                ratio(ens, single),
+                3 if backend == "cpu" else 1000,
+            )
+        )
     if ens and torch_loop and backend == "cpu":
-        out.append(("ensemble: jaxnet model-steps/s / PyTorch loop (seed-sgd torch)",
-                    ratio(ens, torch_loop), 10_000))
+        out.append(("ensemble: jaxnet model-steps/s / PyTorch loop (seed-sgd torch)", ratio(ens, torch_loop), 10_000))
     v = case_ratio("seed-sgd", "jaxnet-shuffled", "raw-jax-shuffled")
     if v is not None:
         out.append(("seed-sgd: jaxnet-shuffled / raw-jax-shuffled", v, 0.95))
@@ -454,8 +602,16 @@ def targets(rows, backend):
     for name, v, t in [
         ("seed-sgd: jaxnet / PyTorch eager", case_ratio("seed-sgd", "jaxnet", "torch"), 2000 if cpu else 100),
         ("seed-sgd: jaxnet / Equinox", case_ratio("seed-sgd", "jaxnet", "equinox"), 1000 if cpu else None),
-        ("mlp784-b128: jaxnet / PyTorch eager", case_ratio("mlp784-b128", "jaxnet", "torch"), 1.6 if cpu else None),
-        ("mlp784-b1024: jaxnet / PyTorch eager", case_ratio("mlp784-b1024", "jaxnet", "torch"), None if cpu else 15),
+        (
+            "mlp784-b128: jaxnet / PyTorch eager",
+            case_ratio("mlp784-b128", "jaxnet", "torch"),
+            1.6 if cpu else None,
+        ),
+        (
+            "mlp784-b1024: jaxnet / PyTorch eager",
+            case_ratio("mlp784-b1024", "jaxnet", "torch"),
+            None if cpu else 15,
+        ),
     ]:
         if v is not None and t is not None:
             out.append((name, v, t))
@@ -482,13 +638,18 @@ def markdown(env, rows, tgts):
         f"# jaxnet benchmarks: {env['device']}",
         "",
         f"Suite `{env['suite']}`, {env['date']}, backend {env['backend']}. "
-        + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + ".",
+        + ", ".join(f"{k} {v[k]}" for k in v if v[k])
+        + ".",
         f"Flags: `{json.dumps(env['flags'])}`. Load average at start: {env.get('loadavg_start')}.",
         "",
         "Throughput is the median over repeats (min–max in brackets); compilation is excluded and shown apart.",
         "Repeats are interleaved: repeat i of every implementation of a case runs before repeat i + 1 of any."
-        + (f" Each case ran {env['rounds']} rounds back to back (every implementation recompiled each round); "
-           "their repeats are pooled." if env.get("rounds", 1) > 1 else ""),
+        + (
+            f" Each case ran {env['rounds']} rounds back to back (every implementation recompiled each round); "
+            "their repeats are pooled."
+            if env.get("rounds", 1) > 1
+            else ""
+        ),
         "Ratios are against raw JAX and PyTorch eager in this same run: the median of the ratios of paired "
         "repeats. `loss check`: relative difference of the",
         "loss after a fixed number of steps from the same weights and data, against raw JAX.",
@@ -511,25 +672,35 @@ def markdown(env, rows, tgts):
         if "check_rel_diff" in r:
             check = f"{r['check_rel_diff']:.1e} {'ok' if r['check_ok'] else 'MISMATCH'}"
         comp = f"{r['compile_s']:.2f}" if r.get("compile_s") is not None else ""
-        thr = f"{_fmt(r['median'])} ({_fmt(r['min'])}–{_fmt(r['max'])})" if r["case"] != "train-cli" \
+        thr = (
+            f"{_fmt(r['median'])} ({_fmt(r['min'])}–{_fmt(r['max'])})"
+            if r["case"] != "train-cli"
             else f"{r['median']:.2f}"
+        )
         vs_raw = f"{r['vs_raw_jax']:.3g}x" if "vs_raw_jax" in r else ""
         vs_t = f"{r['vs_torch']:.3g}x" if "vs_torch" in r else ""
         note = r.get("how", "") + (f"; {r['note']}" if r.get("note") else "")
-        lines.append(f"| {r['case']} | {r['impl']} | {thr} | {r['unit']} | {vs_raw} | {vs_t} | {tf} | {frac} "
-                     f"| {comp} | {check} | {note} |")
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {thr} | {r['unit']} | {vs_raw} | {vs_t} | {tf} | {frac} "
+            f"| {comp} | {check} | {note} |"
+        )
     peaks = {r["case"]: r["peak_tflops"] for r in rows if "peak_tflops" in r}
     if peaks:
-        lines += ["", "Matmul peak measured in this run, timed among the implementations (jitted matmuls of the "
-                  "case's sizes and dtype, the best shape per repeat, median over repeats); `of peak` is the median "
-                  "over repeats of each repeat's rate over the peak beside it: "
-                  + ", ".join(f"{c} {p:.3g} TFLOP/s" for c, p in peaks.items())
-                  + ". For mlp784 the bracketed TFLOP/s counts the FLOPs actually executed "
-                  "(no gradient with respect to the inputs)."]
+        lines += [
+            "",
+            "Matmul peak measured in this run, timed among the implementations (jitted matmuls of the "
+            "case's sizes and dtype, the best shape per repeat, median over repeats); `of peak` is the median "
+            "over repeats of each repeat's rate over the peak beside it: "
+            + ", ".join(f"{c} {p:.3g} TFLOP/s" for c, p in peaks.items())
+            + ". For mlp784 the bracketed TFLOP/s counts the FLOPs actually executed "
+            "(no gradient with respect to the inputs).",
+        ]
     if tgts:
         lines += ["", "## Targets", "", "| target | measured | threshold | met |", "|---|---:|---:|---|"]
         for t in tgts:
-            lines.append(f"| {t['target']} | {t['measured']:.3g} | {t['threshold']:g} | {'yes' if t['met'] else 'NO'} |")
+            lines.append(
+                f"| {t['target']} | {t['measured']:.3g} | {t['threshold']:g} | {'yes' if t['met'] else 'NO'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -543,15 +714,23 @@ def chart(env, rows, path):
     cases = [c for c in cases if any(r["case"] == c and r["status"] == "ok" for r in rows)]
     if not cases:
         return False
-    fig, axes = plt.subplots(len(cases), 1, figsize=(9, 1.0 + 0.45 * sum(
-        1 for r in rows if r["case"] in cases and r["status"] == "ok") + 0.6 * len(cases)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(cases),
+        1,
+        figsize=(
+            9,
+            1.0 + 0.45 * sum(1 for r in rows if r["case"] in cases and r["status"] == "ok") + 0.6 * len(cases),
+        ),
+        squeeze=False,
+    )
     for ax, case in zip(axes[:, 0], cases):
         ok = [r for r in rows if r["case"] == case and r["status"] == "ok"]
         names = [r["impl"] for r in ok]
         med = [r["median"] for r in ok]
         err = [[m - r["min"] for m, r in zip(med, ok)], [r["max"] - m for m, r in zip(med, ok)]]
-        colors = ["tab:green" if n.startswith("jaxnet") else "tab:gray" if n.startswith("raw") else "tab:blue"
-                  for n in names]
+        colors = [
+            "tab:green" if n.startswith("jaxnet") else "tab:gray" if n.startswith("raw") else "tab:blue" for n in names
+        ]
         ax.barh(names, med, xerr=err, color=colors)
         ax.set_xscale("log")
         ax.invert_yaxis()
@@ -573,13 +752,25 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+", help="implementations to run (raw JAX always runs: it is the reference)")
     parser.add_argument("--json", type=Path, help="also write the JSON rows to this file")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds after which remaining cases are skipped (noted in the output)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run each case this many times back to back and pool the repeats; ratios are then "
-                             "medians of per-round ratios (steadier on a shared, noisy machine)")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply step counts and repeats' work by this (e.g. 0.05 for a smoke run)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds after which remaining cases are skipped (noted in the output)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each case this many times back to back and pool the repeats; ratios are then "
+        "medians of per-round ratios (steadier on a shared, noisy machine)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply step counts and repeats' work by this (e.g. 0.05 for a smoke run)",
+    )
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
@@ -593,8 +784,15 @@ def main(argv=None):
     rows = []
     for case in args.cases:
         if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
-            rows.append({"case": case, "impl": "-", "unit": "", "status": "skipped",
-                         "note": f"time limit of {args.time_limit:g} s reached"})
+            rows.append(
+                {
+                    "case": case,
+                    "impl": "-",
+                    "unit": "",
+                    "status": "skipped",
+                    "note": f"time limit of {args.time_limit:g} s reached",
+                }
+            )
             log(f"{case}: skipped, time limit reached")
             continue
         if case == "train-cli":  # one wall time of a fresh process: rounds would only repeat it
@@ -606,8 +804,17 @@ def main(argv=None):
         rounds = []
         for round_index in range(args.rounds):
             log(f"{case}:" + (f" round {round_index + 1} of {args.rounds}" if args.rounds > 1 else ""))
-            rounds.append(run_case(case, scaled(sizes[case], args.scale), args.suite, wanted, env, log,
-                                   reverse=round_index % 2 == 1))
+            rounds.append(
+                run_case(
+                    case,
+                    scaled(sizes[case], args.scale),
+                    args.suite,
+                    wanted,
+                    env,
+                    log,
+                    reverse=round_index % 2 == 1,
+                )
+            )
         rows += merge_rounds(rounds)
     env["rounds"] = args.rounds
     add_ratios(rows)

@@ -81,8 +81,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.base import Batch as Batch
     from jaxnet.base import Model as Model
-    from jaxnet.base import PRNGKey as PRNGKey
     from jaxnet.base import Params as Params
+    from jaxnet.base import PRNGKey as PRNGKey
     from jaxnet.base import TrainState as TrainState
     from jaxnet.epoch import epoch_batches as epoch_batches
     from jaxnet.epoch import make_epoch as make_epoch

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from jaxnet import checkpoint, checks
 from jaxnet.loop import FitState, Record
@@ -80,7 +81,7 @@ class Interrupt:
         if self.notify is not None:
             self.notify(f"stopping after this epoch ({signal.Signals(signum).name}; again to quit at once)")
 
-    def __enter__(self) -> "Interrupt":
+    def __enter__(self) -> Interrupt:
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -105,8 +106,11 @@ def _progress_fields(record: Record) -> dict[str, str]:
     if members:
         active = [v for v in record["train_loss"] if v is not None]
         fields["members"] = f"{len(active)}/{len(record['train_loss'])}"
-    for name, label, best in (("train_loss", "loss", min), ("val_loss", "val_loss", min),
-                              ("val_accuracy", "val_acc", max)):
+    for name, label, best in (
+        ("train_loss", "loss", min),
+        ("val_loss", "val_loss", min),
+        ("val_accuracy", "val_acc", max),
+    ):
         value = record.get(name)
         if members and value is not None:
             value = best([v for v in value if v is not None], default=None)

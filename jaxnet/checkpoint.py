@@ -84,8 +84,14 @@ def _flatten(tree) -> dict[str, Any]:
 def _array_tree(state: FitState) -> dict:
     """The arrays of a checkpoint as a pytree (the typed key as its raw ``key_data``)."""
     train = state.train
-    tree = {"train": {"params": train.params, "opt_state": train.opt_state,
-                      "key": jax.random.key_data(train.key), "step": train.step}}
+    tree = {
+        "train": {
+            "params": train.params,
+            "opt_state": train.opt_state,
+            "key": jax.random.key_data(train.key),
+            "step": train.step,
+        }
+    }
     if state.best_params is not None:
         tree["best_params"] = state.best_params
     return tree
@@ -102,8 +108,9 @@ def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
     return h.hexdigest()
 
 
-def save(directory: str | os.PathLike, state: FitState, *, metadata: dict | None = None,
-         keep: int | None = None) -> Path:
+def save(
+    directory: str | os.PathLike, state: FitState, *, metadata: dict | None = None, keep: int | None = None
+) -> Path:
     """Writes ``state`` as checkpoint ``<directory>/<state.epoch>`` (synchronously, atomically).
 
     Args:
@@ -119,9 +126,14 @@ def save(directory: str | os.PathLike, state: FitState, *, metadata: dict | None
     ocp = _orbax()
     arrays = _flatten(jax.tree.map(np.asarray, _array_tree(state)))
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "epoch": state.epoch, "best_epoch": state.best_epoch,
-        "history": state.history, "key_impl": str(jax.random.key_impl(state.train.key)),
-        "has_best": state.best_params is not None, "metadata": metadata or {},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "key_impl": str(jax.random.key_impl(state.train.key)),
+        "has_best": state.best_params is not None,
+        "metadata": metadata or {},
     }
     meta["checksum"] = _checksum(arrays, meta)
     manager = _manager(directory, keep, create=True)
@@ -188,8 +200,10 @@ def _read_meta(manager, step: int) -> dict:
         raise ValueError("not a jaxnet checkpoint")
     if meta.get("format_version", 0) != FORMAT_VERSION:
         newer = meta.get("format_version", 0) > FORMAT_VERSION
-        raise ValueError(f"checkpoint format {meta.get('format_version')}: "
-                         + ("upgrade jaxnet to read it" if newer else "written by an older jaxnet"))
+        raise ValueError(
+            f"checkpoint format {meta.get('format_version')}: "
+            + ("upgrade jaxnet to read it" if newer else "written by an older jaxnet")
+        )
     return meta
 
 

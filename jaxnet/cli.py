@@ -82,8 +82,11 @@ def devices_arg(text: str):
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train an MLP on a built-in dataset or a CSV/.npz file",
-                       description="Train an MLP. Unset options take the dataset's preset (see docs).")
+    p = sub.add_parser(
+        "train",
+        help="train an MLP on a built-in dataset or a CSV/.npz file",
+        description="Train an MLP. Unset options take the dataset's preset (see docs).",
+    )
     src = p.add_argument_group("data")
     src.add_argument("--dataset", help="built-in dataset: seed, xor, moons, spirals, digits (default: digits)")
     src.add_argument("--data", metavar="FILE", help="a CSV file (with --target) or .npz file (arrays x, y)")
@@ -94,23 +97,44 @@ def _add_train(sub) -> None:
     m = p.add_argument_group("model and training")
     m.add_argument("--hidden", type=int_list, metavar="SIZES", help="hidden layer sizes, e.g. 64,64")
     m.add_argument("--activation", help="hidden activation, e.g. relu, tanh, sigmoid")
-    m.add_argument("--loss", help="mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)")
+    m.add_argument(
+        "--loss",
+        help="mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)",
+    )
     m.add_argument("--optimizer", help="sgd, adam or adamw")
-    m.add_argument("--lr", type=number_list, metavar="LR[,LR...]",
-                   help="learning rate; a comma-separated list trains one member per value")
-    m.add_argument("--weight-decay", type=number_list, metavar="WD[,WD...]",
-                   help="weight decay (adamw: decoupled, default 1e-4; sgd, adam: L2 in the gradient, default 0); "
-                   "a comma-separated list trains one member per value")
-    m.add_argument("--seeds", type=integer, metavar="N",
-                   help="train N members from seeds seed..seed+N-1 in one program (times each lr)")
-    m.add_argument("--ensemble", action="store_true",
-                   help="with several members, save them all; predict and evaluate average them")
+    m.add_argument(
+        "--lr",
+        type=number_list,
+        metavar="LR[,LR...]",
+        help="learning rate; a comma-separated list trains one member per value",
+    )
+    m.add_argument(
+        "--weight-decay",
+        type=number_list,
+        metavar="WD[,WD...]",
+        help="weight decay (adamw: decoupled, default 1e-4; sgd, adam: L2 in the gradient, default 0); "
+        "a comma-separated list trains one member per value",
+    )
+    m.add_argument(
+        "--seeds",
+        type=integer,
+        metavar="N",
+        help="train N members from seeds seed..seed+N-1 in one program (times each lr)",
+    )
+    m.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="with several members, save them all; predict and evaluate average them",
+    )
     m.add_argument("--epochs", type=integer, help="epochs; with --resume, extends the run to this many")
     m.add_argument("--batch-size", type=integer)
     m.add_argument("--seed", type=integer, help="seed of every random draw (default 0)")
     m.add_argument("--patience", type=integer, help="early stopping after N epochs without improvement")
-    m.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip updates with non-finite gradients instead of stopping")
+    m.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip updates with non-finite gradients instead of stopping",
+    )
     m.add_argument("--dtype", help="compute dtype: float32, or bfloat16 (mixed precision, float32 master params)")
     d = p.add_argument_group("devices and processes (see docs/distributed.md)")
     d.add_argument("--devices", type=devices_arg, metavar="N|all", help="data parallel over N devices or all")
@@ -118,12 +142,22 @@ def _add_train(sub) -> None:
     d.add_argument("--num-processes", type=integer, metavar="N", help="multi-process run: process count")
     d.add_argument("--process-id", type=integer, metavar="I", help="multi-process run: this process")
     o = p.add_argument_group("output")
-    o.add_argument("--out", metavar="DIR", help="the run folder: model.npz, metrics.jsonl, curves.png, checkpoints; "
-                   "running the same command again continues the run")
+    o.add_argument(
+        "--out",
+        metavar="DIR",
+        help="the run folder: model.npz, metrics.jsonl, curves.png, checkpoints; "
+        "running the same command again continues the run",
+    )
     o.add_argument("--overwrite", action="store_true", help="replace the different run that --out DIR holds")
-    o.add_argument("--checkpoint-every", type=integer, metavar="N", help="checkpoint every N epochs into DIR/checkpoints")
+    o.add_argument(
+        "--checkpoint-every", type=integer, metavar="N", help="checkpoint every N epochs into DIR/checkpoints"
+    )
     o.add_argument("--keep", type=integer, metavar="K", help="keep the newest K checkpoints (default 3)")
-    o.add_argument("--resume", metavar="DIR", help="continue the run in DIR (an earlier --out) from its newest checkpoint")
+    o.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR (an earlier --out) from its newest checkpoint",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress (errors and continuation notices still show)")
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures on stdout")
     p.set_defaults(run=_cmd_train)
@@ -133,12 +167,26 @@ def _given(args) -> dict:
     """The config fields given on the command line (None = not given)."""
     lr, weight_decay = args.lr or (), args.weight_decay or ()
     return dict(
-        dataset=args.dataset, data=args.data, target=args.target, task=args.task, hidden=args.hidden,
-        activation=args.activation, loss=args.loss, optimizer=args.optimizer, epochs=args.epochs,
-        batch_size=args.batch_size, seed=args.seed, val_split=args.val_split, test_split=args.test_split,
-        patience=args.patience, dtype=args.dtype, seeds=args.seeds, ensemble=args.ensemble or None,
+        dataset=args.dataset,
+        data=args.data,
+        target=args.target,
+        task=args.task,
+        hidden=args.hidden,
+        activation=args.activation,
+        loss=args.loss,
+        optimizer=args.optimizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        val_split=args.val_split,
+        test_split=args.test_split,
+        patience=args.patience,
+        dtype=args.dtype,
+        seeds=args.seeds,
+        ensemble=args.ensemble or None,
         skip_nonfinite=args.skip_nonfinite or None,
-        lr=lr[0] if len(lr) == 1 else None, lrs=tuple(lr) if len(lr) > 1 else None,
+        lr=lr[0] if len(lr) == 1 else None,
+        lrs=tuple(lr) if len(lr) > 1 else None,
         weight_decay=weight_decay[0] if len(weight_decay) == 1 else None,
         weight_decays=tuple(weight_decay) if len(weight_decay) > 1 else None,
     )
@@ -171,8 +219,11 @@ def _check_train_args(args) -> None:
         raise CliError("--resume DIR writes on into DIR: drop --out")
     if args.resume and args.overwrite:
         raise CliError("--resume continues the run in DIR; --overwrite would replace it: drop one")
-    for name, value in (("--checkpoint-every N", args.checkpoint_every), ("--keep K", args.keep),
-                        ("--overwrite", args.overwrite or None)):
+    for name, value in (
+        ("--checkpoint-every N", args.checkpoint_every),
+        ("--keep K", args.keep),
+        ("--overwrite", args.overwrite or None),
+    ):
         if value is not None and not (args.out or args.resume):
             raise CliError(f"{name} needs --out DIR")
 
@@ -210,8 +261,11 @@ def _cmd_train(args) -> int:
     if interrupt.signum is not None and not result.finished:
         if primary:
             epoch = result.state.epoch
-            where = (f"checkpoint in {out}/checkpoints/{epoch}; resume with: jaxnet train --resume {out}" if out
-                     else "nothing was saved (train with --out DIR to keep checkpoints)")
+            where = (
+                f"checkpoint in {out}/checkpoints/{epoch}; resume with: jaxnet train --resume {out}"
+                if out
+                else "nothing was saved (train with --out DIR to keep checkpoints)"
+            )
             _say(f"interrupted at epoch {epoch}; {where}")
         return interrupt.exit_code
     if primary:

@@ -99,7 +99,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """The config of a stored ``to_dict()``; unknown fields are refused."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -111,8 +111,17 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The worked example's network and its single sample: 3-2-2 sigmoid, half-SSE, online SGD 0.1.
     "seed": dict(
-        hidden=(2,), activation="sigmoid", output_activation="sigmoid", loss="half_sse", optimizer="sgd",
-        lr=0.1, batch_size=1, epochs=1000, val_split=0.0, test_split=0.0, standardize=False,
+        hidden=(2,),
+        activation="sigmoid",
+        output_activation="sigmoid",
+        loss="half_sse",
+        optimizer="sgd",
+        lr=0.1,
+        batch_size=1,
+        epochs=1000,
+        val_split=0.0,
+        test_split=0.0,
+        standardize=False,
     ),
     "xor": dict(hidden=(8,), activation="tanh", lr=0.05, batch_size=4, epochs=300, val_split=0.0, test_split=0.0),
     "moons": dict(hidden=(32, 32), lr=0.01, epochs=60),
@@ -139,8 +148,10 @@ def differences(a: TrainConfig, b: TrainConfig) -> list[str]:
 def _validate_model(c: TrainConfig) -> None:
     for i, size in enumerate(c.hidden):
         if not checks.is_int(size) or size <= 0:
-            raise ArgumentError(f"{{0}} sizes must be positive integers, got {checks.literal(size)} at position "
-                                f"{i + 1}", "hidden")
+            raise ArgumentError(
+                f"{{0}} sizes must be positive integers, got {checks.literal(size)} at position {i + 1}",
+                "hidden",
+            )
     checks.choice("activation", c.activation, sorted(ACTIVATIONS))
     if c.output_activation is not None:
         checks.choice("output_activation", c.output_activation, sorted(ACTIVATIONS))
@@ -265,5 +276,6 @@ def check_overrides(config: TrainConfig, given: dict) -> None:
             shown = [",".join(map(str, v)) if isinstance(v, (tuple, list)) else v for v in (value, have)]
             raise ArgumentError(
                 f"{{0}} {checks.escape(shown[0])} conflicts with the run's {checks.escape(shown[1])}: a resumed run "
-                "keeps its config (drop {0}, or train into another folder)", name
+                "keeps its config (drop {0}, or train into another folder)",
+                name,
             )

@@ -21,7 +21,8 @@ import csv
 import math
 import os
 import zipfile
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -100,8 +101,7 @@ def _rng(seed) -> np.random.Generator:
 
 def _labels_message(num_classes: int, detail: str) -> str:
     return (
-        f"labels out of range for {num_classes} classes: {detail}; "
-        f"class labels must be integers 0..{num_classes - 1}"
+        f"labels out of range for {num_classes} classes: {detail}; class labels must be integers 0..{num_classes - 1}"
     )
 
 
@@ -184,8 +184,10 @@ def _infer_task(values: np.ndarray, integral: bool) -> str:
     if distinct is not None and distinct <= max(FEW_CLASSES, n // ROWS_PER_CLASS):
         return "classification"
     what = f"{distinct} distinct integer values in {n} rows" if distinct else f"{k} columns of integer values"
-    raise ArgumentError(f"the target holds {what}: class labels or a numeric target? Set {{0}} to "
-                        "'classification' or 'regression'", "task")
+    raise ArgumentError(
+        f"the target holds {what}: class labels or a numeric target? Set {{0}} to 'classification' or 'regression'",
+        "task",
+    )
 
 
 def _finite32(array: np.ndarray) -> np.ndarray:
@@ -302,9 +304,7 @@ def _digits(num_examples: int | None) -> Dataset:
 
     spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(
-            f"the digits dataset needs scikit-learn, which is not installed: {DATASETS_EXTRA}"
-        )
+        raise MissingExtraError(f"the digits dataset needs scikit-learn, which is not installed: {DATASETS_EXTRA}")
     # The file behind sklearn.datasets.load_digits, read directly: importing scikit-learn takes
     # seconds, reading this file milliseconds (tests/test_data.py checks both agree).
     path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
@@ -428,9 +428,7 @@ def load_csv(path, target: str, task: str | None = None) -> Dataset:
     if duplicates:
         raise ValueError(f"{name}: duplicate column names in the header: {', '.join(map(repr, duplicates))}")
     if target not in header:
-        raise ValueError(
-            f"target column {target!r} not found in {name}; available columns: {', '.join(header)}"
-        )
+        raise ValueError(f"target column {target!r} not found in {name}; available columns: {', '.join(header)}")
     if len(header) < 2:
         raise ValueError(f"{name}: no feature columns besides the target {target!r}; at least one is needed")
     if len(rows) == 1:
@@ -439,8 +437,7 @@ def load_csv(path, target: str, task: str | None = None) -> Dataset:
     for i, (line, row) in enumerate(rows[1:]):
         if len(row) != len(header):
             raise ValueError(
-                f"{name} line {line}: ragged row with {len(row)} fields, "
-                f"expected {len(header)} as in the header"
+                f"{name} line {line}: ragged row with {len(row)} fields, expected {len(header)} as in the header"
             )
         for j, cell in enumerate(row):
             values[i, j] = _parse_cell(cell, f"{name} line {line}, column {header[j]!r}")
@@ -476,18 +473,14 @@ def load_npz(path, task: str | None = None) -> Dataset:
     except OSError as e:
         raise _file_error(path, e) from None
     except (ValueError, EOFError, zipfile.BadZipFile):
-        raise ValueError(
-            f"{name} is not an .npz archive (save one with numpy.savez(path, x=..., y=...))"
-        ) from None
+        raise ValueError(f"{name} is not an .npz archive (save one with numpy.savez(path, x=..., y=...))") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{name} holds a single array, not an .npz archive with arrays 'x' and 'y'")
     with archive:
         missing = [k for k in ("x", "y") if k not in archive.files]
         if missing:
             present = ", ".join(archive.files) or "none"
-            raise ValueError(
-                f"{name} lacks array(s) {', '.join(repr(k) for k in missing)}; arrays present: {present}"
-            )
+            raise ValueError(f"{name} lacks array(s) {', '.join(repr(k) for k in missing)}; arrays present: {present}")
         arrays = {}
         for k in ("x", "y"):
             try:
@@ -602,8 +595,7 @@ def load(
     if suffix == ".npz":
         if target is not None:
             raise ValueError(
-                f"{os.fspath(data)}: an .npz file holds arrays 'x' and 'y'; "
-                "a target column applies only to CSV"
+                f"{os.fspath(data)}: an .npz file holds arrays 'x' and 'y'; a target column applies only to CSV"
             )
         return load_npz(data, task=task)
     raise ValueError(f"unsupported data file {os.fspath(data)!r}: use a .csv or .npz file")
@@ -700,9 +692,7 @@ def fit_standardizer(x: np.ndarray) -> Standardizer:
     """
     x = np.asarray(x, np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(
-            f"fit_standardizer needs (examples, features) with at least one example, got shape {x.shape}"
-        )
+        raise ValueError(f"fit_standardizer needs (examples, features) with at least one example, got shape {x.shape}")
     mean = x.mean(axis=0)
     std = x.std(axis=0)
     tiny = np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))

@@ -7,7 +7,7 @@ jitted, vmapped over members or sharded over devices; :func:`jaxnet.fit` runs it
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +22,7 @@ def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False
     return num_examples // batch_size if drop_remainder else math.ceil(num_examples / batch_size)
 
 
-def epoch_batches(
-    key: PRNGKey, num_examples: int, batch_size: int, drop_remainder: bool = False, shuffle: bool = True
-):
+def epoch_batches(key: PRNGKey, num_examples: int, batch_size: int, drop_remainder: bool = False, shuffle: bool = True):
     """The batch layout of one epoch, shuffled by ``key`` (:func:`jaxnet.shuffle.index_permutation`).
 
     Returns:
@@ -66,8 +64,10 @@ def _epoch_batches(shuffle_key, x, y, layout):
     if not (shuffle or padded):  # the data's own order: each step slices its batch from x and y
 
         def sliced(i, _):
-            return (jax.lax.dynamic_slice_in_dim(x, i * batch_size, batch_size),
-                    jax.lax.dynamic_slice_in_dim(y, i * batch_size, batch_size))
+            return (
+                jax.lax.dynamic_slice_in_dim(x, i * batch_size, batch_size),
+                jax.lax.dynamic_slice_in_dim(y, i * batch_size, batch_size),
+            )
 
         return None, sliced
     index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder, shuffle)

@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -117,4 +118,3 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     if len(params) != len(meta.get("sizes", [])) - 1 or "norm/mean" not in arrays:
         raise ValueError(f"damaged jaxnet model: {file} is missing arrays")
     return SavedModel(meta, params, arrays["norm/mean"], arrays["norm/std"])
-

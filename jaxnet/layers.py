@@ -7,7 +7,7 @@ for **one example**. Batches go through :func:`batched` (``jax.vmap``).
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +49,7 @@ def get_activation(activation: str | Activation | None) -> Activation:
         return activation
     if isinstance(activation, str) and activation in ACTIVATIONS:
         return ACTIVATIONS[activation]
-    raise ValueError(
-        f"unknown activation {activation!r}: use one of {', '.join(sorted(ACTIVATIONS))}"
-    )
+    raise ValueError(f"unknown activation {activation!r}: use one of {', '.join(sorted(ACTIVATIONS))}")
 
 
 def default_initializer(activation: str | Activation | None) -> Initializer:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,10 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, epoch: int, step: int, context: str = ""):
         self.epoch, self.step, self.names = epoch, step, ("skip_nonfinite", "out", "checkpoint_every")
-        self.template = (f"loss became non-finite at epoch {epoch}, step {step}: lower the learning rate, "
-                         "check the data for extreme values, or skip such updates ({0})" + context)
+        self.template = (
+            f"loss became non-finite at epoch {epoch}, step {step}: lower the learning rate, "
+            "check the data for extreme values, or skip such updates ({0})" + context
+        )
         super().__init__(self.template.format(*self.names))
 
     def render(self, spell) -> str:
@@ -199,9 +202,7 @@ def _compile(model, spec, optimizer, options: dict, members: int | None, mesh) -
     if members is not None:
         epoch, evaluate = jax.vmap(epoch, in_axes=(0, None, None)), jax.vmap(evaluate, in_axes=(0, None))
     steps = num_batches(options["num_examples"], options["batch_size"], options["drop_remainder"])
-    return _Programs(
-        jax.jit(epoch, donate_argnums=(0,), **jit_options), jax.jit(evaluate, **jit_options), place, steps
-    )
+    return _Programs(jax.jit(epoch, donate_argnums=(0,), **jit_options), jax.jit(evaluate, **jit_options), place, steps)
 
 
 def _skipped_updates(opt_state, k: int) -> np.ndarray:
@@ -268,7 +269,8 @@ def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, monitor: str)
     current = np.asarray(val[monitor[len("val_") :]], dtype=np.float64).reshape(keep.shape)
     improved = keep & ((book.best_epoch == 0) | (sign * current < sign * book.best_value))
     book = book._replace(
-        best_epoch=np.where(improved, epoch, book.best_epoch), best_value=np.where(improved, current, book.best_value)
+        best_epoch=np.where(improved, epoch, book.best_epoch),
+        best_value=np.where(improved, current, book.best_value),
     )
     return book, improved
 
@@ -411,18 +413,35 @@ def fit(
         resume = init_fit_state(params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams)
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
-    options = dict(num_examples=x.shape[0], batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle,
-                   unroll=unroll, compute_dtype=compute_dtype, skip_nonfinite=skip_nonfinite)
+    options = dict(
+        num_examples=x.shape[0],
+        batch_size=batch_size,
+        drop_remainder=drop_remainder,
+        shuffle=shuffle,
+        unroll=unroll,
+        compute_dtype=compute_dtype,
+        skip_nonfinite=skip_nonfinite,
+    )
     programs = _compile(model, spec, optimizer, options, members, mesh)
     # Epochs donate the state's buffers; copy first so the caller's params, key and state stay valid.
     state = resume._replace(train=_copy_tree(programs.place(resume.train)))
-    setup = _Setup(programs, programs.place((x, y)), programs.place(validation) if validation else None, epochs,
-                   patience, monitor, skip_nonfinite, members, tuple(callbacks))
+    setup = _Setup(
+        programs,
+        programs.place((x, y)),
+        programs.place(validation) if validation else None,
+        epochs,
+        patience,
+        monitor,
+        skip_nonfinite,
+        members,
+        tuple(callbacks),
+    )
     return _loop(state, setup)
 
 
-def check_fit_memory(params, optimizer: optax.GradientTransformation, batch_size: int, members: int = 1,
-                     data_bytes: int = 0) -> None:
+def check_fit_memory(
+    params, optimizer: optax.GradientTransformation, batch_size: int, members: int = 1, data_bytes: int = 0
+) -> None:
     """Refuses a fit whose estimated memory exceeds the device's, before anything is allocated.
 
     Args:

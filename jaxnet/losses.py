@@ -7,12 +7,12 @@ padding in a final partial batch).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-
 
 PerExample = Callable[[jax.Array, jax.Array], jax.Array]
 

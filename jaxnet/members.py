@@ -16,7 +16,8 @@ import itertools
 import math
 import numbers
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +149,11 @@ def set_hyperparams(opt_state, values: Mapping[str, Any]):
 
 def tree_bytes(tree: Any) -> int:
     """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) of a pytree."""
-    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)
-               if hasattr(a, "shape") and hasattr(a, "dtype") and not jnp.issubdtype(a.dtype, jax.dtypes.prng_key))
+    return sum(
+        int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        for a in jax.tree.leaves(tree)
+        if hasattr(a, "shape") and hasattr(a, "dtype") and not jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+    )
 
 
 def estimate_member_bytes(params: Params, opt_state: Any, batch_size: int, members: int) -> int:

@@ -52,8 +52,7 @@ def make_data_mesh(devices=None) -> Mesh:
             raise ValueError(f"the number of devices must be a positive integer, got {devices}")
         if jax.process_count() > 1 and devices != len(available):
             raise ValueError(
-                f"a multi-process run trains on all {len(available)} devices of its processes: "
-                "use --devices all"
+                f"a multi-process run trains on all {len(available)} devices of its processes: use --devices all"
             )
         if devices > len(available):
             raise ValueError(
@@ -159,8 +158,7 @@ def initialize_distributed(
             raise ValueError(f"coordinator must be HOST:PORT, got {coordinator!r}")
         if num_processes <= 0 or not 0 <= process_id < num_processes:
             raise ValueError(
-                f"process id {process_id} is out of range for {num_processes} processes: "
-                f"use 0..{num_processes - 1}"
+                f"process id {process_id} is out of range for {num_processes} processes: use 0..{num_processes - 1}"
             )
         jax.distributed.initialize(coordinator, num_processes, process_id)
         return True

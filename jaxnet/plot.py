@@ -99,10 +99,14 @@ def draw_network(result: dict[str, Any], path: str | os.PathLike) -> None:
                 f = 0.3 + 0.4 * (j / max(sizes[l] - 1, 1))
                 lx, ly = x0 + f * (x1 - x0), y0 + f * (y1 - y0)
                 ax.text(
-                    lx, ly,
-                    f"w$_{{{j + 1}{k + 1}}}^{{{l}}}$={_g(w[j][k])}\n"
-                    f"dC/dw={_g(gw[j][k])}\nw'={uw[j][k]:.6g}",
-                    fontsize=7, ha="center", va="center", zorder=3, linespacing=1.1,
+                    lx,
+                    ly,
+                    f"w$_{{{j + 1}{k + 1}}}^{{{l}}}$={_g(w[j][k])}\ndC/dw={_g(gw[j][k])}\nw'={uw[j][k]:.6g}",
+                    fontsize=7,
+                    ha="center",
+                    va="center",
+                    zorder=3,
+                    linespacing=1.1,
                     bbox=dict(boxstyle="round,pad=0.2", fc="lightyellow", ec="0.7", lw=0.5, alpha=0.95),
                 )
 
@@ -122,16 +126,24 @@ def draw_network(result: dict[str, Any], path: str | os.PathLike) -> None:
             if l > 0:
                 b, gb, ub = (result[k][l - 1]["b"][j] for k in ("params", "grads", "updated"))
                 ax.text(
-                    cx, cy - radius - 0.08,
+                    cx,
+                    cy - radius - 0.08,
                     f"b$_{{{j + 1}}}^{{{l}}}$={_g(b)}  dC/db={_g(gb)}  b'={ub:.6g}",
-                    fontsize=7, ha="center", va="top", zorder=5,
+                    fontsize=7,
+                    ha="center",
+                    va="top",
+                    zorder=5,
                 )
             else:
                 ax.text(cx, cy - radius - 0.08, f"a$_{{{j + 1}}}^{{0}}$", fontsize=7, ha="center", va="top")
             if l == n_layers - 1:
                 ax.text(
-                    cx + radius + 0.12, cy, f"t$_{{{j + 1}}}$={_g(result['target'][j])}",
-                    fontsize=8, ha="left", va="center",
+                    cx + radius + 0.12,
+                    cy,
+                    f"t$_{{{j + 1}}}$={_g(result['target'][j])}",
+                    fontsize=8,
+                    ha="left",
+                    va="center",
                 )
 
     titles = ["inputs"] + [f"layer {l}" for l in range(1, n_layers)]

@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import numpy as np
 
-_TABLE = ("seed", "learning_rate", "weight_decay", "epochs", "best_epoch", "train_loss", "val_loss",
-          "val_accuracy", "test_accuracy", "test_r2")
+_TABLE = (
+    "seed",
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "best_epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "test_accuracy",
+    "test_r2",
+)
 
 
 def format_summary(summary: dict, out: str | None = None) -> str:
     """The last lines of ``jaxnet train``: epochs, time, loss and the held-out figures."""
-    parts = [f"{summary['epochs']} epochs in {summary['seconds']:.1f}s", f"train loss {summary['train_loss']:.4g}"]
+    parts = [
+        f"{summary['epochs']} epochs in {summary['seconds']:.1f}s",
+        f"train loss {summary['train_loss']:.4g}",
+    ]
     if summary.get("val_accuracy") is not None:
         parts.append(f"validation accuracy {summary['val_accuracy']:.4f}")
-    for name, label in (("test_accuracy", "test accuracy"), ("test_mse", "test MSE"), ("test_mae", "test MAE"),
-                        ("test_r2", "test R²")):
+    for name, label in (
+        ("test_accuracy", "test accuracy"),
+        ("test_mse", "test MSE"),
+        ("test_mae", "test MAE"),
+        ("test_r2", "test R²"),
+    ):
         if summary.get(name) is not None:
             parts.append(f"{label} {summary[name]:.4f}")
     text = "; ".join(parts)

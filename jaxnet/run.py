@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,8 +103,7 @@ def template(job: Job) -> FitState:
 
     def build():
         params, key, hyperparams = _fresh(job)
-        return init_fit_state(params, optimizer, key, skip_nonfinite=job.config.skip_nonfinite,
-                              hyperparams=hyperparams)
+        return init_fit_state(params, optimizer, key, skip_nonfinite=job.config.skip_nonfinite, hyperparams=hyperparams)
 
     return jax.eval_shape(build)
 
@@ -121,15 +121,33 @@ def train(job: Job, resume: FitState | None = None, callbacks: Sequence = (), me
     """Trains ``job`` with :func:`jaxnet.fit` (from scratch, or on from ``resume``)."""
     c, val = job.config, job.problem.splits.val
     if job.member_run and mesh is not None:
-        raise ArgumentError("member runs ({0}, lists of {1} or {2}) train on one device: drop {3}",
-                            "seeds", "lrs", "weight_decays", "devices")
+        raise ArgumentError(
+            "member runs ({0}, lists of {1} or {2}) train on one device: drop {3}",
+            "seeds",
+            "lrs",
+            "weight_decays",
+            "devices",
+        )
     params, key, hyperparams = _fresh(job) if resume is None else (None, None, None)
     x, y = _local_rows(job, mesh)
     return fit(
-        build_model(job.meta), params, x, y, loss=job.problem.loss, optimizer=configlib.make_optimizer(c),
-        epochs=c.epochs, batch_size=c.batch_size, key=key, validation=(val.x, val.y) if val is not None else None,
-        patience=c.patience, callbacks=callbacks, resume=resume, mesh=mesh, skip_nonfinite=c.skip_nonfinite,
-        hyperparams=hyperparams, compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
+        build_model(job.meta),
+        params,
+        x,
+        y,
+        loss=job.problem.loss,
+        optimizer=configlib.make_optimizer(c),
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        key=key,
+        validation=(val.x, val.y) if val is not None else None,
+        patience=c.patience,
+        callbacks=callbacks,
+        resume=resume,
+        mesh=mesh,
+        skip_nonfinite=c.skip_nonfinite,
+        hyperparams=hyperparams,
+        compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
     )
 
 
@@ -167,8 +185,11 @@ def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
         best = own[last["best_epoch"] - 1] if last.get("best_epoch") else last
         entry = {"member": i, **member, "epochs": len(own), "train_loss": last.get("train_loss")}
         if job.problem.splits.val is not None:
-            entry.update(best_epoch=last.get("best_epoch"), val_loss=best.get("val_loss"),
-                         val_accuracy=best.get("val_accuracy"))
+            entry.update(
+                best_epoch=last.get("best_epoch"),
+                val_loss=best.get("val_loss"),
+                val_accuracy=best.get("val_accuracy"),
+            )
         entry.update({f"test_{name}": value for name, value in tests[i].items()} if tests else {})
         entries.append(entry)
     return entries
@@ -189,9 +210,15 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
     entries = _member_entries(job, state.history, tests)
     c = job.config
-    summary = {"dataset": c.dataset or Path(c.data).name, "task": job.problem.task, "epochs": entries[best]["epochs"],
-               "train_loss": entries[best]["train_loss"], "val_loss": entries[best].get("val_loss"),
-               "val_accuracy": entries[best].get("val_accuracy"), "test_accuracy": None}
+    summary = {
+        "dataset": c.dataset or Path(c.data).name,
+        "task": job.problem.task,
+        "epochs": entries[best]["epochs"],
+        "train_loss": entries[best]["train_loss"],
+        "val_loss": entries[best].get("val_loss"),
+        "val_accuracy": entries[best].get("val_accuracy"),
+        "test_accuracy": None,
+    }
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_")})
     summary.update(seconds=seconds, steps_per_second=_speed(state.history))
     if job.member_run:
@@ -207,7 +234,10 @@ def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
     if job.config.ensemble:
         meta = dict(meta, members=len(job.grid), grid=job.grid)
     elif job.member_run:
-        params, meta = memberlib.take_member(params, best), dict(meta, member=dict(job.grid[best], index=best))
+        params, meta = (
+            memberlib.take_member(params, best),
+            dict(meta, member=dict(job.grid[best], index=best)),
+        )
     return files.SavedModel(meta, params, job.problem.standardizer.mean, job.problem.standardizer.std)
 
 
@@ -223,8 +253,15 @@ def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
 
 
 def _metadata(job: Job, every: int | None, keep: int | None) -> dict:
-    return {"config": job.config.to_dict(), "model": job.meta, "schedule": {"every": every, "keep": keep},
-            "norm": {"mean": job.problem.standardizer.mean.tolist(), "std": job.problem.standardizer.std.tolist()}}
+    return {
+        "config": job.config.to_dict(),
+        "model": job.meta,
+        "schedule": {"every": every, "keep": keep},
+        "norm": {
+            "mean": job.problem.standardizer.mean.tolist(),
+            "std": job.problem.standardizer.std.tolist(),
+        },
+    }
 
 
 class _MetricsWriter:
@@ -237,8 +274,14 @@ class _MetricsWriter:
         files.write_jsonl(self.folder.path / "metrics.jsonl", metrics_rows(self.job, state.history))
 
 
-def _execute(job: Job, folder: RunFolder | None, state: FitState | None, callbacks: Sequence, mesh,
-             schedule: tuple[int | None, int | None]) -> RunResult:
+def _execute(
+    job: Job,
+    folder: RunFolder | None,
+    state: FitState | None,
+    callbacks: Sequence,
+    mesh,
+    schedule: tuple[int | None, int | None],
+) -> RunResult:
     """Trains ``job`` (on from ``state``), writing into ``folder`` when given; returns the result."""
     start = time.perf_counter()
     primary = parallel.is_primary()
@@ -284,8 +327,10 @@ def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:
     for name, now in zip(("mean", "std"), job.problem.standardizer):
         then = np.asarray(metadata["norm"][name], np.float32)
         if not np.array_equal(np.asarray(now, np.float32), then):
-            raise ValueError(f"cannot resume: the data of {folder.path} changed since the checkpoint "
-                             f"(its standardization {name} differs)")
+            raise ValueError(
+                f"cannot resume: the data of {folder.path} changed since the checkpoint "
+                f"(its standardization {name} differs)"
+            )
 
 
 def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule, notify) -> RunResult:
@@ -298,7 +343,9 @@ def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule,
     for path, reason in restored.damaged:
         _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
     stored = restored.metadata.get("schedule", {})
-    schedule = tuple(given if given is not None else stored.get(name) for given, name in zip(schedule, ("every", "keep")))
+    schedule = tuple(
+        given if given is not None else stored.get(name) for given, name in zip(schedule, ("every", "keep"))
+    )
     epoch = restored.state.epoch
     if is_finished(restored.state, epochs=config.epochs, patience=config.patience):
         _say(notify, f"{folder.path} already finished at epoch {epoch}; not training further")
@@ -352,8 +399,11 @@ def run(
             if checkpoint.epochs(folder.checkpoints):
                 return _continue(folder, config, callbacks, mesh, (checkpoint_every, keep), notify)
         elif folder.holds_outputs() and not overwrite:
-            raise ArgumentError(f"{checks_escape(folder.path)} holds files of a run without its config.json: "
-                                "train into another folder, or replace them ({0})", "overwrite")
+            raise ArgumentError(
+                f"{checks_escape(folder.path)} holds files of a run without its config.json: "
+                "train into another folder, or replace them ({0})",
+                "overwrite",
+            )
         job = prepare(config)
         _say(notify, describe(job.problem), always=False)
         if parallel.is_primary():
@@ -365,10 +415,12 @@ def run(
 def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig) -> None:
     differ = configlib.differences(stored, config)
     if differ:
-        names = ", ".join("{%d}" % i for i in range(len(differ)))
+        names = ", ".join(f"{{{i}}}" for i in range(len(differ)))
         raise ArgumentError(
             f"{checks_escape(folder.path)} holds another run (it differs in {names}): train into another folder, "
-            f"continue that run as it is, or replace it ({{{len(differ)}}})", *differ, "overwrite"
+            f"continue that run as it is, or replace it ({{{len(differ)}}})",
+            *differ,
+            "overwrite",
         )
 
 

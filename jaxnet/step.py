@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,7 @@ Update = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 def _check_optimizer(optimizer) -> None:
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {optimizer!r}"
-        )
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {optimizer!r}")
 
 
 def _unpack(batch: Batch):
@@ -154,8 +152,6 @@ def make_eval_fn(model: Model, loss: str | PerExample | LossSpec) -> Callable[[P
     return evaluate
 
 
-
-
 def _single_example_batches(batch: Batch):
     """``batch`` as a tuple of arrays to vmap over: ``(x, y)`` or ``(x, y, weights)``."""
     x, y, w = _unpack(batch)
@@ -194,8 +190,9 @@ def per_example_grad_norms(grads: Params) -> jax.Array:
     leaves = jax.tree.leaves(grads)
     if not leaves:
         raise ValueError("per_example_grad_norms needs a non-empty pytree of per-example gradients")
-    squares = [jnp.sum(jnp.square(jnp.reshape(leaf, (leaf.shape[0], -1)).astype(jnp.float32)), axis=1)
-               for leaf in leaves]
+    squares = [
+        jnp.sum(jnp.square(jnp.reshape(leaf, (leaf.shape[0], -1)).astype(jnp.float32)), axis=1) for leaf in leaves
+    ]
     return jnp.sqrt(sum(squares))
 
 

@@ -45,8 +45,9 @@ def _task_of(config: TrainConfig) -> str | None:
         return config.task
     implied = "classification" if get_loss(config.loss).metric is not None else "regression"
     if config.task is not None and config.task != implied:
-        raise ArgumentError(f"{{0}} {config.task!r} does not fit {{1}} {config.loss!r}, a {implied} loss",
-                            "task", "loss")
+        raise ArgumentError(
+            f"{{0}} {config.task!r} does not fit {{1}} {config.loss!r}, a {implied} loss", "task", "loss"
+        )
     return implied
 
 
@@ -72,8 +73,13 @@ def prepare_targets(y: np.ndarray, loss: str, num_classes: int | None) -> np.nda
 
 def load_problem(config: TrainConfig) -> Problem:
     """Loads and splits the data of ``config`` and fits the standardization on the training split."""
-    ds = datalib.load(dataset=config.dataset, data=config.data, target=config.target, seed=config.seed,
-                      task=_task_of(config))
+    ds = datalib.load(
+        dataset=config.dataset,
+        data=config.data,
+        target=config.target,
+        seed=config.seed,
+        task=_task_of(config),
+    )
     loss = get_loss(config.loss or ("softmax_cross_entropy" if ds.task == "classification" else "mse")).name
     splits = datalib.split(ds, config.val_split, config.test_split, config.seed)
     if config.standardize:

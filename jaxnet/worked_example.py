@@ -9,15 +9,15 @@ store ``w`` as ``(in, out)``, so ``w_jk^l`` is ``params[l-1]["w"][k, j]``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxnet import checks
 import optax
 
+from jaxnet import checks
 from jaxnet.base import Model, Params
 from jaxnet.layers import dense, get_activation, mlp, with_params
 from jaxnet.losses import half_sum_squares
@@ -49,10 +49,7 @@ ACTIVATION = "sigmoid"
 
 def notes_params(dtype=jnp.float32) -> Params:
     """The notes' weights and biases as jaxnet ``mlp`` params: ``[{"w": (in, out), "b": (out,)}, ...]``."""
-    return [
-        {"w": jnp.asarray(w, dtype).T, "b": jnp.asarray(b, dtype)}
-        for w, b in zip(NOTES_WEIGHTS, NOTES_BIASES)
-    ]
+    return [{"w": jnp.asarray(w, dtype).T, "b": jnp.asarray(b, dtype)} for w, b in zip(NOTES_WEIGHTS, NOTES_BIASES)]
 
 
 def network(dtype=jnp.float32) -> Model:
@@ -183,8 +180,7 @@ def _compute(x_np: np.ndarray, t_np: np.ndarray, lr: float, dtype) -> dict[str, 
         "target": t_np.tolist(),
         "lr": lr,
         "layers": [
-            {"z": np.asarray(z, np.float64).tolist(), "a": np.asarray(a, np.float64).tolist()}
-            for z, a in layers
+            {"z": np.asarray(z, np.float64).tolist(), "a": np.asarray(a, np.float64).tolist()} for z, a in layers
         ],
         "loss": float(loss),
         "params": _layers_json(params),
@@ -246,9 +242,7 @@ def format_worked_example(result: dict[str, Any]) -> str:
                 back = f"({_n(a[j])} - {_n(target[j])})"
             else:
                 w_next = params[l]["w"]
-                back = " + ".join(
-                    f"{_n(w_next[i][j])}*{_f(grads[l]['b'][i])}" for i in range(len(w_next))
-                )
+                back = " + ".join(f"{_n(w_next[i][j])}*{_f(grads[l]['b'][i])}" for i in range(len(w_next)))
                 back = f"({back})"
             lines.append(f"    delta_{j + 1}^{l} = {back} * {s} = {_n(delta[j])}")
     lines += ["", f"Gradients and SGD step: dC/dw_jk^l = delta_j^l * a_k^(l-1), w' = w - {_n(lr)} * dC/dw"]

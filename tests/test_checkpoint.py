@@ -20,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnet import callbacks, checkpoint, cli, config as configlib, files, run as runlib
+from jaxnet import callbacks, checkpoint, cli, files
+from jaxnet import config as configlib
+from jaxnet import run as runlib
 
 ORBAX_AT_IMPORT = any(name.split(".")[0] == "orbax" for name in sys.modules)
 
@@ -88,8 +90,10 @@ def saved_params(out):
 
 
 def metrics(out):
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def fault_chain(root):
@@ -256,13 +260,34 @@ def blowup_args(root):
     np.savez(root / "linear.npz", x=x, y=x @ np.array([1.0, -1.0], np.float32))
     # Plain gradient descent on a quadratic with a step size past stability: the error grows by
     # a constant factor per step until it overflows, several epochs in.
-    return ["--data", str(root / "linear.npz"), "--hidden", "", "--optimizer", "sgd", "--lr", "3",
-            "--batch-size", "64", "--quiet"]
+    return [
+        "--data",
+        str(root / "linear.npz"),
+        "--hidden",
+        "",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "3",
+        "--batch-size",
+        "64",
+        "--quiet",
+    ]
 
 
 def test_nonfinite_loss_stops_cleanly_naming_epoch_step_and_intact_checkpoint(tmp_path, capsys):
-    code = cli.main(["train", *blowup_args(tmp_path), "--epochs", "40", "--checkpoint-every", "2", "--out",
-                     str(tmp_path / "run")])
+    code = cli.main(
+        [
+            "train",
+            *blowup_args(tmp_path),
+            "--epochs",
+            "40",
+            "--checkpoint-every",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     line = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in line and "Traceback" not in line, line
     match = re.search(r"non-finite at epoch (\d+), step (\d+).*--skip-nonfinite.*last good checkpoint: (\S+)$", line)
@@ -327,6 +352,7 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
 
 # ---- subprocesses ------------------------------------------------------------------------
 
+
 def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(jobs):
     """Also the determinism test: three runs of one seed and config (uninterrupted, killed five
     times, stopped by Ctrl-C) end with the same bytes of parameters."""
@@ -345,7 +371,9 @@ def test_sigint_stops_at_epoch_boundary_with_a_checkpoint_that_resumes_to_the_sa
     root, _, other = jobs
     code, stderr, _ = other["sigint"]
     assert code == 130, stderr
-    match = re.search(r"interrupted at epoch (\d+); checkpoint in (\S+); resume with: jaxnet train --resume (\S+)", stderr)
+    match = re.search(
+        r"interrupted at epoch (\d+); checkpoint in (\S+); resume with: jaxnet train --resume (\S+)", stderr
+    )
     assert match, stderr
     epoch = int(match.group(1))
     assert match.group(3) == str(root / "sigint") and match.group(2).endswith(f"checkpoints/{epoch}")

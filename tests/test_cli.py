@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def jaxnet(*args, cwd=None, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "jaxnet.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxnet.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def write_csv(path, header, rows):
@@ -71,12 +77,21 @@ BAD = {
 BAD_IN_PROCESS = {
     "directory as file": (["train", "--data", "{baddir}", "--target", "label"], "unsupported data file"),
     "unreadable file": (["train", "--data", "{baddir}.csv", "--target", "label"], "not found"),
-    "non-numeric cell": (["train", "--data", "{text}", "--target", "label"], "line 3, column 'b'.*non-numeric"),
+    "non-numeric cell": (
+        ["train", "--data", "{text}", "--target", "label"],
+        "line 3, column 'b'.*non-numeric",
+    ),
     "ragged row": (["train", "--data", "{ragged}", "--target", "label"], "line 3: ragged row"),
     "nan": (["train", "--data", "{nan}", "--target", "label"], "line 3, column 'b'.*not finite"),
     "inf": (["train", "--data", "{inf}", "--target", "label"], "line 2, column 'b'.*not finite"),
-    "missing target": (["train", "--data", "{good}", "--target", "y"], "target column 'y' not found.*a, b, c, label"),
-    "labels out of range": (["train", "--data", "{good}", "--target", "label", "--loss", "bce"], "labels out of range"),
+    "missing target": (
+        ["train", "--data", "{good}", "--target", "y"],
+        "target column 'y' not found.*a, b, c, label",
+    ),
+    "labels out of range": (
+        ["train", "--data", "{good}", "--target", "label", "--loss", "bce"],
+        "labels out of range",
+    ),
     "empty dataset": (["train", "--data", "{empty}", "--target", "label"], "empty dataset"),
     "negative batch": (["train", "--batch-size", "-4"], "--batch-size.*positive integer"),
     "lr 0": (["train", "--lr", "0"], "--lr.*greater than 0"),
@@ -86,12 +101,26 @@ BAD_IN_PROCESS = {
     "unknown activation": (["train", "--activation", "swish2"], "unknown --activation 'swish2'"),
     "unknown loss": (["train", "--loss", "hinge"], "unknown loss 'hinge'"),
     "unknown dataset": (["train", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
-    "feature mismatch csv": (["predict", "--model", "{model}", "--data", "{other}"], "lacks the model's feature columns"),
-    "feature mismatch npz": (["predict", "--model", "{model}", "--data", "{wide}"], "7 features but the model expects 3"),
-    "evaluate without targets": (["evaluate", "--model", "{model}", "--data", "{other}"], "lacks the model's feature"),
-    "evaluate label range": (["evaluate", "--model", "{model}", "--data", "{range}"], "labels out of range.*found 7"),
-    "evaluate unknown target": (["evaluate", "--model", "{model}", "--data", "{good}", "--target", "y"],
-                                "has no column 'y': name its target column"),
+    "feature mismatch csv": (
+        ["predict", "--model", "{model}", "--data", "{other}"],
+        "lacks the model's feature columns",
+    ),
+    "feature mismatch npz": (
+        ["predict", "--model", "{model}", "--data", "{wide}"],
+        "7 features but the model expects 3",
+    ),
+    "evaluate without targets": (
+        ["evaluate", "--model", "{model}", "--data", "{other}"],
+        "lacks the model's feature",
+    ),
+    "evaluate label range": (
+        ["evaluate", "--model", "{model}", "--data", "{range}"],
+        "labels out of range.*found 7",
+    ),
+    "evaluate unknown target": (
+        ["evaluate", "--model", "{model}", "--data", "{good}", "--target", "y"],
+        "has no column 'y': name its target column",
+    ),
 }
 
 
@@ -143,7 +172,13 @@ def test_bad_input_in_process_is_one_line_exit_2_and_writes_nothing(case, files,
 
 def test_train_predict_evaluate_agree(files, tmp_path):
     model = files["model"]
-    assert {p.name for p in model.iterdir()} == {"model.npz", "metrics.jsonl", "curves.png", "checkpoints", "config.json"}
+    assert {p.name for p in model.iterdir()} == {
+        "model.npz",
+        "metrics.jsonl",
+        "curves.png",
+        "checkpoints",
+        "config.json",
+    }
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     predicted = jaxnet("predict", "--model", model, "--data", files["good"])
@@ -167,8 +202,18 @@ def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tm
     result = jaxnet("train", "--json", "--out", out)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"dataset", "task", "epochs", "train_loss", "val_loss", "val_accuracy", "test_loss",
-                            "test_accuracy", "seconds", "steps_per_second"}
+    assert set(summary) == {
+        "dataset",
+        "task",
+        "epochs",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "seconds",
+        "steps_per_second",
+    }
     assert summary["dataset"] == "digits" and summary["test_accuracy"] >= 0.95
     assert "epoch 1:" in result.stderr  # plain progress lines: stderr is not a terminal
     # The test split, rebuilt from the seed, evaluates to the reported test accuracy.

@@ -122,7 +122,7 @@ def write(tmp_path, text, name="data.csv"):
 
 
 def test_csv_classification(tmp_path):
-    path = write(tmp_path, "a,label,b\n1.5,0,2\n-3,2.0,4e1\n\n 0 , 1 ,\"7\"\n")
+    path = write(tmp_path, 'a,label,b\n1.5,0,2\n-3,2.0,4e1\n\n 0 , 1 ,"7"\n')
     ds = data.load_csv(path, "label")
     np.testing.assert_array_equal(ds.x, np.array([[1.5, 2], [-3, 40], [0, 7]], np.float32))
     np.testing.assert_array_equal(ds.y, np.array([0, 2, 1], np.int32))

@@ -30,8 +30,15 @@ def test_serial_gives_each_layer_its_own_key(key):
 
 @pytest.mark.parametrize(
     "sizes, error",
-    [([3, 0, 2], ValueError), ([3, -1, 2], ValueError), ([3, 2.5, 2], ValueError), ([3, True, 2], ValueError),
-     ([3], ValueError), ("3,2", TypeError), (["a", 2], ValueError)],
+    [
+        ([3, 0, 2], ValueError),
+        ([3, -1, 2], ValueError),
+        ([3, 2.5, 2], ValueError),
+        ([3, True, 2], ValueError),
+        ([3], ValueError),
+        ("3,2", TypeError),
+        (["a", 2], ValueError),
+    ],
 )
 def test_mlp_rejects_bad_sizes(sizes, error):
     with pytest.raises(error, match="size"):

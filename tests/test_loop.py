@@ -43,9 +43,7 @@ def test_scanned_epoch_equals_python_loop_of_jitted_steps(key):
             real = idx[w > 0]
             ref, _ = step(ref, (x[real], y[real]))
     assert int(state.train.step) == int(ref.step) == 3 * 7
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params
-    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params)
 
 
 @pytest.mark.parametrize("n", [48, 50])  # batches divide n (plain reshapes), or the last one is padded
@@ -71,9 +69,7 @@ def test_unshuffled_fit_equals_python_loop_in_data_order(key, n):
     for _ in range(2):
         for start in range(0, n, 8):
             ref, _ = step(ref, (x[start : start + 8], y[start : start + 8]))
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params
-    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref.params)
 
 
 def test_epoch_batches_cover_every_example_once_and_mask_padding(key):
@@ -330,14 +326,10 @@ def test_wide_rows_gather_per_step_as_the_whole_epoch_gather_does(monkeypatch, d
     net = jn.mlp([300, 4, 3])
     opt = optax.sgd(0.1)
     state = jn.init_state(net.init(jax.random.key(1)), opt, jax.random.key(2))
-    members = jax.tree.map(lambda a: jnp.stack([a, a]), state)._replace(
-        key=jax.random.split(jax.random.key(3), 2)
-    )
+    members = jax.tree.map(lambda a: jnp.stack([a, a]), state)._replace(key=jax.random.split(jax.random.key(3), 2))
 
     def run(vmapped):
-        epoch = jn.make_epoch(
-            jn.make_update(net, "cross_entropy", opt), 45, 10, drop_remainder=drop_remainder
-        )
+        epoch = jn.make_epoch(jn.make_update(net, "cross_entropy", opt), 45, 10, drop_remainder=drop_remainder)
         epoch = jax.vmap(epoch, in_axes=(0, None, None)) if vmapped else epoch
         return jax.jit(epoch)(members if vmapped else state, x, y)
 

@@ -27,7 +27,9 @@ def test_sigmoid_binary_cross_entropy_matches_formula(variant):
     z, t = np.array([0.3, -2.0]), np.array([1.0, 0.0])
     p = 1 / (1 + np.exp(-z))
     expected = np.mean(-(t * np.log(p) + (1 - t) * np.log(1 - p)))
-    np.testing.assert_allclose(variant(jn.sigmoid_binary_cross_entropy)(jnp.asarray(z), jnp.asarray(t)), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        variant(jn.sigmoid_binary_cross_entropy)(jnp.asarray(z), jnp.asarray(t)), expected, rtol=1e-6
+    )
 
 
 def test_accuracy_metrics():

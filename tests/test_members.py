@@ -13,7 +13,9 @@ import pytest
 from jaxnet import (
     best_member,
     check_memory,
+    cli,
     estimate_member_bytes,
+    files,
     fit,
     init_members,
     member_grid,
@@ -22,8 +24,8 @@ from jaxnet import (
     mlp,
     set_hyperparams,
     take_member,
+    task,
 )
-from jaxnet import cli, files, task
 
 NET = mlp([2, 12, 2])
 # Members and lone runs compute the same float32 ops, batched differently: rounding-level differences
@@ -86,19 +88,21 @@ def alone_runs():
     for m in GRID:
         init_key, shuffle_key = jax.random.split(jax.random.key(m["seed"]))
         runs.append(
-            _with_history(fit(
-                NET,
-                NET.init(init_key),
-                X,
-                Y,
-                loss="softmax_cross_entropy",
-                optimizer=sgdw(m["learning_rate"], m["weight_decay"]),
-                epochs=EPOCHS,
-                batch_size=8,
-                key=shuffle_key,
-                validation=VAL,
-                patience=PATIENCE,
-            ))
+            _with_history(
+                fit(
+                    NET,
+                    NET.init(init_key),
+                    X,
+                    Y,
+                    loss="softmax_cross_entropy",
+                    optimizer=sgdw(m["learning_rate"], m["weight_decay"]),
+                    epochs=EPOCHS,
+                    batch_size=8,
+                    key=shuffle_key,
+                    validation=VAL,
+                    patience=PATIENCE,
+                )
+            )
         )
     return runs
 
@@ -120,9 +124,7 @@ def test_each_member_equals_its_configuration_trained_alone(members_run, alone_r
         # The member's history is the lone run's, with None once the member stopped.
         mine = [r["val_loss"][i] for r in history]
         assert all(v is None for v in mine[len(alone_history) :])
-        np.testing.assert_allclose(
-            mine[: len(alone_history)], [r["val_loss"] for r in alone_history], rtol=RTOL
-        )
+        np.testing.assert_allclose(mine[: len(alone_history)], [r["val_loss"] for r in alone_history], rtol=RTOL)
         best_alone = min(range(len(alone_history)), key=lambda e: alone_history[e]["val_loss"]) + 1
         assert history[-1]["best_epoch"][i] == best_alone
         stopped_at.append(len(alone_history))

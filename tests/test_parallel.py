@@ -15,9 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnet import fit, mlp
 from jaxnet import data as datalib
-from jaxnet import parallel
+from jaxnet import fit, mlp, parallel
 from jaxnet.epoch import make_epoch
 from jaxnet.step import init_state, make_update
 

@@ -7,8 +7,15 @@ import optax
 import pytest
 
 from jaxnet import (
-    dp_aggregate, dp_optimizer, init_state, make_loss_fn, make_per_example_update, make_update, mlp,
-    per_example_grad_norms, per_example_grads,
+    dp_aggregate,
+    dp_optimizer,
+    init_state,
+    make_loss_fn,
+    make_per_example_update,
+    make_update,
+    mlp,
+    per_example_grad_norms,
+    per_example_grads,
 )
 
 # float32 sums of a handful of terms: differences are rounding (seen up to a few 1e-6 between compiled
@@ -127,8 +134,11 @@ def test_dp_update_without_clipping_or_noise_is_sgd(problem):
 
 @pytest.mark.parametrize(
     "clip, noise, match",
-    [(0.0, 1.0, "l2_norm_clip must be greater than 0"), (1.0, -1.0, "noise_multiplier must be 0 or more"),
-     (float("nan"), 1.0, "l2_norm_clip must be a finite number")],
+    [
+        (0.0, 1.0, "l2_norm_clip must be greater than 0"),
+        (1.0, -1.0, "noise_multiplier must be 0 or more"),
+        (float("nan"), 1.0, "l2_norm_clip must be a finite number"),
+    ],
 )
 def test_dp_rejects_bad_parameters(clip, noise, match):
     with pytest.raises(ValueError, match=match):

@@ -78,8 +78,11 @@ def test_a_hand_written_model_checkpoints_and_resumes_through_the_library(tmp_pa
 def test_a_member_run_checkpoints_and_resumes_like_a_single_run(tmp_path):
     config = configlib.make_config(**SMALL, seeds=2, lrs=(0.01, 0.1))
     straight = runlib.run(config, out=tmp_path / "straight")
-    short = runlib.run(configlib.make_config(**dict(SMALL, epochs=2), seeds=2, lrs=(0.01, 0.1)), out=tmp_path / "run",
-                       checkpoint_every=1)
+    short = runlib.run(
+        configlib.make_config(**dict(SMALL, epochs=2), seeds=2, lrs=(0.01, 0.1)),
+        out=tmp_path / "run",
+        checkpoint_every=1,
+    )
     assert checkpoint.epochs(tmp_path / "run" / "checkpoints") == [1, 2] and short.finished
     extended = runlib.resume(tmp_path / "run", epochs=4)
     assert _bytes(extended.model.params) == _bytes(straight.model.params)
@@ -102,7 +105,7 @@ def test_rerunning_the_same_config_continues_and_another_config_is_refused(tmp_p
     first = runlib.run(config, out=out)
     notes = []
     again = runlib.run(config, out=out, notify=lambda m, always=False: notes.append((m, always)))
-    assert ("%s already finished at epoch 4; not training further" % out.absolute(), True) in notes
+    assert (f"{out.absolute()} already finished at epoch 4; not training further", True) in notes
     assert _bytes(again.model.params) == _bytes(first.model.params)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     other = configlib.make_config(**dict(SMALL, hidden=(5,), lr=0.1))
@@ -117,10 +120,17 @@ def test_rerunning_the_same_config_continues_and_another_config_is_refused(tmp_p
 def test_a_second_writer_is_refused_at_once_and_a_dead_holder_is_not_in_the_way(tmp_path):
     folder = RunFolder(tmp_path / "run")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-         "from jaxnet.rundir import RunFolder\nwith RunFolder(sys.argv[2]).lock():\n"
-         " print('locked', flush=True); time.sleep(60)", str(ROOT), str(folder.path)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from jaxnet.rundir import RunFolder\nwith RunFolder(sys.argv[2]).lock():\n"
+            " print('locked', flush=True); time.sleep(60)",
+            str(ROOT),
+            str(folder.path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -163,8 +173,7 @@ def test_many_distinct_integer_targets_are_refused_unless_the_task_is_given(tmp_
     with pytest.raises(ValueError, match=r"distinct integer values in 442 rows.*task") as e:
         runlib.run(config)
     assert "--task" in e.value.render(cli.flag)
-    result = runlib.run(configlib.make_config(data=str(tmp_path / "d.npz"), hidden=(8,), epochs=2,
-                                              task="regression"))
+    result = runlib.run(configlib.make_config(data=str(tmp_path / "d.npz"), hidden=(8,), epochs=2, task="regression"))
     summary = result.summary
     assert summary["task"] == "regression" and summary["test_accuracy"] is None
     assert {"test_mse", "test_mae", "test_r2"} <= set(summary)
@@ -190,8 +199,14 @@ def test_regression_evaluate_reports_mse_mae_and_r2(tmp_path):
 
 def _jaxnet(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "jaxnet.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxnet.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        **kwargs,
+    )
 
 
 def test_help_does_not_import_jax():
@@ -213,15 +228,32 @@ def test_cli_exit_codes_streams_and_requeued_commands(tmp_path):
     other = _jaxnet(*args[:-2], "--lr", "0.5", "--out", out)
     assert other.returncode == 2 and "differs in --lr" in other.stderr and other.stderr.count("\n") == 1
     np.savez(tmp_path / "x.npz", x=np.zeros((20000, 2), np.float32))
-    head = subprocess.run(f"{sys.executable} -m jaxnet.cli predict --model {out} --data {tmp_path / 'x.npz'} | head -2",
-                          shell=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    head = subprocess.run(
+        f"{sys.executable} -m jaxnet.cli predict --model {out} --data {tmp_path / 'x.npz'} | head -2",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert head.stdout.count("\n") == 2 and head.stderr == "", head.stderr
 
 
 def test_a_nonfinite_loss_is_a_runtime_failure_exit_1(tmp_path):
     x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
     np.savez(tmp_path / "lin.npz", x=x, y=x @ np.array([1.0, -1.0], np.float32))
-    proc = _jaxnet("train", "--data", tmp_path / "lin.npz", "--hidden", "", "--optimizer", "sgd", "--lr", "3",
-                   "--epochs", "60", "--quiet")
+    proc = _jaxnet(
+        "train",
+        "--data",
+        tmp_path / "lin.npz",
+        "--hidden",
+        "",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "3",
+        "--epochs",
+        "60",
+        "--quiet",
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "(--skip-nonfinite); no checkpoint was saved (use --out DIR --checkpoint-every N)" in proc.stderr

@@ -6,11 +6,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import optax
 import pytest
 from chain_rule import B, W, chain_rule, flatten, sigma
-import jax.test_util
 from jax.flatten_util import ravel_pytree
 
 from jaxnet import half_sum_squares, init_state, make_update, mlp
@@ -66,9 +66,7 @@ NOTES_NUMBERS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name, notes, decimals, get, correct", NOTES_NUMBERS, ids=[n[0] for n in NOTES_NUMBERS]
-)
+@pytest.mark.parametrize("name, notes, decimals, get, correct", NOTES_NUMBERS, ids=[n[0] for n in NOTES_NUMBERS])
 def test_every_number_in_the_notes(name, notes, decimals, get, correct):
     value = get(worked_example(x=X_FORWARD))
     if correct is None:

@@ -22,11 +22,21 @@ def _require():
 
 def _mlp(params, activation, final_activation):
     sizes = [params[0]["w"].shape[0]] + [p["w"].shape[1] for p in params]
-    model = eqx.nn.MLP(sizes[0], sizes[-1], sizes[1], len(params) - 1, activation=activation,
-                       final_activation=final_activation, key=jax.random.key(0))
+    model = eqx.nn.MLP(
+        sizes[0],
+        sizes[-1],
+        sizes[1],
+        len(params) - 1,
+        activation=activation,
+        final_activation=final_activation,
+        key=jax.random.key(0),
+    )
     for i, p in enumerate(params):
-        model = eqx.tree_at(lambda m: (m.layers[i].weight, m.layers[i].bias), model,
-                            (jnp.asarray(p["w"].T), jnp.asarray(p["b"])))
+        model = eqx.tree_at(
+            lambda m: (m.layers[i].weight, m.layers[i].bias),
+            model,
+            (jnp.asarray(p["w"].T), jnp.asarray(p["b"])),
+        )
     return model
 
 
@@ -84,7 +94,7 @@ def minibatch(case, cfg):
     check = float(_ce_loss(model, x, y))
     b, steps = cfg["batch"], cfg["steps"]
     x, y = common.classification_data(b * steps, sizes[0], sizes[-1], 0)
-    batches = [(jnp.asarray(x[i * b:(i + 1) * b]), jnp.asarray(y[i * b:(i + 1) * b])) for i in range(steps)]
+    batches = [(jnp.asarray(x[i * b : (i + 1) * b]), jnp.asarray(y[i * b : (i + 1) * b])) for i in range(steps)]
     model0 = _mlp(common.mlp_params(sizes), jax.nn.relu, lambda v: v)
     run = lambda: _run(step, model0, optim, batches)  # noqa: E731
     return check, common.time_calls(run, run, b * steps, cfg["repeats"], cfg["min_seconds"])

@@ -74,8 +74,17 @@ def seed_sgd(cfg):
     x0, t0 = jnp.asarray(common.SEED_X), jnp.asarray(common.SEED_T)
     xs, ts = common.seed_stream(cfg["loop_steps"])
     batches = [(jnp.asarray(x), jnp.asarray(t)) for x, t in zip(xs, ts)]
-    return _train(common.seed_params(), jax.nn.sigmoid, jax.nn.sigmoid, optax.sgd(common.SEED_LR), _seed_loss,
-                  [(x0, t0)] * cfg["check_steps"], batches, len(batches), dict(cfg, min_seconds=0.0))
+    return _train(
+        common.seed_params(),
+        jax.nn.sigmoid,
+        jax.nn.sigmoid,
+        optax.sgd(common.SEED_LR),
+        _seed_loss,
+        [(x0, t0)] * cfg["check_steps"],
+        batches,
+        len(batches),
+        dict(cfg, min_seconds=0.0),
+    )
 
 
 def _ce_loss(model, x, y):
@@ -91,6 +100,15 @@ def minibatch(case, cfg):
     check_batches = [(jnp.asarray(x), jnp.asarray(y))] * cfg["check_steps"]
     b, steps = cfg["batch"], cfg["steps"]
     x, y = common.classification_data(b * steps, sizes[0], sizes[-1], 0)
-    batches = [(jnp.asarray(x[i * b:(i + 1) * b]), jnp.asarray(y[i * b:(i + 1) * b])) for i in range(steps)]
-    return _train(common.mlp_params(sizes), jax.nn.relu, lambda v: v, optax.adam(cfg["lr"]), _ce_loss,
-                  check_batches, batches, b * steps, cfg)
+    batches = [(jnp.asarray(x[i * b : (i + 1) * b]), jnp.asarray(y[i * b : (i + 1) * b])) for i in range(steps)]
+    return _train(
+        common.mlp_params(sizes),
+        jax.nn.relu,
+        lambda v: v,
+        optax.adam(cfg["lr"]),
+        _ce_loss,
+        check_batches,
+        batches,
+        b * steps,
+        cfg,
+    )

@@ -251,9 +251,7 @@ def minibatch_epoch(case, cfg):
     n = cfg["n"] if "n" in cfg else cfg["batch"] * cfg["steps"]
     x, y = map(jnp.asarray, data(n))
     update = jaxnet.make_update(model, loss, opt)
-    epoch = jaxnet.make_epoch(
-        update, n, cfg["batch"], shuffle=_shuffles(case, None), unroll=cfg.get("unroll", 1)
-    )
+    epoch = jaxnet.make_epoch(update, n, cfg["batch"], shuffle=_shuffles(case, None), unroll=cfg.get("unroll", 1))
     run_epoch = jax.jit(epoch, donate_argnums=0)
     state = jaxnet.init_state(params, opt, jax.random.key(1))
     return minibatch_check(case, cfg), _timed_epoch(run_epoch, state, x, y, n, cfg)

@@ -131,7 +131,9 @@ def ensemble(cfg):
     p0 = _tree(common.ensemble_params(k))
     _, xs_c, ts_c = _seed_check(cfg, train)
     params, _ = train(p0, xs_c, ts_c)
-    losses = jax.vmap(_seed_loss, in_axes=(0, None, None))(params, jnp.asarray(common.SEED_X), jnp.asarray(common.SEED_T))
+    losses = jax.vmap(_seed_loss, in_axes=(0, None, None))(
+        params, jnp.asarray(common.SEED_X), jnp.asarray(common.SEED_T)
+    )
     check = float(jnp.mean(losses))
 
     xs, ts = map(jnp.asarray, common.seed_stream(cfg["steps"]))

@@ -97,8 +97,7 @@ def seed_sgd(cfg, compiled=False):
         _sync()
 
     first = (lambda: (_train_loop(model, opt, _half_sse, batches[:2]), _sync())) if compiled else run
-    return check, common.time_calls(first, run, len(batches), cfg["repeats"],
-                                    compile_s=compile_s if compiled else None)
+    return check, common.time_calls(first, run, len(batches), cfg["repeats"], compile_s=compile_s if compiled else None)
 
 
 def _problem(case, cfg):
@@ -151,5 +150,6 @@ def minibatch(case, cfg, compiled=False):
         _train_loop(model, opt, loss_fn, batches)
         _sync()
 
-    return check, common.time_calls(run, run, b * steps, cfg["repeats"], cfg["min_seconds"],
-                                    compile_s=compile_s if compiled else None)
+    return check, common.time_calls(
+        run, run, b * steps, cfg["repeats"], cfg["min_seconds"], compile_s=compile_s if compiled else None
+    )

@@ -35,8 +35,16 @@ def test_epoch_timer_holds_the_loop_between_epochs_and_excludes_the_first():
         events.append(f"other repeat {i}")
         seconds.append(timer.repeat())
     timing = timer.finish(seconds)
-    assert events == ["fit epoch 0", "other repeat 0", "fit epoch 1", "other repeat 1", "fit epoch 2",
-                      "other repeat 2", "fit epoch 3", "fit done"]  # stopped by its callback
+    assert events == [
+        "fit epoch 0",
+        "other repeat 0",
+        "fit epoch 1",
+        "other repeat 1",
+        "fit epoch 2",
+        "other repeat 2",
+        "fit epoch 3",
+        "fit done",
+    ]  # stopped by its callback
     assert timing.seconds == [1.0, 2.0, 3.0]
     assert timing.rates == [10.0, 5.0, 10 / 3]
     assert timing.compile_s == pytest.approx(3.0)  # first epoch minus the median epoch
@@ -69,8 +77,9 @@ def test_epoch_timer_reraises_the_loops_error_and_a_short_loop():
 
 def test_call_timer_grows_short_repeats_to_min_seconds():
     calls = []
-    timer = common.time_calls(lambda: calls.append("first"), lambda: calls.append("run"), units=4, repeats=2,
-                              min_seconds=1e-3)
+    timer = common.time_calls(
+        lambda: calls.append("first"), lambda: calls.append("run"), units=4, repeats=2, min_seconds=1e-3
+    )
     assert calls == []  # nothing runs until the runner starts it
     timer.start()
     timing = timer.finish([timer.repeat(), timer.repeat()])
@@ -103,11 +112,14 @@ def test_interleave_alternates_timers_and_drops_a_failing_one():
             events.append(name)
             if timed and fail_at is not None and events.count(name) == fail_at:
                 raise RuntimeError(f"{name} broke")
+
         return run
 
-    timers = {"a": common.time_calls(run_of("a"), run_of("a"), 1, repeats=3),
-              "b": common.time_calls(run_of("b", fail_at=2), run_of("b", fail_at=2), 1, repeats=3),
-              "c": common.time_calls(run_of("c"), run_of("c"), 1, repeats=2)}
+    timers = {
+        "a": common.time_calls(run_of("a"), run_of("a"), 1, repeats=3),
+        "b": common.time_calls(run_of("b", fail_at=2), run_of("b", fail_at=2), 1, repeats=3),
+        "c": common.time_calls(run_of("c"), run_of("c"), 1, repeats=2),
+    }
     for timer in timers.values():
         timer.start()  # first call and calibration call of each
     events.clear()

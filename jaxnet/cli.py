@@ -87,14 +87,23 @@ def _add_train(sub) -> None:
         help="train an MLP on a built-in dataset or a CSV/.npz file",
         description="Train an MLP. Unset options take the dataset's preset (see docs).",
     )
-    src = p.add_argument_group("data")
+    _add_data_options(p.add_argument_group("data"))
+    _add_model_options(p.add_argument_group("model and training"))
+    _add_device_options(p.add_argument_group("devices and processes (see docs/distributed.md)"))
+    _add_output_options(p.add_argument_group("output"))
+    p.set_defaults(run=_cmd_train)
+
+
+def _add_data_options(src) -> None:
     src.add_argument("--dataset", help="built-in dataset: seed, xor, moons, spirals, digits (default: digits)")
     src.add_argument("--data", metavar="FILE", help="a CSV file (with --target) or .npz file (arrays x, y)")
     src.add_argument("--target", metavar="COLUMN", help="the CSV column to predict")
     src.add_argument("--task", help="classification or regression (default: inferred when unambiguous)")
     src.add_argument("--val-split", type=number, metavar="F", help="validation fraction (default 0.1)")
     src.add_argument("--test-split", type=number, metavar="F", help="test fraction (default 0.2)")
-    m = p.add_argument_group("model and training")
+
+
+def _add_model_options(m) -> None:
     m.add_argument("--hidden", type=int_list, metavar="SIZES", help="hidden layer sizes, e.g. 64,64")
     m.add_argument("--activation", help="hidden activation, e.g. relu, tanh, sigmoid")
     m.add_argument(
@@ -136,12 +145,16 @@ def _add_train(sub) -> None:
         help="skip updates with non-finite gradients instead of stopping",
     )
     m.add_argument("--dtype", help="compute dtype: float32, or bfloat16 (mixed precision, float32 master params)")
-    d = p.add_argument_group("devices and processes (see docs/distributed.md)")
+
+
+def _add_device_options(d) -> None:
     d.add_argument("--devices", type=devices_arg, metavar="N|all", help="data parallel over N devices or all")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
     d.add_argument("--num-processes", type=integer, metavar="N", help="multi-process run: process count")
     d.add_argument("--process-id", type=integer, metavar="I", help="multi-process run: this process")
-    o = p.add_argument_group("output")
+
+
+def _add_output_options(o) -> None:
     o.add_argument(
         "--out",
         metavar="DIR",
@@ -160,7 +173,6 @@ def _add_train(sub) -> None:
     )
     o.add_argument("--quiet", action="store_true", help="no progress (errors and continuation notices still show)")
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures on stdout")
-    p.set_defaults(run=_cmd_train)
 
 
 def _given(args) -> dict:

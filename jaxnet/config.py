@@ -9,7 +9,6 @@ seeds ``seed ... seed + seeds - 1`` times each learning rate in ``lrs`` times ea
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from typing import Any
 
@@ -20,6 +19,7 @@ from jaxnet.checks import ArgumentError
 from jaxnet.data import BUILTINS, TASKS
 from jaxnet.layers import ACTIVATIONS
 from jaxnet.losses import get_loss
+from jaxnet.members import member_grid
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = ("float32", "bfloat16")
@@ -213,13 +213,8 @@ def hyperparameter_grid(config: TrainConfig) -> dict[str, list[float]]:
 
 def members(config: TrainConfig) -> list[dict]:
     """One dict per member, ``{"seed": int, "learning_rate": float[, "weight_decay": float]}``;
-    seeds vary fastest. A plain run has one member."""
-    grid = hyperparameter_grid(config)
-    out = []
-    for combo in itertools.product(*grid.values()):
-        for seed in range(config.seed, config.seed + config.seeds):
-            out.append({"seed": seed, **{n: float(v) for n, v in zip(grid, combo)}})
-    return out
+    seeds vary fastest (:func:`jaxnet.member_grid`). A plain run has one member."""
+    return member_grid(config.seeds, first_seed=config.seed, **hyperparameter_grid(config))
 
 
 def num_members(config: TrainConfig) -> int:

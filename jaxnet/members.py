@@ -23,11 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet import checks
 from jaxnet.base import Model, Params, PRNGKey
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def member_grid(seeds: int, first_seed: int = 0, **hyperparams: Sequence[float]) -> list[dict]:
@@ -47,10 +44,8 @@ def member_grid(seeds: int, first_seed: int = 0, **hyperparams: Sequence[float])
       >>> [m["learning_rate"] for m in member_grid(2, learning_rate=[0.1, 0.01])]
       [0.1, 0.1, 0.01, 0.01]
     """
-    if not _is_int(seeds) or seeds <= 0:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
-    if not _is_int(first_seed) or first_seed < 0:
-        raise ValueError(f"first seed must be a non-negative integer, got {first_seed!r}")
+    checks.integer("seeds", seeds)
+    checks.integer("first_seed", first_seed, 0)
     names = list(hyperparams)
     for name in names:
         values = hyperparams[name]
@@ -198,9 +193,13 @@ def check_memory(needed: int, members: int, device: jax.Device | None = None) ->
     """Raises ValueError when ``needed`` bytes (of ``members`` members) exceed the memory limit."""
     limit, where = memory_limit(device)
     if needed > limit:
+        what, fix = (
+            ("the run needs", "a smaller model or batch")
+            if members == 1
+            else (f"{members} members need", "fewer members (seeds x hyperparameter values) or a smaller batch")
+        )
         raise ValueError(
-            f"{members} members need about {_gib(needed)} while training, more than the {_gib(limit)} of "
-            f"{where}: train fewer members (seeds x hyperparameter values) or a smaller batch"
+            f"{what} about {_gib(needed)} while training, more than the {_gib(limit)} of {where}: train {fix}"
         )
 
 

@@ -87,7 +87,27 @@ def draw_network(result: dict[str, Any], path: str | os.PathLike) -> None:
     def pos(l, j):  # layer l (0 = inputs), neuron j (0-based, top to bottom), centred on y = 0
         return l * dx, ((sizes[l] - 1) / 2 - j) * dy
 
-    # Edges first, so neurons are drawn on top of them.
+    _draw_edges(ax, result, sizes, pos)  # first, so that the neurons are drawn on top of them
+    _draw_neurons(ax, fig, result, sizes, pos)
+    titles = ["inputs"] + [f"layer {l}" for l in range(1, n_layers)]
+    titles[-1] += " (output)"
+    if n_layers > 2:
+        titles[1:-1] = [t + " (hidden)" for t in titles[1:-1]]
+    for l, t in enumerate(titles):
+        ax.text(l * dx, top + 0.75, t, ha="center", fontsize=10, weight="bold")
+    ax.set_xlim(-0.9, (n_layers - 1) * dx + 1.5)
+    ax.set_ylim(-top - 1.0, top + 1.1)
+    ax.set_aspect("equal")
+    fig.suptitle(
+        f"One SGD step: C = 1/2 sum (a - t)$^2$ = {_g(result['loss'])}, learning rate {_g(result['lr'])}",
+        fontsize=11,
+    )
+    save_figure(fig, path)
+
+
+def _draw_edges(ax, result: dict[str, Any], sizes: list[int], pos) -> None:
+    """Every edge of the network, labelled with its weight, gradient and updated weight."""
+    n_layers = len(sizes)
     for l in range(1, n_layers):
         w, gw, uw = (result[k][l - 1]["w"] for k in ("params", "grads", "updated"))
         for j in range(sizes[l]):
@@ -110,6 +130,10 @@ def draw_network(result: dict[str, Any], path: str | os.PathLike) -> None:
                     bbox=dict(boxstyle="round,pad=0.2", fc="lightyellow", ec="0.7", lw=0.5, alpha=0.95),
                 )
 
+
+def _draw_neurons(ax, fig, result: dict[str, Any], sizes: list[int], pos) -> None:
+    """Every neuron, with its ``z`` and ``a`` (inputs: ``x``), bias line and output targets."""
+    n_layers = len(sizes)
     radius = 0.42
     for l in range(n_layers):
         for j in range(sizes[l]):
@@ -145,21 +169,6 @@ def draw_network(result: dict[str, Any], path: str | os.PathLike) -> None:
                     ha="left",
                     va="center",
                 )
-
-    titles = ["inputs"] + [f"layer {l}" for l in range(1, n_layers)]
-    titles[-1] += " (output)"
-    if n_layers > 2:
-        titles[1:-1] = [t + " (hidden)" for t in titles[1:-1]]
-    for l, t in enumerate(titles):
-        ax.text(l * dx, top + 0.75, t, ha="center", fontsize=10, weight="bold")
-    ax.set_xlim(-0.9, (n_layers - 1) * dx + 1.5)
-    ax.set_ylim(-top - 1.0, top + 1.1)
-    ax.set_aspect("equal")
-    fig.suptitle(
-        f"One SGD step: C = 1/2 sum (a - t)$^2$ = {_g(result['loss'])}, learning rate {_g(result['lr'])}",
-        fontsize=11,
-    )
-    save_figure(fig, path)
 
 
 def _circle(fig, center, radius, color):

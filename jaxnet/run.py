@@ -9,6 +9,7 @@ epochs) the run in a folder from its own config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -307,15 +308,7 @@ def _execute(
 
 def _owned(folder: RunFolder):
     """The folder's lock in the process that writes (process 0), nothing in the others."""
-    return folder.lock() if parallel.is_primary() else _nothing()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
+    return folder.lock() if parallel.is_primary() else contextlib.nullcontext()
 
 
 def _say(notify: Notify | None, message: str, always: bool = True) -> None:

@@ -126,7 +126,9 @@ def init_fit_state(
 ) -> FitState:
     """The :class:`FitState` that :func:`fit` starts from (epoch 0, empty history).
 
-    ``jax.eval_shape`` of it is the template that :func:`jaxnet.checkpoint.restore` needs.
+    ``jax.eval_shape`` of it is the template that :func:`jaxnet.checkpoint.restore` needs. The
+    state holds copies of ``params`` and ``key`` (one compiled call makes them and the optimizer
+    state), so that the caller's arrays stay valid while the epochs donate the state's.
 
     Args:
       params: the initial params; with a leading member axis K when ``key`` is ``(K,)``.
@@ -137,25 +139,30 @@ def init_fit_state(
     """
     if skip_nonfinite:
         optimizer = skip_nonfinite_updates(optimizer)
+
+    def fresh(p, kk):  # copies: the state's buffers are donated to the epochs, the caller's are not
+        return init_state(jax.tree.map(jnp.copy, p), optimizer, jnp.copy(kk))
+
     k = num_members(key)
     if k is None:
         if hyperparams is not None:
             raise ValueError("hyperparams are per-member values: give a (K,) array of keys (member_keys)")
-        return FitState(jax.jit(lambda p, kk: init_state(p, optimizer, kk))(params, key), 0, [])
+        return FitState(jax.jit(fresh)(params, key), 0, [])
     shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
     if not shapes or any(len(s) == 0 or s[0] != k for s in shapes):
         raise ValueError(
             f"{k} member keys need params with a leading member axis of {k}, got leaf shapes {shapes[:4]}: "
             "use init_members(model, keys)"
         )
-    train = jax.jit(jax.vmap(lambda p, kk: init_state(p, optimizer, kk)))(params, key)
+    train = jax.jit(jax.vmap(fresh))(params, key)
     if hyperparams:
         train = train._replace(opt_state=set_hyperparams(train.opt_state, hyperparams))
     return FitState(train, 0, [], None, [0] * k)
 
 
 def _as_array(name: str, value) -> jax.Array:
-    array = jnp.asarray(value)
+    # device_put, not jnp.asarray: the latter compiles a program of its own for each new shape
+    array = value if isinstance(value, jax.Array) else jax.device_put(np.asarray(value))
     if array.ndim == 0 or array.shape[0] == 0:
         raise ValueError(f"{name} is empty: give at least one example")
     return array
@@ -406,7 +413,8 @@ def fit(
     x, y, validation = _check_data(x, y, validation)
     _check_options(spec, epochs, batch_size, patience, monitor, validation)
     members = num_members(key if resume is None else resume.train.key)
-    if resume is None:
+    fresh = resume is None
+    if fresh:
         data_bytes = sum(a.nbytes for a in (x, y, *(validation or ())))
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
         check_fit_memory(one, optimizer, batch_size, members or 1, data_bytes)
@@ -423,8 +431,9 @@ def fit(
         skip_nonfinite=skip_nonfinite,
     )
     programs = _compile(model, spec, optimizer, options, members, mesh)
-    # Epochs donate the state's buffers; copy first so the caller's params, key and state stay valid.
-    state = resume._replace(train=_copy_tree(programs.place(resume.train)))
+    # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.
+    train = programs.place(resume.train)
+    state = resume._replace(train=train if fresh else _copy_tree(train))
     setup = _Setup(
         programs,
         programs.place((x, y)),

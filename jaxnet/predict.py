@@ -8,8 +8,6 @@ member is used as it is.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +31,7 @@ def member_outputs(meta: dict, params, x) -> jax.Array:
     """Raw outputs ``(K, n, out)`` of K members (params with a leading axis K) on inputs ``(n, d)``."""
     apply = build_model(meta).apply
     run = jax.jit(jax.vmap(jax.vmap(apply, in_axes=(None, 0)), in_axes=(0, None)))
-    return run(params, jnp.asarray(x))
+    return run(params, np.asarray(x))
 
 
 def combine(outputs: jax.Array, loss: str) -> jax.Array:
@@ -90,7 +88,6 @@ def regression_metrics(outputs, targets) -> dict[str, float]:
     return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error))), "r2": float(np.mean(r2))}
 
 
-@functools.partial(jax.jit, static_argnames="loss")
 def _loss_and_accuracy(outputs, y, loss: str) -> dict:
     spec = get_loss(loss)
     out = {"loss": batch_mean(spec.fn)(outputs, y)}
@@ -99,13 +96,20 @@ def _loss_and_accuracy(outputs, y, loss: str) -> dict:
     return out
 
 
-def metrics_of(outputs, y, meta: dict) -> dict:
-    """``{"loss", "accuracy"}`` for classification, ``{"loss", "mse", "mae", "r2"}`` for
-    regression, of one model's outputs ``(n, out)`` against prepared targets ``y``."""
-    out = {k: float(v) for k, v in _loss_and_accuracy(outputs, jnp.asarray(y), meta["loss"]).items()}
+_jit_loss_and_accuracy = jax.jit(_loss_and_accuracy, static_argnames="loss")
+
+
+def _scores(outputs, y, meta: dict, losses: dict) -> dict:
+    out = {k: float(v) for k, v in losses.items()}
     if meta["task"] == "regression":
         out.update(regression_metrics(outputs, y))
     return out
+
+
+def metrics_of(outputs, y, meta: dict) -> dict:
+    """``{"loss", "accuracy"}`` for classification, ``{"loss", "mse", "mae", "r2"}`` for
+    regression, of one model's outputs ``(n, out)`` against prepared targets ``y``."""
+    return _scores(outputs, y, meta, _jit_loss_and_accuracy(outputs, np.asarray(y), meta["loss"]))
 
 
 def targets_for(meta: dict, y) -> np.ndarray:
@@ -121,6 +125,13 @@ def evaluate(saved: SavedModel, x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def member_metrics(meta: dict, params, x, y) -> list[dict]:
-    """The metrics of each of K members (params with a leading axis K) on prepared ``x``, ``y``."""
-    outputs = member_outputs(meta, params, x)
-    return [metrics_of(outputs[i], y, meta) for i in range(outputs.shape[0])]
+    """The metrics (:func:`metrics_of`) of each of K members (params with a leading axis K) on
+    prepared ``x: (n, d)`` and ``y``, in one compiled call."""
+    apply = build_model(meta).apply
+
+    def run(params, x, y):
+        outputs = jax.vmap(jax.vmap(apply, in_axes=(None, 0)), in_axes=(0, None))(params, x)
+        return outputs, jax.vmap(lambda o: _loss_and_accuracy(o, y, meta["loss"]))(outputs)
+
+    outputs, losses = jax.device_get(jax.jit(run)(params, np.asarray(x), np.asarray(y)))
+    return [_scores(outputs[i], y, meta, {k: v[i] for k, v in losses.items()}) for i in range(len(outputs))]

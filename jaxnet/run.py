@@ -74,28 +74,30 @@ def prepare(config: TrainConfig) -> Job:
     estimated memory exceeds the device's before anything is allocated."""
     problem = load_problem(config)
     meta = model_meta(config, problem)
-    one = jax.eval_shape(build_model(meta).init, jax.random.key(0))
+    one = jax.eval_shape(lambda: build_model(meta).init(jax.random.key(0)))
     data = sum(part.x.nbytes + part.y.nbytes for part in problem.splits if part is not None)
     check_fit_memory(one, configlib.make_optimizer(config), config.batch_size, configlib.num_members(config), data)
     return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config))
 
 
-def _keys(job: Job):
-    """``(init_key, shuffle_key)``: each member's come from its own seed, as in a run alone."""
-    if not job.member_run:
-        return jax.random.split(jax.random.key(job.config.seed))
-    keys = jax.jit(jax.vmap(jax.random.split))(memberlib.member_keys([m["seed"] for m in job.grid]))
-    return keys[:, 0], keys[:, 1]
-
-
 def _fresh(job: Job) -> tuple:
-    """``(params, key, hyperparams)`` of a new run."""
-    model, (init_key, shuffle_key) = build_model(job.meta), _keys(job)
+    """``(params, key, hyperparams)`` of a new run, made in one compiled call. Each member's
+    init and shuffling keys come from its own seed, as in a run of that seed alone."""
+    init = build_model(job.meta).init
+
+    def make(seeds):
+        split = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(seeds)  # (K, 2) keys
+        init_keys, keys = split[:, 0], split[:, 1]
+        if not job.member_run:
+            return init(init_keys[0]), keys[0]
+        return jax.vmap(init)(init_keys), keys
+
+    seeds = np.asarray([m["seed"] for m in job.grid], np.uint32)
+    params, key = jax.jit(make)(seeds)
     if not job.member_run:
-        return jax.jit(model.init)(init_key), shuffle_key, None
+        return params, key, None
     names = configlib.hyperparameter_grid(job.config)
-    hyperparams = {name: jnp.asarray([m[name] for m in job.grid], jnp.float32) for name in names}
-    return memberlib.init_members(model, init_key), shuffle_key, hyperparams
+    return params, key, {name: np.asarray([m[name] for m in job.grid], np.float32) for name in names}
 
 
 def template(job: Job) -> FitState:
@@ -206,7 +208,7 @@ def _speed(history: list) -> float | None:
 def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     """``(summary, best)``: the run's final figures and the index of its best member."""
     test, k = job.problem.splits.test, len(job.grid)
-    params = state.params if job.member_run else jax.tree.map(lambda a: a[None], state.params)
+    params = state.params if job.member_run else jax.tree.map(lambda a: np.asarray(a)[None], state.params)
     tests = predict.member_metrics(job.meta, params, test.x, test.y) if test is not None else []
     best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
     entries = _member_entries(job, state.history, tests)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxnet.checks import ArgumentError
+from jaxnet.checks import ArgumentError, escape
 
 TASKS = ("classification", "regression")
 BUILTINS: tuple[str, ...] = ("seed", "xor", "moons", "spirals", "digits")
@@ -161,15 +161,17 @@ def _targets(
     labels = as_float[:, 0]
     if not integral:
         i = int(np.flatnonzero(labels != np.round(labels))[0])
-        raise ValueError(
-            f"{where(i)}: target {labels[i].item()!r} is not an integer class label "
-            "(for a numeric target use a regression loss, e.g. --loss mse)"
+        raise ArgumentError(
+            f"{escape(where(i))}: target {labels[i].item()!r} is not an integer class label "
+            "(for a numeric target set {0} to 'regression')",
+            "task",
         )
     low = int(np.argmin(labels))
     if labels[low] < 0:
-        raise ValueError(
-            f"labels out of range: {where(low)}: class label {int(labels[low])} is negative; class labels "
-            "must be integers 0..C-1 (for a numeric target use a regression loss, e.g. --loss mse)"
+        raise ArgumentError(
+            f"labels out of range: {escape(where(low))}: class label {int(labels[low])} is negative; class labels "
+            "must be integers 0..C-1 (for a numeric target set {0} to 'regression')",
+            "task",
         )
     num_classes = int(labels.max()) + 1
     return labels.astype(np.int32), task, num_classes

@@ -98,7 +98,7 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.exists():
         where = f"{path} has no {MODEL_FILE}" if path.is_dir() else f"{path} does not exist"
-        raise ValueError(f"not a jaxnet model: {where} (give the --out folder of 'jaxnet train')")
+        raise ValueError(f"not a jaxnet model: {where} (give the run folder of a training run)")
     try:
         with np.load(file, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}

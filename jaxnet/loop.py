@@ -310,7 +310,8 @@ def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book
     if setup.members is None:  # a single run's records and best epoch hold scalars
         record = {name: v[0] if isinstance(v, list) else v for name, v in record.items()}
     best_epoch = int(book.best_epoch[0]) if setup.members is None else [int(e) for e in book.best_epoch]
-    return FitState(train, epoch, [*state.history, record], best, best_epoch), book, record
+    state.history.append(record)  # the loop's own list (see _loop)
+    return FitState(train, epoch, state.history, best, best_epoch), book, record
 
 
 def _call(callbacks, hook: str, state: FitState) -> None:
@@ -323,6 +324,7 @@ def _call(callbacks, hook: str, state: FitState) -> None:
 def _loop(state: FitState, setup: _Setup) -> FitState:
     """Epochs until the last, every member stopped, or a callback asks to stop."""
     book = _open_book(state, setup.monitor, setup.patience, setup.skip_nonfinite)
+    state = state._replace(history=list(state.history))  # appended to by each epoch; the caller's stays as it is
     _call(setup.callbacks, "on_run_start", state)
     while state.epoch < setup.epochs and not book.stopped.all():
         state, book, record = _epoch(state, book, setup)

@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnet.checks import ArgumentError
+
 DATA_AXIS = "data"
 
 # jax.distributed.initialize() reads JAX_COORDINATOR_ADDRESS itself and gets the process count and
@@ -51,8 +53,8 @@ def make_data_mesh(devices=None) -> Mesh:
         if devices <= 0:
             raise ValueError(f"the number of devices must be a positive integer, got {devices}")
         if jax.process_count() > 1 and devices != len(available):
-            raise ValueError(
-                f"a multi-process run trains on all {len(available)} devices of its processes: use --devices all"
+            raise ArgumentError(
+                f"a multi-process run trains on all {len(available)} devices of its processes: use {{0}} all", "devices"
             )
         if devices > len(available):
             raise ValueError(
@@ -149,9 +151,12 @@ def initialize_distributed(
             coordinator, num_processes, process_id = env[0], _env_int(_JAX_ENV[1]), _env_int(_JAX_ENV[2])
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise ValueError(
-            "multi-process training needs all of --coordinator, --num-processes and --process-id "
-            "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        raise ArgumentError(
+            "multi-process training needs all of {0}, {1} and {2} "
+            "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)",
+            "coordinator",
+            "num_processes",
+            "process_id",
         )
     if all(given):
         if ":" not in coordinator:

@@ -133,7 +133,7 @@ def test_mesh_and_process_rows_bad_input():
     assert shares == [slice(0, 3), slice(3, 6), slice(6, 9)]
     with pytest.raises(ValueError, match="out of range"):
         parallel.process_rows(10, 3, 3)
-    with pytest.raises(ValueError, match="needs all of --coordinator"):
+    with pytest.raises(ValueError, match="needs all of coordinator, num_processes and process_id"):
         parallel.initialize_distributed("127.0.0.1:1234")
 
 

@@ -113,7 +113,8 @@ def metrics_of(outputs, y, meta: dict) -> dict:
 
 
 def targets_for(meta: dict, y) -> np.ndarray:
-    """Raw targets prepared as the model's loss expects."""
+    """Raw targets ``(n,)`` or ``(n, k)`` prepared as the model's loss expects: ``(n,)`` int32
+    labels for cross-entropy, ``(n, k)`` float32 otherwise."""
     return prepare_targets(np.asarray(y), meta["loss"], meta["sizes"][-1] if meta["num_classes"] else None)
 
 

@@ -60,7 +60,8 @@ def make_loss_fn(
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRNGKey) -> TrainState:
-    """A fresh :class:`TrainState` at step 0."""
+    """A fresh :class:`TrainState` at step 0: ``params`` (a pytree), ``optimizer.init(params)``,
+    ``key`` (a scalar PRNG key) and ``step`` (an int32 scalar)."""
     _check_optimizer(optimizer)
     return TrainState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32))
 

@@ -148,5 +148,10 @@ class Progress:
             print(f"epoch {record['epoch']}: {text}", file=self.stream, flush=True)
 
     def on_run_end(self, state) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the bar (also when training failed: the error then stands on a line of its own)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

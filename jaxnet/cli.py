@@ -222,6 +222,11 @@ def _stdout_to_stderr(active: bool):
         os.close(saved)
 
 
+def _closing(thing):
+    """``contextlib.closing(thing)``, or nothing for None."""
+    return contextlib.closing(thing) if thing is not None else contextlib.nullcontext()
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -253,9 +258,8 @@ def _cmd_train(args) -> int:
     given = _given(args)
     config = None if args.resume else configlib.make_config(**given)
     interrupt = callbacks.Interrupt(_say if primary else None)
-    cbs = [interrupt]
-    if primary and not args.quiet:
-        cbs.append(callbacks.Progress(config.epochs if config else args.epochs, sys.stderr))
+    progress = callbacks.Progress(config.epochs if config else args.epochs) if primary and not args.quiet else None
+    cbs = [interrupt] + ([progress] if progress else [])
 
     def notify(message: str, always: bool = False) -> None:
         if primary and (always or not args.quiet):
@@ -263,7 +267,7 @@ def _cmd_train(args) -> int:
 
     options = dict(callbacks=cbs, mesh=mesh, checkpoint_every=args.checkpoint_every, keep=args.keep, notify=notify)
     _quiet_orbax_unraisables()
-    with interrupt, _stdout_to_stderr(args.json):
+    with interrupt, _stdout_to_stderr(args.json), _closing(progress):
         if args.resume:
             overrides = {k: v for k, v in given.items() if k != "epochs"}
             result = runlib.resume(args.resume, epochs=args.epochs, overrides=overrides, **options)

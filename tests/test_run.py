@@ -257,3 +257,15 @@ def test_a_nonfinite_loss_is_a_runtime_failure_exit_1(tmp_path):
     )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "(--skip-nonfinite); no checkpoint was saved (use --out DIR --checkpoint-every N)" in proc.stderr
+
+
+def test_a_resume_does_not_depend_on_the_current_directory(tmp_path, monkeypatch):
+    x, y = _xor(80)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "xor.npz", x=x, y=y)
+    monkeypatch.chdir(tmp_path / "data")
+    config = configlib.make_config(data="xor.npz", hidden=(4,), epochs=2, batch_size=16)
+    assert config.data == str(tmp_path / "data" / "xor.npz")  # stored resolved
+    runlib.run(config, out=tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert runlib.resume(tmp_path / "run", epochs=3).summary["epochs"] == 3

@@ -116,6 +116,9 @@ def _progress_fields(record: Record) -> dict[str, str]:
             value = best([v for v in value if v is not None], default=None)
         if value is not None:
             fields[label] = f"{value:.4f}" if name == "val_accuracy" else f"{value:.4g}"
+    skipped = record.get("skipped")
+    if skipped:
+        fields["skipped"] = str(sum(v or 0 for v in skipped) if isinstance(skipped, list) else skipped)
     speed = record["steps"] / record["seconds"] if record["seconds"] > 0 else float("inf")
     fields["steps/s"] = f"{speed:,.0f}"
     return fields

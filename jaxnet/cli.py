@@ -222,6 +222,13 @@ def _stdout_to_stderr(active: bool):
         os.close(saved)
 
 
+def _json(value) -> str:
+    """Strict JSON (non-finite numbers as null) for stdout."""
+    from jaxnet.files import json_safe
+
+    return json.dumps(json_safe(value), allow_nan=False)
+
+
 def _closing(thing):
     """``contextlib.closing(thing)``, or nothing for None."""
     return contextlib.closing(thing) if thing is not None else contextlib.nullcontext()
@@ -294,7 +301,7 @@ def _report(result, args, out) -> None:
 
     summary = result.summary
     if args.json:
-        print(json.dumps(summary))
+        print(_json(summary))
         return
     if args.quiet:
         return
@@ -346,7 +353,7 @@ def _cmd_evaluate(args) -> int:
         raise CliError(f"{args.data} has no targets: name the target column with --target")
     metrics = predict.evaluate(saved, x, y)
     if args.json:
-        print(json.dumps(metrics))
+        print(_json(metrics))
     else:
         print("  ".join(f"{name} {value:.6g}" for name, value in metrics.items()) + f"  ({len(x)} examples)")
     return 0
@@ -383,8 +390,8 @@ def _cmd_seed(args) -> int:
         print(json.dumps(result))
     else:
         print(format_worked_example(result))
-        if args.figure:
-            print(f"figure written to {args.figure}")
+    if args.figure:
+        _say(f"figure written to {args.figure}")
     return 0
 
 

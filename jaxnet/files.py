@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -54,20 +55,36 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_safe(value):
+    """``value`` with every non-finite float (NaN, inf) replaced by None: strict JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Writes one JSON object per line, atomically (the whole file is replaced)."""
-    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    """Writes one strict JSON object per line (non-finite numbers as null), atomically (the whole
+    file is replaced)."""
+    write_text(path, "".join(json.dumps(json_safe(r), sort_keys=True, allow_nan=False) + "\n" for r in records))
 
 
 class SavedModel(NamedTuple):
     """A trained model as stored: ``meta`` (JSON: architecture, loss, task, feature names, config),
-    ``params`` (list of ``{"w", "b"}`` numpy arrays, optionally with a leading member axis) and the
-    standardization ``mean``/``std`` fitted on the training split."""
+    ``params`` (list of ``{"w", "b"}`` numpy arrays, optionally with a leading member axis), the
+    feature standardization ``mean``/``std`` ``(d,)`` fitted on the training split and, for a
+    regression model trained on standardized targets, their ``target_mean``/``target_std``
+    ``(k,)`` (None otherwise): the model's outputs are in those standardized units."""
 
     meta: dict
     params: Any
     mean: np.ndarray
     std: np.ndarray
+    target_mean: np.ndarray | None = None
+    target_std: np.ndarray | None = None
 
 
 def _flatten_params(params) -> dict[str, np.ndarray]:
@@ -80,6 +97,9 @@ def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
     arrays = _flatten_params(model.params)
     arrays["norm/mean"] = np.asarray(model.mean, np.float32)
     arrays["norm/std"] = np.asarray(model.std, np.float32)
+    if model.target_mean is not None:
+        arrays["norm/target_mean"] = np.asarray(model.target_mean, np.float32)
+        arrays["norm/target_std"] = np.asarray(model.target_std, np.float32)
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     path = Path(directory) / MODEL_FILE
     with atomic_path(path) as tmp:
@@ -117,4 +137,11 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     params = [layers[i] for i in sorted(layers)]
     if len(params) != len(meta.get("sizes", [])) - 1 or "norm/mean" not in arrays:
         raise ValueError(f"damaged jaxnet model: {file} is missing arrays")
-    return SavedModel(meta, params, arrays["norm/mean"], arrays["norm/std"])
+    return SavedModel(
+        meta,
+        params,
+        arrays["norm/mean"],
+        arrays["norm/std"],
+        arrays.get("norm/target_mean"),
+        arrays.get("norm/target_std"),
+    )

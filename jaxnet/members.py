@@ -225,13 +225,16 @@ def member_scores(history: list, monitor: str = "val_loss") -> list[float]:
 
 
 def best_member(history: list, monitor: str = "val_loss") -> int:
-    """The index of the member with the best ``monitor`` (highest accuracy, lowest loss).
+    """The index of the member with the best ``monitor`` (highest accuracy, lowest loss); members
+    tied on an accuracy are ranked by their validation loss (when the history has one), then by index.
 
     Raises ValueError when no member has a finite score.
     """
     scores = member_scores(history, monitor)
     sign = -1.0 if monitor.endswith("accuracy") else 1.0
-    finite = [(sign * s, i) for i, s in enumerate(scores) if math.isfinite(s)]
+    ties = member_scores(history, "val_loss") if sign < 0 and "val_loss" in history[0] else [0.0] * len(scores)
+    ties = [t if math.isfinite(t) else math.inf for t in ties]
+    finite = [(sign * s, ties[i], i) for i, s in enumerate(scores) if math.isfinite(s)]
     if not finite:
         raise ValueError(f"no member has a finite {monitor}: every member diverged; lower the learning rates")
-    return min(finite)[1]
+    return min(finite)[2]

@@ -71,13 +71,6 @@ def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray 
     return datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
 
 
-def predict(saved: SavedModel, x: np.ndarray) -> np.ndarray:
-    """Predictions ``(n, out)`` for standardized inputs ``x: (n, d)``: class probabilities for the
-    classification losses, outputs for regression; an ensemble averages its members."""
-    loss = saved.meta["loss"]
-    return probabilities(combine(member_outputs(saved.meta, stacked_params(saved), x), loss), loss)
-
-
 def regression_metrics(outputs, targets) -> dict[str, float]:
     """MSE, MAE and R² (coefficient of determination, averaged over outputs) of ``(n, k)`` arrays."""
     outputs, targets = np.asarray(outputs, np.float64), np.asarray(targets, np.float64)
@@ -99,33 +92,62 @@ def _loss_and_accuracy(outputs, y, loss: str) -> dict:
 _jit_loss_and_accuracy = jax.jit(_loss_and_accuracy, static_argnames="loss")
 
 
-def _scores(outputs, y, meta: dict, losses: dict) -> dict:
+def _scores(outputs, y, meta: dict, losses: dict, scaler=None) -> dict:
     out = {k: float(v) for k, v in losses.items()}
     if meta["task"] == "regression":
-        out.update(regression_metrics(outputs, y))
+        out.update(regression_metrics(to_units(outputs, scaler), to_units(y, scaler)))
     return out
 
 
-def metrics_of(outputs, y, meta: dict) -> dict:
+def to_units(values, scaler):
+    """Regression outputs or targets ``(n, k)`` from standardized units back to the target's own
+    (``scaler`` is the training split's ``(mean, std)`` of the targets, or None: unchanged)."""
+    if scaler is None or scaler[0] is None:
+        return np.asarray(values)
+    return np.asarray(values, np.float64) * np.asarray(scaler[1], np.float64) + np.asarray(scaler[0], np.float64)
+
+
+def metrics_of(outputs, y, meta: dict, scaler=None) -> dict:
     """``{"loss", "accuracy"}`` for classification, ``{"loss", "mse", "mae", "r2"}`` for
-    regression, of one model's outputs ``(n, out)`` against prepared targets ``y``."""
-    return _scores(outputs, y, meta, _jit_loss_and_accuracy(outputs, np.asarray(y), meta["loss"]))
+    regression, of one model's outputs ``(n, out)`` against prepared targets ``y``. The loss is
+    the training loss, in the units the model was trained in; MSE, MAE and R² are in the
+    target's own units (``scaler``: the targets' standardization, or None)."""
+    return _scores(outputs, y, meta, _jit_loss_and_accuracy(outputs, np.asarray(y), meta["loss"]), scaler)
 
 
-def targets_for(meta: dict, y) -> np.ndarray:
+def targets_for(saved: SavedModel, y) -> np.ndarray:
     """Raw targets ``(n,)`` or ``(n, k)`` prepared as the model's loss expects: ``(n,)`` int32
-    labels for cross-entropy, ``(n, k)`` float32 otherwise."""
-    return prepare_targets(np.asarray(y), meta["loss"], meta["sizes"][-1] if meta["num_classes"] else None)
+    labels for cross-entropy, ``(n, k)`` float32 otherwise (standardized as in training)."""
+    meta = saved.meta
+    y = prepare_targets(np.asarray(y), meta["loss"], meta["sizes"][-1] if meta["num_classes"] else None)
+    if saved.target_mean is None:
+        return y
+    return ((y - saved.target_mean) / saved.target_std).astype(np.float32)
+
+
+def _scaler(saved: SavedModel):
+    return None if saved.target_mean is None else (saved.target_mean, saved.target_std)
+
+
+def predict(saved: SavedModel, x: np.ndarray) -> np.ndarray:
+    """Predictions ``(n, out)`` for standardized inputs ``x: (n, d)``: class probabilities for the
+    classification losses, outputs in the target's units for regression; an ensemble averages
+    its members."""
+    loss = saved.meta["loss"]
+    outputs = combine(member_outputs(saved.meta, stacked_params(saved), x), loss)
+    if saved.meta["task"] == "regression":
+        return to_units(outputs, _scaler(saved)).astype(np.float32)
+    return probabilities(outputs, loss)
 
 
 def evaluate(saved: SavedModel, x: np.ndarray, y: np.ndarray) -> dict:
     """The metrics (:func:`metrics_of`) of a saved model on standardized ``x: (n, d)`` and raw
     targets ``y``; an ensemble is evaluated on its averaged predictions."""
     outputs = combine(member_outputs(saved.meta, stacked_params(saved), x), saved.meta["loss"])
-    return metrics_of(outputs, targets_for(saved.meta, y), saved.meta)
+    return metrics_of(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
 
 
-def member_metrics(meta: dict, params, x, y) -> list[dict]:
+def member_metrics(meta: dict, params, x, y, scaler=None) -> list[dict]:
     """The metrics (:func:`metrics_of`) of each of K members (params with a leading axis K) on
     prepared ``x: (n, d)`` and ``y``, in one compiled call."""
     apply = build_model(meta).apply
@@ -135,4 +157,4 @@ def member_metrics(meta: dict, params, x, y) -> list[dict]:
         return outputs, jax.vmap(lambda o: _loss_and_accuracy(o, y, meta["loss"]))(outputs)
 
     outputs, losses = jax.device_get(jax.jit(run)(params, np.asarray(x), np.asarray(y)))
-    return [_scores(outputs[i], y, meta, {k: v[i] for k, v in losses.items()}) for i in range(len(outputs))]
+    return [_scores(outputs[i], y, meta, {k: v[i] for k, v in losses.items()}, scaler) for i in range(len(outputs))]

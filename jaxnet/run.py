@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import checkpoint, files, parallel, plot, predict
+from jaxnet import checkpoint, checks, files, parallel, plot, predict
 from jaxnet import config as configlib
 from jaxnet import members as memberlib
 from jaxnet.callbacks import Checkpointer
@@ -193,6 +193,8 @@ def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
                 val_loss=best.get("val_loss"),
                 val_accuracy=best.get("val_accuracy"),
             )
+        if any("skipped" in r for r in own):
+            entry["skipped"] = sum(r["skipped"] for r in own)  # updates skipped as non-finite
         entry.update({f"test_{name}": value for name, value in tests[i].items()} if tests else {})
         entries.append(entry)
     return entries
@@ -209,7 +211,8 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     """``(summary, best)``: the run's final figures and the index of its best member."""
     test, k = job.problem.splits.test, len(job.grid)
     params = state.params if job.member_run else jax.tree.map(lambda a: np.asarray(a)[None], state.params)
-    tests = predict.member_metrics(job.meta, params, test.x, test.y) if test is not None else []
+    scaler = job.problem.target_scaler
+    tests = predict.member_metrics(job.meta, params, test.x, test.y, scaler) if test is not None else []
     best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
     entries = _member_entries(job, state.history, tests)
     c = job.config
@@ -222,7 +225,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         "val_accuracy": entries[best].get("val_accuracy"),
         "test_accuracy": None,
     }
-    summary.update({name: v for name, v in entries[best].items() if name.startswith("test_")})
+    summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
     summary.update(seconds=seconds, steps_per_second=_speed(state.history))
     if job.member_run:
         if summary["steps_per_second"] is not None:
@@ -241,7 +244,9 @@ def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
             memberlib.take_member(params, best),
             dict(meta, member=dict(job.grid[best], index=best)),
         )
-    return files.SavedModel(meta, params, job.problem.standardizer.mean, job.problem.standardizer.std)
+    mean, std = job.problem.standardizer
+    target = job.problem.target_scaler or (None, None)
+    return files.SavedModel(meta, params, mean, std, *target)
 
 
 def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
@@ -255,15 +260,21 @@ def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
     plot.plot_curves(member_history(result.state.history, best), folder.path / "curves.png", title=title)
 
 
+def _norms(job: Job) -> dict:
+    """The data's standardization, as JSON: a resume checks that the data is still the same."""
+    p = job.problem
+    pairs = {"mean": p.standardizer.mean, "std": p.standardizer.std}
+    if p.target_scaler is not None:
+        pairs.update(target_mean=p.target_scaler.mean, target_std=p.target_scaler.std)
+    return {name: np.asarray(v, np.float32).tolist() for name, v in pairs.items()}
+
+
 def _metadata(job: Job, every: int | None, keep: int | None) -> dict:
     return {
         "config": job.config.to_dict(),
         "model": job.meta,
         "schedule": {"every": every, "keep": keep},
-        "norm": {
-            "mean": job.problem.standardizer.mean.tolist(),
-            "std": job.problem.standardizer.std.tolist(),
-        },
+        "norm": _norms(job),
     }
 
 
@@ -319,12 +330,12 @@ def _say(notify: Notify | None, message: str, always: bool = True) -> None:
 
 
 def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:
-    for name, now in zip(("mean", "std"), job.problem.standardizer):
-        then = np.asarray(metadata["norm"][name], np.float32)
-        if not np.array_equal(np.asarray(now, np.float32), then):
+    now, then = _norms(job), metadata["norm"]
+    for name in sorted(set(now) | set(then)):
+        if now.get(name) != then.get(name):
             raise ValueError(
-                f"cannot resume: the data of {folder.path} changed since the checkpoint "
-                f"(its standardization {name} differs)"
+                f"cannot resume: the data of {folder.path} changed since the checkpoint (its standardization "
+                f"{name.replace('_', ' ')} differs): restore the data, or train into another folder"
             )
 
 
@@ -342,6 +353,12 @@ def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule,
         given if given is not None else stored.get(name) for given, name in zip(schedule, ("every", "keep"))
     )
     epoch = restored.state.epoch
+    if config.epochs < epoch:
+        raise ArgumentError(
+            f"the run in {checks_escape(folder.path)} has trained {epoch} epochs, more than {{0}} {config.epochs}: "
+            f"give {{0}} above {epoch} to extend it (or train into another folder)",
+            "epochs",
+        )
     if is_finished(restored.state, epochs=config.epochs, patience=config.patience):
         _say(notify, f"{folder.path} already finished at epoch {epoch}; not training further")
     else:
@@ -386,14 +403,14 @@ def run(
         job = prepare(config)
         _say(notify, describe(job.problem), always=False)
         return _execute(job, None, None, callbacks, mesh, (None, None))
-    folder = RunFolder(out)
+    folder = _checked_folder(out, checkpoint_every, keep)
     with _owned(folder):
         stored = folder.stored_config()
-        if stored is not None and not overwrite:
+        if stored is not None and _holds_training(folder) and not overwrite:
             _check_same_run(folder, TrainConfig.from_dict(stored), config)
             if checkpoint.epochs(folder.checkpoints):
                 return _continue(folder, config, callbacks, mesh, (checkpoint_every, keep), notify)
-        elif folder.holds_outputs() and not overwrite:
+        elif stored is None and folder.holds_outputs() and not overwrite:
             raise ArgumentError(
                 f"{checks_escape(folder.path)} holds files of a run without its config.json: "
                 "train into another folder, or replace them ({0})",
@@ -407,8 +424,34 @@ def run(
         return _execute(job, folder, None, callbacks, mesh, (checkpoint_every, 3 if keep is None else keep))
 
 
+def _checked_folder(out, checkpoint_every, keep) -> RunFolder:
+    """The run folder ``out``, refused early when it cannot be one; the checkpoint schedule checked."""
+    checks.optional_integer("checkpoint_every", checkpoint_every)
+    checks.optional_integer("keep", keep)
+    folder = RunFolder(out)
+    if str(out) == "":
+        raise ArgumentError("{0} is empty: name a folder for the run", "out")
+    if folder.path.exists() and not folder.path.is_dir():
+        raise ArgumentError(f"{checks.escape(folder.path)} is a file, not a folder: give {{0}} a folder", "out")
+    return folder
+
+
+def _holds_training(folder: RunFolder) -> bool:
+    """Whether the folder holds something of its run worth keeping: checkpoints or a model (a run
+    that failed before its first checkpoint left only its config)."""
+    return bool(checkpoint.epochs(folder.checkpoints)) or (folder.path / files.MODEL_FILE).exists()
+
+
 def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig) -> None:
     differ = configlib.differences(stored, config)
+    if differ == ["epochs"]:
+        raise ArgumentError(
+            f"{checks.escape(folder.path)} holds this run with {{0}} {stored.epochs}: to extend it, resume it "
+            "({1} DIR {0} N); or train into another folder, or replace it ({2})",
+            "epochs",
+            "resume",
+            "overwrite",
+        )
     if differ:
         names = ", ".join(f"{{{i}}}" for i in range(len(differ)))
         raise ArgumentError(
@@ -440,7 +483,7 @@ def resume(
       checkpoint_every, keep: the checkpoint schedule (default: the run's own).
       overrides: config fields given again (None: not given); each must equal the run's own.
     """
-    folder = RunFolder(out)
+    folder = _checked_folder(out, checkpoint_every, keep)
     if not folder.path.is_dir():
         raise ValueError(f"cannot resume: {out} does not exist (give the out folder of an earlier run)")
     with _owned(folder):

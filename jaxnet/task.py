@@ -26,12 +26,15 @@ class Problem(NamedTuple):
       splits: train / val / test parts: ``x`` ``(n, d)`` standardized float32, ``y`` as the loss
         expects (``(n,)`` int32 labels, ``(n, k)`` float32 targets); val and test may be None.
       standardizer: the training split's ``(mean, std)``, each ``(d,)``.
+      target_scaler: for regression with standardization, the training split's ``(mean, std)``
+        of the targets, each ``(k,)``, by which ``y`` is standardized (else None).
       loss: the loss name; out_dim: the model's output size; task: classification or regression.
       num_classes: for classification; feature_names: ``d`` names.
     """
 
     splits: datalib.Splits
     standardizer: datalib.Standardizer
+    target_scaler: datalib.Standardizer | None
     loss: str
     out_dim: int
     task: str
@@ -92,8 +95,22 @@ def load_problem(config: TrainConfig) -> Problem:
         return None if part is None else part._replace(y=prepare_targets(part.y, loss, ds.num_classes))
 
     splits = datalib.Splits(*(prepared(part) for part in splits))
+    target_scaler = None
+    if config.standardize and ds.task == "regression" and get_loss(loss).metric is None:
+        splits, target_scaler = _standardize_targets(splits)
     out_dim = ds.num_classes if get_loss(loss).integer_labels else splits.train.y.shape[1]
-    return Problem(splits, standardizer, loss, out_dim, ds.task, ds.num_classes, tuple(ds.feature_names))
+    return Problem(splits, standardizer, target_scaler, loss, out_dim, ds.task, ds.num_classes, tuple(ds.feature_names))
+
+
+def _standardize_targets(splits: datalib.Splits) -> tuple[datalib.Splits, datalib.Standardizer]:
+    """Regression targets ``(n, k)`` standardized by the training split's mean and std, so that
+    the default learning rates suit targets of any scale (a price in dollars, a count)."""
+    scaler = datalib.fit_standardizer(splits.train.y)
+
+    def apply(part):
+        return None if part is None else part._replace(y=datalib.standardize(part.y, scaler))
+
+    return datalib.Splits(*(apply(part) for part in splits)), scaler
 
 
 def model_meta(config: TrainConfig, problem: Problem) -> dict:

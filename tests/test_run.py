@@ -269,3 +269,91 @@ def test_a_resume_does_not_depend_on_the_current_directory(tmp_path, monkeypatch
     runlib.run(config, out=tmp_path / "run")
     monkeypatch.chdir(tmp_path)
     assert runlib.resume(tmp_path / "run", epochs=3).summary["epochs"] == 3
+
+
+def test_regression_targets_in_any_units_train_with_the_defaults(tmp_path):
+    # Prices in dollars: with the default Adam 1e-3 an unscaled target would not be learned in 30
+    # epochs (R² far below 0); targets are standardized on the training split, outputs scaled back.
+    rng = np.random.default_rng(0)
+    x = rng.uniform([500, 1, 0], [3000, 6, 80], size=(1000, 3)).astype(np.float32)
+    price = (100 * x[:, 0] + 20000 * x[:, 1] - 1000 * x[:, 2] + rng.normal(0, 20000, 1000)).astype(np.float32)
+    np.savez(tmp_path / "houses.npz", x=x, y=price)
+    result = runlib.run(configlib.make_config(data=str(tmp_path / "houses.npz"), hidden=(32,)), out=tmp_path / "run")
+    assert result.summary["test_r2"] > 0.85, result.summary
+    saved = files.load_model(tmp_path / "run")
+    from jaxnet import predict
+
+    xs, ys = predict.load_features(saved, str(tmp_path / "houses.npz"))
+    predictions = predict.predict(saved, xs)[:, 0]
+    assert abs(np.median(predictions) - np.median(price)) < 0.1 * np.median(price)  # in dollars
+    metrics = predict.evaluate(saved, xs, ys)
+    np.testing.assert_allclose(metrics["mse"], np.mean((predictions - price) ** 2), rtol=1e-4)
+
+
+def test_resume_to_fewer_epochs_than_done_is_refused_and_changes_nothing(tmp_path):
+    runlib.run(configlib.make_config(**SMALL), out=tmp_path / "run")
+    before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"has trained 4 epochs, more than epochs 2") as e:
+        runlib.resume(tmp_path / "run", epochs=2)
+    assert "give --epochs above 4" in e.value.render(cli.flag)
+    assert (tmp_path / "run" / "config.json").read_text() == before
+    with pytest.raises(ValueError, match=r"holds this run with epochs 4: to extend it") as e:
+        runlib.run(configlib.make_config(**dict(SMALL, epochs=6)), out=tmp_path / "run")
+    assert "(--resume DIR --epochs N)" in e.value.render(cli.flag)
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_a_corrected_one(tmp_path):
+    x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    np.savez(tmp_path / "lin.npz", x=x, y=x @ np.array([1.0, -1.0], np.float32))
+    bad = configlib.make_config(
+        data=str(tmp_path / "lin.npz"), hidden=(), optimizer="sgd", lr=1e4, epochs=20, standardize=False
+    )
+    with pytest.raises(jn.NonFiniteLossError):
+        runlib.run(bad, out=tmp_path / "run")
+    good = configlib.make_config(data=str(tmp_path / "lin.npz"), hidden=(), optimizer="sgd", lr=0.1, epochs=5)
+    assert runlib.run(good, out=tmp_path / "run").summary["epochs"] == 5
+
+
+def test_an_unusable_out_is_refused_before_any_data_is_read(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for out, match in ((tmp_path / "file", "is a file, not a folder"), ("", "out is empty")):
+        with pytest.raises(ValueError, match=match):
+            runlib.run(configlib.make_config(data=str(tmp_path / "missing.npz")), out=out)
+    with pytest.raises(ValueError, match="keep must be a positive integer"):
+        runlib.run(configlib.make_config(data=str(tmp_path / "missing.npz")), out=tmp_path / "run", keep=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ties_on_accuracy_are_broken_by_validation_loss():
+    history = [{"val_accuracy": [1.0, 1.0, 0.9], "val_loss": [0.3, 0.1, 0.05], "best_epoch": [1, 1, 1]}]
+    assert jn.best_member(history, "val_accuracy") == 1
+
+
+def test_json_outputs_are_strict_json(tmp_path):
+    x = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
+    np.savez(tmp_path / "lin.npz", x=x, y=x @ np.array([1.0, -1.0], np.float32))
+    proc = _jaxnet(
+        "train",
+        "--data",
+        tmp_path / "lin.npz",
+        "--hidden",
+        "",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "3",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "14",
+        "--skip-nonfinite",
+        "--quiet",
+        "--json",
+        "--out",
+        tmp_path / "run",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
+    assert summary["skipped"] > 0
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))

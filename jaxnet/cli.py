@@ -458,7 +458,9 @@ def _exit_code(error: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxnet`` console script; returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # named by the subcommand whose options were meant
+            raise CliError(f"unrecognized arguments: {' '.join(extra)} (see 'jaxnet {args.command} --help')")
         _use_compilation_cache()
         return int(args.run(args) or 0)
     except BrokenPipeError:  # `jaxnet predict ... | head`: the reader is done, so are we

@@ -357,3 +357,8 @@ def test_json_outputs_are_strict_json(tmp_path):
     assert summary["skipped"] > 0
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_an_unknown_option_names_the_subcommand_help(capsys):
+    assert cli.main(["train", "--nonsense"]) == 2
+    assert capsys.readouterr().err == "jaxnet: error: unrecognized arguments: --nonsense (see 'jaxnet train --help')\n"

@@ -14,7 +14,10 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
+    "BATCH_AXIS": "base",
     "Batch": "base",
+    "Context": "base",
+    "StatefulModel": "base",
     "Model": "base",
     "PRNGKey": "base",
     "Params": "base",
@@ -22,11 +25,32 @@ _EXPORTS = {
     "epoch_batches": "epoch",
     "make_epoch": "epoch",
     "num_batches": "epoch",
+    "apply_batch": "forward",
+    "apply_example": "forward",
+    "init_model": "forward",
+    "is_stateful": "forward",
     "ACTIVATIONS": "layers",
     "activation_layer": "layers",
+    "as_stateful": "layers",
+    "avg_pool": "layers",
+    "batch_norm": "layers",
     "batched": "layers",
+    "conv": "layers",
+    "conv1d": "layers",
+    "conv2d": "layers",
     "default_initializer": "layers",
     "dense": "layers",
+    "dropout": "layers",
+    "embedding": "layers",
+    "flatten": "layers",
+    "global_avg_pool": "layers",
+    "global_max_pool": "layers",
+    "layer_norm": "layers",
+    "max_pool": "layers",
+    "multi_head_attention": "layers",
+    "reshape": "layers",
+    "residual": "layers",
+    "transformer_block": "layers",
     "get_activation": "layers",
     "mlp": "layers",
     "serial": "layers",
@@ -71,6 +95,7 @@ _EXPORTS = {
     "make_per_example_update": "step",
     "make_train_step": "step",
     "make_update": "step",
+    "step_key": "step",
     "per_example_grad_norms": "step",
     "per_example_grads": "step",
     "skip_nonfinite_updates": "step",
@@ -79,22 +104,46 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static tools see the plain imports
+    from jaxnet.base import BATCH_AXIS as BATCH_AXIS
     from jaxnet.base import Batch as Batch
+    from jaxnet.base import Context as Context
     from jaxnet.base import Model as Model
     from jaxnet.base import Params as Params
     from jaxnet.base import PRNGKey as PRNGKey
+    from jaxnet.base import StatefulModel as StatefulModel
     from jaxnet.base import TrainState as TrainState
     from jaxnet.epoch import epoch_batches as epoch_batches
     from jaxnet.epoch import make_epoch as make_epoch
     from jaxnet.epoch import num_batches as num_batches
+    from jaxnet.forward import apply_batch as apply_batch
+    from jaxnet.forward import apply_example as apply_example
+    from jaxnet.forward import init_model as init_model
+    from jaxnet.forward import is_stateful as is_stateful
     from jaxnet.layers import ACTIVATIONS as ACTIVATIONS
     from jaxnet.layers import activation_layer as activation_layer
+    from jaxnet.layers import as_stateful as as_stateful
+    from jaxnet.layers import avg_pool as avg_pool
+    from jaxnet.layers import batch_norm as batch_norm
     from jaxnet.layers import batched as batched
+    from jaxnet.layers import conv as conv
+    from jaxnet.layers import conv1d as conv1d
+    from jaxnet.layers import conv2d as conv2d
     from jaxnet.layers import default_initializer as default_initializer
     from jaxnet.layers import dense as dense
+    from jaxnet.layers import dropout as dropout
+    from jaxnet.layers import embedding as embedding
+    from jaxnet.layers import flatten as flatten
     from jaxnet.layers import get_activation as get_activation
+    from jaxnet.layers import global_avg_pool as global_avg_pool
+    from jaxnet.layers import global_max_pool as global_max_pool
+    from jaxnet.layers import layer_norm as layer_norm
+    from jaxnet.layers import max_pool as max_pool
     from jaxnet.layers import mlp as mlp
+    from jaxnet.layers import multi_head_attention as multi_head_attention
+    from jaxnet.layers import reshape as reshape
+    from jaxnet.layers import residual as residual
     from jaxnet.layers import serial as serial
+    from jaxnet.layers import transformer_block as transformer_block
     from jaxnet.layers import with_params as with_params
     from jaxnet.loop import FitState as FitState
     from jaxnet.loop import NonFiniteLossError as NonFiniteLossError
@@ -139,6 +188,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.step import per_example_grad_norms as per_example_grad_norms
     from jaxnet.step import per_example_grads as per_example_grads
     from jaxnet.step import skip_nonfinite_updates as skip_nonfinite_updates
+    from jaxnet.step import step_key as step_key
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """Checkpoints of a fit: the bytes on disk, written and read back against a caller's template.
 
 :func:`save` writes a :class:`~jaxnet.loop.FitState` (params, optimizer state, PRNG key, step,
-best params, epoch, history) plus the caller's JSON metadata as ``<directory>/<epoch>``, through
+model state, best params, epoch, history) plus the caller's JSON metadata as ``<directory>/<epoch>``, through
 orbax-checkpoint's ``CheckpointManager`` (atomic finalize: a save killed midway leaves only a
 temporary folder, which is never read; retention of the newest ``keep``). :func:`restore` reads
 the newest usable one into the structure of a template the caller gives, for example
@@ -92,8 +92,12 @@ def _array_tree(state: FitState) -> dict:
             "step": train.step,
         }
     }
+    if train.model_state is not None:
+        tree["train"]["model_state"] = train.model_state
     if state.best_params is not None:
         tree["best_params"] = state.best_params
+        if train.model_state is not None:
+            tree["best_model_state"] = state.best_model_state
     return tree
 
 
@@ -187,11 +191,14 @@ def set_aside(directory: str | os.PathLike, after: int) -> list[Path]:
 def _template(like: FitState, has_best: bool) -> dict:
     """The checkpoint's array tree as shapes and dtypes, from the caller's template."""
 
-    def build(train, best):
+    def build(train, best, best_model_state):
         best = train.params if best is None else best
-        return _array_tree(FitState(train, 0, [], best if has_best else None))
+        best_model_state = train.model_state if best_model_state is None else best_model_state
+        if not has_best:
+            best, best_model_state = None, None
+        return _array_tree(FitState(train, 0, [], best, 0, best_model_state))
 
-    return jax.eval_shape(build, like.train, like.best_params)
+    return jax.eval_shape(build, like.train, like.best_params, like.best_model_state)
 
 
 def _read_meta(manager, step: int) -> dict:
@@ -234,8 +241,11 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     tree = jax.tree.unflatten(jax.tree.structure(shapes), [arrays[k] for k in named])
     t = tree["train"]
     key = jax.random.wrap_key_data(t["key"], impl=meta["key_impl"])
-    train = TrainState(t["params"], t["opt_state"], key, t["step"])
-    state = FitState(train, meta["epoch"], list(meta["history"]), tree.get("best_params"), meta["best_epoch"])
+    train = TrainState(t["params"], t["opt_state"], key, t["step"], t.get("model_state"))
+    best_epoch = meta["best_epoch"]
+    state = FitState(
+        train, meta["epoch"], list(meta["history"]), tree.get("best_params"), best_epoch, tree.get("best_model_state")
+    )
     return state, meta["metadata"]
 
 
@@ -246,7 +256,8 @@ def restore(directory: str | os.PathLike, like: FitState, *, epoch: int | None =
       directory: the checkpoint folder given to :func:`save`.
       like: a template: a :class:`~jaxnet.loop.FitState` of arrays or ``jax.ShapeDtypeStruct``
         with the run's structure, e.g. ``jax.eval_shape(lambda: init_fit_state(params, optimizer,
-        key))``; its ``best_params`` may be None (they share the params' structure).
+        key))``; its ``best_params`` and ``best_model_state`` may be None (they share the structure
+        of the params and of ``train.model_state``).
       epoch: restore this epoch's checkpoint instead of the newest.
 
     Returns:

@@ -21,11 +21,12 @@ import numpy as np
 import optax
 
 from jaxnet import checks, parallel
-from jaxnet.base import Model, Params, PRNGKey, TrainState
+from jaxnet.base import Params, PRNGKey, TrainState
 from jaxnet.epoch import make_epoch, num_batches
+from jaxnet.forward import AnyModel, check_model, is_stateful
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
-from jaxnet.step import init_state, make_eval_fn, make_update, skip_nonfinite_updates
+from jaxnet.step import init_state, make_eval_fn, make_per_example_update, make_update, skip_nonfinite_updates
 
 Record = dict[str, Any]
 MONITORS = ("val_loss", "val_accuracy")
@@ -60,6 +61,7 @@ class FitState(NamedTuple):
       history: one record per completed epoch.
       best_params: params of the best epoch by the monitored metric (with validation), else None.
       best_epoch: 1-based epoch of ``best_params`` (0 if none); a list of K in a member run.
+      best_model_state: a stateful model's state of the best epoch (running statistics), else None.
     """
 
     train: TrainState
@@ -67,11 +69,17 @@ class FitState(NamedTuple):
     history: list
     best_params: Params | None = None
     best_epoch: int | list = 0
+    best_model_state: Any = None
 
     @property
     def params(self) -> Params:
         """The params to use: the best epoch's with validation, else the last epoch's."""
         return self.train.params if self.best_params is None else self.best_params
+
+    @property
+    def model_state(self) -> Any:
+        """The model state that goes with :attr:`params` (None for a plain model)."""
+        return self.train.model_state if self.best_params is None else self.best_model_state
 
 
 class _Programs(NamedTuple):
@@ -123,6 +131,7 @@ def init_fit_state(
     *,
     skip_nonfinite: bool = False,
     hyperparams: dict | None = None,
+    model_state: Any = None,
 ) -> FitState:
     """The :class:`FitState` that :func:`fit` starts from (epoch 0, empty history).
 
@@ -135,26 +144,27 @@ def init_fit_state(
       optimizer: the optax optimizer (wrapped by :func:`jaxnet.skip_nonfinite_updates` when
         ``skip_nonfinite``, as :func:`fit` does).
       key: the PRNG key of shuffling (and dropout); a ``(K,)`` array of keys for a member run.
-      skip_nonfinite, hyperparams: as in :func:`fit`.
+      skip_nonfinite, hyperparams, model_state: as in :func:`fit`.
     """
     if skip_nonfinite:
         optimizer = skip_nonfinite_updates(optimizer)
 
-    def fresh(p, kk):  # copies: the state's buffers are donated to the epochs, the caller's are not
-        return init_state(jax.tree.map(jnp.copy, p), optimizer, jnp.copy(kk))
+    def fresh(p, kk, s):  # copies: the state's buffers are donated to the epochs, the caller's are not
+        p, kk, s = jax.tree.map(jnp.copy, (p, kk, s))
+        return init_state(p, optimizer, kk, s)
 
     k = num_members(key)
     if k is None:
         if hyperparams is not None:
             raise ValueError("hyperparams are per-member values: give a (K,) array of keys (member_keys)")
-        return FitState(jax.jit(fresh)(params, key), 0, [])
+        return FitState(jax.jit(fresh)(params, key, model_state), 0, [])
     shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
     if not shapes or any(len(s) == 0 or s[0] != k for s in shapes):
         raise ValueError(
             f"{k} member keys need params with a leading member axis of {k}, got leaf shapes {shapes[:4]}: "
             "use init_members(model, keys)"
         )
-    train = jax.jit(jax.vmap(fresh))(params, key)
+    train = jax.jit(jax.vmap(fresh))(params, key, model_state)
     if hyperparams:
         train = train._replace(opt_state=set_hyperparams(train.opt_state, hyperparams))
     return FitState(train, 0, [], None, [0] * k)
@@ -166,6 +176,17 @@ def _as_array(name: str, value) -> jax.Array:
     if array.ndim == 0 or array.shape[0] == 0:
         raise ValueError(f"{name} is empty: give at least one example")
     return array
+
+
+def _check_model_state(model, model_state) -> None:
+    check_model(model)
+    if is_stateful(model) and model_state is None:
+        raise ValueError(
+            "model_state: a StatefulModel needs its initial state: params, model_state = model.init(key) "
+            "(init_members(model, keys) for a member run)"
+        )
+    if not is_stateful(model) and model_state is not None:
+        raise ValueError("model_state is for a StatefulModel; a plain Model has none: drop model_state")
 
 
 def _check_data(x, y, validation):
@@ -194,7 +215,8 @@ def _compile(model, spec, optimizer, options: dict, members: int | None, mesh) -
     """The epoch and evaluation programs: plain, data parallel on ``mesh``, or vmapped over members."""
     if options["skip_nonfinite"]:
         optimizer = skip_nonfinite_updates(optimizer)
-    update = make_update(model, spec, optimizer, compute_dtype=options["compute_dtype"])
+    make = make_per_example_update if options["per_example_grads"] else make_update
+    update = make(model, spec, optimizer, compute_dtype=options["compute_dtype"])
     evaluate = make_eval_fn(model, spec)
     place, jit_options = (lambda tree: tree), {}
     if mesh is not None:
@@ -207,7 +229,7 @@ def _compile(model, spec, optimizer, options: dict, members: int | None, mesh) -
     layout = {k: options[k] for k in ("drop_remainder", "shuffle", "unroll")}
     epoch = make_epoch(update, options["num_examples"], options["batch_size"], **layout)
     if members is not None:
-        epoch, evaluate = jax.vmap(epoch, in_axes=(0, None, None)), jax.vmap(evaluate, in_axes=(0, None))
+        epoch, evaluate = jax.vmap(epoch, in_axes=(0, None, None)), jax.vmap(evaluate, in_axes=(0, None, 0))
     steps = num_batches(options["num_examples"], options["batch_size"], options["drop_remainder"])
     return _Programs(jax.jit(epoch, donate_argnums=(0,), **jit_options), jax.jit(evaluate, **jit_options), place, steps)
 
@@ -295,11 +317,12 @@ def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book
     if active.all() and diverged.all():  # every member diverged at once (always so for a single run)
         raise NonFiniteLossError(epoch, state.epoch * programs.steps_per_epoch + int(first_bad.min()) + 1)
     keep = active & ~diverged
-    best, val = state.best_params, None
+    best = None if state.best_params is None else (state.best_params, state.best_model_state)
+    val = None
     if setup.validation is not None:
-        val = jax.device_get(programs.evaluate(train.params, setup.validation))
+        val = jax.device_get(programs.evaluate(train.params, setup.validation, train.model_state))
         book, improved = _improve(book, val, keep, epoch, setup.monitor)
-        best = _keep_best(improved, train.params, best, setup.members)
+        best = _keep_best(improved, (train.params, train.model_state), best, setup.members)
     record = _record(epoch, metrics, val, book, keep, train)
     record.update(seconds=time.perf_counter() - start, steps=programs.steps_per_epoch)
     stopped = book.stopped | diverged
@@ -311,7 +334,8 @@ def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book
         record = {name: v[0] if isinstance(v, list) else v for name, v in record.items()}
     best_epoch = int(book.best_epoch[0]) if setup.members is None else [int(e) for e in book.best_epoch]
     state.history.append(record)  # the loop's own list (see _loop)
-    return FitState(train, epoch, state.history, best, best_epoch), book, record
+    best_params, best_model_state = (None, None) if best is None else best
+    return FitState(train, epoch, state.history, best_params, best_epoch, best_model_state), book, record
 
 
 def _call(callbacks, hook: str, state: FitState) -> None:
@@ -335,7 +359,7 @@ def _loop(state: FitState, setup: _Setup) -> FitState:
 
 
 def fit(
-    model: Model,
+    model: AnyModel,
     params: Params,
     x,
     y,
@@ -357,6 +381,8 @@ def fit(
     unroll: int = 1,
     mesh=None,
     hyperparams: dict | None = None,
+    model_state: Any = None,
+    per_example_grads: bool = False,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -391,6 +417,11 @@ def fit(
         optimizer state are replicated. ``x``/``y`` may be global arrays (multi-process).
       hyperparams: member runs only: name -> ``(K,)`` per-member values of the hyperparameters of an
         ``optax.inject_hyperparams`` optimizer (see :func:`jaxnet.set_hyperparams`).
+      model_state: a :class:`jaxnet.StatefulModel`'s initial state (``params, model_state =
+        model.init(key)``; ``{}`` if it has none); None for a plain model. It is threaded through
+        every step (running statistics), and the best epoch's is kept with its params.
+      per_example_grads: the optimizer receives per-example gradients (leading batch axis), as
+        :func:`jaxnet.dp_optimizer` (DP-SGD) needs: see :func:`jaxnet.make_per_example_update`.
 
     Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
     (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),
@@ -412,6 +443,7 @@ def fit(
         that epoch, which callbacks have already seen).
     """
     spec = get_loss(loss)
+    _check_model_state(model, model_state if resume is None else resume.train.model_state)
     x, y, validation = _check_data(x, y, validation)
     _check_options(spec, epochs, batch_size, patience, monitor, validation)
     members = num_members(key if resume is None else resume.train.key)
@@ -420,7 +452,9 @@ def fit(
         data_bytes = sum(a.nbytes for a in (x, y, *(validation or ())))
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
         check_fit_memory(one, optimizer, batch_size, members or 1, data_bytes)
-        resume = init_fit_state(params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams)
+        resume = init_fit_state(
+            params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state
+        )
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
     options = dict(
@@ -431,6 +465,7 @@ def fit(
         unroll=unroll,
         compute_dtype=compute_dtype,
         skip_nonfinite=skip_nonfinite,
+        per_example_grads=checks.boolean("per_example_grads", per_example_grads),
     )
     programs = _compile(model, spec, optimizer, options, members, mesh)
     # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnet.base import Batch, Model, Params, PRNGKey, TrainState
+from jaxnet.base import Batch, Params, PRNGKey, TrainState
+from jaxnet.forward import AnyModel, apply_batch, check_model, has_state, is_stateful
 from jaxnet.losses import LossSpec, PerExample, batch_mean, get_loss
 
 Metrics = dict[str, jax.Array]
@@ -31,10 +32,25 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-def make_loss_fn(
-    model: Model, loss: str | PerExample | LossSpec, *, compute_dtype=None
-) -> Callable[[Params, Batch], jax.Array]:
-    """The batch loss ``(params, batch) -> scalar``: the weighted mean of the per-example loss.
+def _objective(model: AnyModel, loss, compute_dtype):
+    """``(params, model_state, batch, key) -> (loss, model_state)`` in training mode, any model."""
+    spec = get_loss(loss)
+    reduce = batch_mean(spec.fn)
+
+    def objective(params: Params, model_state, batch: Batch, key):
+        x, y, w = _unpack(batch)
+        if compute_dtype is not None:
+            params, x = _cast_floats(params, compute_dtype), _cast_floats(x, compute_dtype)
+        predictions, model_state = apply_batch(model, params, model_state, x, train=True, key=key, weight=w)
+        if compute_dtype is not None:
+            predictions = predictions.astype(jnp.float32)  # the loss in float32, as the master params
+        return reduce(predictions, y, w), model_state
+
+    return objective
+
+
+def make_loss_fn(model: AnyModel, loss: str | PerExample | LossSpec, *, compute_dtype=None) -> Callable:
+    """The batch loss: the weighted mean of the per-example loss, in training mode.
 
     Args:
       model: the model; its ``apply`` is vmapped over the batch.
@@ -42,32 +58,33 @@ def make_loss_fn(
       compute_dtype: if given (e.g. ``jnp.bfloat16``), params and inputs are cast to it for the
         forward and backward pass; predictions are cast back to float32 before the loss, and the
         gradient arrives in the params' own dtype (float32 master weights).
+
+    Returns:
+      For a plain :class:`Model`, ``(params, batch) -> scalar``. For a :class:`StatefulModel`,
+      ``(params, batch, state, key=None) -> (scalar, state)``: ``key`` drives dropout (None: none).
     """
-    spec = get_loss(loss)
-    predict = jax.vmap(model.apply, in_axes=(None, 0))
-    reduce = batch_mean(spec.fn)
-
-    def loss_fn(params: Params, batch: Batch) -> jax.Array:
-        x, y, w = _unpack(batch)
-        if compute_dtype is not None:
-            params, x = _cast_floats(params, compute_dtype), _cast_floats(x, compute_dtype)
-        predictions = predict(params, x)
-        if compute_dtype is not None:
-            predictions = predictions.astype(jnp.float32)  # the loss in float32, as the master params
-        return reduce(predictions, y, w)
-
-    return loss_fn
+    check_model(model)
+    objective = _objective(model, loss, compute_dtype)
+    if is_stateful(model):
+        return lambda params, batch, state, key=None: objective(params, state, batch, key)
+    return lambda params, batch: objective(params, None, batch, None)[0]
 
 
-def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRNGKey) -> TrainState:
+def step_key(model: AnyModel, state: TrainState) -> PRNGKey | None:
+    """The key of the step that ``state`` is about to take: ``fold_in(state.key, state.step)`` for a
+    stateful model (distinct per step, exactly resumable), None for a plain one (which draws none)."""
+    return jax.random.fold_in(state.key, state.step) if is_stateful(model) else None
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRNGKey, model_state=None) -> TrainState:
     """A fresh :class:`TrainState` at step 0: ``params`` (a pytree), ``optimizer.init(params)``,
-    ``key`` (a scalar PRNG key) and ``step`` (an int32 scalar)."""
+    ``key`` (a scalar PRNG key), ``step`` (an int32 scalar) and a stateful model's ``model_state``."""
     _check_optimizer(optimizer)
-    return TrainState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32))
+    return TrainState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32), model_state)
 
 
 def make_update(
-    model: Model,
+    model: AnyModel,
     loss: str | PerExample | LossSpec,
     optimizer: optax.GradientTransformation,
     *,
@@ -77,21 +94,25 @@ def make_update(
 
     One step of ``optimizer`` on the batch loss; ``metrics`` is ``{"loss": scalar}`` (the loss
     before the update). Use it inside ``lax.scan`` or ``vmap``; :func:`make_train_step` jits it.
+    A :class:`StatefulModel` runs in training mode with the key :func:`step_key` (split per
+    example) and its state, updated by the step, is carried in ``state.model_state``.
 
     With an optimizer from :func:`skip_nonfinite_updates`, a step whose loss is not finite is
     skipped like one whose gradients are not finite.
     """
     _check_optimizer(optimizer)
-    loss_fn = make_loss_fn(model, loss, compute_dtype=compute_dtype)
-    value_and_grad = jax.value_and_grad(loss_fn)
+    check_model(model)
+    value_and_grad = jax.value_and_grad(_objective(model, loss, compute_dtype), has_aux=True)
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        loss_value, grads = value_and_grad(state.params, batch)
+        key = step_key(model, state)
+        (loss_value, model_state), grads = value_and_grad(state.params, state.model_state, batch, key)
         if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss: skip the step too
             grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_value), g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), {"loss": loss_value}
+        new = state._replace(params=params, opt_state=opt_state, step=state.step + 1, model_state=model_state)
+        return new, {"loss": loss_value}
 
     return update
 
@@ -104,7 +125,7 @@ def skip_nonfinite_updates(optimizer: optax.GradientTransformation) -> optax.Gra
 
 
 def make_train_step(
-    model: Model,
+    model: AnyModel,
     loss: str | PerExample | LossSpec,
     optimizer: optax.GradientTransformation,
     *,
@@ -132,19 +153,20 @@ def make_train_step(
     return jax.jit(update, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_fn(model: Model, loss: str | PerExample | LossSpec) -> Callable[[Params, Batch], Metrics]:
-    """The pure evaluation ``(params, batch) -> {"loss", "accuracy"?}`` (weighted batch means).
+def make_eval_fn(model: AnyModel, loss: str | PerExample | LossSpec) -> Callable[..., Metrics]:
+    """The pure evaluation ``(params, batch, model_state=None) -> {"loss", "accuracy"?}`` (weighted
+    batch means), in eval mode (no randomness; a stateful model uses its ``model_state``).
 
     ``accuracy`` is present when the loss has a metric (classification losses).
     """
+    check_model(model)
     spec = get_loss(loss)
-    predict = jax.vmap(model.apply, in_axes=(None, 0))
     reduce_loss = batch_mean(spec.fn)
     reduce_metric = batch_mean(spec.metric) if spec.metric else None
 
-    def evaluate(params: Params, batch: Batch) -> Metrics:
+    def evaluate(params: Params, batch: Batch, model_state=None) -> Metrics:
         x, y, w = _unpack(batch)
-        predictions = predict(params, x)
+        predictions, _ = apply_batch(model, params, model_state, x, weight=w)
         out = {"loss": reduce_loss(predictions, y, w)}
         if reduce_metric is not None:
             out["accuracy"] = reduce_metric(predictions, y, w)
@@ -248,7 +270,7 @@ def dp_optimizer(
 
 
 def make_per_example_update(
-    model: Model,
+    model: AnyModel,
     loss: str | PerExample | LossSpec,
     optimizer: optax.GradientTransformation,
     *,
@@ -261,13 +283,25 @@ def make_per_example_update(
     :func:`jaxnet.make_epoch` like any update.
     """
     _check_optimizer(optimizer)
-    loss_fn = make_loss_fn(model, loss, compute_dtype=compute_dtype)
-    single = jax.value_and_grad(lambda p, example: loss_fn(p, jax.tree.map(lambda a: a[None], example)))
-    value_and_grad = jax.vmap(single, in_axes=(None, 0))
+    check_model(model)
+    objective = _objective(model, loss, compute_dtype)
+
+    def one(params, model_state, example, key):
+        return objective(params, model_state, jax.tree.map(lambda a: a[None], example), key)[0]
+
+    value_and_grad = jax.vmap(jax.value_and_grad(one), in_axes=(None, None, 0, 0))
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if has_state(state.model_state):
+            raise ValueError(
+                "per-example gradients of a model with state (batch statistics) are meaningless: each example "
+                "would be its own batch; use layer_norm instead of batch_norm, or train without per-example gradients"
+            )
         example_batch = _single_example_batches(batch)
-        values, grads = value_and_grad(state.params, example_batch)
+        n = example_batch[0].shape[0]
+        key = step_key(model, state)
+        keys = None if key is None else jax.random.split(key, n)
+        values, grads = value_and_grad(state.params, state.model_state, example_batch, keys)
         w = example_batch[2] if len(example_batch) == 3 else None
         if w is None:
             loss_value = jnp.mean(values)

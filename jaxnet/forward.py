@@ -1,0 +1,98 @@
+"""Applying any model to a batch: plain models through ``jax.vmap``, stateful ones with a context.
+
+Everything that runs a model on data (the training step, evaluation, prediction) goes through
+:func:`apply_batch`, so that plain and stateful models differ in one place only. A plain model
+pays nothing: its batch is ``vmap(apply)`` as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnet.base import BATCH_AXIS, Context, Model, Params, PRNGKey, StatefulModel
+
+AnyModel = Model | StatefulModel
+
+
+def check_model(model, name: str = "model") -> None:
+    """Raises TypeError unless ``model`` is a :class:`Model` or :class:`StatefulModel`."""
+    if not isinstance(model, (Model, StatefulModel)):
+        raise TypeError(
+            f"{name} must be a jaxnet.Model or jaxnet.StatefulModel (a pair of pure functions init, apply), "
+            f"got {type(model).__name__}"
+        )
+
+
+def is_stateful(model: AnyModel) -> bool:
+    """Whether ``model``'s apply takes state and a context (a :class:`StatefulModel`)."""
+    return isinstance(model, StatefulModel)
+
+
+def init_model(model: AnyModel, key: PRNGKey) -> tuple[Params, Any]:
+    """``(params, state)`` of any model; the state of a plain model is None."""
+    if is_stateful(model):
+        params, state = model.init(key)
+        return params, state
+    return model.init(key), None
+
+
+def has_state(state: Any) -> bool:
+    """Whether a model state holds any arrays (running statistics), not just structure."""
+    return bool(jax.tree.leaves(state))
+
+
+def apply_batch(
+    model: AnyModel,
+    params: Params,
+    state: Any,
+    x: jax.Array,
+    *,
+    train: bool = False,
+    key: PRNGKey | None = None,
+    weight: jax.Array | None = None,
+) -> tuple[jax.Array, Any]:
+    """The outputs of ``model`` on a batch, and its state after it.
+
+    Args:
+      model: a plain or stateful model.
+      params: its params; state: its state (None for a plain model).
+      x: inputs ``(b, ...)``.
+      train: training mode (dropout on, batch statistics used and running statistics updated).
+      key: training mode: the step's PRNG key, split into one key per example (None: no randomness).
+      weight: ``(b,)`` example weights (0 for padding; default all 1), seen by batch statistics.
+
+    Returns:
+      ``(y: (b, ...), state)``; a plain model returns ``state`` unchanged.
+    """
+    if not is_stateful(model):
+        return jax.vmap(model.apply, in_axes=(None, 0))(params, x), state
+    n = jax.tree.leaves(x)[0].shape[0]
+    weight = jnp.ones((n,), jnp.float32) if weight is None else weight
+    if model.batched:
+        return model.apply(params, state, x, Context(train, key, weight, None))
+    keys = None if key is None else jax.random.split(key, n)
+
+    def one(xi, ki, wi):
+        return model.apply(params, state, xi, Context(train, ki, wi, BATCH_AXIS))
+
+    in_axes = (0, None if keys is None else 0, 0)
+    return jax.vmap(one, in_axes=in_axes, out_axes=(0, None), axis_name=BATCH_AXIS)(x, keys, weight)
+
+
+def apply_example(model: AnyModel, params: Params, state: Any, x: jax.Array, *, train=False, key=None):
+    """``(y, state)`` of one example applied alone (no batch axis): a plain model's ``apply``, or a
+    stateful one's with a context of weight 1 and no batch axis (batch statistics are refused)."""
+    if not is_stateful(model):
+        return model.apply(params, x), state
+    if model.batched:
+        y, state = model.apply(params, state, jax.tree.map(lambda a: a[None], x), Context(train, key, jnp.ones(1)))
+        return jax.tree.map(lambda a: a[0], y), state
+    return model.apply(params, state, x, Context(train, key, 1.0, None))
+
+
+def predictor(model: AnyModel, state: Any = None):
+    """``(params, xs: (b, ...)) -> ys: (b, ...)`` in eval mode, with ``state`` fixed (running statistics)."""
+    return lambda params, x: apply_batch(model, params, state, x)[0]

@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
+    "from_equinox": "adapters",
+    "from_flax": "adapters",
+    "from_haiku": "adapters",
+    "from_nnx": "adapters",
     "BATCH_AXIS": "base",
     "Batch": "base",
     "Context": "base",
@@ -104,6 +108,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static tools see the plain imports
+    from jaxnet.adapters import from_equinox as from_equinox
+    from jaxnet.adapters import from_flax as from_flax
+    from jaxnet.adapters import from_haiku as from_haiku
+    from jaxnet.adapters import from_nnx as from_nnx
     from jaxnet.base import BATCH_AXIS as BATCH_AXIS
     from jaxnet.base import Batch as Batch
     from jaxnet.base import Context as Context

@@ -84,8 +84,8 @@ def devices_arg(text: str):
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train an MLP on a built-in dataset or a CSV/.npz file",
-        description="Train an MLP. Unset options take the dataset's preset (see docs).",
+        help="train a model (an MLP, a CNN or your own) on a built-in dataset or a CSV/.npz file",
+        description="Train a model. Unset options take the dataset's preset (see docs).",
     )
     _add_data_options(p.add_argument_group("data"))
     _add_model_options(p.add_argument_group("model and training"))
@@ -103,8 +103,15 @@ def _add_data_options(src) -> None:
     src.add_argument("--test-split", type=number, metavar="F", help="test fraction (default 0.2)")
 
 
+ARCH_HELP = "mlp (default), cnn (see docs/models.md), or path/to/file.py:factory (your own model)"
+
+
 def _add_model_options(m) -> None:
+    m.add_argument("--arch", metavar="ARCH", help=ARCH_HELP)
     m.add_argument("--hidden", type=int_list, metavar="SIZES", help="hidden layer sizes, e.g. 64,64")
+    m.add_argument("--dropout", type=number, metavar="P", help="mlp, cnn: dropout rate after hidden layers")
+    m.add_argument("--input-shape", type=int_list, metavar="H,W,C", help="cnn: the image shape of a row")
+    m.add_argument("--channels", type=int_list, metavar="C1,C2", help="cnn: convolution widths (default 32,64)")
     m.add_argument("--activation", help="hidden activation, e.g. relu, tanh, sigmoid")
     m.add_argument(
         "--loss",
@@ -183,7 +190,11 @@ def _given(args) -> dict:
         data=args.data,
         target=args.target,
         task=args.task,
+        arch=args.arch,
         hidden=args.hidden,
+        dropout=args.dropout,
+        input_shape=args.input_shape,
+        channels=args.channels,
         activation=args.activation,
         loss=args.loss,
         optimizer=args.optimizer,
@@ -314,6 +325,7 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="write a trained model's predictions as CSV to stdout")
     p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
     p.add_argument("--data", required=True, metavar="FILE", help="CSV with the model's feature columns, or .npz with x")
+    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.set_defaults(run=_cmd_predict)
 
 
@@ -324,7 +336,7 @@ def _cmd_predict(args) -> int:
 
     saved = files.load_model(args.model)
     x, _ = predict.load_features(saved, args.data)
-    header, rows = report.prediction_rows(saved.meta, predict.predict(saved, x))
+    header, rows = report.prediction_rows(saved.meta, predict.predict(saved, x, args.arch))
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
@@ -336,6 +348,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
     p.add_argument("--data", required=True, metavar="FILE", help="CSV or .npz file with features and targets")
     p.add_argument("--target", metavar="COLUMN", help="the CSV target column (default: the one trained on)")
+    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_cmd_evaluate)
 
@@ -351,7 +364,7 @@ def _cmd_evaluate(args) -> int:
         raise CliError(f"{args.data} has no column {args.target!r}: name its target column with --target")
     if y is None:
         raise CliError(f"{args.data} has no targets: name the target column with --target")
-    metrics = predict.evaluate(saved, x, y)
+    metrics = predict.evaluate(saved, x, y, args.arch)
     if args.json:
         print(_json(metrics))
     else:

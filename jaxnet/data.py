@@ -720,9 +720,20 @@ def standardize(x: np.ndarray, s: Standardizer) -> np.ndarray:
     return ((x - s.mean) / s.std).astype(np.float32)
 
 
-def standardize_splits(splits: Splits) -> tuple[Splits, Standardizer]:
-    """Fits a :class:`Standardizer` on ``splits.train`` and applies it to every part."""
-    s = fit_standardizer(splits.train.x)
+def fit_channel_standardizer(x: np.ndarray, channels: int) -> Standardizer:
+    """One mean and std per channel of image rows ``(n, h * w * channels)`` (channels last), over
+    all of the channel's pixels, spread to ``(d,)`` vectors. Images keep their relative
+    intensities: a per-pixel std would blow up the pixels that are nearly always blank."""
+    pixels = np.asarray(x, np.float64).reshape(-1, channels)
+    per_channel = fit_standardizer(pixels)
+    repeats = x.shape[1] // channels
+    return Standardizer(np.tile(per_channel.mean, repeats), np.tile(per_channel.std, repeats))
+
+
+def standardize_splits(splits: Splits, channels: int | None = None) -> tuple[Splits, Standardizer]:
+    """Fits a :class:`Standardizer` on ``splits.train`` (per feature, or per image channel when
+    ``channels`` is given: :func:`fit_channel_standardizer`) and applies it to every part."""
+    s = fit_standardizer(splits.train.x) if channels is None else fit_channel_standardizer(splits.train.x, channels)
 
     def apply(ds: Dataset | None) -> Dataset | None:
         return None if ds is None else ds._replace(x=standardize(ds.x, s))

@@ -15,13 +15,13 @@ import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 MODEL_FILE = "model.npz"
 MODEL_FORMAT = "jaxnet-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: any architecture, with its state (1: MLPs)
 
 
 def _umask() -> int:
@@ -74,27 +74,27 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 class SavedModel(NamedTuple):
     """A trained model as stored: ``meta`` (JSON: architecture, loss, task, feature names, config),
-    ``params`` (list of ``{"w", "b"}`` numpy arrays, optionally with a leading member axis), the
-    feature standardization ``mean``/``std`` ``(d,)`` fitted on the training split and, for a
-    regression model trained on standardized targets, their ``target_mean``/``target_std``
-    ``(k,)`` (None otherwise): the model's outputs are in those standardized units."""
+    ``params`` and ``state`` (the model's params and non-trainable state as ``{path: array}``,
+    e.g. ``"0/w"`` for ``params[0]["w"]``, optionally with a leading member axis; see
+    :func:`jaxnet.arch.bind`), the feature standardization ``mean``/``std`` ``(d,)`` fitted on
+    the training split and, for a regression model trained on standardized targets, their
+    ``target_mean``/``target_std`` ``(k,)`` (None otherwise): the model's outputs are in those
+    standardized units."""
 
     meta: dict
-    params: Any
+    params: dict
     mean: np.ndarray
     std: np.ndarray
     target_mean: np.ndarray | None = None
     target_std: np.ndarray | None = None
-
-
-def _flatten_params(params) -> dict[str, np.ndarray]:
-    return {f"params/{i}/{name}": np.asarray(value) for i, layer in enumerate(params) for name, value in layer.items()}
+    state: dict = {}  # never mutated
 
 
 def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
     """Saves ``model`` to ``directory/model.npz`` atomically and returns that path."""
     meta = dict(model.meta, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION)
-    arrays = _flatten_params(model.params)
+    arrays = {f"params/{name}": np.asarray(value) for name, value in model.params.items()}
+    arrays.update({f"state/{name}": np.asarray(value) for name, value in model.state.items()})
     arrays["norm/mean"] = np.asarray(model.mean, np.float32)
     arrays["norm/std"] = np.asarray(model.std, np.float32)
     if model.target_mean is not None:
@@ -129,13 +129,9 @@ def load_model(path: str | os.PathLike) -> SavedModel:
         raise ValueError(f"not a jaxnet model: {file} was not written by jaxnet")
     if meta.get("format_version", 0) > MODEL_FORMAT_VERSION:
         raise ValueError(f"{file} uses model format {meta['format_version']}: upgrade jaxnet to read it")
-    layers: dict[int, dict] = {}
-    for name, value in arrays.items():
-        if name.startswith("params/"):
-            _, index, leaf = name.split("/")
-            layers.setdefault(int(index), {})[leaf] = value
-    params = [layers[i] for i in sorted(layers)]
-    if len(params) != len(meta.get("sizes", [])) - 1 or "norm/mean" not in arrays:
+    params = {name[len("params/") :]: value for name, value in arrays.items() if name.startswith("params/")}
+    state = {name[len("state/") :]: value for name, value in arrays.items() if name.startswith("state/")}
+    if not params or "norm/mean" not in arrays or "norm/std" not in arrays:
         raise ValueError(f"damaged jaxnet model: {file} is missing arrays")
     return SavedModel(
         meta,
@@ -144,4 +140,5 @@ def load_model(path: str | os.PathLike) -> SavedModel:
         arrays["norm/std"],
         arrays.get("norm/target_mean"),
         arrays.get("norm/target_std"),
+        state,
     )

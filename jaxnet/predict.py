@@ -12,26 +12,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet import arch as archlib
 from jaxnet import data as datalib
 from jaxnet.files import SavedModel
+from jaxnet.forward import apply_batch
 from jaxnet.losses import batch_mean, get_loss
-from jaxnet.task import build_model, prepare_targets
+from jaxnet.task import prepare_targets
 
 _EPS = 1e-7
 
 
-def stacked_params(saved: SavedModel):
-    """The saved params with a leading member axis (K = 1 for a single model)."""
-    if saved.meta.get("members"):
-        return saved.params
-    return jax.tree.map(lambda a: np.asarray(a)[None], saved.params)
+def load(saved: SavedModel, arch: str | None = None) -> archlib.Bound:
+    """The model, params and state of ``saved``, every member stacked on a leading axis (K = 1
+    for a single model). ``arch`` names a user's factory again (``file.py:factory``): needed for
+    such a model, never imported otherwise."""
+    model = archlib.build(saved.meta, arch)
+    k = saved.meta.get("members")
+    bound = archlib.bind(model, saved.params, saved.state, k, where="the saved model")
+    if k:
+        return bound
+    return bound._replace(params=_stack(bound.params), state=_stack(bound.state))
 
 
-def member_outputs(meta: dict, params, x) -> jax.Array:
-    """Raw outputs ``(K, n, out)`` of K members (params with a leading axis K) on inputs ``(n, d)``."""
-    apply = build_model(meta).apply
-    run = jax.jit(jax.vmap(jax.vmap(apply, in_axes=(None, 0)), in_axes=(0, None)))
-    return run(params, np.asarray(x))
+def _stack(tree):
+    return jax.tree.map(lambda a: np.asarray(a)[None], tree)
+
+
+def member_outputs(model, params, state, x) -> jax.Array:
+    """Raw outputs ``(K, n, out)`` of K members (params and state with a leading axis K) on
+    inputs ``(n, d)``, in eval mode."""
+
+    def one(p, s, x):
+        return apply_batch(model, p, s, x)[0]
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))(params, state, np.asarray(x))
 
 
 def combine(outputs: jax.Array, loss: str) -> jax.Array:
@@ -129,32 +143,31 @@ def _scaler(saved: SavedModel):
     return None if saved.target_mean is None else (saved.target_mean, saved.target_std)
 
 
-def predict(saved: SavedModel, x: np.ndarray) -> np.ndarray:
+def predict(saved: SavedModel, x: np.ndarray, arch: str | None = None) -> np.ndarray:
     """Predictions ``(n, out)`` for standardized inputs ``x: (n, d)``: class probabilities for the
     classification losses, outputs in the target's units for regression; an ensemble averages
     its members."""
     loss = saved.meta["loss"]
-    outputs = combine(member_outputs(saved.meta, stacked_params(saved), x), loss)
+    outputs = combine(member_outputs(*load(saved, arch), x), loss)
     if saved.meta["task"] == "regression":
         return to_units(outputs, _scaler(saved)).astype(np.float32)
     return probabilities(outputs, loss)
 
 
-def evaluate(saved: SavedModel, x: np.ndarray, y: np.ndarray) -> dict:
+def evaluate(saved: SavedModel, x: np.ndarray, y: np.ndarray, arch: str | None = None) -> dict:
     """The metrics (:func:`metrics_of`) of a saved model on standardized ``x: (n, d)`` and raw
     targets ``y``; an ensemble is evaluated on its averaged predictions."""
-    outputs = combine(member_outputs(saved.meta, stacked_params(saved), x), saved.meta["loss"])
+    outputs = combine(member_outputs(*load(saved, arch), x), saved.meta["loss"])
     return metrics_of(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
 
 
-def member_metrics(meta: dict, params, x, y, scaler=None) -> list[dict]:
-    """The metrics (:func:`metrics_of`) of each of K members (params with a leading axis K) on
-    prepared ``x: (n, d)`` and ``y``, in one compiled call."""
-    apply = build_model(meta).apply
+def member_metrics(meta: dict, bound: archlib.Bound, x, y, scaler=None) -> list[dict]:
+    """The metrics (:func:`metrics_of`) of each of K members (``bound``'s params and state with a
+    leading axis K) on prepared ``x: (n, d)`` and ``y``, in one compiled call."""
 
-    def run(params, x, y):
-        outputs = jax.vmap(jax.vmap(apply, in_axes=(None, 0)), in_axes=(0, None))(params, x)
+    def run(params, state, x, y):
+        outputs = jax.vmap(lambda p, s: apply_batch(bound.model, p, s, x)[0])(params, state)
         return outputs, jax.vmap(lambda o: _loss_and_accuracy(o, y, meta["loss"]))(outputs)
 
-    outputs, losses = jax.device_get(jax.jit(run)(params, np.asarray(x), np.asarray(y)))
+    outputs, losses = jax.device_get(jax.jit(run)(bound.params, bound.state, np.asarray(x), np.asarray(y)))
     return [_scores(outputs[i], y, meta, {k: v[i] for k, v in losses.items()}, scaler) for i in range(len(outputs))]

@@ -14,12 +14,13 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet import arch as archlib
 from jaxnet import checkpoint, checks, files, parallel, plot, predict
 from jaxnet import config as configlib
 from jaxnet import members as memberlib
@@ -27,9 +28,10 @@ from jaxnet.callbacks import Checkpointer
 from jaxnet.checks import ArgumentError
 from jaxnet.checks import escape as checks_escape
 from jaxnet.config import TrainConfig
+from jaxnet.forward import AnyModel, init_model
 from jaxnet.loop import FitState, NonFiniteLossError, check_fit_memory, fit, init_fit_state, is_finished
 from jaxnet.rundir import RunFolder
-from jaxnet.task import Problem, build_model, describe, load_problem, model_meta
+from jaxnet.task import Problem, describe, load_problem, model_meta
 
 Notify = Callable[..., None]
 """``notify(message, always=False)``: a one-line message for the user; ``always`` for the ones
@@ -62,6 +64,7 @@ class Job(NamedTuple):
     meta: dict
     grid: list[dict]
     member_run: bool
+    model: AnyModel
 
     @property
     def monitor(self) -> str:
@@ -74,16 +77,26 @@ def prepare(config: TrainConfig) -> Job:
     estimated memory exceeds the device's before anything is allocated."""
     problem = load_problem(config)
     meta = model_meta(config, problem)
-    one = jax.eval_shape(lambda: build_model(meta).init(jax.random.key(0)))
+    model = archlib.build(meta, config.arch)
+    one = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
     data = sum(part.x.nbytes + part.y.nbytes for part in problem.splits if part is not None)
     check_fit_memory(one, configlib.make_optimizer(config), config.batch_size, configlib.num_members(config), data)
-    return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config))
+    return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config), model)
 
 
-def _fresh(job: Job) -> tuple:
-    """``(params, key, hyperparams)`` of a new run, made in one compiled call. Each member's
-    init and shuffling keys come from its own seed, as in a run of that seed alone."""
-    init = build_model(job.meta).init
+class _Start(NamedTuple):
+    params: Any
+    model_state: Any
+    key: Any
+    hyperparams: dict | None
+
+
+def _fresh(job: Job) -> _Start:
+    """The params, model state, key and hyperparameters of a new run, made in one compiled call.
+    Each member's init and shuffling keys come from its own seed, as in a run of that seed alone."""
+
+    def init(key):
+        return init_model(job.model, key)
 
     def make(seeds):
         split = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(seeds)  # (K, 2) keys
@@ -93,11 +106,13 @@ def _fresh(job: Job) -> tuple:
         return jax.vmap(init)(init_keys), keys
 
     seeds = np.asarray([m["seed"] for m in job.grid], np.uint32)
-    params, key = jax.jit(make)(seeds)
+    (params, model_state), key = jax.jit(make)(seeds)
     if not job.member_run:
-        return params, key, None
+        return _Start(params, model_state, key, None)
     names = configlib.hyperparameter_grid(job.config)
-    return params, key, {name: np.asarray([m[name] for m in job.grid], np.float32) for name in names}
+    return _Start(
+        params, model_state, key, {name: np.asarray([m[name] for m in job.grid], np.float32) for name in names}
+    )
 
 
 def template(job: Job) -> FitState:
@@ -105,8 +120,15 @@ def template(job: Job) -> FitState:
     optimizer = configlib.make_optimizer(job.config)
 
     def build():
-        params, key, hyperparams = _fresh(job)
-        return init_fit_state(params, optimizer, key, skip_nonfinite=job.config.skip_nonfinite, hyperparams=hyperparams)
+        start = _fresh(job)
+        return init_fit_state(
+            start.params,
+            optimizer,
+            start.key,
+            skip_nonfinite=job.config.skip_nonfinite,
+            hyperparams=start.hyperparams,
+            model_state=start.model_state,
+        )
 
     return jax.eval_shape(build)
 
@@ -131,25 +153,26 @@ def train(job: Job, resume: FitState | None = None, callbacks: Sequence = (), me
             "weight_decays",
             "devices",
         )
-    params, key, hyperparams = _fresh(job) if resume is None else (None, None, None)
+    start = _fresh(job) if resume is None else _Start(None, None, None, None)
     x, y = _local_rows(job, mesh)
     return fit(
-        build_model(job.meta),
-        params,
+        job.model,
+        start.params,
         x,
         y,
         loss=job.problem.loss,
         optimizer=configlib.make_optimizer(c),
         epochs=c.epochs,
         batch_size=c.batch_size,
-        key=key,
+        key=start.key,
         validation=(val.x, val.y) if val is not None else None,
         patience=c.patience,
         callbacks=callbacks,
         resume=resume,
         mesh=mesh,
         skip_nonfinite=c.skip_nonfinite,
-        hyperparams=hyperparams,
+        hyperparams=start.hyperparams,
+        model_state=start.model_state,
         compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
     )
 
@@ -210,9 +233,12 @@ def _speed(history: list) -> float | None:
 def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     """``(summary, best)``: the run's final figures and the index of its best member."""
     test, k = job.problem.splits.test, len(job.grid)
-    params = state.params if job.member_run else jax.tree.map(lambda a: np.asarray(a)[None], state.params)
+    variables = (state.params, state.model_state)
+    if not job.member_run:
+        variables = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
+    bound = archlib.Bound(job.model, *variables)
     scaler = job.problem.target_scaler
-    tests = predict.member_metrics(job.meta, params, test.x, test.y, scaler) if test is not None else []
+    tests = predict.member_metrics(job.meta, bound, test.x, test.y, scaler) if test is not None else []
     best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
     entries = _member_entries(job, state.history, tests)
     c = job.config
@@ -236,17 +262,18 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
 
 def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
     """The model to save: the run's params, the best member of a sweep, or every member of an ensemble."""
-    params, meta = jax.tree.map(np.asarray, state.params), job.meta
+    variables, meta = (state.params, state.model_state), job.meta
     if job.config.ensemble:
         meta = dict(meta, members=len(job.grid), grid=job.grid)
     elif job.member_run:
-        params, meta = (
-            memberlib.take_member(params, best),
+        variables, meta = (
+            memberlib.take_member(variables, best),
             dict(meta, member=dict(job.grid[best], index=best)),
         )
     mean, std = job.problem.standardizer
     target = job.problem.target_scaler or (None, None)
-    return files.SavedModel(meta, params, mean, std, *target)
+    params, model_state = (archlib.flatten(tree) for tree in variables)
+    return files.SavedModel(meta, params, mean, std, *target, state=model_state)
 
 
 def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:

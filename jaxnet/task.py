@@ -2,7 +2,7 @@
 
 :func:`load_problem` loads and splits the data of a :class:`~jaxnet.config.TrainConfig`, fits the
 standardization on the training split, decides the loss and the output size; :func:`model_meta`
-describes the model as JSON (saved with it) and :func:`build_model` rebuilds it from that.
+describes the model as JSON (saved with it; :func:`jaxnet.arch.build` rebuilds it from that).
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxnet import arch
 from jaxnet import data as datalib
-from jaxnet.base import Model
 from jaxnet.checks import ArgumentError
 from jaxnet.config import TrainConfig
-from jaxnet.layers import mlp
 from jaxnet.losses import get_loss
 
 
@@ -86,7 +85,10 @@ def load_problem(config: TrainConfig) -> Problem:
     loss = get_loss(config.loss or ("softmax_cross_entropy" if ds.task == "classification" else "mse")).name
     splits = datalib.split(ds, config.val_split, config.test_split, config.seed)
     if config.standardize:
-        splits, standardizer = datalib.standardize_splits(splits)
+        channels = config.input_shape[-1] if config.arch == "cnn" else None  # images: per channel
+        if channels is not None:
+            arch.check_input_shape(config.input_shape, ds.x.shape[1])
+        splits, standardizer = datalib.standardize_splits(splits, channels)
     else:
         d = ds.x.shape[1]
         standardizer = datalib.Standardizer(np.zeros(d, np.float32), np.ones(d, np.float32))
@@ -115,10 +117,20 @@ def _standardize_targets(splits: datalib.Splits) -> tuple[datalib.Splits, datali
 
 def model_meta(config: TrainConfig, problem: Problem) -> dict:
     """The JSON description saved with the params: enough to rebuild and use the model."""
+    features = len(problem.feature_names)
+    if config.arch == "cnn":
+        arch.check_input_shape(config.input_shape, features)
+    description = arch.describe(
+        config.arch,
+        sizes=[features, *config.hidden, problem.out_dim],
+        activation=config.activation,
+        output_activation=config.output_activation,
+        dropout=config.dropout,
+        input_shape=config.input_shape,
+        channels=config.channels,
+    )
     return {
-        "sizes": [len(problem.feature_names), *config.hidden, problem.out_dim],
-        "activation": config.activation,
-        "output_activation": config.output_activation,
+        **description,
         "loss": problem.loss,
         "task": problem.task,
         "num_classes": problem.num_classes,
@@ -126,11 +138,6 @@ def model_meta(config: TrainConfig, problem: Problem) -> dict:
         "target": config.target,
         "config": config.to_dict(),
     }
-
-
-def build_model(meta: dict) -> Model:
-    """The :class:`jaxnet.Model` a saved ``meta`` describes."""
-    return mlp(meta["sizes"], activation=meta["activation"], output_activation=meta["output_activation"])
 
 
 def describe(problem: Problem) -> str:

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxnet import (
+    arch,
     best_member,
     check_memory,
     cli,
@@ -24,7 +25,6 @@ from jaxnet import (
     mlp,
     set_hyperparams,
     take_member,
-    task,
 )
 
 NET = mlp([2, 12, 2])
@@ -257,7 +257,7 @@ def test_cli_sweep_reports_members_and_saves_the_best(cli_runs):
     assert members[best]["val_accuracy"] == max(m["val_accuracy"] for m in members)
     assert summary["test_accuracy"] == pytest.approx(members[best]["test_accuracy"])
     saved = files.load_model(d / "sweep")
-    assert saved.params[0]["w"].shape == (2, 8) and "members" not in saved.meta  # one model, as a single run
+    assert saved.params["0/w"].shape == (2, 8) and "members" not in saved.meta  # one model, as a single run
     assert saved.meta["member"]["seed"] == members[best]["seed"]
     lines = [json.loads(line) for line in (d / "sweep" / "metrics.jsonl").read_text().splitlines()]
     assert sorted({(r["member"], r["epoch"]) for r in lines}) == [(i, e) for i in range(4) for e in (1, 2, 3)]
@@ -266,16 +266,17 @@ def test_cli_sweep_reports_members_and_saves_the_best(cli_runs):
 def test_cli_ensemble_predict_averages_the_members(cli_runs, tmp_path, capsys):
     d, _ = cli_runs
     saved = files.load_model(d / "ensemble")
-    assert saved.meta["members"] == 3 and saved.params[0]["w"].shape == (3, 2, 8)
+    assert saved.meta["members"] == 3 and saved.params["0/w"].shape == (3, 2, 8)
     x = np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
     assert cli.main(["predict", "--model", str(d / "ensemble"), "--data", str(tmp_path / "x.npz")]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     printed = np.array([[float(v) for v in row.split(",")[1:]] for row in rows])
     xs = (x - saved.mean) / saved.std
-    model = task.build_model(saved.meta)
+    model = arch.build(saved.meta)
+    params = arch.bind(model, saved.params, saved.state, members=3).params
     apply = jax.vmap(model.apply, in_axes=(None, 0))
-    probs = [jax.nn.softmax(apply(take_member(saved.params, i), xs)) for i in range(3)]
+    probs = [jax.nn.softmax(apply(take_member(params, i), xs)) for i in range(3)]
     np.testing.assert_allclose(printed, np.mean(probs, axis=0), atol=1e-5)
 
 

@@ -18,9 +18,7 @@ VAL = (X[:30], Y[:30])
 
 
 def _cnn(rate=0.2):
-    return L.serial(
-        L.conv2d(1, 4, 3, "relu"), L.batch_norm(4), L.flatten(), L.dropout(rate), L.dense(64, 2)
-    )
+    return L.serial(L.conv2d(1, 4, 3, "relu"), L.batch_norm(4), L.flatten(), L.dropout(rate), L.dense(64, 2))
 
 
 def _fit(net, epochs, *, key=0, resume=None, **options):
@@ -32,7 +30,9 @@ def _fit(net, epochs, *, key=0, resume=None, **options):
 
 def _same(a, b):
     def data(tree):
-        return [jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in jax.tree.leaves(tree)]
+        return [
+            jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in jax.tree.leaves(tree)
+        ]
 
     return all(np.array_equal(x, y) for x, y in zip(data(a), data(b), strict=True))
 

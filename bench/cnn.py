@@ -125,7 +125,7 @@ def main(argv=None):
     rows, env = [], _environment()
     print(f"# {env['date']}, {env['device']}, jax {env['jax']}", flush=True)
     for b in (int(v) for v in args.batches.split(",")):
-        steps = max(4, 8192 // b) if jax.default_backend() == "cpu" else 50
+        steps = max(CHECK_STEPS, 1024 // b) if jax.default_backend() == "cpu" else 50
         x, y = data(b * steps)
         xb, yb = x.reshape(steps, b, 28, 28, 1), y.reshape(steps, b)
         params = jaxnet_cnn().init(jax.random.key(0))
@@ -135,12 +135,16 @@ def main(argv=None):
             **cnn_peers.peers(params, xb, yb, LR, CHECK_STEPS),
         }
         fit_seconds, fit_losses = jaxnet_fit(params, xb, yb, args.repeats)
-        rows += _measure(f"cnn-b{b}", timers, fit_seconds, fit_losses, args.repeats, b * steps)
-    rows += _transformer(args.repeats)
-    for row in rows:
-        print(json.dumps(row), flush=True)
+        rows += _report(_measure(f"cnn-b{b}", timers, fit_seconds, fit_losses, args.repeats, b * steps))
+    rows += _report(_transformer(args.repeats))
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+
+
+def _report(rows):
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def _measure(case, timers, fit_seconds, fit_losses, repeats, examples):

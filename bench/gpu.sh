@@ -15,3 +15,5 @@ PY="${PYTHON:-python}"
 # --time-limit stops starting new cases after 330 s; the outer timeout is the hard cap.
 timeout 420 "$PY" bench/run.py --suite full --out "$OUT" --json "$OUT/latest.json" --time-limit 330 "$@" \
   2>&1 | tee "$OUT/run.log"
+# The convolutional and transformer cases (bench/cnn.py), capped separately.
+timeout 150 "$PY" bench/cnn.py --repeats 3 --json "$OUT/cnn.json" 2>&1 | tee "$OUT/cnn.log"

@@ -54,10 +54,9 @@ def test_mlp_with_dropout_trains_saves_and_predicts(tmp_path, capsys):
         (["--dropout", "1.5"], "--dropout must be a fraction in [0, 1)"),
     ],
 )
-def test_bad_architectures_are_one_line_usage_errors(args, message, tmp_path):
-    done = _jaxnet("train", *args, "--epochs", "1", "--out", str(tmp_path / "r"))
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
+def test_bad_architectures_are_one_line_usage_errors(args, message, tmp_path, capsys):
+    assert cli.main(["train", *args, "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxnet: error: ") and message in lines[0], lines
     assert not (tmp_path / "r" / "model.npz").exists()
 
@@ -104,25 +103,29 @@ FLAX_CASES = [
 
 @pytest.mark.parametrize("conv, epochs, accuracy", FLAX_CASES)
 def test_a_flax_model_from_a_file_trains_evaluates_deterministically_and_needs_its_arch_again(
-    tmp_path, conv, epochs, accuracy
+    tmp_path, capsys, conv, epochs, accuracy
 ):
     pytest.importorskip("flax")
     (tmp_path / "my_model.py").write_text(FLAX_MODEL.replace("{conv}", repr(conv)))
     arch, out = f"{tmp_path / 'my_model.py'}:build", tmp_path / "run"
-    done = _jaxnet("train", "--arch", arch, "--out", str(out), "--json", "--quiet", "--epochs", str(epochs))
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
+    train = ["train", "--arch", arch, "--out", str(out), "--json", "--quiet", "--epochs", str(epochs)]
+    assert cli.main(train) == 0
+    summary = json.loads(capsys.readouterr().out)
     assert summary["test_accuracy"] >= accuracy
     assert set(files.load_model(out).state) >= {"batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var"}
-    data = _digits_npz(tmp_path / "digits.npz")
-    runs = [_jaxnet("evaluate", "--model", str(out), "--data", str(data), "--arch", arch, "--json") for _ in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr
-    assert runs[0].stdout == runs[1].stdout and json.loads(runs[0].stdout)["accuracy"] > accuracy - 0.05
-    refused = _jaxnet("predict", "--model", str(out), "--data", str(data))
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert "give --arch path/to/file.py:factory to load it" in refused.stderr and not refused.stdout
-    resumed = _jaxnet("train", "--resume", str(out), "--epochs", str(epochs + 1), "--quiet")
-    assert resumed.returncode == 2 and "give --arch with it again to resume" in resumed.stderr
+    data = str(_digits_npz(tmp_path / "digits.npz"))
+    outputs = []
+    for _ in range(2):
+        assert cli.main(["evaluate", "--model", str(out), "--data", data, "--arch", arch, "--json"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and json.loads(outputs[0])["accuracy"] > accuracy - 0.05
+    assert cli.main(["predict", "--model", str(out), "--data", data]) == 2
+    refused = capsys.readouterr()
+    assert len(refused.err.strip().splitlines()) == 1 and not refused.out
+    assert "give --arch path/to/file.py:factory to load it" in refused.err
+    assert cli.main(["train", "--resume", str(out), "--epochs", str(epochs + 1), "--quiet"]) == 2
+    resumed = capsys.readouterr()
+    assert "give --arch with it again to resume" in resumed.err
 
 
 @pytest.mark.slow

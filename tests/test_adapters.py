@@ -71,6 +71,7 @@ def test_flax_linen_with_batch_norm_trains_as_in_flax():
     np.testing.assert_allclose(first["loss"], _ce(logits, Y), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_flax_linen_dropout_draws_from_jaxnet_keys_only_in_training():
     nn = pytest.importorskip("flax.linen")
 
@@ -91,6 +92,7 @@ def test_flax_linen_dropout_draws_from_jaxnet_keys_only_in_training():
     assert result.history[-1]["val_accuracy"] > 0.85
 
 
+@pytest.mark.slow
 def test_flax_nnx_with_batch_norm_trains_as_in_flax():
     nnx = pytest.importorskip("flax.nnx")
 
@@ -122,6 +124,7 @@ def test_flax_nnx_with_batch_norm_trains_as_in_flax():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_equinox_with_batch_norm_state_trains_as_in_equinox():
     eqx = pytest.importorskip("equinox")
 

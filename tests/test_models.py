@@ -58,6 +58,7 @@ def test_a_stateful_model_trains_and_evaluates_deterministically():
     np.testing.assert_allclose(first["loss"], best, rtol=1e-5)  # the best params with their own statistics
 
 
+@pytest.mark.slow
 def test_the_run_is_reproducible_from_its_seed_and_keys_differ_per_step():
     a, b, c = _fit(_cnn(), 2), _fit(_cnn(), 2), _fit(_cnn(), 2, key=1)
     assert _same(a.train.params, b.train.params) and not _same(a.train.params, c.train.params)
@@ -96,6 +97,7 @@ def test_padding_of_the_last_batch_stays_out_of_batch_statistics():
     np.testing.assert_allclose(result.train.model_state[0]["var"], x[8:].var(0), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_members_train_as_they_would_alone():
     net = _cnn()
     keys = jaxnet.member_keys([0, 1])
@@ -124,6 +126,7 @@ def test_batch_statistics_cover_the_global_batch_under_data_parallelism():
     np.testing.assert_allclose(sharded.train.model_state[0]["mean"], x.mean(0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dp_sgd_through_fit_with_dropout_and_validation():
     net = L.serial(L.flatten(), L.dense(16, 8, "relu"), L.dropout(0.1), L.dense(8, 2))
     params, state = net.init(jax.random.key(0))
@@ -136,6 +139,7 @@ def test_dp_sgd_through_fit_with_dropout_and_validation():
         _fit(_cnn(), 1, per_example_grads=True, optimizer=opt)
 
 
+@pytest.mark.slow
 def test_mixed_precision_with_batch_norm():
     result = _fit(_cnn(), 3, compute_dtype=jnp.bfloat16)
     assert np.isfinite(result.history[-1]["train_loss"])

@@ -19,48 +19,75 @@ from jaxnet.loop import FitState, Record
 
 
 class Checkpointer:
-    """Saves the fit state into ``directory`` every ``every`` epochs and when the run ends.
+    """Saves the fit state into ``directory`` every ``every`` epochs, every ``every_steps`` steps,
+    and when the run ends.
 
     Args:
       directory: the checkpoint folder (see :func:`jaxnet.checkpoint.save`).
       every: save after every ``every``-th epoch (None: only at the end of the run).
       keep: keep the newest ``keep`` checkpoints (None: all).
       metadata: JSON metadata saved with every checkpoint (e.g. the run's config).
+      every_steps: also save inside epochs, at the first chunk boundary after every
+        ``every_steps`` optimizer steps (the position in the data included: a resume continues
+        the epoch exactly). Needs epochs in chunks: streamed data, or ``fit(chunk_steps=...)``
+        (``chunk_steps=every_steps`` puts the boundaries on the multiples).
 
     Examples:
       >>> saver = Checkpointer("/tmp/run/checkpoints", every=5)  # doctest: +SKIP
       >>> fit(..., callbacks=[saver])                            # doctest: +SKIP
     """
 
-    def __init__(self, directory, *, every: int | None = None, keep: int | None = 3, metadata: dict | None = None):
+    def __init__(
+        self,
+        directory,
+        *,
+        every: int | None = None,
+        keep: int | None = 3,
+        metadata: dict | None = None,
+        every_steps: int | None = None,
+    ):
         self.directory = Path(directory)
         self.every = checks.optional_integer("every", every)
         self.keep = checks.optional_integer("keep", keep)
+        self.every_steps = checks.optional_integer("every_steps", every_steps)
         self.metadata = dict(metadata or {})
-        self.saved_epoch: int | None = None
+        self.saved_steps: int | None = None
         self.last: FitState | None = None
 
     def on_run_start(self, state: FitState) -> None:
-        self.saved_epoch = state.epoch if state.epoch else None  # a resumed state is saved already
+        resumed = state.epoch or state.position is not None
+        self.saved_steps = state.steps if resumed else None  # a resumed state is saved already
 
     def __call__(self, state: FitState, record: Record) -> None:
         self.last = state
         if self.every is not None and state.epoch % self.every == 0:
             self.save(state)
+        elif self._step_due(state):
+            self.save(state)
+
+    def on_chunk(self, state: FitState) -> None:
+        self.last = state
+        if self._step_due(state):
+            self.save(state)
+
+    def _step_due(self, state: FitState) -> bool:
+        if self.every_steps is None:
+            return False
+        return state.steps // self.every_steps > (self.saved_steps or 0) // self.every_steps
 
     def on_run_end(self, state: FitState) -> None:
-        if state.epoch and state.epoch != self.saved_epoch:
+        if (state.epoch or state.position is not None) and state.steps != self.saved_steps:
             self.save(state)
 
     def save(self, state: FitState) -> Path:
         """Writes the checkpoint of ``state`` now; returns its folder."""
         path = checkpoint.save(self.directory, state, metadata=self.metadata, keep=self.keep)
-        self.saved_epoch = state.epoch
+        self.saved_steps = state.steps
         return path
 
 
 class Interrupt:
-    """Turns SIGINT/SIGTERM into a stop at the next epoch boundary.
+    """Turns SIGINT/SIGTERM into a stop at the next epoch boundary (or chunk boundary of an epoch in chunks).
 
     Use as a context manager around training; the first signal sets ``signum``, calls
     ``notify(message)`` and makes the callback return True (stop). A second SIGINT raises
@@ -91,6 +118,10 @@ class Interrupt:
             signal.signal(s, handler)
 
     def __call__(self, state, record) -> bool:
+        return self.signum is not None
+
+    def on_chunk(self, state) -> bool:
+        """Stops a long (streamed) epoch at the next chunk boundary too."""
         return self.signum is not None
 
     @property

@@ -1,7 +1,8 @@
 """Checkpoints of a fit: the bytes on disk, written and read back against a caller's template.
 
 :func:`save` writes a :class:`~jaxnet.loop.FitState` (params, optimizer state, PRNG key, step,
-model state, best params, epoch, history) plus the caller's JSON metadata as ``<directory>/<epoch>``, through
+model state, best params, epoch, history, the position inside an epoch) plus the caller's JSON
+metadata as ``<directory>/<steps>``, named by the optimizer steps done, through
 orbax-checkpoint's ``CheckpointManager`` (atomic finalize: a save killed midway leaves only a
 temporary folder, which is never read; retention of the newest ``keep``). :func:`restore` reads
 the newest usable one into the structure of a template the caller gives, for example
@@ -29,10 +30,12 @@ import numpy as np
 
 from jaxnet import checks
 from jaxnet.base import TrainState
+from jaxnet.epoch import start_carry
+from jaxnet.feed import Position
 from jaxnet.loop import FitState
 
 FORMAT = "jaxnet-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHECKPOINT_EXTRA = "pip install 'jaxnet-trainer[checkpoint]'"
 
 
@@ -98,6 +101,13 @@ def _array_tree(state: FitState) -> dict:
         tree["best_params"] = state.best_params
         if train.model_state is not None:
             tree["best_model_state"] = state.best_model_state
+    if state.position is not None:
+        p = state.position
+        tree["position"] = {
+            "shuffle_key": jax.random.key_data(p.shuffle_key),
+            "total": p.total,
+            "finite": p.finite_steps,
+        }
     return tree
 
 
@@ -115,11 +125,12 @@ def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
 def save(
     directory: str | os.PathLike, state: FitState, *, metadata: dict | None = None, keep: int | None = None
 ) -> Path:
-    """Writes ``state`` as checkpoint ``<directory>/<state.epoch>`` (synchronously, atomically).
+    """Writes ``state`` as checkpoint ``<directory>/<state.steps>`` (synchronously, atomically).
 
     Args:
       directory: the checkpoint folder (created if needed); one run's checkpoints only.
-      state: the :class:`~jaxnet.loop.FitState` after an epoch (single or member run).
+      state: the :class:`~jaxnet.loop.FitState` after an epoch (single or member run), or
+        between two chunks of an epoch (its ``position`` set).
       metadata: JSON-serializable data to keep with it (a config, a data description).
       keep: keep the newest ``keep`` checkpoints, deleting older ones (None: all).
 
@@ -127,7 +138,7 @@ def save(
       The checkpoint's folder.
     """
     checks.optional_integer("keep", keep)
-    ocp = _orbax()
+    ocp, p = _orbax(), state.position
     arrays = _flatten(jax.tree.map(np.asarray, _array_tree(state)))
     meta = {
         "format": FORMAT,
@@ -137,21 +148,22 @@ def save(
         "history": state.history,
         "key_impl": str(jax.random.key_impl(state.train.key)),
         "has_best": state.best_params is not None,
+        "position": None if p is None else {"steps": p.steps, "examples": p.examples},
         "metadata": metadata or {},
     }
     meta["checksum"] = _checksum(arrays, meta)
     manager = _manager(directory, keep, create=True)
     try:
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
-        manager.save(state.epoch, args=args, force=True)
+        manager.save(state.steps, args=args, force=True)
         manager.wait_until_finished()
     finally:
         manager.close()
-    return Path(directory).absolute() / str(state.epoch)
+    return Path(directory).absolute() / str(state.steps)
 
 
-def epochs(directory: str | os.PathLike) -> list[int]:
-    """The epochs of the complete checkpoints in ``directory``, oldest first."""
+def steps(directory: str | os.PathLike) -> list[int]:
+    """The step counts (names) of the complete checkpoints in ``directory``, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -160,14 +172,40 @@ def epochs(directory: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+class Entry(NamedTuple):
+    """One checkpoint: its folder name ``steps`` (optimizer steps done), its completed ``epoch``
+    count, and the steps done inside the next epoch (None at an epoch's end)."""
+
+    steps: int
+    epoch: int
+    inside: int | None
+
+
+def entries(directory: str | os.PathLike) -> list[Entry]:
+    """What each complete checkpoint in ``directory`` holds (from its metadata), oldest first;
+    an unreadable one is left out."""
+    found = []
+    for step in steps(directory):
+        manager = _manager(directory)
+        try:
+            meta = _read_meta(manager, step)
+        except Exception:  # damaged or foreign: restore() reports those
+            continue
+        finally:
+            manager.close()
+        position = meta.get("position")
+        found.append(Entry(step, int(meta["epoch"]), None if position is None else int(position["steps"])))
+    return found
+
+
 def latest(directory: str | os.PathLike) -> Path | None:
     """The folder of the newest complete checkpoint in ``directory`` (not verified), or None."""
-    found = epochs(directory)
+    found = steps(directory)
     return Path(directory).absolute() / str(found[-1]) if found else None
 
 
 def set_aside(directory: str | os.PathLike, after: int) -> list[Path]:
-    """Renames the checkpoints newer than epoch ``after`` to ``<epoch>.damaged`` (so that a resumed
+    """Renames the checkpoints newer than step ``after`` to ``<steps>.damaged`` (so that a resumed
     run neither overwrites nor keeps them) and removes the temporary folders of saves killed midway.
 
     Returns:
@@ -188,7 +226,7 @@ def set_aside(directory: str | os.PathLike, after: int) -> list[Path]:
     return moved
 
 
-def _template(like: FitState, has_best: bool) -> dict:
+def _template(like: FitState, has_best: bool, position: dict | None) -> dict:
     """The checkpoint's array tree as shapes and dtypes, from the caller's template."""
 
     def build(train, best, best_model_state):
@@ -196,7 +234,11 @@ def _template(like: FitState, has_best: bool) -> dict:
         best_model_state = train.model_state if best_model_state is None else best_model_state
         if not has_best:
             best, best_model_state = None, None
-        return _array_tree(FitState(train, 0, [], best, 0, best_model_state))
+        inside = None
+        if position is not None:
+            carry = start_carry(train)
+            inside = Position(train.key, carry.total, carry.finite_steps, 0, 0)
+        return _array_tree(FitState(train, 0, [], best, 0, best_model_state, inside))
 
     return jax.eval_shape(build, like.train, like.best_params, like.best_model_state)
 
@@ -221,7 +263,7 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     try:
         step = int(path.name)
         meta = _read_meta(manager, step)
-        shapes = _template(like, bool(meta.get("has_best")))
+        shapes = _template(like, bool(meta.get("has_best")), meta.get("position"))
         named = _flatten(shapes)
         template = {k: np.zeros(v.shape, v.dtype) for k, v in named.items()}
         arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))).state
@@ -242,15 +284,25 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     t = tree["train"]
     key = jax.random.wrap_key_data(t["key"], impl=meta["key_impl"])
     train = TrainState(t["params"], t["opt_state"], key, t["step"], t.get("model_state"))
-    best_epoch = meta["best_epoch"]
+    best_epoch, position = meta["best_epoch"], None
+    if meta.get("position") is not None:
+        p, where = tree["position"], meta["position"]
+        shuffle_key = jax.random.wrap_key_data(p["shuffle_key"], impl=meta["key_impl"])
+        position = Position(shuffle_key, p["total"], p["finite"], int(where["steps"]), int(where["examples"]))
     state = FitState(
-        train, meta["epoch"], list(meta["history"]), tree.get("best_params"), best_epoch, tree.get("best_model_state")
+        train,
+        meta["epoch"],
+        list(meta["history"]),
+        tree.get("best_params"),
+        best_epoch,
+        tree.get("best_model_state"),
+        position,
     )
     return state, meta["metadata"]
 
 
-def restore(directory: str | os.PathLike, like: FitState, *, epoch: int | None = None) -> Restored:
-    """The newest usable checkpoint in ``directory`` (or the one of ``epoch``).
+def restore(directory: str | os.PathLike, like: FitState, *, step: int | None = None) -> Restored:
+    """The newest usable checkpoint in ``directory`` (or the one of ``step``).
 
     Args:
       directory: the checkpoint folder given to :func:`save`.
@@ -258,7 +310,7 @@ def restore(directory: str | os.PathLike, like: FitState, *, epoch: int | None =
         with the run's structure, e.g. ``jax.eval_shape(lambda: init_fit_state(params, optimizer,
         key))``; its ``best_params`` and ``best_model_state`` may be None (they share the structure
         of the params and of ``train.model_state``).
-      epoch: restore this epoch's checkpoint instead of the newest.
+      step: restore the checkpoint of this many steps (its folder's name) instead of the newest.
 
     Returns:
       A :class:`Restored`; damaged newer checkpoints were skipped and are listed in ``damaged``.
@@ -267,13 +319,13 @@ def restore(directory: str | os.PathLike, like: FitState, *, epoch: int | None =
       ValueError: ``directory`` has no checkpoints, or none of them is usable (the message says why).
     """
     directory = Path(directory)
-    found = epochs(directory)
+    found = steps(directory)
     if not found:
         raise ValueError(f"cannot resume: {directory} has no checkpoints")
-    if epoch is not None:
-        if epoch not in found:
-            raise ValueError(f"{directory} has no checkpoint of epoch {epoch}: it has {', '.join(map(str, found))}")
-        found = [epoch]
+    if step is not None:
+        if step not in found:
+            raise ValueError(f"{directory} has no checkpoint of step {step}: it has {', '.join(map(str, found))}")
+        found = [step]
     damaged = []
     for step in reversed(found):
         path = directory.absolute() / str(step)

@@ -18,7 +18,13 @@ import sys
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
-FLAGS = {"lrs": "--lr", "weight_decays": "--weight-decay", "every": "--checkpoint-every"}
+FLAGS = {
+    "lrs": "--lr",
+    "weight_decays": "--weight-decay",
+    "every": "--checkpoint-every",
+    "every_steps": "--checkpoint-steps",
+    "chunk_steps": "--checkpoint-steps",
+}
 """Python argument names whose flag is not ``--`` + the name with dashes."""
 
 
@@ -172,6 +178,13 @@ def _add_output_options(o) -> None:
     o.add_argument(
         "--checkpoint-every", type=integer, metavar="N", help="checkpoint every N epochs into DIR/checkpoints"
     )
+    o.add_argument(
+        "--checkpoint-steps",
+        type=integer,
+        metavar="N",
+        help="also checkpoint every N steps, inside epochs, with the position in the data (a resume continues "
+        "that epoch exactly)",
+    )
     o.add_argument("--keep", type=integer, metavar="K", help="keep the newest K checkpoints (default 3)")
     o.add_argument(
         "--resume",
@@ -256,6 +269,7 @@ def _check_train_args(args) -> None:
         raise CliError("--resume continues the run in DIR; --overwrite would replace it: drop one")
     for name, value in (
         ("--checkpoint-every N", args.checkpoint_every),
+        ("--checkpoint-steps N", args.checkpoint_steps),
         ("--keep K", args.keep),
         ("--overwrite", args.overwrite or None),
     ):
@@ -283,7 +297,14 @@ def _cmd_train(args) -> int:
         if primary and (always or not args.quiet):
             _say(message)
 
-    options = dict(callbacks=cbs, mesh=mesh, checkpoint_every=args.checkpoint_every, keep=args.keep, notify=notify)
+    options = dict(
+        callbacks=cbs,
+        mesh=mesh,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_steps=args.checkpoint_steps,
+        keep=args.keep,
+        notify=notify,
+    )
     _quiet_orbax_unraisables()
     with interrupt, _stdout_to_stderr(args.json), _closing(progress):
         if args.resume:
@@ -294,13 +315,16 @@ def _cmd_train(args) -> int:
     out = args.out or args.resume
     if interrupt.signum is not None and not result.finished:
         if primary:
-            epoch = result.state.epoch
+            state = result.state
             where = (
-                f"checkpoint in {out}/checkpoints/{epoch}; resume with: jaxnet train --resume {out}"
+                f"checkpoint in {out}/checkpoints/{state.steps}; resume with: jaxnet train --resume {out}"
                 if out
                 else "nothing was saved (train with --out DIR to keep checkpoints)"
             )
-            _say(f"interrupted at epoch {epoch}; {where}")
+            at = f"epoch {state.epoch}"
+            if state.position is not None:
+                at = f"step {state.steps}, inside epoch {state.epoch + 1}"
+            _say(f"interrupted at {at}; {where}")
         return interrupt.exit_code
     if primary:
         _report(result, args, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,95 @@ def _epoch_batches(shuffle_key, x, y, layout):
     return ((x[index], y[index], weight) if padded else (x[index], y[index])), lambda _, item: item
 
 
+class Carry(NamedTuple):
+    """An epoch in progress, carried from step to step (and from chunk to chunk of a streamed epoch).
+
+    Attributes:
+      state: the train state.
+      total: the running sum of the batch losses (each times its number of real examples when the
+        epoch counts examples: padded or streamed batches).
+      finite_steps: the number of steps after which ``total`` was still finite: a non-finite loss
+        leaves the sum non-finite for the rest of the epoch, so this is the first non-finite step.
+      steps: the steps done in this epoch.
+    """
+
+    state: TrainState
+    total: jax.Array
+    finite_steps: jax.Array
+    steps: jax.Array
+
+
+def start_carry(state: TrainState) -> Carry:
+    """The carry of an epoch's first step (the loss summed in the params' float dtype, at least float32)."""
+    # distinct arrays: a chunked epoch donates the carry, and a buffer cannot be donated twice
+    steps = [jnp.zeros((), jnp.int32) for _ in range(2)]
+    return Carry(state, jnp.zeros((), _float_dtype(state.params)), *steps)
+
+
+def epoch_metrics(carry: Carry, divisor) -> dict:
+    """``{"loss", "first_nonfinite"}`` of a finished epoch: ``total / divisor`` (NaN if not finite)."""
+    finite = jnp.isfinite(carry.total)
+    return {
+        "loss": jnp.where(finite, carry.total / divisor, jnp.nan),
+        "first_nonfinite": jnp.where(finite, -1, carry.finite_steps),
+    }
+
+
+def _step_body(update: Update, weighted: bool, count: bool) -> Callable[[Carry, tuple], Carry]:
+    """One step: ``(carry, batch) -> carry``. ``weighted`` batches are ``(x, y, w)``; ``count``
+    adds each batch's loss times its real examples (``sum(w)``, or the batch size) to the total.
+
+    The epoch's metrics accumulate in the carry (a per-step output buffer would hold members x
+    steps losses when vmapped). The step index is carried (XLA merges it with the loop's own
+    counter); a select of it costs less per step than counting.
+    """
+
+    def body(carry: Carry, batch) -> Carry:
+        state, metrics = update(carry.state, batch)
+        loss = metrics["loss"]
+        if count:
+            loss = loss * (jnp.sum(batch[2]) if weighted else batch[0].shape[0])
+        total = carry.total + loss.astype(carry.total.dtype)
+        steps = carry.steps + 1
+        return Carry(state, total, jnp.where(jnp.isfinite(total), steps, carry.finite_steps), steps)
+
+    return body
+
+
+def make_steps(update: Update, *, weighted: bool, count: bool, gather: bool, unroll: int = 1) -> Callable:
+    """A run of steps of an epoch as a pure function: a chunk of a streamed or checkpointed epoch.
+
+    Args:
+      update: the per-batch update, as in :func:`make_epoch`.
+      weighted: batches carry per-example weights (padding).
+      count: the total adds each loss times its real examples (see :class:`Carry`).
+      gather: the steps gather their rows from whole arrays by index; otherwise they scan over
+        stacked batches.
+      unroll: ``lax.scan`` unroll factor.
+
+    Returns:
+      With ``gather``: ``steps(carry, x: (n, ...), y: (n, ...), index: (S, b)[, weight: (S, b)])``;
+      otherwise ``steps(carry, xs: (S, b, ...), ys: (S, b, ...)[, ws: (S, b)])``; both ``-> carry``.
+    """
+    body = _step_body(update, weighted, count)
+
+    if gather:
+
+        def gathered(carry: Carry, x, y, index, *weight):
+            def one(c, item):
+                rows, *w = item
+                return body(c, (x[rows], y[rows], *w)), None
+
+            return jax.lax.scan(one, carry, (index, *weight), unroll=unroll)[0]
+
+        return gathered
+
+    def stacked(carry: Carry, *batches):
+        return jax.lax.scan(lambda c, batch: (body(c, batch), None), carry, batches, unroll=unroll)[0]
+
+    return stacked
+
+
 def make_epoch(
     update: Update,
     num_examples: int,
@@ -123,35 +213,15 @@ def make_epoch(
     padded = nb * batch_size > num_examples  # only then do updates need per-example weights
     layout = (num_examples, batch_size, drop_remainder, shuffle, padded)
 
+    body = _step_body(update, padded, padded)
+
     def epoch(state: TrainState, x: jax.Array, y: jax.Array):
         key, shuffle_key = jax.random.split(state.key)
         scanned, batch_of = _epoch_batches(shuffle_key, x, y, layout)
-
-        # The epoch's metrics accumulate in the carry (a per-step output buffer would hold members
-        # x steps losses when vmapped): the sum of the batch losses, and the number of steps after
-        # which that sum was still finite. A non-finite loss leaves the sum non-finite for the rest
-        # of the epoch, so that number is the index of the first non-finite step. The step index i
-        # is carried (XLA merges it with the loop's own counter); a select of it costs less per
-        # step than counting.
-        def body(carry, item):
-            state, total, finite_steps, i = carry
-            batch = batch_of(i, item)
-            state, metrics = update(state, batch)
-            loss = metrics["loss"] * jnp.sum(batch[2]) if padded else metrics["loss"]
-            total = total + loss.astype(total.dtype)
-            i = i + 1
-            return (state, total, jnp.where(jnp.isfinite(total), i, finite_steps), i), None
-
-        zero = jnp.zeros((), jnp.int32)
-        total = jnp.zeros((), _float_dtype(state.params))
-        carry = (state._replace(key=key), total, zero, zero)
-        (state, total, finite_steps, _), _ = jax.lax.scan(body, carry, scanned, length=nb, unroll=unroll)
-        finite = jnp.isfinite(total)
-        metrics = {
-            # without padding every batch has the same size: the mean of the batch losses
-            "loss": jnp.where(finite, total / (num_examples if padded else nb), jnp.nan),
-            "first_nonfinite": jnp.where(finite, -1, finite_steps),
-        }
-        return state, metrics
+        carry = start_carry(state._replace(key=key))
+        carry, _ = jax.lax.scan(
+            lambda c, item: (body(c, batch_of(c.steps, item)), None), carry, scanned, length=nb, unroll=unroll
+        )
+        return carry.state, epoch_metrics(carry, num_examples if padded else nb)
 
     return epoch

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import checks, parallel
+from jaxnet import checks, programs, sources
 from jaxnet.base import Params, PRNGKey, TrainState
-from jaxnet.epoch import make_epoch, num_batches
+from jaxnet.feed import CHUNK_BYTES
 from jaxnet.forward import AnyModel, check_model, is_stateful
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
-from jaxnet.step import init_state, make_eval_fn, make_per_example_update, make_update, skip_nonfinite_updates
+from jaxnet.step import init_state, skip_nonfinite_updates
 
 Record = dict[str, Any]
 MONITORS = ("val_loss", "val_accuracy")
@@ -62,6 +62,9 @@ class FitState(NamedTuple):
       best_params: params of the best epoch by the monitored metric (with validation), else None.
       best_epoch: 1-based epoch of ``best_params`` (0 if none); a list of K in a member run.
       best_model_state: a stateful model's state of the best epoch (running statistics), else None.
+      position: None at an epoch's end; inside epoch ``epoch + 1`` (a chunked or streamed epoch
+        stopped between chunks: a mid-epoch checkpoint), the :class:`jaxnet.feed.Position` that
+        resumes it exactly.
     """
 
     train: TrainState
@@ -70,6 +73,12 @@ class FitState(NamedTuple):
     best_params: Params | None = None
     best_epoch: int | list = 0
     best_model_state: Any = None
+    position: Any = None
+
+    @property
+    def steps(self) -> int:
+        """The optimizer steps done so far (the name of this state's checkpoint)."""
+        return int(np.max(np.asarray(jax.device_get(self.train.step))))
 
     @property
     def params(self) -> Params:
@@ -80,15 +89,6 @@ class FitState(NamedTuple):
     def model_state(self) -> Any:
         """The model state that goes with :attr:`params` (None for a plain model)."""
         return self.train.model_state if self.best_params is None else self.best_model_state
-
-
-class _Programs(NamedTuple):
-    """The compiled pieces of a fit, and how to place arrays for them."""
-
-    run_epoch: Callable
-    evaluate: Callable
-    place: Callable
-    steps_per_epoch: int
 
 
 class _Book(NamedTuple):
@@ -103,9 +103,7 @@ class _Book(NamedTuple):
 class _Setup(NamedTuple):
     """What the loop needs besides the state (fixed for the whole fit)."""
 
-    programs: _Programs
-    data: tuple
-    validation: tuple | None
+    programs: programs.Programs
     epochs: int
     patience: int | None
     monitor: str
@@ -189,15 +187,26 @@ def _check_model_state(model, model_state) -> None:
         raise ValueError("model_state is for a StatefulModel; a plain Model has none: drop model_state")
 
 
-def _check_data(x, y, validation):
-    x, y = _as_array("x", x), _as_array("y", y)
+def _check_pair(name: str, x, y) -> tuple:
+    names = ("x", "y") if name == "x" else (f"{name} x", f"{name} y")
+    x, y = _as_array(names[0], x), _as_array(names[1], y)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
-    if validation is not None:
-        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
-            raise TypeError("validation must be a pair (x_val, y_val)")
-        validation = (_as_array("validation x", validation[0]), _as_array("validation y", validation[1]))
-    return x, y, validation
+        raise ValueError(f"{names[0]} has {x.shape[0]} examples but {names[1]} has {y.shape[0]}")
+    return x, y
+
+
+def _check_data(x, y, validation) -> programs.Data:
+    """The fit's data: resident ``(x, y)`` pairs placed as arrays, or sources (:mod:`jaxnet.sources`)."""
+    train = sources.as_source(x, y, "x")
+    train = _check_pair("x", x, y) if train is None else train
+    if validation is None:
+        return programs.Data(train, None)
+    if isinstance(validation, tuple) and len(validation) == 2 and all(hasattr(v, "shape") for v in validation):
+        source = sources.as_source(*validation, "validation")
+        return programs.Data(train, _check_pair("validation", *validation) if source is None else source)
+    if isinstance(validation, (tuple, list)) and len(validation) == 2 and not sources.is_resident(validation[0]):
+        raise TypeError("validation must be a pair (x_val, y_val) of arrays, or a data source")
+    return programs.Data(train, sources.as_source(validation, None, "validation"))
 
 
 def _check_options(spec: LossSpec, epochs, batch_size, patience, monitor, validation) -> None:
@@ -209,29 +218,6 @@ def _check_options(spec: LossSpec, epochs, batch_size, patience, monitor, valida
     checks.optional_integer("patience", patience)
     if patience is not None and validation is None:
         raise ValueError("early stopping (patience) needs validation data")
-
-
-def _compile(model, spec, optimizer, options: dict, members: int | None, mesh) -> _Programs:
-    """The epoch and evaluation programs: plain, data parallel on ``mesh``, or vmapped over members."""
-    if options["skip_nonfinite"]:
-        optimizer = skip_nonfinite_updates(optimizer)
-    make = make_per_example_update if options["per_example_grads"] else make_update
-    update = make(model, spec, optimizer, compute_dtype=options["compute_dtype"])
-    evaluate = make_eval_fn(model, spec)
-    place, jit_options = (lambda tree: tree), {}
-    if mesh is not None:
-        if members is not None:
-            raise ValueError("member runs train on one device: drop mesh, or train members one by one on the mesh")
-        parallel.check_batch_size(options["batch_size"], mesh.size)
-        update = parallel.constrain_batch(update, mesh)
-        place = functools.partial(parallel.put_replicated, mesh=mesh)
-        jit_options = {"out_shardings": parallel.replicated(mesh)}
-    layout = {k: options[k] for k in ("drop_remainder", "shuffle", "unroll")}
-    epoch = make_epoch(update, options["num_examples"], options["batch_size"], **layout)
-    if members is not None:
-        epoch, evaluate = jax.vmap(epoch, in_axes=(0, None, None)), jax.vmap(evaluate, in_axes=(0, None, 0))
-    steps = num_batches(options["num_examples"], options["batch_size"], options["drop_remainder"])
-    return _Programs(jax.jit(epoch, donate_argnums=(0,), **jit_options), jax.jit(evaluate, **jit_options), place, steps)
 
 
 def _skipped_updates(opt_state, k: int) -> np.ndarray:
@@ -266,6 +252,8 @@ def _open_book(state: FitState, monitor: str, patience: int | None, skip_nonfini
 def is_finished(state: FitState, *, epochs: int, patience: int | None = None, monitor: str = "val_loss") -> bool:
     """Whether :func:`fit` would train ``state`` no further: all ``epochs`` done, or every member
     stopped (early stopping, or a non-finite loss)."""
+    if state.position is not None:
+        return False
     return state.epoch >= epochs or bool(_open_book(state, monitor, patience, False).stopped.all())
 
 
@@ -304,27 +292,46 @@ def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, monitor: str)
     return book, improved
 
 
-def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book, Record]:
-    """Runs one epoch and its validation; returns the new state, bookkeeping and record."""
+def _chunk_hook(state: FitState, callbacks: Sequence) -> Callable:
+    """``on_chunk(carry, position)`` for a chunked epoch: calls the callbacks' ``on_chunk(fit_state)``
+    with the state between two chunks; True (any callback's) stops the epoch there."""
+    hooks = [cb.on_chunk for cb in callbacks if hasattr(cb, "on_chunk")]
+
+    def on_chunk(carry, position) -> bool:
+        if not hooks:
+            return False
+        inside = state._replace(train=carry.state, position=position)
+        return any([bool(hook(inside)) for hook in hooks])
+
+    return on_chunk
+
+
+def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book, Record | None]:
+    """Runs one epoch (or the rest of one) and its validation; returns the new state, bookkeeping
+    and record, or the state inside the epoch and no record when a callback stopped it there."""
     start = time.perf_counter()
     programs, k = setup.programs, setup.members or 1
-    train, metrics = programs.run_epoch(state.train, *setup.data)
+    before = state.steps - (state.position.steps if state.position is not None else 0)
+    hook = _chunk_hook(state, setup.callbacks)
+    train, metrics, position = programs.train_epoch(state.train, state.position, hook)
+    if metrics is None:  # stopped between two chunks
+        return state._replace(train=train, position=position), book, None
     metrics = jax.device_get(metrics)  # one host sync per epoch
     epoch = state.epoch + 1
     active = ~book.stopped
     first_bad = np.asarray(metrics["first_nonfinite"]).reshape(k)
     diverged = active & (first_bad >= 0) if not setup.skip_nonfinite else np.zeros(k, bool)
     if active.all() and diverged.all():  # every member diverged at once (always so for a single run)
-        raise NonFiniteLossError(epoch, state.epoch * programs.steps_per_epoch + int(first_bad.min()) + 1)
+        raise NonFiniteLossError(epoch, before + int(first_bad.min()) + 1)
     keep = active & ~diverged
     best = None if state.best_params is None else (state.best_params, state.best_model_state)
     val = None
-    if setup.validation is not None:
-        val = jax.device_get(programs.evaluate(train.params, setup.validation, train.model_state))
+    if programs.validate is not None:
+        val = programs.validate(train.params, train.model_state)
         book, improved = _improve(book, val, keep, epoch, setup.monitor)
         best = _keep_best(improved, (train.params, train.model_state), best, setup.members)
     record = _record(epoch, metrics, val, book, keep, train)
-    record.update(seconds=time.perf_counter() - start, steps=programs.steps_per_epoch)
+    record.update(seconds=time.perf_counter() - start, steps=int(metrics["steps"]))
     stopped = book.stopped | diverged
     if setup.patience is not None:
         stopped |= epoch - book.best_epoch >= setup.patience
@@ -352,7 +359,7 @@ def _loop(state: FitState, setup: _Setup) -> FitState:
     _call(setup.callbacks, "on_run_start", state)
     while state.epoch < setup.epochs and not book.stopped.all():
         state, book, record = _epoch(state, book, setup)
-        if any([bool(callback(state, record)) for callback in setup.callbacks]):
+        if record is None or any([bool(callback(state, record)) for callback in setup.callbacks]):
             break
     _call(setup.callbacks, "on_run_end", state)
     return state
@@ -383,6 +390,10 @@ def fit(
     hyperparams: dict | None = None,
     model_state: Any = None,
     per_example_grads: bool = False,
+    chunk_steps: int | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    shuffle_buffer: int = 0,
+    eval_batch_size: int | None = None,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -444,21 +455,19 @@ def fit(
     """
     spec = get_loss(loss)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
-    x, y, validation = _check_data(x, y, validation)
-    _check_options(spec, epochs, batch_size, patience, monitor, validation)
+    data = _check_data(x, y, validation)
+    _check_options(spec, epochs, batch_size, patience, monitor, data.validation)
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
     if fresh:
-        data_bytes = sum(a.nbytes for a in (x, y, *(validation or ())))
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
-        check_fit_memory(one, optimizer, batch_size, members or 1, data_bytes)
+        check_fit_memory(one, optimizer, batch_size, members or 1, _resident_bytes(data))
         resume = init_fit_state(
             params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state
         )
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
     options = dict(
-        num_examples=x.shape[0],
         batch_size=batch_size,
         drop_remainder=drop_remainder,
         shuffle=shuffle,
@@ -466,23 +475,27 @@ def fit(
         compute_dtype=compute_dtype,
         skip_nonfinite=skip_nonfinite,
         per_example_grads=checks.boolean("per_example_grads", per_example_grads),
+        chunk_steps=checks.optional_integer("chunk_steps", chunk_steps),
+        chunk_bytes=checks.integer("chunk_bytes", chunk_bytes),
+        shuffle_buffer=checks.integer("shuffle_buffer", shuffle_buffer, minimum=0),
+        eval_batch_size=checks.optional_integer("eval_batch_size", eval_batch_size),
     )
-    programs = _compile(model, spec, optimizer, options, members, mesh)
+    if resume.position is not None and options["chunk_steps"] is None and isinstance(data.train, tuple):
+        raise ValueError(
+            "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "
+            "run that saved it"
+        )
+    compiled = programs.build(model, spec, optimizer, options, members, mesh, data)
     # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.
-    train = programs.place(resume.train)
+    train = compiled.place(resume.train)
     state = resume._replace(train=train if fresh else _copy_tree(train))
-    setup = _Setup(
-        programs,
-        programs.place((x, y)),
-        programs.place(validation) if validation else None,
-        epochs,
-        patience,
-        monitor,
-        skip_nonfinite,
-        members,
-        tuple(callbacks),
-    )
+    setup = _Setup(compiled, epochs, patience, monitor, skip_nonfinite, members, tuple(callbacks))
     return _loop(state, setup)
+
+
+def _resident_bytes(data: programs.Data) -> int:
+    parts = [part for part in data if isinstance(part, tuple)]
+    return sum(a.nbytes for part in parts for a in part)
 
 
 def check_fit_memory(

@@ -142,8 +142,11 @@ def _local_rows(job: Job, mesh):
     return parallel.global_rows(train.x[rows], mesh), parallel.global_rows(train.y[rows], mesh)
 
 
-def train(job: Job, resume: FitState | None = None, callbacks: Sequence = (), mesh=None) -> FitState:
-    """Trains ``job`` with :func:`jaxnet.fit` (from scratch, or on from ``resume``)."""
+def train(
+    job: Job, resume: FitState | None = None, callbacks: Sequence = (), mesh=None, chunk_steps: int | None = None
+) -> FitState:
+    """Trains ``job`` with :func:`jaxnet.fit` (from scratch, or on from ``resume``), epochs in
+    chunks of at most ``chunk_steps`` steps when given."""
     c, val = job.config, job.problem.splits.val
     if job.member_run and mesh is not None:
         raise ArgumentError(
@@ -174,6 +177,7 @@ def train(job: Job, resume: FitState | None = None, callbacks: Sequence = (), me
         hyperparams=start.hyperparams,
         model_state=start.model_state,
         compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
+        chunk_steps=chunk_steps,
     )
 
 
@@ -296,11 +300,24 @@ def _norms(job: Job) -> dict:
     return {name: np.asarray(v, np.float32).tolist() for name, v in pairs.items()}
 
 
-def _metadata(job: Job, every: int | None, keep: int | None) -> dict:
+class Schedule(NamedTuple):
+    """When a run checkpoints: every ``every`` epochs, every ``steps`` steps (inside epochs, which
+    then run in chunks of that many steps), keeping the newest ``keep``; None: not given."""
+
+    every: int | None = None
+    keep: int | None = None
+    steps: int | None = None
+
+    def given_over(self, stored: dict) -> Schedule:
+        """This schedule, with what was not given taken from a checkpoint's stored one."""
+        return Schedule(*(v if v is not None else stored.get(name) for name, v in self._asdict().items()))
+
+
+def _metadata(job: Job, schedule: Schedule) -> dict:
     return {
         "config": job.config.to_dict(),
         "model": job.meta,
-        "schedule": {"every": every, "keep": keep},
+        "schedule": schedule._asdict(),
         "norm": _norms(job),
     }
 
@@ -321,7 +338,7 @@ def _execute(
     state: FitState | None,
     callbacks: Sequence,
     mesh,
-    schedule: tuple[int | None, int | None],
+    schedule: Schedule,
 ) -> RunResult:
     """Trains ``job`` (on from ``state``), writing into ``folder`` when given; returns the result."""
     start = time.perf_counter()
@@ -330,10 +347,16 @@ def _execute(
     if folder is not None:
         if primary:
             callbacks.append(_MetricsWriter(folder, job))
-        every, keep = schedule
-        callbacks.append(Checkpointer(folder.checkpoints, every=every, keep=keep, metadata=_metadata(job, every, keep)))
+        saver = Checkpointer(
+            folder.checkpoints,
+            every=schedule.every,
+            keep=schedule.keep,
+            every_steps=schedule.steps,
+            metadata=_metadata(job, schedule),
+        )
+        callbacks.append(saver)
     try:
-        state = train(job, state, callbacks, mesh)
+        state = train(job, state, callbacks, mesh, schedule.steps)
     except NonFiniteLossError as e:
         last = checkpoint.latest(folder.checkpoints) if folder is not None else None
         where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved (use {1} DIR {2} N)"
@@ -375,25 +398,30 @@ def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule,
     _say(notify, describe(job.problem), always=False)
     for path, reason in restored.damaged:
         _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
-    stored = restored.metadata.get("schedule", {})
-    schedule = tuple(
-        given if given is not None else stored.get(name) for given, name in zip(schedule, ("every", "keep"))
-    )
-    epoch = restored.state.epoch
-    if config.epochs < epoch:
+    schedule = schedule.given_over(restored.metadata.get("schedule", {}))
+    epoch, inside = restored.state.epoch, restored.state.position is not None
+    if config.epochs < epoch + inside:
         raise ArgumentError(
-            f"the run in {checks_escape(folder.path)} has trained {epoch} epochs, more than {{0}} {config.epochs}: "
-            f"give {{0}} above {epoch} to extend it (or train into another folder)",
+            f"the run in {checks_escape(folder.path)} has trained {epoch + inside} epochs"
+            f"{' (the last in part)' if inside else ''}, more than {{0}} {config.epochs}: give {{0}} above "
+            f"{epoch + inside - 1 if inside else epoch} to extend it (or train into another folder)",
             "epochs",
         )
     if is_finished(restored.state, epochs=config.epochs, patience=config.patience):
         _say(notify, f"{folder.path} already finished at epoch {epoch}; not training further")
     else:
-        _say(notify, f"continuing the run in {folder.path} from its checkpoint of epoch {epoch}")
+        _say(notify, f"continuing the run in {folder.path} from its checkpoint {_where(restored.state)}")
     if parallel.is_primary():
-        checkpoint.set_aside(folder.checkpoints, epoch)
+        checkpoint.set_aside(folder.checkpoints, restored.state.steps)
         folder.write_config(config.to_dict())
     return _execute(job, folder, restored.state, callbacks, mesh, schedule)
+
+
+def _where(state: FitState) -> str:
+    """Where a checkpoint stands, for a message: ``of epoch 3``, ``inside epoch 4 (step 120 of it)``."""
+    if state.position is None:
+        return f"of epoch {state.epoch}"
+    return f"inside epoch {state.epoch + 1} (after its step {state.position.steps})"
 
 
 def run(
@@ -406,6 +434,7 @@ def run(
     keep: int | None = None,
     overwrite: bool = False,
     notify: Notify | None = None,
+    checkpoint_steps: int | None = None,
 ) -> RunResult:
     """Runs ``config``: loads data, builds the model, trains every member with :func:`jaxnet.fit`, tests.
 
@@ -419,6 +448,8 @@ def run(
       mesh: a device mesh (:func:`jaxnet.make_data_mesh`) for data-parallel training; in a
         multi-process run each process trains on its own share of the training rows.
       checkpoint_every: with ``out``, checkpoint every N epochs (always after the last one).
+      checkpoint_steps: with ``out``, also checkpoint every N optimizer steps, inside epochs (each
+        epoch then runs in chunks of at most N steps); a resume continues from that step exactly.
       keep: keep the newest ``keep`` checkpoints (default 3).
       overwrite: replace the run that ``out`` holds.
       notify: called with one-line messages (continuing, damaged checkpoints).
@@ -429,14 +460,15 @@ def run(
     if out is None:
         job = prepare(config)
         _say(notify, describe(job.problem), always=False)
-        return _execute(job, None, None, callbacks, mesh, (None, None))
-    folder = _checked_folder(out, checkpoint_every, keep)
+        return _execute(job, None, None, callbacks, mesh, Schedule(steps=checkpoint_steps))
+    folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps)
+    schedule = Schedule(checkpoint_every, keep, checkpoint_steps)
     with _owned(folder):
         stored = folder.stored_config()
         if stored is not None and _holds_training(folder) and not overwrite:
             _check_same_run(folder, TrainConfig.from_dict(stored), config)
-            if checkpoint.epochs(folder.checkpoints):
-                return _continue(folder, config, callbacks, mesh, (checkpoint_every, keep), notify)
+            if checkpoint.steps(folder.checkpoints):
+                return _continue(folder, config, callbacks, mesh, schedule, notify)
         elif stored is None and folder.holds_outputs() and not overwrite:
             raise ArgumentError(
                 f"{checks_escape(folder.path)} holds files of a run without its config.json: "
@@ -448,12 +480,13 @@ def run(
         if parallel.is_primary():
             folder.clear()
             folder.write_config(config.to_dict())
-        return _execute(job, folder, None, callbacks, mesh, (checkpoint_every, 3 if keep is None else keep))
+        return _execute(job, folder, None, callbacks, mesh, schedule._replace(keep=3 if keep is None else keep))
 
 
-def _checked_folder(out, checkpoint_every, keep) -> RunFolder:
+def _checked_folder(out, checkpoint_every, keep, checkpoint_steps=None) -> RunFolder:
     """The run folder ``out``, refused early when it cannot be one; the checkpoint schedule checked."""
     checks.optional_integer("checkpoint_every", checkpoint_every)
+    checks.optional_integer("checkpoint_steps", checkpoint_steps)
     checks.optional_integer("keep", keep)
     folder = RunFolder(out)
     if str(out) == "":
@@ -466,7 +499,7 @@ def _checked_folder(out, checkpoint_every, keep) -> RunFolder:
 def _holds_training(folder: RunFolder) -> bool:
     """Whether the folder holds something of its run worth keeping: checkpoints or a model (a run
     that failed before its first checkpoint left only its config)."""
-    return bool(checkpoint.epochs(folder.checkpoints)) or (folder.path / files.MODEL_FILE).exists()
+    return bool(checkpoint.steps(folder.checkpoints)) or (folder.path / files.MODEL_FILE).exists()
 
 
 def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig) -> None:
@@ -499,6 +532,7 @@ def resume(
     keep: int | None = None,
     notify: Notify | None = None,
     overrides: dict | None = None,
+    checkpoint_steps: int | None = None,
 ) -> RunResult:
     """Continues the run in folder ``out`` from its newest usable checkpoint, with its own config.
 
@@ -507,21 +541,21 @@ def resume(
       epochs: extend (or shorten) the run to this many epochs; the result equals a run of that
         many epochs never interrupted.
       callbacks, mesh, notify: as in :func:`run`.
-      checkpoint_every, keep: the checkpoint schedule (default: the run's own).
+      checkpoint_every, keep, checkpoint_steps: the checkpoint schedule (default: the run's own).
       overrides: config fields given again (None: not given); each must equal the run's own.
     """
-    folder = _checked_folder(out, checkpoint_every, keep)
+    folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps)
     if not folder.path.is_dir():
         raise ValueError(f"cannot resume: {out} does not exist (give the out folder of an earlier run)")
     with _owned(folder):
         stored = folder.stored_config()
-        if stored is None or not checkpoint.epochs(folder.checkpoints):
+        if stored is None or not checkpoint.steps(folder.checkpoints):
             raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
         config = TrainConfig.from_dict(stored)
         configlib.check_overrides(config, overrides or {})
         if epochs is not None:
             config = dataclasses.replace(config, epochs=epochs)
-        return _continue(folder, config, callbacks, mesh, (checkpoint_every, keep), notify)
+        return _continue(folder, config, callbacks, mesh, Schedule(checkpoint_every, keep, checkpoint_steps), notify)
 
 
 def restore(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:

@@ -53,7 +53,8 @@ def ckpt_dir(out):
 
 
 def steps(out):
-    return checkpoint.epochs(ckpt_dir(out))
+    """The epochs of the checkpoints in ``out`` (named by their step counts)."""
+    return [entry.epoch for entry in checkpoint.entries(ckpt_dir(out))]
 
 
 def tmp_dirs(out):
@@ -160,7 +161,7 @@ def test_round_trip_restores_the_whole_state(saved):
     out, config, result = saved
     assert steps(out) == [2, 3, 4]  # keep=3
     stored, restored = runlib.restore(out)
-    assert stored == config and restored.path.name == "4" and not restored.damaged
+    assert stored == config and restored.path.name == str(restored.state.steps) and not restored.damaged
     state = restored.state
     assert state.epoch == 4 and state.history == result.history and result.finished
     assert int(state.train.step) == sum(r["steps"] for r in result.history)
@@ -175,8 +176,9 @@ def test_resume_from_an_older_checkpoint_is_bitwise_identical(saved, tmp_path):
     out, config, result = saved
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    for step in (3, 4):
-        shutil.rmtree(ckpt_dir(copy) / str(step))
+    name = {entry.epoch: str(entry.steps) for entry in checkpoint.entries(ckpt_dir(copy))}
+    for epoch in (3, 4):
+        shutil.rmtree(ckpt_dir(copy) / name[epoch])
     resumed = runlib.resume(copy)
     for a, b in zip(jax.tree.leaves(resumed.model.params), jax.tree.leaves(result.model.params)):
         assert a.tobytes() == b.tobytes()
@@ -225,13 +227,14 @@ def test_damaged_newest_checkpoint_falls_back_and_all_damaged_is_refused(saved, 
     out, _, _ = saved
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    newest = ckpt_dir(copy) / "4"
-    damage(newest)
+    name = {entry.epoch: str(entry.steps) for entry in checkpoint.entries(ckpt_dir(copy))}
+    damage(ckpt_dir(copy) / name[4])
     restored = runlib.restore(copy)[1]
-    assert restored.path.name == "3" and [p.name for p, _ in restored.damaged] == ["4"]
-    for step in (2, 3):
-        damage(ckpt_dir(copy) / str(step))
-    with pytest.raises(ValueError, match=r"no usable checkpoint .*checkpoint 4: .*checkpoint 2: ") as e:
+    assert restored.path.name == name[3] and [p.name for p, _ in restored.damaged] == [name[4]]
+    for epoch in (2, 3):
+        damage(ckpt_dir(copy) / name[epoch])
+    expected = rf"no usable checkpoint .*checkpoint {name[4]}: .*checkpoint {name[2]}: "
+    with pytest.raises(ValueError, match=expected) as e:
         runlib.restore(copy)
     assert "\n" not in str(e.value)
 
@@ -293,11 +296,11 @@ def test_nonfinite_loss_stops_cleanly_naming_epoch_step_and_intact_checkpoint(tm
     match = re.search(r"non-finite at epoch (\d+), step (\d+).*--skip-nonfinite.*last good checkpoint: (\S+)$", line)
     assert match, line
     epoch, step, path = int(match.group(1)), int(match.group(2)), Path(match.group(3))
-    assert int(path.name) == 2 * ((epoch - 1) // 2)  # the newest checkpoint before the bad epoch
     restored = runlib.restore(tmp_path / "run")[1]
     per_epoch = restored.state.history[0]["steps"]
+    assert restored.state.epoch == 2 * ((epoch - 1) // 2)  # the newest checkpoint before the bad epoch
     assert epoch >= 3 and (epoch - 1) * per_epoch < step <= epoch * per_epoch
-    assert restored.path == path and restored.state.epoch == int(path.name) and not restored.damaged
+    assert restored.path == path and int(path.name) == restored.state.epoch * per_epoch and not restored.damaged
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.state.train.params))
 
 
@@ -331,7 +334,7 @@ def test_cli_resume_of_damaged_or_missing_checkpoints_is_one_line(saved, tmp_pat
     out, _, _ = saved
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    for step in steps(copy):
+    for step in checkpoint.steps(ckpt_dir(copy)):
         empty(ckpt_dir(copy) / str(step))
     for target in (copy, tmp_path / "nope", tmp_path):
         assert cli.main(["train", "--resume", str(target)]) == 2
@@ -376,7 +379,8 @@ def test_sigint_stops_at_epoch_boundary_with_a_checkpoint_that_resumes_to_the_sa
     )
     assert match, stderr
     epoch = int(match.group(1))
-    assert match.group(3) == str(root / "sigint") and match.group(2).endswith(f"checkpoints/{epoch}")
+    per_epoch = json.loads((root / "sigint" / "metrics.jsonl").read_text().splitlines()[0])["steps"]
+    assert match.group(3) == str(root / "sigint") and match.group(2).endswith(f"checkpoints/{epoch * per_epoch}")
     assert other["sigint_steps"][-1] == epoch and epoch < 16
     assert other["sigint_resumed"].returncode == 0, other["sigint_resumed"].stderr
     assert params_bytes(root / "sigint") == params_bytes(root / "baseline")

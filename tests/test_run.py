@@ -67,7 +67,7 @@ def test_a_hand_written_model_checkpoints_and_resumes_through_the_library(tmp_pa
     straight = jn.fit(net, params, x, y, epochs=5, **args)
     saver = Checkpointer(tmp_path / "ckpt", every=2, keep=2, metadata={"note": "mine"})
     jn.fit(net, params, x, y, epochs=3, callbacks=[saver], **args)
-    assert checkpoint.epochs(tmp_path / "ckpt") == [2, 3]
+    assert [e.epoch for e in checkpoint.entries(tmp_path / "ckpt")] == [2, 3]
     like = jax.eval_shape(lambda: jn.init_fit_state(params, opt, key))
     restored = checkpoint.restore(tmp_path / "ckpt", like)
     assert restored.metadata == {"note": "mine"} and restored.state.epoch == 3
@@ -83,7 +83,7 @@ def test_a_member_run_checkpoints_and_resumes_like_a_single_run(tmp_path):
         out=tmp_path / "run",
         checkpoint_every=1,
     )
-    assert checkpoint.epochs(tmp_path / "run" / "checkpoints") == [1, 2] and short.finished
+    assert [e.epoch for e in checkpoint.entries(tmp_path / "run" / "checkpoints")] == [1, 2] and short.finished
     extended = runlib.resume(tmp_path / "run", epochs=4)
     assert _bytes(extended.model.params) == _bytes(straight.model.params)
     assert extended.history == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(straight.history, extended.history)]

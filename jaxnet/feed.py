@@ -1,0 +1,364 @@
+"""Data fed from the host in compiled chunks: streamed epochs, batched evaluation and prediction.
+
+A chunk is S batches stacked, ``(S, b, ...)``, run by one compiled ``lax.scan``
+(:func:`jaxnet.epoch.make_steps`). While the device runs a chunk, a background thread reads,
+stacks and transfers the next (double buffering): the device waits only when the host cannot
+keep up. S comes from a memory budget (:data:`CHUNK_BYTES`, two chunks in flight).
+
+Indexed sources are read in the epoch's keyed order (:func:`jaxnet.epoch.epoch_batches`, the
+layout resident data gets); sequential sources in their own order, through
+:func:`jaxnet.sources.batches_of`. In a run of several processes each reads its share of every
+global batch (indexed: its columns of the batch; sequential: its own iterable's local batches),
+and :func:`jax.make_array_from_process_local_data` assembles the global chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxnet import sources
+from jaxnet.epoch import Carry, epoch_batches, epoch_metrics, num_batches, start_carry
+from jaxnet.forward import apply_batch
+from jaxnet.losses import LossSpec
+
+CHUNK_BYTES = 64 * 2**20
+"""Default bytes of one chunk of streamed batches (x, y and weights); two are in flight."""
+
+
+class Chunk(NamedTuple):
+    """S stacked batches: ``arrays`` ``(xs, ys[, ws])``, numpy on the host or placed on devices."""
+
+    arrays: tuple
+    steps: int
+    weighted: bool
+    examples: int
+
+
+class Position(NamedTuple):
+    """Where an epoch stands between two chunks: what resumes it exactly.
+
+    Attributes:
+      shuffle_key: the epoch's shuffling key (its order of indexed rows, its sequential seed).
+      total, finite_steps: the epoch's running loss sum and first non-finite step (see
+        :class:`jaxnet.epoch.Carry`).
+      steps: the steps done in the epoch; examples: the real examples they trained on.
+    """
+
+    shuffle_key: Any
+    total: Any
+    finite_steps: Any
+    steps: int
+    examples: int
+
+
+def chunk_steps(spec: sources.RowSpec, batch_size: int, budget: int = CHUNK_BYTES, most: int | None = None) -> int:
+    """Steps per chunk: as many batches as ``budget`` bytes hold (at least 1, at most ``most``)."""
+    per_step = batch_size * (spec.row_bytes + 4)
+    steps = max(1, budget // max(per_step, 1))
+    return int(min(steps, most) if most else steps)
+
+
+def seed_of(key) -> int:
+    """A numpy seed from a JAX key (for sequential sources and their shuffle buffers)."""
+    data = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
+    return int(sum(int(v) << (32 * i) for i, v in enumerate(data)))
+
+
+class Share(NamedTuple):
+    """This process's part of each global batch: columns ``[start, stop)`` of ``batch_size``."""
+
+    start: int
+    stop: int
+    batch_size: int
+
+    @staticmethod
+    def of(batch_size: int, mesh=None) -> Share:
+        if mesh is None or jax.process_count() == 1:
+            return Share(0, batch_size, batch_size)
+        per = batch_size // jax.process_count()
+        return Share(jax.process_index() * per, (jax.process_index() + 1) * per, batch_size)
+
+
+def indexed_chunks(source, index: np.ndarray, weight: np.ndarray | None, steps: int, start: int, share: Share):
+    """Chunks of an epoch over an indexed source: ``index``/``weight`` ``(nb, b)`` its layout."""
+    nb = len(index)
+    for s in range(start, nb, steps):
+        rows = index[s : s + steps, share.start : share.stop]
+        x, y = source.read(rows.reshape(-1))
+        arrays = (x.reshape(*rows.shape, *x.shape[1:]), y.reshape(*rows.shape, *y.shape[1:]))
+        w = None if weight is None else weight[s : s + steps, share.start : share.stop]
+        examples = rows.size if w is None else int(w.sum())
+        yield Chunk(arrays if w is None else (*arrays, w), len(rows), w is not None, examples)
+        source.release()
+
+
+def _padded(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple:
+    real = len(x)
+    pad = batch_size - real
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
+    w = (np.arange(batch_size) < real).astype(np.float32)
+    return x[None], y[None], w[None]
+
+
+def sequential_chunks(source, batch_size: int, steps: int, seed: int, shuffle_buffer: int, drop_remainder: bool, start):
+    """Chunks of an epoch over a sequential source, ``start`` batches skipped (a resumed epoch);
+    full batches in chunks of ``steps``, a last partial batch padded and weighted in its own."""
+    batches = sources.batches_of(source.blocks(seed), batch_size, seed, shuffle_buffer)
+    done = 0
+    for _ in range(start):
+        if next(batches, None) is None:
+            raise sources.DataError(
+                f"{source.name} ended after {done} batches, before step {start} where the checkpoint stands: "
+                "a resumed run needs the same data, in the same order"
+            )
+        done += 1
+    xs, ys = [], []
+    for x, y in batches:
+        if len(x) < batch_size:  # the last batch
+            if xs:
+                yield Chunk((np.stack(xs), np.stack(ys)), len(xs), False, len(xs) * batch_size)
+                xs, ys = [], []
+            if not drop_remainder:
+                yield Chunk(_padded(x, y, batch_size), 1, True, len(x))
+            return
+        xs.append(x)
+        ys.append(y)
+        if len(xs) == steps:
+            yield Chunk((np.stack(xs), np.stack(ys)), steps, False, steps * batch_size)
+            xs, ys = [], []
+    if xs:
+        yield Chunk((np.stack(xs), np.stack(ys)), len(xs), False, len(xs) * batch_size)
+
+
+_END = object()
+
+
+class _Failure(NamedTuple):
+    error: BaseException
+
+
+def prefetched(chunks: Iterator[Chunk], put: Callable, depth: int = 1) -> Iterator[Chunk]:
+    """``chunks`` read, stacked and placed by ``put`` in a background thread, ``depth`` ahead of
+    the consumer. An error in the thread is raised in the consumer; closing the iterator stops it."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                ready.put(chunk._replace(arrays=put(chunk.arrays)))
+            ready.put(_END)
+        except BaseException as e:  # handed to the consumer, raised there
+            ready.put(_Failure(e))
+
+    thread = threading.Thread(target=produce, name="jaxnet-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def placer(mesh=None) -> Callable:
+    """``put(arrays)``: stacked ``(S, b, ...)`` host arrays onto the device, or split over ``mesh``'s
+    ``"data"`` axis along ``b`` (from each process's share in a multi-process run)."""
+    if mesh is None:
+        return jax.device_put
+    sharding = NamedSharding(mesh, P(None, "data"))
+    if jax.process_count() == 1:
+        return functools.partial(jax.device_put, device=sharding)
+
+    def put(arrays):
+        count = jax.process_count()
+
+        def one(a):
+            shape = (a.shape[0], a.shape[1] * count, *a.shape[2:])
+            return jax.make_array_from_process_local_data(sharding, a, shape)
+
+        return tuple(one(a) for a in arrays)
+
+    return put
+
+
+class StreamLayout(NamedTuple):
+    """How an epoch of a source is cut: fixed for a fit."""
+
+    batch_size: int
+    steps: int
+    drop_remainder: bool
+    shuffle: bool
+    shuffle_buffer: int
+    share: Share
+
+
+def epoch_chunks(source, layout: StreamLayout, shuffle_key, start: int) -> tuple[Iterator[Chunk], Callable]:
+    """``(chunks, divisor)`` of one epoch over ``source``: its chunks from step ``start``, and what
+    the epoch's loss total is divided by, as a function of the real examples trained on."""
+    b = layout.batch_size
+    if source.kind == "indexed":
+        n = source.num_rows
+        index, weight = jax.device_get(epoch_batches(shuffle_key, n, b, layout.drop_remainder, layout.shuffle))
+        padded = len(index) * b > n
+        chunks = indexed_chunks(source, index, weight if padded else None, layout.steps, start, layout.share)
+        return chunks, (lambda examples: n if padded else len(index))
+    if hasattr(source, "shuffle"):
+        source.shuffle = layout.shuffle
+    seed = seed_of(shuffle_key)
+    buffer = layout.shuffle_buffer if layout.shuffle else 0
+    chunks = sequential_chunks(source, b, layout.steps, seed, buffer, layout.drop_remainder, start)
+    return chunks, (lambda examples: examples)
+
+
+def resident_chunks(n: int, layout: StreamLayout, shuffle_key, start: int) -> tuple[Iterator[Chunk], Callable]:
+    """``(chunks, divisor)`` of an epoch of ``n`` resident rows cut into chunks of steps: each
+    chunk is its rows' ``(index[, weight])`` ``(S, b)``, for steps that gather from the arrays."""
+    index, weight = epoch_batches(shuffle_key, n, layout.batch_size, layout.drop_remainder, layout.shuffle)
+    padded = index.size > n
+
+    def chunks():
+        for s in range(start, len(index), layout.steps):
+            part = (index[s : s + layout.steps],) + ((weight[s : s + layout.steps],) if padded else ())
+            yield Chunk(part, len(part[0]), padded, 0)
+
+    return chunks(), (lambda examples: n if padded else len(index))
+
+
+def counts_examples(source, layout: StreamLayout) -> bool:
+    """Whether the epoch's total adds each loss times its examples (else the mean of batch losses)."""
+    if source.kind != "indexed":
+        return True
+    return num_batches(source.num_rows, layout.batch_size, layout.drop_remainder) * layout.batch_size > source.num_rows
+
+
+def run_epoch(chunks_for: Callable, program: Callable, put: Callable, train, position: Position | None, on_chunk):
+    """One epoch in chunks (or the rest of one, from ``position``).
+
+    Args:
+      chunks_for: ``(shuffle_key, start) -> (chunks, divisor)`` (:func:`epoch_chunks`).
+      program: ``program(weighted)`` is the compiled ``steps(carry, *chunk.arrays) -> carry``.
+      put: places a chunk's arrays (in the prefetch thread).
+      train: the train state; position: where a resumed epoch stands, or None for a new epoch.
+      on_chunk: ``on_chunk(carry, position)`` after each chunk but the last; True stops the epoch.
+
+    Returns:
+      ``(train, metrics, position)``: metrics as :func:`jaxnet.epoch.make_epoch`'s and ``position``
+      None; or metrics None and the position reached when ``on_chunk`` stopped the epoch.
+    """
+    if position is None:
+        key, shuffle_key = jax.random.split(train.key)
+        carry, examples, steps = start_carry(train._replace(key=key)), 0, 0
+    else:
+        shuffle_key, examples, steps = position.shuffle_key, position.examples, position.steps
+        carry = Carry(train, jnp.asarray(position.total), jnp.asarray(position.finite_steps), jnp.int32(steps))
+    chunks, divisor = chunks_for(shuffle_key, steps)
+    pending = None
+    stream = prefetched(chunks, put)
+    try:
+        for chunk in stream:
+            if pending is not None and on_chunk(carry, pending):
+                return carry.state, None, pending
+            carry = program(chunk.weighted)(carry, *chunk.arrays)
+            steps, examples = steps + chunk.steps, examples + chunk.examples
+            pending = Position(shuffle_key, carry.total, carry.finite_steps, steps, examples)
+    finally:
+        stream.close()
+    return carry.state, dict(epoch_metrics(carry, divisor(examples)), steps=steps), None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _example_sums(model, spec: LossSpec, params, model_state, x, y, w) -> dict:
+    """Weighted sums over one batch: ``loss``, ``accuracy`` (with a metric) and ``weight``."""
+    predictions, _ = apply_batch(model, params, model_state, x, weight=w)
+    sums = {"loss": jnp.sum(w * jax.vmap(spec.fn)(predictions, y).astype(jnp.float32)), "weight": jnp.sum(w)}
+    if spec.metric is not None:
+        sums["accuracy"] = jnp.sum(w * jax.vmap(spec.metric)(predictions, y).astype(jnp.float32))
+    return sums
+
+
+def make_eval_chunk(model, spec: LossSpec, *, gather: bool) -> Callable:
+    """``(params, model_state, xs, ys, ws) -> sums`` over stacked batches, or with ``gather``
+    ``(params, model_state, x, y, index, weight) -> sums`` over the rows of resident arrays."""
+
+    def run(params, model_state, batch_of, scanned):
+        def one(total, item):
+            x, y, w = batch_of(item)
+            sums = _example_sums(model, spec, params, model_state, x, y, w)
+            return jax.tree.map(jnp.add, total, sums), None
+
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: _example_sums_shape(spec)))
+        return jax.lax.scan(one, zero, scanned)[0]
+
+    if gather:
+
+        def gathered(params, model_state, x, y, index, weight):
+            return run(params, model_state, lambda item: (x[item[0]], y[item[0]], item[1]), (index, weight))
+
+        return gathered
+
+    def stacked(params, model_state, xs, ys, ws):
+        return run(params, model_state, lambda item: item, (xs, ys, ws))
+
+    return stacked
+
+
+def _example_sums_shape(spec: LossSpec) -> dict:
+    names = ("loss", "weight", "accuracy") if spec.metric is not None else ("loss", "weight")
+    return {name: jnp.zeros((), jnp.float32) for name in names}
+
+
+def means_of(total: dict) -> dict[str, np.ndarray]:
+    """``{"loss", "accuracy"?}``: the weighted means of summed metrics (float64, per member)."""
+    weight = np.asarray(total["weight"], np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: np.asarray(v, np.float64) / weight for name, v in total.items() if name != "weight"}
+
+
+def eval_layout(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, weight)`` ``(nb, b)`` of ``n`` rows in order, the last batch padded (weight 0)."""
+    nb = max(1, math.ceil(n / batch_size))
+    flat = np.arange(nb * batch_size)
+    return (flat % n).reshape(nb, batch_size).astype(np.int32), (flat < n).astype(np.float32).reshape(nb, batch_size)
+
+
+def source_batches(source, batch_size: int, steps: int, share: Share | None = None) -> Iterator[Chunk]:
+    """Every example of ``source`` once, in order, in weighted chunks (padding weighs 0)."""
+    share = share or Share(0, batch_size, batch_size)
+    if source.kind == "indexed":
+        index, weight = eval_layout(source.num_rows, batch_size)
+        for chunk in indexed_chunks(source, index, weight, steps, 0, share):
+            yield chunk
+        return
+    if hasattr(source, "shuffle"):
+        source.shuffle = False
+    for chunk in sequential_chunks(source, batch_size, steps, 0, 0, False, 0):
+        if not chunk.weighted:
+            xs, ys = chunk.arrays
+            chunk = chunk._replace(arrays=(xs, ys, np.ones(xs.shape[:2], np.float32)), weighted=True)
+        yield chunk

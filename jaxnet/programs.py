@@ -1,0 +1,207 @@
+"""The compiled programs of a fit, bound to its data: epochs and validation.
+
+:func:`build` returns two host functions that :func:`jaxnet.fit`'s loop calls, whatever the data:
+
+- ``train_epoch(train, position, on_chunk) -> (train, metrics, position)``: resident data runs
+  each epoch as one compiled call (:func:`jaxnet.epoch.make_epoch`; plain, data parallel on a
+  mesh, or vmapped over members), or in chunks of steps that gather from the resident arrays
+  when ``chunk_steps`` asks for positions inside epochs; streamed data (a source of
+  :mod:`jaxnet.sources`) runs in chunks fed from the host (:mod:`jaxnet.feed`).
+- ``validate(params, model_state) -> {"loss", "accuracy"?}``: batched weighted means over the
+  validation data, resident (one call) or streamed (chunk by chunk), per member.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxnet import feed, parallel
+from jaxnet.epoch import make_epoch, make_steps, num_batches
+from jaxnet.step import make_per_example_update, make_update, skip_nonfinite_updates
+
+DEFAULT_EVAL_BATCH = 1024
+
+
+class Programs(NamedTuple):
+    """What the loop runs: see the module docstring. ``place`` puts a train state where the
+    programs expect it (replicated on a mesh)."""
+
+    train_epoch: Callable
+    validate: Callable | None
+    place: Callable
+    steps_per_epoch: int | None
+
+
+class Data(NamedTuple):
+    """A fit's data: ``train`` a resident ``(x, y)`` pair or a source; ``validation`` likewise, or None."""
+
+    train: Any
+    validation: Any
+
+
+def _update(model, spec, optimizer, options: dict, mesh):
+    if options["skip_nonfinite"]:
+        optimizer = skip_nonfinite_updates(optimizer)
+    make = make_per_example_update if options["per_example_grads"] else make_update
+    update = make(model, spec, optimizer, compute_dtype=options["compute_dtype"])
+    if mesh is not None:
+        parallel.check_batch_size(options["batch_size"], mesh.size)
+        update = parallel.constrain_batch(update, mesh)
+    return update
+
+
+def _layout(options: dict, steps: int, mesh) -> feed.StreamLayout:
+    b = options["batch_size"]
+    return feed.StreamLayout(
+        b, steps, options["drop_remainder"], options["shuffle"], options["shuffle_buffer"], feed.Share.of(b, mesh)
+    )
+
+
+def _resident_epochs(update, options: dict, x, y, members: int | None, jit_options: dict) -> tuple[Callable, int]:
+    n, b = x.shape[0], options["batch_size"]
+    layout = {k: options[k] for k in ("drop_remainder", "shuffle", "unroll")}
+    epoch = make_epoch(update, n, b, **layout)
+    steps = num_batches(n, b, options["drop_remainder"])
+    if members is not None:
+        epoch = jax.vmap(epoch, in_axes=(0, None, None))
+    whole_epoch = jax.jit(epoch, donate_argnums=(0,), **jit_options)
+    chunk = options["chunk_steps"]
+    if chunk is None:
+
+        def whole(train, position, on_chunk):
+            train, metrics = whole_epoch(train, x, y)
+            return train, dict(metrics, steps=steps), None
+
+        return whole, steps
+    if members is not None:
+        raise ValueError("chunk_steps: member runs train whole epochs per call: drop chunk_steps")
+    padded = steps * b > n
+    steps_fn = make_steps(update, weighted=padded, count=padded, gather=True, unroll=options["unroll"])
+    run = jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
+    chunks_for = functools.partial(feed.resident_chunks, n, _layout(options, chunk, None))
+
+    def program(weighted: bool):
+        return lambda carry, *arrays: run(carry, x, y, *arrays)
+
+    def chunked(train, position, on_chunk):
+        return feed.run_epoch(chunks_for, program, lambda arrays: arrays, train, position, on_chunk)
+
+    return chunked, steps
+
+
+def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> tuple[Callable, int | None]:
+    b = options["batch_size"]
+    if source.kind == "indexed":
+        if options["drop_remainder"] and b > source.num_rows:
+            raise ValueError(
+                f"batch_size {b} exceeds the {source.num_rows} training examples with drop_remainder: "
+                "lower the batch size"
+            )
+    elif mesh is not None and jax.process_count() > 1:
+        raise ValueError(
+            "x: a multi-process run reads its share of each batch from an indexed source (arrays, memory-mapped "
+            ".npy, a Grain MapDataset); an iterable cannot be split: give every process the same indexed source"
+        )
+    spec = source.spec if source.kind == "indexed" else source.first_spec()
+    steps = feed.chunk_steps(spec, b, options["chunk_bytes"], options["chunk_steps"])
+    layout = _layout(options, steps, mesh)
+    count = feed.counts_examples(source, layout)
+    unroll = options["unroll"]
+
+    @functools.cache
+    def program(weighted: bool):
+        steps_fn = make_steps(update, weighted=weighted, count=count, gather=False, unroll=unroll)
+        return jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
+
+    put = feed.placer(mesh)
+    chunks_for = functools.partial(feed.epoch_chunks, source, layout)
+
+    def streamed(train, position, on_chunk):
+        return feed.run_epoch(chunks_for, program, put, train, position, on_chunk)
+
+    per_epoch = num_batches(source.num_rows, b, options["drop_remainder"]) if source.kind == "indexed" else None
+    return streamed, per_epoch
+
+
+def eval_batch_size(given: int | None, batch_size: int, rows: int | None) -> int:
+    """The validation batch: ``given``, else ``max(batch_size, DEFAULT_EVAL_BATCH)``, at most the rows."""
+    size = given if given is not None else max(batch_size, DEFAULT_EVAL_BATCH)
+    return max(1, min(size, rows)) if rows else size
+
+
+def _resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | None, place) -> Callable:
+    index, weight = place(feed.eval_layout(x.shape[0], batch_size))
+    program = evaluate_chunk
+    if members is not None:
+        program = jax.vmap(program, in_axes=(0, 0, None, None, None, None))
+    program = jax.jit(program)
+
+    def validate(params, model_state):
+        return feed.means_of(jax.device_get(program(params, model_state, x, y, index, weight)))
+
+    return validate
+
+
+def streamed_sums(model, spec, source, batch_size: int, chunk_bytes: int, put=jax.device_put):
+    """``sums(params, model_state) -> {"loss", "weight", "accuracy"?}``: one pass over ``source``
+    in chunks (read ahead in the background), summed on the host in float64."""
+    run = jax.jit(feed.make_eval_chunk(model, spec, gather=False))
+    spec_rows = source.spec if source.kind == "indexed" else source.first_spec()
+    steps = feed.chunk_steps(spec_rows, batch_size, chunk_bytes)
+
+    def sums(params, model_state):
+        total: dict = {}
+        stream = feed.prefetched(feed.source_batches(source, batch_size, steps), put)
+        try:
+            for chunk in stream:
+                part = jax.device_get(run(params, model_state, *chunk.arrays))
+                for name, v in part.items():
+                    total[name] = total.get(name, 0.0) + np.float64(v)
+        finally:
+            stream.close()
+        return total
+
+    return sums
+
+
+def build(model, spec, optimizer, options: dict, members: int | None, mesh, data: Data) -> Programs:
+    """The programs of a fit (see the module docstring); ``options`` are fit's arguments."""
+    if mesh is not None and members is not None:
+        raise ValueError("member runs train on one device: drop mesh, or train members one by one on the mesh")
+    update = _update(model, spec, optimizer, options, mesh)
+    place, jit_options = (lambda tree: tree), {}
+    if mesh is not None:
+        place = functools.partial(parallel.put_replicated, mesh=mesh)
+        jit_options = {"out_shardings": parallel.replicated(mesh)}
+    if isinstance(data.train, tuple):
+        x, y = place(data.train)
+        train_epoch, steps = _resident_epochs(update, options, x, y, members, jit_options)
+    else:
+        if members is not None:
+            raise ValueError(
+                "x: member runs train on resident arrays (each member shuffles them its own way): load the data "
+                "into memory, or train the members one by one"
+            )
+        train_epoch, steps = _streamed_epochs(update, options, data.train, mesh, jit_options)
+    validate = None
+    if data.validation is not None:
+        resident = isinstance(data.validation, tuple)
+        rows = data.validation[0].shape[0] if resident else getattr(data.validation, "num_rows", None)
+        b = eval_batch_size(options["eval_batch_size"], options["batch_size"], rows)
+        chunk = feed.make_eval_chunk(model, spec, gather=resident)
+        if resident:
+            validate = _resident_validation(chunk, *place(data.validation), b, members, place)
+        else:
+            if members is not None:
+                raise ValueError("validation: member runs validate on resident arrays: load them into memory")
+            sums = streamed_sums(model, spec, data.validation, b, options["chunk_bytes"])
+
+            def validate(params, model_state):
+                return feed.means_of(sums(params, model_state))
+
+    return Programs(train_epoch, validate, place, steps)

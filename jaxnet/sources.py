@@ -1,0 +1,481 @@
+"""Data that is not resident on the device: memory-mapped arrays, iterables, Grain, Parquet.
+
+Host side only (numpy; pyarrow and grain are imported when used). :func:`jaxnet.fit` meets two
+kinds of source, and :func:`as_source` tells which a value is:
+
+- **indexed** (:class:`Indexed`): ``num_rows`` and ``read(rows) -> (x, y)`` for any rows, so an
+  epoch is shuffled globally by index (the same keyed permutation as resident data). Memory-mapped
+  ``.npy`` arrays (:func:`npy_folder`, ``np.load(..., mmap_mode="r")``), lazy :class:`RowView`
+  rows and Grain ``MapDataset`` s of examples are indexed.
+- **sequential** (:class:`Sequential`): ``blocks(seed)`` yields ``(x, y)`` blocks with a leading
+  example axis, each epoch from the start; :func:`batches_of` cuts them into batches, shuffling
+  through a buffer of rows when asked. Python iterables of batches, Grain ``IterDataset`` s and
+  ``DataLoader`` s, and Parquet files (:class:`Parquet`, row groups in a keyed order) are sequential.
+
+Every block is checked against the first (row shape, dtype, matching lengths); a source that
+breaks the rule, cannot be read or yields nothing raises :class:`DataError`, one line naming the
+batch or row group and the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+PARQUET_EXTRA = "pip install 'jaxnet-trainer[data]'"
+
+
+class DataError(ValueError):
+    """A source broke its contract (shapes, dtypes, length) or could not be read."""
+
+
+class RowSpec(NamedTuple):
+    """The shape and dtype of one example's ``x`` and ``y`` (without the example axis)."""
+
+    x_shape: tuple
+    x_dtype: np.dtype
+    y_shape: tuple
+    y_dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.x_shape)) * self.x_dtype.itemsize + int(np.prod(self.y_shape)) * self.y_dtype.itemsize
+
+
+def _mapping(array) -> mmap.mmap | None:
+    """The read-only memory map under ``array`` (a ``np.memmap`` or a view of one), if any."""
+    if getattr(array, "mode", None) not in (None, "r"):
+        return None  # copy-on-write or writable maps keep their pages
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    return base
+
+
+def release_pages(*arrays) -> None:
+    """Drops the pages of read-only memory maps from this process (the file stays in the page
+    cache): reading a file larger than memory through a map keeps the process's resident memory
+    bounded by what was read since the last release."""
+    for a in arrays:
+        mapped = _mapping(a)
+        if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def is_resident(value) -> bool:
+    """Whether ``value`` is an in-memory array that :func:`jaxnet.fit` places on the device whole."""
+    if isinstance(value, np.memmap) or _mapping(value) is not None:
+        return False
+    return isinstance(value, np.ndarray) or type(value).__module__.startswith(("jax", "jaxlib"))
+
+
+def _row_spec(x, y) -> RowSpec:
+    return RowSpec(tuple(x.shape[1:]), np.dtype(x.dtype), tuple(y.shape[1:]), np.dtype(y.dtype))
+
+
+class RowView:
+    """Rows of an array-like, read lazily: ``view[rows]`` gathers (and transforms) only those rows.
+
+    Args:
+      base: an array-like with a leading example axis (a ``np.memmap``, another view).
+      index: the base rows this view holds, in order (None: all of them).
+      transform: applied to each gathered block, ``(m, ...) -> (m, ...)`` (e.g. standardization).
+      dtype: the dtype of the transformed rows (default: the base's).
+    """
+
+    def __init__(self, base, index=None, transform: Callable | None = None, dtype=None):
+        self.base, self.transform = base, transform
+        self.index = None if index is None else np.asarray(index, np.int64)
+        self.dtype = np.dtype(dtype if dtype is not None else base.dtype)
+        n = len(base) if self.index is None else len(self.index)
+        self.shape = (n, *base.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.asarray(rows, np.int64)
+        block = gather(self.base, rows if self.index is None else self.index[rows])
+        return block if self.transform is None else np.asarray(self.transform(block), self.dtype)
+
+    def release(self) -> None:
+        release_pages(self.base)
+        if isinstance(self.base, RowView):
+            self.base.release()
+
+
+def gather(array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` read in increasing row order (sequential on disk), returned in ``rows``' order."""
+    if len(rows) > 1 and not isinstance(array, RowView):
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+        out[order] = array[rows[order]]
+        return out
+    return np.asarray(array[rows])
+
+
+def chunks_of(array, rows: int = 65536) -> Iterator[np.ndarray]:
+    """``array`` (an array-like) in consecutive blocks of at most ``rows`` rows, releasing the
+    pages of a memory map after each."""
+    for start in range(0, len(array), rows):
+        yield np.asarray(array[start : start + rows])
+        (array.release() if isinstance(array, RowView) else release_pages(array))
+
+
+class Indexed:
+    """A random-access source: ``x`` and ``y`` array-likes with the same number of rows."""
+
+    kind = "indexed"
+
+    def __init__(self, x, y, name: str = "data"):
+        if len(x) != len(y):
+            raise DataError(f"{name}: x has {len(x)} rows but y has {len(y)}: give as many targets as inputs")
+        if len(x) == 0:
+            raise DataError(f"{name} is empty: give at least one example")
+        self.x, self.y, self.name = x, y, name
+        self.num_rows = len(x)
+        self.spec = _row_spec(x, y)
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The examples at ``rows`` (int64), as ``(x: (m, ...), y: (m, ...))`` numpy arrays."""
+        try:
+            return gather(self.x, rows), gather(self.y, rows)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.name}: reading {len(rows)} rows failed ({type(e).__name__}: {e})") from None
+
+    def release(self) -> None:
+        for a in (self.x, self.y):
+            a.release() if isinstance(a, RowView) else release_pages(a)
+
+
+def _pair(element, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(element, dict) and "x" in element and "y" in element:
+        element = (element["x"], element["y"])
+    if not isinstance(element, (tuple, list)) or len(element) != 2:
+        raise DataError(f"{where} is a {type(element).__name__}, not a pair (x, y): yield (x, y) or {{'x': x, 'y': y}}")
+    return np.asarray(element[0]), np.asarray(element[1])
+
+
+class GrainMap:
+    """A Grain ``MapDataset`` (or any sized, indexable dataset) of ``(x, y)`` examples."""
+
+    kind = "indexed"
+
+    def __init__(self, dataset, name: str = "the Grain dataset"):
+        self.dataset, self.name = dataset, name
+        self.num_rows = len(dataset)
+        if self.num_rows == 0:
+            raise DataError(f"{name} is empty: give at least one example")
+        x, y = _pair(dataset[0], f"example 0 of {name}")
+        self.spec = RowSpec(x.shape, x.dtype, y.shape, y.dtype)
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xs = np.empty((len(rows), *self.spec.x_shape), self.spec.x_dtype)
+        ys = np.empty((len(rows), *self.spec.y_shape), self.spec.y_dtype)
+        for i, r in enumerate(rows):
+            x, y = _pair(self.dataset[int(r)], f"example {int(r)} of {self.name}")
+            _check_block(RowSpec(x.shape, x.dtype, y.shape, y.dtype), self.spec, f"example {int(r)} of {self.name}")
+            xs[i], ys[i] = x, y
+        return xs, ys
+
+    def release(self) -> None:
+        pass
+
+
+def _check_block(got: RowSpec, want: RowSpec, where: str) -> None:
+    if got != want:
+        raise DataError(
+            f"{where} has x rows {got.x_shape} {got.x_dtype} and y rows {got.y_shape} {got.y_dtype}, but the first "
+            f"had {want.x_shape} {want.x_dtype} and {want.y_shape} {want.y_dtype}: give every batch the same row "
+            "shapes and dtypes"
+        )
+
+
+class Sequential:
+    """A source read in order: a re-iterable of ``(x, y)`` blocks with a leading example axis.
+
+    Args:
+      iterable: iterated afresh each epoch (a list, a Grain ``IterDataset``/``DataLoader``, an
+        object whose ``__iter__`` starts over); it must yield the same blocks each time for a
+        resumed run to be exact.
+      name: how errors name it.
+    """
+
+    kind = "sequential"
+
+    def __init__(self, iterable: Iterable, name: str = "the data"):
+        if iter(iterable) is iterable:
+            raise DataError(
+                f"{name} is an iterator, which can be read only once: pass an iterable that starts over when "
+                "iterated (a list, a Grain dataset, an object with __iter__), since every epoch reads it again"
+            )
+        self.iterable, self.name = iterable, name
+        self.spec: RowSpec | None = None
+
+    def blocks(self, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The blocks of one epoch (``seed`` is unused: the iterable has its own order)."""
+        return self._checked(iter(self.iterable), "batch")
+
+    def _checked(self, blocks: Iterator, unit: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        i = 0
+        while True:
+            try:
+                element = next(blocks)
+            except StopIteration:
+                break
+            except DataError:
+                raise
+            except Exception as e:  # the user's iterable failed: say where, keep its message
+                raise DataError(f"reading {unit} {i} of {self.name} failed ({type(e).__name__}: {e})") from None
+            x, y = _pair(element, f"{unit} {i} of {self.name}")
+            where = f"{unit} {i} of {self.name}"
+            if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+                raise DataError(
+                    f"{where} has x of shape {x.shape} and y of shape {y.shape}: yield batches with a leading example "
+                    "axis, as many targets as inputs"
+                )
+            spec = _row_spec(x, y)
+            if self.spec is None:
+                self.spec = spec
+            _check_block(spec, self.spec, where)
+            yield x, y
+            i += 1
+        if i == 0:
+            raise DataError(f"{self.name} yielded no {unit}es: give it at least one (an iterator read up already?)")
+
+    def first_spec(self) -> RowSpec:
+        """The row spec, from the first block (read once, when not known yet)."""
+        if self.spec is None:
+            next(self.blocks(0))
+        return self.spec
+
+    def release(self) -> None:
+        pass
+
+
+class Parquet(Sequential):
+    """A Parquet file read one row group at a time (pyarrow), its groups in a keyed order.
+
+    Args:
+      path: the ``.parquet`` file.
+      target: the target column.
+      features: the feature columns, in order (default: every other column).
+      task_dtype: ``y``'s dtype (int32 labels or float32 targets).
+
+    Each epoch visits the row groups in an order drawn from the epoch's seed and shuffles the
+    rows within each group (with ``shuffle=False``, the file's order). Memory holds one group.
+    """
+
+    def __init__(self, path, target: str, features=None, y_dtype=np.float32, name: str | None = None):
+        pq = _pyarrow_parquet()
+        self.path = Path(path)
+        self.name = name or self.path.name
+        try:
+            self.file = pq.ParquetFile(self.path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.name} is not a readable Parquet file ({type(e).__name__}: {e})") from None
+        columns = list(self.file.schema_arrow.names)
+        if target not in columns:
+            raise DataError(f"{self.name} has no column {target!r}: choose the target among {', '.join(columns[:8])}")
+        self.features = [c for c in columns if c != target] if features is None else list(features)
+        missing = [c for c in self.features if c not in columns]
+        if missing:
+            raise DataError(f"{self.name} lacks the feature columns {', '.join(map(repr, missing[:5]))}")
+        self.target, self.y_dtype = target, np.dtype(y_dtype)
+        self.num_groups = self.file.num_row_groups
+        self.num_rows = self.file.metadata.num_rows
+        self.shuffle = True
+        self.spec = RowSpec((len(self.features),), np.dtype(np.float32), (), self.y_dtype)
+        if self.num_rows == 0:
+            raise DataError(f"{self.name} has no rows")
+
+    def read_group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            table = self.file.read_row_group(g, columns=[*self.features, self.target])
+            x = np.stack([_column(table, c, self.name, g) for c in self.features], axis=1).astype(np.float32)
+            y = _column(table, self.target, self.name, g).astype(self.y_dtype)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"row group {g} of {self.name} cannot be read ({type(e).__name__}: {e})") from None
+        return x, y
+
+    def blocks(self, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(self.num_groups) if self.shuffle else range(self.num_groups)
+        for g in order:
+            x, y = self.read_group(int(g))
+            if self.shuffle:
+                rows = rng.permutation(len(x))
+                x, y = x[rows], y[rows]
+            yield x, y
+
+
+def _column(table, name: str, file: str, group: int) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count:
+        raise DataError(
+            f"row group {group} of {file}: column {name!r} has {column.null_count} missing values: fill or drop them"
+        )
+    values = column.to_numpy()
+    if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
+        raise DataError(f"row group {group} of {file}: column {name!r} is {column.type}, not numeric")
+    return values
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"Parquet files need pyarrow, which is not installed: {PARQUET_EXTRA}") from None
+    return pq
+
+
+def npy_folder(path) -> dict[str, np.ndarray]:
+    """The memory-mapped arrays of a data folder: ``x.npy`` and ``y.npy``, optionally
+    ``x_val.npy`` and ``y_val.npy`` (nothing is read but the headers).
+
+    Returns:
+      ``{"x", "y"[, "x_val", "y_val"]}``: read-only ``np.memmap`` arrays.
+    """
+    path = Path(path)
+    arrays = {}
+    for name in ("x", "y", "x_val", "y_val"):
+        file = path / f"{name}.npy"
+        if not file.exists():
+            if name in ("x", "y"):
+                raise DataError(f"{path} has no {file.name}: a data folder holds x.npy and y.npy")
+            continue
+        try:
+            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{file} is not a readable .npy array ({type(e).__name__}: {e})") from None
+        if arrays[name].ndim == 0:
+            raise DataError(f"{file} holds a scalar: store an array with a leading example axis")
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise DataError(f"{path} has only one of x_val.npy and y_val.npy: give both, or neither")
+    for a, b in (("x", "y"), ("x_val", "y_val")):
+        if a in arrays and len(arrays[a]) != len(arrays[b]):
+            raise DataError(f"{path}: {a}.npy has {len(arrays[a])} rows but {b}.npy has {len(arrays[b])}")
+    return arrays
+
+
+def _is_grain(value) -> bool:
+    return type(value).__module__.split(".")[0] == "grain"
+
+
+def as_source(x, y=None, name: str = "x") -> Any:
+    """The source that ``x`` (and ``y``) stand for, or None for resident arrays.
+
+    - ``x``, ``y`` arrays in memory: None (fit places them on the device);
+    - array-likes not in memory (``np.memmap``, :class:`RowView`): :class:`Indexed`;
+    - a source of this module: itself (``y`` must be None);
+    - a Grain ``MapDataset``: :class:`GrainMap`; other iterables: :class:`Sequential`.
+    """
+    if isinstance(x, (Indexed, GrainMap, Sequential)):
+        if y is not None:
+            raise TypeError(f"{name} is a data source, which holds its targets: pass y=None")
+        return x
+    if y is not None:
+        if is_resident(x) and is_resident(y):
+            return None
+        if hasattr(x, "shape") and hasattr(y, "shape") and hasattr(x, "__getitem__"):
+            return Indexed(x, y, name)
+        raise TypeError(f"{name} and y must be arrays (or {name} an iterable of (x, y) batches with y=None)")
+    if is_resident(x):
+        raise TypeError(f"{name} is an array but y is None: give the targets, fit({name}, y, ...)")
+    if _is_grain(x) and hasattr(x, "__len__") and hasattr(x, "__getitem__") and not hasattr(x, "__next__"):
+        if type(x).__name__ not in ("DataLoader",) and "Iter" not in type(x).__name__:
+            return GrainMap(x, f"{name} (a Grain dataset)")
+    if isinstance(x, Iterable):
+        return Sequential(x, f"{name} (an iterable of batches)")
+    raise TypeError(f"{name} must be an array, a data source or an iterable of (x, y) batches, not {type(x).__name__}")
+
+
+def _merge(pending: list, n: int) -> tuple[list, tuple | None]:
+    """The first ``n`` rows of the pending blocks (fewer if they hold fewer) and what is left."""
+    have, taken = 0, []
+    while pending and have < n:
+        x, y = pending.pop(0)
+        need = n - have
+        if len(x) > need:
+            pending.insert(0, (x[need:], y[need:]))
+            x, y = x[:need], y[:need]
+        taken.append((x, y))
+        have += len(x)
+    if not taken:
+        return pending, None
+    if len(taken) == 1:
+        return pending, taken[0]
+    return pending, (np.concatenate([t[0] for t in taken]), np.concatenate([t[1] for t in taken]))
+
+
+def _rows(blocks: Iterator, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``blocks`` re-cut into pieces of exactly ``n`` rows (the last may be shorter)."""
+    pending, have = [], 0
+    for x, y in blocks:
+        pending.append((x, y))
+        have += len(x)
+        while have >= n:
+            pending, piece = _merge(pending, n)
+            have -= n
+            yield piece
+    if have:
+        yield _merge(pending, have)[1]
+
+
+def batches_of(
+    blocks: Iterator, batch_size: int, seed: int, shuffle_buffer: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of exactly ``batch_size`` rows (the last may be shorter) from blocks of any size.
+
+    With ``shuffle_buffer`` > 0, rows pass through a buffer of that many: each batch takes random
+    rows out of the buffer (drawn from ``np.random.default_rng(seed)``), which the next rows
+    refill; when the blocks end, the buffer is emptied in random order. The order is a pure
+    function of the blocks and the seed.
+    """
+    if shuffle_buffer <= 0:
+        yield from _rows(blocks, batch_size)
+        return
+    rng = np.random.default_rng(seed)
+    pieces = _rows(blocks, batch_size)
+    buffer_x = buffer_y = None
+    filled, tail = 0, []
+    for x, y in pieces:
+        if buffer_x is None:
+            buffer_x = np.empty((shuffle_buffer, *x.shape[1:]), x.dtype)
+            buffer_y = np.empty((shuffle_buffer, *y.shape[1:]), y.dtype)
+        take = min(len(x), shuffle_buffer - filled)
+        buffer_x[filled : filled + take], buffer_y[filled : filled + take] = x[:take], y[:take]
+        filled += take
+        if take < len(x):  # the buffer is full
+            tail = [(x[take:], y[take:])]
+            break
+    for x, y in _rows(itertools.chain(tail, pieces), batch_size):
+        if len(x) < batch_size:  # the last rows: they join the buffer's
+            buffer_x = np.concatenate([buffer_x[:filled], x])
+            buffer_y = np.concatenate([buffer_y[:filled], y])
+            filled += len(x)
+            break
+        slots = rng.choice(shuffle_buffer, size=batch_size, replace=False)
+        out = (buffer_x[slots], buffer_y[slots])  # fancy indexing copies
+        buffer_x[slots], buffer_y[slots] = x, y
+        yield out
+    if filled:
+        order = rng.permutation(filled)
+        yield from _rows(iter([(buffer_x[:filled][order], buffer_y[:filled][order])]), batch_size)

@@ -59,6 +59,16 @@ _EXPORTS = {
     "mlp": "layers",
     "serial": "layers",
     "with_params": "layers",
+    "evaluate": "inference",
+    "predict": "inference",
+    "predict_batches": "inference",
+    "DataError": "sources",
+    "GrainMap": "sources",
+    "Indexed": "sources",
+    "Parquet": "sources",
+    "RowView": "sources",
+    "Sequential": "sources",
+    "npy_folder": "sources",
     "FitState": "loop",
     "NonFiniteLossError": "loop",
     "fit": "loop",
@@ -127,6 +137,9 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.forward import apply_example as apply_example
     from jaxnet.forward import init_model as init_model
     from jaxnet.forward import is_stateful as is_stateful
+    from jaxnet.inference import evaluate as evaluate
+    from jaxnet.inference import predict as predict
+    from jaxnet.inference import predict_batches as predict_batches
     from jaxnet.layers import ACTIVATIONS as ACTIVATIONS
     from jaxnet.layers import activation_layer as activation_layer
     from jaxnet.layers import as_stateful as as_stateful
@@ -185,6 +198,13 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.parallel import make_data_mesh as make_data_mesh
     from jaxnet.parallel import process_rows as process_rows
     from jaxnet.parallel import replicated as replicated
+    from jaxnet.sources import DataError as DataError
+    from jaxnet.sources import GrainMap as GrainMap
+    from jaxnet.sources import Indexed as Indexed
+    from jaxnet.sources import Parquet as Parquet
+    from jaxnet.sources import RowView as RowView
+    from jaxnet.sources import Sequential as Sequential
+    from jaxnet.sources import npy_folder as npy_folder
     from jaxnet.step import dp_aggregate as dp_aggregate
     from jaxnet.step import dp_optimizer as dp_optimizer
     from jaxnet.step import init_state as init_state

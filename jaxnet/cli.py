@@ -348,7 +348,13 @@ def _report(result, args, out) -> None:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="write a trained model's predictions as CSV to stdout")
     p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
-    p.add_argument("--data", required=True, metavar="FILE", help="CSV with the model's feature columns, or .npz with x")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="CSV with the model's feature columns ('-': standard input), .npz with x, .parquet, or a folder "
+        "with x.npy; read in chunks",
+    )
     p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.set_defaults(run=_cmd_predict)
 
@@ -356,21 +362,30 @@ def _add_predict(sub) -> None:
 def _cmd_predict(args) -> int:
     import csv
 
-    from jaxnet import files, predict, report
+    from jaxnet import data, files, report
+    from jaxnet import saved as savedlib
 
-    saved = files.load_model(args.model)
-    x, _ = predict.load_features(saved, args.data)
-    header, rows = report.prediction_rows(saved.meta, predict.predict(saved, x, args.arch))
+    model = files.load_model(args.model)
+    chunks = data.feature_chunks(args.data, model.meta["feature_names"])
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    for i, predictions in enumerate(savedlib.predict_chunks(model, chunks, args.arch)):
+        header, rows = report.prediction_rows(model.meta, predictions)
+        if i == 0:
+            writer.writerow(header)
+        writer.writerows(rows)
     return 0
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="print a trained model's metrics on labelled data")
     p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
-    p.add_argument("--data", required=True, metavar="FILE", help="CSV or .npz file with features and targets")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="CSV ('-': standard input), .npz, .parquet or a folder of x.npy and y.npy, with features and targets; "
+        "read in chunks",
+    )
     p.add_argument("--target", metavar="COLUMN", help="the CSV target column (default: the one trained on)")
     p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -378,21 +393,25 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from jaxnet import files, predict
+    from jaxnet import data, files
+    from jaxnet import saved as savedlib
 
-    saved = files.load_model(args.model)
-    if args.target:
-        saved = saved._replace(meta=dict(saved.meta, target=args.target))
-    x, y = predict.load_features(saved, args.data)
-    if y is None and args.target:
-        raise CliError(f"{args.data} has no column {args.target!r}: name its target column with --target")
-    if y is None:
-        raise CliError(f"{args.data} has no targets: name the target column with --target")
-    metrics = predict.evaluate(saved, x, y, args.arch)
+    model = files.load_model(args.model)
+    target = args.target or model.meta.get("target")
+    chunks = data.feature_chunks(args.data, model.meta["feature_names"], target)
+
+    def labelled(chunks):
+        for x, y in chunks:
+            if y is None:
+                hint = f"has no column {args.target!r}" if args.target else "has no targets"
+                raise CliError(f"{args.data} {hint}: name its target column with --target")
+            yield x, y
+
+    metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch)
     if args.json:
         print(_json(metrics))
     else:
-        print("  ".join(f"{name} {value:.6g}" for name, value in metrics.items()) + f"  ({len(x)} examples)")
+        print("  ".join(f"{name} {value:.6g}" for name, value in metrics.items()) + f"  ({rows} examples)")
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxnet import sources
 from jaxnet.checks import ArgumentError, escape
 
 TASKS = ("classification", "regression")
@@ -52,6 +53,11 @@ class Dataset(NamedTuple):
       num_classes: number of classes, or None for regression.
       feature_names: ``d`` column names.
       name: the built-in's name or the file's name.
+      validation: the validation examples a source holds apart (a folder's ``x_val.npy``), or None.
+
+    ``x`` is a numpy array, or for data larger than memory (a folder of ``.npy`` arrays) rows read
+    lazily (:class:`jaxnet.sources.RowView`, a ``np.memmap``): :func:`subset`,
+    :func:`fit_standardizer` and :func:`standardize` keep such rows lazy, reading them in chunks.
     """
 
     x: np.ndarray
@@ -60,6 +66,7 @@ class Dataset(NamedTuple):
     num_classes: int | None
     feature_names: tuple[str, ...]
     name: str
+    validation: Dataset | None = None
 
 
 class Splits(NamedTuple):
@@ -558,6 +565,130 @@ def load_features(path, feature_names, target: str | None = None) -> tuple[np.nd
     return x.astype(np.float32), y
 
 
+CHUNK_ROWS = 65536
+"""Rows per chunk when data is read in chunks (predict and evaluate)."""
+
+
+def _columns_of(header: list[str], feature_names, target, name: str) -> tuple[list[int], int | None]:
+    missing = [f for f in feature_names if f not in header]
+    if missing:
+        raise ValueError(
+            f"{name} lacks the model's feature columns {', '.join(map(repr, missing[:5]))}"
+            f"{' ...' if len(missing) > 5 else ''}: the model expects {len(feature_names)} features "
+            f"({', '.join(list(feature_names)[:5])}{' ...' if len(feature_names) > 5 else ''})"
+        )
+    return [header.index(f) for f in feature_names], (header.index(target) if target in header else None)
+
+
+def _parse_block(block: list[tuple[int, list[str]]], header, wanted, t, name):
+    """``(x, y)`` of CSV rows ``(line, cells)``: parsed by numpy at once, or cell by cell to name a bad one."""
+    width, used = len(header), wanted + ([t] if t is not None else [])
+    for line, row in block:
+        if len(row) != width:
+            raise ValueError(
+                f"{name} line {line}: ragged row with {len(row)} fields, expected {width} as in the header"
+            )
+    try:
+        values = np.array([[row[c] for c in used] for _, row in block], dtype=np.float64)
+        ok = bool(np.all(np.abs(values) <= _FLOAT32_MAX))  # False for NaN too
+    except ValueError:
+        ok = False
+    if not ok:  # cell by cell: the first bad one names its line and column
+        values = np.array(
+            [[_parse_cell(row[c], f"{name} line {line}, column {header[c]!r}") for c in used] for line, row in block]
+        )
+    x = values[:, : len(wanted)].astype(np.float32)
+    return x, (values[:, -1] if t is not None else None)
+
+
+def _csv_chunks(stream, feature_names, target, rows: int, name: str):
+    reader = csv.reader(stream)
+    header = None
+    block: list = []
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+                wanted, t = _columns_of(header, feature_names, target, name)
+                continue
+            block.append((reader.line_num, row))
+            if len(block) == rows:
+                yield _parse_block(block, header, wanted, t, name)
+                block = []
+    except UnicodeDecodeError:
+        raise ValueError(f"{name} is not UTF-8 text CSV") from None
+    except csv.Error as e:
+        raise ValueError(f"{name} is not valid CSV: {e}") from None
+    if header is None:
+        raise ValueError(f"empty dataset: {name} is empty (expected a header row and data rows)")
+    if block:
+        yield _parse_block(block, header, wanted, t, name)
+
+
+def feature_chunks(path, feature_names, target: str | None = None, rows: int = CHUNK_ROWS):
+    """Inputs for a trained model in chunks of at most ``rows`` rows, memory bounded by the chunk.
+
+    ``path`` is a CSV file (columns by name), ``-`` (CSV on standard input), an ``.npz`` (``x``,
+    optionally ``y``), a folder of ``x.npy`` (memory-mapped) and optionally ``y.npy``, or a
+    ``.parquet`` file (read by row group; its columns by name).
+
+    Yields:
+      ``(x: (m, d) float32, y)``: ``y`` the raw target (``(m,)``) when the data has it, else None.
+    """
+    path = os.fspath(path)
+    count = 0
+    for x, y in _feature_chunks(path, tuple(feature_names), target, rows):
+        count += len(x)
+        yield x, y
+    if count == 0:
+        raise ValueError(f"empty dataset: {'standard input' if path == '-' else os.path.basename(path)} has no rows")
+
+
+def _feature_chunks(path: str, feature_names, target, rows):
+    if path == "-":
+        import io
+        import sys
+
+        stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+        yield from _csv_chunks(stream, feature_names, target, rows, "standard input")
+        return
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path):
+        arrays = sources.npy_folder(path)
+        x = arrays["x"].reshape(len(arrays["x"]), -1)
+        for start, block in zip(range(0, len(x), rows), sources.chunks_of(x, rows)):
+            y = arrays["y"][start : start + rows] if "y" in arrays else None
+            yield _checked_features(block, name), (None if y is None else np.asarray(y))
+        return
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".parquet":
+        table = sources.Parquet(path, target=target, features=feature_names, optional_target=True)
+        for g in range(table.num_groups):
+            yield table.read_group(g)
+        return
+    if suffix == ".npz":
+        x, y = load_features(path, feature_names, target)
+        for start in range(0, len(x), rows):
+            yield x[start : start + rows], (None if y is None else y[start : start + rows])
+        return
+    if suffix != ".csv":
+        raise ValueError(f"unsupported data file {path!r}: use .csv, .npz, .parquet, a folder of .npy files, or -")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield from _csv_chunks(f, feature_names, target, rows, name)
+    except OSError as e:
+        raise _file_error(path, e) from None
+
+
+def _checked_features(block: np.ndarray, name: str) -> np.ndarray:
+    bad = np.argwhere(~_finite32(block))
+    if bad.size:
+        raise ValueError(f"{name}: x has a value that is not finite (NaN, inf or beyond float32 range)")
+    return block.astype(np.float32)
+
+
 def load(
     dataset: str | None = None,
     data=None,
@@ -589,6 +720,11 @@ def load(
         if task is not None and task != ds.task:
             raise ValueError(f"dataset {ds.name!r} is a {ds.task} dataset, not {task}")
         return ds
+    if os.path.isdir(data):
+        ds = load_npy_folder(data, task=task)
+        if target is not None:
+            raise ValueError(f"{os.fspath(data)}: a data folder holds x.npy and y.npy; a target column applies to CSV")
+        return ds
     suffix = os.path.splitext(os.fspath(data))[1].lower()
     if suffix == ".csv":
         if target is None:
@@ -600,16 +736,78 @@ def load(
                 f"{os.fspath(data)}: an .npz file holds arrays 'x' and 'y'; a target column applies only to CSV"
             )
         return load_npz(data, task=task)
-    raise ValueError(f"unsupported data file {os.fspath(data)!r}: use a .csv or .npz file")
+    raise ValueError(
+        f"unsupported data file {os.fspath(data)!r}: use a .csv or .npz file, or a folder of x.npy and y.npy"
+    )
+
+
+def _check_finite_rows(x, name: str, chunk: int = 65536) -> None:
+    """One pass over lazy rows in chunks: refuses NaN, inf and values beyond float32 range."""
+    for start, block in zip(range(0, len(x), chunk), sources.chunks_of(x, chunk)):
+        bad = np.argwhere(~_finite32(block))
+        if bad.size:
+            row, *col = (int(i) for i in bad[0])
+            raise ValueError(
+                f"{name}: row {start + row}{f', column {col[0]}' if col else ''} is "
+                f"{block[tuple(bad[0])].item()!r}: NaN, inf and values beyond float32 range are not allowed"
+            )
+
+
+def _folder_part(x, y, task, name: str, classes: int | None = None) -> Dataset:
+    """A Dataset of memory-mapped ``x`` (rows kept lazy, viewed as ``(n, d)``) and targets ``y`` read whole."""
+    for label, array in (("x", x), ("y", y)):
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{name}: {label} must be numeric, got dtype {array.dtype}")
+    if x.ndim == 1:
+        x = x.reshape(-1, 1)
+    if x.ndim > 2:  # images and the like: one row of features each (a view, nothing is read)
+        x = x.reshape(x.shape[0], -1)
+    if y.ndim not in (1, 2) or len(x) == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: x must be (examples, features...) and y (examples[, outputs]), got {y.shape}")
+    _check_finite_rows(x, f"{name} x")
+    y = np.asarray(y)
+    bad = np.argwhere(~_finite32(y))
+    if bad.size:
+        raise ValueError(f"{name}: y[{int(bad[0][0])}] is not finite: NaN, inf and values beyond float32 range")
+    y2 = y if y.ndim == 2 else y[:, None]
+    labels, task, num_classes = _targets(y2, task, y.dtype.kind in "biu", lambda i: f"{name}: y[{i}]")
+    if classes is not None and num_classes is not None:
+        num_classes = max(num_classes, classes)
+    view = sources.RowView(x, dtype=np.float32, transform=lambda block: block.astype(np.float32))
+    return Dataset(view, labels, task, num_classes, tuple(f"x{j}" for j in range(x.shape[1])), name)
+
+
+def load_npy_folder(path, task: str | None = None) -> Dataset:
+    """A folder of ``.npy`` arrays: ``x.npy`` (examples first; more than 2-D is flattened per
+    example) and ``y.npy``, optionally ``x_val.npy`` and ``y_val.npy`` as the validation split.
+
+    ``x`` is memory-mapped and stays on disk: its rows are read in chunks when used (one pass
+    now checks that they are finite). ``y`` is read whole (its task inferred as for CSV files).
+    """
+    _check_task(task)
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    try:
+        arrays = sources.npy_folder(path)
+    except sources.DataError as e:
+        raise ValueError(str(e)) from None
+    ds = _folder_part(arrays["x"], arrays["y"], task, f"{name}/x.npy, y.npy")
+    if "x_val" in arrays:
+        val = _folder_part(arrays["x_val"], arrays["y_val"], ds.task, f"{name}/x_val.npy, y_val.npy", ds.num_classes)
+        if val.x.shape[1:] != ds.x.shape[1:]:
+            raise ValueError(f"{name}: x_val.npy rows have {val.x.shape[1]} features, x.npy rows {ds.x.shape[1]}")
+        ds = ds._replace(num_classes=max(ds.num_classes, val.num_classes) if ds.num_classes else None, validation=val)
+    return ds._replace(name=name)
 
 
 # ----------------------------------------------------------------------------- splits
 
 
 def subset(ds: Dataset, indices) -> Dataset:
-    """The examples of ``ds`` at ``indices`` (an integer array), with the same metadata."""
+    """The examples of ``ds`` at ``indices`` (an integer array), with the same metadata (lazy rows
+    stay lazy: a view of those rows)."""
     indices = np.asarray(indices, np.intp)
-    return ds._replace(x=ds.x[indices], y=ds.y[indices])
+    x = ds.x[indices] if sources.is_resident(ds.x) else sources.RowView(ds.x, indices)
+    return ds._replace(x=x, y=ds.y[indices], validation=None)
 
 
 def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
@@ -660,14 +858,17 @@ def split(ds: Dataset, val_fraction: float, test_fraction: float, seed: int) -> 
       :class:`Splits`; ``val``/``test`` are None when their fraction is 0.
     """
     n = ds.x.shape[0]
+    if ds.validation is not None:  # the source's own validation split: only the test split is drawn
+        val_fraction = 0.0
     _, n_val, n_test = split_sizes(n, val_fraction, test_fraction)
     order = _rng(seed).permutation(n)
     test = np.sort(order[:n_test])
     val = np.sort(order[n_test : n_test + n_val])
     train = np.sort(order[n_test + n_val :])
+    own = ds.validation
     return Splits(
         subset(ds, train),
-        subset(ds, val) if n_val else None,
+        own if own is not None else (subset(ds, val) if n_val else None),
         subset(ds, test) if n_test else None,
     )
 
@@ -692,14 +893,33 @@ def fit_standardizer(x: np.ndarray) -> Standardizer:
       >>> s.mean.tolist(), s.std.tolist()
       ([1.0, 5.0], [1.0, 1.0])
     """
-    x = np.asarray(x, np.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
+    if len(x.shape) != 2 or x.shape[0] == 0:
         raise ValueError(f"fit_standardizer needs (examples, features) with at least one example, got shape {x.shape}")
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
+    if sources.is_resident(x):
+        x = np.asarray(x, np.float64)
+        mean, std = x.mean(axis=0), x.std(axis=0)
+    else:
+        mean, std = _moments(sources.chunks_of(x))
     tiny = np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))
     std = np.where(std > tiny, std, 1.0)
     return Standardizer(mean.astype(np.float32), std.astype(np.float32))
+
+
+def _moments(blocks, reshape=None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) std per column over row blocks, merged exactly in float64 (Chan et al.)."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for block in blocks:
+        block = np.asarray(block, np.float64)
+        block = block if reshape is None else block.reshape(reshape)
+        n = len(block)
+        block_mean = block.mean(axis=0)
+        block_m2 = ((block - block_mean) ** 2).sum(axis=0)
+        delta = block_mean - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + block_m2 + delta**2 * (count * n / total)
+        count = total
+    return np.asarray(mean), np.sqrt(np.asarray(m2) / count)
 
 
 def standardize(x: np.ndarray, s: Standardizer) -> np.ndarray:
@@ -712,11 +932,13 @@ def standardize(x: np.ndarray, s: Standardizer) -> np.ndarray:
     Returns:
       ``(n, d)`` float32.
     """
-    x = np.asarray(x, np.float32)
     d = s.mean.shape[0]
-    if x.ndim != 2 or x.shape[1] != d:
-        got = x.shape[1] if x.ndim == 2 else f"shape {x.shape}"
+    if len(x.shape) != 2 or x.shape[1] != d:
+        got = x.shape[1] if len(x.shape) == 2 else f"shape {x.shape}"
         raise ValueError(f"feature count mismatch: the data has {got} features, expected {d}")
+    if not sources.is_resident(x):  # lazy rows: standardized as they are read
+        return sources.RowView(x, transform=lambda block: standardize(block, s), dtype=np.float32)
+    x = np.asarray(x, np.float32)
     return ((x - s.mean) / s.std).astype(np.float32)
 
 
@@ -724,9 +946,14 @@ def fit_channel_standardizer(x: np.ndarray, channels: int) -> Standardizer:
     """One mean and std per channel of image rows ``(n, h * w * channels)`` (channels last), over
     all of the channel's pixels, spread to ``(d,)`` vectors. Images keep their relative
     intensities: a per-pixel std would blow up the pixels that are nearly always blank."""
+    repeats = x.shape[1] // channels
+    if not sources.is_resident(x):
+        mean, std = _moments(sources.chunks_of(x), reshape=(-1, channels))
+        tiny = np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))
+        std = np.where(std > tiny, std, 1.0)
+        return Standardizer(np.tile(mean, repeats).astype(np.float32), np.tile(std, repeats).astype(np.float32))
     pixels = np.asarray(x, np.float64).reshape(-1, channels)
     per_channel = fit_standardizer(pixels)
-    repeats = x.shape[1] // channels
     return Standardizer(np.tile(per_channel.mean, repeats), np.tile(per_channel.std, repeats))
 
 
@@ -736,6 +963,6 @@ def standardize_splits(splits: Splits, channels: int | None = None) -> tuple[Spl
     s = fit_standardizer(splits.train.x) if channels is None else fit_channel_standardizer(splits.train.x, channels)
 
     def apply(ds: Dataset | None) -> Dataset | None:
-        return None if ds is None else ds._replace(x=standardize(ds.x, s))
+        return None if ds is None else ds._replace(x=standardize(ds.x, s))  # lazy rows stay lazy
 
     return Splits(apply(splits.train), apply(splits.val), apply(splits.test)), s

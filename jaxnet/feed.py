@@ -243,7 +243,8 @@ def resident_chunks(n: int, layout: StreamLayout, shuffle_key, start: int) -> tu
     def chunks():
         for s in range(start, len(index), layout.steps):
             part = (index[s : s + layout.steps],) + ((weight[s : s + layout.steps],) if padded else ())
-            yield Chunk(part, len(part[0]), padded, 0)
+            examples = int(part[1].sum()) if padded else part[0].size
+            yield Chunk(part, len(part[0]), padded, examples)
 
     return chunks(), (lambda examples: n if padded else len(index))
 

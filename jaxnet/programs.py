@@ -134,7 +134,9 @@ def eval_batch_size(given: int | None, batch_size: int, rows: int | None) -> int
     return max(1, min(size, rows)) if rows else size
 
 
-def _resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | None, place) -> Callable:
+def resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | None, place) -> Callable:
+    """``validate(params, model_state) -> {"loss", "accuracy"?}`` over resident ``x``, ``y`` in one
+    call: a scan over batches of ``batch_size`` that gather their rows (per member with ``members``)."""
     index, weight = place(feed.eval_layout(x.shape[0], batch_size))
     program = evaluate_chunk
     if members is not None:
@@ -195,7 +197,7 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
         b = eval_batch_size(options["eval_batch_size"], options["batch_size"], rows)
         chunk = feed.make_eval_chunk(model, spec, gather=resident)
         if resident:
-            validate = _resident_validation(chunk, *place(data.validation), b, members, place)
+            validate = resident_validation(chunk, *place(data.validation), b, members, place)
         else:
             if members is not None:
                 raise ValueError("validation: member runs validate on resident arrays: load them into memory")

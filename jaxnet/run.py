@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import arch as archlib
-from jaxnet import checkpoint, checks, files, parallel, plot, predict
+from jaxnet import checkpoint, checks, files, parallel, plot, saved, sources
 from jaxnet import config as configlib
 from jaxnet import members as memberlib
 from jaxnet.callbacks import Checkpointer
@@ -79,7 +79,9 @@ def prepare(config: TrainConfig) -> Job:
     meta = model_meta(config, problem)
     model = archlib.build(meta, config.arch)
     one = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
-    data = sum(part.x.nbytes + part.y.nbytes for part in problem.splits if part is not None)
+    # what fit places on the device (lazy rows, read in chunks, are not placed)
+    parts = [part for part in problem.splits if part is not None and sources.is_resident(part.x)]
+    data = sum(part.x.nbytes + part.y.nbytes for part in parts)
     check_fit_memory(one, configlib.make_optimizer(config), config.batch_size, configlib.num_members(config), data)
     return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config), model)
 
@@ -136,8 +138,8 @@ def template(job: Job) -> FitState:
 def _local_rows(job: Job, mesh):
     """The training rows this process holds: all of them, or its share as one global array."""
     train = job.problem.splits.train
-    if mesh is None or jax.process_count() == 1:
-        return train.x, train.y
+    if mesh is None or jax.process_count() == 1 or not sources.is_resident(train.x):
+        return train.x, train.y  # lazy rows: fit reads each process's share of every batch
     rows = parallel.process_rows(len(train.x))
     return parallel.global_rows(train.x[rows], mesh), parallel.global_rows(train.y[rows], mesh)
 
@@ -242,7 +244,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         variables = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
     bound = archlib.Bound(job.model, *variables)
     scaler = job.problem.target_scaler
-    tests = predict.member_metrics(job.meta, bound, test.x, test.y, scaler) if test is not None else []
+    tests = saved.member_metrics(job.meta, bound, test.x, test.y, scaler) if test is not None else []
     best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
     entries = _member_entries(job, state.history, tests)
     c = job.config

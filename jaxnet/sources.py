@@ -71,7 +71,7 @@ def is_resident(value) -> bool:
     """Whether ``value`` is an in-memory array that :func:`jaxnet.fit` places on the device whole."""
     if isinstance(value, np.memmap) or _mapping(value) is not None:
         return False
-    return isinstance(value, np.ndarray) or type(value).__module__.startswith(("jax", "jaxlib"))
+    return isinstance(value, np.ndarray) or type(value).__module__.split(".")[0] in ("jax", "jaxlib")
 
 
 def _row_spec(x, y) -> RowSpec:
@@ -281,7 +281,9 @@ class Parquet(Sequential):
     rows within each group (with ``shuffle=False``, the file's order). Memory holds one group.
     """
 
-    def __init__(self, path, target: str, features=None, y_dtype=np.float32, name: str | None = None):
+    def __init__(
+        self, path, target: str | None, features=None, y_dtype=np.float32, name=None, optional_target: bool = False
+    ):
         pq = _pyarrow_parquet()
         self.path = Path(path)
         self.name = name or self.path.name
@@ -291,7 +293,11 @@ class Parquet(Sequential):
             raise DataError(f"{self.name} is not a readable Parquet file ({type(e).__name__}: {e})") from None
         columns = list(self.file.schema_arrow.names)
         if target not in columns:
-            raise DataError(f"{self.name} has no column {target!r}: choose the target among {', '.join(columns[:8])}")
+            if not optional_target:
+                raise DataError(
+                    f"{self.name} has no column {target!r}: choose the target among {', '.join(columns[:8])}"
+                )
+            target = None
         self.features = [c for c in columns if c != target] if features is None else list(features)
         missing = [c for c in self.features if c not in columns]
         if missing:
@@ -306,9 +312,10 @@ class Parquet(Sequential):
 
     def read_group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         try:
-            table = self.file.read_row_group(g, columns=[*self.features, self.target])
+            wanted = [*self.features, *([self.target] if self.target is not None else [])]
+            table = self.file.read_row_group(g, columns=wanted)
             x = np.stack([_column(table, c, self.name, g) for c in self.features], axis=1).astype(np.float32)
-            y = _column(table, self.target, self.name, g).astype(self.y_dtype)
+            y = None if self.target is None else _column(table, self.target, self.name, g).astype(self.y_dtype)
         except DataError:
             raise
         except Exception as e:

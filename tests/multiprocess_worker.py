@@ -1,6 +1,9 @@
 """One process of a multi-process data-parallel ``fit`` (run by tests/test_parallel.py).
 
-Usage: python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT.npz
+Usage: python multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT.npz [DATA_DIR]
+
+With DATA_DIR (holding x.npy and y.npy), every process streams the same memory-mapped arrays and
+reads only its share of each batch; otherwise each passes its rows as one global array.
 """
 
 import sys
@@ -33,14 +36,18 @@ def train(x, y, mesh=None):
     return state.params
 
 
-def main(coordinator, num_processes, process_id, out):
+def main(coordinator, num_processes, process_id, out, data=None):
     parallel.initialize_distributed(coordinator, int(num_processes), int(process_id))
     import jax
 
     mesh = parallel.make_data_mesh()
-    x, y = problem()
-    rows = parallel.process_rows(len(x))
-    params = train(parallel.global_rows(x[rows], mesh), parallel.global_rows(y[rows], mesh), mesh)
+    if data is not None:
+        x, y = (np.load(f"{data}/{name}.npy", mmap_mode="r") for name in ("x", "y"))
+        params = train(x, y, mesh)
+    else:
+        x, y = problem()
+        rows = parallel.process_rows(len(x))
+        params = train(parallel.global_rows(x[rows], mesh), parallel.global_rows(y[rows], mesh), mesh)
     leaves = jax.tree.leaves(params)
     np.savez(out, *[np.asarray(a) for a in leaves], devices=jax.device_count(), processes=jax.process_count())
     parallel.sync("saved")

@@ -75,7 +75,7 @@ BAD = {
 # The same checks in-process (cli.main, the console script's entry point): the same code path,
 # without a Python start-up each.
 BAD_IN_PROCESS = {
-    "directory as file": (["train", "--data", "{baddir}", "--target", "label"], "unsupported data file"),
+    "directory as file": (["train", "--data", "{baddir}", "--target", "label"], "has no x.npy: a data folder holds"),
     "unreadable file": (["train", "--data", "{baddir}.csv", "--target", "label"], "not found"),
     "non-numeric cell": (
         ["train", "--data", "{text}", "--target", "label"],

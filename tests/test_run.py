@@ -187,10 +187,10 @@ def test_regression_evaluate_reports_mse_mae_and_r2(tmp_path):
     config = configlib.make_config(data=str(tmp_path / "r.npz"), hidden=(), epochs=40, lr=0.05)
     result = runlib.run(config, out=tmp_path / "run")
     saved = files.load_model(tmp_path / "run")
-    from jaxnet import predict
+    from jaxnet import saved as savedlib
 
-    metrics = predict.evaluate(saved, *predict.load_features(saved, str(tmp_path / "r.npz")))
-    outputs = predict.predict(saved, predict.load_features(saved, str(tmp_path / "r.npz"))[0])[:, 0]
+    metrics = savedlib.evaluate(saved, *savedlib.load_features(saved, str(tmp_path / "r.npz")))
+    outputs = savedlib.predict(saved, savedlib.load_features(saved, str(tmp_path / "r.npz"))[0])[:, 0]
     np.testing.assert_allclose(metrics["mse"], np.mean((outputs - y) ** 2), rtol=1e-5)
     np.testing.assert_allclose(metrics["mae"], np.mean(np.abs(outputs - y)), rtol=1e-5)
     np.testing.assert_allclose(metrics["r2"], 1 - np.sum((outputs - y) ** 2) / np.sum((y - y.mean()) ** 2), rtol=1e-5)
@@ -281,12 +281,12 @@ def test_regression_targets_in_any_units_train_with_the_defaults(tmp_path):
     result = runlib.run(configlib.make_config(data=str(tmp_path / "houses.npz"), hidden=(32,)), out=tmp_path / "run")
     assert result.summary["test_r2"] > 0.85, result.summary
     saved = files.load_model(tmp_path / "run")
-    from jaxnet import predict
+    from jaxnet import saved as savedlib
 
-    xs, ys = predict.load_features(saved, str(tmp_path / "houses.npz"))
-    predictions = predict.predict(saved, xs)[:, 0]
+    xs, ys = savedlib.load_features(saved, str(tmp_path / "houses.npz"))
+    predictions = savedlib.predict(saved, xs)[:, 0]
     assert abs(np.median(predictions) - np.median(price)) < 0.1 * np.median(price)  # in dollars
-    metrics = predict.evaluate(saved, xs, ys)
+    metrics = savedlib.evaluate(saved, xs, ys)
     np.testing.assert_allclose(metrics["mse"], np.mean((predictions - price) ** 2), rtol=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""Predictions and metrics of trained models, with a member axis everywhere.
+"""Predictions and metrics of saved models, with a member axis everywhere, in batches.
 
 A saved model holds one member or an ensemble of K (params with a leading axis K). Everything here
 runs the K members under one ``vmap`` (K = 1 for a single model) and then combines them: an
@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxnet import arch as archlib
 from jaxnet import data as datalib
+from jaxnet import sources
 from jaxnet.files import SavedModel
 from jaxnet.forward import apply_batch
 from jaxnet.losses import batch_mean, get_loss
@@ -38,14 +39,30 @@ def _stack(tree):
     return jax.tree.map(lambda a: np.asarray(a)[None], tree)
 
 
-def member_outputs(model, params, state, x) -> jax.Array:
+BATCH_ROWS = 4096
+"""Rows per compiled call when outputs are computed in batches."""
+
+
+def member_outputs(model, params, state, x, batch_size: int = BATCH_ROWS) -> np.ndarray:
     """Raw outputs ``(K, n, out)`` of K members (params and state with a leading axis K) on
-    inputs ``(n, d)``, in eval mode."""
+    inputs ``(n, d)`` (an array or lazy rows), in eval mode, ``batch_size`` rows per call (the
+    last batch padded, so that one program serves every batch)."""
 
     def one(p, s, x):
         return apply_batch(model, p, s, x)[0]
 
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))(params, state, np.asarray(x))
+    run = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    n = len(x)
+    if n <= batch_size and sources.is_resident(x):
+        return np.asarray(run(params, state, np.asarray(x)))
+    parts = []
+    for start in range(0, n, batch_size):
+        block = np.asarray(x[start : start + batch_size])
+        real = len(block)
+        if real < batch_size and n > batch_size:
+            block = np.concatenate([block, np.zeros((batch_size - real, *block.shape[1:]), block.dtype)])
+        parts.append(np.asarray(run(params, state, block))[:, :real])
+    return np.concatenate(parts, axis=1)
 
 
 def combine(outputs: jax.Array, loss: str) -> jax.Array:
@@ -147,27 +164,92 @@ def predict(saved: SavedModel, x: np.ndarray, arch: str | None = None) -> np.nda
     """Predictions ``(n, out)`` for standardized inputs ``x: (n, d)``: class probabilities for the
     classification losses, outputs in the target's units for regression; an ensemble averages
     its members."""
-    loss = saved.meta["loss"]
-    outputs = combine(member_outputs(*load(saved, arch), x), loss)
-    if saved.meta["task"] == "regression":
-        return to_units(outputs, _scaler(saved)).astype(np.float32)
-    return probabilities(outputs, loss)
+    return _predictions(saved, member_outputs(*load(saved, arch), x))
 
 
 def evaluate(saved: SavedModel, x: np.ndarray, y: np.ndarray, arch: str | None = None) -> dict:
     """The metrics (:func:`metrics_of`) of a saved model on standardized ``x: (n, d)`` and raw
     targets ``y``; an ensemble is evaluated on its averaged predictions."""
-    outputs = combine(member_outputs(*load(saved, arch), x), saved.meta["loss"])
+    outputs = combine(jnp.asarray(member_outputs(*load(saved, arch), x)), saved.meta["loss"])
     return metrics_of(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
 
 
 def member_metrics(meta: dict, bound: archlib.Bound, x, y, scaler=None) -> list[dict]:
     """The metrics (:func:`metrics_of`) of each of K members (``bound``'s params and state with a
-    leading axis K) on prepared ``x: (n, d)`` and ``y``, in one compiled call."""
+    leading axis K) on prepared ``x: (n, d)`` (an array or lazy rows) and ``y``, in batches."""
+    outputs = member_outputs(bound.model, bound.params, bound.state, x)
+    y = np.asarray(y)
+    return [metrics_of(outputs[i], y, meta, scaler) for i in range(len(outputs))]
 
-    def run(params, state, x, y):
-        outputs = jax.vmap(lambda p, s: apply_batch(bound.model, p, s, x)[0])(params, state)
-        return outputs, jax.vmap(lambda o: _loss_and_accuracy(o, y, meta["loss"]))(outputs)
 
-    outputs, losses = jax.device_get(jax.jit(run)(bound.params, bound.state, np.asarray(x), np.asarray(y)))
-    return [_scores(outputs[i], y, meta, {k: v[i] for k, v in losses.items()}, scaler) for i in range(len(outputs))]
+class _Tally:
+    """Sums over chunks for streamed metrics: loss and accuracy sums, and for regression the
+    errors and the targets' moments (for R²) in the target's units, in float64."""
+
+    def __init__(self):
+        self.n, self.sums = 0, {}
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, outputs, y, meta: dict, scaler) -> None:
+        m = len(y)
+        losses = jax.device_get(_jit_loss_and_accuracy(outputs, y, meta["loss"]))
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * m
+        if meta["task"] == "regression":
+            out, target = np.asarray(to_units(outputs, scaler), np.float64), np.asarray(to_units(y, scaler), np.float64)
+            error = out - target
+            self.sums["se"] = self.sums.get("se", 0.0) + float(np.sum(error**2))
+            self.sums["ae"] = self.sums.get("ae", 0.0) + float(np.sum(np.abs(error)))
+            block_mean = target.mean(axis=0)
+            delta, total = block_mean - self.mean, self.count + m
+            self.m2 = self.m2 + ((target - block_mean) ** 2).sum(axis=0) + delta**2 * (self.count * m / total)
+            self.mean, self.count = self.mean + delta * (m / total), total
+            self.sums["sse_per_output"] = self.sums.get("sse_per_output", 0.0) + np.sum(error**2, axis=0)
+            self.width = target.shape[1]
+        self.n += m
+
+    def metrics(self, meta: dict) -> dict:
+        out = {name: self.sums[name] / self.n for name in ("loss", "accuracy") if name in self.sums}
+        if meta["task"] == "regression":
+            entries = self.n * self.width
+            with np.errstate(divide="ignore", invalid="ignore"):
+                spread = np.asarray(self.m2)
+                r2 = np.where(spread > 0, 1.0 - self.sums["sse_per_output"] / spread, np.nan)
+            out.update(mse=self.sums["se"] / entries, mae=self.sums["ae"] / entries, r2=float(np.mean(r2)))
+        return out
+
+
+def _standardized_chunks(saved: SavedModel, chunks):
+    expected = len(saved.meta["feature_names"])
+    for x, y in chunks:
+        if x.shape[1] != expected:
+            raise ValueError(f"the data has {x.shape[1]} features but the model expects {expected}")
+        yield datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
+
+
+def predict_chunks(saved: SavedModel, chunks, arch: str | None = None):
+    """:func:`predict` chunk by chunk: ``chunks`` of raw ``(x, y)`` (:func:`jaxnet.data.feature_chunks`)
+    in, one predictions array per chunk out; memory is bounded by the chunk."""
+    bound = load(saved, arch)
+    for x, _ in _standardized_chunks(saved, chunks):
+        yield _predictions(saved, member_outputs(*bound, x))
+
+
+def _predictions(saved: SavedModel, outputs) -> np.ndarray:
+    loss = saved.meta["loss"]
+    outputs = combine(jnp.asarray(outputs), loss)
+    if saved.meta["task"] == "regression":
+        return to_units(outputs, _scaler(saved)).astype(np.float32)
+    return probabilities(outputs, loss)
+
+
+def evaluate_chunks(saved: SavedModel, chunks, arch: str | None = None) -> tuple[dict, int]:
+    """``(metrics, rows)``: :func:`evaluate` over ``chunks`` of raw ``(x, y)``, summed chunk by
+    chunk (memory bounded by the chunk); every chunk must hold targets."""
+    bound, tally = load(saved, arch), _Tally()
+    for x, y in _standardized_chunks(saved, chunks):
+        if y is None:
+            raise ValueError("the data has no targets: name the target column")
+        outputs = combine(jnp.asarray(member_outputs(*bound, x)), saved.meta["loss"])
+        tally.add(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
+    return tally.metrics(saved.meta), tally.n

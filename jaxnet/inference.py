@@ -1,0 +1,109 @@
+"""Batched evaluation and prediction of a model and its params, on any data ``fit`` takes.
+
+:func:`evaluate` and :func:`predict` run in compiled batches of ``batch_size`` examples (the last
+padded, so one program serves them all) over resident arrays, memory-mapped arrays, lazy rows,
+Grain datasets or iterables of batches (:mod:`jaxnet.sources`); memory is bounded by a chunk of
+batches, not by the data. ``fit``'s validation is the same computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxnet import feed, programs, sources
+from jaxnet.forward import AnyModel, apply_batch, check_model
+from jaxnet.losses import LossSpec, PerExample, get_loss
+
+DEFAULT_BATCH = 1024
+
+
+def _checked(model, batch_size) -> int:
+    check_model(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def evaluate(
+    model: AnyModel,
+    params,
+    x,
+    y=None,
+    *,
+    loss: str | PerExample | LossSpec,
+    batch_size: int = DEFAULT_BATCH,
+    model_state: Any = None,
+    chunk_bytes: int = feed.CHUNK_BYTES,
+) -> dict[str, float]:
+    """The weighted mean ``loss`` (and ``accuracy`` for classification losses) over every example.
+
+    Args:
+      model, params: the model and its params (``model_state`` too for a stateful model; eval mode).
+      x, y: ``(n, ...)`` arrays (resident or memory-mapped), or ``x`` a data source or an
+        iterable of ``(x, y)`` batches with ``y`` None.
+      loss: the loss (name, per-example callable or :class:`jaxnet.LossSpec`).
+      batch_size: examples per compiled step.
+      chunk_bytes: the bytes of a chunk of batches read ahead from a streamed source.
+
+    Returns:
+      ``{"loss": float, "accuracy": float?}``.
+    """
+    batch_size = _checked(model, batch_size)
+    spec = get_loss(loss)
+    source = sources.as_source(x, y, "x")
+    if source is None:
+        rows = len(x)
+        chunk = feed.make_eval_chunk(model, spec, gather=True)
+        validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t)
+        return {name: float(v) for name, v in validate(params, model_state).items()}
+    sums = programs.streamed_sums(model, spec, source, batch_size, chunk_bytes)
+    return {name: float(v) for name, v in feed.means_of(sums(params, model_state)).items()}
+
+
+def _blocks(x, batch_size: int) -> Iterator[np.ndarray]:
+    """Inputs in blocks of at most ``batch_size`` rows: rows of an array-like, or an iterable's
+    batches (arrays, or ``(x, y)`` pairs whose ``y`` is ignored)."""
+    if hasattr(x, "shape") and hasattr(x, "__getitem__"):
+        for start in range(0, len(x), batch_size):
+            yield np.asarray(x[start : start + batch_size])
+        return
+    source = sources.as_source(x, None, "x") if not isinstance(x, sources.Sequential) else x
+    if source.kind == "indexed":
+        for start in range(0, source.num_rows, batch_size):
+            yield source.read(np.arange(start, min(start + batch_size, source.num_rows)))[0]
+        return
+    for block, _ in sources.batches_of(source.blocks(0), batch_size, 0, 0):
+        yield block
+
+
+def predict_batches(
+    model: AnyModel, params, x, *, batch_size: int = DEFAULT_BATCH, model_state: Any = None
+) -> Iterator[np.ndarray]:
+    """:func:`predict`, one ``(m, ...)`` numpy array per batch of at most ``batch_size`` rows (for
+    outputs too large to hold: write each away)."""
+    batch_size = _checked(model, batch_size)
+    run = jax.jit(lambda p, s, xs: apply_batch(model, p, s, xs)[0])
+    pending = None  # one batch in flight: the next is read while the device computes
+    for block in _blocks(x, batch_size):
+        real = len(block)
+        if real < batch_size:
+            block = np.concatenate([block, np.zeros((batch_size - real, *block.shape[1:]), block.dtype)])
+        current = (run(params, model_state, block), real)
+        if pending is not None:
+            yield np.asarray(pending[0])[: pending[1]]
+        pending = current
+    if pending is not None:
+        yield np.asarray(pending[0])[: pending[1]]
+
+
+def predict(model: AnyModel, params, x, *, batch_size: int = DEFAULT_BATCH, model_state: Any = None) -> np.ndarray:
+    """The model's raw outputs ``(n, ...)`` on every example of ``x`` (arrays, memory-mapped arrays,
+    lazy rows, a Grain dataset or an iterable of batches), in eval mode, ``batch_size`` per call."""
+    parts = list(predict_batches(model, params, x, batch_size=batch_size, model_state=model_state))
+    if not parts:
+        raise ValueError("x has no examples")
+    return np.concatenate(parts)

@@ -1,0 +1,406 @@
+"""Streamed data: sources, chunked epochs, positions inside epochs, batched evaluation and prediction."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnet as jn
+from jaxnet import checkpoint, cli, feed, files, sources
+from jaxnet import config as configlib
+from jaxnet import data as datalib
+from jaxnet import run as runlib
+from jaxnet import saved as savedlib
+from jaxnet.callbacks import Checkpointer
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = jn.mlp([6, 16, 3])
+
+
+def problem(n=203, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = ((x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5)).astype(np.int32)
+    return x, y
+
+
+def args(**more):
+    base = dict(loss="cross_entropy", optimizer=optax.adam(1e-2), epochs=3, batch_size=16, key=jax.random.key(1))
+    return {**base, **more}
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("npy")
+    x, y = problem()
+    np.save(d / "x.npy", x)
+    np.save(d / "y.npy", y)
+    return d, x, y
+
+
+@pytest.fixture(scope="module")
+def resident(data):
+    _, x, y = data
+    return jn.fit(NET, NET.init(jax.random.key(0)), x, y, validation=(x[:50], y[:50]), **args())
+
+
+def test_memory_mapped_grain_and_chunked_epochs_equal_resident_bitwise(data, resident):
+    import grain
+
+    d, x, y = data
+    p0 = NET.init(jax.random.key(0))
+    val = (x[:50], y[:50])
+    xm, ym = (np.load(d / f"{k}.npy", mmap_mode="r") for k in ("x", "y"))
+    streamed = jn.fit(NET, p0, xm, ym, validation=val, **args())
+    small_chunks = jn.fit(NET, p0, xm, ym, validation=val, chunk_steps=4, **args())
+    resident_chunks = jn.fit(NET, p0, x, y, validation=val, chunk_steps=5, **args())
+    pairs = grain.MapDataset.source([(x[i], y[i]) for i in range(len(x))])
+    from_grain = jn.fit(NET, p0, pairs, None, validation=val, **args())
+    for run in (streamed, small_chunks, resident_chunks, from_grain):
+        assert leaves_equal(run.train.params, resident.train.params)
+        assert [r["steps"] for r in run.history] == [13, 13, 13]
+        np.testing.assert_allclose(
+            [r["val_loss"] for r in run.history], [r["val_loss"] for r in resident.history], rtol=1e-6
+        )
+
+
+def test_iterables_of_batches_train_and_repeat_from_the_seed(data, resident):
+    _, x, y = data
+    batches = [(x[i : i + 40], y[i : i + 40]) for i in range(0, len(x), 40)]  # 6 blocks, re-cut into 16s
+    p0 = NET.init(jax.random.key(0))
+    plain = jn.fit(NET, p0, batches, None, **args())
+    assert [r["steps"] for r in plain.history] == [13, 13, 13]  # 12 full batches and a padded 11
+    # no shuffling: the same batches in the same order as resident data with shuffle=False
+    ordered = jn.fit(NET, p0, x, y, shuffle=False, **args())
+    np.testing.assert_allclose(
+        jax.tree.leaves(plain.train.params)[0], jax.tree.leaves(ordered.train.params)[0], rtol=1e-5, atol=1e-6
+    )
+    buffered = [jn.fit(NET, p0, batches, None, shuffle_buffer=64, **args()) for _ in range(2)]
+    assert leaves_equal(buffered[0].train.params, buffered[1].train.params)  # reproducible from the key
+    assert not leaves_equal(buffered[0].train.params, plain.train.params)  # and shuffled
+    other_key = jn.fit(NET, p0, batches, None, shuffle_buffer=64, **args(key=jax.random.key(7)))
+    assert not leaves_equal(other_key.train.params, buffered[0].train.params)
+    assert buffered[0].history[-1]["train_loss"] < buffered[0].history[0]["train_loss"]
+
+
+def test_shuffle_buffer_emits_every_row_once_in_batches():
+    x = np.arange(100, dtype=np.float32)[:, None]
+    blocks = iter([(x[i : i + 7], x[i : i + 7, 0]) for i in range(0, 100, 7)])
+    out = list(sources.batches_of(blocks, 16, seed=3, shuffle_buffer=30))
+    assert [len(b[0]) for b in out] == [16] * 6 + [4]
+    seen = np.concatenate([b[0][:, 0] for b in out])
+    assert sorted(seen.tolist()) == list(range(100)) and seen.tolist() != list(range(100))
+    assert all(np.array_equal(b[0][:, 0], b[1]) for b in out)  # x and y stay paired
+
+
+def test_bad_sources_fail_with_one_line_naming_the_batch(data):
+    _, x, y = data
+    p0 = NET.init(jax.random.key(0))
+    ragged = [(x[:16], y[:16]), (x[16:32, :5], y[16:32])]
+    with pytest.raises(jn.DataError, match=r"batch 1 of x .* has x rows \(5,\) float32 .* first had \(6,\)"):
+        jn.fit(NET, p0, ragged, None, **args())
+    wrong_dtype = [(x[:16], y[:16]), (x[16:32].astype(np.float64), y[16:32])]
+    with pytest.raises(jn.DataError, match=r"batch 1 .* float64 .* same row shapes and dtypes"):
+        jn.fit(NET, p0, wrong_dtype, None, **args())
+    with pytest.raises(jn.DataError, match="iterator, which can be read only once"):
+        jn.fit(NET, p0, iter(ragged), None, **args())
+
+    class Broken:
+        def __iter__(self):
+            yield x[:16], y[:16]
+            raise OSError("disk gone")
+
+    with pytest.raises(jn.DataError, match=r"reading batch 1 of x .* failed \(OSError: disk gone\)"):
+        jn.fit(NET, p0, Broken(), None, **args())
+    with pytest.raises(jn.DataError, match="yielded no batches"):
+        jn.fit(NET, p0, [], None, **args())
+    with pytest.raises(jn.DataError, match=r"batch 0 .* is a ndarray, not a pair"):
+        jn.fit(NET, p0, [x[:16]], None, **args())
+    with pytest.raises(ValueError, match="member runs train on resident arrays"):
+        keys = jn.member_keys([0, 1])
+        jn.fit(NET, jn.init_members(NET, keys), [(x, y)], None, **args(key=keys))
+
+
+class StopAt:
+    """Stops the epoch at the first chunk boundary at or after ``steps`` (a mid-epoch stop)."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, state, record):
+        return False
+
+    def on_chunk(self, state):
+        return state.steps >= self.steps
+
+
+@pytest.mark.parametrize("kind", ["memmap", "iterable", "resident"])
+def test_a_checkpoint_inside_an_epoch_resumes_bitwise(data, tmp_path, kind):
+    d, x, y = data
+    if kind == "memmap":
+        train, more = tuple(np.load(d / f"{k}.npy", mmap_mode="r") for k in ("x", "y")), dict(chunk_steps=4)
+    elif kind == "iterable":
+        train, more = (
+            ([(x[i : i + 40], y[i : i + 40]) for i in range(0, len(x), 40)], None),
+            dict(chunk_steps=4, shuffle_buffer=50),
+        )
+    else:
+        train, more = (x, y), dict(chunk_steps=4)
+    p0 = NET.init(jax.random.key(0))
+    common = args(validation=(x[:50], y[:50]), **more)
+    straight = jn.fit(NET, p0, *train, **common)
+    saver = Checkpointer(tmp_path / "ckpt", every_steps=8)
+    stopped = jn.fit(NET, p0, *train, callbacks=[saver, StopAt(18)], **common)
+    # 13 steps an epoch in chunks of 4 (4, 8, 12, 13): saved after 8 steps, at 17 (4 into epoch 2), and
+    # at the stop after 21 (8 into epoch 2)
+    assert stopped.position is not None and stopped.epoch == 1 and stopped.steps == 21
+    entries = checkpoint.entries(tmp_path / "ckpt")
+    assert [(e.steps, e.epoch, e.inside) for e in entries] == [(8, 0, 8), (17, 1, 4), (21, 1, 8)]
+    like = jax.eval_shape(lambda: jn.init_fit_state(p0, common["optimizer"], common["key"]))
+    restored = checkpoint.restore(tmp_path / "ckpt", like).state
+    assert restored.position.steps == 8 and restored.position.examples == 8 * 16
+    resumed = jn.fit(NET, None, *train, resume=restored, **common)
+    assert leaves_equal(resumed.train.params, straight.train.params)
+
+    def timeless(history):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    assert timeless(resumed.history) == timeless(straight.history)
+
+
+def test_resuming_inside_an_epoch_needs_its_chunks(data, tmp_path):
+    _, x, y = data
+    p0 = NET.init(jax.random.key(0))
+    stopped = jn.fit(NET, p0, x, y, chunk_steps=4, callbacks=[StopAt(5)], **args())
+    with pytest.raises(ValueError, match="inside an epoch, which resumes only in chunks: give chunk_steps"):
+        jn.fit(NET, None, x, y, resume=stopped, **args())
+
+
+def test_batched_evaluate_and_predict_match_one_batch(data):
+    d, x, y = data
+    params = NET.init(jax.random.key(0))
+    full = jax.device_get(jn.make_eval_fn(NET, "cross_entropy")(params, (x, y)))
+    outputs = jn.batched(NET)(params, x)
+    xm, ym = (np.load(d / f"{k}.npy", mmap_mode="r") for k in ("x", "y"))
+    batches = [(x[i : i + 33], y[i : i + 33]) for i in range(0, len(x), 33)]
+    for got in (
+        jn.evaluate(NET, params, x, y, loss="cross_entropy", batch_size=16),
+        jn.evaluate(NET, params, xm, ym, loss="cross_entropy", batch_size=50),
+        jn.evaluate(NET, params, batches, loss="cross_entropy", batch_size=7),
+    ):
+        assert got.keys() == {"loss", "accuracy"}
+        np.testing.assert_allclose(got["loss"], float(full["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(got["accuracy"], float(full["accuracy"]), rtol=1e-6)
+    for got in (
+        jn.predict(NET, params, x, batch_size=16),
+        jn.predict(NET, params, xm, batch_size=1000),
+        jn.predict(NET, params, batches, batch_size=10),
+    ):
+        np.testing.assert_allclose(got, outputs, rtol=1e-5, atol=1e-6)
+    assert [len(b) for b in jn.predict_batches(NET, params, x, batch_size=100)] == [100, 100, 3]
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        jn.predict(NET, params, x, batch_size=0)
+
+
+def test_stateful_model_streams_and_evaluates(data):
+    d, x, y = data
+    net = jn.serial(jn.dense(6, 16), jn.batch_norm(16), jn.activation_layer("relu"), jn.dense(16, 3))
+    params, state = net.init(jax.random.key(0))
+    xm, ym = (np.load(d / f"{k}.npy", mmap_mode="r") for k in ("x", "y"))
+    a = jn.fit(net, params, x, y, model_state=state, **args())
+    b = jn.fit(net, params, xm, ym, model_state=state, **args())
+    assert leaves_equal((a.train.params, a.train.model_state), (b.train.params, b.train.model_state))
+    got = jn.evaluate(net, b.params, xm, ym, loss="cross_entropy", model_state=b.model_state, batch_size=64)
+    assert got["accuracy"] > 0.6
+
+
+def test_parquet_row_groups_stream_in_a_keyed_order(tmp_path, resident):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    x, y = problem()
+    table = pa.table({**{f"f{j}": x[:, j] for j in range(6)}, "label": y})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=50)
+    source = jn.Parquet(tmp_path / "t.parquet", target="label", y_dtype=np.int32)
+    assert source.num_groups == 5 and source.num_rows == len(x)
+    orders = [np.concatenate([b[1] for b in source.blocks(seed)]) for seed in (1, 1, 2)]
+    assert np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[0], orders[2])
+    assert sorted(orders[0].tolist()) == sorted(y.tolist())
+    p0 = NET.init(jax.random.key(0))
+    fitted = jn.fit(NET, p0, source, None, validation=(x[:50], y[:50]), **args())
+    assert fitted.history[-1]["val_accuracy"] > 0.7
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(jn.DataError, match="bad.parquet is not a readable Parquet file"):
+        jn.Parquet(tmp_path / "bad.parquet", target="label")
+    with pytest.raises(jn.DataError, match="has no column 'price'"):
+        jn.Parquet(tmp_path / "t.parquet", target="price")
+
+
+def test_cli_trains_on_a_folder_of_npy_and_predicts_from_stdin(data, tmp_path, capsys):
+    d, x, y = data
+    out = tmp_path / "run"
+    flags = ["--epochs", "30", "--hidden", "8", "--lr", "0.01", "--json"]
+    assert cli.main(["train", "--data", str(d), *flags, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["task"] == "classification" and summary["test_accuracy"] > 0.65
+    np.savez(tmp_path / "same.npz", x=x, y=y)  # the same rows in memory: the same run
+    assert cli.main(["train", "--data", str(tmp_path / "same.npz"), *flags]) == 0
+    in_memory = json.loads(capsys.readouterr().out)
+    for name in ("train_loss", "val_loss", "test_accuracy"):
+        np.testing.assert_allclose(summary[name], in_memory[name], rtol=1e-5)
+    # the same rows as CSV on standard input, and as the folder itself: the same predictions
+    csv_text = ",".join(f"x{j}" for j in range(6)) + "\n" + "\n".join(",".join(map(repr, map(float, r))) for r in x)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxnet.cli", "predict", "--model", str(out), "--data", "-"],
+        input=csv_text,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    from_stdin = np.array([line.split(",") for line in proc.stdout.strip().splitlines()[1:]], float)
+    assert from_stdin.shape == (len(x), 4)
+    model = files.load_model(out)
+    direct = savedlib.predict(model, datalib.standardize(x, datalib.Standardizer(model.mean, model.std)))
+    np.testing.assert_allclose(from_stdin[:, 1:], direct, atol=2e-6)
+    assert cli.main(["evaluate", "--model", str(out), "--data", str(d), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    whole = savedlib.evaluate(model, datalib.standardize(x, datalib.Standardizer(model.mean, model.std)), y)
+    assert metrics.keys() == whole.keys()
+    np.testing.assert_allclose([metrics[k] for k in whole], list(whole.values()), rtol=1e-5)
+
+
+def test_streamed_evaluate_in_chunks_equals_whole_for_regression(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 3)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5]) + 100.0 + rng.normal(size=300)).astype(np.float32)
+    np.savez(tmp_path / "r.npz", x=x, y=y)
+    run = runlib.run(configlib.make_config(data=str(tmp_path / "r.npz"), epochs=3, hidden=(8,)), out=tmp_path / "m")
+    model = run.model
+    standardized = datalib.standardize(x, datalib.Standardizer(model.mean, model.std))
+    whole = savedlib.evaluate(model, standardized, y)
+    chunks = datalib.feature_chunks(tmp_path / "r.npz", model.meta["feature_names"], rows=37)
+    streamed, rows = savedlib.evaluate_chunks(model, chunks)
+    assert rows == 300 and streamed.keys() == whole.keys() == {"loss", "mse", "mae", "r2"}
+    np.testing.assert_allclose([streamed[k] for k in whole], list(whole.values()), rtol=1e-5)
+
+
+def test_cli_bad_stream_inputs_are_one_line(data, tmp_path, capsys):
+    d, _, _ = data
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(d), "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    truncated = tmp_path / "trunc"
+    truncated.mkdir()
+    np.save(truncated / "x.npy", np.zeros((1000, 6), np.float32))
+    with open(truncated / "x.npy", "r+b") as f:
+        f.truncate(5000)  # the header says 24,000 bytes of data
+    np.save(truncated / "y.npy", np.zeros(1000, np.int32))
+    for argv, pattern in (
+        (["train", "--data", str(empty)], "has no x.npy"),
+        (["train", "--data", str(truncated)], r"x.npy is not a readable .npy array"),
+        (["predict", "--model", str(out), "--data", str(tmp_path / "nope.parquet")], "not a readable Parquet|No such"),
+    ):
+        code = cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("jaxnet: error: "), (argv, err)
+        assert __import__("re").search(pattern, err), err
+
+
+KILLER = """
+import os, signal, sys
+from jaxnet import checkpoint, config, run
+out, data, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+class KillInsideAnEpoch:
+    def __call__(self, state, record):
+        return False
+
+    def on_chunk(self, state):
+        inside = [e for e in checkpoint.entries(out + "/checkpoints") if e.inside is not None]
+        if inside and state.steps > inside[-1].steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+c = config.make_config(data=data, epochs=3, hidden=(16,), batch_size=8)
+run.run(c, out=out, checkpoint_steps=every, callbacks=[KillInsideAnEpoch()])
+"""
+
+
+def test_kill_9_inside_an_epoch_then_resume_equals_the_straight_run(data, tmp_path):
+    d, _, _ = data
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    code = [sys.executable, "-c", KILLER, str(killed), str(d), "6"]
+    proc = subprocess.run(code, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    entries = checkpoint.entries(killed / "checkpoints")
+    assert entries and entries[-1].inside is not None, entries  # killed after a checkpoint inside an epoch
+    assert not (killed / "model.npz").exists()
+    cmd = [sys.executable, "-m", "jaxnet.cli", "train"]
+    resumed = subprocess.run([*cmd, "--resume", str(killed), "--quiet"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"inside epoch {entries[-1].epoch + 1}" in resumed.stderr
+    flags = ["--data", str(d), "--epochs", "3", "--hidden", "16", "--batch-size", "8", "--checkpoint-steps", "6"]
+    ran = subprocess.run([*cmd, *flags, "--out", str(straight), "--quiet"], capture_output=True, text=True, env=env)
+    assert ran.returncode == 0, ran.stderr
+    a, b = files.load_model(straight), files.load_model(killed)
+    assert a.params.keys() == b.params.keys()
+    for k in a.params:
+        assert a.params[k].tobytes() == b.params[k].tobytes(), k
+
+    def losses(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["epoch"], r["train_loss"], r["val_loss"]) for r in rows]
+
+    assert losses(straight) == losses(killed)
+
+
+def test_feed_prefetch_raises_producer_errors_and_stops_cleanly():
+    def chunks():
+        yield feed.Chunk((np.zeros(1),), 1, False, 1)
+        raise sources.DataError("row group 3 of t.parquet cannot be read")
+
+    stream = feed.prefetched(chunks(), lambda a: a)
+    assert next(stream).steps == 1
+    with pytest.raises(sources.DataError, match="row group 3"):
+        next(stream)
+    endless = feed.prefetched((feed.Chunk((np.zeros(1),), 1, False, 1) for _ in iter(int, 1)), lambda a: a)
+    next(endless)
+    endless.close()  # the producer thread stops; nothing hangs
+
+
+def test_chunk_steps_follow_the_memory_budget():
+    spec = sources.RowSpec((784,), np.dtype(np.float32), (), np.dtype(np.int32))
+    assert feed.chunk_steps(spec, 128, budget=64 * 2**20) == 64 * 2**20 // (128 * (784 * 4 + 4 + 4))
+    assert feed.chunk_steps(spec, 128, budget=1) == 1
+    assert feed.chunk_steps(spec, 128, most=10) == 10
+
+
+def test_lazy_rows_split_and_standardize_without_reading_everything(data):
+    d, x, _ = data
+    xm = np.load(d / "x.npy", mmap_mode="r")
+    view = sources.RowView(xm, np.array([5, 1, 7]))
+    np.testing.assert_array_equal(view[np.array([2, 0])], x[[7, 5]])
+    s = datalib.fit_standardizer(sources.RowView(xm))
+    exact = datalib.fit_standardizer(x)
+    np.testing.assert_allclose(s.mean, exact.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s.std, exact.std, rtol=1e-6)
+    lazy = datalib.standardize(sources.RowView(xm), s)
+    assert isinstance(lazy, sources.RowView) and lazy.dtype == np.float32
+    np.testing.assert_allclose(lazy[np.arange(3)], datalib.standardize(x[:3], s), rtol=1e-6)
+    assert jnp.asarray(lazy[np.arange(2)]).shape == (2, 6)

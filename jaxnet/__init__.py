@@ -65,6 +65,7 @@ _EXPORTS = {
     "DataError": "sources",
     "GrainMap": "sources",
     "Indexed": "sources",
+    "NpyFile": "sources",
     "Parquet": "sources",
     "RowView": "sources",
     "Sequential": "sources",
@@ -201,6 +202,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.sources import DataError as DataError
     from jaxnet.sources import GrainMap as GrainMap
     from jaxnet.sources import Indexed as Indexed
+    from jaxnet.sources import NpyFile as NpyFile
     from jaxnet.sources import Parquet as Parquet
     from jaxnet.sources import RowView as RowView
     from jaxnet.sources import Sequential as Sequential

@@ -741,8 +741,9 @@ def load(
     )
 
 
-def _check_finite_rows(x, name: str, chunk: int = 65536) -> None:
+def _check_finite_rows(x, name: str) -> None:
     """One pass over lazy rows in chunks: refuses NaN, inf and values beyond float32 range."""
+    chunk = sources.block_rows(x)
     for start, block in zip(range(0, len(x), chunk), sources.chunks_of(x, chunk)):
         bad = np.argwhere(~_finite32(block))
         if bad.size:
@@ -759,13 +760,13 @@ def _folder_part(x, y, task, name: str, classes: int | None = None) -> Dataset:
         if array.dtype.kind not in "biuf":
             raise ValueError(f"{name}: {label} must be numeric, got dtype {array.dtype}")
     if x.ndim == 1:
-        x = x.reshape(-1, 1)
+        x = x.reshape(x.shape[0], 1)
     if x.ndim > 2:  # images and the like: one row of features each (a view, nothing is read)
         x = x.reshape(x.shape[0], -1)
     if y.ndim not in (1, 2) or len(x) == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: x must be (examples, features...) and y (examples[, outputs]), got {y.shape}")
     _check_finite_rows(x, f"{name} x")
-    y = np.asarray(y)
+    y = np.asarray(y[:])  # the targets are read whole
     bad = np.argwhere(~_finite32(y))
     if bad.size:
         raise ValueError(f"{name}: y[{int(bad[0][0])}] is not finite: NaN, inf and values beyond float32 range")

@@ -32,7 +32,7 @@ from jaxnet.epoch import Carry, epoch_batches, epoch_metrics, num_batches, start
 from jaxnet.forward import apply_batch
 from jaxnet.losses import LossSpec
 
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 """Default bytes of one chunk of streamed batches (x, y and weights); two are in flight."""
 
 

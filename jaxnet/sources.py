@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -119,19 +120,43 @@ class RowView:
             self.base.release()
 
 
+GATHER_BLOCK_ROWS = 2048
+"""Rows gathered from a memory map between two releases of its pages. The kernel maps the cached
+pages around each one touched (fault-around, 64 KiB), so random rows would otherwise map most of
+a file into the process at once; a block of rows maps at most a few hundred MiB."""
+
+
 def gather(array, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]`` read in increasing row order (sequential on disk), returned in ``rows``' order."""
-    if len(rows) > 1 and not isinstance(array, RowView):
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), *array.shape[1:]), array.dtype)
-        out[order] = array[rows[order]]
-        return out
-    return np.asarray(array[rows])
+    """``array[rows]`` read in increasing row order (sequential on disk), returned in ``rows``'
+    order; from a read-only memory map in blocks, its pages released after each."""
+    if isinstance(array, RowView) or len(rows) <= 1:
+        return np.asarray(array[rows])
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    mapped = _mapping(array) is not None
+    block = GATHER_BLOCK_ROWS if mapped else len(rows)
+    for start in range(0, len(rows), block):
+        part = order[start : start + block]
+        out[part] = array[rows[part]]
+        if mapped:
+            release_pages(array)
+    return out
 
 
-def chunks_of(array, rows: int = 65536) -> Iterator[np.ndarray]:
-    """``array`` (an array-like) in consecutive blocks of at most ``rows`` rows, releasing the
-    pages of a memory map after each."""
+CHUNK_READ_BYTES = 8 * 2**20
+"""Bytes of one block when lazy rows are read through in order (checks, standardization)."""
+
+
+def block_rows(array, budget: int = CHUNK_READ_BYTES) -> int:
+    """Rows of ``array`` in a block of about ``budget`` bytes (at least 1)."""
+    row = int(np.prod(array.shape[1:])) * np.dtype(array.dtype).itemsize
+    return max(1, budget // max(row, 1))
+
+
+def chunks_of(array, rows: int | None = None) -> Iterator[np.ndarray]:
+    """``array`` (an array-like) in consecutive blocks of at most ``rows`` rows (default: about
+    ``CHUNK_READ_BYTES``), releasing the pages of a memory map after each."""
+    rows = rows or block_rows(array)
     for start in range(0, len(array), rows):
         yield np.asarray(array[start : start + rows])
         (array.release() if isinstance(array, RowView) else release_pages(array))
@@ -353,12 +378,111 @@ def _pyarrow_parquet():
     return pq
 
 
-def npy_folder(path) -> dict[str, np.ndarray]:
-    """The memory-mapped arrays of a data folder: ``x.npy`` and ``y.npy``, optionally
-    ``x_val.npy`` and ``y_val.npy`` (nothing is read but the headers).
+class NpyFile:
+    """A ``.npy`` array on disk, read row by row with ``pread``: an array-like for data larger
+    than memory. Reading rows costs no more memory than the rows read (the file's pages stay in
+    the page cache, outside the process; a memory map would map whole cached folios around every
+    row touched, hundreds of KiB each).
+
+    Only the header is read when opened, and the file is checked to hold the bytes the header
+    describes. ``view[rows]`` takes an integer array (read in increasing order, consecutive rows
+    in one call) or a slice; ``reshape(n, -1)`` views each example as one row of features.
+    """
+
+    def __init__(self, path, shape=None):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                header = read(f, max_header_size=10_000)
+                self.offset = f.tell()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{self.path} is not a readable .npy array ({type(e).__name__}: {e})") from None
+        file_shape, fortran, dtype = header
+        if fortran and len(file_shape) > 1:
+            raise DataError(f"{self.path} is stored in Fortran order: save it C-ordered (np.ascontiguousarray)")
+        if dtype.hasobject:
+            raise DataError(f"{self.path} holds Python objects (it would need pickle): save a numeric array")
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(file_shape) if shape is None else tuple(shape)
+        if len(self.shape) == 0:
+            raise DataError(f"{self.path} holds a scalar: store an array with a leading example axis")
+        needed = self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
+        size = self.path.stat().st_size
+        if size < needed:
+            raise DataError(f"{self.path} is truncated: {size} bytes where its header describes {needed}")
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def reshape(self, *shape) -> NpyFile:
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if shape[0] != self.shape[0]:
+            raise ValueError("an NpyFile keeps its leading (example) axis")
+        rest = int(np.prod(self.shape[1:]))
+        out = tuple(rest if d == -1 else d for d in shape)
+        if int(np.prod(out[1:])) != rest:
+            raise ValueError(f"cannot view rows of shape {self.shape[1:]} as {out[1:]}")
+        return NpyFile(self.path, out)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step == 1:
+                out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+                self._read_into(out, start)
+                return out
+            rows = np.arange(start, stop, step)
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim == 0:
+            return self[int(rows) : int(rows) + 1][0]
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range for {self.path.name} with {len(self)} rows")
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        buffer = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1  # runs of consecutive rows: one read each
+        for begin, end in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            self._read_into(buffer[begin:end], int(ordered[begin]))
+        out = np.empty_like(buffer)
+        out[order] = buffer
+        return out
+
+    def _read_into(self, out: np.ndarray, first_row: int) -> None:
+        view, done = memoryview(out).cast("B"), 0
+        offset = self.offset + first_row * self.row_bytes
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise DataError(f"{self.path} ended early: it was truncated while being read")
+            done += got
+
+
+def npy_folder(path) -> dict[str, NpyFile]:
+    """The arrays of a data folder, on disk: ``x.npy`` and ``y.npy``, optionally ``x_val.npy``
+    and ``y_val.npy`` (nothing is read but the headers).
 
     Returns:
-      ``{"x", "y"[, "x_val", "y_val"]}``: read-only ``np.memmap`` arrays.
+      ``{"x", "y"[, "x_val", "y_val"]}``: :class:`NpyFile` arrays, read by rows when used.
     """
     path = Path(path)
     arrays = {}
@@ -368,12 +492,7 @@ def npy_folder(path) -> dict[str, np.ndarray]:
             if name in ("x", "y"):
                 raise DataError(f"{path} has no {file.name}: a data folder holds x.npy and y.npy")
             continue
-        try:
-            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{file} is not a readable .npy array ({type(e).__name__}: {e})") from None
-        if arrays[name].ndim == 0:
-            raise DataError(f"{file} holds a scalar: store an array with a leading example axis")
+        arrays[name] = NpyFile(file)
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise DataError(f"{path} has only one of x_val.npy and y_val.npy: give both, or neither")
     for a, b in (("x", "y"), ("x_val", "y_val")):
@@ -390,7 +509,7 @@ def as_source(x, y=None, name: str = "x") -> Any:
     """The source that ``x`` (and ``y``) stand for, or None for resident arrays.
 
     - ``x``, ``y`` arrays in memory: None (fit places them on the device);
-    - array-likes not in memory (``np.memmap``, :class:`RowView`): :class:`Indexed`;
+    - array-likes not in memory (:class:`NpyFile`, ``np.memmap``, :class:`RowView`): :class:`Indexed`;
     - a source of this module: itself (``y`` must be None);
     - a Grain ``MapDataset``: :class:`GrainMap`; other iterables: :class:`Sequential`.
     """

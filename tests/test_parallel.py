@@ -43,14 +43,27 @@ def close(a, b):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """The two-process run; the first test asks for it, so that it runs alongside the others."""
-    d = tmp_path_factory.mktemp("mp")
+    yield from _two_processes(tmp_path_factory.mktemp("mp"))
+
+
+@pytest.fixture(scope="module")
+def two_streaming_processes(tmp_path_factory):
+    """Two processes streaming the same memory-mapped arrays, each reading its share of every batch."""
+    d = tmp_path_factory.mktemp("mp-stream")
+    x, y = multiprocess_worker.problem()
+    np.save(d / "x.npy", x)
+    np.save(d / "y.npy", y)
+    yield from _two_processes(d, str(d))
+
+
+def _two_processes(d, *more):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     address = f"127.0.0.1:{free_port()}"
     worker = Path(__file__).parent / "multiprocess_worker.py"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), address, "2", str(i), str(d / f"p{i}.npz")],
+            [sys.executable, str(worker), address, "2", str(i), str(d / f"p{i}.npz"), *more],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -151,6 +164,22 @@ def test_two_processes_train_together(two_processes):
     rows = 2 * (len(x) // 2)
     single = jax.tree.leaves(multiprocess_worker.train(x[:rows], y[:rows]))
     assert close(single, [a[k] for k in sorted(leaves, key=lambda k: int(k[4:]))])
+
+
+@needs_4
+def test_two_processes_stream_their_shares_and_equal_one_process(two_streaming_processes):
+    procs, d = two_streaming_processes
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    a, b = np.load(d / "p0.npz"), np.load(d / "p1.npz")
+    assert int(a["processes"]) == 2
+    leaves = sorted((k for k in a.files if k.startswith("arr_")), key=lambda k: int(k[4:]))
+    for k in leaves:
+        np.testing.assert_array_equal(a[k], b[k])
+    # one process streaming all of every batch from the same files: the same training
+    x, y = (np.load(d / f"{name}.npy", mmap_mode="r") for name in ("x", "y"))
+    single = jax.tree.leaves(multiprocess_worker.train(x, y))
+    assert close(single, [a[k] for k in leaves])
 
 
 def test_bfloat16_digits_accuracy_close_to_float32():

@@ -313,7 +313,7 @@ def test_cli_bad_stream_inputs_are_one_line(data, tmp_path, capsys):
     np.save(truncated / "y.npy", np.zeros(1000, np.int32))
     for argv, pattern in (
         (["train", "--data", str(empty)], "has no x.npy"),
-        (["train", "--data", str(truncated)], r"x.npy is not a readable .npy array"),
+        (["train", "--data", str(truncated)], r"x.npy is truncated: 5000 bytes where its header describes 24128"),
         (["predict", "--model", str(out), "--data", str(tmp_path / "nope.parquet")], "not a readable Parquet|No such"),
     ):
         code = cli.main(argv)
@@ -386,7 +386,7 @@ def test_feed_prefetch_raises_producer_errors_and_stops_cleanly():
 
 def test_chunk_steps_follow_the_memory_budget():
     spec = sources.RowSpec((784,), np.dtype(np.float32), (), np.dtype(np.int32))
-    assert feed.chunk_steps(spec, 128, budget=64 * 2**20) == 64 * 2**20 // (128 * (784 * 4 + 4 + 4))
+    assert feed.chunk_steps(spec, 128, budget=32 * 2**20) == 32 * 2**20 // (128 * (784 * 4 + 4 + 4))
     assert feed.chunk_steps(spec, 128, budget=1) == 1
     assert feed.chunk_steps(spec, 128, most=10) == 10
 
@@ -404,3 +404,29 @@ def test_lazy_rows_split_and_standardize_without_reading_everything(data):
     assert isinstance(lazy, sources.RowView) and lazy.dtype == np.float32
     np.testing.assert_allclose(lazy[np.arange(3)], datalib.standardize(x[:3], s), rtol=1e-6)
     assert jnp.asarray(lazy[np.arange(2)]).shape == (2, 6)
+
+
+def test_npy_files_read_rows_with_pread_and_refuse_hostile_headers(tmp_path):
+    x = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+    np.save(tmp_path / "x.npy", x)
+    f = jn.NpyFile(tmp_path / "x.npy")
+    assert f.shape == (5, 2, 3) and f.dtype == np.float32 and len(f) == 5
+    rows = np.array([4, 0, 1, 2, 4])
+    np.testing.assert_array_equal(f[rows], x[rows])  # runs of consecutive rows, repeats, any order
+    np.testing.assert_array_equal(f[1:4], x[1:4])
+    np.testing.assert_array_equal(f.reshape(5, -1)[np.array([3])], x.reshape(5, -1)[[3]])
+    with pytest.raises(IndexError, match="out of range"):
+        f[np.array([5])]
+    # a header that claims 10^12 rows: refused from the file size, nothing allocated
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**12, 784)}
+    with open(tmp_path / "huge.npy", "wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        out.write(b"\0" * 64)
+    with pytest.raises(jn.DataError, match=r"huge.npy is truncated: \d+ bytes where its header describes"):
+        jn.NpyFile(tmp_path / "huge.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(jn.DataError, match="not a readable .npy|Python objects"):
+        jn.NpyFile(tmp_path / "objects.npy")
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(np.ones((3, 4), np.float32)))
+    with pytest.raises(jn.DataError, match="Fortran order"):
+        jn.NpyFile(tmp_path / "fortran.npy")

@@ -36,6 +36,10 @@ CHUNK_BYTES = 32 * 2**20
 """Default bytes of one chunk of streamed batches (x, y and weights); two are in flight."""
 
 
+# An epoch's batch layout in one compiled call (eagerly, the permutation's ops dispatch one by one).
+_epoch_layout = jax.jit(epoch_batches, static_argnums=(1, 2, 3, 4))
+
+
 class Chunk(NamedTuple):
     """S stacked batches: ``arrays`` ``(xs, ys[, ws])``, numpy on the host or placed on devices."""
 
@@ -103,6 +107,16 @@ def indexed_chunks(source, index: np.ndarray, weight: np.ndarray | None, steps: 
         source.release()
 
 
+def _stacked(xs: list, ys: list) -> tuple:
+    """The batches stacked ``(S, b, ...)`` into aligned arrays (placed on a CPU device in place)."""
+    out = []
+    for parts in (xs, ys):
+        stacked = sources.aligned_empty((len(parts), *parts[0].shape), parts[0].dtype)
+        np.stack(parts, out=stacked)
+        out.append(stacked)
+    return tuple(out)
+
+
 def _padded(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple:
     real = len(x)
     pad = batch_size - real
@@ -128,7 +142,7 @@ def sequential_chunks(source, batch_size: int, steps: int, seed: int, shuffle_bu
     for x, y in batches:
         if len(x) < batch_size:  # the last batch
             if xs:
-                yield Chunk((np.stack(xs), np.stack(ys)), len(xs), False, len(xs) * batch_size)
+                yield Chunk(_stacked(xs, ys), len(xs), False, len(xs) * batch_size)
                 xs, ys = [], []
             if not drop_remainder:
                 yield Chunk(_padded(x, y, batch_size), 1, True, len(x))
@@ -136,10 +150,10 @@ def sequential_chunks(source, batch_size: int, steps: int, seed: int, shuffle_bu
         xs.append(x)
         ys.append(y)
         if len(xs) == steps:
-            yield Chunk((np.stack(xs), np.stack(ys)), steps, False, steps * batch_size)
+            yield Chunk(_stacked(xs, ys), steps, False, steps * batch_size)
             xs, ys = [], []
     if xs:
-        yield Chunk((np.stack(xs), np.stack(ys)), len(xs), False, len(xs) * batch_size)
+        yield Chunk(_stacked(xs, ys), len(xs), False, len(xs) * batch_size)
 
 
 _END = object()
@@ -222,7 +236,7 @@ def epoch_chunks(source, layout: StreamLayout, shuffle_key, start: int) -> tuple
     b = layout.batch_size
     if source.kind == "indexed":
         n = source.num_rows
-        index, weight = jax.device_get(epoch_batches(shuffle_key, n, b, layout.drop_remainder, layout.shuffle))
+        index, weight = jax.device_get(_epoch_layout(shuffle_key, n, b, layout.drop_remainder, layout.shuffle))
         padded = len(index) * b > n
         chunks = indexed_chunks(source, index, weight if padded else None, layout.steps, start, layout.share)
         return chunks, (lambda examples: n if padded else len(index))
@@ -237,7 +251,7 @@ def epoch_chunks(source, layout: StreamLayout, shuffle_key, start: int) -> tuple
 def resident_chunks(n: int, layout: StreamLayout, shuffle_key, start: int) -> tuple[Iterator[Chunk], Callable]:
     """``(chunks, divisor)`` of an epoch of ``n`` resident rows cut into chunks of steps: each
     chunk is its rows' ``(index[, weight])`` ``(S, b)``, for steps that gather from the arrays."""
-    index, weight = epoch_batches(shuffle_key, n, layout.batch_size, layout.drop_remainder, layout.shuffle)
+    index, weight = _epoch_layout(shuffle_key, n, layout.batch_size, layout.drop_remainder, layout.shuffle)
     padded = index.size > n
 
     def chunks():

@@ -400,14 +400,21 @@ def fit(
     Args:
       model: the model.
       params: initial params (ignored when ``resume`` is given).
-      x: ``(n, ...)`` inputs; y: ``(n, ...)`` targets (integer labels for cross-entropy).
+      x: ``(n, ...)`` inputs; y: ``(n, ...)`` targets (integer labels for cross-entropy). Arrays
+        in memory are placed on the device whole (the fast path). Data that is not is streamed
+        (see :mod:`jaxnet.sources` and docs/data.md): ``np.memmap`` or :class:`jaxnet.NpyFile`
+        arrays, or ``x`` a source with ``y`` None: an iterable of ``(x, y)`` batches, a Grain
+        ``MapDataset``/``IterDataset``/``DataLoader``, :class:`jaxnet.Parquet`,
+        :class:`jaxnet.Indexed`. Streamed epochs run in compiled chunks of steps, the next chunk
+        read and transferred while the device runs the current one.
       loss: a loss name, per-example callable or :class:`LossSpec`.
       optimizer: any optax ``GradientTransformation``.
       epochs: total number of epochs (including those already done when resuming).
       batch_size: examples per step; the last partial batch is padded and masked (its update
         averages over its real examples only) unless ``drop_remainder``.
       key: PRNG key for shuffling; the run is reproducible from it.
-      validation: optional ``(x_val: (m, ...), y_val: (m, ...))`` evaluated after every epoch.
+      validation: optional ``(x_val: (m, ...), y_val: (m, ...))`` or a source, evaluated after
+        every epoch in batches of ``eval_batch_size``.
       patience: stop after this many epochs without improvement of ``monitor`` (needs
         ``validation``).
       monitor: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher is better).
@@ -433,6 +440,14 @@ def fit(
         every step (running statistics), and the best epoch's is kept with its params.
       per_example_grads: the optimizer receives per-example gradients (leading batch axis), as
         :func:`jaxnet.dp_optimizer` (DP-SGD) needs: see :func:`jaxnet.make_per_example_update`.
+      chunk_steps: the most steps per compiled call. Streamed data: at most this many (default:
+        what ``chunk_bytes`` holds); resident data: epochs in calls of this many steps, so that a
+        callback's ``on_chunk(fit_state)`` sees (and may checkpoint, or stop at) the state inside
+        an epoch, which ``resume`` continues exactly (default None: one call per epoch).
+      chunk_bytes: the bytes of one chunk of streamed batches (two are in flight).
+      shuffle_buffer: sequential sources (iterables, Grain iterators): shuffle rows through a
+        buffer of this many (0: their own order); indexed sources are shuffled globally by index.
+      eval_batch_size: validation batch (default ``max(batch_size, 1024)``, at most the rows).
 
     Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
     (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),

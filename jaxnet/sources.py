@@ -112,12 +112,30 @@ class RowView:
             rows = np.arange(*rows.indices(len(self)))
         rows = np.asarray(rows, np.int64)
         block = gather(self.base, rows if self.index is None else self.index[rows])
-        return block if self.transform is None else np.asarray(self.transform(block), self.dtype)
+        if self.transform is None:
+            return block
+        out = aligned_empty(block.shape, self.dtype)
+        out[...] = self.transform(block)
+        return out
 
     def release(self) -> None:
         release_pages(self.base)
         if isinstance(self.base, RowView):
             self.base.release()
+
+
+ALIGNMENT = 64
+"""Byte alignment of the arrays read for the device: XLA's CPU client then uses them in place
+(``jax.device_put`` without a copy); numpy's own large allocations are only 16-byte aligned."""
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialized array whose data starts on an ``ALIGNMENT``-byte boundary."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 GATHER_BLOCK_ROWS = 2048
@@ -131,9 +149,11 @@ def gather(array, rows: np.ndarray) -> np.ndarray:
     order; from a read-only memory map in blocks, its pages released after each."""
     if isinstance(array, RowView) or len(rows) <= 1:
         return np.asarray(array[rows])
-    order = np.argsort(rows, kind="stable")
-    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    out = aligned_empty((len(rows), *array.shape[1:]), array.dtype)
     mapped = _mapping(array) is not None
+    if isinstance(array, np.ndarray) and not mapped:  # in memory: no order to prefer
+        return np.take(array, rows, axis=0, out=out)
+    order = np.argsort(rows, kind="stable")
     block = GATHER_BLOCK_ROWS if mapped else len(rows)
     for start in range(0, len(rows), block):
         part = order[start : start + block]

@@ -17,3 +17,5 @@ timeout 420 "$PY" bench/run.py --suite full --out "$OUT" --json "$OUT/latest.jso
   2>&1 | tee "$OUT/run.log"
 # The convolutional and transformer cases (bench/cnn.py), capped separately.
 timeout 150 "$PY" bench/cnn.py --repeats 3 --json "$OUT/cnn.json" 2>&1 | tee "$OUT/cnn.log"
+# Streaming from host memory against resident data (bench/stream.py), capped separately.
+timeout 120 "$PY" bench/stream.py --repeats 3 --json "$OUT/stream.json" 2>&1 | tee "$OUT/stream.log"

@@ -566,7 +566,9 @@ def load_features(path, feature_names, target: str | None = None) -> tuple[np.nd
 
 
 CHUNK_ROWS = 65536
-"""Rows per chunk when data is read in chunks (predict and evaluate)."""
+"""Rows per chunk when data is read in chunks (predict and evaluate); CSV chunks hold at most
+``CSV_CHUNK_CELLS`` cells (Python parses a CSV row into a list of strings first)."""
+CSV_CHUNK_CELLS = 500_000
 
 
 def _columns_of(header: list[str], feature_names, target, name: str) -> tuple[list[int], int | None]:
@@ -603,6 +605,7 @@ def _parse_block(block: list[tuple[int, list[str]]], header, wanted, t, name):
 
 def _csv_chunks(stream, feature_names, target, rows: int, name: str):
     reader = csv.reader(stream)
+    limit = rows
     header = None
     block: list = []
     try:
@@ -612,9 +615,10 @@ def _csv_chunks(stream, feature_names, target, rows: int, name: str):
             if header is None:
                 header = [h.strip() for h in row]
                 wanted, t = _columns_of(header, feature_names, target, name)
+                limit = max(1, min(rows, CSV_CHUNK_CELLS // len(header)))
                 continue
             block.append((reader.line_num, row))
-            if len(block) == rows:
+            if len(block) == limit:
                 yield _parse_block(block, header, wanted, t, name)
                 block = []
     except UnicodeDecodeError:
@@ -696,7 +700,8 @@ def load(
     seed: int = 0,
     task: str | None = None,
 ) -> Dataset:
-    """Loads a built-in dataset by name or a data file (``.csv`` or ``.npz``).
+    """Loads a built-in dataset by name or a data file (``.csv``, ``.npz``, ``.parquet``, or a
+    folder of ``.npy`` arrays, kept on disk: :func:`load_npy_folder`).
 
     Args:
       dataset: a name in ``BUILTINS``; when neither ``dataset`` nor ``data`` is given,
@@ -736,6 +741,10 @@ def load(
                 f"{os.fspath(data)}: an .npz file holds arrays 'x' and 'y'; a target column applies only to CSV"
             )
         return load_npz(data, task=task)
+    if suffix == ".parquet":
+        if target is None:
+            raise ValueError(f"{os.fspath(data)}: a Parquet file needs the name of its target column (target)")
+        return load_parquet(data, target, task=task)
     raise ValueError(
         f"unsupported data file {os.fspath(data)!r}: use a .csv or .npz file, or a folder of x.npy and y.npy"
     )
@@ -776,6 +785,21 @@ def _folder_part(x, y, task, name: str, classes: int | None = None) -> Dataset:
         num_classes = max(num_classes, classes)
     view = sources.RowView(x, dtype=np.float32, transform=lambda block: block.astype(np.float32))
     return Dataset(view, labels, task, num_classes, tuple(f"x{j}" for j in range(x.shape[1])), name)
+
+
+def load_parquet(path, target: str, task: str | None = None) -> Dataset:
+    """A Parquet file with numeric columns, read one row group at a time into memory: every column
+    but ``target`` is a feature (missing values are refused, naming the row group and column)."""
+    _check_task(task)
+    try:
+        table = sources.Parquet(path, target=target, y_dtype=np.float64)
+    except sources.DataError as e:
+        raise ValueError(str(e)) from None
+    groups = [table.read_group(g) for g in range(table.num_groups)]
+    x = np.concatenate([g[0] for g in groups])
+    y = np.concatenate([g[1] for g in groups])
+    ds = from_arrays(x, y, task=task, name=table.name, feature_names=tuple(table.features))
+    return ds
 
 
 def load_npy_folder(path, task: str | None = None) -> Dataset:

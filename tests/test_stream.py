@@ -95,6 +95,28 @@ def test_iterables_of_batches_train_and_repeat_from_the_seed(data, resident):
     assert buffered[0].history[-1]["train_loss"] < buffered[0].history[0]["train_loss"]
 
 
+def test_grain_iterators_and_loaders_are_sequential_sources(data, resident):
+    import grain
+
+    _, x, y = data
+    pairs = grain.MapDataset.source([(x[i], y[i]) for i in range(len(x))])
+    p0 = NET.init(jax.random.key(0))
+    iterated = jn.fit(NET, p0, pairs.batch(16).to_iter_dataset(), None, **args())
+    ordered = jn.fit(NET, p0, x, y, shuffle=False, **args())
+    assert [r["steps"] for r in iterated.history] == [13, 13, 13]
+    np.testing.assert_allclose(
+        jax.tree.leaves(iterated.train.params)[0], jax.tree.leaves(ordered.train.params)[0], rtol=1e-5, atol=1e-6
+    )
+    loader = grain.DataLoader(
+        data_source=[(x[i], y[i]) for i in range(len(x))],
+        sampler=grain.samplers.IndexSampler(len(x), shuffle=True, seed=0, num_epochs=1),
+        operations=[grain.transforms.Batch(32)],
+        worker_count=0,
+    )
+    loaded = jn.fit(NET, p0, loader, None, **args())
+    assert loaded.history[-1]["train_loss"] < loaded.history[0]["train_loss"]
+
+
 def test_shuffle_buffer_emits_every_row_once_in_batches():
     x = np.arange(100, dtype=np.float32)[:, None]
     blocks = iter([(x[i : i + 7], x[i : i + 7, 0]) for i in range(0, 100, 7)])
@@ -241,6 +263,9 @@ def test_parquet_row_groups_stream_in_a_keyed_order(tmp_path, resident):
     p0 = NET.init(jax.random.key(0))
     fitted = jn.fit(NET, p0, source, None, validation=(x[:50], y[:50]), **args())
     assert fitted.history[-1]["val_accuracy"] > 0.7
+    # jaxnet train reads a Parquet file by row group (into memory), its columns by name
+    code = cli.main(["train", "--data", str(tmp_path / "t.parquet"), "--target", "label", "--epochs", "2", "--quiet"])
+    assert code == 0
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(jn.DataError, match="bad.parquet is not a readable Parquet file"):
         jn.Parquet(tmp_path / "bad.parquet", target="label")

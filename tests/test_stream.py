@@ -455,3 +455,22 @@ def test_npy_files_read_rows_with_pread_and_refuse_hostile_headers(tmp_path):
     np.save(tmp_path / "fortran.npy", np.asfortranarray(np.ones((3, 4), np.float32)))
     with pytest.raises(jn.DataError, match="Fortran order"):
         jn.NpyFile(tmp_path / "fortran.npy")
+
+
+@pytest.mark.slow
+def test_an_epoch_on_a_3_gb_npy_folder_stays_under_1_5_gib(tmp_path):
+    """The issue's figure: bench/stream_memory.py writes a 3.1 GB x.npy, trains one epoch on it with
+    jaxnet train --data DIR in a child process, reports the child's peak resident memory, deletes it."""
+    report = tmp_path / "memory.json"
+    script = ROOT / "bench" / "stream_memory.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--dir", str(tmp_path), "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(report.read_text())
+    assert result["x_bytes"] >= 3e9 and result["peak_rss_bytes"] < 1.5 * 2**30, result
+    assert result["summary"]["test_accuracy"] > 0.8  # 10 teacher classes: it learned
+    assert not any(p.name.startswith("jaxnet-stream-") for p in tmp_path.iterdir())  # the data is gone

@@ -538,31 +538,16 @@ def load_features(path, feature_names, target: str | None = None) -> tuple[np.nd
         return x.astype(np.float32), arrays.get("y")
     if suffix != ".csv":
         raise ValueError(f"unsupported data file {os.fspath(path)!r}: use a .csv or .npz file")
-    rows = _read_csv_rows(path)
-    if len(rows) < 2:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            chunks = list(_csv_chunks(f, tuple(feature_names), target, CHUNK_ROWS, name))
+    except OSError as e:
+        raise _file_error(path, e) from None
+    if not chunks:
         raise ValueError(f"empty dataset: {name} has no data rows")
-    header = [h.strip() for h in rows[0][1]]
-    missing = [f for f in feature_names if f not in header]
-    if missing:
-        raise ValueError(
-            f"{name} lacks the model's feature columns {', '.join(map(repr, missing[:5]))}"
-            f"{' ...' if len(missing) > 5 else ''}: the model expects {len(feature_names)} features "
-            f"({', '.join(list(feature_names)[:5])}{' ...' if len(feature_names) > 5 else ''})"
-        )
-    wanted = [header.index(f) for f in feature_names]
-    t = header.index(target) if target in header else None
-    x = np.empty((len(rows) - 1, len(wanted)), np.float64)
-    y = np.empty(len(rows) - 1, np.float64) if t is not None else None
-    for i, (line, row) in enumerate(rows[1:]):
-        if len(row) != len(header):
-            raise ValueError(
-                f"{name} line {line}: ragged row with {len(row)} fields, expected {len(header)} as in the header"
-            )
-        for j, c in enumerate(wanted):
-            x[i, j] = _parse_cell(row[c], f"{name} line {line}, column {header[c]!r}")
-        if t is not None:
-            y[i] = _parse_cell(row[t], f"{name} line {line}, column {header[t]!r}")
-    return x.astype(np.float32), y
+    x = np.concatenate([c[0] for c in chunks])
+    y = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
+    return x, y
 
 
 CHUNK_ROWS = 65536

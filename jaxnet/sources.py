@@ -79,7 +79,25 @@ def _row_spec(x, y) -> RowSpec:
     return RowSpec(tuple(x.shape[1:]), np.dtype(x.dtype), tuple(y.shape[1:]), np.dtype(y.dtype))
 
 
-class RowView:
+class _Rows:
+    """What an array-like of rows offers besides indexing: ``shape`` and ``dtype`` set by the subclass."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class RowView(_Rows):
     """Rows of an array-like, read lazily: ``view[rows]`` gathers (and transforms) only those rows.
 
     Args:
@@ -95,17 +113,6 @@ class RowView:
         self.dtype = np.dtype(dtype if dtype is not None else base.dtype)
         n = len(base) if self.index is None else len(self.index)
         self.shape = (n, *base.shape[1:])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
 
     def __getitem__(self, rows) -> np.ndarray:
         if isinstance(rows, slice):
@@ -398,7 +405,7 @@ def _pyarrow_parquet():
     return pq
 
 
-class NpyFile:
+class NpyFile(_Rows):
     """A ``.npy`` array on disk, read row by row with ``pread``: an array-like for data larger
     than memory. Reading rows costs no more memory than the rows read (the file's pages stay in
     the page cache, outside the process; a memory map would map whole cached folios around every
@@ -438,17 +445,6 @@ class NpyFile:
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
 
     @property
     def row_bytes(self) -> int:

@@ -731,7 +731,7 @@ def load(
             raise ValueError(f"{os.fspath(data)}: a Parquet file needs the name of its target column (target)")
         return load_parquet(data, target, task=task)
     raise ValueError(
-        f"unsupported data file {os.fspath(data)!r}: use a .csv or .npz file, or a folder of x.npy and y.npy"
+        f"unsupported data file {os.fspath(data)!r}: use a .csv, .npz or .parquet file, or a folder of x.npy and y.npy"
     )
 
 

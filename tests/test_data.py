@@ -301,7 +301,7 @@ def test_load_dispatch(tmp_path):
         (dict(data="d.csv"), "needs the name of its target column"),
         (dict(data="d.npz", target="y"), "applies only to CSV"),
         (dict(data="d.parquet"), "a Parquet file needs the name of its target column"),
-        (dict(data="d.feather"), "unsupported data file 'd.feather': use a .csv or .npz file"),
+        (dict(data="d.feather"), "unsupported data file 'd.feather': use a .csv, .npz or .parquet file"),
         (dict(dataset="xor", task="regression"), "'xor' is a classification dataset"),
         (dict(dataset="xor", task="ranking"), "unknown task 'ranking'"),
     ],

@@ -84,6 +84,9 @@ _EXPORTS = {
     "mean_squared_error": "losses",
     "sigmoid_binary_cross_entropy": "losses",
     "softmax_cross_entropy": "losses",
+    "Metric": "metrics",
+    "get_metric": "metrics",
+    "top_k_accuracy": "metrics",
     "best_member": "members",
     "check_memory": "members",
     "estimate_member_bytes": "members",
@@ -191,6 +194,9 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.members import memory_limit as memory_limit
     from jaxnet.members import set_hyperparams as set_hyperparams
     from jaxnet.members import take_member as take_member
+    from jaxnet.metrics import Metric as Metric
+    from jaxnet.metrics import get_metric as get_metric
+    from jaxnet.metrics import top_k_accuracy as top_k_accuracy
     from jaxnet.parallel import batch_sharding as batch_sharding
     from jaxnet.parallel import check_batch_size as check_batch_size
     from jaxnet.parallel import global_rows as global_rows

@@ -308,26 +308,32 @@ def run_epoch(chunks_for: Callable, program: Callable, put: Callable, train, pos
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _example_sums(model, spec: LossSpec, params, model_state, x, y, w) -> dict:
-    """Weighted sums over one batch: ``loss``, ``accuracy`` (with a metric) and ``weight``."""
+def _example_sums(model, spec: LossSpec, metrics: tuple, params, model_state, x, y, w) -> dict:
+    """Weighted sums over one batch: ``loss``, ``accuracy`` (with a metric), ``weight``, and each
+    named metric's state (:mod:`jaxnet.metrics`) under ``"metric:<name>"``."""
     predictions, _ = apply_batch(model, params, model_state, x, weight=w)
     sums = {"loss": jnp.sum(w * jax.vmap(spec.fn)(predictions, y).astype(jnp.float32)), "weight": jnp.sum(w)}
     if spec.metric is not None:
         sums["accuracy"] = jnp.sum(w * jax.vmap(spec.metric)(predictions, y).astype(jnp.float32))
+    outputs = predictions.shape[-1] if predictions.ndim > 1 else 1
+    for m in metrics:
+        sums[f"metric:{m.name}"] = m.update(m.zeros(outputs), predictions, y, w)
     return sums
 
 
-def make_eval_chunk(model, spec: LossSpec, *, gather: bool) -> Callable:
+def make_eval_chunk(model, spec: LossSpec, *, gather: bool, metrics: tuple = ()) -> Callable:
     """``(params, model_state, xs, ys, ws) -> sums`` over stacked batches, or with ``gather``
     ``(params, model_state, x, y, index, weight) -> sums`` over the rows of resident arrays."""
 
     def run(params, model_state, batch_of, scanned):
-        def one(total, item):
-            x, y, w = batch_of(item)
-            sums = _example_sums(model, spec, params, model_state, x, y, w)
-            return jax.tree.map(jnp.add, total, sums), None
+        def batch_sums(item):
+            return _example_sums(model, spec, metrics, params, model_state, *batch_of(item))
 
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: _example_sums_shape(spec)))
+        def one(total, item):
+            return jax.tree.map(jnp.add, total, batch_sums(item)), None
+
+        first = jax.tree.map(lambda a: a[0], scanned)
+        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(batch_sums, first))
         return jax.lax.scan(one, zero, scanned)[0]
 
     if gather:
@@ -343,16 +349,20 @@ def make_eval_chunk(model, spec: LossSpec, *, gather: bool) -> Callable:
     return stacked
 
 
-def _example_sums_shape(spec: LossSpec) -> dict:
-    names = ("loss", "weight", "accuracy") if spec.metric is not None else ("loss", "weight")
-    return {name: jnp.zeros((), jnp.float32) for name in names}
-
-
-def means_of(total: dict) -> dict[str, np.ndarray]:
-    """``{"loss", "accuracy"?}``: the weighted means of summed metrics (float64, per member)."""
+def means_of(total: dict, metrics: tuple = ()) -> dict[str, np.ndarray]:
+    """``{"loss", "accuracy"?, <metric names>}`` from summed states: the weighted means, and each
+    metric's result (float64 on the host; per member when the sums have a member axis)."""
     weight = np.asarray(total["weight"], np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {name: np.asarray(v, np.float64) / weight for name, v in total.items() if name != "weight"}
+        out = {
+            name: np.asarray(v, np.float64) / weight
+            for name, v in total.items()
+            if name != "weight" and not name.startswith("metric:")
+        }
+    for m in metrics:
+        state = np.asarray(total[f"metric:{m.name}"], np.float64)
+        out[m.name] = np.asarray(m.result(state) if weight.ndim == 0 else [m.result(s) for s in state])
+    return out
 
 
 def eval_layout(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 from jaxnet import feed, programs, sources
 from jaxnet.forward import AnyModel, apply_batch, check_model
 from jaxnet.losses import LossSpec, PerExample, get_loss
+from jaxnet.metrics import get_metrics
 
 DEFAULT_BATCH = 1024
 
@@ -38,6 +39,7 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH,
     model_state: Any = None,
     chunk_bytes: int = feed.CHUNK_BYTES,
+    metrics=None,
 ) -> dict[str, float]:
     """The weighted mean ``loss`` (and ``accuracy`` for classification losses) over every example.
 
@@ -48,20 +50,22 @@ def evaluate(
       loss: the loss (name, per-example callable or :class:`jaxnet.LossSpec`).
       batch_size: examples per compiled step.
       chunk_bytes: the bytes of a chunk of batches read ahead from a streamed source.
+      metrics: named metrics (:mod:`jaxnet.metrics`: ``"f1"``, ``"top_5_accuracy"``, ``"r2"``, a
+        per-example callable), summed over every batch on the device.
 
     Returns:
-      ``{"loss": float, "accuracy": float?}``.
+      ``{"loss": float, "accuracy": float?, <metric>: float ...}``.
     """
     batch_size = _checked(model, batch_size)
-    spec = get_loss(loss)
+    spec, named = get_loss(loss), get_metrics(metrics)
     source = sources.as_source(x, y, "x")
     if source is None:
         rows = len(x)
-        chunk = feed.make_eval_chunk(model, spec, gather=True)
-        validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t)
+        chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=named)
+        validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t, named)
         return {name: float(v) for name, v in validate(params, model_state).items()}
-    sums = programs.streamed_sums(model, spec, source, batch_size, chunk_bytes)
-    return {name: float(v) for name, v in feed.means_of(sums(params, model_state)).items()}
+    sums = programs.streamed_sums(model, spec, source, batch_size, chunk_bytes, named)
+    return {name: float(v) for name, v in feed.means_of(sums(params, model_state), named).items()}
 
 
 def _blocks(x, batch_size: int) -> Iterator[np.ndarray]:

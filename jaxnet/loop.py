@@ -26,6 +26,7 @@ from jaxnet.feed import CHUNK_BYTES
 from jaxnet.forward import AnyModel, check_model, is_stateful
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
+from jaxnet.metrics import get_metrics
 from jaxnet.step import init_state, skip_nonfinite_updates
 
 Record = dict[str, Any]
@@ -394,6 +395,7 @@ def fit(
     chunk_bytes: int = CHUNK_BYTES,
     shuffle_buffer: int = 0,
     eval_batch_size: int | None = None,
+    metrics=None,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -448,6 +450,9 @@ def fit(
       shuffle_buffer: sequential sources (iterables, Grain iterators): shuffle rows through a
         buffer of this many (0: their own order); indexed sources are shuffled globally by index.
       eval_batch_size: validation batch (default ``max(batch_size, 1024)``, at most the rows).
+      metrics: named metrics of the validation data each epoch (:mod:`jaxnet.metrics`: e.g.
+        ``["f1", "precision", "recall", "top_5_accuracy"]``, or per-example callables), recorded
+        as ``val_<name>``; summed over every batch on the device.
 
     Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
     (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),
@@ -494,7 +499,10 @@ def fit(
         chunk_bytes=checks.integer("chunk_bytes", chunk_bytes),
         shuffle_buffer=checks.integer("shuffle_buffer", shuffle_buffer, minimum=0),
         eval_batch_size=checks.optional_integer("eval_batch_size", eval_batch_size),
+        metrics=get_metrics(metrics),
     )
+    if options["metrics"] and data.validation is None:
+        raise ValueError("metrics are computed on the validation data: give validation=(x_val, y_val)")
     if resume.position is not None and options["chunk_steps"] is None and isinstance(data.train, tuple):
         raise ValueError(
             "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "

@@ -134,7 +134,7 @@ def eval_batch_size(given: int | None, batch_size: int, rows: int | None) -> int
     return max(1, min(size, rows)) if rows else size
 
 
-def resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | None, place) -> Callable:
+def resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | None, place, metrics=()) -> Callable:
     """``validate(params, model_state) -> {"loss", "accuracy"?}`` over resident ``x``, ``y`` in one
     call: a scan over batches of ``batch_size`` that gather their rows (per member with ``members``)."""
     index, weight = place(feed.eval_layout(x.shape[0], batch_size))
@@ -144,15 +144,15 @@ def resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | No
     program = jax.jit(program)
 
     def validate(params, model_state):
-        return feed.means_of(jax.device_get(program(params, model_state, x, y, index, weight)))
+        return feed.means_of(jax.device_get(program(params, model_state, x, y, index, weight)), metrics)
 
     return validate
 
 
-def streamed_sums(model, spec, source, batch_size: int, chunk_bytes: int, put=jax.device_put):
+def streamed_sums(model, spec, source, batch_size: int, chunk_bytes: int, metrics=(), put=jax.device_put):
     """``sums(params, model_state) -> {"loss", "weight", "accuracy"?}``: one pass over ``source``
     in chunks (read ahead in the background), summed on the host in float64."""
-    run = jax.jit(feed.make_eval_chunk(model, spec, gather=False))
+    run = jax.jit(feed.make_eval_chunk(model, spec, gather=False, metrics=metrics))
     spec_rows = source.spec if source.kind == "indexed" else source.first_spec()
     steps = feed.chunk_steps(spec_rows, batch_size, chunk_bytes)
 
@@ -195,15 +195,16 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
         resident = isinstance(data.validation, tuple)
         rows = data.validation[0].shape[0] if resident else getattr(data.validation, "num_rows", None)
         b = eval_batch_size(options["eval_batch_size"], options["batch_size"], rows)
-        chunk = feed.make_eval_chunk(model, spec, gather=resident)
+        metrics = options["metrics"]
+        chunk = feed.make_eval_chunk(model, spec, gather=resident, metrics=metrics)
         if resident:
-            validate = resident_validation(chunk, *place(data.validation), b, members, place)
+            validate = resident_validation(chunk, *place(data.validation), b, members, place, metrics)
         else:
             if members is not None:
                 raise ValueError("validation: member runs validate on resident arrays: load them into memory")
-            sums = streamed_sums(model, spec, data.validation, b, options["chunk_bytes"])
+            sums = streamed_sums(model, spec, data.validation, b, options["chunk_bytes"], metrics)
 
             def validate(params, model_state):
-                return feed.means_of(sums(params, model_state))
+                return feed.means_of(sums(params, model_state), metrics)
 
     return Programs(train_epoch, validate, place, steps)

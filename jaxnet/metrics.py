@@ -1,0 +1,188 @@
+"""Named metrics accumulated on the device: sums over batches, exact over the whole set.
+
+A :class:`Metric` keeps a small state of weighted sums (a confusion matrix for precision, recall
+and F1) that ``update`` adds a batch to and ``result`` turns into the figure, on the host in
+float64. Batched evaluation (:func:`jaxnet.evaluate`, ``fit``'s validation) sums the states over
+every batch of the data, so a macro F1 is the F1 of the whole set's confusion matrix, not a mean of
+per-batch figures.
+
+Names: ``accuracy``, ``top_k_accuracy`` (``top_5_accuracy`` etc.), ``cross_entropy``,
+``precision``, ``recall``, ``f1`` (macro averages over the classes present in the targets or the
+predictions, as scikit-learn's ``average="macro"``), ``mse``, ``mae``, ``r2``; or any per-example
+callable ``(prediction, target) -> scalar``, reported as its weighted mean under its ``__name__``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+class Metric(NamedTuple):
+    """A metric as sums: ``zeros(outputs) -> state``, ``update(state, predictions: (b, out),
+    targets: (b, ...), weights: (b,)) -> state`` and ``result(state) -> float`` (numpy state)."""
+
+    name: str
+    zeros: Callable[[int], Any]
+    update: Callable[..., Any]
+    result: Callable[[Any], float]
+
+
+def _ratio(top, bottom) -> float:
+    bottom = float(bottom)
+    return float(top) / bottom if bottom else float("nan")
+
+
+def _mean_metric(name: str, per_example: Callable) -> Metric:
+    """The weighted mean of a per-example function."""
+
+    def update(state, predictions, targets, weights):
+        values = jax.vmap(per_example)(predictions, targets).astype(jnp.float32)
+        values = values.reshape(values.shape[0], -1).mean(axis=1)
+        return state + jnp.stack([jnp.sum(weights * values), jnp.sum(weights)])
+
+    return Metric(name, lambda outputs: jnp.zeros(2, jnp.float32), update, lambda s: _ratio(s[0], s[1]))
+
+
+def top_k_accuracy(k: int) -> Metric:
+    """1 when the label is among the ``k`` largest logits."""
+
+    def one(logits, label):
+        return jnp.sum((jax.lax.top_k(logits, k)[1] == label).astype(jnp.float32))
+
+    return _mean_metric(f"top_{k}_accuracy", one)
+
+
+def _confusion(name: str, reduce: Callable[[np.ndarray], float]) -> Metric:
+    """A metric of the weighted confusion matrix ``(classes, classes)``: rows true, columns predicted."""
+
+    def update(state, logits, labels, weights):
+        classes = state.shape[0]
+        predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), classes, dtype=jnp.float32)
+        true = jax.nn.one_hot(labels, classes, dtype=jnp.float32) * weights[:, None]
+        return state + true.T @ predicted
+
+    return Metric(name, lambda outputs: jnp.zeros((outputs, outputs), jnp.float32), update, reduce)
+
+
+def _per_class(matrix: np.ndarray):
+    matrix = np.asarray(matrix, np.float64)
+    tp = np.diag(matrix)
+    true, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
+    present = (true + predicted) > 0  # scikit-learn's labels: those in the targets or the predictions
+    return tp, true, predicted, present
+
+
+def _macro(values: np.ndarray, present: np.ndarray) -> float:
+    return float(np.mean(values[present])) if present.any() else float("nan")
+
+
+def _precision(matrix) -> float:
+    tp, _, predicted, present = _per_class(matrix)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _macro(np.where(predicted > 0, tp / predicted, 0.0), present)  # zero_division=0
+
+
+def _recall(matrix) -> float:
+    tp, true, _, present = _per_class(matrix)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _macro(np.where(true > 0, tp / true, 0.0), present)
+
+
+def _f1(matrix) -> float:
+    tp, true, predicted, present = _per_class(matrix)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _macro(np.where(true + predicted > 0, 2 * tp / (true + predicted), 0.0), present)
+
+
+def _errors(name: str) -> Metric:
+    """MSE or MAE over every output of every example (weighted by example)."""
+
+    def update(state, predictions, targets, weights):
+        error = (predictions - jnp.reshape(targets, predictions.shape)).astype(jnp.float32)
+        error = jnp.square(error) if name == "mse" else jnp.abs(error)
+        per_example = error.reshape(error.shape[0], -1)
+        return state + jnp.stack([jnp.sum(weights * per_example.sum(axis=1)), jnp.sum(weights) * per_example.shape[1]])
+
+    return Metric(name, lambda outputs: jnp.zeros(2, jnp.float32), update, lambda s: _ratio(s[0], s[1]))
+
+
+def _r2_update(state, predictions, targets, weights):
+    targets = jnp.reshape(targets, predictions.shape).astype(jnp.float32)
+    t = targets.reshape(targets.shape[0], -1)
+    e = (predictions.reshape(t.shape) - t).astype(jnp.float32)
+    w = weights[:, None]
+    sums = jnp.stack(
+        [jnp.sum(w * jnp.ones_like(t), 0), jnp.sum(w * t, 0), jnp.sum(w * t * t, 0), jnp.sum(w * e * e, 0)]
+    )
+    return state + sums
+
+
+def _r2_result(state) -> float:
+    """R² per output from the sums, averaged over the outputs with any spread (as ``jaxnet.saved``)."""
+    w, t, tt, ee = np.asarray(state, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spread = tt - t * t / w
+        r2 = np.where(spread > 0, 1.0 - ee / spread, np.nan)
+    return float(np.mean(r2))
+
+
+def _r2() -> Metric:
+    return Metric("r2", lambda outputs: jnp.zeros((4, outputs), jnp.float32), _r2_update, _r2_result)
+
+
+def _cross_entropy(logits, label):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, label)
+
+
+def _accuracy(logits, label):
+    return (jnp.argmax(logits, axis=-1) == label).astype(jnp.float32)
+
+
+BUILT_IN: dict[str, Callable[[], Metric]] = {
+    "accuracy": lambda: _mean_metric("accuracy", _accuracy),
+    "cross_entropy": lambda: _mean_metric("cross_entropy", _cross_entropy),
+    "precision": lambda: _confusion("precision", _precision),
+    "recall": lambda: _confusion("recall", _recall),
+    "f1": lambda: _confusion("f1", _f1),
+    "mse": lambda: _errors("mse"),
+    "mae": lambda: _errors("mae"),
+    "r2": _r2,
+}
+"""The metrics by name (``top_k_accuracy`` takes its k from the name: ``top_5_accuracy``)."""
+
+
+def get_metric(metric: str | Callable | Metric) -> Metric:
+    """A :class:`Metric` from a name, a per-example callable or a Metric."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        top = re.fullmatch(r"top_(\d+)_accuracy", metric)
+        if top:
+            return top_k_accuracy(int(top.group(1)))
+        if metric in BUILT_IN:
+            return BUILT_IN[metric]()
+        names = ", ".join([*BUILT_IN, "top_k_accuracy (e.g. top_5_accuracy)"])
+        raise ValueError(f"unknown metric {metric!r}: use one of {names}, or a callable (prediction, target)")
+    if callable(metric):
+        return _mean_metric(getattr(metric, "__name__", "metric"), metric)
+    raise TypeError(f"metrics: expected names or callables, got {metric!r}")
+
+
+def get_metrics(metrics: Sequence | None) -> tuple[Metric, ...]:
+    """The metrics of a ``metrics=`` argument, checked for duplicate names."""
+    if metrics is None:
+        return ()
+    if isinstance(metrics, (str, Metric)) or callable(metrics):
+        raise TypeError("metrics must be a list of names or callables, e.g. metrics=['f1']")
+    found = tuple(get_metric(m) for m in metrics)
+    names = [m.name for m in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"metrics: the names {names} repeat; give each metric once")
+    return found

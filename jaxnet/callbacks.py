@@ -155,19 +155,27 @@ def _progress_fields(record: Record) -> dict[str, str]:
     return fields
 
 
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (where tqdm.auto draws a notebook widget)."""
+    shell = sys.modules.get("IPython")
+    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
 class Progress:
     """Per-epoch progress on ``stream``: a tqdm bar on a terminal, one plain line per epoch otherwise.
 
     Args:
       total: the number of epochs of the run.
       stream: where to write (default stderr).
-      bar: True for a tqdm bar, False for lines, None for a bar only when ``stream`` is a terminal.
+      bar: True for a tqdm bar, False for lines, None for a bar only when ``stream`` is a terminal
+        or the code runs in a Jupyter notebook (tqdm's notebook widget).
     """
 
     def __init__(self, total: int, stream: TextIO | None = None, bar: bool | None = None):
         self.stream = stream or sys.stderr
         self.bar = None
-        if bar or (bar is None and self.stream.isatty()):
+        if bar or (bar is None and (self.stream.isatty() or _in_notebook())):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="epoch", file=self.stream, dynamic_ncols=True)

@@ -24,6 +24,7 @@ FLAGS = {
     "every": "--checkpoint-every",
     "every_steps": "--checkpoint-steps",
     "chunk_steps": "--checkpoint-steps",
+    "log": "--log",
 }
 """Python argument names whose flag is not ``--`` + the name with dashes."""
 
@@ -191,6 +192,12 @@ def _add_output_options(o) -> None:
         metavar="DIR",
         help="continue the run in DIR (an earlier --out) from its newest checkpoint",
     )
+    o.add_argument(
+        "--log",
+        metavar="NAMES",
+        help="also log to tensorboard, mlflow and/or csv (comma-separated), under --out DIR "
+        "(MLflow: into MLFLOW_TRACKING_URI, else DIR/mlflow.db)",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress (errors and continuation notices still show)")
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures on stdout")
 
@@ -270,6 +277,7 @@ def _check_train_args(args) -> None:
     for name, value in (
         ("--checkpoint-every N", args.checkpoint_every),
         ("--checkpoint-steps N", args.checkpoint_steps),
+        ("--log NAMES", args.log),
         ("--keep K", args.keep),
         ("--overwrite", args.overwrite or None),
     ):
@@ -302,10 +310,16 @@ def _cmd_train(args) -> int:
         mesh=mesh,
         checkpoint_every=args.checkpoint_every,
         checkpoint_steps=args.checkpoint_steps,
+        log=args.log,
         keep=args.keep,
         notify=notify,
     )
     _quiet_orbax_unraisables()
+    if args.log:  # MLflow and its database migrations announce themselves at INFO on stderr
+        import logging
+
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     with interrupt, _stdout_to_stderr(args.json), _closing(progress):
         if args.resume:
             overrides = {k: v for k, v in given.items() if k != "epochs"}

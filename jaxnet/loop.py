@@ -396,6 +396,7 @@ def fit(
     shuffle_buffer: int = 0,
     eval_batch_size: int | None = None,
     metrics=None,
+    verbose: bool | str = False,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -453,6 +454,8 @@ def fit(
       metrics: named metrics of the validation data each epoch (:mod:`jaxnet.metrics`: e.g.
         ``["f1", "precision", "recall", "top_5_accuracy"]``, or per-example callables), recorded
         as ``val_<name>``; summed over every batch on the device.
+      verbose: False (the default) prints nothing; True shows progress on stderr, a tqdm bar on a
+        terminal or in a notebook and one line per epoch otherwise; ``"bar"`` or ``"lines"`` choose.
 
     Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
     (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),
@@ -512,8 +515,20 @@ def fit(
     # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.
     train = compiled.place(resume.train)
     state = resume._replace(train=train if fresh else _copy_tree(train))
-    setup = _Setup(compiled, epochs, patience, monitor, skip_nonfinite, members, tuple(callbacks))
+    callbacks = (*callbacks, *_progress(verbose, epochs))
+    setup = _Setup(compiled, epochs, patience, monitor, skip_nonfinite, members, callbacks)
     return _loop(state, setup)
+
+
+def _progress(verbose, epochs: int) -> tuple:
+    """The progress callback that ``verbose`` asks for (none when False)."""
+    if verbose is False or verbose is None:
+        return ()
+    if verbose not in (True, "bar", "lines"):
+        raise ValueError(f"verbose must be False, True, 'bar' or 'lines', got {verbose!r}")
+    from jaxnet.callbacks import Progress  # (callbacks builds on this module)
+
+    return (Progress(epochs, bar=None if verbose is True else verbose == "bar"),)
 
 
 def _resident_bytes(data: programs.Data) -> int:

@@ -302,6 +302,24 @@ def _norms(job: Job) -> dict:
     return {name: np.asarray(v, np.float32).tolist() for name, v in pairs.items()}
 
 
+def _loggers(job: Job, folder: RunFolder, names) -> list:
+    """The run's loggers (``--log``), made in the process that writes (process 0)."""
+    if not names or not parallel.is_primary():
+        return []
+    from jaxnet import loggers
+
+    return loggers.make_loggers(names, folder.path, job.config.to_dict())
+
+
+def _close_loggers(made: list, folder: RunFolder | None, status: str) -> None:
+    for logger in made:
+        if hasattr(logger, "log_artifacts") and folder is not None and status == "FINISHED":
+            names = (files.MODEL_FILE, "curves.png", "metrics.jsonl", "config.json")
+            logger.log_artifacts([folder.path / name for name in names])
+        if hasattr(logger, "close"):
+            logger.close(status)
+
+
 class Schedule(NamedTuple):
     """When a run checkpoints: every ``every`` epochs, every ``steps`` steps (inside epochs, which
     then run in chunks of that many steps), keeping the newest ``keep``; None: not given."""
@@ -341,11 +359,23 @@ def _execute(
     callbacks: Sequence,
     mesh,
     schedule: Schedule,
+    log=None,
 ) -> RunResult:
     """Trains ``job`` (on from ``state``), writing into ``folder`` when given; returns the result."""
     start = time.perf_counter()
-    primary = parallel.is_primary()
     callbacks = list(callbacks)
+    made = _loggers(job, folder, log) if folder is not None else []
+    try:
+        result = _train_and_write(job, folder, state, callbacks + made, mesh, schedule, start)
+    except BaseException:
+        _close_loggers(made, folder, "FAILED")
+        raise
+    _close_loggers(made, folder, "FINISHED")
+    return result
+
+
+def _train_and_write(job, folder, state, callbacks, mesh, schedule, start) -> RunResult:
+    primary = parallel.is_primary()
     if folder is not None:
         if primary:
             callbacks.append(_MetricsWriter(folder, job))
@@ -391,7 +421,7 @@ def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:
             )
 
 
-def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule, notify) -> RunResult:
+def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule, notify, log=None) -> RunResult:
     """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
     before anything in the folder changes)."""
     job = prepare(config)
@@ -416,7 +446,7 @@ def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule,
     if parallel.is_primary():
         checkpoint.set_aside(folder.checkpoints, restored.state.steps)
         folder.write_config(config.to_dict())
-    return _execute(job, folder, restored.state, callbacks, mesh, schedule)
+    return _execute(job, folder, restored.state, callbacks, mesh, schedule, log)
 
 
 def _where(state: FitState) -> str:
@@ -437,6 +467,7 @@ def run(
     overwrite: bool = False,
     notify: Notify | None = None,
     checkpoint_steps: int | None = None,
+    log=None,
 ) -> RunResult:
     """Runs ``config``: loads data, builds the model, trains every member with :func:`jaxnet.fit`, tests.
 
@@ -465,12 +496,13 @@ def run(
         return _execute(job, None, None, callbacks, mesh, Schedule(steps=checkpoint_steps))
     folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps)
     schedule = Schedule(checkpoint_every, keep, checkpoint_steps)
+    _check_log(log)
     with _owned(folder):
         stored = folder.stored_config()
         if stored is not None and _holds_training(folder) and not overwrite:
             _check_same_run(folder, TrainConfig.from_dict(stored), config)
             if checkpoint.steps(folder.checkpoints):
-                return _continue(folder, config, callbacks, mesh, schedule, notify)
+                return _continue(folder, config, callbacks, mesh, schedule, notify, log)
         elif stored is None and folder.holds_outputs() and not overwrite:
             raise ArgumentError(
                 f"{checks_escape(folder.path)} holds files of a run without its config.json: "
@@ -482,7 +514,16 @@ def run(
         if parallel.is_primary():
             folder.clear()
             folder.write_config(config.to_dict())
-        return _execute(job, folder, None, callbacks, mesh, schedule._replace(keep=3 if keep is None else keep))
+        return _execute(job, folder, None, callbacks, mesh, schedule._replace(keep=3 if keep is None else keep), log)
+
+
+def _check_log(log) -> None:
+    from jaxnet import loggers
+
+    try:
+        loggers.parse(log)
+    except ValueError as e:
+        raise ArgumentError(checks.escape(str(e)).replace("unknown logger", "{0}: unknown logger"), "log") from None
 
 
 def _checked_folder(out, checkpoint_every, keep, checkpoint_steps=None) -> RunFolder:
@@ -535,6 +576,7 @@ def resume(
     notify: Notify | None = None,
     overrides: dict | None = None,
     checkpoint_steps: int | None = None,
+    log=None,
 ) -> RunResult:
     """Continues the run in folder ``out`` from its newest usable checkpoint, with its own config.
 
@@ -557,7 +599,9 @@ def resume(
         configlib.check_overrides(config, overrides or {})
         if epochs is not None:
             config = dataclasses.replace(config, epochs=epochs)
-        return _continue(folder, config, callbacks, mesh, Schedule(checkpoint_every, keep, checkpoint_steps), notify)
+        _check_log(log)
+        schedule = Schedule(checkpoint_every, keep, checkpoint_steps)
+        return _continue(folder, config, callbacks, mesh, schedule, notify, log)
 
 
 def restore(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:

@@ -645,7 +645,7 @@ def _feature_chunks(path: str, feature_names, target, rows):
         return
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
-        arrays = sources.npy_folder(path)
+        arrays = sources.npy_folder(path, need_y=False)
         x = arrays["x"].reshape(len(arrays["x"]), -1)
         for start, block in zip(range(0, len(x), rows), sources.chunks_of(x, rows)):
             y = arrays["y"][start : start + rows] if "y" in arrays else None

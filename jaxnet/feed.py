@@ -139,7 +139,14 @@ def sequential_chunks(source, batch_size: int, steps: int, seed: int, shuffle_bu
             )
         done += 1
     xs, ys = [], []
+    full = start
     for x, y in batches:
+        if len(x) < batch_size and drop_remainder and full == 0:
+            raise sources.DataError(
+                f"{source.name} holds {len(x)} rows, fewer than one batch of {batch_size}, and drop_remainder drops "
+                "them: lower the batch size"
+            )
+        full += len(x) == batch_size
         if len(x) < batch_size:  # the last batch
             if xs:
                 yield Chunk(_stacked(xs, ys), len(xs), False, len(xs) * batch_size)
@@ -289,7 +296,9 @@ def run_epoch(chunks_for: Callable, program: Callable, put: Callable, train, pos
         carry, examples, steps = start_carry(train._replace(key=key)), 0, 0
     else:
         shuffle_key, examples, steps = position.shuffle_key, position.examples, position.steps
-        carry = Carry(train, jnp.asarray(position.total), jnp.asarray(position.finite_steps), jnp.int32(steps))
+        # copies: the carry is donated, and the caller's state (resumable again) must stay valid
+        total, finite = (jnp.array(a, copy=True) for a in (position.total, position.finite_steps))
+        carry = Carry(train, total, finite, jnp.int32(steps))
     chunks, divisor = chunks_for(shuffle_key, steps)
     pending = None
     stream = prefetched(chunks, put)

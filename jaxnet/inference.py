@@ -68,19 +68,28 @@ def evaluate(
     return {name: float(v) for name, v in feed.means_of(sums(params, model_state), named).items()}
 
 
+def _inputs(x, batch_size: int) -> Iterator[np.ndarray]:
+    """The inputs of ``x`` in order, in blocks of any size."""
+    source = x if isinstance(x, (sources.Indexed, sources.GrainMap, sources.Sequential)) else None
+    if source is None:
+        source = sources.as_source(x, None, "x")
+    if source.kind == "indexed":
+        for start in range(0, source.num_rows, batch_size):
+            yield source.read(np.arange(start, min(start + batch_size, source.num_rows)))[0]
+    elif isinstance(source, sources.Parquet):
+        source.shuffle = False  # predictions come in the file's order
+        yield from (block for block, _ in source.blocks(0))
+    else:  # an iterable of input batches, or of (x, y) pairs whose y is ignored
+        yield from (np.asarray(e[0] if isinstance(e, (tuple, list)) else e) for e in source.iterable)
+
+
 def _blocks(x, batch_size: int) -> Iterator[np.ndarray]:
-    """Inputs in blocks of at most ``batch_size`` rows: rows of an array-like, or an iterable's
-    batches (arrays, or ``(x, y)`` pairs whose ``y`` is ignored)."""
+    """Inputs in order, in blocks of exactly ``batch_size`` rows (the last may be shorter)."""
     if hasattr(x, "shape") and hasattr(x, "__getitem__"):
         for start in range(0, len(x), batch_size):
             yield np.asarray(x[start : start + batch_size])
         return
-    source = sources.as_source(x, None, "x") if not isinstance(x, sources.Sequential) else x
-    if source.kind == "indexed":
-        for start in range(0, source.num_rows, batch_size):
-            yield source.read(np.arange(start, min(start + batch_size, source.num_rows)))[0]
-        return
-    for block, _ in sources.batches_of(source.blocks(0), batch_size, 0, 0):
+    for block, _ in sources.batches_of(((b, b) for b in _inputs(x, batch_size)), batch_size, 0, 0):
         yield block
 
 

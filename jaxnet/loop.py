@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import checks, programs, sources
+from jaxnet import checks, programs, progress, sources
 from jaxnet.base import Params, PRNGKey, TrainState
 from jaxnet.feed import CHUNK_BYTES
 from jaxnet.forward import AnyModel, check_model, is_stateful
@@ -504,6 +504,11 @@ def fit(
         eval_batch_size=checks.optional_integer("eval_batch_size", eval_batch_size),
         metrics=get_metrics(metrics),
     )
+    if 0 < options["shuffle_buffer"] < batch_size:
+        raise ValueError(
+            f"shuffle_buffer {shuffle_buffer} is smaller than batch_size {batch_size}: give at least a batch "
+            "(or 0 for the source's own order)"
+        )
     if options["metrics"] and data.validation is None:
         raise ValueError("metrics are computed on the validation data: give validation=(x_val, y_val)")
     if resume.position is not None and options["chunk_steps"] is None and isinstance(data.train, tuple):
@@ -526,9 +531,7 @@ def _progress(verbose, epochs: int) -> tuple:
         return ()
     if verbose not in (True, "bar", "lines"):
         raise ValueError(f"verbose must be False, True, 'bar' or 'lines', got {verbose!r}")
-    from jaxnet.callbacks import Progress  # (callbacks builds on this module)
-
-    return (Progress(epochs, bar=None if verbose is True else verbose == "bar"),)
+    return (progress.Progress(epochs, bar=None if verbose is True else verbose == "bar"),)
 
 
 def _resident_bytes(data: programs.Data) -> int:

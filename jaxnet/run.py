@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import arch as archlib
-from jaxnet import checkpoint, checks, files, parallel, plot, saved, sources
+from jaxnet import checkpoint, checks, files, loggers, parallel, plot, saved, sources
 from jaxnet import config as configlib
 from jaxnet import members as memberlib
 from jaxnet.callbacks import Checkpointer
@@ -306,8 +306,6 @@ def _loggers(job: Job, folder: RunFolder, names) -> list:
     """The run's loggers (``--log``), made in the process that writes (process 0)."""
     if not names or not parallel.is_primary():
         return []
-    from jaxnet import loggers
-
     return loggers.make_loggers(names, folder.path, job.config.to_dict())
 
 
@@ -518,8 +516,6 @@ def run(
 
 
 def _check_log(log) -> None:
-    from jaxnet import loggers
-
     try:
         loggers.parse(log)
     except ValueError as e:

@@ -8,6 +8,8 @@ member is used as it is.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,17 @@ def _stack(tree):
     return jax.tree.map(lambda a: np.asarray(a)[None], tree)
 
 
+@functools.cache
+def _outputs_program(model):
+    """The compiled ``(params, state, x) -> outputs (K, n, out)`` of a model (one per model, so
+    that chunk after chunk reuses it)."""
+
+    def one(p, s, x):
+        return apply_batch(model, p, s, x)[0]
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+
+
 BATCH_ROWS = 4096
 """Rows per compiled call when outputs are computed in batches."""
 
@@ -48,10 +61,7 @@ def member_outputs(model, params, state, x, batch_size: int = BATCH_ROWS) -> np.
     inputs ``(n, d)`` (an array or lazy rows), in eval mode, ``batch_size`` rows per call (the
     last batch padded, so that one program serves every batch)."""
 
-    def one(p, s, x):
-        return apply_batch(model, p, s, x)[0]
-
-    run = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    run = _outputs_program(model)
     n = len(x)
     if n <= batch_size and sources.is_resident(x):
         return np.asarray(run(params, state, np.asarray(x)))

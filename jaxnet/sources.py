@@ -50,10 +50,10 @@ class RowSpec(NamedTuple):
 
 def _mapping(array) -> mmap.mmap | None:
     """The read-only memory map under ``array`` (a ``np.memmap`` or a view of one), if any."""
-    if getattr(array, "mode", None) not in (None, "r"):
-        return None  # copy-on-write or writable maps keep their pages
     base = array
     while base is not None and not isinstance(base, mmap.mmap):
+        if getattr(base, "mode", None) not in (None, "r"):
+            return None  # copy-on-write or writable maps keep their pages
         base = getattr(base, "base", None)
     return base
 
@@ -207,7 +207,9 @@ class Indexed:
         """The examples at ``rows`` (int64), as ``(x: (m, ...), y: (m, ...))`` numpy arrays."""
         try:
             return gather(self.x, rows), gather(self.y, rows)
-        except (OSError, ValueError) as e:
+        except DataError:
+            raise
+        except Exception as e:  # whatever the array-like raised: say where, keep its message
             raise DataError(f"{self.name}: reading {len(rows)} rows failed ({type(e).__name__}: {e})") from None
 
     def release(self) -> None:
@@ -240,7 +242,11 @@ class GrainMap:
         xs = np.empty((len(rows), *self.spec.x_shape), self.spec.x_dtype)
         ys = np.empty((len(rows), *self.spec.y_shape), self.spec.y_dtype)
         for i, r in enumerate(rows):
-            x, y = _pair(self.dataset[int(r)], f"example {int(r)} of {self.name}")
+            try:
+                element = self.dataset[int(r)]
+            except Exception as e:  # the dataset's own failure, named
+                raise DataError(f"reading example {int(r)} of {self.name} failed ({type(e).__name__}: {e})") from None
+            x, y = _pair(element, f"example {int(r)} of {self.name}")
             _check_block(RowSpec(x.shape, x.dtype, y.shape, y.dtype), self.spec, f"example {int(r)} of {self.name}")
             xs[i], ys[i] = x, y
         return xs, ys
@@ -327,7 +333,8 @@ class Parquet(Sequential):
       path: the ``.parquet`` file.
       target: the target column.
       features: the feature columns, in order (default: every other column).
-      task_dtype: ``y``'s dtype (int32 labels or float32 targets).
+      y_dtype: ``y``'s dtype (int32 labels or float32 targets).
+      optional_target: a file without the target column is read for its features (``y`` None).
 
     Each epoch visits the row groups in an order drawn from the epoch's seed and shuffles the
     rows within each group (with ``shuffle=False``, the file's order). Memory holds one group.
@@ -381,7 +388,7 @@ class Parquet(Sequential):
             x, y = self.read_group(int(g))
             if self.shuffle:
                 rows = rng.permutation(len(x))
-                x, y = x[rows], y[rows]
+                x, y = x[rows], (None if y is None else y[rows])
             yield x, y
 
 
@@ -439,12 +446,6 @@ class NpyFile(_Rows):
         size = self.path.stat().st_size
         if size < needed:
             raise DataError(f"{self.path} is truncated: {size} bytes where its header describes {needed}")
-        self._fd = os.open(self.path, os.O_RDONLY)
-
-    def __del__(self):
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
 
     @property
     def row_bytes(self) -> int:
@@ -464,8 +465,12 @@ class NpyFile(_Rows):
         if isinstance(rows, slice):
             start, stop, step = rows.indices(len(self))
             if step == 1:
-                out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
-                self._read_into(out, start)
+                out = aligned_empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    self._read_into(fd, out, start)
+                finally:
+                    os.close(fd)
                 return out
             rows = np.arange(start, stop, step)
         rows = np.asarray(rows, np.int64)
@@ -477,23 +482,27 @@ class NpyFile(_Rows):
         ordered = rows[order]
         buffer = np.empty((len(rows), *self.shape[1:]), self.dtype)
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1  # runs of consecutive rows: one read each
-        for begin, end in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-            self._read_into(buffer[begin:end], int(ordered[begin]))
-        out = np.empty_like(buffer)
+        fd = os.open(self.path, os.O_RDONLY)  # one per read: safe to copy, share between threads, pickle
+        try:
+            for begin, end in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+                self._read_into(fd, buffer[begin:end], int(ordered[begin]))
+        finally:
+            os.close(fd)
+        out = aligned_empty(buffer.shape, buffer.dtype)
         out[order] = buffer
         return out
 
-    def _read_into(self, out: np.ndarray, first_row: int) -> None:
+    def _read_into(self, fd: int, out: np.ndarray, first_row: int) -> None:
         view, done = memoryview(out).cast("B"), 0
         offset = self.offset + first_row * self.row_bytes
         while done < len(view):
-            got = os.preadv(self._fd, [view[done:]], offset + done)
+            got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise DataError(f"{self.path} ended early: it was truncated while being read")
             done += got
 
 
-def npy_folder(path) -> dict[str, NpyFile]:
+def npy_folder(path, need_y: bool = True) -> dict[str, NpyFile]:
     """The arrays of a data folder, on disk: ``x.npy`` and ``y.npy``, optionally ``x_val.npy``
     and ``y_val.npy`` (nothing is read but the headers).
 
@@ -505,14 +514,14 @@ def npy_folder(path) -> dict[str, NpyFile]:
     for name in ("x", "y", "x_val", "y_val"):
         file = path / f"{name}.npy"
         if not file.exists():
-            if name in ("x", "y"):
+            if name == "x" or (name == "y" and need_y):
                 raise DataError(f"{path} has no {file.name}: a data folder holds x.npy and y.npy")
             continue
         arrays[name] = NpyFile(file)
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise DataError(f"{path} has only one of x_val.npy and y_val.npy: give both, or neither")
     for a, b in (("x", "y"), ("x_val", "y_val")):
-        if a in arrays and len(arrays[a]) != len(arrays[b]):
+        if a in arrays and b in arrays and len(arrays[a]) != len(arrays[b]):
             raise DataError(f"{path}: {a}.npy has {len(arrays[a])} rows but {b}.npy has {len(arrays[b])}")
     return arrays
 
@@ -534,8 +543,8 @@ def as_source(x, y=None, name: str = "x") -> Any:
             raise TypeError(f"{name} is a data source, which holds its targets: pass y=None")
         return x
     if y is not None:
-        if is_resident(x) and is_resident(y):
-            return None
+        if all(is_resident(a) or isinstance(a, (list, tuple)) for a in (x, y)):
+            return None  # arrays (or lists of numbers) in memory
         if hasattr(x, "shape") and hasattr(y, "shape") and hasattr(x, "__getitem__"):
             return Indexed(x, y, name)
         raise TypeError(f"{name} and y must be arrays (or {name} an iterable of (x, y) batches with y=None)")

@@ -474,3 +474,76 @@ def test_an_epoch_on_a_3_gb_npy_folder_stays_under_1_5_gib(tmp_path):
     assert result["x_bytes"] >= 3e9 and result["peak_rss_bytes"] < 1.5 * 2**30, result
     assert result["summary"]["test_accuracy"] > 0.8  # 10 teacher classes: it learned
     assert not any(p.name.startswith("jaxnet-stream-") for p in tmp_path.iterdir())  # the data is gone
+
+
+def test_review_findings_stay_fixed(data, tmp_path):
+    d, x, y = data
+    p0 = NET.init(jax.random.key(0))
+    # no checkpoint inside an epoch once its loss went non-finite: the newest stays a good one
+    bad = x.copy()
+    bad[150] = np.nan
+    saver = Checkpointer(tmp_path / "nan", every_steps=2, keep=3)
+    with pytest.raises(jn.NonFiniteLossError):
+        jn.fit(NET, p0, bad, y, shuffle=False, chunk_steps=2, callbacks=[saver], **args(epochs=1))
+    for entry in checkpoint.entries(tmp_path / "nan"):
+        like = jax.eval_shape(lambda: jn.init_fit_state(p0, optax.adam(1e-2), jax.random.key(1)))
+        state = checkpoint.restore(tmp_path / "nan", like, step=entry.steps).state
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.train.params))
+    # a state stopped inside an epoch resumes twice (the caller's arrays are not donated)
+    stopped = jn.fit(NET, p0, x, y, chunk_steps=4, callbacks=[StopAt(5)], **args())
+    once, twice = (jn.fit(NET, None, x, y, chunk_steps=4, resume=stopped, **args()) for _ in range(2))
+    assert leaves_equal(once.train.params, twice.train.params)
+    # lists of numbers are arrays; a shuffle buffer below a batch is refused by name
+    jn.fit(NET, p0, x.tolist(), y.tolist(), **args(epochs=1))
+    with pytest.raises(ValueError, match="shuffle_buffer 8 is smaller than batch_size 16"):
+        jn.fit(NET, p0, [(x, y)], None, shuffle_buffer=8, **args())
+    # too few rows for one batch with drop_remainder: an error, not epochs of nothing
+    with pytest.raises(jn.DataError, match="fewer than one batch of 16, and drop_remainder"):
+        jn.fit(NET, p0, [(x[:10], y[:10])], None, drop_remainder=True, **args())
+
+    class Failing:
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, rows):
+            raise RuntimeError("backend down")
+
+        shape, dtype = (5, 6), np.dtype(np.float32)
+
+    with pytest.raises(jn.DataError, match=r"reading 4 rows failed \(RuntimeError: backend down\)"):
+        jn.Indexed(Failing(), np.zeros(5)).read(np.arange(4))
+    # predictions keep the data's order, from iterables of plain arrays too
+    params = NET.init(jax.random.key(0))
+    outputs = jn.predict(NET, params, x)
+    np.testing.assert_allclose(jn.predict(NET, params, [x[:50], x[50:]], batch_size=32), outputs, rtol=1e-5, atol=1e-6)
+    # a copy-on-write memory map keeps its private edits
+    cow = np.load(d / "x.npy", mmap_mode="c")
+    cow[:] = 7.0
+    jn.Indexed(np.asarray(cow), y).read(np.arange(3))
+    assert float(cow[-1, 0]) == 7.0
+    # an NpyFile can be copied and dropped without touching the original
+    import copy
+
+    f = jn.NpyFile(d / "x.npy")
+    g = copy.copy(f)
+    del g
+    np.testing.assert_array_equal(f[np.array([2, 1])], x[[2, 1]])
+
+
+def test_parquet_predictions_come_in_file_order_and_folders_predict_without_y(tmp_path, data, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    d, x, y = data
+    pq.write_table(pa.table({f"f{j}": x[:, j] for j in range(6)}), tmp_path / "nolabel.parquet", row_group_size=40)
+    params = NET.init(jax.random.key(0))
+    source = jn.Parquet(tmp_path / "nolabel.parquet", target="label", optional_target=True)
+    np.testing.assert_allclose(jn.predict(NET, params, source), jn.predict(NET, params, x), rtol=1e-5, atol=1e-6)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(d), "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    only_x = tmp_path / "onlyx"
+    only_x.mkdir()
+    np.save(only_x / "x.npy", x)
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(out), "--data", str(only_x)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(x) + 1

@@ -184,17 +184,20 @@ class Entry(NamedTuple):
 def entries(directory: str | os.PathLike) -> list[Entry]:
     """What each complete checkpoint in ``directory`` holds (from its metadata), oldest first;
     an unreadable one is left out."""
-    found = []
-    for step in steps(directory):
-        manager = _manager(directory)
-        try:
-            meta = _read_meta(manager, step)
-        except Exception:  # damaged or foreign: restore() reports those
-            continue
-        finally:
-            manager.close()
-        position = meta.get("position")
-        found.append(Entry(step, int(meta["epoch"]), None if position is None else int(position["steps"])))
+    found, names = [], steps(directory)
+    if not names:
+        return found
+    manager = _manager(directory)
+    try:
+        for step in names:
+            try:
+                meta = _read_meta(manager, step)
+            except Exception:  # damaged or foreign: restore() reports those
+                continue
+            position = meta.get("position")
+            found.append(Entry(step, int(meta["epoch"]), None if position is None else int(position["steps"])))
+    finally:
+        manager.close()
     return found
 
 

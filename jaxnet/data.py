@@ -649,7 +649,7 @@ def _feature_chunks(path: str, feature_names, target, rows):
         x = arrays["x"].reshape(len(arrays["x"]), -1)
         for start, block in zip(range(0, len(x), rows), sources.chunks_of(x, rows)):
             y = arrays["y"][start : start + rows] if "y" in arrays else None
-            yield _checked_features(block, name), (None if y is None else np.asarray(y))
+            yield _checked_features(block, name, start), (None if y is None else np.asarray(y))
         return
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".parquet":
@@ -671,10 +671,15 @@ def _feature_chunks(path: str, feature_names, target, rows):
         raise _file_error(path, e) from None
 
 
-def _checked_features(block: np.ndarray, name: str) -> np.ndarray:
+def _checked_features(block: np.ndarray, name: str, first_row: int = 0) -> np.ndarray:
+    """``block`` as float32, refused (naming the row and column) if a value is not finite in float32."""
     bad = np.argwhere(~_finite32(block))
     if bad.size:
-        raise ValueError(f"{name}: x has a value that is not finite (NaN, inf or beyond float32 range)")
+        row, *col = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{name}: row {first_row + row}{f', column {col[0]}' if col else ''} is "
+            f"{block[tuple(bad[0])].item()!r}: NaN, inf and values beyond float32 range are not allowed"
+        )
     return block.astype(np.float32)
 
 
@@ -739,13 +744,7 @@ def _check_finite_rows(x, name: str) -> None:
     """One pass over lazy rows in chunks: refuses NaN, inf and values beyond float32 range."""
     chunk = sources.block_rows(x)
     for start, block in zip(range(0, len(x), chunk), sources.chunks_of(x, chunk)):
-        bad = np.argwhere(~_finite32(block))
-        if bad.size:
-            row, *col = (int(i) for i in bad[0])
-            raise ValueError(
-                f"{name}: row {start + row}{f', column {col[0]}' if col else ''} is "
-                f"{block[tuple(bad[0])].item()!r}: NaN, inf and values beyond float32 range are not allowed"
-            )
+        _checked_features(block, name, start)
 
 
 def _folder_part(x, y, task, name: str, classes: int | None = None) -> Dataset:
@@ -905,14 +904,23 @@ def fit_standardizer(x: np.ndarray) -> Standardizer:
     """
     if len(x.shape) != 2 or x.shape[0] == 0:
         raise ValueError(f"fit_standardizer needs (examples, features) with at least one example, got shape {x.shape}")
-    if sources.is_resident(x):
-        x = np.asarray(x, np.float64)
-        mean, std = x.mean(axis=0), x.std(axis=0)
-    else:
-        mean, std = _moments(sources.chunks_of(x))
+    return _standardizer(*_column_moments(x))
+
+
+def _standardizer(mean: np.ndarray, std: np.ndarray) -> Standardizer:
+    """The float32 Standardizer of moments, a (near-)constant column's std set to 1."""
     tiny = np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))
     std = np.where(std > tiny, std, 1.0)
     return Standardizer(mean.astype(np.float32), std.astype(np.float32))
+
+
+def _column_moments(x, reshape=None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per column of ``x`` (viewed as ``reshape``): at once in memory, by blocks for lazy rows."""
+    if sources.is_resident(x):
+        values = np.asarray(x, np.float64)
+        values = values if reshape is None else values.reshape(reshape)
+        return values.mean(axis=0), values.std(axis=0)
+    return _moments(sources.chunks_of(x), reshape)
 
 
 def _moments(blocks, reshape=None) -> tuple[np.ndarray, np.ndarray]:
@@ -957,13 +965,7 @@ def fit_channel_standardizer(x: np.ndarray, channels: int) -> Standardizer:
     all of the channel's pixels, spread to ``(d,)`` vectors. Images keep their relative
     intensities: a per-pixel std would blow up the pixels that are nearly always blank."""
     repeats = x.shape[1] // channels
-    if not sources.is_resident(x):
-        mean, std = _moments(sources.chunks_of(x), reshape=(-1, channels))
-        tiny = np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))
-        std = np.where(std > tiny, std, 1.0)
-        return Standardizer(np.tile(mean, repeats).astype(np.float32), np.tile(std, repeats).astype(np.float32))
-    pixels = np.asarray(x, np.float64).reshape(-1, channels)
-    per_channel = fit_standardizer(pixels)
+    per_channel = _standardizer(*_column_moments(x, (-1, channels)))
     return Standardizer(np.tile(per_channel.mean, repeats), np.tile(per_channel.std, repeats))
 
 

@@ -3,13 +3,13 @@
 A chunk is S batches stacked, ``(S, b, ...)``, run by one compiled ``lax.scan``
 (:func:`jaxnet.epoch.make_steps`). While the device runs a chunk, a background thread reads,
 stacks and transfers the next (double buffering): the device waits only when the host cannot
-keep up. S comes from a memory budget (:data:`CHUNK_BYTES`, two chunks in flight).
+keep up. S comes from a memory budget (:data:`CHUNK_BYTES`; about three chunks in flight).
 
 Indexed sources are read in the epoch's keyed order (:func:`jaxnet.epoch.epoch_batches`, the
 layout resident data gets); sequential sources in their own order, through
 :func:`jaxnet.sources.batches_of`. In a run of several processes each reads its share of every
-global batch (indexed: its columns of the batch; sequential: its own iterable's local batches),
-and :func:`jax.make_array_from_process_local_data` assembles the global chunk.
+global batch of an indexed source (its columns of the batch), and
+:func:`jax.make_array_from_process_local_data` assembles the global chunk.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from jaxnet.forward import apply_batch
 from jaxnet.losses import LossSpec
 
 CHUNK_BYTES = 32 * 2**20
-"""Default bytes of one chunk of streamed batches (x, y and weights); two are in flight."""
+"""Default bytes of one chunk of streamed batches (x, y and weights); about three are in flight."""
 
 
 # An epoch's batch layout in one compiled call (eagerly, the permutation's ops dispatch one by one).
@@ -118,26 +118,23 @@ def _stacked(xs: list, ys: list) -> tuple:
 
 
 def _padded(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple:
-    real = len(x)
-    pad = batch_size - real
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
-    w = (np.arange(batch_size) < real).astype(np.float32)
-    return x[None], y[None], w[None]
+    """A last, partial batch as a chunk of one step: zero rows appended, weighted 0."""
+    w = (np.arange(batch_size) < len(x)).astype(np.float32)
+    return sources.padded_rows(x, batch_size)[None], sources.padded_rows(y, batch_size)[None], w[None]
 
 
-def sequential_chunks(source, batch_size: int, steps: int, seed: int, shuffle_buffer: int, drop_remainder: bool, start):
+def sequential_chunks(
+    source, batch_size: int, steps: int, seed: int, shuffle: bool, shuffle_buffer: int, drop_remainder: bool, start
+):
     """Chunks of an epoch over a sequential source, ``start`` batches skipped (a resumed epoch);
     full batches in chunks of ``steps``, a last partial batch padded and weighted in its own."""
-    batches = sources.batches_of(source.blocks(seed), batch_size, seed, shuffle_buffer)
-    done = 0
-    for _ in range(start):
+    batches = sources.batches_of(source.blocks(seed, shuffle), batch_size, seed, shuffle_buffer)
+    for done in range(start):
         if next(batches, None) is None:
             raise sources.DataError(
                 f"{source.name} ended after {done} batches, before step {start} where the checkpoint stands: "
                 "a resumed run needs the same data, in the same order"
             )
-        done += 1
     xs, ys = [], []
     full = start
     for x, y in batches:
@@ -247,11 +244,9 @@ def epoch_chunks(source, layout: StreamLayout, shuffle_key, start: int) -> tuple
         padded = len(index) * b > n
         chunks = indexed_chunks(source, index, weight if padded else None, layout.steps, start, layout.share)
         return chunks, (lambda examples: n if padded else len(index))
-    if hasattr(source, "shuffle"):
-        source.shuffle = layout.shuffle
     seed = seed_of(shuffle_key)
     buffer = layout.shuffle_buffer if layout.shuffle else 0
-    chunks = sequential_chunks(source, b, layout.steps, seed, buffer, layout.drop_remainder, start)
+    chunks = sequential_chunks(source, b, layout.steps, seed, layout.shuffle, buffer, layout.drop_remainder, start)
     return chunks, (lambda examples: examples)
 
 
@@ -381,17 +376,13 @@ def eval_layout(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     return (flat % n).reshape(nb, batch_size).astype(np.int32), (flat < n).astype(np.float32).reshape(nb, batch_size)
 
 
-def source_batches(source, batch_size: int, steps: int, share: Share | None = None) -> Iterator[Chunk]:
+def source_batches(source, batch_size: int, steps: int) -> Iterator[Chunk]:
     """Every example of ``source`` once, in order, in weighted chunks (padding weighs 0)."""
-    share = share or Share(0, batch_size, batch_size)
     if source.kind == "indexed":
         index, weight = eval_layout(source.num_rows, batch_size)
-        for chunk in indexed_chunks(source, index, weight, steps, 0, share):
-            yield chunk
+        yield from indexed_chunks(source, index, weight, steps, 0, Share(0, batch_size, batch_size))
         return
-    if hasattr(source, "shuffle"):
-        source.shuffle = False
-    for chunk in sequential_chunks(source, batch_size, steps, 0, 0, False, 0):
+    for chunk in sequential_chunks(source, batch_size, steps, 0, False, 0, False, 0):
         if not chunk.weighted:
             xs, ys = chunk.arrays
             chunk = chunk._replace(arrays=(xs, ys, np.ones(xs.shape[:2], np.float32)), weighted=True)

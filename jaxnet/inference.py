@@ -77,8 +77,7 @@ def _inputs(x, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, source.num_rows, batch_size):
             yield source.read(np.arange(start, min(start + batch_size, source.num_rows)))[0]
     elif isinstance(source, sources.Parquet):
-        source.shuffle = False  # predictions come in the file's order
-        yield from (block for block, _ in source.blocks(0))
+        yield from (block for block, _ in source.blocks(0, shuffle=False))  # the file's order
     else:  # an iterable of input batches, or of (x, y) pairs whose y is ignored
         yield from (np.asarray(e[0] if isinstance(e, (tuple, list)) else e) for e in source.iterable)
 
@@ -102,10 +101,7 @@ def predict_batches(
     run = jax.jit(lambda p, s, xs: apply_batch(model, p, s, xs)[0])
     pending = None  # one batch in flight: the next is read while the device computes
     for block in _blocks(x, batch_size):
-        real = len(block)
-        if real < batch_size:
-            block = np.concatenate([block, np.zeros((batch_size - real, *block.shape[1:]), block.dtype)])
-        current = (run(params, model_state, block), real)
+        current = (run(params, model_state, sources.padded_rows(block, batch_size)), len(block))
         if pending is not None:
             yield np.asarray(pending[0])[: pending[1]]
         pending = current

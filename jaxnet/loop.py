@@ -202,11 +202,10 @@ def _check_data(x, y, validation) -> programs.Data:
     train = _check_pair("x", x, y) if train is None else train
     if validation is None:
         return programs.Data(train, None)
-    if isinstance(validation, tuple) and len(validation) == 2 and all(hasattr(v, "shape") for v in validation):
+    # a pair (x_val, y_val), unless its first element is itself a batch (a list of two batches)
+    if isinstance(validation, (tuple, list)) and len(validation) == 2 and not isinstance(validation[0], tuple):
         source = sources.as_source(*validation, "validation")
         return programs.Data(train, _check_pair("validation", *validation) if source is None else source)
-    if isinstance(validation, (tuple, list)) and len(validation) == 2 and not sources.is_resident(validation[0]):
-        raise TypeError("validation must be a pair (x_val, y_val) of arrays, or a data source")
     return programs.Data(train, sources.as_source(validation, None, "validation"))
 
 

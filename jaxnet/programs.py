@@ -34,7 +34,6 @@ class Programs(NamedTuple):
     train_epoch: Callable
     validate: Callable | None
     place: Callable
-    steps_per_epoch: int | None
 
 
 class Data(NamedTuple):
@@ -62,7 +61,7 @@ def _layout(options: dict, steps: int, mesh) -> feed.StreamLayout:
     )
 
 
-def _resident_epochs(update, options: dict, x, y, members: int | None, jit_options: dict) -> tuple[Callable, int]:
+def _resident_epochs(update, options: dict, x, y, members: int | None, jit_options: dict) -> Callable:
     n, b = x.shape[0], options["batch_size"]
     layout = {k: options[k] for k in ("drop_remainder", "shuffle", "unroll")}
     epoch = make_epoch(update, n, b, **layout)
@@ -77,7 +76,7 @@ def _resident_epochs(update, options: dict, x, y, members: int | None, jit_optio
             train, metrics = whole_epoch(train, x, y)
             return train, dict(metrics, steps=steps), None
 
-        return whole, steps
+        return whole
     if members is not None:
         raise ValueError("chunk_steps: member runs train whole epochs per call: drop chunk_steps")
     padded = steps * b > n
@@ -91,10 +90,10 @@ def _resident_epochs(update, options: dict, x, y, members: int | None, jit_optio
     def chunked(train, position, on_chunk):
         return feed.run_epoch(chunks_for, program, lambda arrays: arrays, train, position, on_chunk)
 
-    return chunked, steps
+    return chunked
 
 
-def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> tuple[Callable, int | None]:
+def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> Callable:
     b = options["batch_size"]
     if source.kind == "indexed":
         if options["drop_remainder"] and b > source.num_rows:
@@ -124,8 +123,7 @@ def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> 
     def streamed(train, position, on_chunk):
         return feed.run_epoch(chunks_for, program, put, train, position, on_chunk)
 
-    per_epoch = num_batches(source.num_rows, b, options["drop_remainder"]) if source.kind == "indexed" else None
-    return streamed, per_epoch
+    return streamed
 
 
 def eval_batch_size(given: int | None, batch_size: int, rows: int | None) -> int:
@@ -182,22 +180,22 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
         jit_options = {"out_shardings": parallel.replicated(mesh)}
     if isinstance(data.train, tuple):
         x, y = place(data.train)
-        train_epoch, steps = _resident_epochs(update, options, x, y, members, jit_options)
+        train_epoch = _resident_epochs(update, options, x, y, members, jit_options)
     else:
         if members is not None:
             raise ValueError(
                 "x: member runs train on resident arrays (each member shuffles them its own way): load the data "
                 "into memory, or train the members one by one"
             )
-        train_epoch, steps = _streamed_epochs(update, options, data.train, mesh, jit_options)
+        train_epoch = _streamed_epochs(update, options, data.train, mesh, jit_options)
     validate = None
     if data.validation is not None:
         resident = isinstance(data.validation, tuple)
         rows = data.validation[0].shape[0] if resident else getattr(data.validation, "num_rows", None)
         b = eval_batch_size(options["eval_batch_size"], options["batch_size"], rows)
         metrics = options["metrics"]
-        chunk = feed.make_eval_chunk(model, spec, gather=resident, metrics=metrics)
         if resident:
+            chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=metrics)
             validate = resident_validation(chunk, *place(data.validation), b, members, place, metrics)
         else:
             if members is not None:
@@ -207,4 +205,4 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
             def validate(params, model_state):
                 return feed.means_of(sums(params, model_state), metrics)
 
-    return Programs(train_epoch, validate, place, steps)
+    return Programs(train_epoch, validate, place)

@@ -434,7 +434,7 @@ def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule,
         raise ArgumentError(
             f"the run in {checks_escape(folder.path)} has trained {epoch + inside} epochs"
             f"{' (the last in part)' if inside else ''}, more than {{0}} {config.epochs}: give {{0}} above "
-            f"{epoch + inside - 1 if inside else epoch} to extend it (or train into another folder)",
+            f"{epoch} to extend it (or train into another folder)",
             "epochs",
         )
     if is_finished(restored.state, epochs=config.epochs, patience=config.patience):

@@ -69,9 +69,7 @@ def member_outputs(model, params, state, x, batch_size: int = BATCH_ROWS) -> np.
     for start in range(0, n, batch_size):
         block = np.asarray(x[start : start + batch_size])
         real = len(block)
-        if real < batch_size and n > batch_size:
-            block = np.concatenate([block, np.zeros((batch_size - real, *block.shape[1:]), block.dtype)])
-        parts.append(np.asarray(run(params, state, block))[:, :real])
+        parts.append(np.asarray(run(params, state, sources.padded_rows(block, batch_size)))[:, :real])
     return np.concatenate(parts, axis=1)
 
 

@@ -63,6 +63,9 @@ def release_pages(*arrays) -> None:
     cache): reading a file larger than memory through a map keeps the process's resident memory
     bounded by what was read since the last release."""
     for a in arrays:
+        if isinstance(a, RowView):
+            a.release()
+            continue
         mapped = _mapping(a)
         if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             mapped.madvise(mmap.MADV_DONTNEED)
@@ -127,8 +130,6 @@ class RowView(_Rows):
 
     def release(self) -> None:
         release_pages(self.base)
-        if isinstance(self.base, RowView):
-            self.base.release()
 
 
 ALIGNMENT = 64
@@ -145,6 +146,13 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return raw[start : start + size].view(dtype).reshape(shape)
 
 
+def padded_rows(block: np.ndarray, rows: int) -> np.ndarray:
+    """``block`` ``(m, ...)`` with zero rows appended up to ``rows`` (unchanged when it has them)."""
+    if len(block) >= rows:
+        return block
+    return np.concatenate([block, np.zeros((rows - len(block), *block.shape[1:]), block.dtype)])
+
+
 GATHER_BLOCK_ROWS = 2048
 """Rows gathered from a memory map between two releases of its pages. The kernel maps the cached
 pages around each one touched (fault-around, 64 KiB), so random rows would otherwise map most of
@@ -154,11 +162,11 @@ a file into the process at once; a block of rows maps at most a few hundred MiB.
 def gather(array, rows: np.ndarray) -> np.ndarray:
     """``array[rows]`` read in increasing row order (sequential on disk), returned in ``rows``'
     order; from a read-only memory map in blocks, its pages released after each."""
-    if isinstance(array, RowView) or len(rows) <= 1:
-        return np.asarray(array[rows])
+    if not isinstance(array, np.ndarray) or len(rows) <= 1:
+        return np.asarray(array[rows])  # lazy rows and NpyFile order their own reads
     out = aligned_empty((len(rows), *array.shape[1:]), array.dtype)
     mapped = _mapping(array) is not None
-    if isinstance(array, np.ndarray) and not mapped:  # in memory: no order to prefer
+    if not mapped:  # in memory: no order to prefer
         return np.take(array, rows, axis=0, out=out)
     order = np.argsort(rows, kind="stable")
     block = GATHER_BLOCK_ROWS if mapped else len(rows)
@@ -186,7 +194,7 @@ def chunks_of(array, rows: int | None = None) -> Iterator[np.ndarray]:
     rows = rows or block_rows(array)
     for start in range(0, len(array), rows):
         yield np.asarray(array[start : start + rows])
-        (array.release() if isinstance(array, RowView) else release_pages(array))
+        release_pages(array)
 
 
 class Indexed:
@@ -213,8 +221,7 @@ class Indexed:
             raise DataError(f"{self.name}: reading {len(rows)} rows failed ({type(e).__name__}: {e})") from None
 
     def release(self) -> None:
-        for a in (self.x, self.y):
-            a.release() if isinstance(a, RowView) else release_pages(a)
+        release_pages(self.x, self.y)
 
 
 def _pair(element, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -285,8 +292,8 @@ class Sequential:
         self.iterable, self.name = iterable, name
         self.spec: RowSpec | None = None
 
-    def blocks(self, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The blocks of one epoch (``seed`` is unused: the iterable has its own order)."""
+    def blocks(self, seed: int, shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The blocks of one epoch (``seed`` and ``shuffle`` are unused: the iterable has its own order)."""
         return self._checked(iter(self.iterable), "batch")
 
     def _checked(self, blocks: Iterator, unit: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -319,7 +326,7 @@ class Sequential:
     def first_spec(self) -> RowSpec:
         """The row spec, from the first block (read once, when not known yet)."""
         if self.spec is None:
-            next(self.blocks(0))
+            next(self.blocks(0, shuffle=False))
         return self.spec
 
     def release(self) -> None:
@@ -337,7 +344,7 @@ class Parquet(Sequential):
       optional_target: a file without the target column is read for its features (``y`` None).
 
     Each epoch visits the row groups in an order drawn from the epoch's seed and shuffles the
-    rows within each group (with ``shuffle=False``, the file's order). Memory holds one group.
+    rows within each group (``blocks(seed, shuffle=False)``: the file's order). Memory holds one group.
     """
 
     def __init__(
@@ -364,7 +371,6 @@ class Parquet(Sequential):
         self.target, self.y_dtype = target, np.dtype(y_dtype)
         self.num_groups = self.file.num_row_groups
         self.num_rows = self.file.metadata.num_rows
-        self.shuffle = True
         self.spec = RowSpec((len(self.features),), np.dtype(np.float32), (), self.y_dtype)
         if self.num_rows == 0:
             raise DataError(f"{self.name} has no rows")
@@ -381,12 +387,12 @@ class Parquet(Sequential):
             raise DataError(f"row group {g} of {self.name} cannot be read ({type(e).__name__}: {e})") from None
         return x, y
 
-    def blocks(self, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def blocks(self, seed: int, shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng(seed)
-        order = rng.permutation(self.num_groups) if self.shuffle else range(self.num_groups)
+        order = rng.permutation(self.num_groups) if shuffle else range(self.num_groups)
         for g in order:
             x, y = self.read_group(int(g))
-            if self.shuffle:
+            if shuffle:
                 rows = rng.permutation(len(x))
                 x, y = x[rows], (None if y is None else y[rows])
             yield x, y

@@ -353,6 +353,8 @@ class Parquet(Sequential):
         pq = _pyarrow_parquet()
         self.path = Path(path)
         self.name = name or self.path.name
+        if not self.path.is_file():
+            raise DataError(f"data file not found: {self.path}")
         try:
             self.file = pq.ParquetFile(self.path)
         except (OSError, ValueError) as e:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import checks
@@ -108,7 +109,26 @@ def _array_tree(state: FitState) -> dict:
             "total": p.total,
             "finite": p.finite_steps,
         }
+        if p.sums is not None:
+            tree["position"]["sums"] = p.sums
     return tree
+
+
+def _where(p: Position) -> dict:
+    """The JSON part of a position: its counts, and the shapes of its metric sums (the template)."""
+    where = {"steps": p.steps, "examples": p.examples}
+    if p.sums is not None:
+        where["sums"] = {name: [list(np.shape(v)), np.asarray(v).dtype.str] for name, v in p.sums.items()}
+    return where
+
+
+def _sums_template(position: dict) -> dict | None:
+    sums = position.get("sums")
+    if sums is None:
+        return None
+    if not isinstance(sums, dict) or not all(isinstance(v, list) and len(v) == 2 for v in sums.values()):
+        raise ValueError("its position's metric sums are malformed")
+    return {name: jnp.zeros(tuple(int(d) for d in shape), np.dtype(dtype)) for name, (shape, dtype) in sums.items()}
 
 
 def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -148,7 +168,7 @@ def save(
         "history": state.history,
         "key_impl": str(jax.random.key_impl(state.train.key)),
         "has_best": state.best_params is not None,
-        "position": None if p is None else {"steps": p.steps, "examples": p.examples},
+        "position": None if p is None else _where(p),
         "metadata": metadata or {},
     }
     meta["checksum"] = _checksum(arrays, meta)
@@ -240,7 +260,7 @@ def _template(like: FitState, has_best: bool, position: dict | None) -> dict:
         inside = None
         if position is not None:
             carry = start_carry(train)
-            inside = Position(train.key, carry.total, carry.finite_steps, 0, 0)
+            inside = Position(train.key, carry.total, carry.finite_steps, 0, 0, _sums_template(position))
         return _array_tree(FitState(train, 0, [], best, 0, best_model_state, inside))
 
     return jax.eval_shape(build, like.train, like.best_params, like.best_model_state)
@@ -291,7 +311,7 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     if meta.get("position") is not None:
         p, where = tree["position"], meta["position"]
         shuffle_key = jax.random.wrap_key_data(p["shuffle_key"], impl=meta["key_impl"])
-        position = Position(shuffle_key, p["total"], p["finite"], int(where["steps"]), int(where["examples"]))
+        position = Position(shuffle_key, p["total"], p["finite"], int(where["steps"]), where["examples"], p.get("sums"))
     state = FitState(
         train,
         meta["epoch"],

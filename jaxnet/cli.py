@@ -70,6 +70,14 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def name_list(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated names, e.g. ``f1,recall`` (checked by the library)."""
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of names (e.g. f1,recall)")
+    return names
+
+
 def number_list(text: str) -> tuple[float, ...]:
     """argparse type: comma-separated numbers, e.g. ``0.001,0.01``."""
     parts = text.split(",")
@@ -159,6 +167,18 @@ def _add_model_options(m) -> None:
         help="skip updates with non-finite gradients instead of stopping",
     )
     m.add_argument("--dtype", help="compute dtype: float32, or bfloat16 (mixed precision, float32 master params)")
+    m.add_argument(
+        "--metrics",
+        type=name_list,
+        metavar="NAMES",
+        help="also record these metrics of training and validation, e.g. f1,precision,recall,top_5_accuracy "
+        "(accuracy, cross_entropy, mse, mae, r2)",
+    )
+    m.add_argument(
+        "--class-weight",
+        metavar="balanced|C:W,...",
+        help="weigh each training example's loss by its class: balanced (n / (classes * count)) or e.g. 0:1,1:5",
+    )
 
 
 def _add_device_options(d) -> None:
@@ -198,6 +218,12 @@ def _add_output_options(o) -> None:
         help="also log to tensorboard, mlflow and/or csv (comma-separated), under --out DIR "
         "(MLflow: into MLFLOW_TRACKING_URI, else DIR/mlflow.db)",
     )
+    o.add_argument(
+        "--log-every-steps",
+        type=integer,
+        metavar="N",
+        help="with --log: also log every N-th step of each epoch (loss, gradient norm, learning rate)",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress (errors and continuation notices still show)")
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures on stdout")
 
@@ -228,6 +254,8 @@ def _given(args) -> dict:
         seeds=args.seeds,
         ensemble=args.ensemble or None,
         skip_nonfinite=args.skip_nonfinite or None,
+        metrics=args.metrics,
+        class_weight=args.class_weight,
         lr=lr[0] if len(lr) == 1 else None,
         lrs=tuple(lr) if len(lr) > 1 else None,
         weight_decay=weight_decay[0] if len(weight_decay) == 1 else None,
@@ -278,6 +306,7 @@ def _check_train_args(args) -> None:
         ("--checkpoint-every N", args.checkpoint_every),
         ("--checkpoint-steps N", args.checkpoint_steps),
         ("--log NAMES", args.log),
+        ("--log-every-steps N", args.log_every_steps),
         ("--keep K", args.keep),
         ("--overwrite", args.overwrite or None),
     ):
@@ -311,6 +340,7 @@ def _cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_steps=args.checkpoint_steps,
         log=args.log,
+        log_steps=args.log_every_steps,
         keep=args.keep,
         notify=notify,
     )

@@ -21,6 +21,8 @@ from jaxnet.data import BUILTINS, TASKS
 from jaxnet.layers import ACTIVATIONS
 from jaxnet.losses import get_loss
 from jaxnet.members import member_grid
+from jaxnet.metrics import get_metrics
+from jaxnet.weights import parse_class_weight
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = ("float32", "bfloat16")
@@ -70,6 +72,10 @@ class TrainConfig:
       ensemble: save every member (predictions average them) instead of the best one.
       skip_nonfinite: skip updates whose loss or gradients are not finite instead of stopping
         (counted in the metrics as ``skipped``).
+      metrics: named metrics (:mod:`jaxnet.metrics`) of each epoch's training steps and of the
+        validation split, recorded as ``train_<name>`` and ``val_<name>``.
+      class_weight: ``"balanced"`` or ``"class:weight,..."`` (e.g. ``"0:1,1:5"``; classes not
+        named weigh 1): each training example's loss weighted by its class's (classification).
     """
 
     dataset: str | None = None
@@ -100,9 +106,11 @@ class TrainConfig:
     weight_decays: tuple[float, ...] = ()
     ensemble: bool = False
     skip_nonfinite: bool = False
+    metrics: tuple[str, ...] = ()
+    class_weight: str | None = None
 
     def __post_init__(self):
-        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels"):
+        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.data is not None:
@@ -238,6 +246,20 @@ def validate(config: TrainConfig) -> None:
             checks.number(name, value, 0.0, strict=strict)
     for name in ("standardize", "ensemble", "skip_nonfinite"):
         checks.boolean(name, getattr(c, name))
+    _validate_weights(c)
+
+
+def _validate_weights(c: TrainConfig) -> None:
+    try:
+        get_metrics(c.metrics)
+    except (ValueError, TypeError) as e:
+        raise ArgumentError(f"{{0}}: {checks.escape(str(e))}", "metrics") from None
+    try:
+        parse_class_weight(c.class_weight)
+    except ValueError as e:
+        raise ArgumentError(f"{{0}}: {checks.escape(str(e))}", "class_weight") from None
+    if c.class_weight is not None and c.task == "regression":
+        raise ArgumentError("{0} weighs classes: it needs a classification task", "class_weight")
 
 
 def hyperparameter_grid(config: TrainConfig) -> dict[str, list[float]]:
@@ -284,12 +306,11 @@ def _factory(name: str, decay: bool):
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer of ``config``. A member run injects its swept hyperparameters
-    (``optax.inject_hyperparams``) so that each member's values are set in its optimizer state."""
+    """The optax optimizer of ``config``, its hyperparameters injected (``optax.inject_hyperparams``):
+    a member run sets each member's values in its optimizer state, and every run's logged steps
+    report the learning rate it applied."""
     grid = hyperparameter_grid(config)
     make = _factory(config.optimizer, decay="weight_decay" in grid)
-    if not is_member_run(config):
-        return make(config.lr, config.weight_decay)
     return optax.inject_hyperparams(make)(**{name: values[0] for name, values in grid.items()})
 
 

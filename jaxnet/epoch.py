@@ -59,10 +59,12 @@ def _float_dtype(tree) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *floats)
 
 
-def _epoch_batches(shuffle_key, x, y, layout):
-    """``(scanned, batch_of)``: what the scan runs over and ``batch_of(i, item) -> batch``."""
+def _epoch_batches(shuffle_key, x, y, layout, sample_weight=None):
+    """``(scanned, batch_of, divisor)``: what the scan runs over, ``batch_of(i, item) -> batch``,
+    and what the epoch's loss total is divided by. ``sample_weight`` ``(n,)`` weighs every batch."""
     num_examples, batch_size, drop_remainder, shuffle, padded = layout
-    if not (shuffle or padded):  # the data's own order: each step slices its batch from x and y
+    nb = num_batches(num_examples, batch_size, drop_remainder)
+    if not (shuffle or padded or sample_weight is not None):  # the data's own order: each step slices x and y
 
         def sliced(i, _):
             return (
@@ -70,17 +72,29 @@ def _epoch_batches(shuffle_key, x, y, layout):
                 jax.lax.dynamic_slice_in_dim(y, i * batch_size, batch_size),
             )
 
-        return None, sliced
+        return None, sliced, nb
     index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder, shuffle)
+    divisor = num_examples if padded else nb
+    if sample_weight is not None:
+        weight = weight * sample_weight[index].astype(weight.dtype)
+        padded, divisor = True, jnp.sum(weight)
     if _row_bytes(x) + _row_bytes(y) >= GATHER_PER_STEP_BYTES:  # each step gathers its rows
 
         def gathered(_, item):
             rows, *w = item
             return (x[rows], y[rows], *w)
 
-        return ((index, weight) if padded else (index,)), gathered
+        return ((index, weight) if padded else (index,)), gathered, divisor
     # one gather of the whole epoch up front (see GATHER_PER_STEP_BYTES)
-    return ((x[index], y[index], weight) if padded else (x[index], y[index])), lambda _, item: item
+    scanned = (x[index], y[index], weight) if padded else (x[index], y[index])
+    return scanned, lambda _, item: item, divisor
+
+
+def outputs_of(update: Update, state: TrainState, x, y) -> int:
+    """The number of outputs the model predicts per example (from shapes only), for metric states."""
+    batch = (jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), jax.ShapeDtypeStruct((1, *y.shape[1:]), y.dtype))
+    shape = jax.eval_shape(lambda s, b: update(s, b)[1]["predictions"], state, batch).shape
+    return shape[-1] if len(shape) > 1 else 1
 
 
 class Carry(NamedTuple):
@@ -93,33 +107,64 @@ class Carry(NamedTuple):
       finite_steps: the number of steps after which ``total`` was still finite: a non-finite loss
         leaves the sum non-finite for the rest of the epoch, so this is the first non-finite step.
       steps: the steps done in this epoch.
+      sums: the states of the epoch's training metrics (:mod:`jaxnet.metrics`) by name, summed
+        over its steps' training-mode predictions (None without metrics).
+      last: the last step's ``loss``, ``grad_norm`` and ``learning_rate`` when steps are logged
+        (None otherwise).
     """
 
     state: TrainState
     total: jax.Array
     finite_steps: jax.Array
     steps: jax.Array
+    sums: dict | None = None
+    last: dict | None = None
 
 
-def start_carry(state: TrainState) -> Carry:
-    """The carry of an epoch's first step (the loss summed in the params' float dtype, at least float32)."""
+def start_carry(state: TrainState, sums: dict | None = None, last: dict | None = None) -> Carry:
+    """The carry of an epoch's first step (the loss summed in the params' float dtype, at least
+    float32), with the metrics' zero ``sums`` and a ``last`` template when asked for."""
     # distinct arrays: a chunked epoch donates the carry, and a buffer cannot be donated twice
     steps = [jnp.zeros((), jnp.int32) for _ in range(2)]
-    return Carry(state, jnp.zeros((), _float_dtype(state.params)), *steps)
+    fresh = (None if tree is None else jax.tree.map(jnp.zeros_like, tree) for tree in (sums, last))
+    return Carry(state, jnp.zeros((), _float_dtype(state.params)), *steps, *fresh)
+
+
+def metric_zeros(metrics: tuple, outputs: int) -> dict | None:
+    """The zero states of ``metrics`` for a model of ``outputs`` outputs (None without metrics)."""
+    return {m.name: m.zeros(outputs) for m in metrics} or None
+
+
+LOGGED = ("loss", "grad_norm", "learning_rate")
+"""What a logged step reports, of what the update returns (``learning_rate`` when it can)."""
 
 
 def epoch_metrics(carry: Carry, divisor) -> dict:
-    """``{"loss", "first_nonfinite"}`` of a finished epoch: ``total / divisor`` (NaN if not finite)."""
+    """``{"loss", "first_nonfinite", "sums"?}`` of a finished epoch: ``total / divisor`` (NaN if
+    not finite) and the training metrics' states."""
     finite = jnp.isfinite(carry.total)
-    return {
+    out = {
         "loss": jnp.where(finite, carry.total / divisor, jnp.nan),
         "first_nonfinite": jnp.where(finite, -1, carry.finite_steps),
     }
+    if carry.sums is not None:
+        out["sums"] = carry.sums
+    return out
 
 
-def _step_body(update: Update, weighted: bool, count: bool) -> Callable[[Carry, tuple], Carry]:
+def _metric_sums(metrics: tuple, sums: dict, predictions, batch, weighted: bool) -> dict:
+    x, y = batch[0], batch[1]
+    w = batch[2] if weighted else jnp.ones((x.shape[0],), jnp.float32)
+    return {m.name: m.update(sums[m.name], predictions, y, w.astype(jnp.float32)) for m in metrics}
+
+
+def _step_body(
+    update: Update, weighted: bool, count: bool, metrics: tuple = (), log: bool = False
+) -> Callable[[Carry, tuple], Carry]:
     """One step: ``(carry, batch) -> carry``. ``weighted`` batches are ``(x, y, w)``; ``count``
     adds each batch's loss times its real examples (``sum(w)``, or the batch size) to the total.
+    ``metrics`` add the step's predictions to the carry's sums; ``log`` keeps its :data:`LOGGED`
+    values in ``carry.last`` (the update must return predictions, and diagnostics, for them).
 
     The epoch's metrics accumulate in the carry (a per-step output buffer would hold members x
     steps losses when vmapped). The step index is carried (XLA merges it with the loop's own
@@ -127,18 +172,31 @@ def _step_body(update: Update, weighted: bool, count: bool) -> Callable[[Carry, 
     """
 
     def body(carry: Carry, batch) -> Carry:
-        state, metrics = update(carry.state, batch)
-        loss = metrics["loss"]
+        state, out = update(carry.state, batch)
+        loss = out["loss"]
         if count:
             loss = loss * (jnp.sum(batch[2]) if weighted else batch[0].shape[0])
         total = carry.total + loss.astype(carry.total.dtype)
         steps = carry.steps + 1
-        return Carry(state, total, jnp.where(jnp.isfinite(total), steps, carry.finite_steps), steps)
+        sums = carry.sums
+        if metrics:
+            sums = _metric_sums(metrics, sums, out["predictions"], batch, weighted)
+        last = {k: out[k].astype(jnp.float32) for k in LOGGED if k in out} if log else carry.last
+        return Carry(state, total, jnp.where(jnp.isfinite(total), steps, carry.finite_steps), steps, sums, last)
 
     return body
 
 
-def make_steps(update: Update, *, weighted: bool, count: bool, gather: bool, unroll: int = 1) -> Callable:
+def make_steps(
+    update: Update,
+    *,
+    weighted: bool,
+    count: bool,
+    gather: bool,
+    unroll: int = 1,
+    metrics: tuple = (),
+    log: bool = False,
+) -> Callable:
     """A run of steps of an epoch as a pure function: a chunk of a streamed or checkpointed epoch.
 
     Args:
@@ -148,12 +206,14 @@ def make_steps(update: Update, *, weighted: bool, count: bool, gather: bool, unr
       gather: the steps gather their rows from whole arrays by index; otherwise they scan over
         stacked batches.
       unroll: ``lax.scan`` unroll factor.
+      metrics, log: training metrics summed in the carry, and the last step's values kept (see
+        :func:`_step_body`).
 
     Returns:
       With ``gather``: ``steps(carry, x: (n, ...), y: (n, ...), index: (S, b)[, weight: (S, b)])``;
       otherwise ``steps(carry, xs: (S, b, ...), ys: (S, b, ...)[, ws: (S, b)])``; both ``-> carry``.
     """
-    body = _step_body(update, weighted, count)
+    body = _step_body(update, weighted, count, metrics, log)
 
     if gather:
 
@@ -180,7 +240,9 @@ def make_epoch(
     drop_remainder: bool = False,
     shuffle: bool = True,
     unroll: int = 1,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    metrics: tuple = (),
+    sample_weights: bool = False,
+) -> Callable[..., tuple[TrainState, dict]]:
     """One epoch of shuffled minibatch updates as a pure function (jit, vmap or shard it).
 
     Args:
@@ -193,14 +255,18 @@ def make_epoch(
         Shuffled rows of ``GATHER_PER_STEP_BYTES`` or more are gathered step by step, narrower
         ones for the whole epoch at once.
       unroll: ``lax.scan`` unroll factor.
+      metrics: :class:`jaxnet.metrics.Metric` s of the training predictions, summed over the epoch
+        (the update must return ``predictions``: ``make_update(..., outputs=True)``).
+      sample_weights: the epoch takes a fourth argument, per-example weights ``(n,)``: each
+        batch's loss is their weighted mean, the epoch's loss their weighted mean over the epoch.
 
     Returns:
-      ``epoch(state, x: (n, ...), y: (n, ...)) -> (state, metrics)``, with metrics
-      ``{"loss": mean train loss over examples (NaN if any step's loss was not finite),
+      ``epoch(state, x: (n, ...), y: (n, ...)[, sample_weight: (n,)]) -> (state, metrics)``, with
+      metrics ``{"loss": mean train loss over examples (NaN if any step's loss was not finite),
       "first_nonfinite": index of the first step whose loss was not finite (or whose running
-      sum overflowed), or -1}``. The loss is summed in the params' float dtype (at least
-      float32). Under ``optax.apply_if_finite`` the optimizer state counts the skipped updates
-      (``total_notfinite``).
+      sum overflowed), or -1, "sums": the metrics' states (with metrics)}``. The loss is summed in
+      the params' float dtype (at least float32). Under ``optax.apply_if_finite`` the optimizer
+      state counts the skipped updates (``total_notfinite``).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -212,16 +278,19 @@ def make_epoch(
     nb = num_batches(num_examples, batch_size, drop_remainder)
     padded = nb * batch_size > num_examples  # only then do updates need per-example weights
     layout = (num_examples, batch_size, drop_remainder, shuffle, padded)
+    weighted = padded or sample_weights
+    body = _step_body(update, weighted, weighted, metrics)
 
-    body = _step_body(update, padded, padded)
-
-    def epoch(state: TrainState, x: jax.Array, y: jax.Array):
+    def epoch(state: TrainState, x: jax.Array, y: jax.Array, *sample_weight):
+        if len(sample_weight) != int(sample_weights):
+            raise TypeError(f"epoch takes {3 + int(sample_weights)} arguments (sample_weights={sample_weights})")
         key, shuffle_key = jax.random.split(state.key)
-        scanned, batch_of = _epoch_batches(shuffle_key, x, y, layout)
-        carry = start_carry(state._replace(key=key))
+        scanned, batch_of, divisor = _epoch_batches(shuffle_key, x, y, layout, *sample_weight)
+        sums = metric_zeros(metrics, outputs_of(update, state, x, y)) if metrics else None
+        carry = start_carry(state._replace(key=key), sums)
         carry, _ = jax.lax.scan(
             lambda c, item: (body(c, batch_of(c.steps, item)), None), carry, scanned, length=nb, unroll=unroll
         )
-        return carry.state, epoch_metrics(carry, num_examples if padded else nb)
+        return carry.state, epoch_metrics(carry, divisor)
 
     return epoch

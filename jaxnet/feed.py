@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import sources
-from jaxnet.epoch import Carry, epoch_batches, epoch_metrics, num_batches, start_carry
+from jaxnet.epoch import epoch_batches, epoch_metrics, num_batches, start_carry
 from jaxnet.forward import apply_batch
 from jaxnet.losses import LossSpec
 
@@ -56,7 +56,9 @@ class Position(NamedTuple):
       shuffle_key: the epoch's shuffling key (its order of indexed rows, its sequential seed).
       total, finite_steps: the epoch's running loss sum and first non-finite step (see
         :class:`jaxnet.epoch.Carry`).
-      steps: the steps done in the epoch; examples: the real examples they trained on.
+      steps: the steps done in the epoch; examples: the real examples they trained on (their
+        summed weight with sample weights).
+      sums: the epoch's training metric states so far (None without metrics).
     """
 
     shuffle_key: Any
@@ -64,6 +66,7 @@ class Position(NamedTuple):
     finite_steps: Any
     steps: int
     examples: int
+    sums: Any = None
 
 
 def chunk_steps(spec: sources.RowSpec, batch_size: int, budget: int = CHUNK_BYTES, most: int | None = None) -> int:
@@ -250,19 +253,27 @@ def epoch_chunks(source, layout: StreamLayout, shuffle_key, start: int) -> tuple
     return chunks, (lambda examples: examples)
 
 
-def resident_chunks(n: int, layout: StreamLayout, shuffle_key, start: int) -> tuple[Iterator[Chunk], Callable]:
+def resident_chunks(
+    n: int, layout: StreamLayout, shuffle_key, start: int, sample_weight=None
+) -> tuple[Iterator[Chunk], Callable]:
     """``(chunks, divisor)`` of an epoch of ``n`` resident rows cut into chunks of steps: each
-    chunk is its rows' ``(index[, weight])`` ``(S, b)``, for steps that gather from the arrays."""
+    chunk is its rows' ``(index[, weight])`` ``(S, b)``, for steps that gather from the arrays;
+    ``sample_weight`` ``(n,)`` multiplies the weights (which every chunk then has)."""
     index, weight = _epoch_layout(shuffle_key, n, layout.batch_size, layout.drop_remainder, layout.shuffle)
     padded = index.size > n
+    divisor = n if padded else len(index)
+    if sample_weight is not None:
+        weight = weight * sample_weight[index]
+        padded, divisor = True, weight.sum()
+    sums = np.asarray(jax.device_get(weight.sum(axis=1)), np.float64) if padded else None
 
     def chunks():
         for s in range(start, len(index), layout.steps):
             part = (index[s : s + layout.steps],) + ((weight[s : s + layout.steps],) if padded else ())
-            examples = int(part[1].sum()) if padded else part[0].size
+            examples = float(sums[s : s + layout.steps].sum()) if padded else part[0].size
             yield Chunk(part, len(part[0]), padded, examples)
 
-    return chunks(), (lambda examples: n if padded else len(index))
+    return chunks(), (lambda examples: divisor)
 
 
 def counts_examples(source, layout: StreamLayout) -> bool:
@@ -272,7 +283,9 @@ def counts_examples(source, layout: StreamLayout) -> bool:
     return num_batches(source.num_rows, layout.batch_size, layout.drop_remainder) * layout.batch_size > source.num_rows
 
 
-def run_epoch(chunks_for: Callable, program: Callable, put: Callable, train, position: Position | None, on_chunk):
+def run_epoch(
+    chunks_for: Callable, program: Callable, put: Callable, train, position: Position | None, on_chunk, fresh=None
+):
     """One epoch in chunks (or the rest of one, from ``position``).
 
     Args:
@@ -280,32 +293,38 @@ def run_epoch(chunks_for: Callable, program: Callable, put: Callable, train, pos
       program: ``program(weighted)`` is the compiled ``steps(carry, *chunk.arrays) -> carry``.
       put: places a chunk's arrays (in the prefetch thread).
       train: the train state; position: where a resumed epoch stands, or None for a new epoch.
-      on_chunk: ``on_chunk(carry, position)`` after each chunk but the last; True stops the epoch.
+      on_chunk: ``on_chunk(carry, position, last)`` after each chunk (``last`` True after the
+        epoch's last); True from it after any other stops the epoch there.
+      fresh: ``fresh(train) -> carry`` of a new epoch (default :func:`jaxnet.epoch.start_carry`;
+        the metric sums and logged values of a fit's).
 
     Returns:
       ``(train, metrics, position)``: metrics as :func:`jaxnet.epoch.make_epoch`'s and ``position``
       None; or metrics None and the position reached when ``on_chunk`` stopped the epoch.
     """
+    fresh = fresh or start_carry
     if position is None:
         key, shuffle_key = jax.random.split(train.key)
-        carry, examples, steps = start_carry(train._replace(key=key)), 0, 0
+        carry, examples, steps = fresh(train._replace(key=key)), 0, 0
     else:
         shuffle_key, examples, steps = position.shuffle_key, position.examples, position.steps
         # copies: the carry is donated, and the caller's state (resumable again) must stay valid
-        total, finite = (jnp.array(a, copy=True) for a in (position.total, position.finite_steps))
-        carry = Carry(train, total, finite, jnp.int32(steps))
+        copied = jax.tree.map(lambda a: jnp.array(a, copy=True), (position.total, position.finite_steps, position.sums))
+        carry = fresh(train)._replace(total=copied[0], finite_steps=copied[1], steps=jnp.int32(steps), sums=copied[2])
     chunks, divisor = chunks_for(shuffle_key, steps)
     pending = None
     stream = prefetched(chunks, put)
     try:
         for chunk in stream:
-            if pending is not None and on_chunk(carry, pending):
+            if pending is not None and on_chunk(carry, pending, False):
                 return carry.state, None, pending
             carry = program(chunk.weighted)(carry, *chunk.arrays)
             steps, examples = steps + chunk.steps, examples + chunk.examples
-            pending = Position(shuffle_key, carry.total, carry.finite_steps, steps, examples)
+            pending = Position(shuffle_key, carry.total, carry.finite_steps, steps, examples, carry.sums)
     finally:
         stream.close()
+    if pending is not None:
+        on_chunk(carry, pending, True)
     return carry.state, dict(epoch_metrics(carry, divisor(examples)), steps=steps), None
 
 

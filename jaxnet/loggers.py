@@ -2,7 +2,10 @@
 
 Each logger is called after every epoch with the epoch's record (``epoch``, ``train_loss``,
 ``val_loss``, ``val_<metric>`` ...) and writes its scalars: a member run's per-member lists become
-one row per member (CSV) or one series per member (``val_loss/member_3``). TensorBoard and MLflow
+one row per member (CSV) or one series per member (``val_loss/member_3``). With
+``fit(log_every_steps=N)`` each also gets the logged steps' records through ``on_step`` (``step``,
+``epoch``, ``loss``, ``grad_norm``, ``learning_rate``): a ``steps.csv`` beside the epochs' CSV,
+TensorBoard and MLflow series ``step/loss`` ... by global step. TensorBoard and MLflow
 are optional extras, imported when their logger is made (``pip install 'jaxnet-trainer[log]'``).
 
 :func:`make_loggers` builds them by name for a run folder (``jaxnet train --log tensorboard,mlflow,csv``).
@@ -48,27 +51,58 @@ def _rows(record: dict) -> list[dict]:
     return [{"member": i, **{n: (v[i] if isinstance(v, list) else v) for n, v in record.items()}} for i in range(k)]
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(c for c in row if c not in columns)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({c: ("" if row.get(c) is None else row.get(c)) for c in columns} for row in rows)
+    files.write_text(path, text.getvalue())
+
+
+def step_tags(record: dict) -> list[tuple[str, float]]:
+    """``(step/<name>, value)`` of a logged step's record."""
+    return [(f"step/{k}", float(v)) for k, v in record.items() if k not in ("step", "epoch") and math.isfinite(v)]
+
+
 class CSVLogger:
     """One CSV row per epoch (per member and epoch in a member run), rewritten atomically after
-    every epoch, so a crash keeps the epochs done and no reader sees half a file."""
+    every epoch, so a crash keeps the epochs done and no reader sees half a file. Logged steps
+    go to ``steps_path`` (default ``steps.csv`` beside it), written with each epoch's row."""
 
-    def __init__(self, path):
+    def __init__(self, path, steps_path=None):
         self.path = Path(path)
+        self.steps_path = Path(steps_path) if steps_path is not None else self.path.with_name("steps.csv")
         self.rows: list[dict] = []
+        self.steps: list[dict] = []
 
     def on_run_start(self, state) -> None:
         self.rows = [row for record in state.history for row in _rows(record)]  # a resumed run's epochs
+        self.steps = [row for row in _read_csv(self.steps_path) if int(row["step"]) <= state.steps]
+
+    def on_step(self, state, record) -> None:
+        self.steps.append(record)
 
     def __call__(self, state, record) -> None:
         self.rows.extend(_rows(record))
-        columns: list[str] = []
-        for row in self.rows:
-            columns.extend(c for c in row if c not in columns)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({c: ("" if row.get(c) is None else row.get(c)) for c in columns} for row in self.rows)
-        files.write_text(self.path, text.getvalue())
+        _write_csv(self.path, self.rows)
+        if self.steps:
+            _write_csv(self.steps_path, self.steps)
+
+    def on_run_end(self, state) -> None:
+        if self.steps:
+            _write_csv(self.steps_path, self.steps)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """The rows of a steps file this logger wrote (none when it is absent or unreadable)."""
+    try:
+        with open(path, newline="") as f:
+            return [row for row in csv.DictReader(f) if row.get("step", "").isdigit()]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def _require(module: str, what: str):
@@ -109,10 +143,15 @@ class TensorBoardLogger:
         self.writer.add_event(self._event(wall_time=time.time(), step=0, summary=self._pb.Summary(value=[value])))
         self.writer.flush()
 
+    def _scalars(self, step: int, tags: list[tuple[str, float]]) -> None:
+        values = [self._pb.Summary.Value(tag=tag, simple_value=v) for tag, v in tags]
+        self.writer.add_event(self._event(wall_time=time.time(), step=step, summary=self._pb.Summary(value=values)))
+
+    def on_step(self, state, record) -> None:
+        self._scalars(int(record["step"]), step_tags(record))  # flushed with the epoch's scalars
+
     def __call__(self, state, record) -> None:
-        values = [self._pb.Summary.Value(tag=tag, simple_value=v) for tag, v in scalars(record)]
-        event = self._event(wall_time=time.time(), step=int(record["epoch"]), summary=self._pb.Summary(value=values))
-        self.writer.add_event(event)
+        self._scalars(int(record["epoch"]), scalars(record))
         self.writer.flush()
 
     def on_run_end(self, state) -> None:
@@ -145,6 +184,7 @@ class MLflowLogger:
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri
         self.client = self.mlflow.tracking.MlflowClient(self.uri)
         self.params = params or {}
+        self.pending: list = []
         if run_id is not None:  # a resumed run logs on into its own MLflow run
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -170,7 +210,18 @@ class MLflowLogger:
             for tag, v in scalars(record)
             if math.isfinite(v)
         ]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self._send(metrics + self.pending)
+        self.pending = []
+
+    def _send(self, metrics: list) -> None:
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+
+    def on_step(self, state, record) -> None:
+        """Kept and sent with the epoch's metrics (one request per epoch)."""
+        now = int(time.time() * 1000)
+        step = int(record["step"])
+        self.pending.extend(self.mlflow.entities.Metric(tag, v, now, step) for tag, v in step_tags(record))
 
     def log_artifacts(self, paths: list[Any]) -> None:
         for path in paths:
@@ -178,7 +229,9 @@ class MLflowLogger:
                 self.client.log_artifact(self.run_id, str(path))
 
     def on_run_end(self, state) -> None:
-        pass
+        if self.pending:  # the steps of an epoch stopped inside
+            self._send(self.pending)
+            self.pending = []
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

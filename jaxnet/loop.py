@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import checks, programs, progress, sources
+from jaxnet import checks, programs, progress, sources, weights
 from jaxnet.base import Params, PRNGKey, TrainState
 from jaxnet.feed import CHUNK_BYTES
 from jaxnet.forward import AnyModel, check_model, is_stateful
@@ -111,6 +111,8 @@ class _Setup(NamedTuple):
     skip_nonfinite: bool
     members: int | None
     callbacks: Sequence
+    metrics: tuple = ()
+    log_every_steps: int | None = None
 
 
 # Fresh copies of a pytree's arrays in one compiled call (eagerly, each leaf shape compiles its own copy).
@@ -196,10 +198,19 @@ def _check_pair(name: str, x, y) -> tuple:
     return x, y
 
 
-def _check_data(x, y, validation) -> programs.Data:
-    """The fit's data: resident ``(x, y)`` pairs placed as arrays, or sources (:mod:`jaxnet.sources`)."""
+def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
+    """The fit's data: resident ``(x, y)`` pairs placed as arrays (with ``sample_weight``), or
+    sources (:mod:`jaxnet.sources`)."""
     train = sources.as_source(x, y, "x")
-    train = _check_pair("x", x, y) if train is None else train
+    if train is not None and sample_weight is not None:
+        raise ValueError(
+            "sample_weight: per-example weights travel with arrays in memory; for streamed data weigh classes "
+            "(class_weight) or put the weights into your own loss"
+        )
+    if train is None:
+        train = _check_pair("x", x, y)
+        if sample_weight is not None:
+            train = (*train, weights.check_sample_weight(sample_weight, train[0].shape[0]))
     if validation is None:
         return programs.Data(train, None)
     # a pair (x_val, y_val), unless its first element is itself a batch (a list of two batches)
@@ -262,8 +273,18 @@ def _values(array, keep: np.ndarray) -> list:
     return [float(v) if kept else None for v, kept in zip(np.asarray(array).reshape(keep.shape), keep)]
 
 
+def _train_metrics(sums: dict, named: tuple, members: int | None) -> dict:
+    """``{"train_<name>": (K,) results}`` of the training metrics' summed states."""
+    out = {}
+    for m in named:
+        state = np.asarray(sums[m.name], np.float64)
+        out[f"train_{m.name}"] = np.asarray([m.result(s) for s in (state if members else [state])])
+    return out
+
+
 def _record(epoch: int, metrics: dict, val: dict | None, book: _Book, keep: np.ndarray, train) -> Record:
     record: Record = {"epoch": epoch, "train_loss": _values(metrics["loss"], keep)}
+    record.update({name: _values(v, keep) for name, v in metrics.get("train_metrics", {}).items()})
     if book.skipped is not None:
         record["skipped"] = [int(v) for v in _skipped_updates(train.opt_state, keep.size) - book.skipped]
     if val is not None:
@@ -292,15 +313,24 @@ def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, monitor: str)
     return book, improved
 
 
-def _chunk_hook(state: FitState, callbacks: Sequence) -> Callable:
-    """``on_chunk(carry, position)`` for a chunked epoch: calls the callbacks' ``on_chunk(fit_state)``
-    with the state between two chunks; True (any callback's) stops the epoch there."""
-    hooks = [cb.on_chunk for cb in callbacks if hasattr(cb, "on_chunk")]
+def _chunk_hook(state: FitState, setup: _Setup, before: int) -> Callable:
+    """``on_chunk(carry, position, last)`` for a chunked epoch: at every ``log_every_steps``-th step
+    of the epoch the callbacks' ``on_step(fit_state, step_record)``; between two chunks their
+    ``on_chunk(fit_state)`` with the state there, True from any of which stops the epoch."""
+    hooks = [cb.on_chunk for cb in setup.callbacks if hasattr(cb, "on_chunk")]
+    loggers = [cb.on_step for cb in setup.callbacks if hasattr(cb, "on_step")]
+    every = setup.log_every_steps
 
-    def on_chunk(carry, position) -> bool:
-        if not hooks:
-            return False
+    def on_chunk(carry, position, last: bool) -> bool:
         inside = state._replace(train=carry.state, position=position)
+        if every is not None and position.steps % every == 0 and loggers:
+            values = jax.device_get(carry.last)
+            step = before + position.steps
+            record = {"step": step, "epoch": state.epoch + 1, **{k: float(v) for k, v in values.items()}}
+            for log in loggers:
+                log(inside, record)
+        if last or not hooks:
+            return False
         return any([bool(hook(inside)) for hook in hooks])
 
     return on_chunk
@@ -312,11 +342,13 @@ def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book
     start = time.perf_counter()
     programs, k = setup.programs, setup.members or 1
     before = state.steps - (state.position.steps if state.position is not None else 0)
-    hook = _chunk_hook(state, setup.callbacks)
+    hook = _chunk_hook(state, setup, before)
     train, metrics, position = programs.train_epoch(state.train, state.position, hook)
     if metrics is None:  # stopped between two chunks
         return state._replace(train=train, position=position), book, None
     metrics = jax.device_get(metrics)  # one host sync per epoch
+    if "sums" in metrics:
+        metrics["train_metrics"] = _train_metrics(metrics.pop("sums"), setup.metrics, setup.members)
     epoch = state.epoch + 1
     active = ~book.stopped
     first_bad = np.asarray(metrics["first_nonfinite"]).reshape(k)
@@ -396,6 +428,9 @@ def fit(
     eval_batch_size: int | None = None,
     metrics=None,
     verbose: bool | str = False,
+    sample_weight=None,
+    class_weight=None,
+    log_every_steps: int | None = None,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -422,8 +457,9 @@ def fit(
       monitor: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher is better).
       drop_remainder: drop the last partial batch instead of masking it.
       callbacks: called after each epoch as ``cb(fit_state, record)``; returning True stops. A
-        callback may also have methods ``on_run_start(fit_state)`` and ``on_run_end(fit_state)``
-        (called when the loop ends without an error): see :mod:`jaxnet.callbacks`.
+        callback may also have methods ``on_run_start(fit_state)``, ``on_run_end(fit_state)``
+        (called when the loop ends without an error) and ``on_step(fit_state, step_record)``
+        (every ``log_every_steps`` steps): see :mod:`jaxnet.callbacks` and :mod:`jaxnet.loggers`.
       resume: a :class:`FitState` (returned by ``fit`` or restored from a checkpoint) to continue
         from; the result equals a run never interrupted.
       compute_dtype: e.g. ``jnp.bfloat16`` for mixed precision (float32 master params).
@@ -450,11 +486,22 @@ def fit(
       shuffle_buffer: sequential sources (iterables, Grain iterators): shuffle rows through a
         buffer of this many (0: their own order); indexed sources are shuffled globally by index.
       eval_batch_size: validation batch (default ``max(batch_size, 1024)``, at most the rows).
-      metrics: named metrics of the validation data each epoch (:mod:`jaxnet.metrics`: e.g.
-        ``["f1", "precision", "recall", "top_5_accuracy"]``, or per-example callables), recorded
-        as ``val_<name>``; summed over every batch on the device.
+      metrics: named metrics (:mod:`jaxnet.metrics`: e.g. ``["f1", "precision", "recall",
+        "top_5_accuracy"]``, or per-example callables), summed on the device over every batch:
+        of each epoch's training steps (their training-mode predictions, before each update, as
+        ``train_<name>``) and of the validation data (``val_<name>``).
       verbose: False (the default) prints nothing; True shows progress on stderr, a tqdm bar on a
         terminal or in a notebook and one line per epoch otherwise; ``"bar"`` or ``"lines"`` choose.
+      sample_weight: ``(n,)`` weights of the training examples (resident arrays): each batch's
+        loss is the weighted mean of its examples' (see :mod:`jaxnet.weights`).
+      class_weight: ``"balanced"`` (``n / (classes * count)``, from ``y``) or ``{class: weight}``:
+        each example's loss term is weighted by its class's (classification losses, any data).
+        Validation is unweighted.
+      log_every_steps: at every this many-th step of each epoch, callbacks' ``on_step`` get the step's
+        ``loss``, ``grad_norm`` (global L2 norm of the gradients) and ``learning_rate`` (the rate
+        applied, for an ``optax.inject_hyperparams`` optimizer), with its global ``step`` number
+        and ``epoch``. Epochs then run in compiled chunks of at most this many steps (cost:
+        bench/README.md, "Logging steps"); member runs do not log steps.
 
     Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
     (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),
@@ -477,7 +524,7 @@ def fit(
     """
     spec = get_loss(loss)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
-    data = _check_data(x, y, validation)
+    data = _check_data(x, y, validation, sample_weight)
     _check_options(spec, epochs, batch_size, patience, monitor, data.validation)
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
@@ -502,14 +549,14 @@ def fit(
         shuffle_buffer=checks.integer("shuffle_buffer", shuffle_buffer, minimum=0),
         eval_batch_size=checks.optional_integer("eval_batch_size", eval_batch_size),
         metrics=get_metrics(metrics),
+        log_every_steps=checks.optional_integer("log_every_steps", log_every_steps),
+        class_weights=_class_weights(class_weight, spec, model, resume.train, data),
     )
     if 0 < options["shuffle_buffer"] < batch_size:
         raise ValueError(
             f"shuffle_buffer {shuffle_buffer} is smaller than batch_size {batch_size}: give at least a batch "
             "(or 0 for the source's own order)"
         )
-    if options["metrics"] and data.validation is None:
-        raise ValueError("metrics are computed on the validation data: give validation=(x_val, y_val)")
     if resume.position is not None and options["chunk_steps"] is None and isinstance(data.train, tuple):
         raise ValueError(
             "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "
@@ -520,7 +567,9 @@ def fit(
     train = compiled.place(resume.train)
     state = resume._replace(train=train if fresh else _copy_tree(train))
     callbacks = (*callbacks, *_progress(verbose, epochs))
-    setup = _Setup(compiled, epochs, patience, monitor, skip_nonfinite, members, callbacks)
+    setup = _Setup(
+        compiled, epochs, patience, monitor, skip_nonfinite, members, callbacks, options["metrics"], log_every_steps
+    )
     return _loop(state, setup)
 
 
@@ -531,6 +580,23 @@ def _progress(verbose, epochs: int) -> tuple:
     if verbose not in (True, "bar", "lines"):
         raise ValueError(f"verbose must be False, True, 'bar' or 'lines', got {verbose!r}")
     return (progress.Progress(epochs, bar=None if verbose is True else verbose == "bar"),)
+
+
+def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data: programs.Data):
+    """The ``(classes,)`` class weights of ``class_weight`` for this model and data (or None)."""
+    if class_weight is None:
+        return None
+    resident = isinstance(data.train, tuple)
+    params, model_state = train.params, train.model_state
+    if num_members(train.key):  # one member's shapes
+        params, model_state = jax.tree.map(lambda a: a[0], (params, model_state))
+    if resident:
+        row = data.train[0]
+    else:
+        spec_rows = data.train.spec if data.train.kind == "indexed" else data.train.first_spec()
+        row = jax.ShapeDtypeStruct((1, *spec_rows.x_shape), spec_rows.x_dtype)
+    classes = weights.num_classes(model, params, model_state, jax.ShapeDtypeStruct(row.shape[1:], row.dtype), spec)
+    return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
 
 
 def _resident_bytes(data: programs.Data) -> int:

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import feed, parallel
-from jaxnet.epoch import make_epoch, make_steps, num_batches
-from jaxnet.step import make_per_example_update, make_update, skip_nonfinite_updates
+from jaxnet.epoch import LOGGED, make_epoch, make_steps, metric_zeros, num_batches, outputs_of, start_carry
+from jaxnet.step import make_per_example_update, make_update, skip_nonfinite_updates, weigh_classes
 
 DEFAULT_EVAL_BATCH = 1024
 
@@ -37,7 +38,8 @@ class Programs(NamedTuple):
 
 
 class Data(NamedTuple):
-    """A fit's data: ``train`` a resident ``(x, y)`` pair or a source; ``validation`` likewise, or None."""
+    """A fit's data: ``train`` a resident ``(x, y)`` pair (``(x, y, sample_weight)`` with weights)
+    or a source; ``validation`` a resident pair or a source, or None."""
 
     train: Any
     validation: Any
@@ -47,7 +49,12 @@ def _update(model, spec, optimizer, options: dict, mesh):
     if options["skip_nonfinite"]:
         optimizer = skip_nonfinite_updates(optimizer)
     make = make_per_example_update if options["per_example_grads"] else make_update
-    update = make(model, spec, optimizer, compute_dtype=options["compute_dtype"])
+    outputs, diagnostics = bool(options["metrics"]), options["log_every_steps"] is not None
+    update = make(
+        model, spec, optimizer, compute_dtype=options["compute_dtype"], outputs=outputs, diagnostics=diagnostics
+    )
+    if options["class_weights"] is not None:
+        update = weigh_classes(update, options["class_weights"])
     if mesh is not None:
         parallel.check_batch_size(options["batch_size"], mesh.size)
         update = parallel.constrain_batch(update, mesh)
@@ -61,34 +68,77 @@ def _layout(options: dict, steps: int, mesh) -> feed.StreamLayout:
     )
 
 
-def _resident_epochs(update, options: dict, x, y, members: int | None, jit_options: dict) -> Callable:
+def _fresh(update, options: dict, x, y) -> Callable:
+    """``fresh(train) -> carry`` of a new chunked epoch: zero metric sums and a logged-values
+    template, their shapes found once from the update's (``x``, ``y``: anything with the rows' shapes)."""
+    metrics, log = options["metrics"], options["log_every_steps"] is not None
+    found: list = []
+
+    def fresh(train):
+        if not found:
+            batch = tuple(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in (x, y))
+            sums = metric_zeros(metrics, outputs_of(update, train, x, y)) if metrics else None
+            out = jax.eval_shape(lambda s, b: update(s, b)[1], train, batch) if log else {}
+            last = {k: jnp.zeros((), jnp.float32) for k in LOGGED if k in out} if log else None
+            found.append((sums, last))
+        return start_carry(train, *found[0])
+
+    return fresh
+
+
+def _chunk_steps(options: dict, most: int | None) -> int | None:
+    """The steps per chunk: at most ``most`` (or ``chunk_steps``), and dividing ``log_every_steps``
+    so that every logged step ends a chunk."""
+    most = most or options["chunk_steps"]
+    every = options["log_every_steps"]
+    if every is None:
+        return most
+    if most is None:
+        return every
+    return max(d for d in range(1, min(most, every) + 1) if every % d == 0)
+
+
+def _resident_epochs(update, options: dict, train: tuple, members: int | None, jit_options: dict) -> Callable:
+    x, y, *weight = train
     n, b = x.shape[0], options["batch_size"]
-    layout = {k: options[k] for k in ("drop_remainder", "shuffle", "unroll")}
-    epoch = make_epoch(update, n, b, **layout)
+    layout = {k: options[k] for k in ("drop_remainder", "shuffle", "unroll", "metrics")}
+    epoch = make_epoch(update, n, b, sample_weights=bool(weight), **layout)
     steps = num_batches(n, b, options["drop_remainder"])
     if members is not None:
-        epoch = jax.vmap(epoch, in_axes=(0, None, None))
+        epoch = jax.vmap(epoch, in_axes=(0, None, None, *[None] * len(weight)))
     whole_epoch = jax.jit(epoch, donate_argnums=(0,), **jit_options)
-    chunk = options["chunk_steps"]
+    chunk = _chunk_steps(options, None)
     if chunk is None:
 
         def whole(train, position, on_chunk):
-            train, metrics = whole_epoch(train, x, y)
+            train, metrics = whole_epoch(train, x, y, *weight)
             return train, dict(metrics, steps=steps), None
 
         return whole
     if members is not None:
-        raise ValueError("chunk_steps: member runs train whole epochs per call: drop chunk_steps")
-    padded = steps * b > n
-    steps_fn = make_steps(update, weighted=padded, count=padded, gather=True, unroll=options["unroll"])
+        what = "log_every_steps" if options["log_every_steps"] else "chunk_steps"
+        raise ValueError(f"{what}: member runs train whole epochs per call: drop {what}")
+    weighted = steps * b > n or bool(weight)
+    steps_fn = make_steps(
+        update,
+        weighted=weighted,
+        count=weighted,
+        gather=True,
+        unroll=options["unroll"],
+        metrics=options["metrics"],
+        log=options["log_every_steps"] is not None,
+    )
     run = jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
-    chunks_for = functools.partial(feed.resident_chunks, n, _layout(options, chunk, None))
+    chunks_for = functools.partial(
+        feed.resident_chunks, n, _layout(options, chunk, None), sample_weight=weight[0] if weight else None
+    )
+    fresh = _fresh(update, options, x, y)
 
     def program(weighted: bool):
         return lambda carry, *arrays: run(carry, x, y, *arrays)
 
     def chunked(train, position, on_chunk):
-        return feed.run_epoch(chunks_for, program, lambda arrays: arrays, train, position, on_chunk)
+        return feed.run_epoch(chunks_for, program, lambda arrays: arrays, train, position, on_chunk, fresh)
 
     return chunked
 
@@ -107,21 +157,28 @@ def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> 
             ".npy, a Grain MapDataset); an iterable cannot be split: give every process the same indexed source"
         )
     spec = source.spec if source.kind == "indexed" else source.first_spec()
-    steps = feed.chunk_steps(spec, b, options["chunk_bytes"], options["chunk_steps"])
+    steps = _chunk_steps(options, feed.chunk_steps(spec, b, options["chunk_bytes"], options["chunk_steps"]))
     layout = _layout(options, steps, mesh)
     count = feed.counts_examples(source, layout)
-    unroll = options["unroll"]
+    unroll, metrics, log = options["unroll"], options["metrics"], options["log_every_steps"] is not None
 
     @functools.cache
     def program(weighted: bool):
-        steps_fn = make_steps(update, weighted=weighted, count=count, gather=False, unroll=unroll)
+        steps_fn = make_steps(
+            update, weighted=weighted, count=count, gather=False, unroll=unroll, metrics=metrics, log=log
+        )
         return jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
 
     put = feed.placer(mesh)
     chunks_for = functools.partial(feed.epoch_chunks, source, layout)
+    rows = [
+        jax.ShapeDtypeStruct((1, *shape), dtype)
+        for shape, dtype in ((spec.x_shape, spec.x_dtype), (spec.y_shape, spec.y_dtype))
+    ]
+    fresh = _fresh(update, options, *rows)
 
     def streamed(train, position, on_chunk):
-        return feed.run_epoch(chunks_for, program, put, train, position, on_chunk)
+        return feed.run_epoch(chunks_for, program, put, train, position, on_chunk, fresh)
 
     return streamed
 
@@ -179,8 +236,7 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
         place = functools.partial(parallel.put_replicated, mesh=mesh)
         jit_options = {"out_shardings": parallel.replicated(mesh)}
     if isinstance(data.train, tuple):
-        x, y = place(data.train)
-        train_epoch = _resident_epochs(update, options, x, y, members, jit_options)
+        train_epoch = _resident_epochs(update, options, place(data.train), members, jit_options)
     else:
         if members is not None:
             raise ValueError(

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import arch as archlib
-from jaxnet import checkpoint, checks, files, loggers, parallel, plot, saved, sources
+from jaxnet import checkpoint, checks, files, loggers, parallel, plot, saved, sources, weights
 from jaxnet import config as configlib
 from jaxnet import members as memberlib
 from jaxnet.callbacks import Checkpointer
@@ -145,10 +145,15 @@ def _local_rows(job: Job, mesh):
 
 
 def train(
-    job: Job, resume: FitState | None = None, callbacks: Sequence = (), mesh=None, chunk_steps: int | None = None
+    job: Job,
+    resume: FitState | None = None,
+    callbacks: Sequence = (),
+    mesh=None,
+    chunk_steps: int | None = None,
+    log_steps: int | None = None,
 ) -> FitState:
     """Trains ``job`` with :func:`jaxnet.fit` (from scratch, or on from ``resume``), epochs in
-    chunks of at most ``chunk_steps`` steps when given."""
+    chunks of at most ``chunk_steps`` steps when given, every ``log_steps``-th step logged."""
     c, val = job.config, job.problem.splits.val
     if job.member_run and mesh is not None:
         raise ArgumentError(
@@ -180,6 +185,9 @@ def train(
         model_state=start.model_state,
         compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
         chunk_steps=chunk_steps,
+        metrics=list(c.metrics) or None,
+        class_weight=weights.parse_class_weight(c.class_weight),
+        log_every_steps=log_steps,
     )
 
 
@@ -320,11 +328,13 @@ def _close_loggers(made: list, folder: RunFolder | None, status: str) -> None:
 
 class Schedule(NamedTuple):
     """When a run checkpoints: every ``every`` epochs, every ``steps`` steps (inside epochs, which
-    then run in chunks of that many steps), keeping the newest ``keep``; None: not given."""
+    then run in chunks of that many steps), keeping the newest ``keep``; and every how many steps
+    of an epoch it logs (``log_steps``); None: not given."""
 
     every: int | None = None
     keep: int | None = None
     steps: int | None = None
+    log_steps: int | None = None
 
     def given_over(self, stored: dict) -> Schedule:
         """This schedule, with what was not given taken from a checkpoint's stored one."""
@@ -386,7 +396,7 @@ def _train_and_write(job, folder, state, callbacks, mesh, schedule, start) -> Ru
         )
         callbacks.append(saver)
     try:
-        state = train(job, state, callbacks, mesh, schedule.steps)
+        state = train(job, state, callbacks, mesh, schedule.steps, schedule.log_steps)
     except NonFiniteLossError as e:
         last = checkpoint.latest(folder.checkpoints) if folder is not None else None
         where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved (use {1} DIR {2} N)"
@@ -466,6 +476,7 @@ def run(
     notify: Notify | None = None,
     checkpoint_steps: int | None = None,
     log=None,
+    log_steps: int | None = None,
 ) -> RunResult:
     """Runs ``config``: loads data, builds the model, trains every member with :func:`jaxnet.fit`, tests.
 
@@ -482,6 +493,9 @@ def run(
       checkpoint_steps: with ``out``, also checkpoint every N optimizer steps, inside epochs (each
         epoch then runs in chunks of at most N steps); a resume continues from that step exactly.
       keep: keep the newest ``keep`` checkpoints (default 3).
+      log: loggers by name (:func:`jaxnet.loggers.parse`), writing under ``out``.
+      log_steps: log every ``log_steps``-th step of each epoch (loss, gradient norm, learning
+        rate) to the loggers and callbacks (:func:`jaxnet.fit`'s ``log_every_steps``).
       overwrite: replace the run that ``out`` holds.
       notify: called with one-line messages (continuing, damaged checkpoints).
 
@@ -491,9 +505,9 @@ def run(
     if out is None:
         job = prepare(config)
         _say(notify, describe(job.problem), always=False)
-        return _execute(job, None, None, callbacks, mesh, Schedule(steps=checkpoint_steps))
-    folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps)
-    schedule = Schedule(checkpoint_every, keep, checkpoint_steps)
+        return _execute(job, None, None, callbacks, mesh, Schedule(steps=checkpoint_steps, log_steps=log_steps))
+    folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps, log_steps)
+    schedule = Schedule(checkpoint_every, keep, checkpoint_steps, log_steps)
     _check_log(log)
     with _owned(folder):
         stored = folder.stored_config()
@@ -522,10 +536,11 @@ def _check_log(log) -> None:
         raise ArgumentError(checks.escape(str(e)).replace("unknown logger", "{0}: unknown logger"), "log") from None
 
 
-def _checked_folder(out, checkpoint_every, keep, checkpoint_steps=None) -> RunFolder:
+def _checked_folder(out, checkpoint_every, keep, checkpoint_steps=None, log_steps=None) -> RunFolder:
     """The run folder ``out``, refused early when it cannot be one; the checkpoint schedule checked."""
     checks.optional_integer("checkpoint_every", checkpoint_every)
     checks.optional_integer("checkpoint_steps", checkpoint_steps)
+    checks.optional_integer("log_steps", log_steps)
     checks.optional_integer("keep", keep)
     folder = RunFolder(out)
     if str(out) == "":
@@ -573,6 +588,7 @@ def resume(
     overrides: dict | None = None,
     checkpoint_steps: int | None = None,
     log=None,
+    log_steps: int | None = None,
 ) -> RunResult:
     """Continues the run in folder ``out`` from its newest usable checkpoint, with its own config.
 
@@ -581,10 +597,11 @@ def resume(
       epochs: extend (or shorten) the run to this many epochs; the result equals a run of that
         many epochs never interrupted.
       callbacks, mesh, notify: as in :func:`run`.
-      checkpoint_every, keep, checkpoint_steps: the checkpoint schedule (default: the run's own).
+      checkpoint_every, keep, checkpoint_steps, log_steps: the checkpoint and logging schedule
+        (default: the run's own).
       overrides: config fields given again (None: not given); each must equal the run's own.
     """
-    folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps)
+    folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps, log_steps)
     if not folder.path.is_dir():
         raise ValueError(f"cannot resume: {out} does not exist (give the out folder of an earlier run)")
     with _owned(folder):
@@ -596,7 +613,7 @@ def resume(
         if epochs is not None:
             config = dataclasses.replace(config, epochs=epochs)
         _check_log(log)
-        schedule = Schedule(checkpoint_every, keep, checkpoint_steps)
+        schedule = Schedule(checkpoint_every, keep, checkpoint_steps, log_steps)
         return _continue(folder, config, callbacks, mesh, schedule, notify, log)
 
 

@@ -33,7 +33,7 @@ def _cast_floats(tree, dtype):
 
 
 def _objective(model: AnyModel, loss, compute_dtype):
-    """``(params, model_state, batch, key) -> (loss, model_state)`` in training mode, any model."""
+    """``(params, model_state, batch, key) -> (loss, (model_state, predictions))`` in training mode, any model."""
     spec = get_loss(loss)
     reduce = batch_mean(spec.fn)
 
@@ -44,7 +44,7 @@ def _objective(model: AnyModel, loss, compute_dtype):
         predictions, model_state = apply_batch(model, params, model_state, x, train=True, key=key, weight=w)
         if compute_dtype is not None:
             predictions = predictions.astype(jnp.float32)  # the loss in float32, as the master params
-        return reduce(predictions, y, w), model_state
+        return reduce(predictions, y, w), (model_state, predictions)
 
     return objective
 
@@ -66,8 +66,13 @@ def make_loss_fn(model: AnyModel, loss: str | PerExample | LossSpec, *, compute_
     check_model(model)
     objective = _objective(model, loss, compute_dtype)
     if is_stateful(model):
-        return lambda params, batch, state, key=None: objective(params, state, batch, key)
+        return lambda params, batch, state, key=None: _loss_and_state(objective(params, state, batch, key))
     return lambda params, batch: objective(params, None, batch, None)[0]
+
+
+def _loss_and_state(value):
+    loss, (model_state, _) = value
+    return loss, model_state
 
 
 def step_key(model: AnyModel, state: TrainState) -> PRNGKey | None:
@@ -83,19 +88,37 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRN
     return TrainState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32), model_state)
 
 
+def learning_rate_of(opt_state) -> jax.Array | None:
+    """The learning rate an ``optax.inject_hyperparams`` optimizer applied in its last update (its
+    state's ``hyperparams["learning_rate"]``, anywhere in a chain), or None when it has none."""
+    found = [
+        node.hyperparams["learning_rate"]
+        for node in jax.tree.leaves(
+            opt_state, is_leaf=lambda node: isinstance(getattr(node, "hyperparams", None), dict)
+        )
+        if isinstance(getattr(node, "hyperparams", None), dict) and "learning_rate" in node.hyperparams
+    ]
+    return found[0] if found else None
+
+
 def make_update(
     model: AnyModel,
     loss: str | PerExample | LossSpec,
     optimizer: optax.GradientTransformation,
     *,
     compute_dtype=None,
+    outputs: bool = False,
+    diagnostics: bool = False,
 ) -> Update:
     """The pure, un-jitted update ``(state, batch) -> (state, metrics)``.
 
     One step of ``optimizer`` on the batch loss; ``metrics`` is ``{"loss": scalar}`` (the loss
-    before the update). Use it inside ``lax.scan`` or ``vmap``; :func:`make_train_step` jits it.
-    A :class:`StatefulModel` runs in training mode with the key :func:`step_key` (split per
-    example) and its state, updated by the step, is carried in ``state.model_state``.
+    before the update), plus the batch's training-mode ``predictions`` with ``outputs``, and with
+    ``diagnostics`` the global ``grad_norm`` and, for an ``optax.inject_hyperparams`` optimizer,
+    the ``learning_rate`` this step applied. Use it inside ``lax.scan`` or ``vmap``;
+    :func:`make_train_step` jits it. A :class:`StatefulModel` runs in training mode with the key
+    :func:`step_key` (split per example) and its state, updated by the step, is carried in
+    ``state.model_state``.
 
     With an optimizer from :func:`skip_nonfinite_updates`, a step whose loss is not finite is
     skipped like one whose gradients are not finite.
@@ -106,15 +129,43 @@ def make_update(
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = step_key(model, state)
-        (loss_value, model_state), grads = value_and_grad(state.params, state.model_state, batch, key)
+        (loss_value, (model_state, predictions)), grads = value_and_grad(state.params, state.model_state, batch, key)
         if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss: skip the step too
             grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_value), g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state._replace(params=params, opt_state=opt_state, step=state.step + 1, model_state=model_state)
-        return new, {"loss": loss_value}
+        metrics = {"loss": loss_value}
+        if outputs:
+            metrics["predictions"] = predictions
+        if diagnostics:
+            metrics.update(_diagnostics(grads, opt_state))
+        return new, metrics
 
     return update
+
+
+def _diagnostics(grads, opt_state) -> Metrics:
+    out = {"grad_norm": optax.tree_utils.tree_norm(grads).astype(jnp.float32)}
+    rate = learning_rate_of(opt_state)
+    if rate is not None:
+        out["learning_rate"] = jnp.asarray(rate, jnp.float32)
+    return out
+
+
+def weigh_classes(update: Update, class_weights: jax.Array) -> Update:
+    """``update`` with each example's weight times its class's: ``class_weights`` ``(classes,)``,
+    indexed by the integer label (a 0/1 target of a binary loss counts as its label)."""
+
+    def weighed(state: TrainState, batch: Batch):
+        x, y, w = _unpack(batch)
+        labels = jnp.reshape(y, (y.shape[0], -1))[:, 0]
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            labels = jnp.round(labels).astype(jnp.int32)
+        per_example = class_weights[labels]
+        return update(state, (x, y, per_example if w is None else w * per_example.astype(w.dtype)))
+
+    return weighed
 
 
 def skip_nonfinite_updates(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -275,21 +326,26 @@ def make_per_example_update(
     optimizer: optax.GradientTransformation,
     *,
     compute_dtype=None,
+    outputs: bool = False,
+    diagnostics: bool = False,
 ) -> Update:
     """Like :func:`make_update`, but ``optimizer`` receives per-example gradients (leading batch axis).
 
     For transformations that aggregate examples themselves, such as :func:`dp_optimizer`. The
     ``loss`` metric is the weighted batch mean of the per-example losses; it plugs into
-    :func:`jaxnet.make_epoch` like any update.
+    :func:`jaxnet.make_epoch` like any update. ``outputs`` and ``diagnostics`` as in
+    :func:`make_update` (``grad_norm``: the norm of the batch mean of the per-example gradients,
+    before any clipping).
     """
     _check_optimizer(optimizer)
     check_model(model)
     objective = _objective(model, loss, compute_dtype)
 
     def one(params, model_state, example, key):
-        return objective(params, model_state, jax.tree.map(lambda a: a[None], example), key)[0]
+        value, (_, predictions) = objective(params, model_state, jax.tree.map(lambda a: a[None], example), key)
+        return value, predictions[0]
 
-    value_and_grad = jax.vmap(jax.value_and_grad(one), in_axes=(None, None, 0, 0))
+    value_and_grad = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, None, 0, 0))
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if has_state(state.model_state):
@@ -301,7 +357,7 @@ def make_per_example_update(
         n = example_batch[0].shape[0]
         key = step_key(model, state)
         keys = None if key is None else jax.random.split(key, n)
-        values, grads = value_and_grad(state.params, state.model_state, example_batch, keys)
+        (values, predictions), grads = value_and_grad(state.params, state.model_state, example_batch, keys)
         w = example_batch[2] if len(example_batch) == 3 else None
         if w is None:
             loss_value = jnp.mean(values)
@@ -310,6 +366,11 @@ def make_per_example_update(
             loss_value = jnp.where(jnp.sum(w) > 0, jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-30), 0.0)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), {"loss": loss_value}
+        metrics = {"loss": loss_value}
+        if outputs:
+            metrics["predictions"] = predictions
+        if diagnostics:
+            metrics.update(_diagnostics(jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), opt_state))
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return update

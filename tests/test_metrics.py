@@ -103,16 +103,3 @@ def test_bad_metrics_are_refused_naming_the_argument(digits):
         jn.evaluate(net, params, x, y, loss="cross_entropy", metrics="f1")
     with pytest.raises(ValueError, match="repeat"):
         jn.evaluate(net, params, x, y, loss="cross_entropy", metrics=["f1", "f1"])
-    with pytest.raises(ValueError, match="metrics are computed on the validation data"):
-        jn.fit(
-            net,
-            params,
-            x,
-            y,
-            loss="cross_entropy",
-            optimizer=optax.sgd(0.1),
-            epochs=1,
-            batch_size=8,
-            key=jax.random.key(0),
-            metrics=["f1"],
-        )

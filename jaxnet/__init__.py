@@ -87,6 +87,8 @@ _EXPORTS = {
     "Metric": "metrics",
     "get_metric": "metrics",
     "top_k_accuracy": "metrics",
+    "summary": "summaries",
+    "Summary": "summaries",
     "best_member": "members",
     "check_memory": "members",
     "estimate_member_bytes": "members",

@@ -224,6 +224,12 @@ def _add_output_options(o) -> None:
         metavar="N",
         help="with --log: also log every N-th step of each epoch (loss, gradient norm, learning rate)",
     )
+    o.add_argument(
+        "--profile",
+        action="store_true",
+        help="first write a profiler trace of a few training steps into DIR/profile (tensorboard --logdir "
+        "DIR/profile, with tensorboard-plugin-profile)",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress (errors and continuation notices still show)")
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures on stdout")
 
@@ -307,6 +313,7 @@ def _check_train_args(args) -> None:
         ("--checkpoint-steps N", args.checkpoint_steps),
         ("--log NAMES", args.log),
         ("--log-every-steps N", args.log_every_steps),
+        ("--profile", args.profile or None),
         ("--keep K", args.keep),
         ("--overwrite", args.overwrite or None),
     ):
@@ -341,6 +348,7 @@ def _cmd_train(args) -> int:
         checkpoint_steps=args.checkpoint_steps,
         log=args.log,
         log_steps=args.log_every_steps,
+        trace=args.profile,
         keep=args.keep,
         notify=notify,
     )
@@ -495,7 +503,27 @@ def _cmd_seed(args) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_seed, _add_train, _add_predict, _add_evaluate]
+def _add_summary(sub) -> None:
+    p = sub.add_parser(
+        "summary",
+        help="a trained model's layers, output shapes, parameter counts and a step's FLOPs and memory",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    p.add_argument("--batch-size", type=integer, help="the batch whose costs are measured (default: the run's)")
+    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_cmd_summary)
+
+
+def _cmd_summary(args) -> int:
+    from jaxnet import summaries as summarylib
+
+    found = summarylib.of_saved(args.model, args.batch_size, args.arch)
+    print(_json(summarylib.as_dict(found)) if args.json else str(found))
+    return 0
+
+
+_SUBCOMMANDS = [_add_seed, _add_train, _add_predict, _add_evaluate, _add_summary]
 
 
 def build_parser() -> argparse.ArgumentParser:

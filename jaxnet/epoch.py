@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxnet.base import PRNGKey, TrainState
 from jaxnet.shuffle import index_permutation
@@ -158,13 +159,31 @@ def _metric_sums(metrics: tuple, sums: dict, predictions, batch, weighted: bool)
     return {m.name: m.update(sums[m.name], predictions, y, w.astype(jnp.float32)) for m in metrics}
 
 
+def _logged(out: dict, carry: Carry, every: int) -> dict:
+    """``carry.last``, replaced by this step's :data:`LOGGED` values when it is an ``every``-th step
+    of the epoch; the gradients' global norm is computed on those steps only."""
+    logged = (carry.steps + 1) % every == 0
+    norm = jax.lax.cond(
+        logged,
+        lambda g: optax.tree_utils.tree_norm(g).astype(jnp.float32),
+        lambda g: jnp.zeros((), jnp.float32),
+        out["grads"],
+    )
+    values = {
+        "loss": out["loss"],
+        "grad_norm": norm,
+        **({"learning_rate": out["learning_rate"]} if "learning_rate" in out else {}),
+    }
+    return {k: jnp.where(logged, values[k].astype(jnp.float32), carry.last[k]) for k in carry.last}
+
+
 def _step_body(
-    update: Update, weighted: bool, count: bool, metrics: tuple = (), log: bool = False
+    update: Update, weighted: bool, count: bool, metrics: tuple = (), log: int | None = None
 ) -> Callable[[Carry, tuple], Carry]:
     """One step: ``(carry, batch) -> carry``. ``weighted`` batches are ``(x, y, w)``; ``count``
     adds each batch's loss times its real examples (``sum(w)``, or the batch size) to the total.
-    ``metrics`` add the step's predictions to the carry's sums; ``log`` keeps its :data:`LOGGED`
-    values in ``carry.last`` (the update must return predictions, and diagnostics, for them).
+    ``metrics`` add the step's predictions to the carry's sums; ``log`` (N) keeps every N-th step's
+    :data:`LOGGED` values in ``carry.last`` (the update must return predictions, and gradients, for them).
 
     The epoch's metrics accumulate in the carry (a per-step output buffer would hold members x
     steps losses when vmapped). The step index is carried (XLA merges it with the loop's own
@@ -181,7 +200,7 @@ def _step_body(
         sums = carry.sums
         if metrics:
             sums = _metric_sums(metrics, sums, out["predictions"], batch, weighted)
-        last = {k: out[k].astype(jnp.float32) for k in LOGGED if k in out} if log else carry.last
+        last = _logged(out, carry, log) if log else carry.last
         return Carry(state, total, jnp.where(jnp.isfinite(total), steps, carry.finite_steps), steps, sums, last)
 
     return body
@@ -195,7 +214,7 @@ def make_steps(
     gather: bool,
     unroll: int = 1,
     metrics: tuple = (),
-    log: bool = False,
+    log: int | None = None,
 ) -> Callable:
     """A run of steps of an epoch as a pure function: a chunk of a streamed or checkpointed epoch.
 
@@ -206,8 +225,8 @@ def make_steps(
       gather: the steps gather their rows from whole arrays by index; otherwise they scan over
         stacked batches.
       unroll: ``lax.scan`` unroll factor.
-      metrics, log: training metrics summed in the carry, and the last step's values kept (see
-        :func:`_step_body`).
+      metrics, log: training metrics summed in the carry, and every ``log``-th step's values kept
+        (see :func:`_step_body`).
 
     Returns:
       With ``gather``: ``steps(carry, x: (n, ...), y: (n, ...), index: (S, b)[, weight: (S, b)])``;

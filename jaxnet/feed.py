@@ -264,8 +264,12 @@ def resident_chunks(
     divisor = n if padded else len(index)
     if sample_weight is not None:
         weight = weight * sample_weight[index]
-        padded, divisor = True, weight.sum()
-    sums = np.asarray(jax.device_get(weight.sum(axis=1)), np.float64) if padded else None
+        padded = True
+    # on the host: slicing device arrays chunk by chunk would dispatch a program per slice
+    index, weight = jax.device_get((index, weight))
+    sums = weight.sum(axis=1, dtype=np.float64)
+    if sample_weight is not None:
+        divisor = sums.sum()
 
     def chunks():
         for s in range(start, len(index), layout.steps):
@@ -291,7 +295,8 @@ def run_epoch(
     Args:
       chunks_for: ``(shuffle_key, start) -> (chunks, divisor)`` (:func:`epoch_chunks`).
       program: ``program(weighted)`` is the compiled ``steps(carry, *chunk.arrays) -> carry``.
-      put: places a chunk's arrays (in the prefetch thread).
+      put: places a chunk's arrays (in the prefetch thread); None: the chunks are read in this
+        thread, as they come (resident data: index arrays only).
       train: the train state; position: where a resumed epoch stands, or None for a new epoch.
       on_chunk: ``on_chunk(carry, position, last)`` after each chunk (``last`` True after the
         epoch's last); True from it after any other stops the epoch there.
@@ -313,7 +318,7 @@ def run_epoch(
         carry = fresh(train)._replace(total=copied[0], finite_steps=copied[1], steps=jnp.int32(steps), sums=copied[2])
     chunks, divisor = chunks_for(shuffle_key, steps)
     pending = None
-    stream = prefetched(chunks, put)
+    stream = prefetched(chunks, put) if put is not None else chunks
     try:
         for chunk in stream:
             if pending is not None and on_chunk(carry, pending, False):

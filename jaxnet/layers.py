@@ -172,6 +172,7 @@ def serial(*layers: Model | StatefulModel) -> Model | StatefulModel:
             x = f(p, x)
         return x
 
+    apply.layers = layers  # read by jaxnet.summary to list the layers
     return Model(init, apply)
 
 
@@ -187,6 +188,7 @@ def _serial_stateful(layers: list[StatefulModel]) -> StatefulModel:
             new_state.append(s)
         return x, new_state
 
+    apply.layers = tuple(layers)  # read by jaxnet.summary to list the layers
     return StatefulModel(init, apply)
 
 

@@ -49,10 +49,8 @@ def _update(model, spec, optimizer, options: dict, mesh):
     if options["skip_nonfinite"]:
         optimizer = skip_nonfinite_updates(optimizer)
     make = make_per_example_update if options["per_example_grads"] else make_update
-    outputs, diagnostics = bool(options["metrics"]), options["log_every_steps"] is not None
-    update = make(
-        model, spec, optimizer, compute_dtype=options["compute_dtype"], outputs=outputs, diagnostics=diagnostics
-    )
+    outputs, gradients = bool(options["metrics"]), options["log_every_steps"] is not None
+    update = make(model, spec, optimizer, compute_dtype=options["compute_dtype"], outputs=outputs, gradients=gradients)
     if options["class_weights"] is not None:
         update = weigh_classes(update, options["class_weights"])
     if mesh is not None:
@@ -79,7 +77,7 @@ def _fresh(update, options: dict, x, y) -> Callable:
             batch = tuple(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in (x, y))
             sums = metric_zeros(metrics, outputs_of(update, train, x, y)) if metrics else None
             out = jax.eval_shape(lambda s, b: update(s, b)[1], train, batch) if log else {}
-            last = {k: jnp.zeros((), jnp.float32) for k in LOGGED if k in out} if log else None
+            last = {k: jnp.zeros((), jnp.float32) for k in LOGGED if k in out or k == "grad_norm"} if log else None
             found.append((sums, last))
         return start_carry(train, *found[0])
 
@@ -126,7 +124,7 @@ def _resident_epochs(update, options: dict, train: tuple, members: int | None, j
         gather=True,
         unroll=options["unroll"],
         metrics=options["metrics"],
-        log=options["log_every_steps"] is not None,
+        log=options["log_every_steps"],
     )
     run = jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
     chunks_for = functools.partial(
@@ -138,7 +136,7 @@ def _resident_epochs(update, options: dict, train: tuple, members: int | None, j
         return lambda carry, *arrays: run(carry, x, y, *arrays)
 
     def chunked(train, position, on_chunk):
-        return feed.run_epoch(chunks_for, program, lambda arrays: arrays, train, position, on_chunk, fresh)
+        return feed.run_epoch(chunks_for, program, None, train, position, on_chunk, fresh)
 
     return chunked
 
@@ -160,7 +158,7 @@ def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> 
     steps = _chunk_steps(options, feed.chunk_steps(spec, b, options["chunk_bytes"], options["chunk_steps"]))
     layout = _layout(options, steps, mesh)
     count = feed.counts_examples(source, layout)
-    unroll, metrics, log = options["unroll"], options["metrics"], options["log_every_steps"] is not None
+    unroll, metrics, log = options["unroll"], options["metrics"], options["log_every_steps"]
 
     @functools.cache
     def program(weighted: bool):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import arch as archlib
-from jaxnet import checkpoint, checks, files, loggers, parallel, plot, saved, sources, weights
+from jaxnet import checkpoint, checks, files, loggers, parallel, plot, profiling, saved, sources, weights
 from jaxnet import config as configlib
 from jaxnet import members as memberlib
 from jaxnet.callbacks import Checkpointer
@@ -31,6 +31,7 @@ from jaxnet.config import TrainConfig
 from jaxnet.forward import AnyModel, init_model
 from jaxnet.loop import FitState, NonFiniteLossError, check_fit_memory, fit, init_fit_state, is_finished
 from jaxnet.rundir import RunFolder
+from jaxnet.step import init_state, make_train_step
 from jaxnet.task import Problem, describe, load_problem, model_meta
 
 Notify = Callable[..., None]
@@ -142,6 +143,23 @@ def _local_rows(job: Job, mesh):
         return train.x, train.y  # lazy rows: fit reads each process's share of every batch
     rows = parallel.process_rows(len(train.x))
     return parallel.global_rows(train.x[rows], mesh), parallel.global_rows(train.y[rows], mesh)
+
+
+def profile(job: Job, logdir: Path) -> Path:
+    """A profiler trace of a few training steps of ``job`` (its first member) on its first
+    training batches, into ``logdir`` (:func:`jaxnet.profiling.trace_steps`)."""
+    start, c = _fresh(job), job.config
+    params, model_state, key = start.params, start.model_state, start.key
+    if job.member_run:
+        params, model_state, key = jax.tree.map(lambda a: a[0], (params, model_state, key))
+    optimizer = configlib.make_optimizer(c)
+    dtype = None if c.dtype == "float32" else jnp.dtype(c.dtype)
+    step = make_train_step(job.model, job.problem.loss, optimizer, compute_dtype=dtype)
+    train_rows = job.problem.splits.train
+    n, b = len(train_rows.x), min(c.batch_size, len(train_rows.x))
+    starts = [(i * b) % max(n - b + 1, 1) for i in range(profiling.STEPS + 1)]
+    batches = [(np.asarray(train_rows.x[s : s + b]), np.asarray(train_rows.y[s : s + b])) for s in starts]
+    return profiling.trace_steps(step, init_state(params, optimizer, key, model_state), batches, logdir)
 
 
 def train(
@@ -368,10 +386,14 @@ def _execute(
     mesh,
     schedule: Schedule,
     log=None,
+    trace: bool = False,
 ) -> RunResult:
-    """Trains ``job`` (on from ``state``), writing into ``folder`` when given; returns the result."""
+    """Trains ``job`` (on from ``state``), writing into ``folder`` when given (first a profiler
+    trace of a few steps into ``folder/profile`` with ``trace``); returns the result."""
     start = time.perf_counter()
     callbacks = list(callbacks)
+    if trace and folder is not None and parallel.is_primary():
+        profile(job, folder.path / "profile")
     made = _loggers(job, folder, log) if folder is not None else []
     try:
         result = _train_and_write(job, folder, state, callbacks + made, mesh, schedule, start)
@@ -429,7 +451,9 @@ def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:
             )
 
 
-def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule, notify, log=None) -> RunResult:
+def _continue(
+    folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule, notify, log=None, trace=False
+) -> RunResult:
     """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
     before anything in the folder changes)."""
     job = prepare(config)
@@ -454,7 +478,7 @@ def _continue(folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule,
     if parallel.is_primary():
         checkpoint.set_aside(folder.checkpoints, restored.state.steps)
         folder.write_config(config.to_dict())
-    return _execute(job, folder, restored.state, callbacks, mesh, schedule, log)
+    return _execute(job, folder, restored.state, callbacks, mesh, schedule, log, trace)
 
 
 def _where(state: FitState) -> str:
@@ -477,6 +501,7 @@ def run(
     checkpoint_steps: int | None = None,
     log=None,
     log_steps: int | None = None,
+    trace: bool = False,
 ) -> RunResult:
     """Runs ``config``: loads data, builds the model, trains every member with :func:`jaxnet.fit`, tests.
 
@@ -496,6 +521,8 @@ def run(
       log: loggers by name (:func:`jaxnet.loggers.parse`), writing under ``out``.
       log_steps: log every ``log_steps``-th step of each epoch (loss, gradient norm, learning
         rate) to the loggers and callbacks (:func:`jaxnet.fit`'s ``log_every_steps``).
+      trace: with ``out``, first write a profiler trace of a few training steps into
+        ``out/profile`` (:func:`profile`; TensorBoard's profile plugin opens it).
       overwrite: replace the run that ``out`` holds.
       notify: called with one-line messages (continuing, damaged checkpoints).
 
@@ -514,7 +541,7 @@ def run(
         if stored is not None and _holds_training(folder) and not overwrite:
             _check_same_run(folder, TrainConfig.from_dict(stored), config)
             if checkpoint.steps(folder.checkpoints):
-                return _continue(folder, config, callbacks, mesh, schedule, notify, log)
+                return _continue(folder, config, callbacks, mesh, schedule, notify, log, trace)
         elif stored is None and folder.holds_outputs() and not overwrite:
             raise ArgumentError(
                 f"{checks_escape(folder.path)} holds files of a run without its config.json: "
@@ -526,7 +553,8 @@ def run(
         if parallel.is_primary():
             folder.clear()
             folder.write_config(config.to_dict())
-        return _execute(job, folder, None, callbacks, mesh, schedule._replace(keep=3 if keep is None else keep), log)
+        schedule = schedule._replace(keep=3 if keep is None else keep)
+        return _execute(job, folder, None, callbacks, mesh, schedule, log, trace)
 
 
 def _check_log(log) -> None:
@@ -589,6 +617,7 @@ def resume(
     checkpoint_steps: int | None = None,
     log=None,
     log_steps: int | None = None,
+    trace: bool = False,
 ) -> RunResult:
     """Continues the run in folder ``out`` from its newest usable checkpoint, with its own config.
 
@@ -600,6 +629,7 @@ def resume(
       checkpoint_every, keep, checkpoint_steps, log_steps: the checkpoint and logging schedule
         (default: the run's own).
       overrides: config fields given again (None: not given); each must equal the run's own.
+      log, log_steps, trace: as in :func:`run`.
     """
     folder = _checked_folder(out, checkpoint_every, keep, checkpoint_steps, log_steps)
     if not folder.path.is_dir():
@@ -614,7 +644,7 @@ def resume(
             config = dataclasses.replace(config, epochs=epochs)
         _check_log(log)
         schedule = Schedule(checkpoint_every, keep, checkpoint_steps, log_steps)
-        return _continue(folder, config, callbacks, mesh, schedule, notify, log)
+        return _continue(folder, config, callbacks, mesh, schedule, notify, log, trace)
 
 
 def restore(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:

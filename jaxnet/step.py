@@ -108,14 +108,14 @@ def make_update(
     *,
     compute_dtype=None,
     outputs: bool = False,
-    diagnostics: bool = False,
+    gradients: bool = False,
 ) -> Update:
     """The pure, un-jitted update ``(state, batch) -> (state, metrics)``.
 
     One step of ``optimizer`` on the batch loss; ``metrics`` is ``{"loss": scalar}`` (the loss
     before the update), plus the batch's training-mode ``predictions`` with ``outputs``, and with
-    ``diagnostics`` the global ``grad_norm`` and, for an ``optax.inject_hyperparams`` optimizer,
-    the ``learning_rate`` this step applied. Use it inside ``lax.scan`` or ``vmap``;
+    ``gradients`` the ``grads`` (a pytree like the params) and, for an ``optax.inject_hyperparams``
+    optimizer, the ``learning_rate`` this step applied. Use it inside ``lax.scan`` or ``vmap``;
     :func:`make_train_step` jits it. A :class:`StatefulModel` runs in training mode with the key
     :func:`step_key` (split per example) and its state, updated by the step, is carried in
     ``state.model_state``.
@@ -138,15 +138,15 @@ def make_update(
         metrics = {"loss": loss_value}
         if outputs:
             metrics["predictions"] = predictions
-        if diagnostics:
-            metrics.update(_diagnostics(grads, opt_state))
+        if gradients:
+            metrics.update(_gradients(grads, opt_state))
         return new, metrics
 
     return update
 
 
-def _diagnostics(grads, opt_state) -> Metrics:
-    out = {"grad_norm": optax.tree_utils.tree_norm(grads).astype(jnp.float32)}
+def _gradients(grads, opt_state) -> Metrics:
+    out = {"grads": grads}
     rate = learning_rate_of(opt_state)
     if rate is not None:
         out["learning_rate"] = jnp.asarray(rate, jnp.float32)
@@ -327,15 +327,15 @@ def make_per_example_update(
     *,
     compute_dtype=None,
     outputs: bool = False,
-    diagnostics: bool = False,
+    gradients: bool = False,
 ) -> Update:
     """Like :func:`make_update`, but ``optimizer`` receives per-example gradients (leading batch axis).
 
     For transformations that aggregate examples themselves, such as :func:`dp_optimizer`. The
     ``loss`` metric is the weighted batch mean of the per-example losses; it plugs into
-    :func:`jaxnet.make_epoch` like any update. ``outputs`` and ``diagnostics`` as in
-    :func:`make_update` (``grad_norm``: the norm of the batch mean of the per-example gradients,
-    before any clipping).
+    :func:`jaxnet.make_epoch` like any update. ``outputs`` and ``gradients`` as in
+    :func:`make_update` (``grads``: the batch mean of the per-example gradients, before any
+    clipping).
     """
     _check_optimizer(optimizer)
     check_model(model)
@@ -369,8 +369,8 @@ def make_per_example_update(
         metrics = {"loss": loss_value}
         if outputs:
             metrics["predictions"] = predictions
-        if diagnostics:
-            metrics.update(_diagnostics(jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), opt_state))
+        if gradients:
+            metrics.update(_gradients(jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), opt_state))
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return update

@@ -26,6 +26,7 @@ def logged(tmp_path_factory):
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
         args = ["train", "--epochs", "3", "--out", str(out), "--log", "tensorboard,mlflow,csv", "--quiet"]
+        args += ["--metrics", "f1,recall", "--log-every-steps", "10"]
         assert cli.main(args) == 0
     finally:
         mp.undo()
@@ -35,13 +36,22 @@ def logged(tmp_path_factory):
 
 
 def validation(records):
-    return [(r["epoch"], r["val_loss"], r["val_accuracy"]) for r in records]
+    return [(r["epoch"], r["val_loss"], r["val_accuracy"], r["val_f1"], r["train_f1"]) for r in records]
+
+
+def logged_steps(out) -> list[dict]:
+    rows = list(csv.DictReader((out / "steps.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]  # digits: 20 steps per epoch
+    assert all(float(r["learning_rate"]) == pytest.approx(1e-3) and float(r["grad_norm"]) > 0 for r in rows)
+    return rows
 
 
 def test_csv_holds_the_same_epochs(logged):
     out, records = logged
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
-    assert [(int(r["epoch"]), float(r["val_loss"]), float(r["val_accuracy"])) for r in rows] == validation(records)
+    columns = ("epoch", "val_loss", "val_accuracy", "val_f1", "train_f1")
+    assert [tuple(float(r[c]) for c in columns) for r in rows] == validation(records)
+    logged_steps(out)
 
 
 def test_tensorboard_events_read_back_with_tensorboards_reader(logged):
@@ -50,10 +60,14 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(logged):
     out, records = logged
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    for tag in ("val_loss", "val_accuracy", "train_loss"):
+    for tag in ("val_loss", "val_accuracy", "train_loss", "val_f1", "train_recall"):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in got] == [1, 2, 3]
         assert all(abs(v - r[tag]) <= 1e-6 * max(1.0, abs(r[tag])) for (_, v), r in zip(got, records))  # float32
+    rows = logged_steps(out)
+    for name in ("loss", "grad_norm", "learning_rate"):
+        got = [(e.step, e.value) for e in events.Scalars(f"step/{name}")]
+        assert got == [(int(r["step"]), pytest.approx(float(r[name]), rel=1e-6)) for r in rows]
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(logged):
@@ -64,9 +78,11 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(logged):
     client = MlflowClient(stored["tracking_uri"])
     run = client.get_run(stored["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["epochs"] == "3"
-    for tag in ("val_loss", "val_accuracy"):
+    for tag in ("val_loss", "val_accuracy", "val_f1", "train_f1"):
         history = sorted((m.step, m.value) for m in client.get_metric_history(stored["run_id"], tag))
         assert history == [(r["epoch"], r[tag]) for r in records]
+    steps = sorted((m.step, m.value) for m in client.get_metric_history(stored["run_id"], "step/grad_norm"))
+    assert steps == [(int(r["step"]), pytest.approx(float(r["grad_norm"]), rel=1e-6)) for r in logged_steps(out)]
     artifacts = {a.path for a in client.list_artifacts(stored["run_id"])}
     assert {"model.npz", "curves.png", "metrics.jsonl", "config.json"} <= artifacts
 

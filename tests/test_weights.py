@@ -1,5 +1,7 @@
 """Sample and class weights, training metrics and logged steps: against hand-written JAX on the same batches."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import jaxnet as jn
 from jaxnet import callbacks as cblib
 from jaxnet import checkpoint, weights
+from jaxnet import cli as jn_cli
 
 sklearn_utils = pytest.importorskip("sklearn.utils.class_weight")
 
@@ -231,3 +234,23 @@ def test_training_metrics_resume_exactly_from_a_checkpoint_inside_an_epoch(probl
     for a, b in zip(whole.history, resumed.history):
         for name in ("train_loss", "train_f1", "train_accuracy"):
             assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-7), name
+
+
+def test_cli_weighs_classes_and_records_named_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--out", str(out), "--quiet", "--class-weight", "balanced", "--metrics", "f1"]
+    assert jn_cli.main(args) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= record["train_f1"] <= 1 and 0 <= record["val_f1"] <= 1
+    assert json.loads((out / "config.json").read_text())["class_weight"] == "balanced"
+    for bad, message in (
+        (["--class-weight", "0:x"], "--class-weight: expected 'balanced' or 'class:weight,...'"),
+        (["--class-weight", "\u0660:1"], "--class-weight: expected 'balanced'"),
+        (["--metrics", "f2"], "--metrics: unknown metric 'f2'"),
+        (["--dataset", "moons", "--task", "regression", "--class-weight", "balanced"], "needs a classification task"),
+        (["--log-every-steps", "5"], "--log-every-steps N needs --out DIR"),
+    ):
+        capsys.readouterr()
+        assert jn_cli.main(["train", *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

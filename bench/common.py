@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -255,3 +257,25 @@ class EpochTimer(Timer):
 
 class Skip(Exception):
     """An implementation cannot run here (missing package, unsupported case); the message says why."""
+
+
+def interleaved(timers: dict, repeats: int) -> dict[str, list[float]]:
+    """Starts every timer, then times ``repeats`` rounds of one repeat each, the order reversed
+    every other round; returns each one's seconds per repeat (the timers finished)."""
+    for t in timers.values():
+        t.start()
+    seconds = {name: [] for name in timers}
+    for r in range(repeats):
+        for name in list(timers) if r % 2 == 0 else list(reversed(timers)):
+            seconds[name].append(timers[name].repeat())
+    for name, t in timers.items():
+        t.finish(seconds[name])
+    return seconds
+
+
+def publish(text: str, results: dict, json_path: str | None) -> None:
+    """Prints ``text``; with ``json_path`` writes ``results`` there and ``text`` beside it (``.txt``)."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
+        Path(json_path).with_suffix(".txt").write_text(text + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -89,14 +88,7 @@ def main() -> None:
     for every in (int(e) for e in args.every.split(",")):
         impls[f"log every {every}"] = timer(x, y, b, r, injected, log_every_steps=every)
     impls["train metrics"] = timer(x, y, b, r, adam, metrics=["accuracy", "f1"])
-    for t in impls.values():
-        t.start()
-    seconds = {name: [] for name in impls}
-    for i in range(args.repeats):
-        for name in list(impls) if i % 2 == 0 else list(reversed(impls)):
-            seconds[name].append(impls[name].repeat())
-    for name, t in impls.items():
-        t.finish(seconds[name])
+    seconds = common.interleaved(impls, args.repeats)
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}",
@@ -118,11 +110,7 @@ def main() -> None:
         lines.append(
             f"  {name:14s} {rate:10,.0f} examples/s  {ratio:5.3f}x plain  (cost {(1 / ratio - 1) * 100:+.1f}%)"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-        Path(args.json).with_suffix(".txt").write_text(text + "\n")
+    common.publish("\n".join(lines), results, args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -114,15 +113,7 @@ def main() -> None:
             "memmap": timer((xm, ym), batch, args.repeats, args.rows),
             "iterable": timer((blocks, None), batch, args.repeats, args.rows),
         }
-        for t in impls.values():
-            t.start()
-        seconds = {name: [] for name in impls}
-        for r in range(args.repeats):
-            order = list(impls) if r % 2 == 0 else list(reversed(impls))
-            for name in order:
-                seconds[name].append(impls[name].repeat())
-        for name, t in impls.items():
-            t.finish(seconds[name])
+        seconds = common.interleaved(impls, args.repeats)
         read = host_read_seconds(x, y, batch)
         case = {"host_read_seconds": read}
         lines.append(f"batch {batch}: host read of an epoch's chunks {read * 1e3:.0f} ms")
@@ -134,11 +125,7 @@ def main() -> None:
             lines.append(f"  {name:9s} {rate:10,.0f} examples/s  {ratio:5.2f}x resident  (median epoch {epoch:.3f} s)")
         results["cases"][f"mlp784-b{batch}"] = case
     shutil.rmtree(folder, ignore_errors=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-        Path(args.json).with_suffix(".txt").write_text(text + "\n")
+    common.publish("\n".join(lines), results, args.json)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> i
       >>> integer("epochs", 0)
       Traceback (most recent call last):
       ...
-      ValueError: epochs must be a positive integer, got 0
+      jaxnet.checks.ArgumentError: epochs must be a positive integer, got 0
     """
     if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
         if maximum is not None:

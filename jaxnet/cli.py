@@ -132,7 +132,22 @@ def _add_model_options(m) -> None:
         "--loss",
         help="mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)",
     )
-    m.add_argument("--optimizer", help="sgd, adam or adamw")
+    m.add_argument(
+        "--optimizer",
+        help="any of optax's: sgd, adam, adamw, lion, lamb, rmsprop, adafactor, adagrad, adamax, nadam, radam, "
+        "novograd, lars, yogi, adabelief, amsgrad, adan, sm3 ... (default adam)",
+    )
+    m.add_argument("--momentum", type=number, metavar="M", help="sgd, rmsprop, sm3: momentum")
+    m.add_argument("--nesterov", action="store_true", help="sgd, rmsprop: Nesterov momentum")
+    m.add_argument(
+        "--lr-schedule",
+        metavar="NAME",
+        help="constant (default), cosine, linear, exponential (to 1%% of --lr) or onecycle, over the run's steps",
+    )
+    m.add_argument("--warmup", type=integer, metavar="STEPS", help="linear warmup of the learning rate from 0")
+    m.add_argument("--clip-norm", type=number, metavar="C", help="clip the gradients' global norm to C")
+    m.add_argument("--grad-accum", type=integer, metavar="N", help="one update per N batches (their mean gradient)")
+    m.add_argument("--label-smoothing", type=number, metavar="A", help="cross-entropy against smoothed labels")
     m.add_argument(
         "--lr",
         type=number_list,
@@ -262,6 +277,13 @@ def _given(args) -> dict:
         skip_nonfinite=args.skip_nonfinite or None,
         metrics=args.metrics,
         class_weight=args.class_weight,
+        momentum=args.momentum,
+        nesterov=args.nesterov or None,
+        lr_schedule=args.lr_schedule,
+        warmup=args.warmup,
+        clip_norm=args.clip_norm,
+        grad_accum=args.grad_accum,
+        label_smoothing=args.label_smoothing,
         lr=lr[0] if len(lr) == 1 else None,
         lrs=tuple(lr) if len(lr) > 1 else None,
         weight_decay=weight_decay[0] if len(weight_decay) == 1 else None,
@@ -523,7 +545,30 @@ def _cmd_summary(args) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_seed, _add_train, _add_predict, _add_evaluate, _add_summary]
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="serialize a trained model's prediction (standardization included) with jax.export",
+        description="Writes one portable program: raw features (n, d) in, predict's outputs out; running it "
+        "needs jax alone (see docs/models.md, 'Export').",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    p.add_argument("--out", required=True, metavar="FILE", help="the program file, e.g. model.jaxexport")
+    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
+    p.add_argument("--platforms", metavar="P1,P2", help="platforms to export for, e.g. cpu,cuda (default: this one)")
+    p.set_defaults(run=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from jaxnet import exporting
+
+    platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
+    out = exporting.export(args.model, args.out, arch=args.arch, platforms=platforms)
+    _say(f"exported to {out}")
+    return 0
+
+
+_SUBCOMMANDS = [_add_seed, _add_train, _add_predict, _add_evaluate, _add_summary, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

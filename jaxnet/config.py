@@ -14,7 +14,7 @@ from typing import Any
 
 import optax
 
-from jaxnet import checks
+from jaxnet import checks, recipes
 from jaxnet.arch import IMAGE_SHAPES, check_arch, is_file_arch
 from jaxnet.checks import ArgumentError
 from jaxnet.data import BUILTINS, TASKS
@@ -24,7 +24,7 @@ from jaxnet.members import member_grid
 from jaxnet.metrics import get_metrics
 from jaxnet.weights import parse_class_weight
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = recipes.OPTIMIZERS
 DTYPES = ("float32", "bfloat16")
 CNN_DROPOUT = 0.3
 """The dropout of ``cnn`` when none is given (digits: 0.989 test accuracy over seeds 0-2, 0.981 without)."""
@@ -56,9 +56,18 @@ class TrainConfig:
       output_activation: activation of the output layer (None: identity; logits for cross-entropy).
       loss: a name in ``jaxnet.LOSSES`` (or alias); None picks softmax cross-entropy for
         classification and mean squared error for regression.
-      optimizer: ``sgd``, ``adam`` or ``adamw``; lr: its learning rate.
-      weight_decay: for ``adamw`` decoupled weight decay (default 1e-4); for ``sgd`` and ``adam``
-        an L2 term added to the gradient (PyTorch's ``weight_decay``; default 0).
+      optimizer: an optax optimizer by name (``jaxnet.recipes.OPTIMIZERS``: sgd, adam, adamw,
+        lion, lamb, rmsprop, adafactor ...); lr: its (peak) learning rate.
+      weight_decay: decoupled weight decay for optimizers that take one (``adamw``: default 1e-4;
+        lion, lamb ...: default 0); for the others an L2 term added to the gradient (PyTorch's
+        ``weight_decay``; default 0).
+      momentum, nesterov: for optimizers that have them (sgd, rmsprop, sm3); None: optax's default.
+      lr_schedule: the rate's shape over the run's optimizer steps: ``constant``, ``cosine`` (to 0),
+        ``linear`` (to 0), ``exponential`` (to 1% of ``lr``) or ``onecycle`` (optax's cosine one-cycle).
+      warmup: linear warmup from 0 over this many optimizer steps before the schedule.
+      clip_norm: clip the gradients' global L2 norm to this first (None: no clipping).
+      grad_accum: one optimizer update per this many batches, with their mean gradient.
+      label_smoothing: smooth the one-hot targets of softmax cross-entropy by this much.
       epochs, batch_size, seed: the schedule and the seed every random draw derives from.
       val_split, test_split: held-out fractions, drawn deterministically from ``seed``.
       patience: early-stopping patience in epochs on the validation loss (None: all epochs).
@@ -108,6 +117,13 @@ class TrainConfig:
     skip_nonfinite: bool = False
     metrics: tuple[str, ...] = ()
     class_weight: str | None = None
+    momentum: float | None = None
+    nesterov: bool = False
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    clip_norm: float | None = None
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics"):
@@ -247,6 +263,31 @@ def validate(config: TrainConfig) -> None:
     for name in ("standardize", "ensemble", "skip_nonfinite"):
         checks.boolean(name, getattr(c, name))
     _validate_weights(c)
+    _validate_recipe(c)
+
+
+def _validate_recipe(c: TrainConfig) -> None:
+    for name in ("momentum", "nesterov"):
+        value = getattr(c, name)
+        if value not in (None, False) and not recipes.takes(c.optimizer, name):
+            raise ArgumentError(f"{{0}} is for optimizers that have one (sgd, rmsprop ...), not {c.optimizer}", name)
+    if c.momentum is not None:
+        checks.number("momentum", c.momentum, 0.0)
+        if c.momentum >= 1:
+            raise ArgumentError("{0} must be below 1, got " + checks.escape(repr(c.momentum)), "momentum")
+    checks.boolean("nesterov", c.nesterov)
+    checks.choice("lr_schedule", c.lr_schedule, recipes.SCHEDULES)
+    checks.integer("warmup", c.warmup, 0)
+    if c.warmup and c.lr_schedule == "onecycle":
+        raise ArgumentError("{0} onecycle warms up by itself: drop {1}", "lr_schedule", "warmup")
+    if c.clip_norm is not None:
+        checks.number("clip_norm", c.clip_norm, 0.0, strict=True)
+    checks.integer("grad_accum", c.grad_accum)
+    checks.number("label_smoothing", c.label_smoothing, 0.0)
+    if c.label_smoothing >= 1:
+        raise ArgumentError("{0} must be below 1", "label_smoothing")
+    if c.label_smoothing and c.loss not in (None, "softmax_cross_entropy", "cross_entropy"):
+        raise ArgumentError("{0} is for softmax cross-entropy, not " + checks.escape(c.loss), "label_smoothing")
 
 
 def _validate_weights(c: TrainConfig) -> None:
@@ -267,7 +308,7 @@ def hyperparameter_grid(config: TrainConfig) -> dict[str, list[float]]:
     when the optimizer applies one (adamw, or any weight decay above 0)."""
     grid = {"learning_rate": list(config.lrs) or [config.lr]}
     decays = list(config.weight_decays) or [config.weight_decay]
-    if config.optimizer == "adamw" or any(d > 0 for d in decays):
+    if config.optimizer == "adamw" or any(d > 0 for d in decays):  # decoupled or an L2 term
         grid["weight_decay"] = decays
     return grid
 
@@ -291,27 +332,23 @@ def is_member_run(config: TrainConfig) -> bool:
     return num_members(config) > 1 or config.ensemble
 
 
-def _factory(name: str, decay: bool):
-    """``make(learning_rate, weight_decay) -> optax optimizer`` for optimizer ``name``."""
-    base = {"sgd": optax.sgd, "adam": optax.adam}.get(name)
-
-    def make(learning_rate, weight_decay=0.0):
-        if base is None:
-            return optax.adamw(learning_rate, weight_decay=weight_decay)
-        if not decay:
-            return base(learning_rate)
-        return optax.chain(optax.add_decayed_weights(weight_decay), base(learning_rate))
-
-    return make
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer of ``config``, its hyperparameters injected (``optax.inject_hyperparams``):
-    a member run sets each member's values in its optimizer state, and every run's logged steps
-    report the learning rate it applied."""
+def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """The optax optimizer of ``config`` (:func:`jaxnet.recipes.optimizer`), its hyperparameters
+    injected (``optax.inject_hyperparams``): a member run sets each member's values in its optimizer
+    state, and every run's logged steps report the learning rate it applied. The schedule spans the
+    run's ``epochs * steps_per_epoch`` batches (``/ grad_accum`` optimizer steps)."""
     grid = hyperparameter_grid(config)
-    make = _factory(config.optimizer, decay="weight_decay" in grid)
-    return optax.inject_hyperparams(make)(**{name: values[0] for name, values in grid.items()})
+    return recipes.optimizer(
+        config.optimizer,
+        {name: values[0] for name, values in grid.items()},
+        schedule=config.lr_schedule,
+        total_steps=max(1, config.epochs * steps_per_epoch // config.grad_accum),
+        warmup=config.warmup,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        clip_norm=config.clip_norm,
+        grad_accum=config.grad_accum,
+    )
 
 
 def check_overrides(config: TrainConfig, given: dict) -> None:

@@ -132,3 +132,21 @@ def batch_mean(fn: PerExample) -> Callable[..., jax.Array]:
         return jnp.where(total > 0, jnp.sum(weights * values) / jnp.maximum(total, 1e-30), 0.0)
 
     return reduced
+
+
+def with_label_smoothing(loss: str | PerExample | LossSpec, smoothing: float) -> LossSpec:
+    """Softmax cross-entropy against labels smoothed by ``smoothing`` (``optax.smooth_labels``:
+    ``(1 - a) * one_hot + a / classes``); the accuracy metric stays that of the true labels."""
+    spec = get_loss(loss)
+    if smoothing == 0:
+        return spec
+    if spec.name != "softmax_cross_entropy":
+        raise ValueError(f"label smoothing is for softmax_cross_entropy, not {spec.name!r}")
+    if not 0 < smoothing < 1:
+        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing!r}")
+
+    def smoothed(logits, label):
+        target = optax.smooth_labels(jax.nn.one_hot(label, logits.shape[-1], dtype=logits.dtype), smoothing)
+        return optax.softmax_cross_entropy(logits, target)
+
+    return LossSpec(spec.name, smoothed, spec.metric, True)

@@ -28,8 +28,10 @@ from jaxnet.callbacks import Checkpointer
 from jaxnet.checks import ArgumentError
 from jaxnet.checks import escape as checks_escape
 from jaxnet.config import TrainConfig
+from jaxnet.epoch import num_batches
 from jaxnet.forward import AnyModel, init_model
 from jaxnet.loop import FitState, NonFiniteLossError, check_fit_memory, fit, init_fit_state, is_finished
+from jaxnet.losses import with_label_smoothing
 from jaxnet.rundir import RunFolder
 from jaxnet.step import init_state, make_train_step
 from jaxnet.task import Problem, describe, load_problem, model_meta
@@ -145,6 +147,17 @@ def _local_rows(job: Job, mesh):
     return parallel.global_rows(train.x[rows], mesh), parallel.global_rows(train.y[rows], mesh)
 
 
+def optimizer_of(job: Job):
+    """The run's optimizer, its schedule spanning the run's batches."""
+    c = job.config
+    return configlib.make_optimizer(c, num_batches(len(job.problem.splits.train.x), c.batch_size))
+
+
+def loss_of(job: Job):
+    """The loss training minimizes: the task's, its labels smoothed when the config asks."""
+    return with_label_smoothing(job.problem.loss, job.config.label_smoothing)
+
+
 def profile(job: Job, logdir: Path) -> Path:
     """A profiler trace of a few training steps of ``job`` (its first member) on its first
     training batches, into ``logdir`` (:func:`jaxnet.profiling.trace_steps`)."""
@@ -152,9 +165,9 @@ def profile(job: Job, logdir: Path) -> Path:
     params, model_state, key = start.params, start.model_state, start.key
     if job.member_run:
         params, model_state, key = jax.tree.map(lambda a: a[0], (params, model_state, key))
-    optimizer = configlib.make_optimizer(c)
+    optimizer = optimizer_of(job)
     dtype = None if c.dtype == "float32" else jnp.dtype(c.dtype)
-    step = make_train_step(job.model, job.problem.loss, optimizer, compute_dtype=dtype)
+    step = make_train_step(job.model, loss_of(job), optimizer, compute_dtype=dtype)
     train_rows = job.problem.splits.train
     n, b = len(train_rows.x), min(c.batch_size, len(train_rows.x))
     starts = [(i * b) % max(n - b + 1, 1) for i in range(profiling.STEPS + 1)]
@@ -188,8 +201,8 @@ def train(
         start.params,
         x,
         y,
-        loss=job.problem.loss,
-        optimizer=configlib.make_optimizer(c),
+        loss=loss_of(job),
+        optimizer=optimizer_of(job),
         epochs=c.epochs,
         batch_size=c.batch_size,
         key=start.key,
@@ -641,6 +654,12 @@ def resume(
         config = TrainConfig.from_dict(stored)
         configlib.check_overrides(config, overrides or {})
         if epochs is not None:
+            if epochs != config.epochs and (config.lr_schedule != "constant" or config.warmup):
+                raise ArgumentError(
+                    f"this run's {config.lr_schedule} learning-rate schedule spans its {config.epochs} epochs: "
+                    "resume it with its own {0}, or train a new run",
+                    "epochs",
+                )
             config = dataclasses.replace(config, epochs=epochs)
         _check_log(log)
         schedule = Schedule(checkpoint_every, keep, checkpoint_steps, log_steps)

@@ -90,9 +90,10 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRN
 
 def learning_rate_of(opt_state) -> jax.Array | None:
     """The learning rate an ``optax.inject_hyperparams`` optimizer applied in its last update (its
-    state's ``hyperparams["learning_rate"]``, anywhere in a chain), or None when it has none."""
+    state's ``hyperparams["learning_rate"]``, times ``lr_scale`` when it injects one as
+    :mod:`jaxnet.recipes` does, anywhere in a chain), or None when it has none."""
     found = [
-        node.hyperparams["learning_rate"]
+        node.hyperparams["learning_rate"] * node.hyperparams.get("lr_scale", 1.0)
         for node in jax.tree.leaves(
             opt_state, is_leaf=lambda node: isinstance(getattr(node, "hyperparams", None), dict)
         )

@@ -1,0 +1,66 @@
+"""Exported prediction programs: run with jax alone, equal to jaxnet predict."""
+
+import csv
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxnet import cli
+
+pytest.importorskip("flatbuffers")
+datasets = pytest.importorskip("sklearn.datasets")
+
+LOADER = """
+import sys
+sys.modules["jaxnet"] = None  # any import of jaxnet fails: the program needs jax alone
+import jax, numpy as np
+program = jax.export.deserialize(open(sys.argv[1], "rb").read())
+x = np.loadtxt(sys.argv[2], delimiter=",", skiprows=1, dtype=np.float32, ndmin=2)
+np.save(sys.argv[3], np.asarray(program.call(x)))
+"""
+
+
+def _regression_csv(folder):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3))
+    y = 100 + 20 * x[:, 0] - 7 * x[:, 1] ** 2
+    np.savetxt(folder / "train.csv", np.c_[x, y], delimiter=",", header="a,b,c,price", comments="")
+    return ["--data", str(folder / "train.csv"), "--target", "price", "--task", "regression"], x[:17], "a,b,c"
+
+
+def _digits(folder):
+    names = ",".join(f"pixel_{i}_{j}" for i in range(8) for j in range(8))
+    return ["--dataset", "digits", "--seeds", "2", "--ensemble"], datasets.load_digits().data[:17], names
+
+
+@pytest.mark.parametrize("case", [_digits, _regression_csv])
+def test_an_exported_model_runs_without_jaxnet_and_equals_predict(tmp_path, capsys, case):
+    args, features, names = case(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", *args, "--epochs", "2", "--hidden", "16", "--out", str(out), "--quiet"]) == 0
+    data = tmp_path / "new.csv"
+    np.savetxt(data, features, delimiter=",", header=names, comments="", fmt="%.8g")
+    program = tmp_path / "model.jaxexport"
+    assert cli.main(["export", "--model", str(out), "--out", str(program)]) == 0
+    got = tmp_path / "got.npy"
+    run = subprocess.run([sys.executable, "-c", LOADER, program, data, got], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    exported = np.load(got)
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(out), "--data", str(data)]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    header, values = rows[0], np.array(rows[1:], dtype=float)
+    if header[0] == "prediction" and len(header) > 1:  # classes: the label, then one probability each
+        np.testing.assert_array_equal(values[:, 0], exported.argmax(axis=1))
+        values = values[:, 1:]
+    assert exported.shape == values.shape
+    np.testing.assert_allclose(exported, values, rtol=2e-5, atol=2e-6)  # predict prints 6 digits
+
+
+def test_export_refuses_what_is_not_a_model(tmp_path, capsys):
+    assert cli.main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "m.jaxexport")]) == 2
+    assert "not a jaxnet model" in capsys.readouterr().err
+    assert not (tmp_path / "m.jaxexport").exists()

@@ -104,6 +104,7 @@ def _add_train(sub) -> None:
     )
     _add_data_options(p.add_argument_group("data"))
     _add_model_options(p.add_argument_group("model and training"))
+    _add_recipe_options(p.add_argument_group("optimizer and schedule"))
     _add_device_options(p.add_argument_group("devices and processes (see docs/distributed.md)"))
     _add_output_options(p.add_argument_group("output"))
     p.set_defaults(run=_cmd_train)
@@ -131,35 +132,6 @@ def _add_model_options(m) -> None:
     m.add_argument(
         "--loss",
         help="mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)",
-    )
-    m.add_argument(
-        "--optimizer",
-        help="any of optax's: sgd, adam, adamw, lion, lamb, rmsprop, adafactor, adagrad, adamax, nadam, radam, "
-        "novograd, lars, yogi, adabelief, amsgrad, adan, sm3 ... (default adam)",
-    )
-    m.add_argument("--momentum", type=number, metavar="M", help="sgd, rmsprop, sm3: momentum")
-    m.add_argument("--nesterov", action="store_true", help="sgd, rmsprop: Nesterov momentum")
-    m.add_argument(
-        "--lr-schedule",
-        metavar="NAME",
-        help="constant (default), cosine, linear, exponential (to 1%% of --lr) or onecycle, over the run's steps",
-    )
-    m.add_argument("--warmup", type=integer, metavar="STEPS", help="linear warmup of the learning rate from 0")
-    m.add_argument("--clip-norm", type=number, metavar="C", help="clip the gradients' global norm to C")
-    m.add_argument("--grad-accum", type=integer, metavar="N", help="one update per N batches (their mean gradient)")
-    m.add_argument("--label-smoothing", type=number, metavar="A", help="cross-entropy against smoothed labels")
-    m.add_argument(
-        "--lr",
-        type=number_list,
-        metavar="LR[,LR...]",
-        help="learning rate; a comma-separated list trains one member per value",
-    )
-    m.add_argument(
-        "--weight-decay",
-        type=number_list,
-        metavar="WD[,WD...]",
-        help="weight decay (adamw: decoupled, default 1e-4; sgd, adam: L2 in the gradient, default 0); "
-        "a comma-separated list trains one member per value",
     )
     m.add_argument(
         "--seeds",
@@ -193,6 +165,39 @@ def _add_model_options(m) -> None:
         "--class-weight",
         metavar="balanced|C:W,...",
         help="weigh each training example's loss by its class: balanced (n / (classes * count)) or e.g. 0:1,1:5",
+    )
+
+
+def _add_recipe_options(m) -> None:
+    m.add_argument(
+        "--optimizer",
+        help="any of optax's: sgd, adam, adamw, lion, lamb, rmsprop, adafactor, adagrad, adamax, nadam, radam, "
+        "novograd, lars, yogi, adabelief, amsgrad, adan, sm3 ... (default adam)",
+    )
+    m.add_argument("--momentum", type=number, metavar="M", help="sgd, rmsprop, sm3: momentum")
+    m.add_argument("--nesterov", action="store_true", help="sgd, rmsprop: Nesterov momentum")
+    m.add_argument(
+        "--lr-schedule",
+        metavar="NAME",
+        help="constant (default), cosine, linear, exponential (to 1%% of --lr) or onecycle, over the run's steps",
+    )
+    m.add_argument("--warmup", type=integer, metavar="STEPS", help="linear warmup of the learning rate from 0")
+    m.add_argument("--clip-norm", type=number, metavar="C", help="clip the gradients' global norm to C")
+    m.add_argument("--grad-accum", type=integer, metavar="N", help="one update per N batches (their mean gradient)")
+    m.add_argument("--label-smoothing", type=number, metavar="A", help="cross-entropy against smoothed labels")
+    m.add_argument(
+        "--lr",
+        type=number_list,
+        metavar="LR[,LR...]",
+        help="learning rate; a comma-separated list trains one member per value",
+    )
+    m.add_argument(
+        "--weight-decay",
+        type=number_list,
+        metavar="WD[,WD...]",
+        help="weight decay (decoupled for optimizers that take one: adamw default 1e-4, lion, lamb ... default 0; "
+        "for the others L2 in the gradient, default 0); "
+        "a comma-separated list trains one member per value",
     )
 
 

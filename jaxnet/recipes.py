@@ -93,8 +93,8 @@ def base_factory(name: str, *, decay: bool, momentum: float | None = None, neste
 
     def make(learning_rate, lr_scale=1.0, weight_decay=0.0):
         rate = learning_rate * lr_scale
-        if decoupled:
-            return base(rate, weight_decay=weight_decay, **options) if decay else base(rate, **options)
+        if decoupled:  # always given: lion's own default would decay a config that says 0
+            return base(rate, weight_decay=weight_decay, **options)
         if not decay:
             return base(rate, **options)
         return optax.chain(optax.add_decayed_weights(weight_decay), base(rate, **options))

@@ -36,7 +36,7 @@ def _digits(folder):
     return ["--dataset", "digits", "--seeds", "2", "--ensemble"], datasets.load_digits().data[:17], names
 
 
-@pytest.mark.parametrize("case", [_digits, _regression_csv])
+@pytest.mark.parametrize("case", [pytest.param(_digits, marks=pytest.mark.slow), _regression_csv])
 def test_an_exported_model_runs_without_jaxnet_and_equals_predict(tmp_path, capsys, case):
     args, features, names = case(tmp_path)
     out = tmp_path / "run"

@@ -156,8 +156,8 @@ def test_weight_decay_is_applied_by_every_optimizer():
         opt_plain, opt_decayed = configlib.make_optimizer(plain), configlib.make_optimizer(decayed)
         up_plain, _ = opt_plain.update(grads, opt_plain.init(params), params)
         up_decayed, _ = opt_decayed.update(grads, opt_decayed.init(params), params)
-        assert np.all(np.asarray(up_plain["w"]) == 0), name
-        assert np.all(np.asarray(up_decayed["w"]) < 0), name  # pulled towards zero
+        # pulled further towards zero than without decay (some optimizers move even on zero gradients)
+        assert np.all(np.asarray(up_decayed["w"]) < np.asarray(up_plain["w"])), name
     sgd = configlib.make_optimizer(configlib.make_config(**SMALL, optimizer="sgd", lr=0.1, weight_decay=0.5))
     update, _ = sgd.update({"w": np.zeros(1)}, sgd.init({"w": np.ones(1)}), {"w": np.ones(1)})
     np.testing.assert_allclose(update["w"], [-0.1 * 0.5])  # PyTorch's SGD weight_decay: lr * wd * w

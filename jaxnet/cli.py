@@ -558,7 +558,12 @@ def _add_export(sub) -> None:
         "needs jax alone (see docs/models.md, 'Export').",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
-    p.add_argument("--out", required=True, metavar="FILE", help="the program file, e.g. model.jaxexport")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="the program file, e.g. model.jaxexport; a name ending in .safetensors gets the weights instead",
+    )
     p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.add_argument("--platforms", metavar="P1,P2", help="platforms to export for, e.g. cpu,cuda (default: this one)")
     p.set_defaults(run=_cmd_export)

@@ -16,6 +16,7 @@ run's ``model.npz`` metadata); the program's platform is the one it was exported
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -48,18 +49,49 @@ def prediction_function(model: files.SavedModel, arch: str | None = None):
     return predict
 
 
+def _require(module: str, what: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise ImportError(
+            f"{what} needs {module}, which is not installed: pip install 'jaxnet-trainer[export]'"
+        ) from None
+
+
+def tensors(model: files.SavedModel) -> dict[str, np.ndarray]:
+    """A saved model's arrays by the names ``model.npz`` uses: ``params/<path>``, ``state/<path>``,
+    ``norm/mean``, ``norm/std`` (and ``norm/target_mean``/``norm/target_std`` for a regression)."""
+    named = {f"params/{k}": v for k, v in model.params.items()}
+    named.update({f"state/{k}": v for k, v in model.state.items()})
+    named.update({"norm/mean": model.mean, "norm/std": model.std})
+    if model.target_mean is not None:
+        named.update({"norm/target_mean": model.target_mean, "norm/target_std": model.target_std})
+    return {k: np.ascontiguousarray(v) for k, v in named.items()}
+
+
+def export_safetensors(model_dir, out) -> Path:
+    """Writes the model's weights (:func:`tensors`) as a safetensors file, its JSON metadata under
+    the ``jaxnet`` key of the header, for tools that read weights without jaxnet (atomically)."""
+    _require("safetensors", "a safetensors export")
+    from safetensors.numpy import save_file
+
+    model = files.load_model(model_dir)
+    out = Path(out)
+    with files.atomic_path(out) as tmp:
+        save_file(tensors(model), str(tmp), metadata={"jaxnet": json.dumps(model.meta, sort_keys=True)})
+    return out
+
+
 def export(model_dir, out, *, arch: str | None = None, platforms: tuple[str, ...] | None = None) -> Path:
-    """Writes the serialized prediction program of the model in ``model_dir`` to ``out`` (atomically).
+    """Writes the serialized prediction program of the model in ``model_dir`` to ``out`` (atomically);
+    an ``out`` ending in ``.safetensors`` gets the weights instead (:func:`export_safetensors`).
 
     Returns:
       ``out``.
     """
-    try:
-        import flatbuffers  # noqa: F401  (jax.export serializes with it)
-    except ImportError:
-        raise ImportError(
-            "jaxnet export needs flatbuffers, which is not installed: pip install 'jaxnet-trainer[export]'"
-        ) from None
+    if str(out).endswith(".safetensors"):
+        return export_safetensors(model_dir, out)
+    _require("flatbuffers", "jaxnet export")  # jax.export serializes with it
     model = files.load_model(model_dir)
     features = len(model.meta["feature_names"])
     (n,) = jax.export.symbolic_shape("n")

@@ -64,3 +64,22 @@ def test_export_refuses_what_is_not_a_model(tmp_path, capsys):
     assert cli.main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "m.jaxexport")]) == 2
     assert "not a jaxnet model" in capsys.readouterr().err
     assert not (tmp_path / "m.jaxexport").exists()
+
+
+def test_weights_as_safetensors_read_back_without_jaxnet(tmp_path, capsys):
+    safetensors = pytest.importorskip("safetensors.numpy")
+    out = tmp_path / "run"
+    assert (
+        cli.main(["train", "--dataset", "moons", "--epochs", "1", "--hidden", "4", "--out", str(out), "--quiet"]) == 0
+    )
+    assert cli.main(["export", "--model", str(out), "--out", str(tmp_path / "w.safetensors")]) == 0
+    got = safetensors.load_file(str(tmp_path / "w.safetensors"))
+    with np.load(out / "model.npz") as npz:
+        expected = {name: npz[name] for name in npz.files if name != "meta"}
+    assert sorted(got) == sorted(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(got[name], array)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w.safetensors"), framework="numpy") as f:
+        assert '"loss"' in f.metadata()["jaxnet"]

@@ -203,7 +203,17 @@ class Entry(NamedTuple):
 
 def entries(directory: str | os.PathLike) -> list[Entry]:
     """What each complete checkpoint in ``directory`` holds (from its metadata), oldest first;
-    an unreadable one is left out."""
+    an unreadable one is left out. A checkpoint that a running save removes meanwhile (``keep``)
+    is left out too: the listing is taken again."""
+    for _ in range(3):
+        try:
+            return _entries(directory)
+        except FileNotFoundError:  # a step folder vanished between listing and reading
+            continue
+    return _entries(directory)
+
+
+def _entries(directory) -> list[Entry]:
     found, names = [], steps(directory)
     if not names:
         return found
@@ -212,7 +222,7 @@ def entries(directory: str | os.PathLike) -> list[Entry]:
         for step in names:
             try:
                 meta = _read_meta(manager, step)
-            except Exception:  # damaged or foreign: restore() reports those
+            except Exception:  # damaged, foreign or removed meanwhile: restore() reports those
                 continue
             position = meta.get("position")
             found.append(Entry(step, int(meta["epoch"]), None if position is None else int(position["steps"])))

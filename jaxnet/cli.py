@@ -16,6 +16,8 @@ import math
 import os
 import sys
 
+from jaxnet import cliflags
+
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 FLAGS = {
@@ -100,104 +102,28 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a model (an MLP, a CNN or your own) on a built-in dataset or a CSV/.npz file",
-        description="Train a model. Unset options take the dataset's preset (see docs).",
+        description="Train a model. Unset options take the defaults and the dataset's preset: --print-config "
+        "shows every resolved value.",
     )
-    _add_data_options(p.add_argument_group("data"))
-    _add_model_options(p.add_argument_group("model and training"))
-    _add_recipe_options(p.add_argument_group("optimizer and schedule"))
+    _add_config_options(p.add_argument_group("config file"))
+    groups = {name: p.add_argument_group(name) for name in (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE)}
+    parsers = {"str": str, "int": integer, "number": number, "ints": int_list, "names": name_list}
+    cliflags.add_flags(groups, {**parsers, "numbers": number_list})
     _add_device_options(p.add_argument_group("devices and processes (see docs/distributed.md)"))
     _add_output_options(p.add_argument_group("output"))
     p.set_defaults(run=_cmd_train)
 
 
-def _add_data_options(src) -> None:
-    src.add_argument("--dataset", help="built-in dataset: seed, xor, moons, spirals, digits (default: digits)")
-    src.add_argument("--data", metavar="FILE", help="a CSV file (with --target) or .npz file (arrays x, y)")
-    src.add_argument("--target", metavar="COLUMN", help="the CSV column to predict")
-    src.add_argument("--task", help="classification or regression (default: inferred when unambiguous)")
-    src.add_argument("--val-split", type=number, metavar="F", help="validation fraction (default 0.1)")
-    src.add_argument("--test-split", type=number, metavar="F", help="test fraction (default 0.2)")
-
-
-ARCH_HELP = "mlp (default), cnn (see docs/models.md), or path/to/file.py:factory (your own model)"
-
-
-def _add_model_options(m) -> None:
-    m.add_argument("--arch", metavar="ARCH", help=ARCH_HELP)
-    m.add_argument("--hidden", type=int_list, metavar="SIZES", help="hidden layer sizes, e.g. 64,64")
-    m.add_argument("--dropout", type=number, metavar="P", help="mlp, cnn: dropout rate after hidden layers")
-    m.add_argument("--input-shape", type=int_list, metavar="H,W,C", help="cnn: the image shape of a row")
-    m.add_argument("--channels", type=int_list, metavar="C1,C2", help="cnn: convolution widths (default 32,64)")
-    m.add_argument("--activation", help="hidden activation, e.g. relu, tanh, sigmoid")
-    m.add_argument(
-        "--loss",
-        help="mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)",
+def _add_config_options(c) -> None:
+    c.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="the run's config as TOML (field = value, e.g. a run folder's config.toml); flags given override it",
     )
-    m.add_argument(
-        "--seeds",
-        type=integer,
-        metavar="N",
-        help="train N members from seeds seed..seed+N-1 in one program (times each lr)",
-    )
-    m.add_argument(
-        "--ensemble",
+    c.add_argument(
+        "--print-config",
         action="store_true",
-        help="with several members, save them all; predict and evaluate average them",
-    )
-    m.add_argument("--epochs", type=integer, help="epochs; with --resume, extends the run to this many")
-    m.add_argument("--batch-size", type=integer)
-    m.add_argument("--seed", type=integer, help="seed of every random draw (default 0)")
-    m.add_argument("--patience", type=integer, help="early stopping after N epochs without improvement")
-    m.add_argument(
-        "--skip-nonfinite",
-        action="store_true",
-        help="skip updates with non-finite gradients instead of stopping",
-    )
-    m.add_argument("--dtype", help="compute dtype: float32, or bfloat16 (mixed precision, float32 master params)")
-    m.add_argument(
-        "--metrics",
-        type=name_list,
-        metavar="NAMES",
-        help="also record these metrics of training and validation, e.g. f1,precision,recall,top_5_accuracy "
-        "(accuracy, cross_entropy, mse, mae, r2)",
-    )
-    m.add_argument(
-        "--class-weight",
-        metavar="balanced|C:W,...",
-        help="weigh each training example's loss by its class: balanced (n / (classes * count)) or e.g. 0:1,1:5",
-    )
-
-
-def _add_recipe_options(m) -> None:
-    m.add_argument(
-        "--optimizer",
-        help="any of optax's: sgd, adam, adamw, lion, lamb, rmsprop, adafactor, adagrad, adamax, nadam, radam, "
-        "novograd, lars, yogi, adabelief, amsgrad, adan, sm3 ... (default adam)",
-    )
-    m.add_argument("--momentum", type=number, metavar="M", help="sgd, rmsprop, sm3: momentum")
-    m.add_argument("--nesterov", action="store_true", help="sgd, rmsprop: Nesterov momentum")
-    m.add_argument(
-        "--lr-schedule",
-        metavar="NAME",
-        help="constant (default), cosine, linear, exponential (to 1%% of --lr) or onecycle, over the run's steps",
-    )
-    m.add_argument("--warmup", type=integer, metavar="STEPS", help="linear warmup of the learning rate from 0")
-    m.add_argument("--clip-norm", type=number, metavar="C", help="clip the gradients' global norm to C")
-    m.add_argument("--grad-accum", type=integer, metavar="N", help="one update per N batches (their mean gradient)")
-    m.add_argument("--label-smoothing", type=number, metavar="A", help="cross-entropy against smoothed labels")
-    m.add_argument(
-        "--lr",
-        type=number_list,
-        metavar="LR[,LR...]",
-        help="learning rate; a comma-separated list trains one member per value",
-    )
-    m.add_argument(
-        "--weight-decay",
-        type=number_list,
-        metavar="WD[,WD...]",
-        help="weight decay (decoupled for optimizers that take one: adamw default 1e-4, lion, lamb ... default 0; "
-        "for the others L2 in the gradient, default 0); "
-        "a comma-separated list trains one member per value",
+        help="print the complete resolved config as TOML (the --config format) and exit without training",
     )
 
 
@@ -254,48 +180,6 @@ def _add_output_options(o) -> None:
     o.add_argument("--json", action="store_true", help="print one JSON object with the final figures on stdout")
 
 
-def _given(args) -> dict:
-    """The config fields given on the command line (None = not given)."""
-    lr, weight_decay = args.lr or (), args.weight_decay or ()
-    return dict(
-        dataset=args.dataset,
-        data=args.data,
-        target=args.target,
-        task=args.task,
-        arch=args.arch,
-        hidden=args.hidden,
-        dropout=args.dropout,
-        input_shape=args.input_shape,
-        channels=args.channels,
-        activation=args.activation,
-        loss=args.loss,
-        optimizer=args.optimizer,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        val_split=args.val_split,
-        test_split=args.test_split,
-        patience=args.patience,
-        dtype=args.dtype,
-        seeds=args.seeds,
-        ensemble=args.ensemble or None,
-        skip_nonfinite=args.skip_nonfinite or None,
-        metrics=args.metrics,
-        class_weight=args.class_weight,
-        momentum=args.momentum,
-        nesterov=args.nesterov or None,
-        lr_schedule=args.lr_schedule,
-        warmup=args.warmup,
-        clip_norm=args.clip_norm,
-        grad_accum=args.grad_accum,
-        label_smoothing=args.label_smoothing,
-        lr=lr[0] if len(lr) == 1 else None,
-        lrs=tuple(lr) if len(lr) > 1 else None,
-        weight_decay=weight_decay[0] if len(weight_decay) == 1 else None,
-        weight_decays=tuple(weight_decay) if len(weight_decay) > 1 else None,
-    )
-
-
 @contextlib.contextmanager
 def _stdout_to_stderr(active: bool):
     """Sends file descriptor 1 to stderr while active, so that native libraries' chatter (the
@@ -333,6 +217,8 @@ def _say(message: str) -> None:
 def _check_train_args(args) -> None:
     if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise CliError("--resume DIR writes on into DIR: drop --out")
+    if args.resume and args.config:
+        raise CliError("--resume continues the run with its own config: drop --config")
     if args.resume and args.overwrite:
         raise CliError("--resume continues the run in DIR; --overwrite would replace it: drop one")
     for name, value in (
@@ -348,18 +234,41 @@ def _check_train_args(args) -> None:
             raise CliError(f"{name} needs --out DIR")
 
 
+def _train_config(args) -> tuple[dict, object]:
+    """``(given, config)``: the config fields given (``--config`` file, then flags over it) and the
+    resolved config (None with ``--resume``, which keeps the run's own)."""
+    from jaxnet import config as configlib
+    from jaxnet import configfile
+
+    given = cliflags.given(args)
+    if args.config:
+        given = {**configfile.load(args.config), **{k: v for k, v in given.items() if v is not None}}
+    return given, None if args.resume else configlib.make_config(**given)
+
+
+def _print_config(config, resume) -> int:
+    from jaxnet import configfile
+    from jaxnet.rundir import RunFolder
+
+    stored = config.to_dict() if config is not None else RunFolder(resume).stored_config()
+    if stored is None:
+        raise CliError(f"{resume} holds no run config (give the out folder of an earlier run)")
+    print(configfile.dumps(stored), end="")
+    return 0
+
+
 def _cmd_train(args) -> int:
     _check_train_args(args)
+    if args.print_config:
+        return _print_config(_train_config(args)[1], args.resume)
     from jaxnet import callbacks, parallel
-    from jaxnet import config as configlib
     from jaxnet import run as runlib
 
     # Before any other JAX use: joining a multi-process run must precede backend start-up.
     distributed = parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = parallel.make_data_mesh(args.devices) if args.devices or distributed else None
     primary = parallel.is_primary()
-    given = _given(args)
-    config = None if args.resume else configlib.make_config(**given)
+    given, config = _train_config(args)
     interrupt = callbacks.Interrupt(_say if primary else None)
     progress = callbacks.Progress(config.epochs if config else args.epochs) if primary and not args.quiet else None
     cbs = [interrupt] + ([progress] if progress else [])

@@ -18,12 +18,13 @@ import shutil
 import socket
 from pathlib import Path
 
-from jaxnet import files
+from jaxnet import configfile, files
 
 CONFIG_FILE = "config.json"
+CONFIG_TOML = "config.toml"  # the same config, for jaxnet train --config
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
-OUTPUTS = (CONFIG_FILE, files.MODEL_FILE, "metrics.jsonl", "curves.png")
+OUTPUTS = (CONFIG_FILE, CONFIG_TOML, files.MODEL_FILE, "metrics.jsonl", "curves.png")
 
 
 class RunFolderBusy(RuntimeError):
@@ -81,6 +82,7 @@ class RunFolder:
 
     def write_config(self, config: dict) -> None:
         files.write_text(self.path / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
+        files.write_text(self.path / CONFIG_TOML, configfile.dumps(config))
 
     def clear(self) -> None:
         """Removes the run's files and checkpoints (to train another run into the folder)."""

@@ -178,6 +178,7 @@ def test_train_predict_evaluate_agree(files, tmp_path):
         "curves.png",
         "checkpoints",
         "config.json",
+        "config.toml",
     }
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

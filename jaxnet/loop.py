@@ -26,11 +26,18 @@ from jaxnet.feed import CHUNK_BYTES
 from jaxnet.forward import AnyModel, check_model, is_stateful
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
-from jaxnet.metrics import get_metrics
+from jaxnet.metrics import check_targets, get_metrics
 from jaxnet.step import init_state, skip_nonfinite_updates
 
 Record = dict[str, Any]
 MONITORS = ("val_loss", "val_accuracy")
+"""What early stopping may monitor, besides ``val_<name>`` of a named metric given to ``fit``."""
+LOWER_IS_BETTER = ("val_loss", "val_cross_entropy", "val_mse", "val_mae")
+
+
+def monitor_sign(monitor: str) -> float:
+    """1 when a lower ``monitor`` is better (losses and errors), -1 when higher is."""
+    return 1.0 if monitor in LOWER_IS_BETTER else -1.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -220,10 +227,10 @@ def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
     return programs.Data(train, sources.as_source(validation, None, "validation"))
 
 
-def _check_options(spec: LossSpec, epochs, batch_size, patience, monitor, validation) -> None:
+def _check_options(spec: LossSpec, epochs, batch_size, patience, monitor, validation, metrics=()) -> None:
     checks.integer("epochs", epochs)
     checks.integer("batch_size", batch_size)
-    checks.choice("monitor", monitor, MONITORS)
+    checks.choice("monitor", monitor, (*MONITORS, *(f"val_{m.name}" for m in metrics)))
     if monitor == "val_accuracy" and spec.metric is None:
         raise ValueError(f"monitor 'val_accuracy' needs a classification loss, not {spec.name!r}")
     checks.optional_integer("patience", patience)
@@ -244,7 +251,7 @@ def _per_member(value, k: int) -> list:
 def _open_book(state: FitState, monitor: str, patience: int | None, skip_nonfinite: bool) -> _Book:
     """The bookkeeping of ``state``: fresh, or rebuilt from a resumed state's history."""
     k = num_members(state.train.key) or 1
-    sign = 1.0 if monitor == "val_loss" else -1.0
+    sign = monitor_sign(monitor)
     best_epoch = np.asarray(_per_member(state.best_epoch, k), dtype=np.int64)
     best_value = np.full(k, math.inf * sign)
     stopped = np.zeros(k, bool)
@@ -303,7 +310,7 @@ def _keep_best(improved: np.ndarray, params, best, members: int | None):
 
 
 def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, monitor: str) -> tuple[_Book, np.ndarray]:
-    sign = 1.0 if monitor == "val_loss" else -1.0
+    sign = monitor_sign(monitor)
     current = np.asarray(val[monitor[len("val_") :]], dtype=np.float64).reshape(keep.shape)
     improved = keep & ((book.best_epoch == 0) | (sign * current < sign * book.best_value))
     book = book._replace(
@@ -454,7 +461,8 @@ def fit(
         every epoch in batches of ``eval_batch_size``.
       patience: stop after this many epochs without improvement of ``monitor`` (needs
         ``validation``).
-      monitor: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher is better).
+      monitor: ``"val_loss"`` (lower is better), ``"val_accuracy"`` or ``"val_<name>"`` of one of
+        ``metrics`` (higher is better, but for ``cross_entropy``, ``mse`` and ``mae``).
       drop_remainder: drop the last partial batch instead of masking it.
       callbacks: called after each epoch as ``cb(fit_state, record)``; returning True stops. A
         callback may also have methods ``on_run_start(fit_state)``, ``on_run_end(fit_state)``
@@ -525,7 +533,8 @@ def fit(
     spec = get_loss(loss)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
     data = _check_data(x, y, validation, sample_weight)
-    _check_options(spec, epochs, batch_size, patience, monitor, data.validation)
+    _check_options(spec, epochs, batch_size, patience, monitor, data.validation, get_metrics(metrics))
+    check_targets(get_metrics(metrics), spec.integer_labels, spec.name)
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
     if fresh:

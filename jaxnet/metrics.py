@@ -186,3 +186,23 @@ def get_metrics(metrics: Sequence | None) -> tuple[Metric, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"metrics: the names {names} repeat; give each metric once")
     return found
+
+
+CLASS_METRICS = ("accuracy", "cross_entropy", "precision", "recall", "f1")
+VALUE_METRICS = ("mse", "mae", "r2")
+
+
+def check_targets(metrics: tuple[Metric, ...], integer_labels: bool, loss_name: str) -> None:
+    """Refuses built-in metrics that do not fit the loss's targets: the class metrics (and
+    ``top_k_accuracy``) need integer labels, ``mse``, ``mae`` and ``r2`` real-valued targets."""
+    for m in metrics:
+        is_class = m.name in CLASS_METRICS or re.fullmatch(r"top_\d+_accuracy", m.name) is not None
+        if is_class and not integer_labels:
+            raise ValueError(
+                f"metrics: {m.name!r} scores class labels, but the loss {loss_name!r} has real-valued targets"
+            )
+        if m.name in VALUE_METRICS and integer_labels:
+            raise ValueError(
+                f"metrics: {m.name!r} compares outputs with real-valued targets, but the loss {loss_name!r} "
+                "has class labels"
+            )

@@ -254,3 +254,18 @@ def test_cli_weighs_classes_and_records_named_metrics(tmp_path, capsys):
         assert jn_cli.main(["train", *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_early_stopping_monitors_a_named_metric_in_its_direction(problem):
+    net, params, x, y = problem
+    args = dict(batch_size=16, epochs=6, validation=(x, y), patience=2, optimizer=optax.sgd(0.05))
+    state = _fit(net, params, x, y, metrics=["f1", "cross_entropy"], monitor="val_f1", **args)
+    f1 = [r["val_f1"] for r in state.history]
+    assert state.best_epoch == 1 + int(np.argmax(f1))  # the first epoch of the highest F1
+    with pytest.raises(ValueError, match="unknown monitor 'val_recall'"):
+        _fit(net, params, x, y, metrics=["f1"], monitor="val_recall", **args)
+    with pytest.raises(ValueError, match="'mae' compares outputs with real-valued targets"):
+        _fit(net, params, x, y, metrics=["mae"], **args)
+    lowest = _fit(net, params, x, y, metrics=["cross_entropy"], monitor="val_cross_entropy", **args)
+    ce = [r["val_cross_entropy"] for r in lowest.history]
+    assert lowest.best_epoch == 1 + int(np.argmin(ce))

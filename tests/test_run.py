@@ -217,6 +217,7 @@ def test_help_does_not_import_jax():
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # 17 s of subprocesses; the exit codes are also checked in-process by test_cli.py
 def test_cli_exit_codes_streams_and_requeued_commands(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--dataset", "moons", "--hidden", "4", "--epochs", "3", "--out", out]

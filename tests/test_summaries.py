@@ -60,6 +60,7 @@ def test_trace_steps_writes_a_profile_of_the_steps(tmp_path):
     assert _xplanes(tmp_path)
 
 
+@pytest.mark.slow  # trains a run and compiles its step twice
 def test_cli_summary_of_a_run_and_its_profile(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "1", "--hidden", "16", "--out", str(out), "--profile", "--quiet"]) == 0

@@ -333,9 +333,15 @@ def _report(result, args, out) -> None:
     print(report.format_summary(summary, out), file=sys.stderr, flush=True)
 
 
+def _model_args(p) -> None:
+    """The trained run a subcommand reads: ``--model DIR``, and ``--arch`` for a user's own factory."""
+    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="write a trained model's predictions as CSV to stdout")
-    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    _model_args(p)
     p.add_argument(
         "--data",
         required=True,
@@ -343,7 +349,6 @@ def _add_predict(sub) -> None:
         help="CSV with the model's feature columns ('-': standard input), .npz with x, .parquet, or a folder "
         "with x.npy; read in chunks",
     )
-    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.set_defaults(run=_cmd_predict)
 
 
@@ -366,7 +371,7 @@ def _cmd_predict(args) -> int:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="print a trained model's metrics on labelled data")
-    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    _model_args(p)
     p.add_argument(
         "--data",
         required=True,
@@ -375,7 +380,6 @@ def _add_evaluate(sub) -> None:
         "read in chunks",
     )
     p.add_argument("--target", metavar="COLUMN", help="the CSV target column (default: the one trained on)")
-    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_cmd_evaluate)
 
@@ -444,9 +448,8 @@ def _add_summary(sub) -> None:
         "summary",
         help="a trained model's layers, output shapes, parameter counts and a step's FLOPs and memory",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    _model_args(p)
     p.add_argument("--batch-size", type=integer, help="the batch whose costs are measured (default: the run's)")
-    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_cmd_summary)
 
@@ -466,14 +469,13 @@ def _add_export(sub) -> None:
         description="Writes one portable program: raw features (n, d) in, predict's outputs out; running it "
         "needs jax alone (see docs/models.md, 'Export').",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train'")
+    _model_args(p)
     p.add_argument(
         "--out",
         required=True,
         metavar="FILE",
         help="the program file, e.g. model.jaxexport; a name ending in .safetensors gets the weights instead",
     )
-    p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     p.add_argument("--platforms", metavar="P1,P2", help="platforms to export for, e.g. cpu,cuda (default: this one)")
     p.set_defaults(run=_cmd_export)
 

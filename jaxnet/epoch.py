@@ -136,8 +136,11 @@ def metric_zeros(metrics: tuple, outputs: int) -> dict | None:
     return {m.name: m.zeros(outputs) for m in metrics} or None
 
 
-LOGGED = ("loss", "grad_norm", "learning_rate")
-"""What a logged step reports, of what the update returns (``learning_rate`` when it can)."""
+def logged_template(update_outputs: dict) -> dict:
+    """The zero ``carry.last`` of logged steps: ``loss``, ``grad_norm`` and, when the update
+    returns one (an injected optimizer), ``learning_rate``."""
+    names = ("loss", "grad_norm", *(("learning_rate",) if "learning_rate" in update_outputs else ()))
+    return {name: jnp.zeros((), jnp.float32) for name in names}
 
 
 def epoch_metrics(carry: Carry, divisor) -> dict:
@@ -160,7 +163,7 @@ def _metric_sums(metrics: tuple, sums: dict, predictions, batch, weighted: bool)
 
 
 def _logged(out: dict, carry: Carry, every: int) -> dict:
-    """``carry.last``, replaced by this step's :data:`LOGGED` values when it is an ``every``-th step
+    """``carry.last``, replaced by this step's logged values when it is an ``every``-th step
     of the epoch; the gradients' global norm is computed on those steps only."""
     logged = (carry.steps + 1) % every == 0
     norm = jax.lax.cond(
@@ -169,11 +172,7 @@ def _logged(out: dict, carry: Carry, every: int) -> dict:
         lambda g: jnp.zeros((), jnp.float32),
         out["grads"],
     )
-    values = {
-        "loss": out["loss"],
-        "grad_norm": norm,
-        **({"learning_rate": out["learning_rate"]} if "learning_rate" in out else {}),
-    }
+    values = {**out, "grad_norm": norm}
     return {k: jnp.where(logged, values[k].astype(jnp.float32), carry.last[k]) for k in carry.last}
 
 
@@ -183,7 +182,7 @@ def _step_body(
     """One step: ``(carry, batch) -> carry``. ``weighted`` batches are ``(x, y, w)``; ``count``
     adds each batch's loss times its real examples (``sum(w)``, or the batch size) to the total.
     ``metrics`` add the step's predictions to the carry's sums; ``log`` (N) keeps every N-th step's
-    :data:`LOGGED` values in ``carry.last`` (the update must return predictions, and gradients, for them).
+    logged values in ``carry.last`` (the update must return predictions, and gradients, for them).
 
     The epoch's metrics accumulate in the carry (a per-step output buffer would hold members x
     steps losses when vmapped). The step index is carried (XLA merges it with the loop's own

@@ -533,8 +533,9 @@ def fit(
     spec = get_loss(loss)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
     data = _check_data(x, y, validation, sample_weight)
-    _check_options(spec, epochs, batch_size, patience, monitor, data.validation, get_metrics(metrics))
-    check_targets(get_metrics(metrics), spec.integer_labels, spec.name)
+    named = get_metrics(metrics)
+    _check_options(spec, epochs, batch_size, patience, monitor, data.validation, named)
+    check_targets(named, spec.integer_labels, spec.name)
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
     if fresh:
@@ -557,7 +558,7 @@ def fit(
         chunk_bytes=checks.integer("chunk_bytes", chunk_bytes),
         shuffle_buffer=checks.integer("shuffle_buffer", shuffle_buffer, minimum=0),
         eval_batch_size=checks.optional_integer("eval_batch_size", eval_batch_size),
-        metrics=get_metrics(metrics),
+        metrics=named,
         log_every_steps=checks.optional_integer("log_every_steps", log_every_steps),
         class_weights=_class_weights(class_weight, spec, model, resume.train, data),
     )

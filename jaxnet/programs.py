@@ -18,11 +18,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import feed, parallel
-from jaxnet.epoch import LOGGED, make_epoch, make_steps, metric_zeros, num_batches, outputs_of, start_carry
+from jaxnet.epoch import logged_template, make_epoch, make_steps, metric_zeros, num_batches, outputs_of, start_carry
 from jaxnet.step import make_per_example_update, make_update, skip_nonfinite_updates, weigh_classes
 
 DEFAULT_EVAL_BATCH = 1024
@@ -76,8 +75,7 @@ def _fresh(update, options: dict, x, y) -> Callable:
         if not found:
             batch = tuple(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in (x, y))
             sums = metric_zeros(metrics, outputs_of(update, train, x, y)) if metrics else None
-            out = jax.eval_shape(lambda s, b: update(s, b)[1], train, batch) if log else {}
-            last = {k: jnp.zeros((), jnp.float32) for k in LOGGED if k in out or k == "grad_norm"} if log else None
+            last = logged_template(jax.eval_shape(lambda s, b: update(s, b)[1], train, batch)) if log else None
             found.append((sums, last))
         return start_carry(train, *found[0])
 

@@ -138,6 +138,10 @@ def build(meta: dict, arch: str | None = None) -> AnyModel:
     out_dim)``, and only when ``arch`` names it (the spec it was trained with may be moved)."""
     spec = meta.get("arch", "mlp")
     sizes, act, out_act = meta["sizes"], meta["activation"], meta["output_activation"]
+    if spec == "mlp" and meta.get("embed"):
+        e = meta["embed"]
+        front = L.embed_features(len(meta["feature_names"]), e["features"], e["rows"], e["dim"])
+        return L.serial(front, mlp(sizes, act, out_act, meta.get("dropout", 0.0)))
     if spec == "mlp":
         return mlp(sizes, act, out_act, meta.get("dropout", 0.0))
     if spec == "cnn":

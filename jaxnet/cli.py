@@ -346,23 +346,24 @@ def _add_predict(sub) -> None:
         "--data",
         required=True,
         metavar="FILE",
-        help="CSV with the model's feature columns ('-': standard input), .npz with x, .parquet, or a folder "
-        "with x.npy; read in chunks",
+        help="CSV or Parquet with the model's columns, by name ('-': CSV on standard input), .npz with x, or a "
+        "folder with x.npy; read in chunks",
     )
+    p.add_argument("--probabilities", action="store_true", help="classification: also write each class's probability")
     p.set_defaults(run=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
     import csv
 
-    from jaxnet import data, files, report
+    from jaxnet import files, report
     from jaxnet import saved as savedlib
 
     model = files.load_model(args.model)
-    chunks = data.feature_chunks(args.data, model.meta["feature_names"])
+    chunks = savedlib.input_chunks(model, args.data, targets=False)
     writer = csv.writer(sys.stdout, lineterminator="\n")
     for i, predictions in enumerate(savedlib.predict_chunks(model, chunks, args.arch)):
-        header, rows = report.prediction_rows(model.meta, predictions)
+        header, rows = report.prediction_rows(model.meta, predictions, args.probabilities)
         if i == 0:
             writer.writerow(header)
         writer.writerows(rows)
@@ -385,12 +386,11 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from jaxnet import data, files
+    from jaxnet import files
     from jaxnet import saved as savedlib
 
     model = files.load_model(args.model)
-    target = args.target or model.meta.get("target")
-    chunks = data.feature_chunks(args.data, model.meta["feature_names"], target)
+    chunks = savedlib.input_chunks(model, args.data, args.target)
 
     def labelled(chunks):
         for x, y in chunks:

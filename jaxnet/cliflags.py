@@ -31,8 +31,13 @@ DATA, MODEL, RECIPE = "data", "model and training", "optimizer and schedule"
 
 FIELDS: dict[str, Flag] = {
     "dataset": Flag(DATA, "str", "NAME", "built-in dataset: seed, xor, moons, spirals, digits (default: digits)"),
-    "data": Flag(DATA, "str", "FILE", "a CSV file (with --target) or .npz file (arrays x, y)"),
-    "target": Flag(DATA, "str", "COLUMN", "the CSV column to predict"),
+    "data": Flag(
+        DATA, "str", "FILE", "a CSV or Parquet table (with --target), an .npz file (arrays x, y) or a folder of .npy"
+    ),
+    "target": Flag(DATA, "str", "COLUMN[,COLUMN]", "the table's column to predict (several: multi-output regression)"),
+    "categorical": Flag(DATA, "names", "COLUMNS", "integer columns to treat as categories (text columns always are)"),
+    "encoding": Flag(DATA, "str", "NAME", "categories as onehot features, or as a learned embedding (mlp)"),
+    "embedding_dim": Flag(DATA, "int", "N", "--encoding embedding: the size of each category's vector"),
     "task": Flag(DATA, "str", "TASK", "classification or regression (default: inferred when unambiguous)"),
     "val_split": Flag(DATA, "number", "F", "validation fraction"),
     "test_split": Flag(DATA, "number", "F", "test fraction"),

@@ -22,6 +22,7 @@ from jaxnet.layers import ACTIVATIONS
 from jaxnet.losses import get_loss
 from jaxnet.members import member_grid
 from jaxnet.metrics import get_metrics
+from jaxnet.tables import ENCODINGS
 from jaxnet.weights import parse_class_weight
 
 OPTIMIZERS = recipes.OPTIMIZERS
@@ -38,9 +39,13 @@ class TrainConfig:
 
     Attributes:
       dataset: a built-in dataset name (``jaxnet.data.BUILTINS``), or None when ``data`` is given.
-      data: path of a CSV (with ``target``) or ``.npz`` file (arrays ``x`` and ``y``); stored
-        absolute, so that a resume does not depend on the current directory.
-      target: the CSV column to predict.
+      data: path of a CSV or Parquet table (with ``target``), an ``.npz`` file (arrays ``x`` and
+        ``y``) or a folder of ``.npy`` arrays; stored absolute, so that a resume does not depend on
+        the current directory.
+      target: a table's column to predict, or several separated by commas (multi-output regression).
+      categorical: a table's integer columns to treat as categories (text columns always are).
+      encoding: a table's categories ``onehot`` (one 0/1 feature each) or ``embedding`` (a learned
+        ``embedding_dim`` vector per category, for ``mlp``).
       task: ``classification`` or ``regression``; None infers it from the targets when that is
         unambiguous (see :mod:`jaxnet.data`) and refuses otherwise.
       arch: the architecture: ``mlp``, ``cnn`` (see :func:`jaxnet.arch.cnn`), or
@@ -91,6 +96,9 @@ class TrainConfig:
     data: str | None = None
     target: str | None = None
     task: str | None = None
+    categorical: tuple[str, ...] = ()
+    encoding: str = "onehot"
+    embedding_dim: int = 8
     arch: str = "mlp"
     hidden: tuple[int, ...] = (64, 64)
     dropout: float | None = None
@@ -126,7 +134,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self):
-        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics"):
+        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics", "categorical"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.data is not None:
@@ -229,8 +237,18 @@ def _validate_data(c: TrainConfig) -> None:
         raise ArgumentError("give either a built-in dataset ({0}) or a data file ({1}), not both", "dataset", "data")
     if c.dataset is not None:
         checks.choice("dataset", c.dataset, BUILTINS)
-    if c.data is not None and str(c.data).lower().endswith(".csv") and not c.target:
-        raise ArgumentError(f"{checks.escape(c.data)} is a CSV file: name the column to predict with {{0}}", "target")
+    table = c.data is not None and str(c.data).lower().endswith((".csv", ".parquet"))
+    if table and not c.target:
+        raise ArgumentError(f"{checks.escape(c.data)} is a table: name the column to predict with {{0}}", "target")
+    if not isinstance(c.categorical, tuple) or not all(isinstance(n, str) and n for n in c.categorical):
+        raise ArgumentError(f"{{0}} must be column names, got {checks.literal(c.categorical)}", "categorical")
+    checks.choice("encoding", c.encoding, ENCODINGS)
+    checks.integer("embedding_dim", c.embedding_dim)
+    for name, default in (("categorical", ()), ("encoding", "onehot")):
+        if getattr(c, name) != default and not table:
+            raise ArgumentError("{0} is for CSV and Parquet tables (a data file .csv or .parquet)", name)
+    if c.encoding == "embedding" and c.arch != "mlp":
+        raise ArgumentError("{0} embedding is for {1} mlp", "encoding", "arch")
     if c.task is not None:
         checks.choice("task", c.task, TASKS)
     checks.fraction("val_split", c.val_split)

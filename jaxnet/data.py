@@ -17,16 +17,15 @@ Randomness (generated datasets, splits) comes only from ``np.random.default_rng(
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from jaxnet import sources
+from jaxnet import sources, tables
 from jaxnet.checks import ArgumentError, escape
 
 TASKS = ("classification", "regression")
@@ -54,6 +53,8 @@ class Dataset(NamedTuple):
       feature_names: ``d`` column names.
       name: the built-in's name or the file's name.
       validation: the validation examples a source holds apart (a folder's ``x_val.npy``), or None.
+      encoder: for a table (CSV, Parquet), how its columns became ``x`` (:mod:`jaxnet.tables`).
+      classes: the class names, when the labels were names (text or boolean), else None.
 
     ``x`` is a numpy array, or for data larger than memory (a folder of ``.npy`` arrays) rows read
     lazily (:class:`jaxnet.sources.RowView`, a ``np.memmap``): :func:`subset`,
@@ -67,6 +68,8 @@ class Dataset(NamedTuple):
     feature_names: tuple[str, ...]
     name: str
     validation: Dataset | None = None
+    encoder: tables.Encoder | None = None
+    classes: tuple[str, ...] | None = None
 
 
 class Splits(NamedTuple):
@@ -383,81 +386,78 @@ def _file_error(path, e: OSError) -> OSError:
     return OSError(f"cannot read data file {os.fspath(path)}: {reason}")
 
 
-def _read_csv_rows(path) -> list[tuple[int, list[str]]]:
-    """All non-blank rows with their 1-based line numbers in the file (the header is line 1)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    except OSError as e:
-        raise _file_error(path, e) from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{os.fspath(path)} is not a UTF-8 text CSV file") from None
-    except csv.Error as e:
-        raise ValueError(f"{os.fspath(path)} is not valid CSV: {e}") from None
-    return rows
+def load_table(
+    path,
+    target: str,
+    task: str | None = None,
+    *,
+    categorical: Sequence[str] = (),
+    encoding: str = "onehot",
+    fit_rows: Callable[[int], np.ndarray] | None = None,
+) -> Dataset:
+    """Reads a CSV or Parquet table: numeric, boolean and categorical columns, gaps, text class labels.
 
-
-def _parse_cell(cell: str, where: str) -> float:
-    text = cell.strip()
-    if not text:
-        raise ValueError(f"{where}: empty value (missing values are not supported)")
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{where}: non-numeric value {text!r}") from None
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        raise ValueError(f"{where}: value {text!r} is not finite (NaN, inf or beyond float32 range)")
-    return value
-
-
-def load_csv(path, target: str, task: str | None = None) -> Dataset:
-    """Reads a CSV file with a header row: numeric features and one target column.
-
-    Every column other than ``target`` is a feature. Blank lines are skipped. Errors name the
-    line in the file (the header is line 1) and the column.
+    Every column other than the target(s) is a feature, encoded by a :class:`jaxnet.tables.Encoder`
+    (see :mod:`jaxnet.tables`) fitted on the rows ``fit_rows(n)`` (the training split; default: all
+    rows) and kept as ``Dataset.encoder``. A text or boolean target is class labels, their names
+    (sorted) kept as ``Dataset.classes``; numeric targets are inferred as for arrays (see the
+    module docstring).
 
     Args:
-      path: the CSV file.
-      target: the name of the target column.
-      task: ``"classification"``, ``"regression"`` or None to infer (see the module docstring);
-        a regression target becomes ``y`` of shape ``(n, 1)``.
+      path: the ``.csv`` or ``.parquet`` file (a header row of unique names).
+      target: the target column, or several separated by commas (a multi-output regression).
+      task: ``"classification"``, ``"regression"`` or None to infer.
+      categorical: integer columns to treat as categories (text columns always are).
+      encoding: categories ``onehot`` or as codes for an ``embedding`` layer.
+      fit_rows: ``n -> indices`` of the rows that the preprocessing is fitted on.
 
     Returns:
-      The :class:`Dataset`, named after the file.
+      The :class:`Dataset`, named after the file; ``x`` ``(n, d)`` float32 encoded features.
     """
     _check_task(task)
     name = os.path.basename(os.fspath(path))
-    rows = _read_csv_rows(path)
-    if not rows:
-        raise ValueError(f"empty dataset: {name} is empty (expected a header row and data rows)")
-    _, header = rows[0]
-    header = [h.strip() for h in header]
-    duplicates = sorted({h for h in header if header.count(h) > 1})
-    if duplicates:
-        raise ValueError(f"{name}: duplicate column names in the header: {', '.join(map(repr, duplicates))}")
-    if target not in header:
-        raise ValueError(f"target column {target!r} not found in {name}; available columns: {', '.join(header)}")
-    if len(header) < 2:
+    table = tables.read(path)
+    targets = target_columns(target)
+    tables.missing_columns(table.column_names, targets, name, "the target column")
+    features = [c for c in table.column_names if c not in targets]
+    if not features:
         raise ValueError(f"{name}: no feature columns besides the target {target!r}; at least one is needed")
-    if len(rows) == 1:
+    if table.num_rows == 0:
         raise ValueError(f"empty dataset: {name} has a header but no data rows")
-    values = np.empty((len(rows) - 1, len(header)), np.float64)
-    for i, (line, row) in enumerate(rows[1:]):
-        if len(row) != len(header):
-            raise ValueError(
-                f"{name} line {line}: ragged row with {len(row)} fields, expected {len(header)} as in the header"
+    y, task, num_classes, classes = _table_targets(table, targets, task, name)
+    rows = np.arange(table.num_rows) if fit_rows is None else np.asarray(fit_rows(table.num_rows))
+    encoder = tables.fit(table, features, categorical, encoding, name, rows)
+    x = tables.encode(tables.raw_matrix(table, encoder, name), encoder)
+    return Dataset(x, y, task, num_classes, encoder.feature_names, name, encoder=encoder, classes=classes)
+
+
+def target_columns(target: str) -> list[str]:
+    """The target column names of ``target`` (several separated by commas)."""
+    names = [t.strip() for t in str(target).split(",")]
+    if not all(names):
+        raise ArgumentError(f"{{0}} {escape(target)!r} has an empty column name", "target")
+    return names
+
+
+def _table_targets(table, targets: list[str], task, name: str):
+    """``(y, task, num_classes, classes)`` of a table's target columns."""
+    named = tables.class_names(table, targets[0], name) if len(targets) == 1 else None
+    if named is not None:
+        if task == "regression":
+            raise ArgumentError(
+                f"{name}: the target {targets[0]!r} holds class names, not numbers: a {{0}} 'regression' needs numbers",
+                "task",
             )
-        for j, cell in enumerate(row):
-            values[i, j] = _parse_cell(cell, f"{name} line {line}, column {header[j]!r}")
-    t = header.index(target)
-    lines = [line for line, _ in rows[1:]]
-    y, task, num_classes = _targets(
-        values[:, t : t + 1], task, False, lambda i: f"{name} line {lines[i]}, column {target!r}"
-    )
-    x = np.delete(values, t, axis=1).astype(np.float32)
-    features = tuple(h for j, h in enumerate(header) if j != t)
-    return Dataset(x, y, task, num_classes, features, name)
+        labels, classes = named
+        return labels, "classification", len(classes), classes
+    values = tables.target_values(table, targets, name)
+    y, task, num_classes = _targets(values, task, False, lambda i: f"{name} row {i + 1}, column {targets[0]!r}")
+    return y, task, num_classes, None
+
+
+def load_csv(path, target: str, task: str | None = None, **options) -> Dataset:
+    """A CSV file: :func:`load_table`."""
+    return load_table(path, target, task, **options)
 
 
 def load_npz(path, task: str | None = None) -> Dataset:
@@ -504,144 +504,41 @@ def load_npz(path, task: str | None = None) -> Dataset:
     return from_arrays(arrays["x"], arrays["y"], task=task, name=name)
 
 
-def load_features(path, feature_names, target: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Reads inputs for a trained model: the named feature columns of a CSV, or ``x`` of an ``.npz``.
-
-    Args:
-      path: a ``.csv`` (header with every name in ``feature_names``; other columns are ignored)
-        or ``.npz`` file (array ``x``, optionally ``y``).
-      feature_names: the model's features, in its order.
-      target: for CSV, the target column to return as ``y`` when the file has it.
-
-    Returns:
-      ``(x: (n, d) float32, y)``: ``y`` is the raw target (float64 for CSV, as stored for npz),
-      or None when the file has none.
-    """
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
-    name = os.path.basename(os.fspath(path))
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
-        except OSError as e:
-            raise _file_error(path, e) from None
-        except ValueError as e:
-            raise ValueError(f"{name} is not a readable .npz archive without pickle: {e}") from None
-        if "x" not in arrays:
-            raise ValueError(f"{name} has no array 'x' (the model's inputs)")
-        x = np.asarray(arrays["x"])
-        x = x[:, None] if x.ndim == 1 else x
-        if x.ndim != 2 or not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-            raise ValueError(f"{name}: 'x' must be a finite numeric (n, d) array, got {x.dtype} {x.shape}")
-        if len(x) == 0:
-            raise ValueError(f"empty dataset: {name} has no examples")
-        return x.astype(np.float32), arrays.get("y")
-    if suffix != ".csv":
-        raise ValueError(f"unsupported data file {os.fspath(path)!r}: use a .csv or .npz file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            chunks = list(_csv_chunks(f, tuple(feature_names), target, CHUNK_ROWS, name))
-    except OSError as e:
-        raise _file_error(path, e) from None
-    if not chunks:
-        raise ValueError(f"empty dataset: {name} has no data rows")
-    x = np.concatenate([c[0] for c in chunks])
-    y = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
-    return x, y
-
-
 CHUNK_ROWS = 65536
-"""Rows per chunk when data is read in chunks (predict and evaluate); CSV chunks hold at most
-``CSV_CHUNK_CELLS`` cells (Python parses a CSV row into a list of strings first)."""
-CSV_CHUNK_CELLS = 500_000
+"""Rows per chunk when data is read in chunks (predict and evaluate)."""
 
 
-def _columns_of(header: list[str], feature_names, target, name: str) -> tuple[list[int], int | None]:
-    missing = [f for f in feature_names if f not in header]
-    if missing:
-        raise ValueError(
-            f"{name} lacks the model's feature columns {', '.join(map(repr, missing[:5]))}"
-            f"{' ...' if len(missing) > 5 else ''}: the model expects {len(feature_names)} features "
-            f"({', '.join(list(feature_names)[:5])}{' ...' if len(feature_names) > 5 else ''})"
-        )
-    return [header.index(f) for f in feature_names], (header.index(target) if target in header else None)
-
-
-def _parse_block(block: list[tuple[int, list[str]]], header, wanted, t, name):
-    """``(x, y)`` of CSV rows ``(line, cells)``: parsed by numpy at once, or cell by cell to name a bad one."""
-    width, used = len(header), wanted + ([t] if t is not None else [])
-    for line, row in block:
-        if len(row) != width:
-            raise ValueError(
-                f"{name} line {line}: ragged row with {len(row)} fields, expected {width} as in the header"
-            )
-    try:
-        values = np.array([[row[c] for c in used] for _, row in block], dtype=np.float64)
-        ok = bool(np.all(np.abs(values) <= _FLOAT32_MAX))  # False for NaN too
-    except ValueError:
-        ok = False
-    if not ok:  # cell by cell: the first bad one names its line and column
-        values = np.array(
-            [[_parse_cell(row[c], f"{name} line {line}, column {header[c]!r}") for c in used] for line, row in block]
-        )
-    x = values[:, : len(wanted)].astype(np.float32)
-    return x, (values[:, -1] if t is not None else None)
-
-
-def _csv_chunks(stream, feature_names, target, rows: int, name: str):
-    reader = csv.reader(stream)
-    limit = rows
-    header = None
-    block: list = []
-    try:
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if header is None:
-                header = [h.strip() for h in row]
-                wanted, t = _columns_of(header, feature_names, target, name)
-                limit = max(1, min(rows, CSV_CHUNK_CELLS // len(header)))
-                continue
-            block.append((reader.line_num, row))
-            if len(block) == limit:
-                yield _parse_block(block, header, wanted, t, name)
-                block = []
-    except UnicodeDecodeError:
-        raise ValueError(f"{name} is not UTF-8 text CSV") from None
-    except csv.Error as e:
-        raise ValueError(f"{name} is not valid CSV: {e}") from None
-    if header is None:
-        raise ValueError(f"empty dataset: {name} is empty (expected a header row and data rows)")
-    if block:
-        yield _parse_block(block, header, wanted, t, name)
-
-
-def feature_chunks(path, feature_names, target: str | None = None, rows: int = CHUNK_ROWS):
+def feature_chunks(path, encoder, target: str | None = None, classes=None, rows: int = CHUNK_ROWS):
     """Inputs for a trained model in chunks of at most ``rows`` rows, memory bounded by the chunk.
 
-    ``path`` is a CSV file (columns by name), ``-`` (CSV on standard input), an ``.npz`` (``x``,
-    optionally ``y``), a folder of ``x.npy`` (memory-mapped) and optionally ``y.npy``, or a
-    ``.parquet`` file (read by row group; its columns by name).
+    ``path`` is a CSV file (``-``: CSV on standard input) or a ``.parquet`` file, whose columns are
+    found by name (in any order; others are ignored) and encoded by ``encoder`` (a
+    :class:`jaxnet.tables.Encoder`, or feature names: numeric columns); an ``.npz`` (``x``,
+    optionally ``y``) or a folder of ``x.npy`` (memory-mapped) and optionally ``y.npy``, whose
+    ``x`` is the raw matrix (:func:`jaxnet.tables.raw_matrix`; numeric features as they are).
+
+    Args:
+      target: the target column(s) of a table, returned as ``y`` when the file has them.
+      classes: the model's class names, if its labels were names: ``y`` is then their indices.
 
     Yields:
-      ``(x: (m, d) float32, y)``: ``y`` the raw target (``(m,)``) when the data has it, else None.
+      ``(x: (m, d) float32 features, not standardized, y)``: ``y`` the raw targets (``(m,)`` or
+      ``(m, k)``) when the data has them, else None.
     """
     path = os.fspath(path)
+    if not isinstance(encoder, tables.Encoder):
+        encoder = tables.numeric(encoder)
     count = 0
-    for x, y in _feature_chunks(path, tuple(feature_names), target, rows):
+    for x, y in _feature_chunks(path, encoder, target, classes, rows):
         count += len(x)
         yield x, y
     if count == 0:
         raise ValueError(f"empty dataset: {'standard input' if path == '-' else os.path.basename(path)} has no rows")
 
 
-def _feature_chunks(path: str, feature_names, target, rows):
-    if path == "-":
-        import io
-        import sys
-
-        stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
-        yield from _csv_chunks(stream, feature_names, target, rows, "standard input")
+def _feature_chunks(path: str, encoder, target, classes, rows):
+    if path == "-" or tables.is_table_file(path):
+        yield from _table_chunks(path, encoder, target, classes, rows)
         return
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
@@ -649,26 +546,62 @@ def _feature_chunks(path: str, feature_names, target, rows):
         x = arrays["x"].reshape(len(arrays["x"]), -1)
         for start, block in zip(range(0, len(x), rows), sources.chunks_of(x, rows)):
             y = arrays["y"][start : start + rows] if "y" in arrays else None
-            yield _checked_features(block, name, start), (None if y is None else np.asarray(y))
+            yield (
+                _raw_features(_checked_features(block, name, start), encoder, name),
+                (None if y is None else np.asarray(y)),
+            )
         return
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".parquet":
-        table = sources.Parquet(path, target=target, features=feature_names, optional_target=True)
-        for g in range(table.num_groups):
-            yield table.read_group(g)
-        return
-    if suffix == ".npz":
-        x, y = load_features(path, feature_names, target)
-        for start in range(0, len(x), rows):
-            yield x[start : start + rows], (None if y is None else y[start : start + rows])
-        return
-    if suffix != ".csv":
+    if os.path.splitext(path)[1].lower() != ".npz":
         raise ValueError(f"unsupported data file {path!r}: use .csv, .npz, .parquet, a folder of .npy files, or -")
+    x, y = _npz_inputs(path, name)
+    for start in range(0, len(x), rows):
+        yield _raw_features(x[start : start + rows], encoder, name), (None if y is None else y[start : start + rows])
+
+
+def _raw_features(x: np.ndarray, encoder, name: str) -> np.ndarray:
+    if x.shape[1] != len(encoder.columns):
+        raise ValueError(f"{name} has {x.shape[1]} features but the model expects {len(encoder.columns)}")
+    return tables.encode(x, encoder)
+
+
+def _npz_inputs(path: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            yield from _csv_chunks(f, feature_names, target, rows, name)
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
     except OSError as e:
         raise _file_error(path, e) from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{name} is not a readable .npz archive without pickle: {e}") from None
+    if "x" not in arrays:
+        raise ValueError(f"{name} has no array 'x' (the model's inputs)")
+    x = np.asarray(arrays["x"])
+    x = x[:, None] if x.ndim == 1 else x
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        raise ValueError(f"{name}: 'x' must be a finite numeric (n, d) array, got {x.dtype} {x.shape}")
+    return x.astype(np.float32), arrays.get("y")
+
+
+def _table_chunks(path: str, encoder, target, classes, rows):
+    name = "standard input" if path == "-" else os.path.basename(path)
+    types = tables.types_of(encoder)
+    targets = target_columns(target) if target else []
+    if classes is not None and tuple(classes) != ("false", "true"):
+        types.update(dict.fromkeys(targets, tables.string_type()))
+    first = True
+    for table in tables.batches(path, None, types, rows):
+        if first:
+            tables.missing_columns(table.column_names, encoder.names, name, "the model's columns")
+            has_y = bool(targets) and all(t in table.column_names for t in targets)
+            first = False
+        x = tables.encode(tables.raw_matrix(table, encoder, name), encoder)
+        y = None
+        if has_y:
+            if classes is not None:
+                y = tables.labels_of(tables.text_of(table.column(targets[0])), classes, name)
+            else:
+                values = tables.target_values(table, targets, name)
+                y = values[:, 0] if len(targets) == 1 else values
+        yield x, y
 
 
 def _checked_features(block: np.ndarray, name: str, first_row: int = 0) -> np.ndarray:
@@ -689,6 +622,7 @@ def load(
     target: str | None = None,
     seed: int = 0,
     task: str | None = None,
+    **table_options,
 ) -> Dataset:
     """Loads a built-in dataset by name or a data file (``.csv``, ``.npz``, ``.parquet``, or a
     folder of ``.npy`` arrays, kept on disk: :func:`load_npy_folder`).
@@ -701,6 +635,7 @@ def load(
       seed: the seed of generated built-ins.
       task: for files, ``"classification"``, ``"regression"`` or None to infer; for built-ins,
         None or the built-in's own task.
+      table_options: for CSV and Parquet, :func:`load_table`'s ``categorical``, ``encoding`` and ``fit_rows``.
 
     Returns:
       The :class:`Dataset`.
@@ -724,7 +659,7 @@ def load(
     if suffix == ".csv":
         if target is None:
             raise ValueError(f"{os.fspath(data)}: a CSV file needs the name of its target column (target)")
-        return load_csv(data, target, task=task)
+        return load_table(data, target, task, **table_options)
     if suffix == ".npz":
         if target is not None:
             raise ValueError(
@@ -734,7 +669,7 @@ def load(
     if suffix == ".parquet":
         if target is None:
             raise ValueError(f"{os.fspath(data)}: a Parquet file needs the name of its target column (target)")
-        return load_parquet(data, target, task=task)
+        return load_table(data, target, task, **table_options)
     raise ValueError(
         f"unsupported data file {os.fspath(data)!r}: use a .csv, .npz or .parquet file, or a folder of x.npy and y.npy"
     )
@@ -771,19 +706,9 @@ def _folder_part(x, y, task, name: str, classes: int | None = None) -> Dataset:
     return Dataset(view, labels, task, num_classes, tuple(f"x{j}" for j in range(x.shape[1])), name)
 
 
-def load_parquet(path, target: str, task: str | None = None) -> Dataset:
-    """A Parquet file with numeric columns, read one row group at a time into memory: every column
-    but ``target`` is a feature (missing values are refused, naming the row group and column)."""
-    _check_task(task)
-    try:
-        table = sources.Parquet(path, target=target, y_dtype=np.float64)
-    except sources.DataError as e:
-        raise ValueError(str(e)) from None
-    groups = [table.read_group(g) for g in range(table.num_groups)]
-    x = np.concatenate([g[0] for g in groups])
-    y = np.concatenate([g[1] for g in groups])
-    ds = from_arrays(x, y, task=task, name=table.name, feature_names=tuple(table.features))
-    return ds
+def load_parquet(path, target: str, task: str | None = None, **options) -> Dataset:
+    """A Parquet file, read into memory: :func:`load_table`."""
+    return load_table(path, target, task, **options)
 
 
 def load_npy_folder(path, task: str | None = None) -> Dataset:
@@ -866,20 +791,22 @@ def split(ds: Dataset, val_fraction: float, test_fraction: float, seed: int) -> 
     Returns:
       :class:`Splits`; ``val``/``test`` are None when their fraction is 0.
     """
-    n = ds.x.shape[0]
     if ds.validation is not None:  # the source's own validation split: only the test split is drawn
         val_fraction = 0.0
-    _, n_val, n_test = split_sizes(n, val_fraction, test_fraction)
-    order = _rng(seed).permutation(n)
-    test = np.sort(order[:n_test])
-    val = np.sort(order[n_test : n_test + n_val])
-    train = np.sort(order[n_test + n_val :])
+    train, val, test = split_indices(ds.x.shape[0], val_fraction, test_fraction, seed)
     own = ds.validation
     return Splits(
         subset(ds, train),
-        own if own is not None else (subset(ds, val) if n_val else None),
-        subset(ds, test) if n_test else None,
+        own if own is not None else (subset(ds, val) if len(val) else None),
+        subset(ds, test) if len(test) else None,
     )
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """The sorted row indices of :func:`split`'s train, validation and test parts of ``n`` rows."""
+    _, n_val, n_test = split_sizes(n, val_fraction, test_fraction)
+    order = _rng(seed).permutation(n)
+    return Splits(np.sort(order[n_test + n_val :]), np.sort(order[n_test : n_test + n_val]), np.sort(order[:n_test]))
 
 
 # ----------------------------------------------------------------------------- standardization
@@ -969,10 +896,15 @@ def fit_channel_standardizer(x: np.ndarray, channels: int) -> Standardizer:
     return Standardizer(np.tile(per_channel.mean, repeats), np.tile(per_channel.std, repeats))
 
 
-def standardize_splits(splits: Splits, channels: int | None = None) -> tuple[Splits, Standardizer]:
+def standardize_splits(
+    splits: Splits, channels: int | None = None, scaled: np.ndarray | None = None
+) -> tuple[Splits, Standardizer]:
     """Fits a :class:`Standardizer` on ``splits.train`` (per feature, or per image channel when
-    ``channels`` is given: :func:`fit_channel_standardizer`) and applies it to every part."""
+    ``channels`` is given: :func:`fit_channel_standardizer`) and applies it to every part;
+    ``scaled`` ``(d,)`` bool marks the features it may scale (the others keep mean 0, std 1)."""
     s = fit_standardizer(splits.train.x) if channels is None else fit_channel_standardizer(splits.train.x, channels)
+    if scaled is not None and not np.all(scaled):
+        s = Standardizer(np.where(scaled, s.mean, 0).astype(np.float32), np.where(scaled, s.std, 1).astype(np.float32))
 
     def apply(ds: Dataset | None) -> Dataset | None:
         return None if ds is None else ds._replace(x=standardize(ds.x, s))  # lazy rows stay lazy

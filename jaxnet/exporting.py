@@ -1,17 +1,22 @@
 """A trained model as one portable program: ``jax.export`` of its whole prediction.
 
-:func:`export` serializes ``predict(x_raw: (n, d) float32) -> (n, out) float32``: the training
-split's feature standardization, every member's forward pass (an ensemble averages them), and the
-output as ``jaxnet predict`` gives it (class probabilities, or regression outputs in the target's
-units), with the weights inside and a batch dimension ``n`` that varies. Running it needs jax alone:
+:func:`export` serializes ``predict(x_raw: (n, c) float32) -> (n, out) float32``: a table's
+preprocessing (gaps filled, their indicators, categories one-hot or embedded:
+:func:`jaxnet.tables.encode`), the training split's feature standardization, every member's
+forward pass (an ensemble averages them), and the output as ``jaxnet predict`` gives it (class
+probabilities, or regression outputs in the target's units), with the weights inside and a batch
+dimension ``n`` that varies. Running it needs jax alone:
 
-    import jax, numpy as np
+    import jax, json, numpy as np
     program = jax.export.deserialize(open("model.jaxexport", "rb").read())
-    predictions = np.asarray(program.call(np.asarray(x, np.float32)))   # x: (n, d) raw features
+    predictions = np.asarray(program.call(np.asarray(x, np.float32)))   # x: (n, c) raw matrix
 
-The columns of ``x`` are the model's ``feature_names`` in that order (``jaxnet summary``, or the
-run's ``model.npz`` metadata); the program's platform is the one it was exported on, unless
-``platforms`` names others (``("cpu", "cuda")``).
+``x`` has one column per input column, in the order of ``columns`` in ``model.jaxexport.json``
+(written beside the program): numbers as they are, NaN for a gap, a categorical column's value as
+its index in that column's ``categories`` (-1 for a value not among them). For a model trained
+on arrays, the columns are its features. The JSON also holds ``classes`` (the names of the
+probabilities' columns, when the labels were names). The program's platform is the one it was
+exported on, unless ``platforms`` names others (``("cpu", "cuda")``).
 """
 
 from __future__ import annotations
@@ -23,19 +28,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import files, saved
+from jaxnet import files, saved, tables
 from jaxnet.forward import apply_batch
 
 
 def prediction_function(model: files.SavedModel, arch: str | None = None):
     """``predict(x_raw: (n, d)) -> (n, out)`` of a saved model, pure jax, the weights closed over."""
     bound = saved.load(model, arch)
+    encoder = saved.encoder_of(model)
     mean, std = (jnp.asarray(a, jnp.float32)[None] for a in (model.mean, model.std))
     loss, regression = model.meta["loss"], model.meta["task"] == "regression"
     target = None if model.target_mean is None else (np.asarray(model.target_mean), np.asarray(model.target_std))
 
     def predict(x):
-        xs = (x.astype(jnp.float32) - mean) / std
+        xs = (tables.encode(x.astype(jnp.float32), encoder, jnp) - mean) / std
         outputs = jax.vmap(lambda p, s: apply_batch(bound.model, p, s, xs)[0])(bound.params, bound.state)
         outputs = saved.combine(outputs, loss)
         if regression:
@@ -93,12 +99,14 @@ def export(model_dir, out, *, arch: str | None = None, platforms: tuple[str, ...
         return export_safetensors(model_dir, out)
     _require("flatbuffers", "jaxnet export")  # jax.export serializes with it
     model = files.load_model(model_dir)
-    features = len(model.meta["feature_names"])
+    encoder = saved.encoder_of(model)
     (n,) = jax.export.symbolic_shape("n")
     program = jax.export.export(jax.jit(prediction_function(model, arch)), platforms=platforms)(
-        jax.ShapeDtypeStruct((n, features), jnp.float32)
+        jax.ShapeDtypeStruct((n, len(encoder.columns)), jnp.float32)
     )
     out = Path(out)
+    inputs = {**encoder.to_json(), "classes": model.meta.get("classes"), "task": model.meta["task"]}
     with files.atomic_path(out) as tmp:
         tmp.write_bytes(program.serialize())
+    files.write_text(Path(f"{out}.json"), json.dumps(inputs, indent=1, sort_keys=True) + "\n")
     return out

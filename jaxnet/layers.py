@@ -540,6 +540,26 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Model:
     return Model(init, apply)
 
 
+def embed_features(width: int, features: Sequence[int], rows: Sequence[int], dim: int) -> Model:
+    """One example's features ``(width,)`` with the code features at ``features`` (integer-valued
+    floats, feature ``features[i]`` in ``[0, rows[i])``) replaced by learned vectors ``(dim,)``
+    each: out ``(width + len(features) * (dim - 1),)``, the other features first, in order, then
+    the vectors. Params: one :func:`embedding` table per code feature."""
+    width, dim = _check_size(width, "width"), _check_size(dim, "dim")
+    features = [int(j) for j in features]
+    keep = [j for j in range(width) if j not in set(features)]
+    tables = [embedding(int(v), dim) for v in rows]
+
+    def init(key):
+        return [t.init(k) for t, k in zip(tables, jax.random.split(key, len(tables)))]
+
+    def apply(params, x):
+        vectors = [t.apply(p, x[j].astype(jnp.int32)) for t, p, j in zip(tables, params, features)]
+        return jnp.concatenate([x[jnp.asarray(keep, jnp.int32)], *vectors])
+
+    return Model(init, apply)
+
+
 def residual(*layers: Model | StatefulModel) -> Model | StatefulModel:
     """``x + serial(*layers)(x)``: a skip connection around the layers (same output shape as input)."""
     body = serial(*layers)

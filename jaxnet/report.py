@@ -60,12 +60,27 @@ def format_members(summary: dict) -> str:
     return "\n".join(lines) + f"\nbest member {summary['best_member']} (by {summary['monitor']})"
 
 
-def prediction_rows(meta: dict, outputs: np.ndarray) -> tuple[list[str], list[list]]:
-    """``(header, rows)`` of ``jaxnet predict``'s CSV for predictions ``(n, out)``."""
+def prediction_rows(meta: dict, outputs: np.ndarray, probabilities: bool = False) -> tuple[list[str], list[list]]:
+    """``(header, rows)`` of ``jaxnet predict``'s CSV for predictions ``(n, out)``: the predicted
+    class (its name, for labels that were names) and with ``probabilities`` each class's
+    probability (``prob_<class>``); a regression's outputs, by target name."""
     if meta["task"] == "classification":
+        classes = meta.get("classes")
         if meta["loss"] == "sigmoid_binary_cross_entropy":
-            return ["prediction", "probability"], [[int(p[0] > 0.5), f"{p[0]:.6g}"] for p in outputs]
-        header = ["prediction"] + [f"prob_{k}" for k in range(outputs.shape[1])]
-        return header, [[int(np.argmax(p))] + [f"{v:.6g}" for v in p] for p in outputs]
-    names = ["prediction"] if outputs.shape[1] == 1 else [f"prediction_{k}" for k in range(outputs.shape[1])]
+            names = classes or [0, 1]
+            header = ["prediction", "probability"][: 1 + probabilities]
+            return header, [[names[int(p[0] > 0.5)], f"{p[0]:.6g}"][: 1 + probabilities] for p in outputs]
+        names = classes or list(range(outputs.shape[1]))
+        header = ["prediction"] + ([f"prob_{k}" for k in names] if probabilities else [])
+        best = np.argmax(outputs, axis=1)
+        if not probabilities:
+            return header, [[names[k]] for k in best]
+        return header, [[names[k]] + [f"{v:.6g}" for v in p] for k, p in zip(best, outputs)]
+    targets = str(meta.get("target") or "").split(",")
+    if outputs.shape[1] == 1:
+        names = ["prediction"]
+    elif len(targets) == outputs.shape[1]:
+        names = [f"prediction_{t.strip()}" for t in targets]
+    else:
+        names = [f"prediction_{k}" for k in range(outputs.shape[1])]
     return names, [[f"{v:.8g}" for v in p] for p in outputs]

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxnet import arch as archlib
 from jaxnet import data as datalib
-from jaxnet import sources
+from jaxnet import sources, tables
 from jaxnet.files import SavedModel
 from jaxnet.forward import apply_batch
 from jaxnet.losses import batch_mean, get_loss
@@ -97,16 +97,38 @@ def probabilities(outputs, loss: str) -> np.ndarray:
     return np.asarray(outputs)
 
 
-def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Inputs for a saved model from CSV (columns by feature name) or ``.npz`` (``x``).
+def encoder_of(saved: SavedModel) -> tables.Encoder:
+    """How a saved model's inputs are made from a table's columns (numeric columns by its
+    feature names for a model trained on arrays)."""
+    columns = saved.meta.get("columns")
+    names = saved.meta["feature_names"]
+    if columns is None:
+        return tables.numeric(names)
+    encoder = tables.Encoder.from_json(columns)
+    if len(encoder.feature_names) != len(names):
+        raise ValueError(f"the model's 'columns' make {len(encoder.feature_names)} features, it has {len(names)}")
+    return encoder
 
-    Returns ``(x, y)``: ``x`` ``(n, d)`` standardized as in training; ``y`` the raw target column
-    (or the npz's ``y``) when present, else None.
+
+def input_chunks(
+    saved: SavedModel, path, target: str | None = None, targets: bool = True, rows: int = datalib.CHUNK_ROWS
+):
+    """The raw ``(x, y)`` chunks (:func:`jaxnet.data.feature_chunks`) of a saved model's inputs in
+    ``path``: a table's columns found by name and encoded as in training, ``y`` the ``target``
+    column(s) (default: the ones trained on) when the data has them and ``targets`` asks for them."""
+    target = (target or saved.meta.get("target")) if targets else None
+    return datalib.feature_chunks(path, encoder_of(saved), target, saved.meta.get("classes"), rows)
+
+
+def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs for a saved model from a table (columns by name), ``.npz`` (``x``) or a folder.
+
+    Returns ``(x, y)``: ``x`` ``(n, d)`` encoded and standardized as in training; ``y`` the raw
+    targets (class indices for named classes) when present, else None.
     """
-    x, y = datalib.load_features(path, saved.meta["feature_names"], target=saved.meta.get("target"))
-    expected = len(saved.meta["feature_names"])
-    if x.shape[1] != expected:
-        raise ValueError(f"{path} has {x.shape[1]} features but the model expects {expected}")
+    chunks = list(input_chunks(saved, path))
+    x = np.concatenate([c[0] for c in chunks])
+    y = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
     return datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
 
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxnet import arch
+from jaxnet import arch, tables
 from jaxnet import data as datalib
 from jaxnet.checks import ArgumentError
 from jaxnet.config import TrainConfig
@@ -29,6 +29,9 @@ class Problem(NamedTuple):
         of the targets, each ``(k,)``, by which ``y`` is standardized (else None).
       loss: the loss name; out_dim: the model's output size; task: classification or regression.
       num_classes: for classification; feature_names: ``d`` names.
+      encoder: how a table's columns became the features (:class:`jaxnet.tables.Encoder`),
+        fitted on the training split; for other data, its ``d`` numeric columns.
+      classes: the class names of labels that were names, else None.
     """
 
     splits: datalib.Splits
@@ -39,6 +42,8 @@ class Problem(NamedTuple):
     task: str
     num_classes: int | None
     feature_names: tuple
+    encoder: tables.Encoder
+    classes: tuple[str, ...] | None = None
 
 
 def _task_of(config: TrainConfig) -> str | None:
@@ -75,20 +80,29 @@ def prepare_targets(y: np.ndarray, loss: str, num_classes: int | None) -> np.nda
 
 def load_problem(config: TrainConfig) -> Problem:
     """Loads and splits the data of ``config`` and fits the standardization on the training split."""
+    options = {}
+    if config.data is not None and tables.is_table_file(config.data):
+        options = dict(
+            categorical=config.categorical,
+            encoding=config.encoding,
+            fit_rows=lambda n: datalib.split_indices(n, config.val_split, config.test_split, config.seed).train,
+        )
     ds = datalib.load(
         dataset=config.dataset,
         data=config.data,
         target=config.target,
         seed=config.seed,
         task=_task_of(config),
+        **options,
     )
+    encoder = ds.encoder or tables.numeric(ds.feature_names)
     loss = get_loss(config.loss or ("softmax_cross_entropy" if ds.task == "classification" else "mse")).name
     splits = datalib.split(ds, config.val_split, config.test_split, config.seed)
     if config.standardize:
         channels = config.input_shape[-1] if config.arch == "cnn" else None  # images: per channel
         if channels is not None:
             arch.check_input_shape(config.input_shape, ds.x.shape[1])
-        splits, standardizer = datalib.standardize_splits(splits, channels)
+        splits, standardizer = datalib.standardize_splits(splits, channels, scaled=encoder.scaled)
     else:
         d = ds.x.shape[1]
         standardizer = datalib.Standardizer(np.zeros(d, np.float32), np.ones(d, np.float32))
@@ -101,7 +115,10 @@ def load_problem(config: TrainConfig) -> Problem:
     if config.standardize and ds.task == "regression" and get_loss(loss).metric is None:
         splits, target_scaler = _standardize_targets(splits)
     out_dim = ds.num_classes if get_loss(loss).integer_labels else splits.train.y.shape[1]
-    return Problem(splits, standardizer, target_scaler, loss, out_dim, ds.task, ds.num_classes, tuple(ds.feature_names))
+    return Problem(
+        splits, standardizer, target_scaler, loss, out_dim, ds.task, ds.num_classes, tuple(ds.feature_names), encoder,
+        ds.classes,
+    )  # fmt: skip
 
 
 def _standardize_targets(splits: datalib.Splits) -> tuple[datalib.Splits, datalib.Standardizer]:
@@ -120,6 +137,9 @@ def model_meta(config: TrainConfig, problem: Problem) -> dict:
     features = len(problem.feature_names)
     if config.arch == "cnn":
         arch.check_input_shape(config.input_shape, features)
+    embed = problem.encoder.embedded
+    if embed:
+        features += len(embed) * (config.embedding_dim - 1)
     description = arch.describe(
         config.arch,
         sizes=[features, *config.hidden, problem.out_dim],
@@ -135,6 +155,11 @@ def model_meta(config: TrainConfig, problem: Problem) -> dict:
         "task": problem.task,
         "num_classes": problem.num_classes,
         "feature_names": list(problem.feature_names),
+        "columns": problem.encoder.to_json(),
+        "classes": None if problem.classes is None else list(problem.classes),
+        "embed": {"features": [j for j, _ in embed], "rows": [v for _, v in embed], "dim": config.embedding_dim}
+        if embed
+        else None,
         "target": config.target,
         "config": config.to_dict(),
     }

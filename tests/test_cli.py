@@ -79,14 +79,16 @@ BAD_IN_PROCESS = {
     "unreadable file": (["train", "--data", "{baddir}.csv", "--target", "label"], "not found"),
     "non-numeric cell": (
         ["train", "--data", "{text}", "--target", "label"],
-        "line 3, column 'b'.*non-numeric",
+        "row 2, column 'b': 'x' is not a number",
     ),
-    "ragged row": (["train", "--data", "{ragged}", "--target", "label"], "line 3: ragged row"),
-    "nan": (["train", "--data", "{nan}", "--target", "label"], "line 3, column 'b'.*not finite"),
-    "inf": (["train", "--data", "{inf}", "--target", "label"], "line 2, column 'b'.*not finite"),
+    "ragged row": (
+        ["train", "--data", "{ragged}", "--target", "label"],
+        "a row has 2 fields, expected 3 as in the header",
+    ),
+    "inf": (["train", "--data", "{inf}", "--target", "label"], "row 1, column 'b': inf is not a finite number"),
     "missing target": (
         ["train", "--data", "{good}", "--target", "y"],
-        "target column 'y' not found.*a, b, c, label",
+        r"lacks the target column 'y' \(it has a, b, c, label\)",
     ),
     "labels out of range": (
         ["train", "--data", "{good}", "--target", "label", "--loss", "bce"],
@@ -103,7 +105,7 @@ BAD_IN_PROCESS = {
     "unknown dataset": (["train", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
     "feature mismatch csv": (
         ["predict", "--model", "{model}", "--data", "{other}"],
-        "lacks the model's feature columns",
+        "other.csv lacks the model's columns 'a', 'b', 'c'",
     ),
     "feature mismatch npz": (
         ["predict", "--model", "{model}", "--data", "{wide}"],
@@ -111,7 +113,7 @@ BAD_IN_PROCESS = {
     ),
     "evaluate without targets": (
         ["evaluate", "--model", "{model}", "--data", "{other}"],
-        "lacks the model's feature",
+        "other.csv lacks the model's columns 'a', 'b', 'c'",
     ),
     "evaluate label range": (
         ["evaluate", "--model", "{model}", "--data", "{range}"],
@@ -182,7 +184,7 @@ def test_train_predict_evaluate_agree(files, tmp_path):
     }
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    predicted = jaxnet("predict", "--model", model, "--data", files["good"])
+    predicted = jaxnet("predict", "--model", model, "--data", files["good"], "--probabilities")
     assert predicted.returncode == 0, predicted.stderr
     rows = list(csv.DictReader(predicted.stdout.splitlines()))
     with open(files["good"]) as f:

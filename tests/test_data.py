@@ -156,28 +156,31 @@ def test_csv_regression_inferred_and_forced(tmp_path):
 
 def test_csv_forced_classification_rejects_non_integer(tmp_path):
     path = write(tmp_path, "x,y\n1,0\n2,0.5\n")
-    with pytest.raises(ValueError, match=r"data.csv line 3, column 'y': target 0.5 is not an integer"):
+    with pytest.raises(ValueError, match=r"data.csv row 2, column 'y': target 0.5 is not an integer"):
         data.load_csv(path, "y", task="classification")
 
 
 def test_csv_negative_labels_out_of_range(tmp_path):
     path = write(tmp_path, "x,y\n1,1\n2,-1\n")
-    with pytest.raises(ValueError, match=r"labels out of range: data.csv line 3, column 'y'.*-1"):
+    with pytest.raises(ValueError, match=r"labels out of range: data.csv row 2, column 'y'.*-1"):
         data.load_csv(path, "y")
 
 
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("a,b,y\n1,2,0\n3,abc,1\n", r"data.csv line 3, column 'b': non-numeric value 'abc'"),
-        ("a,b,y\n1,2,0\n3,,1\n", r"data.csv line 3, column 'b': empty value"),
-        ("a,b,y\n1,2,0\n\n3,4\n", r"data.csv line 4: ragged row with 2 fields, expected 3"),
-        ("a,b,y\n1,2,0\n3,4,1,5\n", r"data.csv line 3: ragged row with 4 fields, expected 3"),
-        ("a,b,y\n1,nan,0\n", r"data.csv line 2, column 'b': value 'nan' is not finite"),
-        ("a,b,y\n1,2,0\n-inf,2,1\n", r"data.csv line 3, column 'a': value '-inf' is not finite"),
-        ("a,b,y\n1,2,0\n1e39,2,1\n", r"data.csv line 3, column 'a': value '1e39' is not finite"),
-        ("a,b,y\n1,2,inf\n", r"data.csv line 2, column 'y': value 'inf' is not finite"),
-        ("a,b,label\n1,2,0\n", r"target column 'y' not found in data.csv; available columns: a, b, label"),
+        ("a,b,y\n1,2,0\n3,abc,1\n", r"data.csv: row 2, column 'b': 'abc' is not a number, but the column's other"),
+        ("a,b,y\n1,2,0\n\n3,4\n", r"data.csv: a row has 2 fields, expected 3 as in the header: '3,4'"),
+        ("a,b,y\n1,2,0\n3,4,1,5\n", r"data.csv: a row has 4 fields, expected 3 as in the header"),
+        ("a,b,y\n1,nan,0\n", r"data.csv: column 'b' is empty in every row; drop it"),
+        ("a,b,y\n1,2,0\n-inf,2,1\n", r"data.csv: row 2, column 'a': -inf is not a finite number within float32"),
+        ("a,b,y\n1,2,0\n1e39,2,1\n", r"data.csv: row 2, column 'a': 1e\+39 is not a finite number"),
+        ("a,b,y\n1,2,inf\n", r"data.csv: row 1, column 'y': inf is not a finite number"),
+        ("a,b,label\n1,2,0\n", r"data.csv lacks the target column 'y' \(it has a, b, label\)"),
+        ("a,y\n1_000,1\n2,0\n3,1\n", r"row 1, column 'a': '1_000' is not a number"),
+        ("a,y\n0x10,1\n2,0\n", r"column 'a': '0x10' is not a number \(numbers are written like 1000"),
+        ("a,y\n\u0661\u0662,1\n2,0\n3,1\n", r"row 1, column 'a': '\u0661\u0662' is not a number"),
+        ("a,y\n2020-01-01,1\n2021-01-02,0\n", r"column 'a' holds date32\[day\] values: convert them"),
         ("y\n0\n1\n", r"no feature columns besides the target 'y'"),
         ("a,b,y\n", r"empty dataset: data.csv has a header but no data rows"),
         ("", r"empty dataset: data.csv is empty"),
@@ -198,7 +201,7 @@ def test_csv_missing_and_unreadable_file(tmp_path):
         data.load_csv(tmp_path, "y")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(b"\xff\xfe\x00\x81\x82")
-    with pytest.raises(ValueError, match="binary.csv is not a UTF-8 text CSV file"):
+    with pytest.raises(ValueError, match=r"binary.csv is not a UTF-8 text CSV file \(save it as CSV, UTF-8\)"):
         data.load_csv(binary, "y")
 
 

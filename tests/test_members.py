@@ -269,7 +269,9 @@ def test_cli_ensemble_predict_averages_the_members(cli_runs, tmp_path, capsys):
     assert saved.meta["members"] == 3 and saved.params["0/w"].shape == (3, 2, 8)
     x = np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
-    assert cli.main(["predict", "--model", str(d / "ensemble"), "--data", str(tmp_path / "x.npz")]) == 0
+    assert (
+        cli.main(["predict", "--model", str(d / "ensemble"), "--data", str(tmp_path / "x.npz"), "--probabilities"]) == 0
+    )
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     printed = np.array([[float(v) for v in row.split(",")[1:]] for row in rows])
     xs = (x - saved.mean) / saved.std

@@ -288,7 +288,7 @@ def test_cli_trains_on_a_folder_of_npy_and_predicts_from_stdin(data, tmp_path, c
     # the same rows as CSV on standard input, and as the folder itself: the same predictions
     csv_text = ",".join(f"x{j}" for j in range(6)) + "\n" + "\n".join(",".join(map(repr, map(float, r))) for r in x)
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxnet.cli", "predict", "--model", str(out), "--data", "-"],
+        [sys.executable, "-m", "jaxnet.cli", "predict", "--model", str(out), "--data", "-", "--probabilities"],
         input=csv_text,
         capture_output=True,
         text=True,

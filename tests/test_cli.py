@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from csvfiles import write_csv
 
 from jaxnet import data as datalib
 
@@ -26,14 +27,6 @@ def jaxnet(*args, cwd=None, timeout=240):
         env=env,
         timeout=timeout,
     )
-
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from csvfiles import write_csv as write
 
 from jaxnet import cli, files, tables
 from jaxnet import data as datalib
@@ -12,14 +13,6 @@ from jaxnet import saved as savedlib
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
-
-
-def write(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def cells(path) -> list[list[str]]:

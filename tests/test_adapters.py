@@ -161,6 +161,7 @@ def test_equinox_with_batch_norm_state_trains_as_in_equinox():
     assert not np.allclose(stacked.up.weight[0], stacked.up.weight[1])
 
 
+@pytest.mark.slow
 def test_haiku_transform_with_state_trains_as_in_haiku():
     hk = pytest.importorskip("haiku")
 

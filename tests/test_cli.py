@@ -191,6 +191,7 @@ def test_train_predict_evaluate_agree(files, tmp_path):
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tmp_path, capsys):
     from jaxnet.cli import main
 

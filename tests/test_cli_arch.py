@@ -27,6 +27,7 @@ def _digits_npz(path, rows=400):
     return path
 
 
+@pytest.mark.slow
 def test_mlp_with_dropout_trains_saves_and_predicts(tmp_path, capsys):
     out = tmp_path / "run"
     assert (
@@ -96,7 +97,7 @@ def build(in_features, out_dim):
 # the compiled epoch (docs/models.md): the default suite trains the dense part alone (batch norm
 # and dropout through Flax's collections and rngs), the slow suite the CNN.
 FLAX_CASES = [
-    pytest.param(False, 12, 0.93, id="dense"),
+    pytest.param(False, 12, 0.93, id="dense", marks=pytest.mark.slow),
     pytest.param(True, 20, 0.97, id="cnn", marks=pytest.mark.slow),
 ]
 

@@ -50,10 +50,11 @@ def test_an_exported_model_runs_without_jaxnet_and_equals_predict(tmp_path, caps
     assert run.returncode == 0, run.stderr
     exported = np.load(got)
     capsys.readouterr()
-    assert cli.main(["predict", "--model", str(out), "--data", str(data)]) == 0
+    assert cli.main(["predict", "--model", str(out), "--data", str(data), "--probabilities"]) == 0
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     header, values = rows[0], np.array(rows[1:], dtype=float)
     if header[0] == "prediction" and len(header) > 1:  # classes: the label, then one probability each
+        assert header[1:] == [f"prob_{k}" for k in range(10)]
         np.testing.assert_array_equal(values[:, 0], exported.argmax(axis=1))
         values = values[:, 1:]
     assert exported.shape == values.shape

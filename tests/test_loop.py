@@ -318,6 +318,7 @@ def test_shuffled_epoch_reports_the_first_nonfinite_step():
     assert int(metrics["first_nonfinite"]) in (0, 1) and np.isnan(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop_remainder", [False, True])
 def test_wide_rows_gather_per_step_as_the_whole_epoch_gather_does(monkeypatch, drop_remainder):
     # 300 float32 features: 1.2 kB a row, over GATHER_PER_STEP_BYTES, so each step gathers its rows;

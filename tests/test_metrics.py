@@ -83,6 +83,7 @@ def test_regression_metrics_match_numpy_over_padded_batches():
     np.testing.assert_allclose(got["r2"], sklearn_metrics.r2_score(y, out), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fit_records_validation_metrics_for_single_and_member_runs(digits):
     net, _, x, y = digits
     args = dict(loss="cross_entropy", optimizer=optax.adam(3e-3), epochs=2, batch_size=64, validation=(x, y))

@@ -47,6 +47,7 @@ def test_a_plain_model_draws_no_random_numbers_and_has_no_state():
     assert "random" not in jaxpr and "threefry" not in jaxpr
 
 
+@pytest.mark.slow
 def test_a_stateful_model_trains_and_evaluates_deterministically():
     result = _fit(_cnn(), 6)
     assert result.history[-1]["val_accuracy"] > 0.8
@@ -69,6 +70,7 @@ def test_the_run_is_reproducible_from_its_seed_and_keys_differ_per_step():
     assert len(data) == 3
 
 
+@pytest.mark.slow
 def test_resume_after_a_checkpoint_equals_the_straight_run_bitwise(tmp_path):
     straight = _fit(_cnn(), 4)
     half = _fit(_cnn(), 2)

@@ -46,9 +46,9 @@ def _conv_reference(x, w, b, stride, pads, dilation, groups):
 
 
 CONV_CASES = [  # between them: SAME, VALID, ints, pairs; strides, dilations, groups; 1-D and 2-D
-    (2, dict(stride=2)),
+    pytest.param(2, dict(stride=2), marks=pytest.mark.slow),
     (2, dict(groups=2, stride=(1, 2), padding=1, dilation=2)),
-    (2, dict(padding=((0, 2), (1, 0)), kernel=(2, 3))),
+    pytest.param(2, dict(padding=((0, 2), (1, 0)), kernel=(2, 3)), marks=pytest.mark.slow),
     (1, dict(stride=3)),
     (1, dict(groups=4, dilation=3, padding=(2, 1))),
 ]

@@ -166,6 +166,7 @@ def test_two_processes_train_together(two_processes):
     assert close(single, [a[k] for k in sorted(leaves, key=lambda k: int(k[4:]))])
 
 
+@pytest.mark.slow
 @needs_4
 def test_two_processes_stream_their_shares_and_equal_one_process(two_streaming_processes):
     procs, d = two_streaming_processes
@@ -182,6 +183,7 @@ def test_two_processes_stream_their_shares_and_equal_one_process(two_streaming_p
     assert close(single, [a[k] for k in leaves])
 
 
+@pytest.mark.slow
 def test_bfloat16_digits_accuracy_close_to_float32():
     ds = datalib.load_builtin("digits", seed=0)
     splits = datalib.split(ds, 0.0, 0.2, 0)

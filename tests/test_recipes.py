@@ -96,6 +96,7 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
         losses.with_label_smoothing("mse", 0.1)
 
 
+@pytest.mark.slow
 def test_a_recipe_is_saved_and_honoured_on_resume_bitwise(tmp_path):
     recipe = dict(SMALL, optimizer="sgd", momentum=0.9, lr=0.05, lr_schedule="cosine", warmup=3)
     recipe.update(clip_norm=1.0, grad_accum=2, label_smoothing=0.1)

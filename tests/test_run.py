@@ -35,7 +35,7 @@ def _xor(n=60, seed=0):
     return x, (x[:, 0] * x[:, 1] > 0).astype(np.int32)
 
 
-@pytest.mark.parametrize("members", [False, True])
+@pytest.mark.parametrize("members", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_resuming_from_what_fit_returns_equals_the_straight_run_bitwise(members):
     x, y = _xor()
     net = jn.mlp([2, 8, 2])
@@ -330,6 +330,7 @@ def test_ties_on_accuracy_are_broken_by_validation_loss():
     assert jn.best_member(history, "val_accuracy") == 1
 
 
+@pytest.mark.slow
 def test_json_outputs_are_strict_json(tmp_path):
     x = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
     np.savez(tmp_path / "lin.npz", x=x, y=x @ np.array([1.0, -1.0], np.float32))

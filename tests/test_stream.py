@@ -236,6 +236,7 @@ def test_batched_evaluate_and_predict_match_one_batch(data):
         jn.predict(NET, params, x, batch_size=0)
 
 
+@pytest.mark.slow
 def test_stateful_model_streams_and_evaluates(data):
     d, x, y = data
     net = jn.serial(jn.dense(6, 16), jn.batch_norm(16), jn.activation_layer("relu"), jn.dense(16, 3))
@@ -273,6 +274,7 @@ def test_parquet_row_groups_stream_in_a_keyed_order(tmp_path, resident):
         jn.Parquet(tmp_path / "t.parquet", target="price")
 
 
+@pytest.mark.slow
 def test_cli_trains_on_a_folder_of_npy_and_predicts_from_stdin(data, tmp_path, capsys):
     d, x, y = data
     out = tmp_path / "run"
@@ -366,6 +368,7 @@ run.run(c, out=out, checkpoint_steps=every, callbacks=[KillInsideAnEpoch()])
 """
 
 
+@pytest.mark.slow
 def test_kill_9_inside_an_epoch_then_resume_equals_the_straight_run(data, tmp_path):
     d, _, _ = data
     env = dict(os.environ, PYTHONPATH=str(ROOT))

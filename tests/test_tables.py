@@ -133,6 +133,7 @@ def train(capsys, path, out, *flags):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_a_damaged_table_trains_predicts_names_and_matches_the_clean_one(tmp_path, capsys):
     clean = damaged_breast_cancer(tmp_path / "clean.csv", damaged=False)
     damaged = damaged_breast_cancer(tmp_path / "damaged.csv", damaged=True)
@@ -228,6 +229,7 @@ def test_export_of_a_table_model_equals_predict(fruit_run, tmp_path, capsys):
     np.testing.assert_allclose(exported, expected, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_embedding_encoding_trains_and_predicts(fruit_run, tmp_path, capsys):
     d, path, out, rows = fruit_run
     flags = ["--target", "kind", "--epochs", "40", "--encoding", "embedding", "--embedding-dim", "3"]

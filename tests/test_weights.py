@@ -236,6 +236,7 @@ def test_training_metrics_resume_exactly_from_a_checkpoint_inside_an_epoch(probl
             assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-7), name
 
 
+@pytest.mark.slow
 def test_cli_weighs_classes_and_records_named_metrics(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--epochs", "1", "--out", str(out), "--quiet", "--class-weight", "balanced", "--metrics", "f1"]

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from jaxnet import sources, tables
+from jaxnet import npz, sources, tables
 from jaxnet.checks import ArgumentError, escape
 
 TASKS = ("classification", "regression")
@@ -477,30 +476,11 @@ def load_npz(path, task: str | None = None) -> Dataset:
     """
     _check_task(task)
     name = os.path.basename(os.fspath(path))
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except OSError as e:
-        raise _file_error(path, e) from None
-    except (ValueError, EOFError, zipfile.BadZipFile):
-        raise ValueError(f"{name} is not an .npz archive (save one with numpy.savez(path, x=..., y=...))") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{name} holds a single array, not an .npz archive with arrays 'x' and 'y'")
-    with archive:
-        missing = [k for k in ("x", "y") if k not in archive.files]
-        if missing:
-            present = ", ".join(archive.files) or "none"
-            raise ValueError(f"{name} lacks array(s) {', '.join(repr(k) for k in missing)}; arrays present: {present}")
-        arrays = {}
-        for k in ("x", "y"):
-            try:
-                arrays[k] = archive[k]
-            except ValueError:
-                raise ValueError(
-                    f"{name}: array {k!r} holds Python objects, which would need pickle to load; "
-                    "this is refused: save numeric arrays"
-                ) from None
-            except (OSError, EOFError, zipfile.BadZipFile) as e:
-                raise ValueError(f"{name}: array {k!r} cannot be read: {e}") from None
+    arrays = _read_npz(path, name)
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        present = ", ".join(npz.names(path)) or "none"
+        raise ValueError(f"{name} lacks array(s) {', '.join(repr(k) for k in missing)}; arrays present: {present}")
     return from_arrays(arrays["x"], arrays["y"], task=task, name=name)
 
 
@@ -564,14 +544,16 @@ def _raw_features(x: np.ndarray, encoder, name: str) -> np.ndarray:
     return tables.encode(x, encoder)
 
 
-def _npz_inputs(path: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_npz(path, name: str) -> dict[str, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an ``.npz`` (others never read), checked before allocation (:mod:`jaxnet.npz`)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files if k in ("x", "y")}
+        return npz.read(path, lambda member: member in ("x", "y"), what=name)
     except OSError as e:
         raise _file_error(path, e) from None
-    except (ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{name} is not a readable .npz archive without pickle: {e}") from None
+
+
+def _npz_inputs(path: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    arrays = _read_npz(path, name)
     if "x" not in arrays:
         raise ValueError(f"{name} has no array 'x' (the model's inputs)")
     x = np.asarray(arrays["x"])

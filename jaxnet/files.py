@@ -12,12 +12,13 @@ import json
 import math
 import os
 import tempfile
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from jaxnet import npz
 
 MODEL_FILE = "model.npz"
 MODEL_FORMAT = "jaxnet-model"
@@ -108,31 +109,109 @@ def save_model(directory: str | os.PathLike, model: SavedModel) -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike) -> SavedModel:
+MAX_META_BYTES = 64 << 20
+"""The largest JSON document a model file may carry."""
+_NONE = type(None)
+_META_FIELDS = {  # name: (allowed types, required)
+    "task": ((str,), True),
+    "loss": ((str,), True),
+    "feature_names": ((list,), True),
+    "sizes": ((list,), True),
+    "activation": ((str,), True),
+    "output_activation": ((str, _NONE), True),
+    "arch": ((str,), False),
+    "num_classes": ((int, _NONE), False),
+    "classes": ((list, _NONE), False),
+    "target": ((str, _NONE), False),
+    "columns": ((dict, _NONE), False),
+    "embed": ((dict, _NONE), False),
+    "members": ((int, _NONE), False),
+    "dropout": ((int, float), False),
+    "channels": ((list,), False),
+    "input_shape": ((list, _NONE), False),
+}
+
+
+def _meta_problem(meta: dict) -> str | None:
+    for name, (types, required) in _META_FIELDS.items():
+        if name not in meta:
+            if required:
+                return f"lacks the field {name!r}"
+            continue
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"has {name!r} of type {type(value).__name__}"
+    if meta["task"] not in ("classification", "regression"):
+        return f"has task {meta['task']!r} (classification or regression)"
+    if not all(isinstance(n, str) for n in meta["feature_names"]) or not meta["feature_names"]:
+        return "has 'feature_names' that are not a non-empty list of names"
+    if len(meta["sizes"]) < 2 or not all(type(n) is int and n > 0 for n in meta["sizes"]):
+        return "has 'sizes' that are not positive integers"
+    return None
+
+
+def _check_norm(arrays: dict, file: Path) -> None:
+    for pair in (("norm/mean", "norm/std"), ("norm/target_mean", "norm/target_std")):
+        present = [name for name in pair if name in arrays]
+        if pair[0] == "norm/mean" and len(present) < 2:
+            missing = next(name for name in pair if name not in arrays)
+            raise ValueError(f"damaged jaxnet model: {file} lacks the array {missing!r}")
+        if len(present) == 1:
+            raise ValueError(f"damaged jaxnet model: {file} has {present[0]!r} without its pair")
+        if present and not all(arrays[n].ndim == 1 and arrays[n].dtype.kind == "f" for n in pair):
+            raise ValueError(f"damaged jaxnet model: {file} has {pair[0]!r}/{pair[1]!r} that are not float vectors")
+        if present and arrays[pair[0]].shape != arrays[pair[1]].shape:
+            raise ValueError(f"damaged jaxnet model: {file} has {pair[0]!r} and {pair[1]!r} of different lengths")
+
+
+def _read_meta(file: Path) -> dict:
+    document = npz.read(file, lambda name: name == "meta", limit=MAX_META_BYTES, what=str(file)).get("meta")
+    if document is None or document.dtype != np.uint8 or document.ndim != 1:
+        raise ValueError(f"not a jaxnet model: {file} has no metadata")
+    try:
+        meta = json.loads(document.tobytes().decode())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"not a jaxnet model or damaged: {file} has unreadable metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"not a jaxnet model: {file} was not written by jaxnet")
+    version = meta.get("format_version", 0)
+    if type(version) is not int:
+        raise ValueError(f"damaged jaxnet model: {file} has 'format_version' of type {type(version).__name__}")
+    if version > MODEL_FORMAT_VERSION:
+        raise ValueError(f"{file} uses model format {version}: upgrade jaxnet to read it")
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise ValueError(f"damaged jaxnet model: {file}'s metadata {problem}")
+    return meta
+
+
+def load_model(path: str | os.PathLike, limit: int = npz.DEFAULT_LIMIT) -> SavedModel:
     """Loads a model saved by :func:`save_model` from a run folder or a ``model.npz`` path.
 
+    Only the members a model has (``meta``, ``params/*``, ``state/*``, ``norm/*``) are read, each
+    checked against its declared size and ``limit`` (bytes) before it is allocated; the metadata's
+    fields are checked for presence and type.
+
     Raises:
-      ValueError: the path is not a jaxnet model, or the file is damaged.
+      ValueError: the path is not a jaxnet model, or the file is damaged (naming what is wrong).
     """
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path
-    if not file.exists():
+    if not file.is_file():
         where = f"{path} has no {MODEL_FILE}" if path.is_dir() else f"{path} does not exist"
         raise ValueError(f"not a jaxnet model: {where} (give the run folder of a training run)")
     try:
-        with np.load(file, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"not a jaxnet model or damaged: {file} ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"not a jaxnet model: {file} was not written by jaxnet")
-    if meta.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise ValueError(f"{file} uses model format {meta['format_version']}: upgrade jaxnet to read it")
+        meta = _read_meta(file)
+        arrays = npz.read(
+            file, lambda name: name.startswith(("params/", "state/", "norm/")), limit=limit, what=str(file)
+        )
+    except npz.ArchiveError as e:
+        raise ValueError(f"damaged jaxnet model: {e}") from None
     params = {name[len("params/") :]: value for name, value in arrays.items() if name.startswith("params/")}
     state = {name[len("state/") :]: value for name, value in arrays.items() if name.startswith("state/")}
-    if not params or "norm/mean" not in arrays or "norm/std" not in arrays:
-        raise ValueError(f"damaged jaxnet model: {file} is missing arrays")
+    if not params:
+        raise ValueError(f"damaged jaxnet model: {file} has no 'params/' arrays")
+    _check_norm(arrays, file)
     return SavedModel(
         meta,
         params,

@@ -269,12 +269,12 @@ def test_npz_bad_files(tmp_path):
         data.load_npz(tmp_path / "missing.npz")
     text = tmp_path / "text.npz"
     text.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="text.npz is not an .npz archive"):
+    with pytest.raises(ValueError, match="text.npz is not a readable .npz archive"):
         data.load_npz(text)
     single = tmp_path / "single.npz"
     with open(single, "wb") as f:
         np.save(f, np.ones(3))
-    with pytest.raises(ValueError, match="holds a single array"):
+    with pytest.raises(ValueError, match="not a readable .npz archive .it holds a single .npy array"):
         data.load_npz(single)
 
 

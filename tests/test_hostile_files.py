@@ -1,0 +1,193 @@
+"""Files that lie: every reader refuses them in one line, in bounded memory and time."""
+
+import io
+import json
+import resource
+import subprocess
+import sys
+import time
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnet import cli, files, npz, saved
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    args = ["train", "--dataset", "moons", "--epochs", "1", "--hidden", "4", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    return out
+
+
+def members(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as z:
+        return {info.filename: z.read(info) for info in z.infolist()}
+
+
+def write_zip(path, entries: dict[str, bytes], compress=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compress) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return path
+
+
+def npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def meta_bytes(meta: dict) -> bytes:
+    return npy_bytes(np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+
+def refused(path, match: str):
+    with pytest.raises(ValueError, match=match) as e:
+        files.load_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_good_model_reads_back_equal(model_dir):
+    with np.load(model_dir / "model.npz") as z:
+        expected = {name: z[name] for name in z.files}
+    model = files.load_model(model_dir)
+    for name, value in model.params.items():
+        np.testing.assert_array_equal(value, expected[f"params/{name}"])
+        assert value.flags.writeable
+    np.testing.assert_array_equal(model.std, expected["norm/std"])
+
+
+def test_unused_members_are_never_inflated_and_lying_headers_are_refused(model_dir, tmp_path):
+    good = members(model_dir / "model.npz")
+    path = tmp_path / "model.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in good.items():
+            z.writestr(name, data)
+        info = zipfile.ZipInfo("junk.npy")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        z.writestr(info, bytes(64 << 20))
+    assert path.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    files.load_model(path)  # the 64 MiB member is never read
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 << 10  # KiB
+
+    weight = "params/0/w.npy"
+    huge = npy_bytes(np.zeros((1, 1), np.float32)).replace(b"(1, 1)", b"(1099511627776, 1)")  # 4 TiB declared
+    write_zip(path, {**good, weight: huge})
+    refused(path, r"array 'params/0/w' declares float32 \(1099511627776, 1\) .* but stores \d+ bytes")
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in {**good, weight: npy_bytes(np.zeros((4096, 4096), np.float32))}.items():
+            z.writestr(name, data, zipfile.ZIP_DEFLATED if name == weight else zipfile.ZIP_STORED)
+    refused(path, r"array 'params/0/w' inflates .* refused as a decompression bomb")
+
+    write_zip(path, {**good, weight: npy_bytes(np.array([{"a": 1}], dtype=object))})
+    refused(path, r"array 'params/0/w' holds Python objects, which would need pickle")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda m: m.pop("loss"), "lacks the field 'loss'"),
+        (lambda m: m.pop("feature_names"), "lacks the field 'feature_names'"),
+        (lambda m: m.update(sizes="2,4,2"), "has 'sizes' of type str"),
+        (lambda m: m.update(sizes=[2, -4, 2]), "'sizes' that are not positive integers"),
+        (lambda m: m.update(task="ranking"), "task 'ranking'"),
+        (lambda m: m.update(feature_names=[1, 2]), "'feature_names' that are not a non-empty list"),
+        (lambda m: m.update(format_version="2"), "'format_version' of type str"),
+        (lambda m: m.update(members=True), "'members' of type bool"),
+        (lambda m: m.update(format="other"), "was not written by jaxnet"),
+    ],
+)
+def test_metadata_fields_are_checked_by_name(model_dir, tmp_path, change, match):
+    good = members(model_dir / "model.npz")
+    meta = json.loads(np.load(io.BytesIO(good["meta.npy"])).tobytes())
+    change(meta)
+    refused(write_zip(tmp_path / "m.npz", {**good, "meta.npy": meta_bytes(meta)}), match)
+
+
+def test_missing_arrays_are_named(model_dir, tmp_path):
+    good = members(model_dir / "model.npz")
+    for name in ("norm/std.npy", "norm/mean.npy"):
+        rest = {k: v for k, v in good.items() if k != name}
+        refused(write_zip(tmp_path / "m.npz", rest), f"lacks the array '{name[:-4]}'")
+    rest = {k: v for k, v in good.items() if not k.startswith("params/")}
+    refused(write_zip(tmp_path / "m.npz", rest), "has no 'params/' arrays")
+    refused(write_zip(tmp_path / "m.npz", {k: v for k, v in good.items() if k != "meta.npy"}), "has no metadata")
+    short = {**good, "norm/std.npy": npy_bytes(np.ones(5, np.float32))}
+    refused(write_zip(tmp_path / "m.npz", short), "of different lengths")
+
+
+def test_truncations_and_byte_flips_are_refused_or_read_exactly(model_dir, tmp_path):
+    data = (model_dir / "model.npz").read_bytes()
+    original = files.load_model(model_dir)
+    rng = np.random.default_rng(0)
+    cases = [data[:n] for n in (0, 10, 30, len(data) // 2, len(data) - 22, len(data) - 1)]
+    for position in rng.integers(0, len(data), 150):
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << int(rng.integers(0, 8))
+        cases.append(bytes(flipped))
+    path, outcomes = tmp_path / "model.npz", {"refused": 0, "read": 0}
+    start = time.monotonic()
+    for case in cases:
+        path.write_bytes(case)
+        try:
+            model = files.load_model(path)
+            bound = saved.load(model)
+        except ValueError as e:
+            assert "\n" not in str(e) and ("model" in str(e) or str(path) in str(e)), e
+            outcomes["refused"] += 1
+            continue
+        outcomes["read"] += 1  # a flip outside anything read (e.g. a zip comment): the model is intact
+        for got, expected in zip(jax.tree.leaves(bound.params), jax.tree.leaves(saved.load(original).params)):
+            np.testing.assert_array_equal(got, expected)
+        assert model.meta == original.meta
+    assert outcomes["refused"] >= 0.8 * len(cases), outcomes
+    assert time.monotonic() - start < 30
+
+
+def test_data_archives_are_read_the_same_way(tmp_path, capsys):
+    garbage = b"\x93NUMPY\x01\x00\x08\x00garbage\n"
+    path = write_zip(tmp_path / "d.npz", {"x.npy": npy_bytes(np.zeros((3, 2))), "y.npy": garbage})
+    assert cli.main(["train", "--data", str(path), "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "array 'y' has a malformed .npy header" in err, err
+    (tmp_path / "junk.npz").write_bytes(b"PK junk")
+    with pytest.raises(npz.ArchiveError, match="junk.npz is not a readable .npz archive"):
+        npz.read(tmp_path / "junk.npz", lambda name: True)
+
+
+PEAK = """
+import sys
+from jaxnet import cli
+code = cli.main(sys.argv[1:])
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))  # this process's own peak
+print(code, int(peak.split()[1]) // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_3_mb_bomb_is_refused_by_predict_in_bounded_memory(model_dir, tmp_path):
+    good = members(model_dir / "model.npz")
+    path = tmp_path / "bomb" / "model.npz"
+    path.parent.mkdir()
+    header = npy_bytes(np.zeros(0, np.float32)).replace(b"(0,)", b"(805306368,)")  # 3 GiB of float32
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for name, data in good.items():
+            if name != "params/0/w.npy":
+                z.writestr(name, data, zipfile.ZIP_STORED)
+        with z.open("params/0/w.npy", "w", force_zip64=True) as member:
+            member.write(header)
+            zeros = bytes(1 << 24)
+            for _ in range(192):
+                member.write(zeros)
+    assert path.stat().st_size < 4 << 20
+    command = [sys.executable, "-c", PEAK, "predict", "--model", str(path.parent), "--data", "-"]
+    run = subprocess.run(command, input="x0,x1\n0.5,0.5\n", capture_output=True, text=True)
+    code, peak_mib = map(int, run.stdout.split())
+    assert code == 2 and "refused as a decompression bomb" in run.stderr and run.stderr.count("\n") == 1
+    assert peak_mib < 300, peak_mib

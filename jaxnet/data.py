@@ -794,14 +794,16 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
 # ----------------------------------------------------------------------------- standardization
 
 
-def fit_standardizer(x: np.ndarray) -> Standardizer:
+def fit_standardizer(x: np.ndarray, names: Sequence[str] | None = None) -> Standardizer:
     """Per-feature mean and standard deviation of ``x`` (fit on the training split only).
 
     A (near-)constant feature, whose std is below float32 resolution of its mean, gets std 1, so
-    it maps to 0 instead of dividing by zero.
+    it maps to 0 instead of dividing by zero. A feature whose values, centred, leave float32's
+    range is refused by name (``names``, else its index).
 
     Args:
       x: ``(n, d)`` features, ``n >= 1``.
+      names: ``d`` feature names for errors.
 
     Returns:
       A :class:`Standardizer` with ``(d,)`` float32 ``mean`` and ``std``.
@@ -813,31 +815,40 @@ def fit_standardizer(x: np.ndarray) -> Standardizer:
     """
     if len(x.shape) != 2 or x.shape[0] == 0:
         raise ValueError(f"fit_standardizer needs (examples, features) with at least one example, got shape {x.shape}")
-    return _standardizer(*_column_moments(x))
+    return _standardizer(*_column_moments(x), names)
 
 
-def _standardizer(mean: np.ndarray, std: np.ndarray) -> Standardizer:
-    """The float32 Standardizer of moments, a (near-)constant column's std set to 1."""
+def _standardizer(mean: np.ndarray, std: np.ndarray, spread: np.ndarray, names=None) -> Standardizer:
+    """The float32 Standardizer of moments, a (near-)constant column's std set to 1; refuses
+    columns whose largest distance from the mean (``spread``) overflows float32."""
+    wide = np.flatnonzero(spread > np.finfo(np.float32).max)
+    if wide.size:
+        named = ", ".join(repr(names[i]) if names is not None else f"column {i}" for i in wide[:5])
+        more = f" and {wide.size - 5} more" if wide.size > 5 else ""
+        raise ValueError(
+            f"{named}{more}: values span more than float32 can hold once centred "
+            f"(up to {spread[wide[0]]:.3g} from the mean): rescale the column (e.g. to other units) or drop it"
+        )
     tiny = np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))
     std = np.where(std > tiny, std, 1.0)
     return Standardizer(mean.astype(np.float32), std.astype(np.float32))
 
 
-def _column_moments(x, reshape=None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std per column of ``x`` (viewed as ``reshape``): at once in memory, by blocks for lazy rows."""
-    if sources.is_resident(x):
-        values = np.asarray(x, np.float64)
-        values = values if reshape is None else values.reshape(reshape)
-        return values.mean(axis=0), values.std(axis=0)
-    return _moments(sources.chunks_of(x), reshape)
+def _column_moments(x, reshape=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, std and largest distance from the mean per column of ``x`` (viewed as ``reshape``):
+    at once in memory, by blocks for lazy rows."""
+    blocks = [np.asarray(x)] if sources.is_resident(x) else sources.chunks_of(x)
+    return _moments(blocks, reshape)
 
 
-def _moments(blocks, reshape=None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (population) std per column over row blocks, merged exactly in float64 (Chan et al.)."""
-    count, mean, m2 = 0, 0.0, 0.0
+def _moments(blocks, reshape=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, (population) std and largest distance from the mean per column over row blocks,
+    merged exactly in float64 (Chan et al.)."""
+    count, mean, m2, low, high = 0, 0.0, 0.0, np.inf, -np.inf
     for block in blocks:
         block = np.asarray(block, np.float64)
         block = block if reshape is None else block.reshape(reshape)
+        low, high = np.minimum(low, block.min(axis=0)), np.maximum(high, block.max(axis=0))
         n = len(block)
         block_mean = block.mean(axis=0)
         block_m2 = ((block - block_mean) ** 2).sum(axis=0)
@@ -846,7 +857,8 @@ def _moments(blocks, reshape=None) -> tuple[np.ndarray, np.ndarray]:
         mean = mean + delta * (n / total)
         m2 = m2 + block_m2 + delta**2 * (count * n / total)
         count = total
-    return np.asarray(mean), np.sqrt(np.asarray(m2) / count)
+    mean = np.asarray(mean)
+    return mean, np.sqrt(np.asarray(m2) / count), np.maximum(high - mean, mean - low)
 
 
 def standardize(x: np.ndarray, s: Standardizer) -> np.ndarray:
@@ -884,7 +896,11 @@ def standardize_splits(
     """Fits a :class:`Standardizer` on ``splits.train`` (per feature, or per image channel when
     ``channels`` is given: :func:`fit_channel_standardizer`) and applies it to every part;
     ``scaled`` ``(d,)`` bool marks the features it may scale (the others keep mean 0, std 1)."""
-    s = fit_standardizer(splits.train.x) if channels is None else fit_channel_standardizer(splits.train.x, channels)
+    train = splits.train
+    if channels is None:
+        s = fit_standardizer(train.x, train.feature_names)
+    else:
+        s = fit_channel_standardizer(train.x, channels)
     if scaled is not None and not np.all(scaled):
         s = Standardizer(np.where(scaled, s.mean, 0).astype(np.float32), np.where(scaled, s.std, 1).astype(np.float32))
 

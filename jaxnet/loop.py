@@ -536,6 +536,7 @@ def fit(
     named = get_metrics(metrics)
     _check_options(spec, epochs, batch_size, patience, monitor, data.validation, named)
     check_targets(named, spec.integer_labels, spec.name)
+    batch_size = _clamped_batch(batch_size, data.train, drop_remainder, mesh)
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
     if fresh:
@@ -607,6 +608,14 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
         row = jax.ShapeDtypeStruct((1, *spec_rows.x_shape), spec_rows.x_dtype)
     classes = weights.num_classes(model, params, model_state, jax.ShapeDtypeStruct(row.shape[1:], row.dtype), spec)
     return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
+
+
+def _clamped_batch(batch_size: int, train, drop_remainder: bool, mesh) -> int:
+    """A batch larger than the resident training rows is the rows: the same single batch per epoch,
+    without allocating (or computing on) the padding up to ``batch_size``."""
+    if not isinstance(train, tuple) or drop_remainder or mesh is not None:
+        return batch_size
+    return max(1, min(batch_size, train[0].shape[0]))
 
 
 def _resident_bytes(data: programs.Data) -> int:

@@ -85,7 +85,8 @@ def prepare(config: TrainConfig) -> Job:
     # what fit places on the device (lazy rows, read in chunks, are not placed)
     parts = [part for part in problem.splits if part is not None and sources.is_resident(part.x)]
     data = sum(part.x.nbytes + part.y.nbytes for part in parts)
-    check_fit_memory(one, configlib.make_optimizer(config), config.batch_size, configlib.num_members(config), data)
+    batch = min(config.batch_size, len(problem.splits.train.x))  # fit clamps a batch to the rows
+    check_fit_memory(one, configlib.make_optimizer(config), batch, configlib.num_members(config), data)
     return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config), model)
 
 
@@ -586,8 +587,9 @@ def _checked_folder(out, checkpoint_every, keep, checkpoint_steps=None, log_step
     folder = RunFolder(out)
     if str(out) == "":
         raise ArgumentError("{0} is empty: name a folder for the run", "out")
-    if folder.path.exists() and not folder.path.is_dir():
-        raise ArgumentError(f"{checks.escape(folder.path)} is a file, not a folder: give {{0}} a folder", "out")
+    problem = folder.unusable()
+    if problem is not None:
+        raise ArgumentError(f"{checks.escape(problem)}: give {{0}} a folder that can be written", "out")
     return folder
 
 

@@ -37,6 +37,21 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).absolute()
 
+    def unusable(self) -> str | None:
+        """Why the folder cannot be made or written (before anything is loaded or compiled), or None."""
+        path = self.path
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+        if path.exists() and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            return f"{existing} is a file, so {path} cannot be a folder"
+        if not os.access(existing, os.W_OK | os.X_OK):  # (also false on a read-only file system, even for root)
+            why = "is on a read-only file system" if _read_only(existing) else "is not writable"
+            return f"{existing} {why}"
+        return None
+
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
@@ -50,6 +65,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / LOCK_FILE
         f = _acquire(path)
+        _remove_leftovers(self.path)
         try:
             yield self
         except BaseException:
@@ -90,6 +106,18 @@ class RunFolder:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / name).unlink()
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Removes the temporary files of writes that a killed writer left (``files.atomic_path``'s
+    ``.NAME.XXXX.tmp``): the lock is held, so no live writer owns one."""
+    for leftover in folder.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            leftover.unlink()
 
 
 def _acquire(path: Path):

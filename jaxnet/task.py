@@ -78,6 +78,21 @@ def prepare_targets(y: np.ndarray, loss: str, num_classes: int | None) -> np.nda
     return (y[:, None] if y.ndim == 1 else y).astype(np.float32)
 
 
+def _check_classes(ds: datalib.Dataset) -> None:
+    """A classifier needs two classes: a target of one class would train a model that always says it."""
+    if ds.task != "classification":
+        return
+    present = np.unique(np.asarray(ds.y))
+    if present.size < 2:
+        label = present[0].item()  # (an empty dataset was refused when it was read)
+        label = ds.classes[label] if ds.classes else label
+        raise ArgumentError(
+            f"{ds.name}: every target is the class {label!r}: a classifier needs at least two classes "
+            "(for a numeric target set {0} to 'regression')",
+            "task",
+        )
+
+
 def load_problem(config: TrainConfig) -> Problem:
     """Loads and splits the data of ``config`` and fits the standardization on the training split."""
     options = {}
@@ -95,6 +110,7 @@ def load_problem(config: TrainConfig) -> Problem:
         task=_task_of(config),
         **options,
     )
+    _check_classes(ds)
     encoder = ds.encoder or tables.numeric(ds.feature_names)
     loss = get_loss(config.loss or ("softmax_cross_entropy" if ds.task == "classification" else "mse")).name
     splits = datalib.split(ds, config.val_split, config.test_split, config.seed)

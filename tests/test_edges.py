@@ -1,0 +1,119 @@
+"""The edges of a run: outputs checked first, leftovers removed, input rules kept, sizes bounded."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxnet import cli
+from jaxnet import config as configlib
+from jaxnet import data as datalib
+from jaxnet import run as runlib
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = dict(data="/nonexistent/data.npz")  # a run that would fail on its data if it got that far
+
+
+def one_line_error(capsys, argv, code=2) -> str:
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("jaxnet: error: "), err
+    return err
+
+
+def test_out_problems_are_named_before_any_data_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    cases = {
+        tmp_path / "file": "is a file, not a folder: give --out a folder that can be written",
+        tmp_path / "file" / "run": "file is a file, so .* cannot be a folder",
+        tmp_path / "dangling": "dangling is a link to .*gone, which does not exist",
+    }
+    for out, match in cases.items():
+        err = one_line_error(capsys, ["train", "--data", MISSING["data"], "--out", str(out)])
+        assert "not found" not in err and re.search(match, err), err
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_read_only_file_system_is_named_at_once(tmp_path):
+    script = (
+        f"mount -t tmpfs -o ro tmpfs {tmp_path} && cd {ROOT} && "
+        f"{sys.executable} -m jaxnet.cli train --data {MISSING['data']} --out {tmp_path}/run"
+    )
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True)
+    if "mount" in run.stderr and run.returncode != 2:
+        pytest.skip(f"no private mounts here: {run.stderr.strip()}")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (
+        f"jaxnet: error: {tmp_path} is on a read-only file system: give --out a folder that can be written"
+    )
+
+
+def test_temporary_files_of_a_killed_write_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "run"
+    config = configlib.make_config(dataset="xor", hidden=(2,), epochs=1)
+    runlib.run(config, out=out)
+    leftovers = [out / ".metrics.jsonl.k2j3h4.tmp", out / ".model.npz.x8y7z6.tmp"]
+    for path in leftovers:
+        path.write_text("half")
+    keep = out / "notes.tmp"  # not a temporary file of ours
+    keep.write_text("mine")
+    runlib.run(config, out=out)  # the same run again: it is finished, and the folder is tidied
+    assert not any(path.exists() for path in leftovers) and keep.exists()
+
+
+def test_a_single_class_target_is_refused(tmp_path, capsys):
+    path = tmp_path / "one.csv"
+    path.write_text("a,b,label\n1,2,yes\n3,4,yes\n5,6,yes\n")
+    err = one_line_error(capsys, ["train", "--data", str(path), "--target", "label"])
+    assert "every target is the class 'yes': a classifier needs at least two classes" in err
+    np.savez(tmp_path / "zeros.npz", x=np.ones((20, 2)), y=np.zeros(20, np.int64))
+    err = one_line_error(capsys, ["train", "--data", str(tmp_path / "zeros.npz")])
+    assert "every target is the class 0" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_features_that_overflow_when_centred_are_named():
+    x = np.zeros((6, 3), np.float32)
+    x[:, 1] = [3.4e38, 3.4e38, 3.4e38, 3.4e38, 3.4e38, -3.4e38]  # the last is 5.7e38 from the mean
+    x[:, 2] = [1e30, -1e30, 0, 0, 0, 0]  # large, but centred it fits
+    with pytest.raises(ValueError, match=r"'wide': values span more than float32 can hold once centred"):
+        datalib.fit_standardizer(x, ["small", "wide", "big"])
+    kept = datalib.fit_standardizer(x[:, [0, 2]])
+    assert np.isfinite(datalib.standardize(x[:, [0, 2]], kept)).all()
+    rows = np.random.default_rng(0).normal(size=(1000, 4))
+    s = datalib.fit_standardizer(rows)
+    np.testing.assert_allclose(s.mean, rows.mean(axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s.std, rows.std(axis=0), rtol=1e-6)
+
+
+def test_a_batch_beyond_the_data_is_the_data(tmp_path):
+    config = dict(dataset="xor", hidden=(3,), epochs=3, seed=1)
+    huge = runlib.run(configlib.make_config(**config, batch_size=10**9))  # no 10^9-row padded batch
+    exact = runlib.run(configlib.make_config(**config, batch_size=4))
+    assert huge.summary["train_loss"] == pytest.approx(exact.summary["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**63)])
+def test_seeds_outside_the_prngs_range_are_one_line(capsys, seed):
+    err = one_line_error(capsys, ["train", "--dataset", "xor", "--seed", seed])
+    assert "--seed must be an integer in [0, 4294967295]" in err
+
+
+def test_a_model_too_large_for_memory_is_refused_before_compiling(capsys):
+    err = one_line_error(capsys, ["train", "--dataset", "xor", "--hidden", "100000,100000,100000"])
+    assert "the run needs about" in err and "train a smaller model or batch" in err
+
+
+def test_out_checks_need_no_environment(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX")}
+    run = subprocess.run(
+        [sys.executable, "-m", "jaxnet.cli", "train", "--out", ""], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert run.returncode == 2 and run.stderr.strip() == "jaxnet: error: --out is empty: name a folder for the run"

@@ -17,6 +17,7 @@ orbax is imported inside the functions that use it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -177,9 +178,27 @@ def save(
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
         manager.save(state.steps, args=args, force=True)
         manager.wait_until_finished()
+    except (ValueError, OSError) as e:  # orbax reports a failed write (a full disk) as ValueError
+        raise _write_error(directory, state.steps, e) from e
     finally:
         manager.close()
     return Path(directory).absolute() / str(state.steps)
+
+
+def _write_error(directory, step: int, error: BaseException) -> OSError:
+    """A failed checkpoint write as one OSError (nothing of it was finalized: the older
+    checkpoints stay as they were)."""
+    text = str(error)
+    if isinstance(error, OSError) and error.errno is not None:
+        code = error.errno
+    else:
+        code = errno.ENOSPC if "RESOURCE_EXHAUSTED" in text or "No space left" in text else errno.EIO
+    reason = os.strerror(code) if code != errno.EIO else text.split("\n")[0][:200]
+    return OSError(
+        code,
+        f"checkpoint {step} in {Path(directory).absolute()} was not written ({reason}); the "
+        "checkpoints before it are intact: free space, then resume",
+    )
 
 
 def steps(directory: str | os.PathLike) -> list[int]:

@@ -14,11 +14,15 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
+import traceback
 
 from jaxnet import cliflags
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
+DEBUG_ENV = "JAXNET_DEBUG"
 
 FLAGS = {
     "lrs": "--lr",
@@ -289,11 +293,14 @@ def _cmd_train(args) -> int:
         notify=notify,
     )
     _quiet_orbax_unraisables()
-    if args.log:  # MLflow and its database migrations announce themselves at INFO on stderr
-        import logging
+    import logging
 
+    if not _debugging(args):  # orbax's threads log each failed write with its traceback; the failure is one line
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+    if args.log:  # MLflow and its database migrations announce themselves at INFO on stderr
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    args.signals.check()  # one that arrived while starting up and was swallowed on its way
     with interrupt, _stdout_to_stderr(args.json), _closing(progress):
         if args.resume:
             overrides = {k: v for k, v in given.items() if k != "epochs"}
@@ -303,20 +310,24 @@ def _cmd_train(args) -> int:
     out = args.out or args.resume
     if interrupt.signum is not None and not result.finished:
         if primary:
-            state = result.state
-            where = (
-                f"checkpoint in {out}/checkpoints/{state.steps}; resume with: jaxnet train --resume {out}"
-                if out
-                else "nothing was saved (train with --out DIR to keep checkpoints)"
-            )
-            at = f"epoch {state.epoch}"
-            if state.position is not None:
-                at = f"step {state.steps}, inside epoch {state.epoch + 1}"
-            _say(f"interrupted at {at}; {where}")
+            _say(_interrupted_at(result.state, out))
         return interrupt.exit_code
     if primary:
         _report(result, args, out)
     return 0
+
+
+def _interrupted_at(state, out) -> str:
+    """Where an interrupted run stopped and what was kept of it."""
+    where = (
+        f"checkpoint in {out}/checkpoints/{state.steps}; resume with: jaxnet train --resume {out}"
+        if out
+        else "nothing was saved (train with --out DIR to keep checkpoints)"
+    )
+    at = f"epoch {state.epoch}"
+    if state.position is not None:
+        at = f"step {state.steps}, inside epoch {state.epoch + 1}"
+    return f"interrupted at {at}; {where}"
 
 
 def _report(result, args, out) -> None:
@@ -497,11 +508,81 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="jaxnet", description="Train neural networks in JAX's functional, compiled style.")
     parser.add_argument("--version", action="version", version=f"jaxnet {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"on failure, also print the full traceback (or set {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for add in _SUBCOMMANDS:
         add(sub)
     return parser
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM before training took over the signals: the command ends at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+class _StartSignals:
+    """From the first moment until training installs its own handlers (which stop at a boundary
+    and save), SIGINT and SIGTERM end the command at once with 130 or 143; nothing is written
+    yet. Inside :meth:`held` (importing jax, whose native modules abort the process when an
+    exception crosses them) a signal is kept and acted on when the block ends; one that lands in a
+    callback that swallows exceptions (jax's garbage-collection callback) is kept too, and
+    :meth:`check` acts on it. Signals that the parent process ignores (``nohup``) stay ignored."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.holding = False
+
+    def handler(self, signum, frame) -> None:
+        self.received.append(signum)
+        if not self.holding:
+            raise Signalled(signum)
+
+    def check(self) -> None:
+        if self.received:
+            raise Signalled(self.received[0])
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        self.check()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Installs the handlers (on the main thread only, where Python allows them), restoring
+        the previous ones and ``sys.unraisablehook`` on exit (``main`` may run in-process)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous_hook = sys.unraisablehook
+
+        def hook(unraisable):
+            if not isinstance(unraisable.exc_value, Signalled):  # (kept in `received`)
+                previous_hook(unraisable)
+
+        for s, h in previous.items():
+            if h is not signal.SIG_IGN:
+                signal.signal(s, self.handler)
+        sys.unraisablehook = hook
+        try:
+            yield self
+        finally:
+            if sys.unraisablehook is hook:  # (a hook chained onto ours since, e.g. for orbax's threads, stays)
+                sys.unraisablehook = previous_hook
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def _quiet_orbax_unraisables() -> None:
@@ -533,6 +614,10 @@ def _use_compilation_cache() -> None:
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+def _debugging(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def _message(error: BaseException) -> str:
     render = getattr(error, "render", None)
     text = render(flag) if render is not None else str(error)
@@ -551,20 +636,31 @@ def _exit_code(error: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxnet`` console script; returns the exit code."""
+    with _StartSignals().installed() as signals:
+        return _main(argv, signals)
+
+
+def _main(argv: list[str] | None, signals: _StartSignals) -> int:
+    args = None
     try:
         args, extra = build_parser().parse_known_args(argv)
+        args.signals = signals
         if extra:  # named by the subcommand whose options were meant
             raise CliError(f"unrecognized arguments: {' '.join(extra)} (see 'jaxnet {args.command} --help')")
         _use_compilation_cache()
+        with signals.held():
+            import jax  # noqa: F401  (every command needs it; imported where a signal cannot abort it)
         return int(args.run(args) or 0)
     except BrokenPipeError:  # `jaxnet predict ... | head`: the reader is done, so are we
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _say("jaxnet: interrupted")
-        return 130
+        return getattr(e, "exit_code", 130)
     except (CliError, ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
+        if _debugging(args):
+            traceback.print_exc()  # the detail, before the one line that sums it up
         _say(f"jaxnet: error: {_message(e)}")
         return _exit_code(e)
 

@@ -3,8 +3,10 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +44,8 @@ def test_out_problems_are_named_before_any_data_is_read(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_read_only_file_system_is_named_at_once(tmp_path):
-    script = (
-        f"mount -t tmpfs -o ro tmpfs {tmp_path} && cd {ROOT} && "
-        f"{sys.executable} -m jaxnet.cli train --data {MISSING['data']} --out {tmp_path}/run"
-    )
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True)
-    if "mount" in run.stderr and run.returncode != 2:
-        pytest.skip(f"no private mounts here: {run.stderr.strip()}")
+    train = f"{sys.executable} -m jaxnet.cli train --data {MISSING['data']} --out {tmp_path}/run"
+    run = _in_private_mount(tmp_path, "ro", train)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == (
         f"jaxnet: error: {tmp_path} is on a read-only file system: give --out a folder that can be written"
@@ -117,3 +114,45 @@ def test_out_checks_need_no_environment(tmp_path):
         [sys.executable, "-m", "jaxnet.cli", "train", "--out", ""], capture_output=True, text=True, cwd=ROOT, env=env
     )
     assert run.returncode == 2 and run.stderr.strip() == "jaxnet: error: --out is empty: name a folder for the run"
+
+
+def test_signals_at_start_up_end_the_command_at_once_with_130_or_143():
+    """Ctrl-C or SIGTERM from jaxnet's first line on (imports of jax included, whose native modules
+    abort the process when an exception crosses them) ends the command with 128 + the signal.
+    (Python's own start, the first tens of milliseconds, is the interpreter's.)"""
+    cases = [(signal.SIGINT, 0.3), (signal.SIGTERM, 0.45), (signal.SIGINT, 0.6), (signal.SIGTERM, 0.8)]
+    cases += [(signal.SIGINT, 1.0), (signal.SIGTERM, 1.3)]
+    command = [sys.executable, "-m", "jaxnet.cli", "train", "--dataset", "digits", "--epochs", "100000"]
+    procs = []
+    for signum, delay in cases:
+        procs.append((subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True), signum, delay))
+    start = time.monotonic()
+    for proc, signum, delay in sorted(procs, key=lambda p: p[2]):
+        time.sleep(max(0.0, start + delay - time.monotonic()))
+        proc.send_signal(signum)
+    for proc, signum, delay in procs:
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 128 + signum, (delay, proc.returncode, err)
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def _in_private_mount(tmp_path, options: str, command: str) -> subprocess.CompletedProcess:
+    """``command`` run with a fresh tmpfs (``options``) mounted on ``tmp_path``, in a private mount
+    namespace; skips where this machine allows none."""
+    script = f"mount -t tmpfs -o {options} tmpfs {tmp_path} && cd {ROOT} && {command}"
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True)
+    if run.returncode != 0 and "mount" in run.stderr and "jaxnet" not in run.stderr:
+        pytest.skip(f"no private mounts here: {run.stderr.strip()}")
+    return run
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_1(tmp_path):
+    train = f"{sys.executable} -m jaxnet.cli train --dataset moons --epochs 1 --out {tmp_path}/run --quiet"
+    run = _in_private_mount(tmp_path, "size=24k", train)
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was not written (No space left on device)" in lines[0], run.stderr
+    debug = _in_private_mount(tmp_path, "size=24k", train.replace("-m jaxnet.cli", "-m jaxnet.cli --debug"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == lines[0]

@@ -12,7 +12,9 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxnet import checkpoint, checks
 from jaxnet.loop import FitState, Record
@@ -119,10 +121,16 @@ class Interrupt:
             signal.signal(s, handler)
 
     def __call__(self, state, record) -> bool:
-        return self.signum is not None
+        return self._stop()
 
     def on_chunk(self, state) -> bool:
         """Stops a long (streamed) epoch at the next chunk boundary too."""
+        return self._stop()
+
+    def _stop(self) -> bool:
+        if jax.process_count() > 1:  # all processes stop at the same boundary, with the signal one got
+            signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+            self.signum = int(np.max(signums)) or None
         return self.signum is not None
 
     @property

@@ -136,6 +136,13 @@ def _add_device_options(d) -> None:
     d.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
     d.add_argument("--num-processes", type=integer, metavar="N", help="multi-process run: process count")
     d.add_argument("--process-id", type=integer, metavar="I", help="multi-process run: this process")
+    d.add_argument(
+        "--peer-timeout",
+        type=integer,
+        metavar="SECONDS",
+        default=30,
+        help="multi-process run: how long to wait for a peer to join or answer before every process stops (default 30)",
+    )
 
 
 def _add_output_options(o) -> None:
@@ -265,11 +272,16 @@ def _cmd_train(args) -> int:
     _check_train_args(args)
     if args.print_config:
         return _print_config(_train_config(args)[1], args.resume)
-    from jaxnet import callbacks, parallel
+    from jaxnet import callbacks, parallel, supervisor
     from jaxnet import run as runlib
 
+    if parallel.distributed_request(args.coordinator, args.num_processes, args.process_id) is not None:
+        if not supervisor.is_supervised():  # the runtime's fatal errors become one line, in bounded time
+            return supervisor.supervise(args.argv, args.peer_timeout, _debugging(args))
+        supervisor.bind_to_supervisor()
     # Before any other JAX use: joining a multi-process run must precede backend start-up.
-    distributed = parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    where = (args.coordinator, args.num_processes, args.process_id)
+    distributed = parallel.initialize_distributed(*where, timeout=args.peer_timeout)
     mesh = parallel.make_data_mesh(args.devices) if args.devices or distributed else None
     primary = parallel.is_primary()
     given, config = _train_config(args)
@@ -644,7 +656,7 @@ def _main(argv: list[str] | None, signals: _StartSignals) -> int:
     args = None
     try:
         args, extra = build_parser().parse_known_args(argv)
-        args.signals = signals
+        args.signals, args.argv = signals, list(sys.argv[1:] if argv is None else argv)
         if extra:  # named by the subcommand whose options were meant
             raise CliError(f"unrecognized arguments: {' '.join(extra)} (see 'jaxnet {args.command} --help')")
         _use_compilation_cache()

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnet import checks
 from jaxnet.checks import ArgumentError
 
 DATA_AXIS = "data"
@@ -127,8 +128,16 @@ def constrain_batch(update, mesh: Mesh):
     return sharded_update
 
 
+PEER_TIMEOUT = 30
+"""Seconds a multi-process run waits for a peer (to join, or to answer its heartbeat) before every
+process stops (:func:`initialize_distributed`)."""
+
+
 def initialize_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: int = PEER_TIMEOUT,
 ) -> bool:
     """Joins this process to a multi-process JAX run (``jax.distributed.initialize``).
 
@@ -140,11 +149,28 @@ def initialize_distributed(
       coordinator: ``HOST:PORT`` of process 0's coordinator service.
       num_processes: total number of processes.
       process_id: this process's index in ``[0, num_processes)``.
+      timeout: seconds to wait for every process to join, for a peer's heartbeat and for the
+        others at shutdown; past it JAX's runtime stops the process (:mod:`jaxnet.supervisor`
+        turns that into one line).
 
     Returns:
       True if initialized from the arguments or the environment, False when there was nothing to
       join (no arguments, no JAX variables set): the run stays single-process.
     """
+    how = distributed_request(coordinator, num_processes, process_id)
+    checks.integer("timeout", timeout)
+    if how is None:
+        return False
+    timeouts = dict(initialization_timeout=timeout, heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)
+    jax.distributed.initialize(*how, **timeouts)
+    return True
+
+
+def distributed_request(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> tuple | None:
+    """The arguments of the multi-process run asked for (``()``: JAX's cluster detection finds
+    them), or None for a single-process run; see :func:`initialize_distributed`."""
     if coordinator is None and num_processes is None and process_id is None:
         env = [os.environ.get(name) for name in _JAX_ENV]
         if all(env[1:]):
@@ -165,12 +191,10 @@ def initialize_distributed(
             raise ValueError(
                 f"process id {process_id} is out of range for {num_processes} processes: use 0..{num_processes - 1}"
             )
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-        return True
+        return coordinator, num_processes, process_id
     if any(os.environ.get(name) for name in _JAX_ENV) or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-        jax.distributed.initialize()
-        return True
-    return False
+        return ()
+    return None
 
 
 def _env_int(name: str) -> int:

@@ -95,4 +95,5 @@ def test_the_runtimes_reports_are_named_in_one_line():
     connect = "F1204 18:40:01.2 client.cc:88] Check failed: DEADLINE_EXCEEDED: Connect to coordination service\n"
     assert cause(connect, 7).startswith("not every process joined the run within 7 s")
     other = "noise\nF1204 18:41:00.0 x.cc:1] something else broke\n*** Check failure stack trace: ***\n"
-    assert cause(other, 30) == "the distributed runtime stopped this process: F1204 18:41:00.0 x.cc:1] something else broke"
+    expected = "the distributed runtime stopped this process: F1204 18:41:00.0 x.cc:1] something else broke"
+    assert cause(other, 30) == expected

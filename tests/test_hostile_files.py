@@ -191,3 +191,17 @@ def test_a_3_mb_bomb_is_refused_by_predict_in_bounded_memory(model_dir, tmp_path
     code, peak_mib = map(int, run.stdout.split())
     assert code == 2 and "refused as a decompression bomb" in run.stderr and run.stderr.count("\n") == 1
     assert peak_mib < 300, peak_mib
+
+
+@pytest.mark.parametrize("field, value", [("history", 5), ("key_impl", 3), ("epoch", "1"), ("position", {"a": 1})])
+def test_checkpoint_metadata_of_the_wrong_type_is_one_line(tmp_path, capsys, field, value):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "xor", "--hidden", "2", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    path = out / "checkpoints" / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    meta[field] = value
+    path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume" in err and repr(field) in err, err

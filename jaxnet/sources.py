@@ -20,6 +20,7 @@ batch or row group and the fix.
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -450,7 +451,7 @@ class NpyFile(_Rows):
         self.shape = tuple(file_shape) if shape is None else tuple(shape)
         if len(self.shape) == 0:
             raise DataError(f"{self.path} holds a scalar: store an array with a leading example axis")
-        needed = self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
+        needed = self.offset + math.prod(self.shape) * self.dtype.itemsize  # (exact: np.prod would wrap around)
         size = self.path.stat().st_size
         if size < needed:
             raise DataError(f"{self.path} is truncated: {size} bytes where its header describes {needed}")

@@ -205,3 +205,12 @@ def test_checkpoint_metadata_of_the_wrong_type_is_one_line(tmp_path, capsys, fie
     assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot resume" in err and repr(field) in err, err
+
+
+def test_an_npy_whose_header_overflows_int64_is_refused(tmp_path):
+    from jaxnet import sources
+
+    data = npy_bytes(np.zeros((2, 2), np.float32)).replace(b"(2, 2)", b"(4294967296, 4294967296)")
+    (tmp_path / "x.npy").write_bytes(data)
+    with pytest.raises(sources.DataError, match="is truncated: .* bytes where its header describes 7378697629483820"):
+        sources.NpyFile(tmp_path / "x.npy")

@@ -6,14 +6,17 @@ kind, metavar and help. :func:`add_flags` turns the table into argparse options 
 and the kind's parser) and :func:`given` the parsed arguments back into config
 fields (None: not given), so that a field is added to the CLI by one line here. A small generator of
 our own rather than tyro or jsonargparse: the config is flat, argparse is already the parser, and
-the one-line errors (``jaxnet: error: --epochs must be ...``) stay ours. The module imports no JAX,
-so ``--help`` stays fast; the defaults and a dataset's preset values are what ``--print-config``
-prints (the resolved config), rather than copies of them here.
+the one-line errors (``jaxnet: error: --epochs must be ...``) stay ours. Each flag's help ends with
+the field's default and the built-in datasets' presets, read from :mod:`jaxnet.configfields`; the
+module imports no JAX, so ``--help`` stays fast. ``--print-config`` prints a run's resolved config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
+
+from jaxnet.configfields import PRESETS, ConfigFields
 
 
 class Flag(NamedTuple):
@@ -115,10 +118,32 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConfigFields)}
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def defaults_text(field: str) -> str:
+    """`` (default X; moons Y, ...)``: the field's default and the presets that change it."""
+    default = _DEFAULTS.get(field)
+    presets = [f"{name} {_shown(p[field])}" for name, p in PRESETS.items() if field in p and p[field] != default]
+    if default is None and not presets:
+        return ""
+    parts = ([] if default is None else [f"default {_shown(default)}"]) + presets
+    return (" (" + "; ".join(parts) + ")").replace("%", "%%")
+
+
 def add_flags(groups: dict, parsers: dict) -> None:
-    """Adds every :data:`FIELDS` flag to ``groups[flag.group]``, parsed by ``parsers[flag.kind]``."""
+    """Adds every :data:`FIELDS` flag to ``groups[flag.group]``, parsed by ``parsers[flag.kind]``,
+    its help followed by the field's default and presets."""
     for field, flag in FIELDS.items():
-        options = {"help": flag.help, "dest": field}
+        options = {"help": flag.help + ("" if "default" in flag.help else defaults_text(field)), "dest": field}
         if flag.kind == "switch":
             options["action"] = "store_true"
         else:

@@ -75,3 +75,17 @@ def test_a_bad_config_file_is_one_line_exit_2(tmp_path, capsys, text, message):
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert cli.main(["train", "--config", str(tmp_path / "none.toml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_help_shows_each_fields_default_and_presets_from_the_config_itself(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--hidden SIZES hidden layer sizes, e.g. 64,64 (default 64,64; seed 2; xor 8; moons 32,32)" in text
+    assert "--epochs N epochs; with --resume, extends the run to this many (default 30; seed 1000; xor 300;" in text
+    for field in dataclasses.fields(configlib.TrainConfig):
+        if field.name in cliflags.FIELDS and field.default is not None:
+            assert cliflags.defaults_text(field.name), field.name
+            for name, preset in configlib.PRESETS.items():
+                if field.name in preset and preset[field.name] != field.default:
+                    assert f"{name} " in cliflags.defaults_text(field.name), (field.name, name)

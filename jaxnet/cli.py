@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -304,11 +305,7 @@ def _cmd_train(args) -> int:
         keep=args.keep,
         notify=notify,
     )
-    _quiet_orbax_unraisables()
-    import logging
-
-    if not _debugging(args):  # orbax's threads log each failed write with its traceback; the failure is one line
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
+    _quiet_orbax(_debugging(args))
     if args.log:  # MLflow and its database migrations announce themselves at INFO on stderr
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -597,10 +594,14 @@ class _StartSignals:
                 signal.signal(s, h)
 
 
-def _quiet_orbax_unraisables() -> None:
-    """Silences the "Event loop is closed" tracebacks that orbax's I/O threads print when a read
-    of a damaged checkpoint fails (the failure itself is reported in one line)."""
-    previous = sys.unraisablehook
+def _quiet_orbax(debug: bool) -> None:
+    """Keeps orbax's background noise out of the terminal: the "Event loop is closed" tracebacks
+    its I/O threads print when a read of a damaged checkpoint fails and, unless ``debug``, the
+    errors its threads log or raise when a save fails (a full disk, a second Ctrl-C): the main
+    thread reports each failure in one line."""
+    if getattr(sys.unraisablehook, "quiets_orbax", False):
+        return
+    previous, previous_thread = sys.unraisablehook, threading.excepthook
 
     def hook(unraisable):
         error = unraisable.exc_value
@@ -609,7 +610,14 @@ def _quiet_orbax_unraisables() -> None:
                 return
         previous(unraisable)
 
-    sys.unraisablehook = hook
+    def thread_hook(info):
+        if debug or not any("orbax" in frame.filename for frame in traceback.extract_tb(info.exc_traceback)):
+            previous_thread(info)
+
+    hook.quiets_orbax = True
+    sys.unraisablehook, threading.excepthook = hook, thread_hook
+    if not debug:
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def _use_compilation_cache() -> None:

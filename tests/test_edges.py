@@ -146,6 +146,7 @@ def _in_private_mount(tmp_path, options: str, command: str) -> subprocess.Comple
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_1(tmp_path):
     train = f"{sys.executable} -m jaxnet.cli train --dataset moons --epochs 1 --out {tmp_path}/run --quiet"
@@ -156,3 +157,24 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_1(tmp_path):
     debug = _in_private_mount(tmp_path, "size=24k", train.replace("-m jaxnet.cli", "-m jaxnet.cli --debug"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == lines[0]
+
+
+def test_orbax_thread_failures_stay_out_of_the_terminal_unless_debugging(capsys):
+    import threading
+
+    from jaxnet.cli import _quiet_orbax
+
+    saved = sys.unraisablehook, threading.excepthook
+    fake = compile("raise RuntimeError('write failed')", "/site-packages/orbax/checkpoint/fake.py", "exec")
+    try:
+        for debug, shown in ((False, False), (True, True)):
+            sys.unraisablehook, threading.excepthook = saved[0], threading.__excepthook__  # (prints)
+            _quiet_orbax(debug)
+            for code in (fake, compile("raise RuntimeError('ours')", "mine.py", "exec")):
+                thread = threading.Thread(target=exec, args=(code,))
+                thread.start()
+                thread.join()
+            err = capsys.readouterr().err
+            assert ("write failed" in err) == shown and "ours" in err, err
+    finally:
+        sys.unraisablehook, threading.excepthook = saved

@@ -55,6 +55,7 @@ def test_sample_weights_give_the_weighted_mean_loss_and_its_gradient(problem, ba
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sample_weights_over_several_batches_match_a_python_loop(problem):
     net, params, x, y = problem
     w = np.random.default_rng(2).uniform(0, 2, size=N).astype(np.float32)
@@ -127,6 +128,7 @@ def test_a_label_beyond_the_models_classes_is_refused(problem):
         _fit(net, params, x, np.where(y == 2, 7, y).astype(np.int32), batch_size=16, class_weight="balanced")
 
 
+@pytest.mark.slow
 def test_training_metrics_are_exact_over_the_epochs_padded_batches(problem):
     net, params, x, y = problem
     # a zero learning rate: every step predicts with the initial params, so the epoch's metrics are theirs

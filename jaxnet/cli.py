@@ -599,7 +599,8 @@ def _quiet_orbax(debug: bool) -> None:
     its I/O threads print when a read of a damaged checkpoint fails and, unless ``debug``, the
     errors its threads log or raise when a save fails (a full disk, a second Ctrl-C): the main
     thread reports each failure in one line."""
-    if getattr(sys.unraisablehook, "quiets_orbax", False):
+    if getattr(threading.excepthook, "quiets_orbax", False):  # installed by an earlier in-process call
+        threading.excepthook.debug = debug
         return
     previous, previous_thread = sys.unraisablehook, threading.excepthook
 
@@ -611,13 +612,13 @@ def _quiet_orbax(debug: bool) -> None:
         previous(unraisable)
 
     def thread_hook(info):
-        if debug or not any("orbax" in frame.filename for frame in traceback.extract_tb(info.exc_traceback)):
+        frames = traceback.extract_tb(info.exc_traceback)
+        if thread_hook.debug or not any("orbax" in frame.filename for frame in frames):
             previous_thread(info)
 
-    hook.quiets_orbax = True
+    thread_hook.quiets_orbax, thread_hook.debug = True, debug
     sys.unraisablehook, threading.excepthook = hook, thread_hook
-    if not debug:
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("absl").setLevel(logging.NOTSET if debug else logging.CRITICAL)
 
 
 def _use_compilation_cache() -> None:

@@ -851,7 +851,9 @@ def _moments(blocks, reshape=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         low, high = np.minimum(low, block.min(axis=0)), np.maximum(high, block.max(axis=0))
         n = len(block)
         block_mean = block.mean(axis=0)
-        block_m2 = ((block - block_mean) ** 2).sum(axis=0)
+        centred = block - block_mean
+        centred *= centred  # (in place: one float64 copy of the block, not two)
+        block_m2 = centred.sum(axis=0)
         delta = block_mean - mean
         total = count + n
         mean = mean + delta * (n / total)

@@ -120,7 +120,7 @@ _META_FIELDS = {  # name: (allowed types, required)
     "activation": ((str,), True),
     "output_activation": ((str, _NONE), True),
     "arch": ((str,), False),
-    "num_classes": ((int, _NONE), False),
+    "num_classes": ((int, _NONE), True),
     "classes": ((list, _NONE), False),
     "target": ((str, _NONE), False),
     "columns": ((dict, _NONE), False),
@@ -147,6 +147,34 @@ def _meta_problem(meta: dict) -> str | None:
         return "has 'feature_names' that are not a non-empty list of names"
     if len(meta["sizes"]) < 2 or not all(type(n) is int and n > 0 for n in meta["sizes"]):
         return "has 'sizes' that are not positive integers"
+    return _parts_problem(meta)
+
+
+def _positive_ints(value, length: int | None = None) -> bool:
+    ok = isinstance(value, list) and all(type(n) is int and n > 0 for n in value)
+    return ok and (length is None or len(value) == length)
+
+
+def _parts_problem(meta: dict) -> str | None:
+    """The fields that one kind of model needs: its classes, a cnn's shapes, an embedding's sizes."""
+    classes, outputs = meta.get("classes"), meta["sizes"][-1]
+    if classes is not None and len(classes) != max(outputs, 2 if outputs == 1 else outputs):
+        return f"has {len(classes)} 'classes' for {outputs} outputs"
+    if meta.get("arch", "mlp") == "cnn":
+        if not _positive_ints(meta.get("input_shape"), 3) or not _positive_ints(meta.get("channels")):
+            return "is a cnn without a valid 'input_shape' (3 sizes) and 'channels'"
+        if isinstance(meta.get("dropout"), bool) or not isinstance(meta.get("dropout"), (int, float)):
+            return "is a cnn without a numeric 'dropout'"
+    embed = meta.get("embed")
+    if embed and not (
+        isinstance(embed, dict)
+        and _positive_ints(embed.get("rows"))
+        and _positive_ints([j + 1 if type(j) is int else 0 for j in embed.get("features") or [-1]])  # indices
+        and len(embed["features"]) == len(embed["rows"])
+        and type(embed.get("dim")) is int
+        and embed["dim"] > 0
+    ):
+        return "has an 'embed' without 'features', 'rows' and 'dim'"
     return None
 
 

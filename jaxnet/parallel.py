@@ -12,6 +12,7 @@ Only public JAX APIs are used: ``jax.make_mesh``, ``NamedSharding``,
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -162,7 +163,8 @@ def initialize_distributed(
     if how is None:
         return False
     timeouts = dict(initialization_timeout=timeout, heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)
-    jax.distributed.initialize(*how, **timeouts)
+    accepted = inspect.signature(jax.distributed.initialize).parameters  # (older JAX lacks some of them)
+    jax.distributed.initialize(*how, **{k: v for k, v in timeouts.items() if k in accepted})
     return True
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ CONFIG_TOML = "config.toml"  # the same config, for jaxnet train --config
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 OUTPUTS = (CONFIG_FILE, CONFIG_TOML, files.MODEL_FILE, "metrics.jsonl", "curves.png")
+WRITTEN = ("metrics.csv", "steps.csv", "mlflow-run.json")
+"""Other files a run writes into its folder (atomically, through ``files.atomic_path``)."""
 
 
 class RunFolderBusy(RuntimeError):
@@ -113,11 +116,12 @@ def _read_only(path: Path) -> bool:
 
 
 def _remove_leftovers(folder: Path) -> None:
-    """Removes the temporary files of writes that a killed writer left (``files.atomic_path``'s
-    ``.NAME.XXXX.tmp``): the lock is held, so no live writer owns one."""
-    for leftover in folder.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            leftover.unlink()
+    """Removes the temporary files that a killed run left of its own files (``files.atomic_path``'s
+    ``.NAME.XXXX.tmp``; no other file): the lock is held, so no live run owns one."""
+    for name in (*OUTPUTS, *WRITTEN):
+        for leftover in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                leftover.unlink()
 
 
 def _acquire(path: Path):

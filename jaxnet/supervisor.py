@@ -23,8 +23,10 @@ from collections.abc import Sequence
 SUPERVISED_ENV = "JAXNET_SUPERVISED"
 """Set in the child's environment: the process that trains."""
 
-_RUNTIME = re.compile(r"^([EF]\d{4} \d\d:\d\d|\*\*\* |terminate called|Check failure|\s*@\s+0x)")
-"""The first line of the runtime's own report: an absl error or fatal log line, a C++ abort."""
+_FATAL = re.compile(r"^(F\d{4} \d\d:\d\d|\*\*\* |terminate called|Check failure)")
+"""The first line of the runtime's fatal report (an absl fatal log line, a C++ abort)."""
+_LOGGED = re.compile(r"^[EW]\d{4} \d\d:\d\d")
+"""An absl error or warning line of the runtime: held back, shown unless the run ends in a peer's failure."""
 _ERROR = "jaxnet: error: "
 
 
@@ -56,12 +58,12 @@ def cause(report: str, timeout: int) -> str:
             f"a peer process of this run stopped answering (no heartbeat within {timeout} s), so this process "
             "stops too: restart every process with the same command to continue from the last checkpoint"
         )
-    if "DEADLINE_EXCEEDED" in text or "Connect" in text or "RegisterTask" in text:
+    if "DEADLINE_EXCEEDED" in text or "RegisterTask" in text:
         return (
             f"not every process joined the run within {timeout} s: start all of them (same --coordinator "
             "and --num-processes, each its own --process-id), or give them longer (--peer-timeout)"
         )
-    first = next((line for line in report.splitlines() if _RUNTIME.match(line)), report.strip()[:300])
+    first = next((line for line in report.splitlines() if _FATAL.match(line)), report.strip()[:300])
     return f"the distributed runtime stopped this process: {first.strip()}"
 
 
@@ -79,19 +81,20 @@ def supervise(argv: Sequence[str], timeout: int, debug: bool = False) -> int:
     )
     previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in _FORWARDED}
     try:
-        report, errors = _relay(child.stderr)
+        report, held, errors = _relay(child.stderr)
         code = child.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if code in (-signal.SIGINT, -signal.SIGTERM):
         return 128 - code
-    if code != 0 and report and (code == -signal.SIGABRT or _peer_failed(report + "".join(errors))):
-        sys.stderr.write(f"{_ERROR}{cause(report + ''.join(errors), timeout)}\n")
+    everything = report + "".join(held + errors)
+    if code != 0 and (code == -signal.SIGABRT and report or _peer_failed(everything)):
+        if debug:
+            sys.stderr.writelines([*held, report])
+        sys.stderr.write(f"{_ERROR}{cause(everything, timeout)}\n")
         return 1
-    if code == 0 or debug:
-        sys.stderr.write(report)  # (without debug: runtime errors that did not end the run, shown late)
-    sys.stderr.writelines(errors)  # the child's own one-line error, if any
+    sys.stderr.writelines([*held, report, *errors])  # late, but nothing is lost
     if code < 0:
         sys.stderr.write(f"{_ERROR}the training process was killed by {signal.Signals(-code).name}\n")
         return 1
@@ -105,17 +108,21 @@ def _peer_failed(text: str) -> bool:
 _FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
-def _relay(stream) -> tuple[str, list[str]]:
-    """Copies ``stream`` to stderr, except the runtime's report (from its first log line on) and
-    the child's error lines, which are returned: ``(report, errors)``."""
+def _relay(stream) -> tuple[str, list[str], list[str]]:
+    """Copies ``stream`` to stderr as it comes, except: the runtime's fatal report (from its first
+    line on), its logged errors and warnings, and the child's own error lines, which are returned
+    as ``(report, held, errors)``."""
     report: list[str] = []
+    held: list[str] = []
     errors: list[str] = []
     for line in stream:
-        if report or _RUNTIME.match(line):
-            report.append(line)
-        elif line.startswith(_ERROR):
+        if line.startswith(_ERROR):
             errors.append(line)
+        elif report or _FATAL.match(line):
+            report.append(line)
+        elif _LOGGED.match(line):
+            held.append(line)
         else:
             sys.stderr.write(line)
             sys.stderr.flush()
-    return "".join(report), errors
+    return "".join(report), held, errors

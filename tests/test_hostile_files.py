@@ -41,6 +41,23 @@ def npy_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
+def write_bomb(path, good: dict, name: str, nbytes: int, level: int = 1):
+    """``good``'s members, ``name`` replaced by a float32 array of ``nbytes`` zero bytes, deflated."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (nbytes // 4,)})
+    header = header.getvalue()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as z:
+        for member, data in good.items():
+            if member != name:
+                z.writestr(member, data, zipfile.ZIP_STORED)
+        with z.open(name, "w", force_zip64=True) as out:
+            out.write(header)
+            zeros = bytes(1 << 24)
+            for _ in range(nbytes >> 24):
+                out.write(zeros)
+    return path
+
+
 def meta_bytes(meta: dict) -> bytes:
     return npy_bytes(np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
 
@@ -80,10 +97,16 @@ def test_unused_members_are_never_inflated_and_lying_headers_are_refused(model_d
     write_zip(path, {**good, weight: huge})
     refused(path, r"array 'params/0/w' declares float32 \(1099511627776, 1\) .* but stores \d+ bytes")
 
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in {**good, weight: npy_bytes(np.zeros((4096, 4096), np.float32))}.items():
-            z.writestr(name, data, zipfile.ZIP_DEFLATED if name == weight else zipfile.ZIP_STORED)
-    refused(path, r"array 'params/0/w' inflates .* refused as a decompression bomb")
+    write_bomb(path, good, weight, 128 << 20)  # 128 MiB of zeros in about 130 KB
+    refused(path, r"array 'params/0/w' declares 134217728 bytes, past what .* refused as a decompression bomb")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:  # many small members, none large alone
+        for name, data in good.items():
+            z.writestr(name, data)
+        for i in range(300):
+            z.writestr(f"params/extra{i}.npy", npy_bytes(np.zeros(1 << 18, np.float32)))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    refused(path, r"refused as a decompression bomb")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB
 
     write_zip(path, {**good, weight: npy_bytes(np.array([{"a": 1}], dtype=object))})
     refused(path, r"array 'params/0/w' holds Python objects, which would need pickle")
@@ -150,6 +173,25 @@ def test_truncations_and_byte_flips_are_refused_or_read_exactly(model_dir, tmp_p
     assert time.monotonic() - start < 30
 
 
+def test_compressed_archives_read_and_their_damage_is_one_line(tmp_path, capsys):
+    sparse = (np.random.default_rng(0).random((20000, 200)) < 0.05).astype(np.float32)  # compresses ~50x
+    np.savez_compressed(tmp_path / "sparse.npz", x=sparse, y=np.arange(20000) % 2)
+    np.testing.assert_array_equal(npz.read(tmp_path / "sparse.npz", lambda n: n == "x")["x"], sparse)
+    data = bytearray((tmp_path / "sparse.npz").read_bytes())
+    rng, outcomes = np.random.default_rng(1), set()
+    for position in rng.integers(200, len(data) - 200, 60):
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        (tmp_path / "bad.npz").write_bytes(damaged)
+        try:
+            npz.read(tmp_path / "bad.npz", lambda n: True)
+            outcomes.add("read")
+        except npz.ArchiveError as e:
+            assert "\n" not in str(e)
+            outcomes.add("refused")
+    assert "refused" in outcomes
+
+
 def test_data_archives_are_read_the_same_way(tmp_path, capsys):
     garbage = b"\x93NUMPY\x01\x00\x08\x00garbage\n"
     path = write_zip(tmp_path / "d.npz", {"x.npy": npy_bytes(np.zeros((3, 2))), "y.npy": garbage})
@@ -175,16 +217,7 @@ def test_a_3_mb_bomb_is_refused_by_predict_in_bounded_memory(model_dir, tmp_path
     good = members(model_dir / "model.npz")
     path = tmp_path / "bomb" / "model.npz"
     path.parent.mkdir()
-    header = npy_bytes(np.zeros(0, np.float32)).replace(b"(0,)", b"(805306368,)")  # 3 GiB of float32
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-        for name, data in good.items():
-            if name != "params/0/w.npy":
-                z.writestr(name, data, zipfile.ZIP_STORED)
-        with z.open("params/0/w.npy", "w", force_zip64=True) as member:
-            member.write(header)
-            zeros = bytes(1 << 24)
-            for _ in range(192):
-                member.write(zeros)
+    write_bomb(path, good, "params/0/w.npy", 3 << 30, level=9)  # 3 GiB of zeros in about 3 MB
     assert path.stat().st_size < 4 << 20
     command = [sys.executable, "-c", PEAK, "predict", "--model", str(path.parent), "--data", "-"]
     run = subprocess.run(command, input="x0,x1\n0.5,0.5\n", capture_output=True, text=True)

@@ -242,6 +242,7 @@ def cli_runs(tmp_path_factory):
     return d, results
 
 
+@pytest.mark.slow
 def test_cli_sweep_reports_members_and_saves_the_best(cli_runs):
     d, results = cli_runs
     summary = json.loads(results["sweep"])
@@ -263,6 +264,7 @@ def test_cli_sweep_reports_members_and_saves_the_best(cli_runs):
     assert sorted({(r["member"], r["epoch"]) for r in lines}) == [(i, e) for i in range(4) for e in (1, 2, 3)]
 
 
+@pytest.mark.slow
 def test_cli_ensemble_predict_averages_the_members(cli_runs, tmp_path, capsys):
     d, _ = cli_runs
     saved = files.load_model(d / "ensemble")

@@ -260,6 +260,7 @@ def test_a_nonfinite_loss_is_a_runtime_failure_exit_1(tmp_path):
     assert "(--skip-nonfinite); no checkpoint was saved (use --out DIR --checkpoint-every N)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_resume_does_not_depend_on_the_current_directory(tmp_path, monkeypatch):
     x, y = _xor(80)
     (tmp_path / "data").mkdir()

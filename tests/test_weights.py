@@ -161,6 +161,7 @@ class _Steps:
         self.records.append(record)
 
 
+@pytest.mark.slow
 def test_logged_steps_report_the_loss_grad_norm_and_applied_learning_rate(problem):
     net, params, x, y = problem
     schedule = optax.linear_schedule(0.5, 0.0, 12)

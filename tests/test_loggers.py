@@ -46,6 +46,7 @@ def logged_steps(out) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_csv_holds_the_same_epochs(logged):
     out, records = logged
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
@@ -54,6 +55,7 @@ def test_csv_holds_the_same_epochs(logged):
     logged_steps(out)
 
 
+@pytest.mark.slow
 def test_tensorboard_events_read_back_with_tensorboards_reader(logged):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -70,6 +72,7 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(logged):
         assert got == [(int(r["step"]), pytest.approx(float(r[name]), rel=1e-6)) for r in rows]
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_params_metrics_and_artifacts(logged):
     from mlflow.tracking import MlflowClient
 

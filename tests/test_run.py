@@ -75,6 +75,7 @@ def test_a_hand_written_model_checkpoints_and_resumes_through_the_library(tmp_pa
     assert _bytes(resumed.train) == _bytes(straight.train)
 
 
+@pytest.mark.slow
 def test_a_member_run_checkpoints_and_resumes_like_a_single_run(tmp_path):
     config = configlib.make_config(**SMALL, seeds=2, lrs=(0.01, 0.1))
     straight = runlib.run(config, out=tmp_path / "straight")

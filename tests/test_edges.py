@@ -171,8 +171,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_1(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "was not written (No space left on device)" in lines[0], run.stderr
     debug = _in_private_mount(tmp_path, "size=24k", train.replace("-m jaxnet.cli", "-m jaxnet.cli --debug"))
-    assert debug.returncode == 1 and "Traceback" in debug.stderr
-    assert debug.stderr.strip().splitlines()[-1] == lines[0]
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # (orbax's threads may print after the line)
+    assert lines[0] in debug.stderr.splitlines()
 
 
 def test_orbax_thread_failures_stay_out_of_the_terminal_unless_debugging(capsys):

@@ -305,23 +305,23 @@ def _read_meta(manager, step: int) -> dict:
             f"checkpoint format {meta.get('format_version')}: "
             + ("upgrade jaxnet to read it" if newer else "written by an older jaxnet")
         )
-    for name, types in _META_TYPES.items():
-        if name not in meta or isinstance(meta[name], bool) and bool not in types or not isinstance(meta[name], types):
-            raise ValueError(f"its metadata field {name!r} is missing or of type {type(meta.get(name)).__name__}")
+    problem = checks.field_problem(meta, _META_FIELDS)
+    if problem is not None:
+        raise ValueError(f"its metadata {problem}")
     position = meta.get("position")
     if position is not None and not (isinstance(position, dict) and type(position.get("steps")) is int):
         raise ValueError("its metadata field 'position' is malformed")
     return meta
 
 
-_META_TYPES = {
-    "epoch": (int,),
-    "best_epoch": (int, list, type(None)),  # (a list: one per member)
-    "history": (list,),
-    "key_impl": (str,),
-    "has_best": (bool,),
-    "metadata": (dict,),
-    "checksum": (str,),
+_META_FIELDS = {  # name: (allowed types, required)
+    "epoch": ((int,), True),
+    "best_epoch": ((int, list, type(None)), True),  # (a list: one per member)
+    "history": ((list,), True),
+    "key_impl": ((str,), True),
+    "has_best": ((bool,), True),
+    "metadata": ((dict,), True),
+    "checksum": ((str,), True),
 }
 
 

@@ -100,3 +100,17 @@ def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def field_problem(document: dict, fields: dict) -> str | None:
+    """What is wrong with the fields of a JSON ``document`` read from a file, or None:
+    ``fields`` maps each name to ``(allowed types, required)`` (a bool is no int here)."""
+    for name, (types, required) in fields.items():
+        if name not in document:
+            if required:
+                return f"lacks the field {name!r}"
+            continue
+        value = document[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            return f"has {name!r} of type {type(value).__name__}"
+    return None

@@ -21,6 +21,7 @@ import threading
 import traceback
 
 from jaxnet import cliflags
+from jaxnet.supervisor import PEER_TIMEOUT
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 DEBUG_ENV = "JAXNET_DEBUG"
@@ -141,8 +142,9 @@ def _add_device_options(d) -> None:
         "--peer-timeout",
         type=integer,
         metavar="SECONDS",
-        default=30,
-        help="multi-process run: how long to wait for a peer to join or answer before every process stops (default 30)",
+        default=PEER_TIMEOUT,
+        help="multi-process run: how long to wait for a peer to join or answer before every process stops "
+        f"(default {PEER_TIMEOUT})",
     )
 
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxnet import npz
+from jaxnet import checks, npz
 
 MODEL_FILE = "model.npz"
 MODEL_FORMAT = "jaxnet-model"
@@ -133,14 +133,9 @@ _META_FIELDS = {  # name: (allowed types, required)
 
 
 def _meta_problem(meta: dict) -> str | None:
-    for name, (types, required) in _META_FIELDS.items():
-        if name not in meta:
-            if required:
-                return f"lacks the field {name!r}"
-            continue
-        value = meta[name]
-        if isinstance(value, bool) or not isinstance(value, types):
-            return f"has {name!r} of type {type(value).__name__}"
+    problem = checks.field_problem(meta, _META_FIELDS)
+    if problem is not None:
+        return problem
     if meta["task"] not in ("classification", "regression"):
         return f"has task {meta['task']!r} (classification or regression)"
     if not all(isinstance(n, str) for n in meta["feature_names"]) or not meta["feature_names"]:

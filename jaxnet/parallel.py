@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxnet import checks
 from jaxnet.checks import ArgumentError
+from jaxnet.supervisor import PEER_TIMEOUT
 
 DATA_AXIS = "data"
 
@@ -127,11 +128,6 @@ def constrain_batch(update, mesh: Mesh):
         return update(state, jax.lax.with_sharding_constraint(batch, sharding))
 
     return sharded_update
-
-
-PEER_TIMEOUT = 30
-"""Seconds a multi-process run waits for a peer (to join, or to answer its heartbeat) before every
-process stops (:func:`initialize_distributed`)."""
 
 
 def initialize_distributed(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +27,10 @@ _FATAL = re.compile(r"^(F\d{4} \d\d:\d\d|\*\*\* |terminate called|Check failure)
 _LOGGED = re.compile(r"^[EW]\d{4} \d\d:\d\d")
 """An absl error or warning line of the runtime: held back, shown unless the run ends in a peer's failure."""
 _ERROR = "jaxnet: error: "
+_FORWARDED = (signal.SIGINT, signal.SIGTERM)
+PEER_TIMEOUT = 30
+"""Seconds a multi-process run waits for a peer (to join, to answer its heartbeat, at shutdown)
+before every process stops (``jaxnet train --peer-timeout``, ``initialize_distributed(timeout=)``)."""
 
 
 def is_supervised() -> bool:
@@ -50,15 +53,26 @@ def bind_to_supervisor() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def _failure(text: str) -> str | None:
+    """Which failure of a run the runtime's ``text`` reports: ``"peer"`` (one stopped answering),
+    ``"join"`` (one never joined) or None (something else)."""
+    text = " ".join(text.split())
+    if any(sign in text for sign in ("heartbeat", "UNAVAILABLE", "Socket closed", "Connection closed by peer")):
+        return "peer"
+    if "DEADLINE_EXCEEDED" in text or "RegisterTask" in text:
+        return "join"
+    return None
+
+
 def cause(report: str, timeout: int) -> str:
     """One line for the runtime's fatal ``report``: which failure of the run it means, and the fix."""
-    text = " ".join(report.split())
-    if any(sign in text for sign in ("heartbeat", "UNAVAILABLE", "Socket closed", "Connection closed by peer")):
+    failure = _failure(report)
+    if failure == "peer":
         return (
             f"a peer process of this run stopped answering (no heartbeat within {timeout} s), so this process "
             "stops too: restart every process with the same command to continue from the last checkpoint"
         )
-    if "DEADLINE_EXCEEDED" in text or "RegisterTask" in text:
+    if failure == "join":
         return (
             f"not every process joined the run within {timeout} s: start all of them (same --coordinator "
             "and --num-processes, each its own --process-id), or give them longer (--peer-timeout)"
@@ -71,6 +85,8 @@ def supervise(argv: Sequence[str], timeout: int, debug: bool = False) -> int:
     """Runs ``python -m jaxnet.cli argv`` as a watched child; returns its exit code (1, with one
     line on stderr, when the distributed runtime aborted it; 128 + N when signal N ended it).
     With ``debug`` the runtime's own report is shown before that line."""
+    import subprocess  # (here: the command line imports this module for its --help)
+
     child = subprocess.Popen(
         [sys.executable, "-m", "jaxnet.cli", *argv],
         env=dict(os.environ, **{SUPERVISED_ENV: str(os.getpid())}),
@@ -89,7 +105,7 @@ def supervise(argv: Sequence[str], timeout: int, debug: bool = False) -> int:
     if code in (-signal.SIGINT, -signal.SIGTERM):
         return 128 - code
     everything = report + "".join(held + errors)
-    if code != 0 and (code == -signal.SIGABRT and report or _peer_failed(everything)):
+    if code != 0 and (code == -signal.SIGABRT and report or _failure(everything) is not None):
         if debug:
             sys.stderr.writelines([*held, report])
         sys.stderr.write(f"{_ERROR}{cause(everything, timeout)}\n")
@@ -99,13 +115,6 @@ def supervise(argv: Sequence[str], timeout: int, debug: bool = False) -> int:
         sys.stderr.write(f"{_ERROR}the training process was killed by {signal.Signals(-code).name}\n")
         return 1
     return code
-
-
-def _peer_failed(text: str) -> bool:
-    return cause(text, 0).startswith(("a peer", "not every"))
-
-
-_FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
 def _relay(stream) -> tuple[str, list[str], list[str]]:

@@ -33,6 +33,7 @@ FLAGS = {
     "every_steps": "--checkpoint-steps",
     "chunk_steps": "--checkpoint-steps",
     "log": "--log",
+    "timeout": "--peer-timeout",
 }
 """Python argument names whose flag is not ``--`` + the name with dashes."""
 

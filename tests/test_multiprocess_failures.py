@@ -97,3 +97,13 @@ def test_the_runtimes_reports_are_named_in_one_line():
     other = "noise\nF1204 18:41:00.0 x.cc:1] something else broke\n*** Check failure stack trace: ***\n"
     expected = "the distributed runtime stopped this process: F1204 18:41:00.0 x.cc:1] something else broke"
     assert cause(other, 30) == expected
+
+
+def test_a_bad_peer_timeout_is_one_line_naming_the_flag(capsys, monkeypatch):
+    from jaxnet import cli, supervisor
+
+    monkeypatch.setenv(supervisor.SUPERVISED_ENV, "1")  # as the watched child, which checks before joining
+    monkeypatch.setattr(supervisor, "bind_to_supervisor", lambda: None)
+    argv = ["train", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0", "--peer-timeout", "0"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "jaxnet: error: --peer-timeout must be a positive integer, got 0\n"

@@ -127,6 +127,18 @@ def test_shuffle_buffer_emits_every_row_once_in_batches():
     assert all(np.array_equal(b[0][:, 0], b[1]) for b in out)  # x and y stay paired
 
 
+def test_gathered_rows_equal_fancy_indexing_and_out_of_range_rows_are_refused(data):
+    folder, x, _ = data
+    mapped = np.load(folder / "x.npy", mmap_mode="r")
+    rows = np.random.default_rng(0).integers(0, len(x), 3000)  # repeats, more than a block
+    for array in (x, mapped):
+        got = sources.gather(array, rows)
+        assert np.array_equal(got, x[rows]) and got.ctypes.data % sources.ALIGNMENT == 0
+        for bad in ([0, len(x)], [-1, 0]):
+            with pytest.raises(sources.DataError, match=r"data: reading 2 rows failed \(IndexError: rows .* outside"):
+                sources.Indexed(array, array).read(np.array(bad))
+
+
 def test_bad_sources_fail_with_one_line_naming_the_batch(data):
     _, x, y = data
     p0 = NET.init(jax.random.key(0))

@@ -70,8 +70,8 @@ class Checkpointer:
 
     def on_chunk(self, state: FitState) -> None:
         self.last = state
-        if self._step_due(state) and bool(np.isfinite(np.asarray(state.position.total))):
-            self.save(state)  # (never once the epoch's loss went non-finite: the last good one stays)
+        if self._step_due(state) and bool(np.isfinite(np.asarray(state.position.total)).any()):
+            self.save(state)  # (never once the epoch's loss (every member's) went non-finite: the last good one stays)
 
     def _step_due(self, state: FitState) -> bool:
         if self.every_steps is None:

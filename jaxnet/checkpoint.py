@@ -35,6 +35,7 @@ from jaxnet.base import TrainState
 from jaxnet.epoch import start_carry
 from jaxnet.feed import Position
 from jaxnet.loop import FitState
+from jaxnet.members import num_members
 
 FORMAT = "jaxnet-checkpoint"
 FORMAT_VERSION = 3
@@ -288,7 +289,7 @@ def _template(like: FitState, has_best: bool, position: dict | None) -> dict:
             best, best_model_state = None, None
         inside = None
         if position is not None:
-            carry = start_carry(train)
+            carry = (start_carry if num_members(train.key) is None else jax.vmap(start_carry))(train)
             inside = Position(train.key, carry.total, carry.finite_steps, 0, 0, _sums_template(position))
         return _array_tree(FitState(train, 0, [], best, 0, best_model_state, inside))
 

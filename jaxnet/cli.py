@@ -33,6 +33,7 @@ FLAGS = {
     "every_steps": "--checkpoint-steps",
     "chunk_steps": "--checkpoint-steps",
     "log": "--log",
+    "log_steps": "--log-every-steps",
     "timeout": "--peer-timeout",
 }
 """Python argument names whose flag is not ``--`` + the name with dashes."""

@@ -31,6 +31,7 @@ from jaxnet import sources
 from jaxnet.epoch import epoch_batches, epoch_metrics, num_batches, start_carry
 from jaxnet.forward import apply_batch
 from jaxnet.losses import LossSpec
+from jaxnet.members import num_members
 
 CHUNK_BYTES = 32 * 2**20
 """Default bytes of one chunk of streamed batches (x, y and weights); about three are in flight."""
@@ -38,6 +39,22 @@ CHUNK_BYTES = 32 * 2**20
 
 # An epoch's batch layout in one compiled call (eagerly, the permutation's ops dispatch one by one).
 _epoch_layout = jax.jit(epoch_batches, static_argnums=(1, 2, 3, 4))
+_member_layouts = jax.jit(jax.vmap(epoch_batches, in_axes=(0, None, None, None, None)), static_argnums=(1, 2, 3, 4))
+
+
+def epoch_layout(shuffle_key, n: int, batch_size: int, drop_remainder: bool, shuffle: bool):
+    """``(index, weight)`` of an epoch (:func:`jaxnet.epoch.epoch_batches`) as device arrays,
+    ``(nb, b)``; or ``(K, nb, b)``, one layout per member, for a ``(K,)`` array of keys."""
+    layout = _epoch_layout if num_members(shuffle_key) is None else _member_layouts
+    return layout(shuffle_key, n, batch_size, drop_remainder, shuffle)
+
+
+def split_keys(key):
+    """``(key, shuffle_key)`` of a new epoch from the train state's key (per member for ``(K,)`` keys)."""
+    if num_members(key) is None:
+        return tuple(jax.random.split(key))
+    both = jax.vmap(jax.random.split)(key)
+    return both[:, 0], both[:, 1]
 
 
 class Chunk(NamedTuple):
@@ -98,15 +115,17 @@ class Share(NamedTuple):
 
 
 def indexed_chunks(source, index: np.ndarray, weight: np.ndarray | None, steps: int, start: int, share: Share):
-    """Chunks of an epoch over an indexed source: ``index``/``weight`` ``(nb, b)`` its layout."""
-    nb = len(index)
+    """Chunks of an epoch over an indexed source: ``index``/``weight`` ``(nb, b)`` its layout, or
+    ``(K, nb, b)`` for K members (each chunk then ``(K, S, b, ...)``: every member's own rows)."""
+    nb = index.shape[-2]
     for s in range(start, nb, steps):
-        rows = index[s : s + steps, share.start : share.stop]
+        rows = index[..., s : s + steps, share.start : share.stop]
         x, y = source.read(rows.reshape(-1))
         arrays = (x.reshape(*rows.shape, *x.shape[1:]), y.reshape(*rows.shape, *y.shape[1:]))
-        w = None if weight is None else weight[s : s + steps, share.start : share.stop]
-        examples = rows.size if w is None else int(w.sum())
-        yield Chunk(arrays if w is None else (*arrays, w), len(rows), w is not None, examples)
+        w = None if weight is None else weight[..., s : s + steps, share.start : share.stop]
+        one = rows[(0,) * (rows.ndim - 2)] if w is None else w[(0,) * (w.ndim - 2)]  # a member's: all alike
+        examples = one.size if w is None else int(one.sum())
+        yield Chunk(arrays if w is None else (*arrays, w), rows.shape[-2], w is not None, examples)
         source.release()
 
 
@@ -243,10 +262,11 @@ def epoch_chunks(source, layout: StreamLayout, shuffle_key, start: int) -> tuple
     b = layout.batch_size
     if source.kind == "indexed":
         n = source.num_rows
-        index, weight = jax.device_get(_epoch_layout(shuffle_key, n, b, layout.drop_remainder, layout.shuffle))
-        padded = len(index) * b > n
+        index, weight = jax.device_get(epoch_layout(shuffle_key, n, b, layout.drop_remainder, layout.shuffle))
+        nb = index.shape[-2]
+        padded = nb * b > n
         chunks = indexed_chunks(source, index, weight if padded else None, layout.steps, start, layout.share)
-        return chunks, (lambda examples: n if padded else len(index))
+        return chunks, (lambda examples: n if padded else nb)
     seed = seed_of(shuffle_key)
     buffer = layout.shuffle_buffer if layout.shuffle else 0
     chunks = sequential_chunks(source, b, layout.steps, seed, layout.shuffle, buffer, layout.drop_remainder, start)
@@ -257,25 +277,33 @@ def resident_chunks(
     n: int, layout: StreamLayout, shuffle_key, start: int, sample_weight=None
 ) -> tuple[Iterator[Chunk], Callable]:
     """``(chunks, divisor)`` of an epoch of ``n`` resident rows cut into chunks of steps: each
-    chunk is its rows' ``(index[, weight])`` ``(S, b)``, for steps that gather from the arrays;
-    ``sample_weight`` ``(n,)`` multiplies the weights (which every chunk then has)."""
-    index, weight = _epoch_layout(shuffle_key, n, layout.batch_size, layout.drop_remainder, layout.shuffle)
-    padded = index.size > n
-    divisor = n if padded else len(index)
+    chunk is its rows' ``(index[, weight])`` ``(S, b)`` (``(K, S, b)`` for K members' keys), for
+    steps that gather from the arrays; ``sample_weight`` ``(n,)`` multiplies the weights (which
+    every chunk then has)."""
+    index, weight = epoch_layout(shuffle_key, n, layout.batch_size, layout.drop_remainder, layout.shuffle)
+    nb = index.shape[-2]
+    padded = nb * layout.batch_size > n
+    divisor = n if padded else nb
     if sample_weight is not None:
         weight = weight * sample_weight[index]
         padded = True
     # on the host: slicing device arrays chunk by chunk would dispatch a program per slice
     index, weight = jax.device_get((index, weight))
-    sums = weight.sum(axis=1, dtype=np.float64)
+    sums = weight.sum(axis=-1, dtype=np.float64)  # (nb,), or (K, nb) per member
     if sample_weight is not None:
-        divisor = sums.sum()
+        divisor = sums.sum(axis=-1)
 
     def chunks():
-        for s in range(start, len(index), layout.steps):
-            part = (index[s : s + layout.steps],) + ((weight[s : s + layout.steps],) if padded else ())
-            examples = float(sums[s : s + layout.steps].sum()) if padded else part[0].size
-            yield Chunk(part, len(part[0]), padded, examples)
+        for s in range(start, nb, layout.steps):
+            part = (index[..., s : s + layout.steps, :],) + ((weight[..., s : s + layout.steps, :],) if padded else ())
+            steps = part[0].shape[-2]
+            # the first member's examples (for the position: the epoch's divisor does not depend on them)
+            examples = (
+                float(sums[..., s : s + layout.steps].reshape(-1, steps)[0].sum())
+                if padded
+                else steps * layout.batch_size
+            )
+            yield Chunk(part, steps, padded, examples)
 
     return chunks(), (lambda examples: divisor)
 
@@ -309,13 +337,15 @@ def run_epoch(
     """
     fresh = fresh or start_carry
     if position is None:
-        key, shuffle_key = jax.random.split(train.key)
+        key, shuffle_key = split_keys(train.key)
         carry, examples, steps = fresh(train._replace(key=key)), 0, 0
     else:
         shuffle_key, examples, steps = position.shuffle_key, position.examples, position.steps
         # copies: the carry is donated, and the caller's state (resumable again) must stay valid
         copied = jax.tree.map(lambda a: jnp.array(a, copy=True), (position.total, position.finite_steps, position.sums))
-        carry = fresh(train)._replace(total=copied[0], finite_steps=copied[1], steps=jnp.int32(steps), sums=copied[2])
+        carry = fresh(train)
+        done = jnp.full(carry.steps.shape, steps, jnp.int32)  # (K,) in a member run
+        carry = carry._replace(total=copied[0], finite_steps=copied[1], steps=done, sums=copied[2])
     chunks, divisor = chunks_for(shuffle_key, steps)
     pending = None
     stream = prefetched(chunks, put) if put is not None else chunks

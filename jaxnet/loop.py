@@ -514,7 +514,9 @@ def fit(
     Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
     (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),
     K models train at once, the epoch ``vmap``-ed over the member axis with the data shared. Each
-    member then trains as it would alone with its own key. Records hold per-member lists
+    member then trains as it would alone with its own key: streamed data from an indexed source
+    is read in every member's own order (K times the rows per chunk, within ``chunk_bytes``);
+    sequential sources cannot give that and are refused. Records hold per-member lists
     (``train_loss``, ``val_loss``, ``val_accuracy``, ``best_epoch``); early stopping is per member
     (a member whose patience ran out keeps its best params, its later values are None) and the run
     stops when every member has stopped. A member whose loss turns non-finite stops likewise (None

@@ -65,9 +65,15 @@ def _layout(options: dict, steps: int, mesh) -> feed.StreamLayout:
     )
 
 
-def _fresh(update, options: dict, x, y) -> Callable:
+def _check_member_logging(options: dict, members: int | None) -> None:
+    if members is not None and options["log_every_steps"] is not None:
+        raise ValueError("log_every_steps: member runs do not log steps: drop log_every_steps")
+
+
+def _fresh(update, options: dict, x, y, members: int | None = None) -> Callable:
     """``fresh(train) -> carry`` of a new chunked epoch: zero metric sums and a logged-values
-    template, their shapes found once from the update's (``x``, ``y``: anything with the rows' shapes)."""
+    template, their shapes found once from the update's (``x``, ``y``: anything with the rows'
+    shapes); per member (a leading axis K on every leaf) with ``members``."""
     metrics, log = options["metrics"], options["log_every_steps"] is not None
     found: list = []
 
@@ -79,7 +85,7 @@ def _fresh(update, options: dict, x, y) -> Callable:
             found.append((sums, last))
         return start_carry(train, *found[0])
 
-    return fresh
+    return fresh if members is None else jax.jit(jax.vmap(fresh))
 
 
 def _chunk_steps(options: dict, most: int | None) -> int | None:
@@ -111,9 +117,7 @@ def _resident_epochs(update, options: dict, train: tuple, members: int | None, j
             return train, dict(metrics, steps=steps), None
 
         return whole
-    if members is not None:
-        what = "log_every_steps" if options["log_every_steps"] else "chunk_steps"
-        raise ValueError(f"{what}: member runs train whole epochs per call: drop {what}")
+    _check_member_logging(options, members)
     weighted = steps * b > n or bool(weight)
     steps_fn = make_steps(
         update,
@@ -124,11 +128,13 @@ def _resident_epochs(update, options: dict, train: tuple, members: int | None, j
         metrics=options["metrics"],
         log=options["log_every_steps"],
     )
+    if members is not None:  # each member's carry and rows (index, weight); the arrays shared
+        steps_fn = jax.vmap(steps_fn, in_axes=(0, None, None, 0, *[0] * weighted))
     run = jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
     chunks_for = functools.partial(
         feed.resident_chunks, n, _layout(options, chunk, None), sample_weight=weight[0] if weight else None
     )
-    fresh = _fresh(update, options, x, y)
+    fresh = _fresh(update, options, x, y, members)
 
     def program(weighted: bool):
         return lambda carry, *arrays: run(carry, x, y, *arrays)
@@ -139,8 +145,15 @@ def _resident_epochs(update, options: dict, train: tuple, members: int | None, j
     return chunked
 
 
-def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> Callable:
+def _streamed_epochs(update, options: dict, source, members: int | None, mesh, jit_options: dict) -> Callable:
     b = options["batch_size"]
+    if members is not None and source.kind != "indexed":
+        raise ValueError(
+            "x: each member of a member run reads the data in its own order, which an iterable or a Parquet file "
+            "cannot give: use an indexed source (arrays, memory-mapped .npy, a Grain MapDataset) or train the "
+            "members one by one"
+        )
+    _check_member_logging(options, members)
     if source.kind == "indexed":
         if options["drop_remainder"] and b > source.num_rows:
             raise ValueError(
@@ -153,7 +166,9 @@ def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> 
             ".npy, a Grain MapDataset); an iterable cannot be split: give every process the same indexed source"
         )
     spec = source.spec if source.kind == "indexed" else source.first_spec()
-    steps = _chunk_steps(options, feed.chunk_steps(spec, b, options["chunk_bytes"], options["chunk_steps"]))
+    # a member run's chunk holds every member's batches: the budget is shared
+    per_chunk = b * (members or 1)
+    steps = _chunk_steps(options, feed.chunk_steps(spec, per_chunk, options["chunk_bytes"], options["chunk_steps"]))
     layout = _layout(options, steps, mesh)
     count = feed.counts_examples(source, layout)
     unroll, metrics, log = options["unroll"], options["metrics"], options["log_every_steps"]
@@ -163,6 +178,8 @@ def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> 
         steps_fn = make_steps(
             update, weighted=weighted, count=count, gather=False, unroll=unroll, metrics=metrics, log=log
         )
+        if members is not None:  # the carry and every chunk array have the member axis first
+            steps_fn = jax.vmap(steps_fn)
         return jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
 
     put = feed.placer(mesh)
@@ -171,7 +188,7 @@ def _streamed_epochs(update, options: dict, source, mesh, jit_options: dict) -> 
         jax.ShapeDtypeStruct((1, *shape), dtype)
         for shape, dtype in ((spec.x_shape, spec.x_dtype), (spec.y_shape, spec.y_dtype))
     ]
-    fresh = _fresh(update, options, *rows)
+    fresh = _fresh(update, options, *rows, members)
 
     def streamed(train, position, on_chunk):
         return feed.run_epoch(chunks_for, program, put, train, position, on_chunk, fresh)
@@ -200,10 +217,16 @@ def resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | No
     return validate
 
 
-def streamed_sums(model, spec, source, batch_size: int, chunk_bytes: int, metrics=(), put=jax.device_put):
+def streamed_sums(
+    model, spec, source, batch_size: int, chunk_bytes: int, metrics=(), put=jax.device_put, members: int | None = None
+):
     """``sums(params, model_state) -> {"loss", "weight", "accuracy"?}``: one pass over ``source``
-    in chunks (read ahead in the background), summed on the host in float64."""
-    run = jax.jit(feed.make_eval_chunk(model, spec, gather=False, metrics=metrics))
+    in chunks (read ahead in the background), summed on the host in float64 (per member, ``(K,)``,
+    with ``members``: every member's params on the same chunks)."""
+    chunk = feed.make_eval_chunk(model, spec, gather=False, metrics=metrics)
+    if members is not None:
+        chunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None))
+    run = jax.jit(chunk)
     spec_rows = source.spec if source.kind == "indexed" else source.first_spec()
     steps = feed.chunk_steps(spec_rows, batch_size, chunk_bytes)
 
@@ -234,12 +257,7 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
     if isinstance(data.train, tuple):
         train_epoch = _resident_epochs(update, options, place(data.train), members, jit_options)
     else:
-        if members is not None:
-            raise ValueError(
-                "x: member runs train on resident arrays (each member shuffles them its own way): load the data "
-                "into memory, or train the members one by one"
-            )
-        train_epoch = _streamed_epochs(update, options, data.train, mesh, jit_options)
+        train_epoch = _streamed_epochs(update, options, data.train, members, mesh, jit_options)
     validate = None
     if data.validation is not None:
         resident = isinstance(data.validation, tuple)
@@ -250,9 +268,7 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
             chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=metrics)
             validate = resident_validation(chunk, *place(data.validation), b, members, place, metrics)
         else:
-            if members is not None:
-                raise ValueError("validation: member runs validate on resident arrays: load them into memory")
-            sums = streamed_sums(model, spec, data.validation, b, options["chunk_bytes"], metrics)
+            sums = streamed_sums(model, spec, data.validation, b, options["chunk_bytes"], metrics, members=members)
 
             def validate(params, model_state):
                 return feed.means_of(sums(params, model_state), metrics)

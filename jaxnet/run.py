@@ -543,6 +543,14 @@ def run(
     Returns:
       A :class:`RunResult`.
     """
+    if log_steps is not None and configlib.is_member_run(config):
+        raise ArgumentError(
+            "member runs ({0}, lists of {1} or {2}) do not log steps: drop {3}",
+            "seeds",
+            "lrs",
+            "weight_decays",
+            "log_steps",
+        )
     if out is None:
         job = prepare(config)
         _say(notify, describe(job.problem), always=False)

@@ -162,7 +162,7 @@ def test_bad_sources_fail_with_one_line_naming_the_batch(data):
         jn.fit(NET, p0, [], None, **args())
     with pytest.raises(jn.DataError, match=r"batch 0 .* is a ndarray, not a pair"):
         jn.fit(NET, p0, [x[:16]], None, **args())
-    with pytest.raises(ValueError, match="member runs train on resident arrays"):
+    with pytest.raises(ValueError, match="x: each member of a member run reads the data in its own order"):
         keys = jn.member_keys([0, 1])
         jn.fit(NET, jn.init_members(NET, keys), [(x, y)], None, **args(key=keys))
 
@@ -212,6 +212,44 @@ def test_a_checkpoint_inside_an_epoch_resumes_bitwise(data, tmp_path, kind):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
     assert timeless(resumed.history) == timeless(straight.history)
+
+
+def test_member_runs_stream_and_chunk_each_member_in_its_own_order_and_resume_inside_an_epoch(data, tmp_path):
+    d, x, y = data
+    keys = jn.member_keys([0, 1, 2])
+    p0 = jn.init_members(NET, keys)
+    mapped = tuple(np.load(d / f"{k}.npy", mmap_mode="r") for k in ("x", "y"))
+    common = args(key=keys, validation=jn.Indexed(x[:50], y[:50]), chunk_steps=4, patience=2)
+    resident = jn.fit(NET, p0, x, y, **{**common, "validation": (x[:50], y[:50]), "chunk_steps": None})
+    streamed = jn.fit(NET, p0, *mapped, **common)
+    # the same batches in each member's own order as resident arrays: bitwise, records and all
+    assert leaves_equal(streamed.train.params, resident.train.params)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in streamed.history] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in resident.history
+    ]
+    chunked = jn.fit(NET, p0, x, y, **{**common, "validation": (x[:50], y[:50])})
+    assert leaves_equal(chunked.train.params, resident.train.params)
+    weights = np.linspace(0.5, 2.0, len(x)).astype(np.float32)
+    weighed = [
+        jn.fit(NET, p0, x, y, sample_weight=weights, **{**common, "validation": (x[:50], y[:50]), "chunk_steps": c})
+        for c in (None, 5)
+    ]
+    assert leaves_equal(weighed[0].train.params, weighed[1].train.params)
+    # the epoch's weight total: summed on the device in float32, or on the host in float64
+    np.testing.assert_allclose(weighed[0].history[-1]["train_loss"], weighed[1].history[-1]["train_loss"], rtol=1e-6)
+    alone = jn.fit(NET, jax.tree.map(lambda a: a[1], p0), *mapped, **{**common, "key": keys[1]})
+    for a, b in zip(jax.tree.leaves(alone.train.params), jax.tree.leaves(streamed.train.params)):
+        np.testing.assert_allclose(np.asarray(b)[1], a, rtol=1e-5, atol=1e-6)  # vmapped: rounding only
+    saver = Checkpointer(tmp_path / "ckpt", every_steps=8)
+    stopped = jn.fit(NET, p0, *mapped, callbacks=[saver, StopAt(18)], **common)
+    assert stopped.position is not None and stopped.position.total.shape == (3,)
+    like = jax.eval_shape(lambda: jn.init_fit_state(p0, common["optimizer"], keys))
+    restored = checkpoint.restore(tmp_path / "ckpt", like).state
+    assert restored.position.steps == 8 and restored.position.shuffle_key.shape == (3,)
+    resumed = jn.fit(NET, None, *mapped, resume=restored, **common)
+    assert leaves_equal(resumed.train.params, streamed.train.params)
+    with pytest.raises(ValueError, match="x: each member of a member run reads the data in its own order"):
+        jn.fit(NET, p0, [(x[:40], y[:40])], None, **common)
 
 
 def test_resuming_inside_an_epoch_needs_its_chunks(data, tmp_path):
@@ -284,6 +322,23 @@ def test_parquet_row_groups_stream_in_a_keyed_order(tmp_path, resident):
         jn.Parquet(tmp_path / "bad.parquet", target="label")
     with pytest.raises(jn.DataError, match="has no column 'price'"):
         jn.Parquet(tmp_path / "t.parquet", target="price")
+
+
+def test_cli_sweeps_stream_a_folder_of_npy_and_refuse_step_logs(data, tmp_path, capsys):
+    d, _, _ = data
+    out = tmp_path / "sweep"
+    flags = ["--data", str(d), "--epochs", "2", "--hidden", "8", "--lr", "0.01,0.001", "--json"]
+    assert cli.main(["train", *flags, "--out", str(out), "--checkpoint-steps", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [m["learning_rate"] for m in summary["members"]] == [0.01, 0.001]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["member"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert cli.main(["train", *flags, "--out", str(tmp_path / "logged"), "--log-every-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "jaxnet: error: member runs (--seeds, lists of --lr or --weight-decay) do not log steps: drop --log-every-steps"
+    )
+    assert not (tmp_path / "logged").exists()
 
 
 @pytest.mark.slow

@@ -204,7 +204,7 @@ def test_a_plain_optimizer_logs_no_learning_rate_and_members_refuse(problem):
     logged = _Steps()
     _fit(net, params, x, y, batch_size=10, log_every_steps=3, callbacks=[logged])
     assert [sorted(r) for r in logged.records] == [["epoch", "grad_norm", "loss", "step"]]
-    with pytest.raises(ValueError, match="log_every_steps: member runs train whole epochs"):
+    with pytest.raises(ValueError, match="log_every_steps: member runs do not log steps"):
         _fit(
             net,
             jn.init_members(net, jn.member_keys([0, 1])),

@@ -109,7 +109,8 @@ class Interrupt:
         self.signum = signum
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         if self.notify is not None:
-            self.notify(f"stopping after this epoch ({signal.Signals(signum).name}; again to quit at once)")
+            name = signal.Signals(signum).name
+            self.notify(f"stopping at the end of this epoch, or of this chunk of steps ({name}; again to quit at once)")
 
     def __enter__(self) -> Interrupt:
         for s in self.SIGNALS:

@@ -419,8 +419,7 @@ def _cmd_evaluate(args) -> int:
     def labelled(chunks):
         for x, y in chunks:
             if y is None:
-                hint = f"has no column {args.target!r}" if args.target else "has no targets"
-                raise CliError(f"{args.data} {hint}: name its target column with --target")
+                raise CliError(_no_targets(args.data, args.target))
             yield x, y
 
     metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch)
@@ -429,6 +428,17 @@ def _cmd_evaluate(args) -> int:
     else:
         print("  ".join(f"{name} {value:.6g}" for name, value in metrics.items()) + f"  ({rows} examples)")
     return 0
+
+
+def _no_targets(data: str, target: str | None) -> str:
+    """What to do about evaluation data without targets, by the kind of data."""
+    shown = "standard input" if data == "-" else data
+    if os.path.isdir(data):
+        return f"{shown} has no y.npy: put the targets beside x.npy, as y.npy"
+    if data.lower().endswith(".npz"):
+        return f"{shown} has no array 'y': save the targets in it as y"
+    hint = f"has no column {target!r}" if target else "has no targets"
+    return f"{shown} {hint}: name its target column with --target"
 
 
 def _add_seed(sub) -> None:

@@ -58,12 +58,17 @@ def evaluate(
     """
     batch_size = _checked(model, batch_size)
     spec, named = get_loss(loss), get_metrics(metrics)
-    source = sources.as_source(x, y, "x")
+    source = sources.as_source(x, y, "x", once=True)
     if source is None:
         rows = len(x)
+        if rows == 0:
+            raise ValueError("x has no examples: give at least one")
+        if len(y) != rows:
+            raise ValueError(f"x has {rows} examples but y has {len(y)}: give as many targets as inputs")
         chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=named)
         validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t, named)
         return {name: float(v) for name, v in validate(params, model_state).items()}
+    sources.check_targets(source, "x")
     sums = programs.streamed_sums(model, spec, source, batch_size, chunk_bytes, named)
     return {name: float(v) for name, v in feed.means_of(sums(params, model_state), named).items()}
 
@@ -72,14 +77,14 @@ def _inputs(x, batch_size: int) -> Iterator[np.ndarray]:
     """The inputs of ``x`` in order, in blocks of any size."""
     source = x if isinstance(x, (sources.Indexed, sources.GrainMap, sources.Sequential)) else None
     if source is None:
-        source = sources.as_source(x, None, "x")
+        source = sources.as_source(x, None, "x", once=True)
     if source.kind == "indexed":
         for start in range(0, source.num_rows, batch_size):
             yield source.read(np.arange(start, min(start + batch_size, source.num_rows)))[0]
     elif isinstance(source, sources.Parquet):
         yield from (block for block, _ in source.blocks(0, shuffle=False))  # the file's order
-    else:  # an iterable of input batches, or of (x, y) pairs whose y is ignored
-        yield from (np.asarray(e[0] if isinstance(e, (tuple, list)) else e) for e in source.iterable)
+    else:  # an iterable of input batches, or of (x, y) pairs (or {"x", "y"} dicts) whose y is ignored
+        yield from source.inputs()
 
 
 def _blocks(x, batch_size: int) -> Iterator[np.ndarray]:

@@ -209,6 +209,7 @@ def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
     """The fit's data: resident ``(x, y)`` pairs placed as arrays (with ``sample_weight``), or
     sources (:mod:`jaxnet.sources`)."""
     train = sources.as_source(x, y, "x")
+    sources.check_targets(train, "x")
     if train is not None and sample_weight is not None:
         raise ValueError(
             "sample_weight: per-example weights travel with arrays in memory; for streamed data weigh classes "
@@ -224,7 +225,9 @@ def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
     if isinstance(validation, (tuple, list)) and len(validation) == 2 and not isinstance(validation[0], tuple):
         source = sources.as_source(*validation, "validation")
         return programs.Data(train, _check_pair("validation", *validation) if source is None else source)
-    return programs.Data(train, sources.as_source(validation, None, "validation"))
+    source = sources.as_source(validation, None, "validation")
+    sources.check_targets(source, "validation")
+    return programs.Data(train, source)
 
 
 def _check_options(spec: LossSpec, epochs, batch_size, patience, monitor, validation, metrics=()) -> None:

@@ -277,6 +277,21 @@ def _check_block(got: RowSpec, want: RowSpec, where: str) -> None:
         )
 
 
+class _Peekable:
+    """An iterator read in one pass, which a first look (:meth:`Sequential.first_spec`) may precede:
+    every pass starts with the first element again, then goes on where the iterator stands."""
+
+    def __init__(self, iterator: Iterator):
+        self.iterator, self.head = iterator, []
+
+    def __iter__(self) -> Iterator:
+        yield from self.head
+        for element in self.iterator:
+            if not self.head:
+                self.head.append(element)
+            yield element
+
+
 class Sequential:
     """A source read in order: a re-iterable of ``(x, y)`` blocks with a leading example axis.
 
@@ -289,12 +304,14 @@ class Sequential:
 
     kind = "sequential"
 
-    def __init__(self, iterable: Iterable, name: str = "the data"):
+    def __init__(self, iterable: Iterable, name: str = "the data", once: bool = False):
         if iter(iterable) is iterable:
-            raise DataError(
-                f"{name} is an iterator, which can be read only once: pass an iterable that starts over when "
-                "iterated (a list, a Grain dataset, an object with __iter__), since every epoch reads it again"
-            )
+            if not once:
+                raise DataError(
+                    f"{name} is an iterator, which can be read only once: pass an iterable that starts over when "
+                    "iterated (a list, a Grain dataset, an object with __iter__), since every epoch reads it again"
+                )
+            iterable = _Peekable(iterable)
         self.iterable, self.name = iterable, name
         self.spec: RowSpec | None = None
 
@@ -302,17 +319,46 @@ class Sequential:
         """The blocks of one epoch (``seed`` and ``shuffle`` are unused: the iterable has its own order)."""
         return self._checked(iter(self.iterable), "batch")
 
-    def _checked(self, blocks: Iterator, unit: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def inputs(self) -> Iterator[np.ndarray]:
+        """The inputs of one pass, in order: each element's ``x`` (of an ``(x, y)`` pair or an
+        ``{"x": ...}`` dict; any other element is inputs itself), their rows checked alike."""
+        first = None
+        for i, element in self._elements(iter(self.iterable), "batch"):
+            where = f"batch {i} of {self.name}"
+            if isinstance(element, dict):
+                if "x" not in element:
+                    raise DataError(f"{where} is a dict without 'x': yield {{'x': inputs, ...}} or arrays of inputs")
+                element = element["x"]
+            x = np.asarray(element[0] if isinstance(element, (tuple, list)) and len(element) == 2 else element)
+            if x.ndim == 0:
+                raise DataError(f"{where} is a scalar: yield batches of inputs with a leading example axis")
+            first = first or (x.shape[1:], x.dtype)
+            if (x.shape[1:], x.dtype) != first:
+                raise DataError(
+                    f"{where} has rows {x.shape[1:]} {x.dtype}, but the first had {first[0]} {first[1]}: give every "
+                    "batch the same row shapes and dtypes"
+                )
+            yield x
+
+    def _elements(self, elements: Iterator, unit: str) -> Iterator[tuple[int, Any]]:
+        """``(i, element)`` of the user's iterator, its failures named; refuses one that yields nothing."""
         i = 0
         while True:
             try:
-                element = next(blocks)
+                element = next(elements)
             except StopIteration:
                 break
             except DataError:
                 raise
             except Exception as e:  # the user's iterable failed: say where, keep its message
                 raise DataError(f"reading {unit} {i} of {self.name} failed ({type(e).__name__}: {e})") from None
+            yield i, element
+            i += 1
+        if i == 0:
+            raise DataError(f"{self.name} yielded no {unit}es: give it at least one (an iterator read up already?)")
+
+    def _checked(self, blocks: Iterator, unit: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i, element in self._elements(blocks, unit):
             x, y = _pair(element, f"{unit} {i} of {self.name}")
             where = f"{unit} {i} of {self.name}"
             if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
@@ -325,9 +371,6 @@ class Sequential:
                 self.spec = spec
             _check_block(spec, self.spec, where)
             yield x, y
-            i += 1
-        if i == 0:
-            raise DataError(f"{self.name} yielded no {unit}es: give it at least one (an iterator read up already?)")
 
     def first_spec(self) -> RowSpec:
         """The row spec, from the first block (read once, when not known yet)."""
@@ -344,7 +387,7 @@ class Parquet(Sequential):
 
     Args:
       path: the ``.parquet`` file.
-      target: the target column.
+      target: the target column (None: features only, ``y`` None: for :func:`jaxnet.predict`).
       features: the feature columns, in order (default: every other column).
       y_dtype: ``y``'s dtype (int32 labels or float32 targets).
       optional_target: a file without the target column is read for its features (``y`` None).
@@ -366,7 +409,7 @@ class Parquet(Sequential):
         except (OSError, ValueError) as e:
             raise DataError(f"{self.name} is not a readable Parquet file ({type(e).__name__}: {e})") from None
         columns = list(self.file.schema_arrow.names)
-        if target not in columns:
+        if target is not None and target not in columns:
             if not optional_target:
                 raise DataError(
                     f"{self.name} has no column {target!r}: choose the target among {', '.join(columns[:8])}"
@@ -416,6 +459,12 @@ def _column(table, name: str, file: str, group: int) -> np.ndarray:
     if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
         raise DataError(f"row group {group} of {file}: column {name!r} is {column.type}, not numeric")
     return values
+
+
+def check_targets(source, name: str) -> None:
+    """Refuses a source that holds no targets (a Parquet file opened without a target column)."""
+    if isinstance(source, Parquet) and source.target is None:
+        raise DataError(f"{name}: {source.name} was opened without a target column: name it (target=...)")
 
 
 def _pyarrow_parquet():
@@ -544,18 +593,42 @@ def _is_grain(value) -> bool:
     return type(value).__module__.split(".")[0] == "grain"
 
 
-def as_source(x, y=None, name: str = "x") -> Any:
+def _grain_batched(dataset) -> bool:
+    """Whether a Grain MapDataset batches its elements (a ``.batch`` anywhere in its pipeline)."""
+    pending, seen = [dataset], 0
+    while pending and seen < 1000:
+        d, seen = pending.pop(), seen + 1
+        if type(d).__name__ == "BatchMapDataset":
+            return True
+        pending.extend(getattr(d, "_parents", ()) or ())
+    return False
+
+
+def _is_batch_list(x) -> bool:
+    """Whether ``x`` is a list of ``(x, y)`` batches (arrays with an example axis), not rows of numbers."""
+    if not isinstance(x, (list, tuple)) or not x:
+        return False
+    first = x[0]
+    if isinstance(first, dict):
+        return "x" in first
+    return isinstance(first, tuple) and len(first) == 2 and all(np.ndim(a) >= 1 for a in first)
+
+
+def as_source(x, y=None, name: str = "x", once: bool = False) -> Any:
     """The source that ``x`` (and ``y``) stand for, or None for resident arrays.
 
     - ``x``, ``y`` arrays in memory: None (fit places them on the device);
     - array-likes not in memory (:class:`NpyFile`, ``np.memmap``, :class:`RowView`): :class:`Indexed`;
     - a source of this module: itself (``y`` must be None);
-    - a Grain ``MapDataset``: :class:`GrainMap`; other iterables: :class:`Sequential`.
+    - a Grain ``MapDataset``: :class:`GrainMap`; other iterables: :class:`Sequential` (an iterator,
+      read only once, with ``once``: for a single pass, as evaluation and prediction make).
     """
     if isinstance(x, (Indexed, GrainMap, Sequential)):
         if y is not None:
             raise TypeError(f"{name} is a data source, which holds its targets: pass y=None")
         return x
+    if y is not None and _is_batch_list(x):
+        raise TypeError(f"{name} is a list of (x, y) batches, which hold their targets: pass y=None")
     if y is not None:
         if all(is_resident(a) or isinstance(a, (list, tuple)) for a in (x, y)):
             return None  # arrays (or lists of numbers) in memory
@@ -566,9 +639,14 @@ def as_source(x, y=None, name: str = "x") -> Any:
         raise TypeError(f"{name} is an array but y is None: give the targets, fit({name}, y, ...)")
     if _is_grain(x) and hasattr(x, "__len__") and hasattr(x, "__getitem__") and not hasattr(x, "__next__"):
         if type(x).__name__ not in ("DataLoader",) and "Iter" not in type(x).__name__:
+            if _grain_batched(x):
+                raise DataError(
+                    f"{name} is a batched Grain MapDataset (.batch): give the dataset of examples (fit batches and "
+                    "shuffles them), or its .to_iter_dataset() for batches in their own order"
+                )
             return GrainMap(x, f"{name} (a Grain dataset)")
     if isinstance(x, Iterable):
-        return Sequential(x, f"{name} (an iterable of batches)")
+        return Sequential(x, f"{name} (an iterable of batches)", once=once)
     raise TypeError(f"{name} must be an array, a data source or an iterable of (x, y) batches, not {type(x).__name__}")
 
 

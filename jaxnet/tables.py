@@ -21,6 +21,7 @@ pyarrow is imported when a table is read (the ``data`` extra, also in ``cli``).
 from __future__ import annotations
 
 import codecs
+import csv
 import mmap
 import os
 import re
@@ -207,8 +208,9 @@ _RAGGED = re.compile(r"Expected (\d+) columns, got (\d+): (.*)")
 _BAD_CELL = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'")
 
 
-def _arrow_error(name: str, e: Exception, header: Sequence[str] = ()) -> TableError:
-    """pyarrow's error about a file, as one line that names the problem and the fix."""
+def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=None) -> TableError:
+    """pyarrow's error about a file, as one line that names the problem and the fix (``row_of(j,
+    value)``: where the bad cell ``value`` of column ``j`` is, e.g. ``"row 12, "``)."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "Empty CSV file" in text:
         return TableError(f"empty dataset: {name} is empty (expected a header row and data rows)")
@@ -220,7 +222,8 @@ def _arrow_error(name: str, e: Exception, header: Sequence[str] = ()) -> TableEr
     if cell:
         j = int(cell[1])
         column = repr(header[j]) if j < len(header) else f"#{j + 1}"
-        return TableError(f"{name}: column {column}: {cell[2]!r} is not a number ({GRAMMAR})")
+        where = row_of(j, cell[2]) if row_of is not None else ""
+        return TableError(f"{name}: {where}column {column}: {cell[2]!r} is not a number ({GRAMMAR})")
     return TableError(f"{name} cannot be read as a table: {text}")
 
 
@@ -302,6 +305,7 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
     name = "standard input" if path == "-" else os.path.basename(path)
     if path != "-" and not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
+    header, done = [], 0
     try:
         if path.lower().endswith(".parquet"):
             file = pa.parquet.ParquetFile(path)
@@ -314,10 +318,32 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
             read_options=pa.csv.ReadOptions(block_size=_block_bytes(rows)),
             convert_options=_csv_options(pa, types, columns),
         )
+        header = reader.schema.names
         for batch in reader:
             yield pa.Table.from_batches([batch])
+            done += batch.num_rows
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise _arrow_error(name, e) from None
+        header = header or (_csv_header(path) if path != "-" else [])
+        raise _arrow_error(name, e, header, lambda j, value: _row_of(path, j, value, done)) from None
+
+
+def _csv_header(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def _row_of(path: str, column: int, value: str, after: int) -> str:
+    """Where a bad cell is, for an error: the first data row after ``after`` (those read well)
+    whose cell in ``column`` (0-based) is ``value``, found by reading the file again (standard
+    input cannot be read again)."""
+    if path != "-":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            rows = csv.reader(f)
+            next(rows, None)
+            for i, row in enumerate(rows, 1):
+                if i > after and column < len(row) and row[column].strip() == value.strip():
+                    return f"row {i}, "
+    return f"a row after row {after}, " if after else ""
 
 
 def _stdin():

@@ -167,6 +167,69 @@ def test_bad_sources_fail_with_one_line_naming_the_batch(data):
         jn.fit(NET, jn.init_members(NET, keys), [(x, y)], None, **args(key=keys))
 
 
+def test_evaluate_and_predict_take_what_fit_takes_and_check_it_alike(tmp_path):
+    x, y = problem(300)
+    p0 = NET.init(jax.random.key(0))
+    want = jn.evaluate(NET, p0, x, y, loss="cross_entropy", batch_size=64)
+    outputs = jn.predict(NET, p0, x, batch_size=64)
+    pairs = [(x[i : i + 70], y[i : i + 70]) for i in range(0, 300, 70)]
+    dicts = [{"x": a, "y": b} for a, b in pairs]
+    for given in (pairs, dicts, iter(pairs), (pair for pair in pairs)):  # one pass: iterators too
+        got = jn.evaluate(NET, p0, given, loss="cross_entropy", batch_size=64)
+        assert got["accuracy"] == want["accuracy"] and abs(got["loss"] - want["loss"]) < 1e-6
+    for given in (pairs, dicts, iter(dicts), [a for a, _ in pairs]):
+        np.testing.assert_allclose(jn.predict(NET, p0, given, batch_size=64), outputs, rtol=1e-6, atol=1e-6)
+    shapes = [(x[:70], y[:70]), (x[70:140, :5], y[70:140])]
+    dtypes = [(x[:70], y[:70]), (x[70:140].astype(np.float64), y[70:140])]
+
+    class Broken:
+        def __iter__(self):
+            yield x[:70], y[:70]
+            raise OSError("disk gone")
+
+    for call in (
+        lambda d: jn.predict(NET, p0, d, batch_size=64),
+        lambda d: jn.evaluate(NET, p0, d, loss="cross_entropy", batch_size=64),
+    ):
+        for bad, message in (
+            (shapes, r"batch 1 of x .* has .*rows \(5,\) float32.* but the first had \(6,\)"),
+            (dtypes, r"batch 1 of x .* has .*rows \(6,\) float64.* but the first had \(6,\) float32"),
+            (Broken(), r"reading batch 1 of x .* failed \(OSError: disk gone\)"),
+        ):
+            with pytest.raises(jn.DataError, match=message):
+                call(bad)
+    with pytest.raises(ValueError, match="x has no examples: give at least one"):
+        jn.evaluate(NET, p0, x[:0], y[:0], loss="cross_entropy")
+    with pytest.raises(ValueError, match="x has 300 examples but y has 200"):
+        jn.evaluate(NET, p0, x, y[:200], loss="cross_entropy")
+    for call in (
+        lambda: jn.fit(NET, p0, pairs, y, **args()),
+        lambda: jn.evaluate(NET, p0, pairs, y, loss="cross_entropy"),
+    ):
+        with pytest.raises(TypeError, match=r"x is a list of \(x, y\) batches, which hold their targets: pass y=None"):
+            call()
+
+
+def test_batched_grain_maps_and_parquet_without_targets_are_refused_for_training(tmp_path):
+    grain = pytest.importorskip("grain")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    x, y = problem(300)
+    p0 = NET.init(jax.random.key(0))
+    batched = grain.MapDataset.source(list(zip(x, y))).batch(50).map(lambda e: e)
+    with pytest.raises(jn.DataError, match=r"x is a batched Grain MapDataset \(.batch\): give the dataset of examples"):
+        jn.fit(NET, p0, batched, None, **args())
+    pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(6)}, "label": y}), tmp_path / "t.parquet")
+    features = jn.Parquet(tmp_path / "t.parquet", target=None, features=[f"f{j}" for j in range(6)])
+    np.testing.assert_allclose(jn.predict(NET, p0, features), jn.predict(NET, p0, x), rtol=1e-6, atol=1e-6)
+    refused = "x: t.parquet was opened without a target column: name it"
+    with pytest.raises(jn.DataError, match=refused):
+        jn.fit(NET, p0, features, None, **args())
+    with pytest.raises(jn.DataError, match=refused):
+        jn.evaluate(NET, p0, features, loss="cross_entropy")
+
+
 class StopAt:
     """Stops the epoch at the first chunk boundary at or after ``steps`` (a mid-epoch stop)."""
 
@@ -405,10 +468,19 @@ def test_cli_bad_stream_inputs_are_one_line(data, tmp_path, capsys):
     with open(truncated / "x.npy", "r+b") as f:
         f.truncate(5000)  # the header says 24,000 bytes of data
     np.save(truncated / "y.npy", np.zeros(1000, np.int32))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    np.save(inputs / "x.npy", np.zeros((10, 6), np.float32))
+    cells = np.arange(6 * 300, dtype=np.float32).reshape(300, 6).astype(str)
+    cells[250, 2] = "abc"  # data row 251 of a CSV in the model's columns, read in chunks
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join([",".join(f"x{j}" for j in range(6)), *(",".join(r) for r in cells)]) + "\n")
     for argv, pattern in (
         (["train", "--data", str(empty)], "has no x.npy"),
         (["train", "--data", str(truncated)], r"x.npy is truncated: 5000 bytes where its header describes 24128"),
         (["predict", "--model", str(out), "--data", str(tmp_path / "nope.parquet")], "data file not found: .*nope"),
+        (["evaluate", "--model", str(out), "--data", str(inputs)], "inputs has no y.npy: put the targets beside x.npy"),
+        (["predict", "--model", str(out), "--data", str(bad)], r"bad.csv: row 251, column 'x2': 'abc' is not a number"),
     ):
         code = cli.main(argv)
         err = capsys.readouterr().err.strip()

@@ -188,13 +188,7 @@ def train(
     chunks of at most ``chunk_steps`` steps when given, every ``log_steps``-th step logged."""
     c, val = job.config, job.problem.splits.val
     if job.member_run and mesh is not None:
-        raise ArgumentError(
-            "member runs ({0}, lists of {1} or {2}) train on one device: drop {3}",
-            "seeds",
-            "lrs",
-            "weight_decays",
-            "devices",
-        )
+        raise ArgumentError(MEMBER_RUNS + " train on one device: drop {4}", *MEMBER_FLAGS, "devices")
     start = _fresh(job) if resume is None else _Start(None, None, None, None)
     x, y = _local_rows(job, mesh)
     return fit(
@@ -502,6 +496,11 @@ def _where(state: FitState) -> str:
     return f"inside epoch {state.epoch + 1} (after its step {state.position.steps})"
 
 
+MEMBER_RUNS = "member runs ({0}, {1}, lists of {2} or {3})"
+MEMBER_FLAGS = ("seeds", "ensemble", "lrs", "weight_decays")
+"""What makes a run a member run, for errors: ``MEMBER_RUNS.format(*MEMBER_FLAGS)``, then {4} on."""
+
+
 def run(
     config: TrainConfig,
     *,
@@ -544,13 +543,7 @@ def run(
       A :class:`RunResult`.
     """
     if log_steps is not None and configlib.is_member_run(config):
-        raise ArgumentError(
-            "member runs ({0}, lists of {1} or {2}) do not log steps: drop {3}",
-            "seeds",
-            "lrs",
-            "weight_decays",
-            "log_steps",
-        )
+        raise ArgumentError(MEMBER_RUNS + " do not log steps: drop {4}", *MEMBER_FLAGS, "log_steps")
     if out is None:
         job = prepare(config)
         _say(notify, describe(job.problem), always=False)

@@ -161,10 +161,14 @@ a file into the process at once; a block of rows maps at most a few hundred MiB.
 
 
 def _take(array: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``array[rows]`` into ``out``, the rows checked first: numpy's ``take`` with ``out`` and its
-    default ``mode="raise"`` buffers the whole result (about 3x slower than ``"clip"``)."""
-    if len(rows) and (rows.min() < 0 or rows.max() >= len(array)):
-        raise IndexError(f"rows {rows.min()}..{rows.max()} outside the {len(array)} rows")
+    """``array[rows]`` into ``out`` (negative rows count from the end, as in numpy), the rows
+    checked first: numpy's ``take`` with ``out`` and its default ``mode="raise"`` buffers the
+    whole result (about 3x slower than ``"clip"``)."""
+    n = len(array)
+    if len(rows) and (rows.min() < -n or rows.max() >= n):
+        raise IndexError(f"rows {rows.min()}..{rows.max()} outside the {n} rows")
+    if len(rows) and rows.min() < 0:
+        rows = np.where(rows < 0, rows + n, rows)
     return np.take(array, rows, axis=0, out=out, mode="clip")
 
 
@@ -320,8 +324,8 @@ class Sequential:
         return self._checked(iter(self.iterable), "batch")
 
     def inputs(self) -> Iterator[np.ndarray]:
-        """The inputs of one pass, in order: each element's ``x`` (of an ``(x, y)`` pair or an
-        ``{"x": ...}`` dict; any other element is inputs itself), their rows checked alike."""
+        """The inputs of one pass, in order: each element's ``x`` (of an ``(x, y)`` pair, an ``(x,)``
+        tuple or an ``{"x": ...}`` dict; any other element is inputs itself), their rows checked alike."""
         first = None
         for i, element in self._elements(iter(self.iterable), "batch"):
             where = f"batch {i} of {self.name}"
@@ -329,7 +333,8 @@ class Sequential:
                 if "x" not in element:
                     raise DataError(f"{where} is a dict without 'x': yield {{'x': inputs, ...}} or arrays of inputs")
                 element = element["x"]
-            x = np.asarray(element[0] if isinstance(element, (tuple, list)) and len(element) == 2 else element)
+            pair = isinstance(element, (tuple, list)) and len(element) in (1, 2)  # (x,) or (x, y)
+            x = np.asarray(element[0] if pair else element)
             if x.ndim == 0:
                 raise DataError(f"{where} is a scalar: yield batches of inputs with a leading example axis")
             first = first or (x.shape[1:], x.dtype)

@@ -134,7 +134,8 @@ def test_gathered_rows_equal_fancy_indexing_and_out_of_range_rows_are_refused(da
     for array in (x, mapped):
         got = sources.gather(array, rows)
         assert np.array_equal(got, x[rows]) and got.ctypes.data % sources.ALIGNMENT == 0
-        for bad in ([0, len(x)], [-1, 0]):
+        assert np.array_equal(sources.gather(array, np.array([-1, -len(x), 3])), x[[-1, -len(x), 3]])  # as numpy
+        for bad in ([0, len(x)], [-len(x) - 1, 0]):
             with pytest.raises(sources.DataError, match=r"data: reading 2 rows failed \(IndexError: rows .* outside"):
                 sources.Indexed(array, array).read(np.array(bad))
 
@@ -177,7 +178,7 @@ def test_evaluate_and_predict_take_what_fit_takes_and_check_it_alike(tmp_path):
     for given in (pairs, dicts, iter(pairs), (pair for pair in pairs)):  # one pass: iterators too
         got = jn.evaluate(NET, p0, given, loss="cross_entropy", batch_size=64)
         assert got["accuracy"] == want["accuracy"] and abs(got["loss"] - want["loss"]) < 1e-6
-    for given in (pairs, dicts, iter(dicts), [a for a, _ in pairs]):
+    for given in (pairs, dicts, iter(dicts), [a for a, _ in pairs], [(a,) for a, _ in pairs], [[a] for a, _ in pairs]):
         np.testing.assert_allclose(jn.predict(NET, p0, given, batch_size=64), outputs, rtol=1e-6, atol=1e-6)
     shapes = [(x[:70], y[:70]), (x[70:140, :5], y[70:140])]
     dtypes = [(x[:70], y[:70]), (x[70:140].astype(np.float64), y[70:140])]
@@ -399,7 +400,8 @@ def test_cli_sweeps_stream_a_folder_of_npy_and_refuse_step_logs(data, tmp_path, 
     assert cli.main(["train", *flags, "--out", str(tmp_path / "logged"), "--log-every-steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "jaxnet: error: member runs (--seeds, lists of --lr or --weight-decay) do not log steps: drop --log-every-steps"
+        "jaxnet: error: member runs (--seeds, --ensemble, lists of --lr or --weight-decay) do not log steps: "
+        "drop --log-every-steps"
     )
     assert not (tmp_path / "logged").exists()
 

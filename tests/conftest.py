@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -15,12 +16,28 @@ if _CACHE_OWNER:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
-# The tests' programs are small and run briefly: their compilation, mostly LLVM's optimization passes,
-# is most of the suite's time. Without those passes the default suite takes about a quarter less; a
-# program's numerics do not depend on them beyond rounding, and every comparison in the suite is
-# between two runs under the same flags or against a reference with a tolerance.
+# The default suite's programs are small and run briefly: their compilation, mostly LLVM's optimization
+# passes, is most of its time, and without those passes it takes about a seventh less. A program's
+# numerics do not depend on them beyond rounding, and every comparison in the suite is between two runs
+# under the same flags or against a reference with a tolerance. The slow tests train real models for
+# many steps (a CNN runs 5x longer unoptimized), so a session that selects them (`-m slow`) keeps the
+# passes. JAXNET_TESTS_FAST_COMPILE=0|1 decides instead; xdist workers inherit the session's choice.
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+
+
+def _selects_slow(argv: list[str]) -> bool:
+    """Whether the command line's marker expression (``-m EXPR``) selects the slow tests."""
+    for i, arg in enumerate(argv):
+        expr = argv[i + 1] if arg == "-m" and i + 1 < len(argv) else arg[2:] if arg.startswith("-m") else None
+        if expr is not None and "slow" in expr and expr.strip() != "not slow":
+            return True
+    return False
+
+
+if "JAXNET_TESTS_FAST_COMPILE" not in os.environ:
+    os.environ["JAXNET_TESTS_FAST_COMPILE"] = "0" if _selects_slow(sys.argv) else "1"
+_FAST = os.environ["JAXNET_TESTS_FAST_COMPILE"] == "1"
+if _FAST and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 import jax  # noqa: E402  (after the cache variables, which JAX reads when imported)

@@ -292,17 +292,13 @@ def resident_chunks(
     sums = weight.sum(axis=-1, dtype=np.float64)  # (nb,), or (K, nb) per member
     if sample_weight is not None:
         divisor = sums.sum(axis=-1)
+    first = sums.reshape(-1, nb)[0]  # the first member's: for the position (the divisor does not use it)
 
     def chunks():
         for s in range(start, nb, layout.steps):
             part = (index[..., s : s + layout.steps, :],) + ((weight[..., s : s + layout.steps, :],) if padded else ())
             steps = part[0].shape[-2]
-            # the first member's examples (for the position: the epoch's divisor does not depend on them)
-            examples = (
-                float(sums[..., s : s + layout.steps].reshape(-1, steps)[0].sum())
-                if padded
-                else steps * layout.batch_size
-            )
+            examples = float(first[s : s + steps].sum()) if padded else steps * layout.batch_size
             yield Chunk(part, steps, padded, examples)
 
     return chunks(), (lambda examples: divisor)

@@ -65,11 +65,6 @@ def _layout(options: dict, steps: int, mesh) -> feed.StreamLayout:
     )
 
 
-def _check_member_logging(options: dict, members: int | None) -> None:
-    if members is not None and options["log_every_steps"] is not None:
-        raise ValueError("log_every_steps: member runs do not log steps: drop log_every_steps")
-
-
 def _fresh(update, options: dict, x, y, members: int | None = None) -> Callable:
     """``fresh(train) -> carry`` of a new chunked epoch: zero metric sums and a logged-values
     template, their shapes found once from the update's (``x``, ``y``: anything with the rows'
@@ -117,7 +112,6 @@ def _resident_epochs(update, options: dict, train: tuple, members: int | None, j
             return train, dict(metrics, steps=steps), None
 
         return whole
-    _check_member_logging(options, members)
     weighted = steps * b > n or bool(weight)
     steps_fn = make_steps(
         update,
@@ -153,7 +147,6 @@ def _streamed_epochs(update, options: dict, source, members: int | None, mesh, j
             "cannot give: use an indexed source (arrays, memory-mapped .npy, a Grain MapDataset) or train the "
             "members one by one"
         )
-    _check_member_logging(options, members)
     if source.kind == "indexed":
         if options["drop_remainder"] and b > source.num_rows:
             raise ValueError(
@@ -249,6 +242,8 @@ def build(model, spec, optimizer, options: dict, members: int | None, mesh, data
     """The programs of a fit (see the module docstring); ``options`` are fit's arguments."""
     if mesh is not None and members is not None:
         raise ValueError("member runs train on one device: drop mesh, or train members one by one on the mesh")
+    if members is not None and options["log_every_steps"] is not None:
+        raise ValueError("log_every_steps: member runs do not log steps: drop log_every_steps")
     update = _update(model, spec, optimizer, options, mesh)
     place, jit_options = (lambda tree: tree), {}
     if mesh is not None:

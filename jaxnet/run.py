@@ -41,6 +41,11 @@ Notify = Callable[..., None]
 that must show even when progress is off (a run continued, a checkpoint skipped as damaged)."""
 
 
+MEMBER_RUNS = "member runs ({0}, {1}, lists of {2} or {3})"
+MEMBER_FLAGS = ("seeds", "ensemble", "lrs", "weight_decays")
+"""What makes a run a member run, for errors: ``MEMBER_RUNS.format(*MEMBER_FLAGS)``, then {4} on."""
+
+
 class RunResult(NamedTuple):
     """What a run returns.
 
@@ -494,11 +499,6 @@ def _where(state: FitState) -> str:
     if state.position is None:
         return f"of epoch {state.epoch}"
     return f"inside epoch {state.epoch + 1} (after its step {state.position.steps})"
-
-
-MEMBER_RUNS = "member runs ({0}, {1}, lists of {2} or {3})"
-MEMBER_FLAGS = ("seeds", "ensemble", "lrs", "weight_decays")
-"""What makes a run a member run, for errors: ``MEMBER_RUNS.format(*MEMBER_FLAGS)``, then {4} on."""
 
 
 def run(

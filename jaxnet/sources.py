@@ -183,7 +183,7 @@ def gather(array, rows: np.ndarray) -> np.ndarray:
     order = np.argsort(rows, kind="stable")
     for start in range(0, len(rows), GATHER_BLOCK_ROWS):
         part = order[start : start + GATHER_BLOCK_ROWS]
-        out[part] = _take(array, rows[part], aligned_empty((len(part), *array.shape[1:]), array.dtype))
+        out[part] = _take(array, rows[part], np.empty((len(part), *array.shape[1:]), array.dtype))
         release_pages(array)
     return out
 

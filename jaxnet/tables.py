@@ -318,7 +318,7 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
             read_options=pa.csv.ReadOptions(block_size=_block_bytes(rows)),
             convert_options=_csv_options(pa, types, columns),
         )
-        header = reader.schema.names
+        header = reader.schema.names if columns is None else []  # pyarrow numbers the file's columns
         for batch in reader:
             yield pa.Table.from_batches([batch])
             done += batch.num_rows

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _run(**overrides):
-    from jaxnet import config, run
+    from jaxnet.app import config, run
 
     mesh = overrides.pop("mesh", None)
     result = run.run(config.make_config(dataset="digits", **overrides), mesh=mesh)

@@ -514,7 +514,7 @@ def run_train_cli(log):
         "how": "jaxnet train --epochs 1 --quiet --json",
     }
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "jaxnet.cli", "train"]
+    cmd = [sys.executable, "-m", "jaxnet.app", "train"]
     probe = subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     if probe.returncode != 0:
         row.update(

@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--path", default=None, help="a folder put first on PYTHONPATH (another ml_dtypes, say)")
     args = parser.parse_args()
-    jaxnet = [sys.executable, "-m", "jaxnet.cli", "train", "--quiet"]
+    jaxnet = [sys.executable, "-m", "jaxnet.app", "train", "--quiet"]
     sklearn = [sys.executable, "-c", SKLEARN]
     with tempfile.TemporaryDirectory() as cache:
         path = os.pathsep.join(p for p in (args.path, str(ROOT)) if p)

@@ -42,7 +42,7 @@ import optax  # noqa: E402
 
 import jaxnet as jn  # noqa: E402
 from bench import common  # noqa: E402
-from jaxnet import feed  # noqa: E402
+from jaxnet import _feed as feed  # noqa: E402
 
 SIZES = [784, 512, 512, 10]
 

@@ -70,7 +70,7 @@ def main() -> None:
         # the trainer reports its own peak (RUSAGE_CHILDREN would also count the data writer's)
         measured = folder / "peak"
         trainer = (
-            "import resource, sys; from jaxnet import cli; code = cli.main(sys.argv[2:]); "
+            "import resource, sys; from jaxnet.app import cli; code = cli.main(sys.argv[2:]); "
             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(code)"
         )
         cmd = [sys.executable, "-c", trainer, str(measured), "train", *flags, "--json", "--quiet"]

@@ -1,4 +1,4 @@
-"""Reading tables: ``jaxnet.data.load_csv`` (pyarrow, kinds, gaps, encoding) against ``np.loadtxt``.
+"""Reading tables: ``jaxnet.app.data.load_data_csv`` (pyarrow, kinds, gaps, encoding) against ``np.loadtxt``.
 
 - ``100k x 11``: 100,000 rows of 10 float features and an integer label (about 9.7 MB), read by
   ``np.loadtxt(delimiter=",", skiprows=1)`` (numbers only, no names, no checks: the baseline) and
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pyarrow  # noqa: E402
 
 from bench import common  # noqa: E402
-from jaxnet import data  # noqa: E402
+from jaxnet.app import data  # noqa: E402
 
 
 def write_long(path: Path, rows: int = 100_000) -> None:
@@ -60,7 +60,7 @@ def seconds(fn) -> float:
 
 PEAK = """
 import sys, tracemalloc, numpy as np, pyarrow as pa
-from jaxnet import data
+from jaxnet.app import data
 tracemalloc.start()
 if sys.argv[1] == "loadtxt":
     np.loadtxt(sys.argv[2], delimiter=",", skiprows=1)

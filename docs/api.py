@@ -20,7 +20,10 @@ def main(argv: list[str]) -> int:
     import pdoc
 
     out = Path(argv[0]) if argv else ROOT / "build" / "api"
-    modules = sorted(f"jaxnet.{p.stem}" for p in (ROOT / "jaxnet").glob("*.py") if not p.stem.startswith("__"))
+    # The library's public modules, then the application (jaxnet.app: pdoc adds its modules); internal
+    # modules (_name) are left out.
+    library = sorted(f"jaxnet.{p.stem}" for p in (ROOT / "jaxnet").glob("*.py") if not p.stem.startswith("_"))
+    modules = [*library, "jaxnet.app"]
     warnings.filterwarnings("error")
     warnings.filterwarnings(
         "ignore", message=r"Error parsing type annotation .* for jaxnet(\.\w+)+\.__init__\.", category=UserWarning

@@ -74,6 +74,7 @@ _EXPORTS = {
     "NonFiniteLossError": "loop",
     "fit": "loop",
     "init_fit_state": "loop",
+    "Callback": "hooks",
     "LOSSES": "losses",
     "LossSpec": "losses",
     "accuracy": "losses",
@@ -143,6 +144,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.forward import apply_example as apply_example
     from jaxnet.forward import init_model as init_model
     from jaxnet.forward import is_stateful as is_stateful
+    from jaxnet.hooks import Callback as Callback
     from jaxnet.inference import evaluate as evaluate
     from jaxnet.inference import predict as predict
     from jaxnet.inference import predict_batches as predict_batches
@@ -227,6 +229,8 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.step import per_example_grads as per_example_grads
     from jaxnet.step import skip_nonfinite_updates as skip_nonfinite_updates
     from jaxnet.step import step_key as step_key
+    from jaxnet.summaries import Summary as Summary
+    from jaxnet.summaries import summary as summary
 
 
 def __getattr__(name: str):

@@ -5,6 +5,26 @@ The model contract (``docs/models.md``): a plain :class:`Model` is ``init(key) -
 state)`` and ``apply(params, state, x, ctx) -> (y, state)``: its apply also gets a
 :class:`Context` (train or eval mode, a PRNG key, the example's weight and the batch axis) and
 may carry non-trainable state (running statistics) that it returns updated.
+
+Shapes in jaxnet's docstrings use one legend of axis letters, the way nanoGPT writes
+``(B, T, C)``; a docstring writes ``(b, ...)`` and points here:
+
+======  ==================================================================================
+letter  axis
+======  ==================================================================================
+``K``   members: models trained together under ``vmap`` (ensembles, sweeps)
+``n``   examples (rows) of a whole data set or split
+``b``   examples of one batch (``batch_size``)
+``nb``  batches of an epoch (``ceil(n / b)``, or ``n // b`` with ``drop_remainder``)
+``S``   steps of one compiled chunk (``S`` batches stacked: ``(S, b, ...)``)
+``T``   tokens (positions) of one sequence
+``V``   vocabulary: token ids, and the logits over them
+``C``   classes, or a layer's channels / features (``in_dim``, ``out_dim`` where both occur)
+``d``   features of one example (a table's encoded columns)
+``...`` the example's own shape (``x.shape[1:]``)
+======  ==================================================================================
+
+Single-example shapes (what ``apply`` sees) drop the leading ``K``, ``n`` and ``b``.
 """
 
 from __future__ import annotations

@@ -16,12 +16,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxnet import checkpoint, checks
-from jaxnet.loop import FitState, Record
-from jaxnet.progress import Progress  # noqa: F401  (a callback of this family)
+from jaxnet import _checks as checks
+from jaxnet import checkpoint
+from jaxnet._progress import Progress  # noqa: F401  (a callback of this family)
+from jaxnet.hooks import OnChunk, OnRunEnd, OnRunStart, Record
+from jaxnet.loop import FitState
 
 
-class Checkpointer:
+class Checkpointer(OnRunStart, OnChunk, OnRunEnd):
     """Saves the fit state into ``directory`` every ``every`` epochs, every ``every_steps`` steps,
     and when the run ends.
 
@@ -89,7 +91,7 @@ class Checkpointer:
         return path
 
 
-class Interrupt:
+class Interrupt(OnChunk):
     """Turns SIGINT/SIGTERM into a stop at the next epoch boundary (or chunk boundary of an epoch in chunks).
 
     Use as a context manager around training; the first signal sets ``signum``, calls

@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import checks
+from jaxnet import _checks as checks
+from jaxnet._feed import Position
 from jaxnet.base import TrainState
 from jaxnet.epoch import start_carry
-from jaxnet.feed import Position
 from jaxnet.loop import FitState
 from jaxnet.members import num_members
 

@@ -2,6 +2,8 @@
 
 :func:`make_epoch` turns a per-batch update into ``epoch(state, x, y) -> (state, metrics)``, to be
 jitted, vmapped over members or sharded over devices; :func:`jaxnet.fit` runs it.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Everything that runs a model on data (the training step, evaluation, prediction) goes through
 :func:`apply_batch`, so that plain and stateful models differ in one place only. A plain model
 pays nothing: its batch is ``vmap(apply)`` as before.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 padded, so one program serves them all) over resident arrays, memory-mapped arrays, lazy rows,
 Grain datasets or iterables of batches (:mod:`jaxnet.sources`); memory is bounded by a chunk of
 batches, not by the data. ``fit``'s validation is the same computation.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnet import feed, programs, sources
+from jaxnet import _feed as feed
+from jaxnet import _programs as programs
+from jaxnet import sources
 from jaxnet.forward import AnyModel, apply_batch, check_model
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.metrics import get_metrics
@@ -68,7 +72,7 @@ def evaluate(
         chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=named)
         validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t, named)
         return {name: float(v) for name, v in validate(params, model_state).items()}
-    sources.check_targets(source, "x")
+    sources.require_targets(source, "x")
     sums = programs.streamed_sums(model, spec, source, batch_size, chunk_bytes, named)
     return {name: float(v) for name, v in feed.means_of(sums(params, model_state), named).items()}
 

@@ -2,6 +2,8 @@
 
 Every layer is a :class:`jaxnet.Model`: ``init(key) -> params`` and ``apply(params, x) -> y``
 for **one example**. Batches go through :func:`batched` (``jax.vmap``).
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxnet import files
+from jaxnet import _atomic as atomic
+from jaxnet.hooks import OnRunEnd, OnRunStart, OnStep
 
 LOG_EXTRA = "pip install 'jaxnet-trainer[log]'"
 NAMES = ("csv", "tensorboard", "mlflow")
@@ -59,7 +60,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows({c: ("" if row.get(c) is None else row.get(c)) for c in columns} for row in rows)
-    files.write_text(path, text.getvalue())
+    atomic.write_text(path, text.getvalue())
 
 
 def step_tags(record: dict) -> list[tuple[str, float]]:
@@ -67,7 +68,7 @@ def step_tags(record: dict) -> list[tuple[str, float]]:
     return [(f"step/{k}", float(v)) for k, v in record.items() if k not in ("step", "epoch") and math.isfinite(v)]
 
 
-class CSVLogger:
+class CSVLogger(OnRunStart, OnStep, OnRunEnd):
     """One CSV row per epoch (per member and epoch in a member run), rewritten atomically after
     every epoch, so a crash keeps the epochs done and no reader sees half a file. Logged steps
     go to ``steps_path`` (default ``steps.csv`` beside it), written with each epoch's row."""
@@ -114,7 +115,7 @@ def _require(module: str, what: str):
         raise ImportError(f"{what} needs {module.split('.')[0]}, which is not installed: {LOG_EXTRA}") from None
 
 
-class TensorBoardLogger:
+class TensorBoardLogger(OnRunStart, OnStep, OnRunEnd):
     """TensorBoard event files in ``logdir``: every scalar of every epoch (step = epoch), and the
     run's configuration as text. Written with TensorBoard's own event writer (no TensorFlow)."""
 
@@ -158,7 +159,7 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-class MLflowLogger:
+class MLflowLogger(OnRunStart, OnStep, OnRunEnd):
     """An MLflow run: the config as parameters, every scalar per epoch (step = epoch), and at the
     end the artifacts given to :meth:`log_artifacts`.
 
@@ -269,6 +270,6 @@ def make_loggers(names, folder: Path, config: dict, run_name: str | None = None)
                 params=config,
                 run_id=stored.get("run_id") if stored.get("tracking_uri") == uri else None,
             )
-            files.write_text(known, json.dumps({"tracking_uri": uri, "run_id": logger.run_id}) + "\n")
+            atomic.write_text(known, json.dumps({"tracking_uri": uri, "run_id": logger.run_id}) + "\n")
             made.append(logger)
     return made

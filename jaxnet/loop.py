@@ -5,6 +5,8 @@ epoch, best value, stopped, skipped updates) is arrays with a member axis, K = 1
 Only the compiled programs differ: ``jit(epoch)`` (optionally data parallel on a mesh) or
 ``jit(vmap(epoch))``. The loop in Python runs epochs, evaluates, keeps the best params and calls
 back; it does no I/O of its own.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnet import checks, programs, progress, sources, weights
+from jaxnet import _checks as checks
+from jaxnet import _programs as programs
+from jaxnet import _progress as progress
+from jaxnet import _weights as weights
+from jaxnet import hooks, sources
+from jaxnet._feed import CHUNK_BYTES
+from jaxnet._options import FitOptions
 from jaxnet.base import Params, PRNGKey, TrainState
-from jaxnet.feed import CHUNK_BYTES
 from jaxnet.forward import AnyModel, check_model, is_stateful
+from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
-from jaxnet.metrics import check_targets, get_metrics
+from jaxnet.metrics import check_metric_targets, get_metrics
 from jaxnet.step import init_state, skip_nonfinite_updates
 
-Record = dict[str, Any]
 MONITORS = ("val_loss", "val_accuracy")
 """What early stopping may monitor, besides ``val_<name>`` of a named metric given to ``fit``."""
 LOWER_IS_BETTER = ("val_loss", "val_cross_entropy", "val_mse", "val_mae")
@@ -43,7 +50,7 @@ def monitor_sign(monitor: str) -> float:
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss; ``epoch`` and ``step`` (1-based, global) say where.
 
-    Like :class:`jaxnet.checks.ArgumentError`, it names an argument (``skip_nonfinite``) through
+    Like :class:`jaxnet._checks.ArgumentError`, it names an argument (``skip_nonfinite``) through
     ``template``, so that a front end can :meth:`render` it in its own spelling.
     """
 
@@ -71,7 +78,7 @@ class FitState(NamedTuple):
       best_epoch: 1-based epoch of ``best_params`` (0 if none); a list of K in a member run.
       best_model_state: a stateful model's state of the best epoch (running statistics), else None.
       position: None at an epoch's end; inside epoch ``epoch + 1`` (a chunked or streamed epoch
-        stopped between chunks: a mid-epoch checkpoint), the :class:`jaxnet.feed.Position` that
+        stopped between chunks: a mid-epoch checkpoint), the :class:`jaxnet._feed.Position` that
         resumes it exactly.
     """
 
@@ -106,20 +113,6 @@ class _Book(NamedTuple):
     best_value: np.ndarray
     stopped: np.ndarray
     skipped: np.ndarray | None
-
-
-class _Setup(NamedTuple):
-    """What the loop needs besides the state (fixed for the whole fit)."""
-
-    programs: programs.Programs
-    epochs: int
-    patience: int | None
-    monitor: str
-    skip_nonfinite: bool
-    members: int | None
-    callbacks: Sequence
-    metrics: tuple = ()
-    log_every_steps: int | None = None
 
 
 # Fresh copies of a pytree's arrays in one compiled call (eagerly, each leaf shape compiles its own copy).
@@ -209,7 +202,7 @@ def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
     """The fit's data: resident ``(x, y)`` pairs placed as arrays (with ``sample_weight``), or
     sources (:mod:`jaxnet.sources`)."""
     train = sources.as_source(x, y, "x")
-    sources.check_targets(train, "x")
+    sources.require_targets(train, "x")
     if train is not None and sample_weight is not None:
         raise ValueError(
             "sample_weight: per-example weights travel with arrays in memory; for streamed data weigh classes "
@@ -226,7 +219,7 @@ def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
         source = sources.as_source(*validation, "validation")
         return programs.Data(train, _check_pair("validation", *validation) if source is None else source)
     source = sources.as_source(validation, None, "validation")
-    sources.check_targets(source, "validation")
+    sources.require_targets(source, "validation")
     return programs.Data(train, source)
 
 
@@ -323,13 +316,13 @@ def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, monitor: str)
     return book, improved
 
 
-def _chunk_hook(state: FitState, setup: _Setup, before: int) -> Callable:
+def _chunk_hook(state: FitState, options: FitOptions, before: int) -> Callable:
     """``on_chunk(carry, position, last)`` for a chunked epoch: at every ``log_every_steps``-th step
     of the epoch the callbacks' ``on_step(fit_state, step_record)``; between two chunks their
     ``on_chunk(fit_state)`` with the state there, True from any of which stops the epoch."""
-    hooks = [cb.on_chunk for cb in setup.callbacks if hasattr(cb, "on_chunk")]
-    loggers = [cb.on_step for cb in setup.callbacks if hasattr(cb, "on_step")]
-    every = setup.log_every_steps
+    chunk_hooks = hooks.bound(options.callbacks, hooks.OnChunk)
+    loggers = hooks.bound(options.callbacks, hooks.OnStep)
+    every = options.log_every_steps
 
     def on_chunk(carry, position, last: bool) -> bool:
         inside = state._replace(train=carry.state, position=position)
@@ -339,71 +332,68 @@ def _chunk_hook(state: FitState, setup: _Setup, before: int) -> Callable:
             record = {"step": step, "epoch": state.epoch + 1, **{k: float(v) for k, v in values.items()}}
             for log in loggers:
                 log(inside, record)
-        if last or not hooks:
+        if last or not chunk_hooks:
             return False
-        return any([bool(hook(inside)) for hook in hooks])
+        return any([bool(hook(inside)) for hook in chunk_hooks])
 
     return on_chunk
 
 
-def _epoch(state: FitState, book: _Book, setup: _Setup) -> tuple[FitState, _Book, Record | None]:
+def _epoch(
+    state: FitState, book: _Book, compiled: programs.Programs, options: FitOptions
+) -> tuple[FitState, _Book, Record | None]:
     """Runs one epoch (or the rest of one) and its validation; returns the new state, bookkeeping
     and record, or the state inside the epoch and no record when a callback stopped it there."""
     start = time.perf_counter()
-    programs, k = setup.programs, setup.members or 1
+    k = options.members or 1
     before = state.steps - (state.position.steps if state.position is not None else 0)
-    hook = _chunk_hook(state, setup, before)
-    train, metrics, position = programs.train_epoch(state.train, state.position, hook)
+    hook = _chunk_hook(state, options, before)
+    train, metrics, position = compiled.train_epoch(state.train, state.position, hook)
     if metrics is None:  # stopped between two chunks
         return state._replace(train=train, position=position), book, None
     metrics = jax.device_get(metrics)  # one host sync per epoch
     if "sums" in metrics:
-        metrics["train_metrics"] = _train_metrics(metrics.pop("sums"), setup.metrics, setup.members)
+        metrics["train_metrics"] = _train_metrics(metrics.pop("sums"), options.metrics, options.members)
     epoch = state.epoch + 1
     active = ~book.stopped
     first_bad = np.asarray(metrics["first_nonfinite"]).reshape(k)
-    diverged = active & (first_bad >= 0) if not setup.skip_nonfinite else np.zeros(k, bool)
+    diverged = active & (first_bad >= 0) if not options.skip_nonfinite else np.zeros(k, bool)
     if active.all() and diverged.all():  # every member diverged at once (always so for a single run)
         raise NonFiniteLossError(epoch, before + int(first_bad.min()) + 1)
     keep = active & ~diverged
     best = None if state.best_params is None else (state.best_params, state.best_model_state)
     val = None
-    if programs.validate is not None:
-        val = programs.validate(train.params, train.model_state)
-        book, improved = _improve(book, val, keep, epoch, setup.monitor)
-        best = _keep_best(improved, (train.params, train.model_state), best, setup.members)
+    if compiled.validate is not None:
+        val = compiled.validate(train.params, train.model_state)
+        book, improved = _improve(book, val, keep, epoch, options.monitor)
+        best = _keep_best(improved, (train.params, train.model_state), best, options.members)
     record = _record(epoch, metrics, val, book, keep, train)
     record.update(seconds=time.perf_counter() - start, steps=int(metrics["steps"]))
     stopped = book.stopped | diverged
-    if setup.patience is not None:
-        stopped |= epoch - book.best_epoch >= setup.patience
+    if options.patience is not None:
+        stopped |= epoch - book.best_epoch >= options.patience
     skipped = _skipped_updates(train.opt_state, k) if book.skipped is not None else None
     book = book._replace(stopped=stopped, skipped=skipped)
-    if setup.members is None:  # a single run's records and best epoch hold scalars
+    if options.members is None:  # a single run's records and best epoch hold scalars
         record = {name: v[0] if isinstance(v, list) else v for name, v in record.items()}
-    best_epoch = int(book.best_epoch[0]) if setup.members is None else [int(e) for e in book.best_epoch]
+    best_epoch = int(book.best_epoch[0]) if options.members is None else [int(e) for e in book.best_epoch]
     state.history.append(record)  # the loop's own list (see _loop)
     best_params, best_model_state = (None, None) if best is None else best
     return FitState(train, epoch, state.history, best_params, best_epoch, best_model_state), book, record
 
 
-def _call(callbacks, hook: str, state: FitState) -> None:
-    for callback in callbacks:
-        method = getattr(callback, hook, None)
-        if method is not None:
-            method(state)
-
-
-def _loop(state: FitState, setup: _Setup) -> FitState:
+def _loop(state: FitState, compiled: programs.Programs, options: FitOptions) -> FitState:
     """Epochs until the last, every member stopped, or a callback asks to stop."""
-    book = _open_book(state, setup.monitor, setup.patience, setup.skip_nonfinite)
+    book = _open_book(state, options.monitor, options.patience, options.skip_nonfinite)
     state = state._replace(history=list(state.history))  # appended to by each epoch; the caller's stays as it is
-    _call(setup.callbacks, "on_run_start", state)
-    while state.epoch < setup.epochs and not book.stopped.all():
-        state, book, record = _epoch(state, book, setup)
-        if record is None or any([bool(callback(state, record)) for callback in setup.callbacks]):
+    for on_run_start in hooks.bound(options.callbacks, hooks.OnRunStart):
+        on_run_start(state)
+    while state.epoch < options.epochs and not book.stopped.all():
+        state, book, record = _epoch(state, book, compiled, options)
+        if record is None or any([bool(callback(state, record)) for callback in options.callbacks]):
             break
-    _call(setup.callbacks, "on_run_end", state)
+    for on_run_end in hooks.bound(options.callbacks, hooks.OnRunEnd):
+        on_run_end(state)
     return state
 
 
@@ -422,7 +412,7 @@ def fit(
     patience: int | None = None,
     monitor: str = "val_loss",
     drop_remainder: bool = False,
-    callbacks: Sequence[Callable[[FitState, Record], bool | None]] = (),
+    callbacks: Sequence[Callback] = (),
     resume: FitState | None = None,
     compute_dtype=None,
     skip_nonfinite: bool = False,
@@ -468,9 +458,9 @@ def fit(
         ``metrics`` (higher is better, but for ``cross_entropy``, ``mse`` and ``mae``).
       drop_remainder: drop the last partial batch instead of masking it.
       callbacks: called after each epoch as ``cb(fit_state, record)``; returning True stops. A
-        callback may also have methods ``on_run_start(fit_state)``, ``on_run_end(fit_state)``
-        (called when the loop ends without an error) and ``on_step(fit_state, step_record)``
-        (every ``log_every_steps`` steps): see :mod:`jaxnet.callbacks` and :mod:`jaxnet.loggers`.
+        callback may also have the hooks ``on_run_start``, ``on_run_end``, ``on_chunk`` and
+        ``on_step``, declared in :mod:`jaxnet.hooks`; ready-made ones are in
+        :mod:`jaxnet.callbacks` and :mod:`jaxnet.loggers`.
       resume: a :class:`FitState` (returned by ``fit`` or restored from a checkpoint) to continue
         from; the result equals a run never interrupted.
       compute_dtype: e.g. ``jnp.bfloat16`` for mixed precision (float32 master params).
@@ -504,7 +494,7 @@ def fit(
       verbose: False (the default) prints nothing; True shows progress on stderr, a tqdm bar on a
         terminal or in a notebook and one line per epoch otherwise; ``"bar"`` or ``"lines"`` choose.
       sample_weight: ``(n,)`` weights of the training examples (resident arrays): each batch's
-        loss is the weighted mean of its examples' (see :mod:`jaxnet.weights`).
+        loss is the weighted mean of its examples' (see :mod:`jaxnet._weights`).
       class_weight: ``"balanced"`` (``n / (classes * count)``, from ``y``) or ``{class: weight}``:
         each example's loss term is weighted by its class's (classification losses, any data).
         Validation is unweighted.
@@ -540,7 +530,7 @@ def fit(
     data = _check_data(x, y, validation, sample_weight)
     named = get_metrics(metrics)
     _check_options(spec, epochs, batch_size, patience, monitor, data.validation, named)
-    check_targets(named, spec.integer_labels, spec.name)
+    check_metric_targets(named, spec.integer_labels, spec.name)
     batch_size = _clamped_batch(batch_size, data.train, drop_remainder, mesh)
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
@@ -552,8 +542,13 @@ def fit(
         )
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
-    options = dict(
+    options = FitOptions(
+        epochs=epochs,
         batch_size=batch_size,
+        members=members,
+        patience=patience,
+        monitor=monitor,
+        callbacks=(*callbacks, *_progress(verbose, epochs)),
         drop_remainder=drop_remainder,
         shuffle=shuffle,
         unroll=unroll,
@@ -568,25 +563,21 @@ def fit(
         log_every_steps=checks.optional_integer("log_every_steps", log_every_steps),
         class_weights=_class_weights(class_weight, spec, model, resume.train, data),
     )
-    if 0 < options["shuffle_buffer"] < batch_size:
+    if 0 < options.shuffle_buffer < batch_size:
         raise ValueError(
             f"shuffle_buffer {shuffle_buffer} is smaller than batch_size {batch_size}: give at least a batch "
             "(or 0 for the source's own order)"
         )
-    if resume.position is not None and options["chunk_steps"] is None and isinstance(data.train, tuple):
+    if resume.position is not None and options.chunk_steps is None and isinstance(data.train, tuple):
         raise ValueError(
             "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "
             "run that saved it"
         )
-    compiled = programs.build(model, spec, optimizer, options, members, mesh, data)
+    compiled = programs.build_programs(model, spec, optimizer, options, mesh, data)
     # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.
     train = compiled.place(resume.train)
     state = resume._replace(train=train if fresh else _copy_tree(train))
-    callbacks = (*callbacks, *_progress(verbose, epochs))
-    setup = _Setup(
-        compiled, epochs, patience, monitor, skip_nonfinite, members, callbacks, options["metrics"], log_every_steps
-    )
-    return _loop(state, setup)
+    return _loop(state, compiled, options)
 
 
 def _progress(verbose, epochs: int) -> tuple:

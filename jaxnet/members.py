@@ -8,6 +8,8 @@ is shared.
 
 Memory grows linearly with K; :func:`estimate_member_bytes` and :func:`check_memory` refuse a grid
 that cannot fit before anything is compiled.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import checks
+from jaxnet import _checks as checks
 from jaxnet.base import Model, Params, PRNGKey
 
 

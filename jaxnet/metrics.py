@@ -10,6 +10,8 @@ Names: ``accuracy``, ``top_k_accuracy`` (``top_5_accuracy`` etc.), ``cross_entro
 ``precision``, ``recall``, ``f1`` (macro averages over the classes present in the targets or the
 predictions, as scikit-learn's ``average="macro"``), ``mse``, ``mae``, ``r2``; or any per-example
 callable ``(prediction, target) -> scalar``, reported as its weighted mean under its ``__name__``.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def _r2_update(state, predictions, targets, weights):
 
 
 def _r2_result(state) -> float:
-    """R² per output from the sums, averaged over the outputs with any spread (as ``jaxnet.saved``)."""
+    """R² per output from the sums, averaged over the outputs with any spread (as ``jaxnet.app.saved``)."""
     w, t, tt, ee = np.asarray(state, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         spread = tt - t * t / w
@@ -192,7 +194,7 @@ CLASS_METRICS = ("accuracy", "cross_entropy", "precision", "recall", "f1")
 VALUE_METRICS = ("mse", "mae", "r2")
 
 
-def check_targets(metrics: tuple[Metric, ...], integer_labels: bool, loss_name: str) -> None:
+def check_metric_targets(metrics: tuple[Metric, ...], integer_labels: bool, loss_name: str) -> None:
     """Refuses built-in metrics that do not fit the loss's targets: the class metrics (and
     ``top_k_accuracy``) need integer labels, ``mse``, ``mae`` and ``r2`` real-valued targets."""
     for m in metrics:

@@ -8,6 +8,8 @@ the data (:func:`process_rows`) and :func:`global_rows` joins them into one glob
 Only public JAX APIs are used: ``jax.make_mesh``, ``NamedSharding``,
 ``jax.make_array_from_process_local_data``, ``jax.make_array_from_callback``,
 ``jax.distributed`` and ``jax.experimental.multihost_utils``.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnet import checks
-from jaxnet.checks import ArgumentError
-from jaxnet.supervisor import PEER_TIMEOUT
+from jaxnet import _checks as checks
+from jaxnet._checks import ArgumentError
 
 DATA_AXIS = "data"
+PEER_TIMEOUT = 30
+"""Seconds a multi-process run waits for a peer (to join, to answer its heartbeat, at shutdown)
+before every process stops (``initialize_distributed(timeout=)``, ``jaxnet train --peer-timeout``)."""
 
 # jax.distributed.initialize() reads JAX_COORDINATOR_ADDRESS itself and gets the process count and
 # index from the cluster managers it detects (SLURM, Open MPI, Cloud TPU, ...); the other two names
@@ -147,7 +151,7 @@ def initialize_distributed(
       num_processes: total number of processes.
       process_id: this process's index in ``[0, num_processes)``.
       timeout: seconds to wait for every process to join, for a peer's heartbeat and for the
-        others at shutdown; past it JAX's runtime stops the process (:mod:`jaxnet.supervisor`
+        others at shutdown; past it JAX's runtime stops the process (:mod:`jaxnet.app.supervisor`
         turns that into one line).
 
     Returns:

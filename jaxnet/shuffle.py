@@ -13,6 +13,8 @@ one fused elementwise loop.
 The order is a pseudorandom permutation chosen by the key: different for each key, identical for
 the same key, and statistically well mixed for minibatch SGD. It is not a uniform draw from all
 ``n!`` orders (no keyed shuffle of large ``n`` is) and not meant for cryptography.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations

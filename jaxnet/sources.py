@@ -15,6 +15,8 @@ kinds of source, and :func:`as_source` tells which a value is:
 Every block is checked against the first (row shape, dtype, matching lengths); a source that
 breaks the rule, cannot be read or yields nothing raises :class:`DataError`, one line naming the
 batch or row group and the fix.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations
@@ -466,7 +468,7 @@ def _column(table, name: str, file: str, group: int) -> np.ndarray:
     return values
 
 
-def check_targets(source, name: str) -> None:
+def require_targets(source, name: str) -> None:
     """Refuses a source that holds no targets (a Parquet file opened without a target column)."""
     if isinstance(source, Parquet) and source.target is None:
         raise DataError(f"{name}: {source.name} was opened without a target column: name it (target=...)")

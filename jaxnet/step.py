@@ -1,8 +1,12 @@
-"""The compiled update step: ``jax.value_and_grad`` + an optax transformation + ``jax.jit``."""
+"""The compiled update step: ``jax.value_and_grad`` + an optax transformation + ``jax.jit``.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +95,7 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRN
 def learning_rate_of(opt_state) -> jax.Array | None:
     """The learning rate an ``optax.inject_hyperparams`` optimizer applied in its last update (its
     state's ``hyperparams["learning_rate"]``, times ``lr_scale`` when it injects one as
-    :mod:`jaxnet.recipes` does, anywhere in a chain), or None when it has none."""
+    :mod:`jaxnet.app.recipes` does, anywhere in a chain), or None when it has none."""
     found = [
         node.hyperparams["learning_rate"] * node.hyperparams.get("lr_scale", 1.0)
         for node in jax.tree.leaves(
@@ -110,6 +114,7 @@ def make_update(
     compute_dtype=None,
     outputs: bool = False,
     gradients: bool = False,
+    per_example: bool = False,
 ) -> Update:
     """The pure, un-jitted update ``(state, batch) -> (state, metrics)``.
 
@@ -122,28 +127,46 @@ def make_update(
     ``state.model_state``.
 
     With an optimizer from :func:`skip_nonfinite_updates`, a step whose loss is not finite is
-    skipped like one whose gradients are not finite.
+    skipped like one whose gradients are not finite. ``per_example``: the optimizer receives
+    per-example gradients (:func:`make_per_example_update`).
     """
     _check_optimizer(optimizer)
     check_model(model)
-    value_and_grad = jax.value_and_grad(_objective(model, loss, compute_dtype), has_aux=True)
+    objective = _objective(model, loss, compute_dtype)
+    build = _per_example_update if per_example else _batch_update
+    return build(model, objective, optimizer, outputs, gradients)
+
+
+def _batch_update(model: AnyModel, objective: Callable, optimizer, outputs: bool, gradients: bool) -> Update:
+    """:func:`make_update`'s update: the gradient of the batch loss."""
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = step_key(model, state)
         (loss_value, (model_state, predictions)), grads = value_and_grad(state.params, state.model_state, batch, key)
         if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss: skip the step too
             grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_value), g, jnp.nan), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state._replace(params=params, opt_state=opt_state, step=state.step + 1, model_state=model_state)
-        metrics = {"loss": loss_value}
-        if outputs:
-            metrics["predictions"] = predictions
-        if gradients:
-            metrics.update(_gradients(grads, opt_state))
-        return new, metrics
+        state, opt_state = _apply(optimizer, state, grads, model_state)
+        return state, _step_metrics(loss_value, predictions, grads, opt_state, outputs, gradients)
 
     return update
+
+
+def _apply(optimizer, state: TrainState, grads, model_state) -> tuple[TrainState, Any]:
+    """``state`` after one ``optimizer`` step on ``grads``, with ``model_state``; and its opt state."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state._replace(params=params, opt_state=opt_state, step=state.step + 1, model_state=model_state), opt_state
+
+
+def _step_metrics(loss_value, predictions, grads, opt_state, outputs: bool, gradients: bool) -> Metrics:
+    """A step's metrics: its loss, and its ``predictions`` and gradients when asked for."""
+    metrics = {"loss": loss_value}
+    if outputs:
+        metrics["predictions"] = predictions
+    if gradients:
+        metrics.update(_gradients(grads, opt_state))
+    return metrics
 
 
 def _gradients(grads, opt_state) -> Metrics:
@@ -322,25 +345,21 @@ def dp_optimizer(
 
 
 def make_per_example_update(
-    model: AnyModel,
-    loss: str | PerExample | LossSpec,
-    optimizer: optax.GradientTransformation,
-    *,
-    compute_dtype=None,
-    outputs: bool = False,
-    gradients: bool = False,
+    model: AnyModel, loss: str | PerExample | LossSpec, optimizer: optax.GradientTransformation, **options
 ) -> Update:
     """Like :func:`make_update`, but ``optimizer`` receives per-example gradients (leading batch axis).
 
     For transformations that aggregate examples themselves, such as :func:`dp_optimizer`. The
     ``loss`` metric is the weighted batch mean of the per-example losses; it plugs into
-    :func:`jaxnet.make_epoch` like any update. ``outputs`` and ``gradients`` as in
-    :func:`make_update` (``grads``: the batch mean of the per-example gradients, before any
+    :func:`jaxnet.make_epoch` like any update. The keyword ``options`` (``compute_dtype``, ``outputs``,
+    ``gradients``) are :func:`make_update`'s (``grads``: the batch mean of the per-example gradients, before any
     clipping).
     """
-    _check_optimizer(optimizer)
-    check_model(model)
-    objective = _objective(model, loss, compute_dtype)
+    return make_update(model, loss, optimizer, **options, per_example=True)
+
+
+def _per_example_update(model: AnyModel, objective: Callable, optimizer, outputs: bool, gradients: bool) -> Update:
+    """:func:`make_per_example_update`'s update: per-example gradients, vmapped over the batch."""
 
     def one(params, model_state, example, key):
         value, (_, predictions) = objective(params, model_state, jax.tree.map(lambda a: a[None], example), key)
@@ -365,13 +384,8 @@ def make_per_example_update(
         else:
             w = w.astype(values.dtype)
             loss_value = jnp.where(jnp.sum(w) > 0, jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-30), 0.0)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_value}
-        if outputs:
-            metrics["predictions"] = predictions
-        if gradients:
-            metrics.update(_gradients(jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), opt_state))
-        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        state, opt_state = _apply(optimizer, state, grads, state.model_state)
+        mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads) if gradients else None
+        return state, _step_metrics(loss_value, predictions, mean_grads, opt_state, outputs, gradients)
 
     return update

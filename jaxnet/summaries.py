@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnet import config as configlib
-from jaxnet import files, saved
 from jaxnet.base import Context
 from jaxnet.forward import AnyModel, apply_batch, check_model, init_model
 from jaxnet.layers import as_stateful
 from jaxnet.losses import get_loss
-from jaxnet.rundir import RunFolder
 from jaxnet.step import init_state, make_update
 
 
@@ -218,24 +214,6 @@ def format_summary(s: Summary) -> str:
             f"temporaries {_bytes(cost.temp_bytes)}"
         )
     return "\n".join(lines)
-
-
-def of_saved(path, batch_size: int | None = None, arch: str | None = None) -> Summary:
-    """The :func:`summary` of a trained run's model (its first member), with the run's loss,
-    optimizer and batch size (from its ``config.json``) unless ``batch_size`` is given."""
-    model = files.load_model(path)
-    bound = saved.load(model, arch)
-    params, state = jax.tree.map(lambda a: a[0], (bound.params, bound.state))
-    stored = RunFolder(path).stored_config() if Path(path).is_dir() else None
-    config = configlib.TrainConfig.from_dict(stored) if stored else None
-    optimizer = configlib.make_optimizer(config) if config else None
-    if batch_size is None:
-        batch_size = config.batch_size if config else 32
-    example = jax.ShapeDtypeStruct((len(model.meta["feature_names"]),), jnp.float32)
-    loss = model.meta.get("loss")
-    return summary(
-        bound.model, example, params=params, model_state=state, batch_size=batch_size, loss=loss, optimizer=optimizer
-    )
 
 
 def as_dict(s: Summary) -> dict:

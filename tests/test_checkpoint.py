@@ -20,9 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnet import callbacks, checkpoint, cli, files
-from jaxnet import config as configlib
-from jaxnet import run as runlib
+from jaxnet import callbacks, checkpoint
+from jaxnet.app import cli, files
+from jaxnet.app import config as configlib
+from jaxnet.app import run as runlib
 
 ORBAX_AT_IMPORT = any(name.split(".")[0] == "orbax" for name in sys.modules)
 
@@ -37,7 +38,7 @@ def env():
 
 
 def command(*args):
-    return [sys.executable, "-m", "jaxnet.cli", *map(str, args)]
+    return [sys.executable, "-m", "jaxnet.app", *map(str, args)]
 
 
 def jaxnet(*args, timeout=120):
@@ -160,7 +161,7 @@ def saved(tmp_path_factory):
 def test_round_trip_restores_the_whole_state(saved):
     out, config, result = saved
     assert steps(out) == [2, 3, 4]  # keep=3
-    stored, restored = runlib.restore(out)
+    stored, restored = runlib.restore_run(out)
     assert stored == config and restored.path.name == str(restored.state.steps) and not restored.damaged
     state = restored.state
     assert state.epoch == 4 and state.history == result.history and result.finished
@@ -229,13 +230,13 @@ def test_damaged_newest_checkpoint_falls_back_and_all_damaged_is_refused(saved, 
     shutil.copytree(out, copy)
     name = {entry.epoch: str(entry.steps) for entry in checkpoint.entries(ckpt_dir(copy))}
     damage(ckpt_dir(copy) / name[4])
-    restored = runlib.restore(copy)[1]
+    restored = runlib.restore_run(copy)[1]
     assert restored.path.name == name[3] and [p.name for p, _ in restored.damaged] == [name[4]]
     for epoch in (2, 3):
         damage(ckpt_dir(copy) / name[epoch])
     expected = rf"no usable checkpoint .*checkpoint {name[4]}: .*checkpoint {name[2]}: "
     with pytest.raises(ValueError, match=expected) as e:
-        runlib.restore(copy)
+        runlib.restore_run(copy)
     assert "\n" not in str(e.value)
 
 
@@ -296,7 +297,7 @@ def test_nonfinite_loss_stops_cleanly_naming_epoch_step_and_intact_checkpoint(tm
     match = re.search(r"non-finite at epoch (\d+), step (\d+).*--skip-nonfinite.*last good checkpoint: (\S+)$", line)
     assert match, line
     epoch, step, path = int(match.group(1)), int(match.group(2)), Path(match.group(3))
-    restored = runlib.restore(tmp_path / "run")[1]
+    restored = runlib.restore_run(tmp_path / "run")[1]
     per_epoch = restored.state.history[0]["steps"]
     assert restored.state.epoch == 2 * ((epoch - 1) // 2)  # the newest checkpoint before the bad epoch
     assert epoch >= 3 and (epoch - 1) * per_epoch < step <= epoch * per_epoch
@@ -311,7 +312,7 @@ def test_skip_nonfinite_trains_on_and_counts_skips(tmp_path, capsys):
     assert len(records) == 14 and all("skipped" in r for r in records)
     assert sum(r["skipped"] for r in records) > 0
     assert all(np.isfinite(a).all() for a in saved_params(out))  # skipped steps left no trace
-    assert runlib.restore(out)[0].skip_nonfinite is True
+    assert runlib.restore_run(out)[0].skip_nonfinite is True
 
 
 def test_cli_resume_refuses_conflicts_and_reports_a_finished_run(saved, capsys):

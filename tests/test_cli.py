@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from csvfiles import write_csv
 
-from jaxnet import data as datalib
+from jaxnet.app import cli
+from jaxnet.app import data as datalib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def jaxnet(*args, cwd=None, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-m", "jaxnet.cli", *map(str, args)],
+        [sys.executable, "-m", "jaxnet.app", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -151,7 +152,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_results):
 def test_bad_input_in_process_is_one_line_exit_2_and_writes_nothing(case, files, tmp_path, capsys):
     import re
 
-    from jaxnet.cli import main
+    from jaxnet.app.cli import main
 
     names = {k: str(v) for k, v in files.items() if k != "quiet run"} | {"d": str(files["good"].parent)}
     args, pattern = BAD_IN_PROCESS[case]
@@ -193,7 +194,7 @@ def test_train_predict_evaluate_agree(files, tmp_path):
 
 @pytest.mark.slow
 def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tmp_path, capsys):
-    from jaxnet.cli import main
+    from jaxnet.app.cli import main
 
     out = tmp_path / "digits"
     result = jaxnet("train", "--json", "--out", out)
@@ -229,3 +230,9 @@ def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tm
 def test_quiet_prints_nothing(files):
     result = files["quiet run"]  # the fixture's model was trained with --quiet
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_the_peer_timeout_help_shows_the_library_default():
+    from jaxnet import parallel
+
+    assert cli.PEER_TIMEOUT_HELP == parallel.PEER_TIMEOUT

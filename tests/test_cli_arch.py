@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxnet import cli, files
+from jaxnet.app import cli, files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _jaxnet(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "jaxnet.cli", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=600
+        [sys.executable, "-m", "jaxnet.app", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=600
     )
 
 

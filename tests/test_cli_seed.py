@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from chain_rule import chain_rule, flatten
 
-from jaxnet.cli import main
+from jaxnet.app.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-m", "jaxnet.cli", "seed", *args],
+        [sys.executable, "-m", "jaxnet.app", "seed", *args],
         capture_output=True,
         text=True,
         env=env,

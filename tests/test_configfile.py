@@ -7,8 +7,8 @@ import typing
 import numpy as np
 import pytest
 
-from jaxnet import cli, cliflags, configfile, files
-from jaxnet import config as configlib
+from jaxnet.app import cli, cliflags, configfile, files
+from jaxnet.app import config as configlib
 
 KINDS = {
     "str": {str, type(None)},
@@ -24,8 +24,8 @@ KINDS = {
 def test_every_flag_is_a_config_field_of_its_kind():
     hints = typing.get_type_hints(configlib.TrainConfig)
     names = {f.name for f in dataclasses.fields(configlib.TrainConfig)}
-    assert set(cliflags.FIELDS) | {"standardize", "lrs", "weight_decays"} == names
-    for field, flag in cliflags.FIELDS.items():
+    assert set(cliflags.CONFIG_FLAGS) | {"standardize", "lrs", "weight_decays"} == names
+    for field, flag in cliflags.CONFIG_FLAGS.items():
         hint = hints[field]
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         types_ = {typing.get_origin(t) or t for t in (typing.get_args(hint) if union else (hint,))}
@@ -38,7 +38,7 @@ def test_the_dumped_config_reads_back_equal(tmp_path):
     assert "lrs = [0.01, 0.1]" in path_text and 'class_weight = "0:2"' in path_text and "None" not in path_text
     path = tmp_path / "run.toml"
     path.write_text(path_text)
-    assert configlib.make_config(**configfile.load(path)) == config
+    assert configlib.make_config(**configfile.load_config_file(path)) == config
 
 
 def test_a_run_folders_config_toml_reproduces_the_run_bitwise_and_flags_override_it(tmp_path, capsys):
@@ -84,7 +84,7 @@ def test_help_shows_each_fields_default_and_presets_from_the_config_itself(capsy
     assert "--hidden SIZES hidden layer sizes, e.g. 64,64 (default 64,64; seed 2; xor 8; moons 32,32)" in text
     assert "--epochs N epochs; with --resume, extends the run to this many (default 30; seed 1000; xor 300;" in text
     for field in dataclasses.fields(configlib.TrainConfig):
-        if field.name in cliflags.FIELDS and field.default is not None:
+        if field.name in cliflags.CONFIG_FLAGS and field.default is not None:
             assert cliflags.defaults_text(field.name), field.name
             for name, preset in configlib.PRESETS.items():
                 if field.name in preset and preset[field.name] != field.default:

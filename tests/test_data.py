@@ -3,7 +3,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxnet import data
+from jaxnet.app import data
 
 # ----------------------------------------------------------------------------- built-ins
 
@@ -287,13 +287,13 @@ def test_from_arrays_forced_classification_needs_one_column():
 
 
 def test_load_dispatch(tmp_path):
-    assert data.load().name == "digits"
-    assert data.load(dataset="moons", seed=2).x.shape == (1000, 2)
+    assert data.load_data().name == "digits"
+    assert data.load_data(dataset="moons", seed=2).x.shape == (1000, 2)
     csv_path = write(tmp_path, "a,y\n1,0\n2,1\n")
-    assert data.load(data=str(csv_path), target="y").num_classes == 2
+    assert data.load_data(data=str(csv_path), target="y").num_classes == 2
     npz_path = tmp_path / "d.npz"
     np.savez(npz_path, x=np.ones((2, 1)), y=np.array([0.5, 1.5]))
-    assert data.load(data=npz_path).task == "regression"
+    assert data.load_data(data=npz_path).task == "regression"
 
 
 @pytest.mark.parametrize(
@@ -311,7 +311,7 @@ def test_load_dispatch(tmp_path):
 )
 def test_load_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        data.load(**kwargs)
+        data.load_data(**kwargs)
 
 
 # ----------------------------------------------------------------------------- check_labels

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxnet import cli
-from jaxnet import config as configlib
-from jaxnet import data as datalib
-from jaxnet import run as runlib
+from jaxnet.app import cli
+from jaxnet.app import config as configlib
+from jaxnet.app import data as datalib
+from jaxnet.app import run as runlib
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = dict(data="/nonexistent/data.npz")  # a run that would fail on its data if it got that far
@@ -45,7 +45,7 @@ def test_out_problems_are_named_before_any_data_is_read(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_read_only_file_system_is_named_at_once(tmp_path):
-    train = f"{sys.executable} -m jaxnet.cli train --data {MISSING['data']} --out {tmp_path}/run"
+    train = f"{sys.executable} -m jaxnet.app train --data {MISSING['data']} --out {tmp_path}/run"
     run = _in_private_mount(tmp_path, "ro", train)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == (
@@ -112,7 +112,7 @@ def test_a_model_too_large_for_memory_is_refused_before_compiling(capsys):
 def test_out_checks_need_no_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX")}
     run = subprocess.run(
-        [sys.executable, "-m", "jaxnet.cli", "train", "--out", ""], capture_output=True, text=True, cwd=ROOT, env=env
+        [sys.executable, "-m", "jaxnet.app", "train", "--out", ""], capture_output=True, text=True, cwd=ROOT, env=env
     )
     assert run.returncode == 2 and run.stderr.strip() == "jaxnet: error: --out is empty: name a folder for the run"
 
@@ -132,7 +132,7 @@ def test_signals_at_start_up_end_the_command_at_once_with_130_or_143():
     start, before that, is the interpreter's)."""
     cases = [(signal.SIGINT, 0.0), (signal.SIGTERM, 0.1), (signal.SIGINT, 0.25), (signal.SIGTERM, 0.45)]
     cases += [(signal.SIGINT, 0.7), (signal.SIGTERM, 1.0)]
-    command = [sys.executable, "-m", "jaxnet.cli", "train", "--dataset", "digits", "--epochs", "100000"]
+    command = [sys.executable, "-m", "jaxnet.app", "train", "--dataset", "digits", "--epochs", "100000"]
 
     def signal_later(proc, signum, delay):
         deadline = time.monotonic() + 60
@@ -165,18 +165,18 @@ def _in_private_mount(tmp_path, options: str, command: str) -> subprocess.Comple
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_1(tmp_path):
-    train = f"{sys.executable} -m jaxnet.cli train --dataset moons --epochs 1 --out {tmp_path}/run --quiet"
+    train = f"{sys.executable} -m jaxnet.app train --dataset moons --epochs 1 --out {tmp_path}/run --quiet"
     run = _in_private_mount(tmp_path, "size=24k", train)
     assert run.returncode == 1, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "was not written (No space left on device)" in lines[0], run.stderr
-    debug = _in_private_mount(tmp_path, "size=24k", train.replace("-m jaxnet.cli", "-m jaxnet.cli --debug"))
+    debug = _in_private_mount(tmp_path, "size=24k", train.replace("-m jaxnet.app", "-m jaxnet.app --debug"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # (orbax's threads may print after the line)
     assert lines[0] in debug.stderr.splitlines()
 
 
 def test_orbax_thread_failures_stay_out_of_the_terminal_unless_debugging(capsys):
-    from jaxnet.cli import _quiet_orbax
+    from jaxnet.app.cli import _quiet_orbax
 
     saved = sys.unraisablehook, threading.excepthook
     fake = compile("raise RuntimeError('write failed')", "/site-packages/orbax/checkpoint/fake.py", "exec")

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxnet import cli
+from jaxnet.app import cli
 
 pytest.importorskip("flatbuffers")
 datasets = pytest.importorskip("sklearn.datasets")

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnet import cli, files, npz, saved
+from jaxnet import _npz as npz
+from jaxnet.app import cli, files, saved
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +161,13 @@ def test_truncations_and_byte_flips_are_refused_or_read_exactly(model_dir, tmp_p
         path.write_bytes(case)
         try:
             model = files.load_model(path)
-            bound = saved.load(model)
+            bound = saved.bind_saved(model)
         except ValueError as e:
             assert "\n" not in str(e) and ("model" in str(e) or str(path) in str(e)), e
             outcomes["refused"] += 1
             continue
         outcomes["read"] += 1  # a flip outside anything read (e.g. a zip comment): the model is intact
-        for got, expected in zip(jax.tree.leaves(bound.params), jax.tree.leaves(saved.load(original).params)):
+        for got, expected in zip(jax.tree.leaves(bound.params), jax.tree.leaves(saved.bind_saved(original).params)):
             np.testing.assert_array_equal(got, expected)
         assert model.meta == original.meta
     assert outcomes["refused"] >= 0.8 * len(cases), outcomes
@@ -176,7 +177,7 @@ def test_truncations_and_byte_flips_are_refused_or_read_exactly(model_dir, tmp_p
 def test_compressed_archives_read_and_their_damage_is_one_line(tmp_path, capsys):
     sparse = (np.random.default_rng(0).random((20000, 200)) < 0.05).astype(np.float32)  # compresses ~50x
     np.savez_compressed(tmp_path / "sparse.npz", x=sparse, y=np.arange(20000) % 2)
-    np.testing.assert_array_equal(npz.read(tmp_path / "sparse.npz", lambda n: n == "x")["x"], sparse)
+    np.testing.assert_array_equal(npz.read_arrays(tmp_path / "sparse.npz", lambda n: n == "x")["x"], sparse)
     data = bytearray((tmp_path / "sparse.npz").read_bytes())
     rng, outcomes = np.random.default_rng(1), set()
     for position in rng.integers(200, len(data) - 200, 60):
@@ -184,7 +185,7 @@ def test_compressed_archives_read_and_their_damage_is_one_line(tmp_path, capsys)
         damaged[position] ^= 0xFF
         (tmp_path / "bad.npz").write_bytes(damaged)
         try:
-            npz.read(tmp_path / "bad.npz", lambda n: True)
+            npz.read_arrays(tmp_path / "bad.npz", lambda n: True)
             outcomes.add("read")
         except npz.ArchiveError as e:
             assert "\n" not in str(e)
@@ -200,12 +201,12 @@ def test_data_archives_are_read_the_same_way(tmp_path, capsys):
     assert err.count("\n") == 1 and "array 'y' has a malformed .npy header" in err, err
     (tmp_path / "junk.npz").write_bytes(b"PK junk")
     with pytest.raises(npz.ArchiveError, match="junk.npz is not a readable .npz archive"):
-        npz.read(tmp_path / "junk.npz", lambda name: True)
+        npz.read_arrays(tmp_path / "junk.npz", lambda name: True)
 
 
 PEAK = """
 import sys
-from jaxnet import cli
+from jaxnet.app import cli
 code = cli.main(sys.argv[1:])
 peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))  # this process's own peak
 print(code, int(peak.split()[1]) // 1024)

@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 
-from jaxnet import cli, loggers
+from jaxnet import loggers
+from jaxnet.app import cli
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")

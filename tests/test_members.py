@@ -11,12 +11,9 @@ import optax
 import pytest
 
 from jaxnet import (
-    arch,
     best_member,
     check_memory,
-    cli,
     estimate_member_bytes,
-    files,
     fit,
     init_members,
     member_grid,
@@ -26,6 +23,7 @@ from jaxnet import (
     set_hyperparams,
     take_member,
 )
+from jaxnet.app import arch, cli, files
 
 NET = mlp([2, 12, 2])
 # Members and lone runs compute the same float32 ops, batched differently: rounding-level differences
@@ -277,7 +275,7 @@ def test_cli_ensemble_predict_averages_the_members(cli_runs, tmp_path, capsys):
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     printed = np.array([[float(v) for v in row.split(",")[1:]] for row in rows])
     xs = (x - saved.mean) / saved.std
-    model = arch.build(saved.meta)
+    model = arch.build_model(saved.meta)
     params = arch.bind(model, saved.params, saved.state, members=3).params
     apply = jax.vmap(model.apply, in_axes=(None, 0))
     probs = [jax.nn.softmax(apply(take_member(params, i), xs)) for i in range(3)]

@@ -6,8 +6,8 @@ import optax
 import pytest
 
 import jaxnet as jn
-from jaxnet import data as datalib
 from jaxnet import metrics as metriclib
+from jaxnet.app import data as datalib
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

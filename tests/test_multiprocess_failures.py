@@ -26,7 +26,7 @@ def free_port() -> int:
 def start(address: str, process: int, out: Path, epochs: int = 100000) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
-    command = [sys.executable, "-m", "jaxnet.cli", "train", "--dataset", "digits", "--epochs", str(epochs)]
+    command = [sys.executable, "-m", "jaxnet.app", "train", "--dataset", "digits", "--epochs", str(epochs)]
     command += ["--coordinator", address, "--num-processes", "2", "--process-id", str(process)]
     command += ["--peer-timeout", str(TIMEOUT), "--checkpoint-every", "1", "--out", str(out)]
     return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -88,7 +88,7 @@ def test_sigterm_to_one_process_stops_both_after_a_checkpoint(tmp_path):
 
 
 def test_the_runtimes_reports_are_named_in_one_line():
-    from jaxnet.supervisor import cause
+    from jaxnet.app.supervisor import cause
 
     heartbeat = "E1204 18:38:26.56 coordination_service.cc:1549] UNAVAILABLE: Task 1 heartbeat timeout.\n"
     assert cause(heartbeat, 30).startswith("a peer process of this run stopped answering (no heartbeat within 30 s)")
@@ -100,7 +100,7 @@ def test_the_runtimes_reports_are_named_in_one_line():
 
 
 def test_a_bad_peer_timeout_is_one_line_naming_the_flag(capsys, monkeypatch):
-    from jaxnet import cli, supervisor
+    from jaxnet.app import cli, supervisor
 
     monkeypatch.setenv(supervisor.SUPERVISED_ENV, "1")  # as the watched child, which checks before joining
     monkeypatch.setattr(supervisor, "bind_to_supervisor", lambda: None)

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnet import data as datalib
 from jaxnet import fit, mlp, parallel
+from jaxnet.app import data as datalib
 from jaxnet.epoch import make_epoch
 from jaxnet.step import init_state, make_update
 
@@ -226,7 +226,7 @@ def test_bfloat16_digits_accuracy_close_to_float32():
     ],
 )
 def test_cli_bad_parallel_options(capsys, args, pattern):
-    from jaxnet import cli
+    from jaxnet.app import cli
 
     assert cli.main(["train", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -235,7 +235,7 @@ def test_cli_bad_parallel_options(capsys, args, pattern):
 
 @needs_4
 def test_cli_train_on_all_devices_in_bfloat16(capfd):
-    from jaxnet import cli
+    from jaxnet.app import cli
 
     assert (
         cli.main(

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from jaxnet.plot import draw_network
-from jaxnet.worked_example import worked_example
+from jaxnet.app.plot import draw_network
+from jaxnet.app.worked_example import worked_example
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,10 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnet import cli, losses, recipes
-from jaxnet import config as configlib
-from jaxnet import run as runlib
-from jaxnet.rundir import RunFolder
+from jaxnet import losses
+from jaxnet.app import cli, recipes
+from jaxnet.app import config as configlib
+from jaxnet.app import run as runlib
+from jaxnet.app.rundir import RunFolder
 from jaxnet.step import learning_rate_of
 
 SMALL = dict(dataset="moons", hidden=(4,), epochs=3, batch_size=128)

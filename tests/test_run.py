@@ -13,11 +13,12 @@ import optax
 import pytest
 
 import jaxnet as jn
-from jaxnet import checkpoint, cli, files
-from jaxnet import config as configlib
-from jaxnet import run as runlib
+from jaxnet import checkpoint
+from jaxnet.app import cli, files, recipes
+from jaxnet.app import config as configlib
+from jaxnet.app import run as runlib
+from jaxnet.app.rundir import RunFolder, RunFolderBusy
 from jaxnet.callbacks import Checkpointer
-from jaxnet.rundir import RunFolder, RunFolderBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(dataset="moons", hidden=(4,), epochs=4, batch_size=128)
@@ -125,7 +126,7 @@ def test_a_second_writer_is_refused_at_once_and_a_dead_holder_is_not_in_the_way(
             sys.executable,
             "-c",
             "import sys, time; sys.path.insert(0, sys.argv[1]);"
-            "from jaxnet.rundir import RunFolder\nwith RunFolder(sys.argv[2]).lock():\n"
+            "from jaxnet.app.rundir import RunFolder\nwith RunFolder(sys.argv[2]).lock():\n"
             " print('locked', flush=True); time.sleep(60)",
             str(ROOT),
             str(folder.path),
@@ -149,7 +150,7 @@ def test_a_second_writer_is_refused_at_once_and_a_dead_holder_is_not_in_the_way(
 
 
 def test_weight_decay_is_applied_by_every_optimizer():
-    for name in configlib.OPTIMIZERS:
+    for name in recipes.OPTIMIZERS:
         plain = configlib.make_config(**SMALL, optimizer=name, weight_decay=0.0)
         decayed = configlib.make_config(**SMALL, optimizer=name, weight_decay=0.5)
         params = {"w": np.ones(3, np.float32)}
@@ -188,10 +189,10 @@ def test_regression_evaluate_reports_mse_mae_and_r2(tmp_path):
     config = configlib.make_config(data=str(tmp_path / "r.npz"), hidden=(), epochs=40, lr=0.05)
     result = runlib.run(config, out=tmp_path / "run")
     saved = files.load_model(tmp_path / "run")
-    from jaxnet import saved as savedlib
+    from jaxnet.app import saved as savedlib
 
-    metrics = savedlib.evaluate(saved, *savedlib.load_features(saved, str(tmp_path / "r.npz")))
-    outputs = savedlib.predict(saved, savedlib.load_features(saved, str(tmp_path / "r.npz"))[0])[:, 0]
+    metrics = savedlib.evaluate_saved(saved, *savedlib.load_features(saved, str(tmp_path / "r.npz")))
+    outputs = savedlib.predict_saved(saved, savedlib.load_features(saved, str(tmp_path / "r.npz"))[0])[:, 0]
     np.testing.assert_allclose(metrics["mse"], np.mean((outputs - y) ** 2), rtol=1e-5)
     np.testing.assert_allclose(metrics["mae"], np.mean(np.abs(outputs - y)), rtol=1e-5)
     np.testing.assert_allclose(metrics["r2"], 1 - np.sum((outputs - y) ** 2) / np.sum((y - y.mean()) ** 2), rtol=1e-5)
@@ -201,7 +202,7 @@ def test_regression_evaluate_reports_mse_mae_and_r2(tmp_path):
 def _jaxnet(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "jaxnet.cli", *map(str, args)],
+        [sys.executable, "-m", "jaxnet.app", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -211,7 +212,7 @@ def _jaxnet(*args, **kwargs):
 
 
 def test_help_does_not_import_jax():
-    code = "import sys; from jaxnet import cli; cli.build_parser(); print('jax' in sys.modules)"
+    code = "import sys; from jaxnet.app import cli; cli.build_parser(); print('jax' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.strip() == "False", proc.stderr
     bad = _jaxnet("train", "--lr", "fast")
@@ -231,7 +232,7 @@ def test_cli_exit_codes_streams_and_requeued_commands(tmp_path):
     assert other.returncode == 2 and "differs in --lr" in other.stderr and other.stderr.count("\n") == 1
     np.savez(tmp_path / "x.npz", x=np.zeros((20000, 2), np.float32))
     head = subprocess.run(
-        f"{sys.executable} -m jaxnet.cli predict --model {out} --data {tmp_path / 'x.npz'} | head -2",
+        f"{sys.executable} -m jaxnet.app predict --model {out} --data {tmp_path / 'x.npz'} | head -2",
         shell=True,
         capture_output=True,
         text=True,
@@ -284,12 +285,12 @@ def test_regression_targets_in_any_units_train_with_the_defaults(tmp_path):
     result = runlib.run(configlib.make_config(data=str(tmp_path / "houses.npz"), hidden=(32,)), out=tmp_path / "run")
     assert result.summary["test_r2"] > 0.85, result.summary
     saved = files.load_model(tmp_path / "run")
-    from jaxnet import saved as savedlib
+    from jaxnet.app import saved as savedlib
 
     xs, ys = savedlib.load_features(saved, str(tmp_path / "houses.npz"))
-    predictions = savedlib.predict(saved, xs)[:, 0]
+    predictions = savedlib.predict_saved(saved, xs)[:, 0]
     assert abs(np.median(predictions) - np.median(price)) < 0.1 * np.median(price)  # in dollars
-    metrics = savedlib.evaluate(saved, xs, ys)
+    metrics = savedlib.evaluate_saved(saved, xs, ys)
     np.testing.assert_allclose(metrics["mse"], np.mean((predictions - price) ** 2), rtol=1e-4)
 
 

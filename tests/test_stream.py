@@ -14,11 +14,13 @@ import optax
 import pytest
 
 import jaxnet as jn
-from jaxnet import checkpoint, cli, feed, files, sources
-from jaxnet import config as configlib
-from jaxnet import data as datalib
-from jaxnet import run as runlib
-from jaxnet import saved as savedlib
+from jaxnet import _feed as feed
+from jaxnet import checkpoint, sources
+from jaxnet.app import cli, files
+from jaxnet.app import config as configlib
+from jaxnet.app import data as datalib
+from jaxnet.app import run as runlib
+from jaxnet.app import saved as savedlib
 from jaxnet.callbacks import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,7 +424,7 @@ def test_cli_trains_on_a_folder_of_npy_and_predicts_from_stdin(data, tmp_path, c
     # the same rows as CSV on standard input, and as the folder itself: the same predictions
     csv_text = ",".join(f"x{j}" for j in range(6)) + "\n" + "\n".join(",".join(map(repr, map(float, r))) for r in x)
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxnet.cli", "predict", "--model", str(out), "--data", "-", "--probabilities"],
+        [sys.executable, "-m", "jaxnet.app", "predict", "--model", str(out), "--data", "-", "--probabilities"],
         input=csv_text,
         capture_output=True,
         text=True,
@@ -433,11 +435,11 @@ def test_cli_trains_on_a_folder_of_npy_and_predicts_from_stdin(data, tmp_path, c
     from_stdin = np.array([line.split(",") for line in proc.stdout.strip().splitlines()[1:]], float)
     assert from_stdin.shape == (len(x), 4)
     model = files.load_model(out)
-    direct = savedlib.predict(model, datalib.standardize(x, datalib.Standardizer(model.mean, model.std)))
+    direct = savedlib.predict_saved(model, datalib.standardize(x, datalib.Standardizer(model.mean, model.std)))
     np.testing.assert_allclose(from_stdin[:, 1:], direct, atol=2e-6)
     assert cli.main(["evaluate", "--model", str(out), "--data", str(d), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    whole = savedlib.evaluate(model, datalib.standardize(x, datalib.Standardizer(model.mean, model.std)), y)
+    whole = savedlib.evaluate_saved(model, datalib.standardize(x, datalib.Standardizer(model.mean, model.std)), y)
     assert metrics.keys() == whole.keys()
     np.testing.assert_allclose([metrics[k] for k in whole], list(whole.values()), rtol=1e-5)
 
@@ -450,7 +452,7 @@ def test_streamed_evaluate_in_chunks_equals_whole_for_regression(tmp_path):
     run = runlib.run(configlib.make_config(data=str(tmp_path / "r.npz"), epochs=3, hidden=(8,)), out=tmp_path / "m")
     model = run.model
     standardized = datalib.standardize(x, datalib.Standardizer(model.mean, model.std))
-    whole = savedlib.evaluate(model, standardized, y)
+    whole = savedlib.evaluate_saved(model, standardized, y)
     chunks = datalib.feature_chunks(tmp_path / "r.npz", model.meta["feature_names"], rows=37)
     streamed, rows = savedlib.evaluate_chunks(model, chunks)
     assert rows == 300 and streamed.keys() == whole.keys() == {"loss", "mse", "mae", "r2"}
@@ -492,7 +494,8 @@ def test_cli_bad_stream_inputs_are_one_line(data, tmp_path, capsys):
 
 KILLER = """
 import os, signal, sys
-from jaxnet import checkpoint, config, run
+from jaxnet import checkpoint
+from jaxnet.app import config, run
 out, data, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 class KillInsideAnEpoch:
@@ -520,7 +523,7 @@ def test_kill_9_inside_an_epoch_then_resume_equals_the_straight_run(data, tmp_pa
     entries = checkpoint.entries(killed / "checkpoints")
     assert entries and entries[-1].inside is not None, entries  # killed after a checkpoint inside an epoch
     assert not (killed / "model.npz").exists()
-    cmd = [sys.executable, "-m", "jaxnet.cli", "train"]
+    cmd = [sys.executable, "-m", "jaxnet.app", "train"]
     resumed = subprocess.run([*cmd, "--resume", str(killed), "--quiet"], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"inside epoch {entries[-1].epoch + 1}" in resumed.stderr

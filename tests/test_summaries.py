@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jaxnet as jn
-from jaxnet import arch, cli, profiling
+from jaxnet.app import arch, cli, profiling
 
 
 def test_mlp_layers_shapes_and_counts_are_listed_with_the_steps_flops():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from csvfiles import write_csv as write
 
-from jaxnet import cli, files, tables
-from jaxnet import data as datalib
-from jaxnet import saved as savedlib
+from jaxnet.app import cli, files, tables
+from jaxnet.app import data as datalib
+from jaxnet.app import saved as savedlib
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -35,8 +35,10 @@ MIXED = [
 
 def test_fit_and_encode_match_a_plain_python_loop(tmp_path):
     path = write(tmp_path / "t.csv", *MIXED)
-    table = tables.read(path)
-    encoder = tables.fit(table, ["size", "weight", "fresh", "colour"], categorical=["colour"], rows=np.array([0, 1]))
+    table = tables.read_table(path)
+    encoder = tables.fit_encoder(
+        table, ["size", "weight", "fresh", "colour"], categorical=["colour"], rows=np.array([0, 1])
+    )
     kinds = [c.kind for c in encoder.columns]
     assert kinds == ["categorical", "numeric", "boolean", "categorical"]
     size, weight, fresh, colour = encoder.columns
@@ -60,12 +62,12 @@ def test_fit_and_encode_match_a_plain_python_loop(tmp_path):
 
 
 def test_unseen_categories_and_embedding_codes(tmp_path):
-    table = tables.read(write(tmp_path / "t.csv", ["c", "y"], [["a", 1], ["b", 0], ["", 1], ["zebra", 0]]))
-    onehot = tables.fit(table, ["c"], rows=np.array([0, 1, 2]))
+    table = tables.read_table(write(tmp_path / "t.csv", ["c", "y"], [["a", 1], ["b", 0], ["", 1], ["zebra", 0]]))
+    onehot = tables.fit_encoder(table, ["c"], rows=np.array([0, 1, 2]))
     raw = tables.raw_matrix(table, onehot)
     assert raw[:, 0].tolist()[:2] == [0.0, 1.0] and np.isnan(raw[2, 0]) and raw[3, 0] == -1.0
     np.testing.assert_array_equal(tables.encode(raw, onehot), [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
-    embed = tables.fit(table, ["c"], encoding="embedding", rows=np.array([0, 1, 2]))
+    embed = tables.fit_encoder(table, ["c"], encoding="embedding", rows=np.array([0, 1, 2]))
     assert tables.encode(raw, embed)[:, 0].tolist() == [0.0, 1.0, 2.0, 2.0]  # a gap or unseen: row V
     assert embed.embedded == [(0, 3)]
     assert tables.Encoder.from_json(json.loads(json.dumps(embed.to_json()))) == embed
@@ -73,8 +75,8 @@ def test_unseen_categories_and_embedding_codes(tmp_path):
 
 def test_encode_is_the_same_in_jax(tmp_path):
     jnp = pytest.importorskip("jax.numpy")
-    table = tables.read(write(tmp_path / "t.csv", *MIXED))
-    encoder = tables.fit(table, ["size", "weight", "fresh", "colour"])
+    table = tables.read_table(write(tmp_path / "t.csv", *MIXED))
+    encoder = tables.fit_encoder(table, ["size", "weight", "fresh", "colour"])
     raw = tables.raw_matrix(table, encoder)
     np.testing.assert_array_equal(
         np.asarray(tables.encode(jnp.asarray(raw, jnp.float32), encoder, jnp)), tables.encode(raw, encoder)
@@ -222,7 +224,7 @@ def test_export_of_a_table_model_equals_predict(fruit_run, tmp_path, capsys):
     program = jax.export.deserialize((tmp_path / "m.jaxexport").read_bytes())
     inputs = json.loads((tmp_path / "m.jaxexport.json").read_text())
     encoder = tables.Encoder.from_json(inputs)
-    raw = tables.raw_matrix(tables.read(path), encoder)
+    raw = tables.raw_matrix(tables.read_table(path), encoder)
     exported = np.asarray(program.call(raw.astype(np.float32)))
     base = predictions(capsys, out, path, "--probabilities")
     expected = np.array([[float(r[f"prob_{k}"]) for k in inputs["classes"]] for r in base])

@@ -9,9 +9,10 @@ import optax
 import pytest
 
 import jaxnet as jn
+from jaxnet import _weights as weights
 from jaxnet import callbacks as cblib
-from jaxnet import checkpoint, weights
-from jaxnet import cli as jn_cli
+from jaxnet import checkpoint
+from jaxnet.app import cli as jn_cli
 
 sklearn_utils = pytest.importorskip("sklearn.utils.class_weight")
 

@@ -14,7 +14,7 @@ from chain_rule import B, W, chain_rule, flatten, sigma
 from jax.flatten_util import ravel_pytree
 
 from jaxnet import half_sum_squares, init_state, make_update, mlp
-from jaxnet.worked_example import (
+from jaxnet.app.worked_example import (
     NOTES_LR,
     NOTES_TARGET,
     NOTES_X,

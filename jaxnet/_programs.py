@@ -1,0 +1,282 @@
+"""The compiled programs of a fit, bound to its data: epochs and validation.
+
+:func:`build_programs` returns two host functions that :func:`jaxnet.fit`'s loop calls, whatever the data:
+
+- ``train_epoch(train, position, on_chunk) -> (train, metrics, position)``: resident data runs
+  each epoch as one compiled call (:func:`jaxnet.epoch.make_epoch`; plain, data parallel on a
+  mesh, or vmapped over members), or in chunks of steps that gather from the resident arrays
+  when ``chunk_steps`` asks for positions inside epochs; streamed data (a source of
+  :mod:`jaxnet.sources`) runs in chunks fed from the host (:mod:`jaxnet._feed`).
+- ``validate(params, model_state) -> {"loss", "accuracy"?}``: batched weighted means over the
+  validation data, resident (one call) or streamed (chunk by chunk), per member.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxnet import _feed as feed
+from jaxnet import parallel
+from jaxnet._options import FitOptions
+from jaxnet.epoch import logged_template, make_epoch, make_steps, metric_zeros, num_batches, outputs_of, start_carry
+from jaxnet.step import make_update, skip_nonfinite_updates, weigh_classes
+
+DEFAULT_EVAL_BATCH = 1024
+
+
+class Programs(NamedTuple):
+    """What the loop runs: see the module docstring. ``place`` puts a train state where the
+    programs expect it (replicated on a mesh)."""
+
+    train_epoch: Callable
+    validate: Callable | None
+    place: Callable
+
+
+class Data(NamedTuple):
+    """A fit's data: ``train`` a resident ``(x, y)`` pair (``(x, y, sample_weight)`` with weights)
+    or a source; ``validation`` a resident pair or a source, or None."""
+
+    train: Any
+    validation: Any
+
+
+def _update(model, spec, optimizer, options: FitOptions, mesh):
+    if options.skip_nonfinite:
+        optimizer = skip_nonfinite_updates(optimizer)
+    update = make_update(
+        model,
+        spec,
+        optimizer,
+        compute_dtype=options.compute_dtype,
+        outputs=bool(options.metrics),
+        gradients=options.logs_steps,
+        per_example=options.per_example_grads,
+    )
+    if options.class_weights is not None:
+        update = weigh_classes(update, options.class_weights)
+    if mesh is not None:
+        parallel.check_batch_size(options.batch_size, mesh.size)
+        update = parallel.constrain_batch(update, mesh)
+    return update
+
+
+def _layout(options: FitOptions, steps: int, mesh) -> feed.StreamLayout:
+    b = options.batch_size
+    return feed.StreamLayout(
+        b, steps, options.drop_remainder, options.shuffle, options.shuffle_buffer, feed.Share.of(b, mesh)
+    )
+
+
+def _fresh(update, options: FitOptions, x, y) -> Callable:
+    """``fresh(train) -> carry`` of a new chunked epoch: zero metric sums and a logged-values
+    template, their shapes found once from the update's (``x``, ``y``: anything with the rows'
+    shapes); per member (a leading axis K on every leaf) in a member run."""
+    metrics, log = options.metrics, options.logs_steps
+    found: list = []
+
+    def fresh(train):
+        if not found:
+            batch = tuple(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in (x, y))
+            sums = metric_zeros(metrics, outputs_of(update, train, x, y)) if metrics else None
+            last = logged_template(jax.eval_shape(lambda s, b: update(s, b)[1], train, batch)) if log else None
+            found.append((sums, last))
+        return start_carry(train, *found[0])
+
+    return fresh if options.members is None else jax.jit(jax.vmap(fresh))
+
+
+def _steps(update, options: FitOptions, *, weighted: bool, count: bool, gather: bool) -> Callable:
+    """:func:`jaxnet.epoch.make_steps` of ``update`` with the fit's unroll, metrics and step logging."""
+    return make_steps(
+        update, weighted=weighted, count=count, gather=gather, unroll=options.unroll, metrics=options.metrics,
+        log=options.log_every_steps,
+    )  # fmt: skip
+
+
+def _chunk_steps(options: FitOptions, most: int | None) -> int | None:
+    """The steps per chunk: at most ``most`` (or ``chunk_steps``), and dividing ``log_every_steps``
+    so that every logged step ends a chunk."""
+    most = most or options.chunk_steps
+    every = options.log_every_steps
+    if every is None:
+        return most
+    if most is None:
+        return every
+    return max(d for d in range(1, min(most, every) + 1) if every % d == 0)
+
+
+def _resident_epochs(update, options: FitOptions, train: tuple, jit_options: dict) -> Callable:
+    members = options.members
+    x, y, *weight = train
+    n, b = x.shape[0], options.batch_size
+    layout = dict(drop_remainder=options.drop_remainder, shuffle=options.shuffle, unroll=options.unroll)
+    layout.update(metrics=options.metrics)
+    epoch = make_epoch(update, n, b, sample_weights=bool(weight), **layout)
+    steps = num_batches(n, b, options.drop_remainder)
+    if members is not None:
+        epoch = jax.vmap(epoch, in_axes=(0, None, None, *[None] * len(weight)))
+    whole_epoch = jax.jit(epoch, donate_argnums=(0,), **jit_options)
+    chunk = _chunk_steps(options, None)
+    if chunk is None:
+
+        def whole(train, position, on_chunk):
+            train, metrics = whole_epoch(train, x, y, *weight)
+            return train, dict(metrics, steps=steps), None
+
+        return whole
+    weighted = steps * b > n or bool(weight)
+    steps_fn = _steps(update, options, weighted=weighted, count=weighted, gather=True)
+    if members is not None:  # each member's carry and rows (index, weight); the arrays shared
+        steps_fn = jax.vmap(steps_fn, in_axes=(0, None, None, 0, *[0] * weighted))
+    run = jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
+    chunks_for = functools.partial(
+        feed.resident_chunks, n, _layout(options, chunk, None), sample_weight=weight[0] if weight else None
+    )
+    fresh = _fresh(update, options, x, y)
+
+    def program(weighted: bool):
+        return lambda carry, *arrays: run(carry, x, y, *arrays)
+
+    def chunked(train, position, on_chunk):
+        return feed.run_epoch(chunks_for, program, None, train, position, on_chunk, fresh)
+
+    return chunked
+
+
+def _streamed_epochs(update, options: FitOptions, source, mesh, jit_options: dict) -> Callable:
+    members = options.members
+    b = options.batch_size
+    if members is not None and source.kind != "indexed":
+        raise ValueError(
+            "x: each member of a member run reads the data in its own order, which an iterable or a Parquet file "
+            "cannot give: use an indexed source (arrays, memory-mapped .npy, a Grain MapDataset) or train the "
+            "members one by one"
+        )
+    if source.kind == "indexed":
+        if options.drop_remainder and b > source.num_rows:
+            raise ValueError(
+                f"batch_size {b} exceeds the {source.num_rows} training examples with drop_remainder: "
+                "lower the batch size"
+            )
+    elif mesh is not None and jax.process_count() > 1:
+        raise ValueError(
+            "x: a multi-process run reads its share of each batch from an indexed source (arrays, memory-mapped "
+            ".npy, a Grain MapDataset); an iterable cannot be split: give every process the same indexed source"
+        )
+    spec = source.spec if source.kind == "indexed" else source.first_spec()
+    # a member run's chunk holds every member's batches: the budget is shared
+    per_chunk = b * (members or 1)
+    steps = _chunk_steps(options, feed.chunk_steps(spec, per_chunk, options.chunk_bytes, options.chunk_steps))
+    layout = _layout(options, steps, mesh)
+    count = feed.counts_examples(source, layout)
+
+    @functools.cache
+    def program(weighted: bool):
+        steps_fn = _steps(update, options, weighted=weighted, count=count, gather=False)
+        if members is not None:  # the carry and every chunk array have the member axis first
+            steps_fn = jax.vmap(steps_fn)
+        return jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
+
+    put = feed.placer(mesh)
+    chunks_for = functools.partial(feed.epoch_chunks, source, layout)
+    rows = [
+        jax.ShapeDtypeStruct((1, *shape), dtype)
+        for shape, dtype in ((spec.x_shape, spec.x_dtype), (spec.y_shape, spec.y_dtype))
+    ]
+    fresh = _fresh(update, options, *rows)
+
+    def streamed(train, position, on_chunk):
+        return feed.run_epoch(chunks_for, program, put, train, position, on_chunk, fresh)
+
+    return streamed
+
+
+def eval_batch_size(given: int | None, batch_size: int, rows: int | None) -> int:
+    """The validation batch: ``given``, else ``max(batch_size, DEFAULT_EVAL_BATCH)``, at most the rows."""
+    size = given if given is not None else max(batch_size, DEFAULT_EVAL_BATCH)
+    return max(1, min(size, rows)) if rows else size
+
+
+def resident_validation(evaluate_chunk, x, y, batch_size: int, members: int | None, place, metrics=()) -> Callable:
+    """``validate(params, model_state) -> {"loss", "accuracy"?}`` over resident ``x``, ``y`` in one
+    call: a scan over batches of ``batch_size`` that gather their rows (per member with ``members``)."""
+    index, weight = place(feed.eval_layout(x.shape[0], batch_size))
+    program = evaluate_chunk
+    if members is not None:
+        program = jax.vmap(program, in_axes=(0, 0, None, None, None, None))
+    program = jax.jit(program)
+
+    def validate(params, model_state):
+        return feed.means_of(jax.device_get(program(params, model_state, x, y, index, weight)), metrics)
+
+    return validate
+
+
+def streamed_sums(
+    model, spec, source, batch_size: int, chunk_bytes: int, metrics=(), put=jax.device_put, members: int | None = None
+):
+    """``sums(params, model_state) -> {"loss", "weight", "accuracy"?}``: one pass over ``source``
+    in chunks (read ahead in the background), summed on the host in float64 (per member, ``(K,)``,
+    with ``members``: every member's params on the same chunks)."""
+    chunk = feed.make_eval_chunk(model, spec, gather=False, metrics=metrics)
+    if members is not None:
+        chunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None))
+    run = jax.jit(chunk)
+    spec_rows = source.spec if source.kind == "indexed" else source.first_spec()
+    steps = feed.chunk_steps(spec_rows, batch_size, chunk_bytes)
+
+    def sums(params, model_state):
+        total: dict = {}
+        stream = feed.prefetched(feed.source_batches(source, batch_size, steps), put)
+        try:
+            for chunk in stream:
+                part = jax.device_get(run(params, model_state, *chunk.arrays))
+                for name, v in part.items():
+                    total[name] = total.get(name, 0.0) + np.float64(v)
+        finally:
+            stream.close()
+        return total
+
+    return sums
+
+
+def build_programs(model, spec, optimizer, options: FitOptions, mesh, data: Data) -> Programs:
+    """The programs of a fit (see the module docstring); ``options`` are fit's arguments."""
+    members = options.members
+    if mesh is not None and members is not None:
+        raise ValueError("member runs train on one device: drop mesh, or train members one by one on the mesh")
+    if members is not None and options.logs_steps:
+        raise ValueError("log_every_steps: member runs do not log steps: drop log_every_steps")
+    update = _update(model, spec, optimizer, options, mesh)
+    place, jit_options = (lambda tree: tree), {}
+    if mesh is not None:
+        place = functools.partial(parallel.put_replicated, mesh=mesh)
+        jit_options = {"out_shardings": parallel.replicated(mesh)}
+    if isinstance(data.train, tuple):
+        train_epoch = _resident_epochs(update, options, place(data.train), jit_options)
+    else:
+        train_epoch = _streamed_epochs(update, options, data.train, mesh, jit_options)
+    validate = None
+    if data.validation is not None:
+        resident = isinstance(data.validation, tuple)
+        rows = data.validation[0].shape[0] if resident else getattr(data.validation, "num_rows", None)
+        b = eval_batch_size(options.eval_batch_size, options.batch_size, rows)
+        metrics = options.metrics
+        if resident:
+            chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=metrics)
+            validate = resident_validation(chunk, *place(data.validation), b, members, place, metrics)
+        else:
+            sums = streamed_sums(model, spec, data.validation, b, options.chunk_bytes, metrics, members=members)
+
+            def validate(params, model_state):
+                return feed.means_of(sums(params, model_state), metrics)
+
+    return Programs(train_epoch, validate, place)

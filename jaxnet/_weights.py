@@ -1,0 +1,119 @@
+"""Example weights for training: per-example ``sample_weight`` and per-class ``class_weight``.
+
+Both weigh each example's term of the training loss (each batch's loss is the weighted mean of its
+examples'); validation and evaluation stay unweighted. Class weights are applied on the device from
+each example's label, so they work with any data (in memory or streamed); sample weights travel
+with resident arrays. ``"balanced"`` is scikit-learn's ``n / (classes * count(class))``.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet.forward import apply_batch
+from jaxnet.losses import LossSpec
+
+
+def num_classes(model, params, model_state, x_row: jax.ShapeDtypeStruct, spec: LossSpec) -> int:
+    """The classes a classification model predicts: its outputs (2 for a one-output binary loss)."""
+    batch = jax.ShapeDtypeStruct((1, *x_row.shape), x_row.dtype)
+    shape = jax.eval_shape(lambda p, s, x: apply_batch(model, p, s, x)[0], params, model_state, batch).shape
+    outputs = shape[-1] if len(shape) > 1 else 1
+    return 2 if spec.name == "sigmoid_binary_cross_entropy" and outputs == 1 else outputs
+
+
+def integer_labels(y) -> np.ndarray:
+    """Integer labels of targets ``(n,)`` or ``(n, 1)`` (0/1 floats of a binary loss included)."""
+    y = np.asarray(y).reshape(len(y), -1)[:, 0]
+    if not np.issubdtype(y.dtype, np.integer):
+        y = np.round(y)
+    return y.astype(np.int64)
+
+
+def class_weights(class_weight, spec: LossSpec, classes: int, y=None) -> jax.Array | None:
+    """The ``(classes,)`` weight of every class from ``class_weight``: None, ``"balanced"`` (needs
+    the training targets ``y`` in memory) or a mapping ``{class: weight}`` (others weigh 1)."""
+    if class_weight is None:
+        return None
+    if not (spec.integer_labels or spec.name == "sigmoid_binary_cross_entropy"):
+        raise ValueError(f"class_weight needs a classification loss (integer labels), not {spec.name!r}")
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(f"class_weight must be 'balanced' or a mapping {{class: weight}}, got {class_weight!r}")
+        if y is None:
+            raise ValueError(
+                "class_weight='balanced' counts the classes of y in memory: for streamed data give a mapping "
+                "{class: weight}"
+            )
+        labels = integer_labels(y)
+        _check_labels(labels, classes)
+        counts = np.bincount(labels, minlength=classes).astype(np.float64)
+        present = counts > 0
+        weights = np.ones(classes)
+        weights[present] = len(labels) / (present.sum() * counts[present])
+        return jnp.asarray(weights, jnp.float32)
+    if not isinstance(class_weight, Mapping):
+        raise TypeError(f"class_weight must be 'balanced' or a mapping {{class: weight}}, got {class_weight!r}")
+    weights = np.ones(classes)
+    for label, weight in class_weight.items():
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < classes:
+            raise ValueError(
+                f"class_weight: class {label!r} is not one of the model's {classes} classes 0..{classes - 1}"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"class_weight: the weight of class {label} must be a finite number >= 0, got {weight!r}")
+        weights[int(label)] = weight
+    if y is not None:
+        _check_labels(integer_labels(y), classes)
+    return jnp.asarray(weights, jnp.float32)
+
+
+def _check_labels(labels: np.ndarray, classes: int) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = int(labels.min() if labels.min() < 0 else labels.max())
+        raise ValueError(f"y has the label {bad}, but the model predicts {classes} classes 0..{classes - 1}")
+
+
+def check_sample_weight(sample_weight, num_examples: int) -> jax.Array | None:
+    """``sample_weight`` as a float32 ``(n,)`` array: finite, at least 0, not all 0."""
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight)
+    if w.dtype == object or not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
+        raise TypeError(f"sample_weight must be an array of numbers, got dtype {w.dtype}")
+    if w.shape != (num_examples,):
+        raise ValueError(f"sample_weight must have shape ({num_examples},), one weight per example of x; got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("sample_weight must be finite and at least 0")
+    if not (w > 0).any():
+        raise ValueError("sample_weight is 0 for every example: nothing would train")
+    return jnp.asarray(w, jnp.float32)
+
+
+def parse_class_weight(text: str | None) -> str | dict[int, float] | None:
+    """``"balanced"``, or ``"0:1,1:5"`` as ``{0: 1.0, 1: 5.0}`` (the command line's spelling)."""
+    if text is None or text == "balanced":
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"expected 'balanced' or 'class:weight,...', got {text!r}")
+    mapping: dict[int, float] = {}
+    for part in text.split(","):
+        label, sep, weight = part.partition(":")
+        try:
+            if not sep or not (label.strip().isascii() and label.strip().isdigit()):
+                raise ValueError
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"expected 'balanced' or 'class:weight,...' such as '0:1,1:5', got {text!r}") from None
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"the weight of class {label.strip()} must be a finite number >= 0, got {weight!r}")
+        if int(label) in mapping:
+            raise ValueError(f"class {int(label)} is given twice in {text!r}")
+        mapping[int(label)] = value
+    return mapping

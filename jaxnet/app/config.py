@@ -1,0 +1,334 @@
+"""A run's configuration: the frozen :class:`TrainConfig`, dataset presets and the one optimizer factory.
+
+A config is data: JSON-serializable, validated once when it is made (every message names the
+field), stored in the run folder and in every checkpoint. A config describes a grid of members:
+seeds ``seed ... seed + seeds - 1`` times each learning rate in ``lrs`` times each weight decay in
+``weight_decays``; a plain run is the grid of one member.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import optax
+
+from jaxnet import _checks as checks
+from jaxnet._checks import ArgumentError
+from jaxnet._weights import parse_class_weight
+from jaxnet.app import recipes
+from jaxnet.app.arch import IMAGE_SHAPES, check_arch, is_file_arch
+from jaxnet.app.configfields import ADAMW_WEIGHT_DECAY, CNN_DROPOUT, PRESETS, ConfigFields
+from jaxnet.app.data import BUILTINS, TASKS
+from jaxnet.app.tables import ENCODINGS
+from jaxnet.layers import ACTIVATIONS
+from jaxnet.losses import get_loss
+from jaxnet.members import member_grid
+from jaxnet.metrics import get_metrics
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ConfigFields):
+    """Everything that defines a training run. Unset fields take the dataset's preset or defaults.
+
+    Attributes:
+      dataset: a built-in dataset name (``jaxnet.app.data.BUILTINS``), or None when ``data`` is given.
+      data: path of a CSV or Parquet table (with ``target``), an ``.npz`` file (arrays ``x`` and
+        ``y``) or a folder of ``.npy`` arrays; stored absolute, so that a resume does not depend on
+        the current directory.
+      target: a table's column to predict, or several separated by commas (multi-output regression).
+      categorical: a table's integer columns to treat as categories (text columns always are).
+      encoding: a table's categories ``onehot`` (one 0/1 feature each) or ``embedding`` (a learned
+        ``embedding_dim`` vector per category, for ``mlp``).
+      task: ``classification`` or ``regression``; None infers it from the targets when that is
+        unambiguous (see :mod:`jaxnet.app.data`) and refuses otherwise.
+      arch: the architecture: ``mlp``, ``cnn`` (see :func:`jaxnet.app.arch.cnn`), or
+        ``path/to/file.py:factory``, a function ``factory(in_features, out_dim)`` returning a
+        jaxnet model (the path stored absolute).
+      hidden: hidden layer sizes (for ``cnn``, of the dense layers after the convolutions).
+      dropout: dropout rate after every hidden layer of ``mlp`` and ``cnn`` (0: none; default
+        ``CNN_DROPOUT`` for ``cnn``, 0 otherwise).
+      input_shape: ``cnn``: the image shape ``(height, width, channels)`` of the flattened rows
+        (default for the built-in image datasets, e.g. digits 8x8x1).
+      channels: ``cnn``: the widths of its 3x3 convolutions.
+      activation: hidden activation (a name in ``jaxnet.ACTIVATIONS``).
+      output_activation: activation of the output layer (None: identity; logits for cross-entropy).
+      loss: a name in ``jaxnet.LOSSES`` (or alias); None picks softmax cross-entropy for
+        classification and mean squared error for regression.
+      optimizer: an optax optimizer by name (``jaxnet.app.recipes.OPTIMIZERS``: sgd, adam, adamw,
+        lion, lamb, rmsprop, adafactor ...); lr: its (peak) learning rate.
+      weight_decay: decoupled weight decay for optimizers that take one (``adamw``: default 1e-4;
+        lion, lamb ...: default 0); for the others an L2 term added to the gradient (PyTorch's
+        ``weight_decay``; default 0).
+      momentum, nesterov: for optimizers that have them (sgd, rmsprop, sm3); None: optax's default.
+      lr_schedule: the rate's shape over the run's optimizer steps: ``constant``, ``cosine`` (to 0),
+        ``linear`` (to 0), ``exponential`` (to 1% of ``lr``) or ``onecycle`` (optax's cosine one-cycle).
+      warmup: linear warmup from 0 over this many optimizer steps before the schedule.
+      clip_norm: clip the gradients' global L2 norm to this first (None: no clipping).
+      grad_accum: one optimizer update per this many batches, with their mean gradient.
+      label_smoothing: smooth the one-hot targets of softmax cross-entropy by this much.
+      epochs, batch_size, seed: the schedule and the seed every random draw derives from.
+      val_split, test_split: held-out fractions, drawn deterministically from ``seed``.
+      patience: early-stopping patience in epochs on the validation loss (None: all epochs).
+      standardize: standardize features with the training split's mean and std (for ``cnn``, one
+        mean and std per image channel).
+      dtype: compute dtype of the forward and backward pass: ``float32``, or ``bfloat16`` for mixed
+        precision (float32 master params, optimizer state and loss).
+      seeds, lrs, weight_decays: train a grid of members in one program: seeds ``seed ... seed +
+        seeds - 1`` times each learning rate in ``lrs`` (empty: ``lr``) times each weight decay in
+        ``weight_decays`` (empty: ``weight_decay``).
+      ensemble: save every member (predictions average them) instead of the best one.
+      skip_nonfinite: skip updates whose loss or gradients are not finite instead of stopping
+        (counted in the metrics as ``skipped``).
+      metrics: named metrics (:mod:`jaxnet.metrics`) of each epoch's training steps and of the
+        validation split, recorded as ``train_<name>`` and ``val_<name>``.
+      class_weight: ``"balanced"`` or ``"class:weight,..."`` (e.g. ``"0:1,1:5"``; classes not
+        named weigh 1): each training example's loss weighted by its class's (classification).
+    """
+
+    def __post_init__(self):
+        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics", "categorical"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.data is not None:
+            object.__setattr__(self, "data", os.path.abspath(os.fspath(self.data)))
+        object.__setattr__(self, "arch", check_arch(self.arch))
+        if self.arch == "cnn" and self.input_shape is None and self.dataset in IMAGE_SHAPES:
+            object.__setattr__(self, "input_shape", IMAGE_SHAPES[self.dataset])
+        if self.dropout is None:
+            object.__setattr__(self, "dropout", CNN_DROPOUT if self.arch == "cnn" else 0.0)
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", ADAMW_WEIGHT_DECAY if self.optimizer == "adamw" else 0.0)
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """The config of a stored ``to_dict()``; unknown fields are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}: this run was made by a different jaxnet version")
+        return cls(**values)
+
+
+def make_config(**overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from defaults, the dataset's preset, then ``overrides`` (None = unset)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "data" not in overrides:
+        overrides.setdefault("dataset", "digits")
+    preset = PRESETS.get(overrides.get("dataset") or "", {})
+    return TrainConfig(**{**preset, **overrides})
+
+
+def differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """The names of the fields in which ``a`` and ``b`` differ, in field order."""
+    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def _sizes(name: str, values, length: int | None = None) -> None:
+    if not isinstance(values, tuple) or (length is not None and len(values) != length):
+        count = f"{length} " if length else ""
+        raise ArgumentError(f"{{0}} must be {count}positive integers, got {checks.literal(values)}", name)
+    for i, size in enumerate(values):
+        if not checks.is_int(size) or size <= 0:
+            raise ArgumentError(
+                f"{{0}} sizes must be positive integers, got {checks.literal(size)} at position {i + 1}", name
+            )
+
+
+def _validate_model(c: TrainConfig) -> None:
+    _sizes("hidden", c.hidden)
+    checks.fraction("dropout", c.dropout)
+    _sizes("channels", c.channels)
+    if c.input_shape is not None:
+        _sizes("input_shape", c.input_shape, 3)
+    if c.arch == "cnn" and c.input_shape is None:
+        raise ArgumentError(
+            "{0} cnn needs the image shape of the rows: give {1} HEIGHT,WIDTH,CHANNELS", "arch", "input_shape"
+        )
+    if c.arch != "cnn" and c.input_shape is not None:
+        raise ArgumentError("{0} is for {1} cnn: drop it", "input_shape", "arch")
+    if is_file_arch(c.arch) and c.dropout > 0:
+        raise ArgumentError("{0} is for the built-in architectures: put dropout in your model", "dropout")
+    checks.choice("activation", c.activation, sorted(ACTIVATIONS))
+    if c.output_activation is not None:
+        checks.choice("output_activation", c.output_activation, sorted(ACTIVATIONS))
+    if c.loss is not None:
+        get_loss(c.loss)
+    checks.choice("optimizer", c.optimizer, recipes.OPTIMIZERS)
+    checks.choice("dtype", c.dtype, DTYPES)
+
+
+def _validate_data(c: TrainConfig) -> None:
+    if (c.dataset is None) == (c.data is None):
+        raise ArgumentError("give either a built-in dataset ({0}) or a data file ({1}), not both", "dataset", "data")
+    if c.dataset is not None:
+        checks.choice("dataset", c.dataset, BUILTINS)
+    table = c.data is not None and str(c.data).lower().endswith((".csv", ".parquet"))
+    if table and not c.target:
+        raise ArgumentError(f"{checks.escape(c.data)} is a table: name the column to predict with {{0}}", "target")
+    if not isinstance(c.categorical, tuple) or not all(isinstance(n, str) and n for n in c.categorical):
+        raise ArgumentError(f"{{0}} must be column names, got {checks.literal(c.categorical)}", "categorical")
+    checks.choice("encoding", c.encoding, ENCODINGS)
+    checks.integer("embedding_dim", c.embedding_dim)
+    for name, default in (("categorical", ()), ("encoding", "onehot")):
+        if getattr(c, name) != default and not table:
+            raise ArgumentError("{0} is for CSV and Parquet tables (a data file .csv or .parquet)", name)
+    if c.encoding == "embedding" and c.arch != "mlp":
+        raise ArgumentError("{0} embedding is for {1} mlp", "encoding", "arch")
+    if c.task is not None:
+        checks.choice("task", c.task, TASKS)
+    checks.fraction("val_split", c.val_split)
+    checks.fraction("test_split", c.test_split)
+    if c.val_split + c.test_split >= 1:
+        raise ArgumentError("{0} and {1} together must leave some training data (sum < 1)", "val_split", "test_split")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raises ValueError/TypeError naming the first bad field of ``config`` and how to fix it."""
+    c = config
+    _validate_data(c)
+    _validate_model(c)
+    checks.number("lr", c.lr, 0.0, strict=True)
+    checks.number("weight_decay", c.weight_decay, 0.0)
+    checks.integer("epochs", c.epochs)
+    checks.integer("batch_size", c.batch_size)
+    checks.integer("seed", c.seed, 0, 2**32 - 1)
+    checks.optional_integer("patience", c.patience)
+    if c.patience is not None and c.val_split == 0:
+        raise ArgumentError("early stopping ({0}) needs a validation split ({1} > 0)", "patience", "val_split")
+    checks.integer("seeds", c.seeds)
+    if c.seed + c.seeds - 1 > 2**32 - 1:
+        raise ArgumentError("{0} + {1} - 1 must stay below 2**32", "seed", "seeds")
+    for name, strict in (("lrs", True), ("weight_decays", False)):
+        if not isinstance(getattr(c, name), tuple):
+            raise TypeError(f"{name} must be a tuple of numbers, got {getattr(c, name)!r}")
+        for value in getattr(c, name):
+            checks.number(name, value, 0.0, strict=strict)
+    for name in ("standardize", "ensemble", "skip_nonfinite"):
+        checks.boolean(name, getattr(c, name))
+    _validate_weights(c)
+    _validate_recipe(c)
+
+
+def _validate_recipe(c: TrainConfig) -> None:
+    for name in ("momentum", "nesterov"):
+        value = getattr(c, name)
+        if value not in (None, False) and not recipes.takes(c.optimizer, name):
+            raise ArgumentError(f"{{0}} is for optimizers that have one (sgd, rmsprop ...), not {c.optimizer}", name)
+    if c.momentum is not None:
+        checks.number("momentum", c.momentum, 0.0)
+        if c.momentum >= 1:
+            raise ArgumentError("{0} must be below 1, got " + checks.escape(repr(c.momentum)), "momentum")
+    checks.boolean("nesterov", c.nesterov)
+    checks.choice("lr_schedule", c.lr_schedule, recipes.SCHEDULES)
+    checks.integer("warmup", c.warmup, 0)
+    if c.warmup and c.lr_schedule == "onecycle":
+        raise ArgumentError("{0} onecycle warms up by itself: drop {1}", "lr_schedule", "warmup")
+    if c.clip_norm is not None:
+        checks.number("clip_norm", c.clip_norm, 0.0, strict=True)
+    checks.integer("grad_accum", c.grad_accum)
+    checks.number("label_smoothing", c.label_smoothing, 0.0)
+    if c.label_smoothing >= 1:
+        raise ArgumentError("{0} must be below 1", "label_smoothing")
+    if c.label_smoothing and c.loss not in (None, "softmax_cross_entropy", "cross_entropy"):
+        raise ArgumentError("{0} is for softmax cross-entropy, not " + checks.escape(c.loss), "label_smoothing")
+
+
+def _validate_weights(c: TrainConfig) -> None:
+    try:
+        get_metrics(c.metrics)
+    except (ValueError, TypeError) as e:
+        raise ArgumentError(f"{{0}}: {checks.escape(str(e))}", "metrics") from None
+    try:
+        parse_class_weight(c.class_weight)
+    except ValueError as e:
+        raise ArgumentError(f"{{0}}: {checks.escape(str(e))}", "class_weight") from None
+    if c.class_weight is not None and c.task == "regression":
+        raise ArgumentError("{0} weighs classes: it needs a classification task", "class_weight")
+
+
+def hyperparameter_grid(config: TrainConfig) -> dict[str, list[float]]:
+    """The optimizer's hyperparameters and their values: ``learning_rate``, and ``weight_decay``
+    when the optimizer applies one (adamw, or any weight decay above 0)."""
+    grid = {"learning_rate": list(config.lrs) or [config.lr]}
+    decays = list(config.weight_decays) or [config.weight_decay]
+    if config.optimizer == "adamw" or any(d > 0 for d in decays):  # decoupled or an L2 term
+        grid["weight_decay"] = decays
+    return grid
+
+
+def members(config: TrainConfig) -> list[dict]:
+    """One dict per member, ``{"seed": int, "learning_rate": float[, "weight_decay": float]}``;
+    seeds vary fastest (:func:`jaxnet.member_grid`). A plain run has one member."""
+    return member_grid(config.seeds, first_seed=config.seed, **hyperparameter_grid(config))
+
+
+def grid_size(config: TrainConfig) -> int:
+    """K: the number of members of ``config``'s grid (1 for a plain run)."""
+    k = config.seeds
+    for values in hyperparameter_grid(config).values():
+        k *= len(values)
+    return k
+
+
+def is_member_run(config: TrainConfig) -> bool:
+    """True when ``config`` trains several members in one program (or asks for an ensemble)."""
+    return grid_size(config) > 1 or config.ensemble
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """The optax optimizer of ``config`` (:func:`jaxnet.app.recipes.optimizer`), its hyperparameters
+    injected (``optax.inject_hyperparams``): a member run sets each member's values in its optimizer
+    state, and every run's logged steps report the learning rate it applied. The schedule spans the
+    run's ``epochs * steps_per_epoch`` batches (``/ grad_accum`` optimizer steps)."""
+    grid = hyperparameter_grid(config)
+    return recipes.optimizer(
+        config.optimizer,
+        {name: values[0] for name, values in grid.items()},
+        schedule=config.lr_schedule,
+        total_steps=max(1, config.epochs * steps_per_epoch // config.grad_accum),
+        warmup=config.warmup,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        clip_norm=config.clip_norm,
+        grad_accum=config.grad_accum,
+    )
+
+
+def check_overrides(config: TrainConfig, given: dict) -> None:
+    """Raises ArgumentError naming the first field in ``given`` (None = not given) whose value
+    differs from ``config``'s: a resumed run keeps its config. A run of a user's own model
+    resumes only when ``given`` names its architecture again (no code is imported unasked)."""
+    if is_file_arch(config.arch) and given.get("arch") is None:
+        raise ArgumentError(
+            f"this run trains {checks.escape(config.arch)}: give {{0}} with it again to resume "
+            "(jaxnet imports no code that was not named on the command line)",
+            "arch",
+        )
+    for name, value in given.items():
+        if value is None:
+            continue
+        have = getattr(config, name)
+        if name == "loss" and have is not None:
+            same = get_loss(value).name == get_loss(have).name
+        elif name == "data" and have is not None:
+            same = os.path.abspath(value) == have
+        elif name == "arch":
+            same = check_arch(value) == have
+        else:
+            same = (tuple(value) if isinstance(value, list) else value) == have
+        if not same:
+            shown = [",".join(map(str, v)) if isinstance(v, (tuple, list)) else v for v in (value, have)]
+            raise ArgumentError(
+                f"{{0}} {checks.escape(shown[0])} conflicts with the run's {checks.escape(shown[1])}: a resumed run "
+                "keeps its config (drop {0}, or train into another folder)",
+                name,
+            )

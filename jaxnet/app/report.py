@@ -1,0 +1,89 @@
+"""Text for people: a run's summary, a member table, prediction rows. Pure functions of results.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_TABLE = (
+    "seed",
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "best_epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "test_accuracy",
+    "test_r2",
+)
+
+
+def format_result(summary: dict, out: str | None = None) -> str:
+    """The last lines of ``jaxnet train``: epochs, time, loss and the held-out figures."""
+    parts = [
+        f"{summary['epochs']} epochs in {summary['seconds']:.1f}s",
+        f"train loss {summary['train_loss']:.4g}",
+    ]
+    if summary.get("val_accuracy") is not None:
+        parts.append(f"validation accuracy {summary['val_accuracy']:.4f}")
+    for name, label in (
+        ("test_accuracy", "test accuracy"),
+        ("test_mse", "test MSE"),
+        ("test_mae", "test MAE"),
+        ("test_r2", "test R²"),
+    ):
+        if summary.get(name) is not None:
+            parts.append(f"{label} {summary[name]:.4f}")
+    text = "; ".join(parts)
+    if out:
+        text += f"\nwrote {out}/model.npz, metrics.jsonl, curves.png"
+    return text
+
+
+def format_members(summary: dict) -> str:
+    """The members of a run's summary as a text table, one row per member, the best marked ``*``."""
+    rows = summary["members"]
+    names = [n for n in _TABLE if any(r.get(n) is not None for r in rows)]
+    header = ["member"] + [{"learning_rate": "lr"}.get(n, n) for n in names]
+
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    table = [header] + [
+        [f"{r['member']}{'*' if r['member'] == summary['best_member'] else ''}"] + [cell(r.get(n)) for n in names]
+        for r in rows
+    ]
+    widths = [max(len(row[j]) for row in table) for j in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join(lines) + f"\nbest member {summary['best_member']} (by {summary['monitor']})"
+
+
+def prediction_rows(meta: dict, outputs: np.ndarray, probabilities: bool = False) -> tuple[list[str], list[list]]:
+    """``(header, rows)`` of ``jaxnet predict``'s CSV for predictions ``(n, out)``: the predicted
+    class (its name, for labels that were names) and with ``probabilities`` each class's
+    probability (``prob_<class>``); a regression's outputs, by target name."""
+    if meta["task"] == "classification":
+        classes = meta.get("classes")
+        if meta["loss"] == "sigmoid_binary_cross_entropy":
+            names = classes or [0, 1]
+            header = ["prediction", "probability"][: 1 + probabilities]
+            return header, [[names[int(p[0] > 0.5)], f"{p[0]:.6g}"][: 1 + probabilities] for p in outputs]
+        names = classes or list(range(outputs.shape[1]))
+        header = ["prediction"] + ([f"prob_{k}" for k in names] if probabilities else [])
+        best = np.argmax(outputs, axis=1)
+        if not probabilities:
+            return header, [[names[k]] for k in best]
+        return header, [[names[k]] + [f"{v:.6g}" for v in p] for k, p in zip(best, outputs)]
+    targets = str(meta.get("target") or "").split(",")
+    if outputs.shape[1] == 1:
+        names = ["prediction"]
+    elif len(targets) == outputs.shape[1]:
+        names = [f"prediction_{t.strip()}" for t in targets]
+    else:
+        names = [f"prediction_{k}" for k in range(outputs.shape[1])]
+    return names, [[f"{v:.8g}" for v in p] for p in outputs]

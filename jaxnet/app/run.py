@@ -1,0 +1,680 @@
+"""One run layer: a :class:`~jaxnet.app.config.TrainConfig` in, a trained model, history and summary out.
+
+:func:`run` executes a config (a single run, a sweep or an ensemble: a member axis everywhere,
+K = 1 for a single run) and, with ``out``, owns the run folder: one writer at a time, checkpoints,
+``metrics.jsonl``, ``model.npz`` and ``curves.png``; running the same config into the same folder
+again continues it from its newest checkpoint. :func:`resume` continues (or extends to more
+epochs) the run in a folder from its own config.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet import _atomic as atomic
+from jaxnet import _checks as checks
+from jaxnet import _weights as weights
+from jaxnet import checkpoint, loggers, parallel, sources
+from jaxnet import members as memberlib
+from jaxnet._checks import ArgumentError
+from jaxnet._checks import escape as checks_escape
+from jaxnet.app import arch as archlib
+from jaxnet.app import config as configlib
+from jaxnet.app import files, plot, profiling, saved
+from jaxnet.app.config import TrainConfig
+from jaxnet.app.rundir import RunFolder
+from jaxnet.app.task import Problem, describe_problem, load_problem, model_meta
+from jaxnet.callbacks import Checkpointer
+from jaxnet.epoch import num_batches
+from jaxnet.forward import AnyModel, init_model
+from jaxnet.loop import FitState, NonFiniteLossError, check_fit_memory, fit, init_fit_state, is_finished
+from jaxnet.losses import with_label_smoothing
+from jaxnet.step import init_state, make_train_step
+
+Notify = Callable[..., None]
+"""``notify(message, always=False)``: a one-line message for the user; ``always`` for the ones
+that must show even when progress is off (a run continued, a checkpoint skipped as damaged)."""
+
+
+MEMBER_RUNS = "member runs ({0}, {1}, lists of {2} or {3})"
+MEMBER_FLAGS = ("seeds", "ensemble", "lrs", "weight_decays")
+"""What makes a run a member run, for errors: ``MEMBER_RUNS.format(*MEMBER_FLAGS)``, then {4} on."""
+
+
+class RunResult(NamedTuple):
+    """What a run returns.
+
+    Attributes:
+      model: the trained model as saved (the best member, or every member of an ensemble).
+      history: the ``metrics.jsonl`` rows: one per epoch (a line per member and epoch in a member run).
+      summary: the final figures (the ``jaxnet train --json`` object).
+      state: the final :class:`~jaxnet.loop.FitState` (resumable).
+      finished: False when the run stopped before its end (a callback's stop, e.g. a signal).
+    """
+
+    model: files.SavedModel
+    history: list
+    summary: dict
+    state: FitState
+    finished: bool
+
+
+class Job(NamedTuple):
+    """A config made concrete: its data, model, optimizer and members."""
+
+    config: TrainConfig
+    problem: Problem
+    meta: dict
+    grid: list[dict]
+    member_run: bool
+    model: AnyModel
+
+    @property
+    def monitor(self) -> str:
+        classify = self.problem.task == "classification"
+        return ("val_accuracy" if classify else "val_loss") if self.problem.splits.val is not None else "train_loss"
+
+
+def prepare(config: TrainConfig) -> Job:
+    """Loads the data of ``config`` and describes its model and members; refuses a run whose
+    estimated memory exceeds the device's before anything is allocated."""
+    problem = load_problem(config)
+    meta = model_meta(config, problem)
+    model = archlib.build_model(meta, config.arch)
+    one = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
+    # what fit places on the device (lazy rows, read in chunks, are not placed)
+    parts = [part for part in problem.splits if part is not None and sources.is_resident(part.x)]
+    data = sum(part.x.nbytes + part.y.nbytes for part in parts)
+    batch = min(config.batch_size, len(problem.splits.train.x))  # fit clamps a batch to the rows
+    check_fit_memory(one, configlib.make_optimizer(config), batch, configlib.grid_size(config), data)
+    return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config), model)
+
+
+class _Start(NamedTuple):
+    params: Any
+    model_state: Any
+    key: Any
+    hyperparams: dict | None
+
+
+def _fresh(job: Job) -> _Start:
+    """The params, model state, key and hyperparameters of a new run, made in one compiled call.
+    Each member's init and shuffling keys come from its own seed, as in a run of that seed alone."""
+
+    def init(key):
+        return init_model(job.model, key)
+
+    def make(seeds):
+        split = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(seeds)  # (K, 2) keys
+        init_keys, keys = split[:, 0], split[:, 1]
+        if not job.member_run:
+            return init(init_keys[0]), keys[0]
+        return jax.vmap(init)(init_keys), keys
+
+    seeds = np.asarray([m["seed"] for m in job.grid], np.uint32)
+    (params, model_state), key = jax.jit(make)(seeds)
+    if not job.member_run:
+        return _Start(params, model_state, key, None)
+    names = configlib.hyperparameter_grid(job.config)
+    return _Start(
+        params, model_state, key, {name: np.asarray([m[name] for m in job.grid], np.float32) for name in names}
+    )
+
+
+def template(job: Job) -> FitState:
+    """The abstract :class:`FitState` of ``job`` (shapes and dtypes), for restoring checkpoints."""
+    optimizer = configlib.make_optimizer(job.config)
+
+    def build():
+        start = _fresh(job)
+        return init_fit_state(
+            start.params,
+            optimizer,
+            start.key,
+            skip_nonfinite=job.config.skip_nonfinite,
+            hyperparams=start.hyperparams,
+            model_state=start.model_state,
+        )
+
+    return jax.eval_shape(build)
+
+
+def _local_rows(job: Job, mesh):
+    """The training rows this process holds: all of them, or its share as one global array."""
+    train = job.problem.splits.train
+    if mesh is None or jax.process_count() == 1 or not sources.is_resident(train.x):
+        return train.x, train.y  # lazy rows: fit reads each process's share of every batch
+    rows = parallel.process_rows(len(train.x))
+    return parallel.global_rows(train.x[rows], mesh), parallel.global_rows(train.y[rows], mesh)
+
+
+def optimizer_of(job: Job):
+    """The run's optimizer, its schedule spanning the run's batches."""
+    c = job.config
+    return configlib.make_optimizer(c, num_batches(len(job.problem.splits.train.x), c.batch_size))
+
+
+def loss_of(job: Job):
+    """The loss training minimizes: the task's, its labels smoothed when the config asks."""
+    return with_label_smoothing(job.problem.loss, job.config.label_smoothing)
+
+
+def profile(job: Job, logdir: Path) -> Path:
+    """A profiler trace of a few training steps of ``job`` (its first member) on its first
+    training batches, into ``logdir`` (:func:`jaxnet.app.profiling.trace_steps`)."""
+    start, c = _fresh(job), job.config
+    params, model_state, key = start.params, start.model_state, start.key
+    if job.member_run:
+        params, model_state, key = jax.tree.map(lambda a: a[0], (params, model_state, key))
+    optimizer = optimizer_of(job)
+    dtype = None if c.dtype == "float32" else jnp.dtype(c.dtype)
+    step = make_train_step(job.model, loss_of(job), optimizer, compute_dtype=dtype)
+    train_rows = job.problem.splits.train
+    n, b = len(train_rows.x), min(c.batch_size, len(train_rows.x))
+    starts = [(i * b) % max(n - b + 1, 1) for i in range(profiling.STEPS + 1)]
+    batches = [(np.asarray(train_rows.x[s : s + b]), np.asarray(train_rows.y[s : s + b])) for s in starts]
+    return profiling.trace_steps(step, init_state(params, optimizer, key, model_state), batches, logdir)
+
+
+def train(
+    job: Job,
+    resume: FitState | None = None,
+    callbacks: Sequence = (),
+    mesh=None,
+    chunk_steps: int | None = None,
+    log_steps: int | None = None,
+) -> FitState:
+    """Trains ``job`` with :func:`jaxnet.fit` (from scratch, or on from ``resume``), epochs in
+    chunks of at most ``chunk_steps`` steps when given, every ``log_steps``-th step logged."""
+    c, val = job.config, job.problem.splits.val
+    if job.member_run and mesh is not None:
+        raise ArgumentError(MEMBER_RUNS + " train on one device: drop {4}", *MEMBER_FLAGS, "devices")
+    start = _fresh(job) if resume is None else _Start(None, None, None, None)
+    x, y = _local_rows(job, mesh)
+    return fit(
+        job.model,
+        start.params,
+        x,
+        y,
+        loss=loss_of(job),
+        optimizer=optimizer_of(job),
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        key=start.key,
+        validation=(val.x, val.y) if val is not None else None,
+        patience=c.patience,
+        callbacks=callbacks,
+        resume=resume,
+        mesh=mesh,
+        skip_nonfinite=c.skip_nonfinite,
+        hyperparams=start.hyperparams,
+        model_state=start.model_state,
+        compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
+        chunk_steps=chunk_steps,
+        metrics=list(c.metrics) or None,
+        class_weight=weights.parse_class_weight(c.class_weight),
+        log_every_steps=log_steps,
+    )
+
+
+def member_history(history: list, i: int) -> list[dict]:
+    """Member ``i``'s records in the single-run form (scalars), for the epochs it trained; a
+    single run's history is its own."""
+    out = []
+    for record in history:
+        if isinstance(record["train_loss"], list):
+            if record["train_loss"][i] is None:
+                break
+            record = {k: (v[i] if isinstance(v, list) else v) for k, v in record.items()}
+        out.append(record)
+    return out
+
+
+def metrics_rows(job: Job, history: list) -> list[dict]:
+    """The rows of ``metrics.jsonl``: a single run's records, or one row per member and epoch
+    (``member``, its ``seed`` and hyperparameters, then its scalar metrics)."""
+    if not job.member_run:
+        return list(history)
+    rows = []
+    for i, member in enumerate(job.grid):
+        for record in member_history(history, i):
+            rows.append({"member": i, **member, **record})
+    return sorted(rows, key=lambda r: (r["epoch"], r["member"]))
+
+
+def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
+    """One summary entry per member: its seed and hyperparameters, epochs, best figures, test metrics."""
+    entries = []
+    for i, member in enumerate(job.grid):
+        own = member_history(history, i)
+        last = own[-1] if own else {}
+        best = own[last["best_epoch"] - 1] if last.get("best_epoch") else last
+        entry = {"member": i, **member, "epochs": len(own), "train_loss": last.get("train_loss")}
+        if job.problem.splits.val is not None:
+            entry.update(
+                best_epoch=last.get("best_epoch"),
+                val_loss=best.get("val_loss"),
+                val_accuracy=best.get("val_accuracy"),
+            )
+        if any("skipped" in r for r in own):
+            entry["skipped"] = sum(r["skipped"] for r in own)  # updates skipped as non-finite
+        entry.update({f"test_{name}": value for name, value in tests[i].items()} if tests else {})
+        entries.append(entry)
+    return entries
+
+
+def _speed(history: list) -> float | None:
+    """Steps per second over the epochs after the first, which also pays for compilation."""
+    timed = history[1:] if len(history) > 1 else history
+    busy = sum(r["seconds"] for r in timed)
+    return sum(r["steps"] for r in timed) / busy if busy > 0 else None
+
+
+def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
+    """``(summary, best)``: the run's final figures and the index of its best member."""
+    test, k = job.problem.splits.test, len(job.grid)
+    variables = (state.params, state.model_state)
+    if not job.member_run:
+        variables = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
+    bound = archlib.Bound(job.model, *variables)
+    scaler = job.problem.target_scaler
+    tests = saved.member_metrics(job.meta, bound, test.x, test.y, scaler) if test is not None else []
+    best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
+    entries = _member_entries(job, state.history, tests)
+    c = job.config
+    summary = {
+        "dataset": c.dataset or Path(c.data).name,
+        "task": job.problem.task,
+        "epochs": entries[best]["epochs"],
+        "train_loss": entries[best]["train_loss"],
+        "val_loss": entries[best].get("val_loss"),
+        "val_accuracy": entries[best].get("val_accuracy"),
+        "test_accuracy": None,
+    }
+    summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
+    summary.update(seconds=seconds, steps_per_second=_speed(state.history))
+    if job.member_run:
+        if summary["steps_per_second"] is not None:
+            summary["model_steps_per_second"] = summary["steps_per_second"] * k  # each step updates K models
+        summary.update(best_member=best, monitor=job.monitor, members=entries)
+    return summary, best
+
+
+def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
+    """The model to save: the run's params, the best member of a sweep, or every member of an ensemble."""
+    variables, meta = (state.params, state.model_state), job.meta
+    if job.config.ensemble:
+        meta = dict(meta, members=len(job.grid), grid=job.grid)
+    elif job.member_run:
+        variables, meta = (
+            memberlib.take_member(variables, best),
+            dict(meta, member=dict(job.grid[best], index=best)),
+        )
+    mean, std = job.problem.standardizer
+    target = job.problem.target_scaler or (None, None)
+    params, model_state = (archlib.flat_arrays(tree) for tree in variables)
+    return files.SavedModel(meta, params, mean, std, *target, state=model_state)
+
+
+def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
+    """Writes ``model.npz``, ``metrics.jsonl`` and ``curves.png`` (the best member's curves)."""
+    files.save_model(folder.path, result.model)
+    atomic.write_jsonl(folder.path / "metrics.jsonl", result.history)
+    best = result.summary.get("best_member", 0)
+    title = result.summary["dataset"]
+    if result.summary.get("test_accuracy") is not None:
+        title += f": test accuracy {result.summary['test_accuracy']:.4f}"
+    plot.plot_curves(member_history(result.state.history, best), folder.path / "curves.png", title=title)
+
+
+def _norms(job: Job) -> dict:
+    """The data's standardization, as JSON: a resume checks that the data is still the same."""
+    p = job.problem
+    pairs = {"mean": p.standardizer.mean, "std": p.standardizer.std}
+    if p.target_scaler is not None:
+        pairs.update(target_mean=p.target_scaler.mean, target_std=p.target_scaler.std)
+    return {name: np.asarray(v, np.float32).tolist() for name, v in pairs.items()}
+
+
+def _loggers(job: Job, folder: RunFolder, names) -> list:
+    """The run's loggers (``--log``), made in the process that writes (process 0)."""
+    if not names or not parallel.is_primary():
+        return []
+    return loggers.make_loggers(names, folder.path, job.config.to_dict())
+
+
+def _close_loggers(made: list, folder: RunFolder | None, status: str) -> None:
+    for logger in made:
+        if hasattr(logger, "log_artifacts") and folder is not None and status == "FINISHED":
+            names = (files.MODEL_FILE, "curves.png", "metrics.jsonl", "config.json")
+            logger.log_artifacts([folder.path / name for name in names])
+        if hasattr(logger, "close"):
+            logger.close(status)
+
+
+class Cadence(NamedTuple):
+    """When a run checkpoints: every ``every`` epochs, every ``steps`` steps (inside epochs, which
+    then run in chunks of that many steps), keeping the newest ``keep``; and every how many steps
+    of an epoch it logs (``log_steps``); None: not given."""
+
+    every: int | None = None
+    keep: int | None = None
+    steps: int | None = None
+    log_steps: int | None = None
+
+    def given_over(self, stored: dict) -> Cadence:
+        """This schedule, with what was not given taken from a checkpoint's stored one."""
+        return Cadence(*(v if v is not None else stored.get(name) for name, v in self._asdict().items()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How :func:`run` and :func:`resume` train and what they write, besides the config.
+
+    Attributes:
+      callbacks: :func:`jaxnet.fit` callbacks.
+      mesh: a device mesh (:func:`jaxnet.make_data_mesh`) for data-parallel training; in a
+        multi-process run each process trains on its own share of the training rows.
+      checkpoint_every: with ``out``, checkpoint every N epochs (always after the last one).
+      checkpoint_steps: with ``out``, also checkpoint every N optimizer steps, inside epochs (each
+        epoch then runs in chunks of at most N steps); a resume continues from that step exactly.
+      keep: keep the newest ``keep`` checkpoints (default 3).
+      log: loggers by name (:func:`jaxnet.loggers.parse`), writing under ``out``.
+      log_steps: log every ``log_steps``-th step of each epoch (loss, gradient norm, learning
+        rate) to the loggers and callbacks (:func:`jaxnet.fit`'s ``log_every_steps``).
+      trace: with ``out``, first write a profiler trace of a few training steps into
+        ``out/profile`` (:func:`profile`; TensorBoard's profile plugin opens it).
+      notify: called with one-line messages (continuing, damaged checkpoints).
+    """
+
+    callbacks: Sequence = ()
+    mesh: Any = None
+    checkpoint_every: int | None = None
+    keep: int | None = None
+    checkpoint_steps: int | None = None
+    log: Any = None
+    log_steps: int | None = None
+    trace: bool = False
+    notify: Notify | None = None
+
+    @property
+    def cadence(self) -> Cadence:
+        """When the run checkpoints and logs (None: not given)."""
+        return Cadence(self.checkpoint_every, self.keep, self.checkpoint_steps, self.log_steps)
+
+
+def _metadata(job: Job, schedule: Cadence) -> dict:
+    return {
+        "config": job.config.to_dict(),
+        "model": job.meta,
+        "schedule": schedule._asdict(),
+        "norm": _norms(job),
+    }
+
+
+class _MetricsWriter:
+    """Rewrites ``metrics.jsonl`` after every epoch (atomically), so a crash keeps the epochs done."""
+
+    def __init__(self, folder: RunFolder, job: Job):
+        self.folder, self.job = folder, job
+
+    def __call__(self, state: FitState, record) -> None:
+        atomic.write_jsonl(self.folder.path / "metrics.jsonl", metrics_rows(self.job, state.history))
+
+
+def _execute(
+    job: Job,
+    folder: RunFolder | None,
+    state: FitState | None,
+    callbacks: Sequence,
+    mesh,
+    schedule: Cadence,
+    log=None,
+    trace: bool = False,
+) -> RunResult:
+    """Trains ``job`` (on from ``state``), writing into ``folder`` when given (first a profiler
+    trace of a few steps into ``folder/profile`` with ``trace``); returns the result."""
+    start = time.perf_counter()
+    callbacks = list(callbacks)
+    if trace and folder is not None and parallel.is_primary():
+        profile(job, folder.path / "profile")
+    made = _loggers(job, folder, log) if folder is not None else []
+    try:
+        result = _train_and_write(job, folder, state, callbacks + made, mesh, schedule, start)
+    except BaseException:
+        _close_loggers(made, folder, "FAILED")
+        raise
+    _close_loggers(made, folder, "FINISHED")
+    return result
+
+
+def _train_and_write(job, folder, state, callbacks, mesh, schedule, start) -> RunResult:
+    primary = parallel.is_primary()
+    if folder is not None:
+        if primary:
+            callbacks.append(_MetricsWriter(folder, job))
+        saver = Checkpointer(
+            folder.checkpoints,
+            every=schedule.every,
+            keep=schedule.keep,
+            every_steps=schedule.steps,
+            metadata=_metadata(job, schedule),
+        )
+        callbacks.append(saver)
+    try:
+        state = train(job, state, callbacks, mesh, schedule.steps, schedule.log_steps)
+    except NonFiniteLossError as e:
+        last = checkpoint.latest(folder.checkpoints) if folder is not None else None
+        where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved (use {1} DIR {2} N)"
+        raise NonFiniteLossError(e.epoch, e.step, checks_escape(where) if last else where) from None
+    summary, best = summarize(job, state, time.perf_counter() - start)
+    finished = is_finished(state, epochs=job.config.epochs, patience=job.config.patience)
+    result = RunResult(saved_model(job, state, best), metrics_rows(job, state.history), summary, state, finished)
+    if folder is not None and primary:
+        write_outputs(folder, job, result)
+    return result
+
+
+def _owned(folder: RunFolder):
+    """The folder's lock in the process that writes (process 0), nothing in the others."""
+    return folder.lock() if parallel.is_primary() else contextlib.nullcontext()
+
+
+def _say(notify: Notify | None, message: str, always: bool = True) -> None:
+    if notify is not None and parallel.is_primary():
+        notify(message, always)
+
+
+def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:
+    now, then = _norms(job), metadata["norm"]
+    for name in sorted(set(now) | set(then)):
+        if now.get(name) != then.get(name):
+            raise ValueError(
+                f"cannot resume: the data of {folder.path} changed since the checkpoint (its standardization "
+                f"{name.replace('_', ' ')} differs): restore the data, or train into another folder"
+            )
+
+
+def _continue(
+    folder: RunFolder, config: TrainConfig, callbacks, mesh, schedule, notify, log=None, trace=False
+) -> RunResult:
+    """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
+    before anything in the folder changes)."""
+    job = prepare(config)
+    restored = checkpoint.restore(folder.checkpoints, template(job))
+    _check_same_data(job, restored.metadata, folder)
+    _say(notify, describe_problem(job.problem), always=False)
+    for path, reason in restored.damaged:
+        _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
+    schedule = schedule.given_over(restored.metadata.get("schedule", {}))
+    epoch, inside = restored.state.epoch, restored.state.position is not None
+    if config.epochs < epoch + inside:
+        raise ArgumentError(
+            f"the run in {checks_escape(folder.path)} has trained {epoch + inside} epochs"
+            f"{' (the last in part)' if inside else ''}, more than {{0}} {config.epochs}: give {{0}} above "
+            f"{epoch} to extend it (or train into another folder)",
+            "epochs",
+        )
+    if is_finished(restored.state, epochs=config.epochs, patience=config.patience):
+        _say(notify, f"{folder.path} already finished at epoch {epoch}; not training further")
+    else:
+        _say(notify, f"continuing the run in {folder.path} from its checkpoint {_where(restored.state)}")
+    if parallel.is_primary():
+        checkpoint.set_aside(folder.checkpoints, restored.state.steps)
+        folder.write_config(config.to_dict())
+    return _execute(job, folder, restored.state, callbacks, mesh, schedule, log, trace)
+
+
+def _where(state: FitState) -> str:
+    """Where a checkpoint stands, for a message: ``of epoch 3``, ``inside epoch 4 (step 120 of it)``."""
+    if state.position is None:
+        return f"of epoch {state.epoch}"
+    return f"inside epoch {state.epoch + 1} (after its step {state.position.steps})"
+
+
+def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool = False, **options) -> RunResult:
+    """Runs ``config``: loads data, builds the model, trains every member with :func:`jaxnet.fit`, tests.
+
+    Args:
+      config: the run (single, sweep or ensemble).
+      out: the run folder. It is locked while the run writes it (a second writer is refused);
+        if it already holds this config's run, that run continues from its newest checkpoint
+        (a requeued job picks up where it stopped); another run's folder is refused unless
+        ``overwrite``.
+      overwrite: replace the run that ``out`` holds.
+      options: the fields of :class:`RunOptions` (callbacks, mesh, checkpoints, loggers, trace, notify).
+
+    Returns:
+      A :class:`RunResult`.
+    """
+    o = RunOptions(**options)
+    callbacks, mesh, notify, log, trace = o.callbacks, o.mesh, o.notify, o.log, o.trace
+    if o.log_steps is not None and configlib.is_member_run(config):
+        raise ArgumentError(MEMBER_RUNS + " do not log steps: drop {4}", *MEMBER_FLAGS, "log_steps")
+    if out is None:
+        job = prepare(config)
+        _say(notify, describe_problem(job.problem), always=False)
+        return _execute(job, None, None, callbacks, mesh, Cadence(steps=o.checkpoint_steps, log_steps=o.log_steps))
+    folder = _checked_folder(out, o)
+    schedule = o.cadence
+    _check_log(log)
+    with _owned(folder):
+        stored = folder.stored_config()
+        if stored is not None and _holds_training(folder) and not overwrite:
+            _check_same_run(folder, TrainConfig.from_dict(stored), config)
+            if checkpoint.steps(folder.checkpoints):
+                return _continue(folder, config, callbacks, mesh, schedule, notify, log, trace)
+        elif stored is None and folder.holds_outputs() and not overwrite:
+            raise ArgumentError(
+                f"{checks_escape(folder.path)} holds files of a run without its config.json: "
+                "train into another folder, or replace them ({0})",
+                "overwrite",
+            )
+        job = prepare(config)
+        _say(notify, describe_problem(job.problem), always=False)
+        if parallel.is_primary():
+            folder.clear()
+            folder.write_config(config.to_dict())
+        schedule = schedule._replace(keep=3 if o.keep is None else o.keep)
+        return _execute(job, folder, None, callbacks, mesh, schedule, log, trace)
+
+
+def _check_log(log) -> None:
+    try:
+        loggers.parse(log)
+    except ValueError as e:
+        raise ArgumentError(checks.escape(str(e)).replace("unknown logger", "{0}: unknown logger"), "log") from None
+
+
+def _checked_folder(out, options: RunOptions) -> RunFolder:
+    """The run folder ``out``, refused early when it cannot be one; the checkpoint schedule checked."""
+    for name in ("checkpoint_every", "checkpoint_steps", "log_steps", "keep"):
+        checks.optional_integer(name, getattr(options, name))
+    folder = RunFolder(out)
+    if str(out) == "":
+        raise ArgumentError("{0} is empty: name a folder for the run", "out")
+    problem = folder.unusable()
+    if problem is not None:
+        raise ArgumentError(f"{checks.escape(problem)}: give {{0}} a folder that can be written", "out")
+    return folder
+
+
+def _holds_training(folder: RunFolder) -> bool:
+    """Whether the folder holds something of its run worth keeping: checkpoints or a model (a run
+    that failed before its first checkpoint left only its config)."""
+    return bool(checkpoint.steps(folder.checkpoints)) or (folder.path / files.MODEL_FILE).exists()
+
+
+def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig) -> None:
+    differ = configlib.differences(stored, config)
+    if differ == ["epochs"]:
+        raise ArgumentError(
+            f"{checks.escape(folder.path)} holds this run with {{0}} {stored.epochs}: to extend it, resume it "
+            "({1} DIR {0} N); or train into another folder, or replace it ({2})",
+            "epochs",
+            "resume",
+            "overwrite",
+        )
+    if differ:
+        names = ", ".join(f"{{{i}}}" for i in range(len(differ)))
+        raise ArgumentError(
+            f"{checks_escape(folder.path)} holds another run (it differs in {names}): train into another folder, "
+            f"continue that run as it is, or replace it ({{{len(differ)}}})",
+            *differ,
+            "overwrite",
+        )
+
+
+def resume(out: str | Path, *, epochs: int | None = None, overrides: dict | None = None, **options) -> RunResult:
+    """Continues the run in folder ``out`` from its newest usable checkpoint, with its own config.
+
+    Args:
+      out: the run folder of an earlier :func:`run`.
+      epochs: extend (or shorten) the run to this many epochs; the result equals a run of that
+        many epochs never interrupted.
+      overrides: config fields given again (None: not given); each must equal the run's own.
+      options: the fields of :class:`RunOptions`; the checkpoint and logging schedule left unset
+        is the run's own.
+    """
+    o = RunOptions(**options)
+    folder = _checked_folder(out, o)
+    if not folder.path.is_dir():
+        raise ValueError(f"cannot resume: {out} does not exist (give the out folder of an earlier run)")
+    with _owned(folder):
+        stored = folder.stored_config()
+        if stored is None or not checkpoint.steps(folder.checkpoints):
+            raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
+        config = TrainConfig.from_dict(stored)
+        configlib.check_overrides(config, overrides or {})
+        if epochs is not None:
+            if epochs != config.epochs and (config.lr_schedule != "constant" or config.warmup):
+                raise ArgumentError(
+                    f"this run's {config.lr_schedule} learning-rate schedule spans its {config.epochs} epochs: "
+                    "resume it with its own {0}, or train a new run",
+                    "epochs",
+                )
+            config = dataclasses.replace(config, epochs=epochs)
+        _check_log(o.log)
+        return _continue(folder, config, o.callbacks, o.mesh, o.cadence, o.notify, o.log, o.trace)
+
+
+def restore_run(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:
+    """``(config, restored)``: the config of the run in folder ``out`` and its newest usable
+    checkpoint (:func:`jaxnet.checkpoint.restore` against the run's own template)."""
+    folder = RunFolder(out)
+    stored = folder.stored_config()
+    if stored is None:
+        raise ValueError(f"cannot resume: {out} holds no run (give the out folder of an earlier run)")
+    config = TrainConfig.from_dict(stored)
+    return config, checkpoint.restore(folder.checkpoints, template(prepare(config)))

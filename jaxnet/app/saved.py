@@ -1,0 +1,309 @@
+"""Predictions and metrics of saved models, with a member axis everywhere, in batches.
+
+A saved model holds one member or an ensemble of K (params with a leading axis K). Everything here
+runs the K members under one ``vmap`` (K = 1 for a single model) and then combines them: an
+ensemble averages its members' probabilities (classification) or outputs (regression); one
+member is used as it is.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet import sources, summaries
+from jaxnet.app import arch as archlib
+from jaxnet.app import config as configlib
+from jaxnet.app import data as datalib
+from jaxnet.app import files, tables
+from jaxnet.app.files import SavedModel
+from jaxnet.app.rundir import RunFolder
+from jaxnet.app.task import prepare_targets
+from jaxnet.forward import apply_batch
+from jaxnet.losses import batch_mean, get_loss
+
+_EPS = 1e-7
+
+
+def bind_saved(saved: SavedModel, arch: str | None = None) -> archlib.Bound:
+    """The model, params and state of ``saved``, every member stacked on a leading axis (K = 1
+    for a single model). ``arch`` names a user's factory again (``file.py:factory``): needed for
+    such a model, never imported otherwise."""
+    model = archlib.build_model(saved.meta, arch)
+    k = saved.meta.get("members")
+    bound = archlib.bind(model, saved.params, saved.state, k, where="the saved model")
+    if k:
+        return bound
+    return bound._replace(params=_stack(bound.params), state=_stack(bound.state))
+
+
+def _stack(tree):
+    return jax.tree.map(lambda a: np.asarray(a)[None], tree)
+
+
+@functools.cache
+def _outputs_program(model):
+    """The compiled ``(params, state, x) -> outputs (K, n, out)`` of a model (one per model, so
+    that chunk after chunk reuses it)."""
+
+    def one(p, s, x):
+        return apply_batch(model, p, s, x)[0]
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+
+
+BATCH_ROWS = 4096
+"""Rows per compiled call when outputs are computed in batches."""
+
+
+def member_outputs(model, params, state, x, batch_size: int = BATCH_ROWS) -> np.ndarray:
+    """Raw outputs ``(K, n, out)`` of K members (params and state with a leading axis K) on
+    inputs ``(n, d)`` (an array or lazy rows), in eval mode, ``batch_size`` rows per call (the
+    last batch padded, so that one program serves every batch)."""
+
+    run = _outputs_program(model)
+    n = len(x)
+    if n <= batch_size and sources.is_resident(x):
+        return np.asarray(run(params, state, np.asarray(x)))
+    parts = []
+    for start in range(0, n, batch_size):
+        block = np.asarray(x[start : start + batch_size])
+        real = len(block)
+        parts.append(np.asarray(run(params, state, sources.padded_rows(block, batch_size)))[:, :real])
+    return np.concatenate(parts, axis=1)
+
+
+def combine(outputs: jax.Array, loss: str) -> jax.Array:
+    """One model's outputs ``(n, out)`` from K members' ``(K, n, out)``: the member itself when
+    K = 1; else the average of the members' probabilities, returned as logits (the log of the
+    average) for the classification losses, the average output for regression."""
+    if outputs.shape[0] == 1:
+        return outputs[0]
+    if loss == "softmax_cross_entropy":
+        return jnp.log(jnp.clip(jnp.mean(jax.nn.softmax(outputs, axis=-1), axis=0), _EPS, 1.0))
+    if loss == "sigmoid_binary_cross_entropy":
+        p = jnp.clip(jnp.mean(jax.nn.sigmoid(outputs), axis=0), _EPS, 1 - _EPS)
+        return jnp.log(p) - jnp.log1p(-p)
+    return jnp.mean(outputs, axis=0)
+
+
+def probabilities(outputs, loss: str) -> np.ndarray:
+    """Raw outputs ``(n, out)`` as predictions: softmax or sigmoid probabilities for the
+    classification losses, unchanged for regression."""
+    if loss == "softmax_cross_entropy":
+        outputs = jax.nn.softmax(outputs, axis=-1)
+    elif loss == "sigmoid_binary_cross_entropy":
+        outputs = jax.nn.sigmoid(outputs)
+    return np.asarray(outputs)
+
+
+def encoder_of(saved: SavedModel) -> tables.Encoder:
+    """How a saved model's inputs are made from a table's columns (numeric columns by its
+    feature names for a model trained on arrays)."""
+    columns = saved.meta.get("columns")
+    names = saved.meta["feature_names"]
+    if columns is None:
+        return tables.numeric(names)
+    encoder = tables.Encoder.from_json(columns)
+    if len(encoder.feature_names) != len(names):
+        raise ValueError(f"the model's 'columns' make {len(encoder.feature_names)} features, it has {len(names)}")
+    return encoder
+
+
+def input_chunks(
+    saved: SavedModel, path, target: str | None = None, targets: bool = True, rows: int = datalib.CHUNK_ROWS
+):
+    """The raw ``(x, y)`` chunks (:func:`jaxnet.app.data.feature_chunks`) of a saved model's inputs in
+    ``path``: a table's columns found by name and encoded as in training, ``y`` the ``target``
+    column(s) (default: the ones trained on) when the data has them and ``targets`` asks for them."""
+    target = (target or saved.meta.get("target")) if targets else None
+    return datalib.feature_chunks(path, encoder_of(saved), target, saved.meta.get("classes"), rows)
+
+
+def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs for a saved model from a table (columns by name), ``.npz`` (``x``) or a folder.
+
+    Returns ``(x, y)``: ``x`` ``(n, d)`` encoded and standardized as in training; ``y`` the raw
+    targets (class indices for named classes) when present, else None.
+    """
+    chunks = list(input_chunks(saved, path))
+    x = np.concatenate([c[0] for c in chunks])
+    y = None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
+    return datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
+
+
+def regression_metrics(outputs, targets) -> dict[str, float]:
+    """MSE, MAE and R² (coefficient of determination, averaged over outputs) of ``(n, k)`` arrays."""
+    outputs, targets = np.asarray(outputs, np.float64), np.asarray(targets, np.float64)
+    error = outputs - targets
+    spread = np.sum((targets - targets.mean(axis=0)) ** 2, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(spread > 0, 1.0 - np.sum(error**2, axis=0) / spread, np.nan)
+    return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error))), "r2": float(np.mean(r2))}
+
+
+def _loss_and_accuracy(outputs, y, loss: str) -> dict:
+    spec = get_loss(loss)
+    out = {"loss": batch_mean(spec.fn)(outputs, y)}
+    if spec.metric is not None:
+        out["accuracy"] = batch_mean(spec.metric)(outputs, y)
+    return out
+
+
+_jit_loss_and_accuracy = jax.jit(_loss_and_accuracy, static_argnames="loss")
+
+
+def _scores(outputs, y, meta: dict, losses: dict, scaler=None) -> dict:
+    out = {k: float(v) for k, v in losses.items()}
+    if meta["task"] == "regression":
+        out.update(regression_metrics(to_units(outputs, scaler), to_units(y, scaler)))
+    return out
+
+
+def to_units(values, scaler):
+    """Regression outputs or targets ``(n, k)`` from standardized units back to the target's own
+    (``scaler`` is the training split's ``(mean, std)`` of the targets, or None: unchanged)."""
+    if scaler is None or scaler[0] is None:
+        return np.asarray(values)
+    return np.asarray(values, np.float64) * np.asarray(scaler[1], np.float64) + np.asarray(scaler[0], np.float64)
+
+
+def metrics_of(outputs, y, meta: dict, scaler=None) -> dict:
+    """``{"loss", "accuracy"}`` for classification, ``{"loss", "mse", "mae", "r2"}`` for
+    regression, of one model's outputs ``(n, out)`` against prepared targets ``y``. The loss is
+    the training loss, in the units the model was trained in; MSE, MAE and R² are in the
+    target's own units (``scaler``: the targets' standardization, or None)."""
+    return _scores(outputs, y, meta, _jit_loss_and_accuracy(outputs, np.asarray(y), meta["loss"]), scaler)
+
+
+def targets_for(saved: SavedModel, y) -> np.ndarray:
+    """Raw targets ``(n,)`` or ``(n, k)`` prepared as the model's loss expects: ``(n,)`` int32
+    labels for cross-entropy, ``(n, k)`` float32 otherwise (standardized as in training)."""
+    meta = saved.meta
+    y = prepare_targets(np.asarray(y), meta["loss"], meta["sizes"][-1] if meta["num_classes"] else None)
+    if saved.target_mean is None:
+        return y
+    return ((y - saved.target_mean) / saved.target_std).astype(np.float32)
+
+
+def _scaler(saved: SavedModel):
+    return None if saved.target_mean is None else (saved.target_mean, saved.target_std)
+
+
+def predict_saved(saved: SavedModel, x: np.ndarray, arch: str | None = None) -> np.ndarray:
+    """Predictions ``(n, out)`` for standardized inputs ``x: (n, d)``: class probabilities for the
+    classification losses, outputs in the target's units for regression; an ensemble averages
+    its members."""
+    return _predictions(saved, member_outputs(*bind_saved(saved, arch), x))
+
+
+def evaluate_saved(saved: SavedModel, x: np.ndarray, y: np.ndarray, arch: str | None = None) -> dict:
+    """The metrics (:func:`metrics_of`) of a saved model on standardized ``x: (n, d)`` and raw
+    targets ``y``; an ensemble is evaluated on its averaged predictions."""
+    outputs = combine(jnp.asarray(member_outputs(*bind_saved(saved, arch), x)), saved.meta["loss"])
+    return metrics_of(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
+
+
+def member_metrics(meta: dict, bound: archlib.Bound, x, y, scaler=None) -> list[dict]:
+    """The metrics (:func:`metrics_of`) of each of K members (``bound``'s params and state with a
+    leading axis K) on prepared ``x: (n, d)`` (an array or lazy rows) and ``y``, in batches."""
+    outputs = member_outputs(bound.model, bound.params, bound.state, x)
+    y = np.asarray(y)
+    return [metrics_of(outputs[i], y, meta, scaler) for i in range(len(outputs))]
+
+
+class _Tally:
+    """Sums over chunks for streamed metrics: loss and accuracy sums, and for regression the
+    errors and the targets' moments (for R²) in the target's units, in float64."""
+
+    def __init__(self):
+        self.n, self.sums = 0, {}
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, outputs, y, meta: dict, scaler) -> None:
+        m = len(y)
+        losses = jax.device_get(_jit_loss_and_accuracy(outputs, y, meta["loss"]))
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * m
+        if meta["task"] == "regression":
+            out, target = np.asarray(to_units(outputs, scaler), np.float64), np.asarray(to_units(y, scaler), np.float64)
+            error = out - target
+            self.sums["se"] = self.sums.get("se", 0.0) + float(np.sum(error**2))
+            self.sums["ae"] = self.sums.get("ae", 0.0) + float(np.sum(np.abs(error)))
+            block_mean = target.mean(axis=0)
+            delta, total = block_mean - self.mean, self.count + m
+            self.m2 = self.m2 + ((target - block_mean) ** 2).sum(axis=0) + delta**2 * (self.count * m / total)
+            self.mean, self.count = self.mean + delta * (m / total), total
+            self.sums["sse_per_output"] = self.sums.get("sse_per_output", 0.0) + np.sum(error**2, axis=0)
+            self.width = target.shape[1]
+        self.n += m
+
+    def metrics(self, meta: dict) -> dict:
+        out = {name: self.sums[name] / self.n for name in ("loss", "accuracy") if name in self.sums}
+        if meta["task"] == "regression":
+            entries = self.n * self.width
+            with np.errstate(divide="ignore", invalid="ignore"):
+                spread = np.asarray(self.m2)
+                r2 = np.where(spread > 0, 1.0 - self.sums["sse_per_output"] / spread, np.nan)
+            out.update(mse=self.sums["se"] / entries, mae=self.sums["ae"] / entries, r2=float(np.mean(r2)))
+        return out
+
+
+def _standardized_chunks(saved: SavedModel, chunks):
+    expected = len(saved.meta["feature_names"])
+    for x, y in chunks:
+        if x.shape[1] != expected:
+            raise ValueError(f"the data has {x.shape[1]} features but the model expects {expected}")
+        yield datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
+
+
+def predict_chunks(saved: SavedModel, chunks, arch: str | None = None):
+    """:func:`predict_saved` chunk by chunk: ``chunks`` of raw ``(x, y)`` (:func:`jaxnet.app.data.feature_chunks`)
+    in, one predictions array per chunk out; memory is bounded by the chunk."""
+    bound = bind_saved(saved, arch)
+    for x, _ in _standardized_chunks(saved, chunks):
+        yield _predictions(saved, member_outputs(*bound, x))
+
+
+def _predictions(saved: SavedModel, outputs) -> np.ndarray:
+    loss = saved.meta["loss"]
+    outputs = combine(jnp.asarray(outputs), loss)
+    if saved.meta["task"] == "regression":
+        return to_units(outputs, _scaler(saved)).astype(np.float32)
+    return probabilities(outputs, loss)
+
+
+def evaluate_chunks(saved: SavedModel, chunks, arch: str | None = None) -> tuple[dict, int]:
+    """``(metrics, rows)``: :func:`evaluate_saved` over ``chunks`` of raw ``(x, y)``, summed chunk by
+    chunk (memory bounded by the chunk); every chunk must hold targets."""
+    bound, tally = bind_saved(saved, arch), _Tally()
+    for x, y in _standardized_chunks(saved, chunks):
+        if y is None:
+            raise ValueError("the data has no targets: name the target column")
+        outputs = combine(jnp.asarray(member_outputs(*bound, x)), saved.meta["loss"])
+        tally.add(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
+    return tally.metrics(saved.meta), tally.n
+
+
+def saved_summary(path, batch_size: int | None = None, arch: str | None = None) -> summaries.Summary:
+    """The :func:`jaxnet.summary` of a trained run's model (its first member), with the run's loss,
+    optimizer and batch size (from its ``config.json``) unless ``batch_size`` is given."""
+    model = files.load_model(path)
+    bound = bind_saved(model, arch)
+    params, state = jax.tree.map(lambda a: a[0], (bound.params, bound.state))
+    stored = RunFolder(path).stored_config() if Path(path).is_dir() else None
+    config = configlib.TrainConfig.from_dict(stored) if stored else None
+    optimizer = configlib.make_optimizer(config) if config else None
+    if batch_size is None:
+        batch_size = config.batch_size if config else 32
+    example = jax.ShapeDtypeStruct((len(model.meta["feature_names"]),), jnp.float32)
+    loss = model.meta.get("loss")
+    return summaries.summary(
+        bound.model, example, params=params, model_state=state, batch_size=batch_size, loss=loss, optimizer=optimizer
+    )

@@ -1,0 +1,651 @@
+"""Tables as they come: CSV and Parquet files read by pyarrow, their columns encoded as features.
+
+A table's columns are numeric (integers or floats), boolean (``true``/``false``) or categorical
+(text, or integer columns named in ``categorical``). :func:`fit_encoder` learns an :class:`Encoder` from
+the training rows only: each column's kind, the mean that fills its gaps (with a ``name (missing)``
+0/1 indicator column when the training rows had gaps) and a categorical column's categories.
+:func:`raw_matrix` turns a table into the raw matrix ``(n, c)`` (NaN for a gap, a category's index
+in its vocabulary, -1 for a category the training rows did not have) and :func:`encode` that
+into features ``(n, d)``: numbers as they are (gaps filled), categories one-hot or as one code
+column each for an embedding layer (``encoding="embedding"``). :func:`encode` is written once for
+numpy and ``jax.numpy`` (``xp``), so that an exported program does the same.
+
+Numbers follow one grammar: an optional sign, ASCII digits with an optional decimal point, an
+optional exponent (``-2.5``, ``1e3``, ``.5``), spaces around allowed. Thousands separators
+(``1,000`` in a quoted cell, ``1_000``), hexadecimal, non-ASCII digits, ``inf`` and ``infinity``
+are not numbers. A gap is an empty cell or one of :data:`GAPS`.
+
+pyarrow is imported when a table is read (the ``data`` extra, also in ``cli``).
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import mmap
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+ENCODINGS = ("onehot", "embedding")
+KINDS = ("numeric", "boolean", "categorical")
+GAPS = ("", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "?")
+"""The cells that are read as a gap (missing value)."""
+MAX_CATEGORIES = 1000
+ID_CATEGORIES = 20
+"""A text column with more distinct values in the training rows than ``MAX_CATEGORIES``, or than
+``ID_CATEGORIES`` and half its rows, is refused (an identifier or free text)."""
+NUMBER = r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
+GRAMMAR = "numbers are written like 1000, -2.5 or 1e3"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+EXTRA = "pip install 'jaxnet-trainer[data]'"
+
+
+class TableError(ValueError):
+    """A table that cannot be used as it is; the message names the column (and row) and the fix."""
+
+
+class Column(NamedTuple):
+    """One column's encoding, fitted on the training rows.
+
+    Attributes:
+      name: the column's name in the table.
+      kind: ``numeric``, ``boolean`` or ``categorical``.
+      fill: the value of a gap (numeric, boolean): the training rows' mean.
+      indicator: the training rows had gaps: a ``name (missing)`` 0/1 feature follows.
+      categories: a categorical column's values in the training rows, sorted.
+    """
+
+    name: str
+    kind: str
+    fill: float = 0.0
+    indicator: bool = False
+    categories: tuple[str, ...] = ()
+
+
+class Encoder(NamedTuple):
+    """The columns of a table and how they become features (saved with a model as JSON).
+
+    ``encoding``: ``onehot`` (one 0/1 feature per category) or ``embedding`` (one code feature per
+    categorical column, 0..V-1, V for a gap or an unseen category: an embedding layer's input).
+    """
+
+    columns: tuple[Column, ...]
+    encoding: str = "onehot"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The table columns it reads, in order (the raw matrix's columns)."""
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The names of the ``d`` features it makes."""
+        out = []
+        for c in self.columns:
+            if c.kind == "categorical" and self.encoding == "onehot":
+                out += [f"{c.name}={v}" for v in c.categories]
+            else:
+                out.append(c.name)
+            if c.indicator:
+                out.append(f"{c.name} (missing)")
+        return tuple(out)
+
+    @property
+    def scaled(self) -> np.ndarray:
+        """``(d,)`` bool: the features that standardization may scale (numbers); the 0/1 and code
+        features pass through as they are."""
+        out = []
+        for c in self.columns:
+            width = len(c.categories) if c.kind == "categorical" and self.encoding == "onehot" else 1
+            out += [c.kind == "numeric"] * width + [False] * c.indicator
+        return np.asarray(out, bool)
+
+    @property
+    def embedded(self) -> list[tuple[int, int]]:
+        """``(feature index, rows)`` of each code feature for an embedding layer (V + 1 rows)."""
+        if self.encoding != "embedding":
+            return []
+        out, j = [], 0
+        for c in self.columns:
+            if c.kind == "categorical":
+                out.append((j, len(c.categories) + 1))
+            j += 1 + c.indicator
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "encoding": self.encoding,
+            "columns": [c._asdict() | {"categories": list(c.categories)} for c in self.columns],
+        }
+
+    @classmethod
+    def from_json(cls, value: Any, where: str = "the model") -> Encoder:
+        """The encoder of a model's metadata, every field checked (a hand-made file is not trusted)."""
+        try:
+            columns = tuple(_column_of(c) for c in value["columns"])
+            encoding = value["encoding"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed 'columns' metadata ({type(e).__name__}: {e})") from None
+        if encoding not in ENCODINGS or not columns:
+            raise ValueError(f"{where}: malformed 'columns' metadata (encoding {encoding!r})")
+        return cls(columns, encoding)
+
+
+def _column_of(c: dict) -> Column:
+    column = Column(
+        str(c["name"]), str(c["kind"]), float(c["fill"]), bool(c["indicator"]), tuple(str(v) for v in c["categories"])
+    )
+    if column.kind not in KINDS or not np.isfinite(column.fill):
+        raise ValueError(f"column {column.name!r} kind {column.kind!r} fill {column.fill!r}")
+    return column
+
+
+def numeric(names: Sequence[str]) -> Encoder:
+    """The encoder of numeric columns without gaps: features are the columns as they are."""
+    return Encoder(tuple(Column(str(n), "numeric") for n in names))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.compute
+        import pyarrow.csv
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ImportError(f"reading CSV and Parquet files needs pyarrow, which is not installed: {EXTRA}") from None
+    return pa
+
+
+def is_table_file(path) -> bool:
+    return os.path.splitext(os.fspath(path))[1].lower() in (".csv", ".parquet")
+
+
+def _csv_options(pa, types: dict | None, columns: Sequence[str] | None):
+    return pa.csv.ConvertOptions(
+        null_values=list(GAPS),
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+        true_values=["true", "True", "TRUE"],
+        false_values=["false", "False", "FALSE"],
+        column_types=types,
+        include_columns=list(columns) if columns is not None else None,
+        include_missing_columns=False,
+    )
+
+
+def _has_hex(path) -> bool:
+    """Whether the file holds ``0x``/``0X`` anywhere (pyarrow reads ``0x10`` as the integer 16)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(b"x") < 0 and m.find(b"X") < 0:  # one byte: a fast scan
+                return False
+            return re.search(rb"0[xX]", m) is not None
+
+
+WIDE = 2000
+"""A CSV with more columns than this is read in one block by one thread: pyarrow's cost per block
+and column would otherwise grow with the square of the columns."""
+
+
+def _read_options(pa, path: str):
+    with open(path, "rb") as f:
+        header = f.readline()
+    if header.count(b",") < WIDE:
+        return pa.csv.ReadOptions()
+    return pa.csv.ReadOptions(use_threads=False, block_size=int(min(max(len(header) * 256, 1 << 20), 1 << 30)))
+
+
+_RAGGED = re.compile(r"Expected (\d+) columns, got (\d+): (.*)")
+_BAD_CELL = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'")
+
+
+def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=None) -> TableError:
+    """pyarrow's error about a file, as one line that names the problem and the fix (``row_of(j,
+    value)``: where the bad cell ``value`` of column ``j`` is, e.g. ``"row 12, "``)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "Empty CSV file" in text:
+        return TableError(f"empty dataset: {name} is empty (expected a header row and data rows)")
+    ragged = _RAGGED.search(text)
+    if ragged:
+        want, got, row = ragged.groups()
+        return TableError(f"{name}: a row has {got} fields, expected {want} as in the header: {row[:80]!r}")
+    cell = _BAD_CELL.search(text)
+    if cell:
+        j = int(cell[1])
+        column = repr(header[j]) if j < len(header) else f"#{j + 1}"
+        where = row_of(j, cell[2]) if row_of is not None else ""
+        return TableError(f"{name}: {where}column {column}: {cell[2]!r} is not a number ({GRAMMAR})")
+    return TableError(f"{name} cannot be read as a table: {text}")
+
+
+def _check_text(path: str, name: str) -> None:
+    """Refuses a file whose start is not UTF-8 text (a spreadsheet, UTF-16, an archive)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        head = b"\x00"
+    if b"\x00" in head:
+        raise TableError(f"{name} is not a UTF-8 text CSV file (save it as CSV, UTF-8)")
+
+
+def read_table(path, columns: Sequence[str] | None = None, types: dict | None = None):
+    """A CSV or Parquet file as a ``pyarrow.Table`` (``columns``: only those, by name; ``types``:
+    ``{column: pyarrow type}`` to read them as). Refuses duplicate column names and empty tables."""
+    pa = _pyarrow()
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if os.path.isdir(path):
+        raise OSError(f"cannot read data file {path}: Is a directory")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    table = None
+    try:
+        if path.lower().endswith(".parquet"):
+            table = pa.parquet.read_table(path, columns=list(columns) if columns is not None else None)
+        else:
+            _check_text(path, name)
+            options = _read_options(pa, path)
+            table = pa.csv.read_csv(path, read_options=options, convert_options=_csv_options(pa, types, columns))
+            integers = [f.name for f in table.schema if pa.types.is_integer(f.type)]
+            if integers and _has_hex(path):  # read them again as floats, which refuse 0x10
+                table = pa.csv.read_csv(
+                    path,
+                    read_options=options,
+                    convert_options=_csv_options(
+                        pa, {**(types or {}), **dict.fromkeys(integers, pa.float64())}, columns
+                    ),
+                )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        if isinstance(e, PermissionError):
+            raise OSError(f"cannot read data file {path}: permission denied") from None
+        raise _arrow_error(name, e, table.column_names if table is not None else ()) from None
+    _check_names(table.column_names, name)
+    return table
+
+
+def _check_names(names: list[str], name: str) -> None:
+    seen, duplicates = set(), set()
+    for n in names:
+        (duplicates if n in seen else seen).add(n)
+    if duplicates:
+        raise TableError(f"{name}: duplicate column names in the header: {', '.join(map(repr, sorted(duplicates)))}")
+
+
+def missing_columns(available: Sequence[str], wanted: Sequence[str], name: str, what: str) -> None:
+    """Refuses a table that lacks one of the ``wanted`` columns, naming them."""
+    have = set(available)
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        has = ", ".join(list(available)[:8]) + (" ..." if len(available) > 8 else "")
+        raise TableError(f"{name} lacks {what} {shown} (it has {has})")
+
+
+def _block_bytes(rows: int) -> int:
+    return int(min(max(rows * 64, 1 << 16), 1 << 26))
+
+
+def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) -> Iterator:
+    """A CSV (``-``: standard input) or Parquet file's ``columns`` (None: all) as ``pyarrow.Table`` s
+    of about ``rows`` rows each (CSV: blocks of about 64 bytes a row), memory bounded by the batch.
+    ``types``: ``{column: pyarrow type}`` for a CSV's columns (inferred from its first block otherwise)."""
+    pa = _pyarrow()
+    path = os.fspath(path)
+    name = "standard input" if path == "-" else os.path.basename(path)
+    if path != "-" and not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    header, done = [], 0
+    try:
+        if path.lower().endswith(".parquet"):
+            file = pa.parquet.ParquetFile(path)
+            for batch in file.iter_batches(batch_size=rows, columns=None if columns is None else list(columns)):
+                yield pa.Table.from_batches([batch])
+            return
+        source = _stdin() if path == "-" else path
+        reader = pa.csv.open_csv(
+            source,
+            read_options=pa.csv.ReadOptions(block_size=_block_bytes(rows)),
+            convert_options=_csv_options(pa, types, columns),
+        )
+        header = reader.schema.names if columns is None else []  # pyarrow numbers the file's columns
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+            done += batch.num_rows
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        header = header or (_csv_header(path) if path != "-" else [])
+        raise _arrow_error(name, e, header, lambda j, value: _row_of(path, j, value, done)) from None
+
+
+def _csv_header(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def _row_of(path: str, column: int, value: str, after: int) -> str:
+    """Where a bad cell is, for an error: the first data row after ``after`` (those read well)
+    whose cell in ``column`` (0-based) is ``value``, found by reading the file again (standard
+    input cannot be read again)."""
+    if path != "-":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            rows = csv.reader(f)
+            next(rows, None)
+            for i, row in enumerate(rows, 1):
+                if i > after and column < len(row) and row[column].strip() == value.strip():
+                    return f"row {i}, "
+    return f"a row after row {after}, " if after else ""
+
+
+def _stdin():
+    import sys
+
+    return sys.stdin.buffer
+
+
+# ----------------------------------------------------------------------------- kinds and fitting
+
+
+def _kind(pa, column, name: str, where: str, categorical: bool) -> str:
+    t = column.type
+    if pa.types.is_null(t):
+        raise TableError(f"{where}: column {name!r} is empty in every row; drop it")
+    if categorical and (pa.types.is_integer(t) or pa.types.is_string(t)):
+        return "categorical"
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        if categorical:
+            raise TableError(f"{where}: column {name!r} holds fractional numbers, which cannot be categories")
+        return "numeric"
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        _refuse_numbers_in_text(pa, column.cast(pa.string()) if pa.types.is_dictionary(t) else column, name, where)
+        return "categorical"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        raise TableError(f"{where}: column {name!r} is not UTF-8 text; save the file as UTF-8")
+    raise TableError(f"{where}: column {name!r} holds {t} values: convert them to numbers or categories, or drop it")
+
+
+def _refuse_numbers_in_text(pa, column, name: str, where: str) -> None:
+    """A text column whose values are mostly numbers is a numeric column with a bad cell: named here."""
+    import pyarrow.compute as pc
+
+    valid = column.drop_null()
+    if len(valid) == 0:
+        return
+    numbers = pc.match_substring_regex(valid, NUMBER)
+    count = pc.sum(numbers.cast(pa.int64())).as_py() or 0
+    if count * 2 < len(valid):
+        return
+    flags = pc.match_substring_regex(column, NUMBER).to_numpy(zero_copy_only=False)
+    nulls = column.is_null().to_numpy(zero_copy_only=False)
+    row = int(np.flatnonzero(~nulls & ~flags.astype(bool))[0])
+    raise TableError(
+        f"{where}: row {row + 1}, column {name!r}: {column[row].as_py()!r} is not a number, but the column's other "
+        f"values are ({GRAMMAR}); fix the cell, or list the column as categorical"
+    )
+
+
+def fit_encoder(
+    table,
+    names: Sequence[str],
+    categorical: Sequence[str] = (),
+    encoding: str = "onehot",
+    where: str = "data",
+    rows: np.ndarray | None = None,
+) -> Encoder:
+    """The :class:`Encoder` of columns ``names`` of ``table``: each column's kind from the whole
+    table (its cells' form), its fill values and categories from the rows ``rows`` only (the
+    training split; default: all).
+
+    Args:
+      table: a ``pyarrow.Table``.
+      names: the feature columns, in order.
+      categorical: integer columns to treat as categories (text columns always are).
+      encoding: ``onehot`` or ``embedding``.
+      where: the data's name, for error messages.
+      rows: the indices of the rows to fit on.
+    """
+    pa = _pyarrow()
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    missing_columns(table.column_names, list(categorical), where, "the categorical columns")
+    chosen = set(categorical)
+    kinds = [_kind(pa, table.column(name), name, where, name in chosen) for name in names]
+    train = table.select(list(names)) if rows is None else table.select(list(names)).take(rows)
+    numeric = [name for name, kind in zip(names, kinds) if kind != "categorical"]
+    values = _number_matrix(pa, train, numeric, where)
+    gaps = np.isnan(values)
+    present = (~gaps).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(present > 0, np.where(gaps, 0.0, values).sum(axis=0) / np.maximum(present, 1), 0.0)
+    stats = {name: (float(means[i]), bool(gaps[:, i].any())) for i, name in enumerate(numeric)}
+    out = []
+    for name, kind in zip(names, kinds):
+        if kind != "categorical":
+            out.append(Column(name, kind, *stats[name]))
+            continue
+        column = train.column(name)
+        categories = _categories(pa, column, name, where)
+        out.append(Column(name, kind, indicator=column.null_count > 0 and encoding == "onehot", categories=categories))
+    return Encoder(tuple(out), encoding)
+
+
+def _categories(pa, column, name: str, where: str) -> tuple[str, ...]:
+    """A categorical column's distinct values, sorted; refuses an identifier or free text."""
+    values = _as_text(pa, column).drop_null().unique().to_pylist()
+    present = len(column) - column.null_count
+    if len(values) > MAX_CATEGORIES or (len(values) > ID_CATEGORIES and len(values) * 2 > present):
+        raise TableError(
+            f"{where}: column {name!r} has {len(values)} distinct values in {present} training rows: an identifier or "
+            "free text rather than categories; drop the column"
+        )
+    return tuple(sorted(values))
+
+
+def string_type():
+    return _pyarrow().string()
+
+
+def text_of(column):
+    """A column's values as text (:func:`class_indices` reads class names so)."""
+    return _as_text(_pyarrow(), column)
+
+
+def _as_text(pa, column):
+    """A categorical column's values as text (integers and booleans written as Python writes them)."""
+    t = column.type
+    if pa.types.is_dictionary(t):
+        return column.cast(pa.string())
+    if pa.types.is_boolean(t):  # true / false, as the files write them
+        return pa.compute.if_else(column, "true", "false")
+    return column.cast(pa.string())
+
+
+def _number_matrix(pa, table, names: Sequence[str], where: str) -> np.ndarray:
+    """Numeric or boolean columns ``names`` of ``table`` as ``(n, k)`` float64 (NaN for a gap);
+    refuses a value that is not finite within float32 range, naming its row and column."""
+    out = np.empty((table.num_rows, len(names)), np.float64)
+    for j, name in enumerate(names):
+        column = table.column(name)
+        if not (pa.types.is_floating(column.type) and column.null_count == 0):
+            column = column.cast(pa.float64())  # integers, booleans (0, 1), gaps (null: NaN)
+        out[:, j] = column.to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        bad = np.abs(out) > _FLOAT32_MAX  # False for NaN (a gap)
+    if bad.any():
+        row, j = (int(i) for i in np.argwhere(bad)[0])
+        raise TableError(
+            f"{where}: row {row + 1}, column {names[j]!r}: {float(out[row, j])!r} is not a finite number within "
+            "float32 range; fix or drop the value"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def types_of(encoder: Encoder) -> dict:
+    """``{column: pyarrow type}`` to read a file's columns as the encoder expects them."""
+    pa = _pyarrow()
+    kinds = {"numeric": pa.float64(), "boolean": pa.bool_(), "categorical": pa.string()}
+    return {c.name: kinds[c.kind] for c in encoder.columns}
+
+
+def raw_matrix(table, encoder: Encoder, where: str = "data") -> np.ndarray:
+    """``(n, c)`` float64 of the encoder's columns of ``table``: numbers (NaN for a gap), a
+    category's index in its vocabulary (NaN for a gap, -1 for a value the training rows lacked)."""
+    pa = _pyarrow()
+    missing_columns(table.column_names, encoder.names, where, "the model's columns")
+    out = np.empty((table.num_rows, len(encoder.columns)), np.float64)
+    numeric = [j for j, c in enumerate(encoder.columns) if c.kind != "categorical"]
+    for j in numeric:
+        t = table.column(encoder.columns[j].name).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)):
+            raise TableError(f"{where}: column {encoder.columns[j].name!r} holds {t} values; the model expects numbers")
+    out[:, numeric] = _number_matrix(pa, table, [encoder.columns[j].name for j in numeric], where)
+    for j, c in enumerate(encoder.columns):
+        if c.kind == "categorical":
+            out[:, j] = _codes(pa, table.column(c.name), c.categories)
+    return out
+
+
+def _codes(pa, column, categories: Sequence[str]) -> np.ndarray:
+    """A column's values as indices into ``categories`` (float64: NaN for a gap, -1 if unseen)."""
+    text = column.cast(pa.string()) if pa.types.is_null(column.type) else _as_text(pa, column)
+    index = pa.compute.index_in(text, value_set=pa.array(list(categories), pa.string()))
+    codes = index.to_numpy(zero_copy_only=False).astype(np.float64)  # NaN: a gap or an unseen value
+    codes[np.isnan(codes) & ~text.is_null().to_numpy(zero_copy_only=False)] = -1.0
+    return codes
+
+
+class _Plan(NamedTuple):
+    numeric: np.ndarray  # raw columns of the numbers
+    fills: np.ndarray  # their fill values
+    indicated: np.ndarray  # raw columns with a gap indicator
+    categorical: list  # (raw column, number of categories)
+    order: np.ndarray | None  # the features' positions among the pieces (None: already in order)
+
+
+def _plan(encoder: Encoder) -> _Plan:
+    """Where each feature of :func:`encode` comes from: the pieces are the filled numbers, the
+    indicators, then each categorical column's one-hot block (or code)."""
+    cols = encoder.columns
+    numeric = [j for j, c in enumerate(cols) if c.kind != "categorical"]
+    indicated = [j for j, c in enumerate(cols) if c.indicator]
+    categorical = [(j, len(c.categories)) for j, c in enumerate(cols) if c.kind == "categorical"]
+    slot = {j: i for i, j in enumerate(numeric)}
+    flag = {j: len(numeric) + i for i, j in enumerate(indicated)}
+    start, block = len(numeric) + len(indicated), {}
+    for j, v in categorical:
+        block[j] = start
+        start += v if encoder.encoding == "onehot" else 1
+    order = []
+    for j, c in enumerate(cols):
+        if c.kind != "categorical":
+            order.append(slot[j])
+        else:
+            width = len(c.categories) if encoder.encoding == "onehot" else 1
+            order += range(block[j], block[j] + width)
+        if c.indicator:
+            order.append(flag[j])
+    order = np.asarray(order, np.int32)
+    fills = np.asarray([cols[j].fill for j in numeric], np.float64)
+    same = bool(np.array_equal(order, np.arange(len(order))))
+    return _Plan(
+        np.asarray(numeric, np.int32), fills, np.asarray(indicated, np.int32), categorical, None if same else order
+    )
+
+
+def encode(raw, encoder: Encoder, xp=np):
+    """Features ``(n, d)`` float32 of the raw matrix ``(n, c)`` (:func:`raw_matrix`): gaps filled
+    with the training mean (plus their 0/1 indicator), categories one-hot (a gap or an unseen
+    value: all zeros) or as codes 0..V (V: a gap or unseen). ``xp``: numpy or ``jax.numpy``."""
+    plan = _plan(encoder)
+    numbers = raw[:, plan.numeric]
+    pieces = [xp.where(xp.isnan(numbers), plan.fills[None, :].astype(numbers.dtype), numbers)]
+    pieces.append(xp.isnan(raw[:, plan.indicated]))
+    for j, v in plan.categorical:
+        code = raw[:, j]
+        if encoder.encoding == "onehot":
+            pieces.append(code[:, None] == xp.arange(v, dtype=code.dtype)[None, :])
+        else:
+            pieces.append(xp.where(xp.isnan(code) | (code < 0), v, code)[:, None])
+    x = xp.concatenate([p.astype(xp.float32) for p in pieces], axis=1)
+    return x if plan.order is None else x[:, plan.order]
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def class_names(table, name: str, where: str = "data") -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """For a text or boolean target column: ``(labels (n,) int32, class names sorted)``; None for
+    a numeric one. Refuses gaps in the target."""
+    pa = _pyarrow()
+    column = table.column(name)
+    _refuse_target_gaps(column, name, where)
+    t = column.type
+    if not (
+        pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t) or pa.types.is_boolean(t)
+    ):
+        return None
+    text = _as_text(pa, column)
+    classes = tuple(sorted(text.unique().to_pylist()))
+    return class_indices(text, classes, where), classes
+
+
+def _refuse_target_gaps(column, name: str, where: str) -> None:
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise TableError(
+            f"{where}: row {row + 1} has no value in the target column {name!r} ({column.null_count} such rows); "
+            "drop those rows or fill them in"
+        )
+
+
+def class_indices(text, classes: Sequence[str], where: str = "data") -> np.ndarray:
+    """Class names (a pyarrow or numpy array of text) as indices into ``classes``; refuses a name
+    that is not one of them."""
+    pa = _pyarrow()
+    text = (
+        text
+        if isinstance(text, (pa.Array, pa.ChunkedArray))
+        else pa.array([str(v) for v in np.asarray(text)], pa.string())
+    )
+    index = pa.compute.index_in(text, value_set=pa.array(list(classes), pa.string()))
+    codes = index.to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(np.isnan(codes.astype(np.float64)))
+    if bad.size:
+        raise TableError(
+            f"{where}: row {int(bad[0]) + 1}: class {text[int(bad[0])].as_py()!r} is not one the model knows "
+            f"({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})"
+        )
+    return codes.astype(np.int32)
+
+
+def target_values(table, names: Sequence[str], where: str = "data") -> np.ndarray:
+    """``(n, k)`` float64 of numeric target columns; refuses gaps and non-numbers."""
+    pa = _pyarrow()
+    columns = []
+    for name in names:
+        column = table.column(name)
+        _refuse_target_gaps(column, name, where)
+        if not (
+            pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)
+        ):
+            raise TableError(
+                f"{where}: the target column {name!r} holds {column.type} values; several targets must be numbers"
+            )
+        columns.append(name)
+    return _number_matrix(pa, table, columns, where)

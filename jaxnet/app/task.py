@@ -1,0 +1,192 @@
+"""From a config to the learning problem: data splits prepared for the loss, the model's description.
+
+:func:`load_problem` loads and splits the data of a :class:`~jaxnet.app.config.TrainConfig`, fits the
+standardization on the training split, decides the loss and the output size; :func:`model_meta`
+describes the model as JSON (saved with it; :func:`jaxnet.app.arch.build_model` rebuilds it from that).
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxnet._checks import ArgumentError
+from jaxnet.app import arch, tables
+from jaxnet.app import data as datalib
+from jaxnet.app.config import TrainConfig
+from jaxnet.losses import get_loss
+
+
+class Problem(NamedTuple):
+    """The data of a run, prepared for its loss.
+
+    Attributes:
+      splits: train / val / test parts: ``x`` ``(n, d)`` standardized float32, ``y`` as the loss
+        expects (``(n,)`` int32 labels, ``(n, k)`` float32 targets); val and test may be None.
+      standardizer: the training split's ``(mean, std)``, each ``(d,)``.
+      target_scaler: for regression with standardization, the training split's ``(mean, std)``
+        of the targets, each ``(k,)``, by which ``y`` is standardized (else None).
+      loss: the loss name; out_dim: the model's output size; task: classification or regression.
+      num_classes: for classification; feature_names: ``d`` names.
+      encoder: how a table's columns became the features (:class:`jaxnet.app.tables.Encoder`),
+        fitted on the training split; for other data, its ``d`` numeric columns.
+      classes: the class names of labels that were names, else None.
+    """
+
+    splits: datalib.Splits
+    standardizer: datalib.Standardizer
+    target_scaler: datalib.Standardizer | None
+    loss: str
+    out_dim: int
+    task: str
+    num_classes: int | None
+    feature_names: tuple
+    encoder: tables.Encoder
+    classes: tuple[str, ...] | None = None
+
+
+def _task_of(config: TrainConfig) -> str | None:
+    """The task that ``config`` asks for, through ``task`` or its loss."""
+    if config.loss is None:
+        return config.task
+    implied = "classification" if get_loss(config.loss).metric is not None else "regression"
+    if config.task is not None and config.task != implied:
+        raise ArgumentError(
+            f"{{0}} {config.task!r} does not fit {{1}} {config.loss!r}, a {implied} loss", "task", "loss"
+        )
+    return implied
+
+
+def prepare_targets(y: np.ndarray, loss: str, num_classes: int | None) -> np.ndarray:
+    """Targets ``(n,)`` or ``(n, k)`` in the form ``loss`` expects; raises ValueError for labels
+    out of its range."""
+    spec = get_loss(loss)
+    if spec.name == "sigmoid_binary_cross_entropy":
+        if y.ndim == 1:
+            if y.size and (y.min() < 0 or y.max() > 1):
+                raise ValueError(
+                    f"labels out of range for {spec.name}: it needs labels 0 or 1, got {int(y.min())}..{int(y.max())}"
+                )
+            return y.astype(np.float32)[:, None]
+        return y.astype(np.float32)
+    if spec.integer_labels:
+        if y.ndim != 1:
+            raise ValueError(f"{spec.name} needs integer class labels, but the targets have shape {y.shape}")
+        datalib.check_labels(y, num_classes)
+        return y.astype(np.int32)
+    return (y[:, None] if y.ndim == 1 else y).astype(np.float32)
+
+
+def _check_classes(ds: datalib.Dataset) -> None:
+    """A classifier needs two classes: a target of one class would train a model that always says it."""
+    if ds.task != "classification":
+        return
+    present = np.unique(np.asarray(ds.y))
+    if present.size < 2:
+        label = present[0].item()  # (an empty dataset was refused when it was read)
+        label = ds.classes[label] if ds.classes else label
+        raise ArgumentError(
+            f"{ds.name}: every target is the class {label!r}: a classifier needs at least two classes "
+            "(for a numeric target set {0} to 'regression')",
+            "task",
+        )
+
+
+def load_problem(config: TrainConfig) -> Problem:
+    """Loads and splits the data of ``config`` and fits the standardization on the training split."""
+    options = {}
+    if config.data is not None and tables.is_table_file(config.data):
+        options = dict(
+            categorical=config.categorical,
+            encoding=config.encoding,
+            fit_rows=lambda n: datalib.split_indices(n, config.val_split, config.test_split, config.seed).train,
+        )
+    ds = datalib.load_data(
+        dataset=config.dataset,
+        data=config.data,
+        target=config.target,
+        seed=config.seed,
+        task=_task_of(config),
+        **options,
+    )
+    _check_classes(ds)
+    encoder = ds.encoder or tables.numeric(ds.feature_names)
+    loss = get_loss(config.loss or ("softmax_cross_entropy" if ds.task == "classification" else "mse")).name
+    splits = datalib.split(ds, config.val_split, config.test_split, config.seed)
+    if config.standardize:
+        channels = config.input_shape[-1] if config.arch == "cnn" else None  # images: per channel
+        if channels is not None:
+            arch.check_input_shape(config.input_shape, ds.x.shape[1])
+        splits, standardizer = datalib.standardize_splits(splits, channels, scaled=encoder.scaled)
+    else:
+        d = ds.x.shape[1]
+        standardizer = datalib.Standardizer(np.zeros(d, np.float32), np.ones(d, np.float32))
+
+    def prepared(part):
+        return None if part is None else part._replace(y=prepare_targets(part.y, loss, ds.num_classes))
+
+    splits = datalib.Splits(*(prepared(part) for part in splits))
+    target_scaler = None
+    if config.standardize and ds.task == "regression" and get_loss(loss).metric is None:
+        splits, target_scaler = _standardize_targets(splits)
+    out_dim = ds.num_classes if get_loss(loss).integer_labels else splits.train.y.shape[1]
+    return Problem(
+        splits, standardizer, target_scaler, loss, out_dim, ds.task, ds.num_classes, tuple(ds.feature_names), encoder,
+        ds.classes,
+    )  # fmt: skip
+
+
+def _standardize_targets(splits: datalib.Splits) -> tuple[datalib.Splits, datalib.Standardizer]:
+    """Regression targets ``(n, k)`` standardized by the training split's mean and std, so that
+    the default learning rates suit targets of any scale (a price in dollars, a count)."""
+    scaler = datalib.fit_standardizer(splits.train.y)
+
+    def apply(part):
+        return None if part is None else part._replace(y=datalib.standardize(part.y, scaler))
+
+    return datalib.Splits(*(apply(part) for part in splits)), scaler
+
+
+def model_meta(config: TrainConfig, problem: Problem) -> dict:
+    """The JSON description saved with the params: enough to rebuild and use the model."""
+    features = len(problem.feature_names)
+    if config.arch == "cnn":
+        arch.check_input_shape(config.input_shape, features)
+    embed = problem.encoder.embedded
+    if embed:
+        features += len(embed) * (config.embedding_dim - 1)
+    description = arch.describe_model(
+        config.arch,
+        sizes=[features, *config.hidden, problem.out_dim],
+        activation=config.activation,
+        output_activation=config.output_activation,
+        dropout=config.dropout,
+        input_shape=config.input_shape,
+        channels=config.channels,
+    )
+    return {
+        **description,
+        "loss": problem.loss,
+        "task": problem.task,
+        "num_classes": problem.num_classes,
+        "feature_names": list(problem.feature_names),
+        "columns": problem.encoder.to_json(),
+        "classes": None if problem.classes is None else list(problem.classes),
+        "embed": {"features": [j for j, _ in embed], "rows": [v for _, v in embed], "dim": config.embedding_dim}
+        if embed
+        else None,
+        "target": config.target,
+        "config": config.to_dict(),
+    }
+
+
+def describe_problem(problem: Problem) -> str:
+    """One line on the task, for the first line of a run's output."""
+    train, val, test = problem.splits
+    sizes = f"{len(train.x)} train / {len(val.x) if val else 0} val / {len(test.x) if test else 0} test rows"
+    if problem.task == "classification":
+        return f"task: classification, {problem.num_classes} classes, loss {problem.loss}; {sizes}"
+    return f"task: regression, {problem.out_dim} output(s), loss {problem.loss}; {sizes}"

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from jaxnet import sources
 from jaxnet.epoch import epoch_batches, epoch_metrics, num_batches, start_carry
 from jaxnet.forward import apply_batch
-from jaxnet.losses import LossSpec
+from jaxnet.losses import LossSpec, has_token_axis, loss_sums
 from jaxnet.members import num_members
 
 CHUNK_BYTES = 32 * 2**20
@@ -78,6 +78,8 @@ class Position(NamedTuple):
       steps: the steps done in the epoch; examples: the real examples they trained on (their
         summed weight with sample weights).
       sums: the epoch's training metric states so far (None without metrics).
+      weight: with token targets, the real tokens trained on so far (see
+        :class:`jaxnet.epoch.Carry`); None otherwise.
     """
 
     shuffle_key: Any
@@ -86,6 +88,7 @@ class Position(NamedTuple):
     steps: int
     examples: int
     sums: Any = None
+    weight: Any = None
 
 
 def chunk_steps(spec: sources.RowSpec, batch_size: int, budget: int = CHUNK_BYTES, most: int | None = None) -> int:
@@ -340,10 +343,11 @@ def run_epoch(
     else:
         shuffle_key, examples, steps = position.shuffle_key, position.examples, position.steps
         # copies: the carry is donated, and the caller's state (resumable again) must stay valid
-        copied = jax.tree.map(lambda a: jnp.array(a, copy=True), (position.total, position.finite_steps, position.sums))
+        kept = (position.total, position.finite_steps, position.sums, position.weight)
+        total, finite_steps, sums, weight = jax.tree.map(lambda a: jnp.array(a, copy=True), kept)
         carry = fresh(train)
         done = jnp.full(carry.steps.shape, steps, jnp.int32)  # (K,) in a member run
-        carry = carry._replace(total=copied[0], finite_steps=copied[1], steps=done, sums=copied[2])
+        carry = carry._replace(total=total, finite_steps=finite_steps, steps=done, sums=sums, weight=weight)
     chunks, divisor = chunks_for(shuffle_key, steps)
     pending = None
     stream = prefetched(chunks, put) if put is not None else chunks
@@ -353,7 +357,7 @@ def run_epoch(
                 return carry.state, None, pending
             carry = program(chunk.weighted)(carry, *chunk.arrays)
             steps, examples = steps + chunk.steps, examples + chunk.examples
-            pending = Position(shuffle_key, carry.total, carry.finite_steps, steps, examples, carry.sums)
+            pending = Position(shuffle_key, carry.total, carry.finite_steps, steps, examples, carry.sums, carry.weight)
     finally:
         stream.close()
     if pending is not None:
@@ -368,9 +372,15 @@ def _example_sums(model, spec: LossSpec, metrics: tuple, params, model_state, x,
     """Weighted sums over one batch: ``loss``, ``accuracy`` (with a metric), ``weight``, and each
     named metric's state (:mod:`jaxnet.metrics`) under ``"metric:<name>"``."""
     predictions, _ = apply_batch(model, params, model_state, x, weight=w)
-    sums = {"loss": jnp.sum(w * jax.vmap(spec.fn)(predictions, y).astype(jnp.float32)), "weight": jnp.sum(w)}
-    if spec.metric is not None:
-        sums["accuracy"] = jnp.sum(w * jax.vmap(spec.metric)(predictions, y).astype(jnp.float32))
+    if has_token_axis(y):  # token targets: every real token is a term, IGNORE_INDEX ones none
+        loss, count = loss_sums(spec.fn, predictions, y, w)
+        sums = {"loss": loss.astype(jnp.float32), "weight": count.astype(jnp.float32)}
+        if spec.metric is not None:
+            sums["accuracy"] = loss_sums(spec.metric, predictions, y, w)[0].astype(jnp.float32)
+    else:
+        sums = {"loss": jnp.sum(w * jax.vmap(spec.fn)(predictions, y).astype(jnp.float32)), "weight": jnp.sum(w)}
+        if spec.metric is not None:
+            sums["accuracy"] = jnp.sum(w * jax.vmap(spec.metric)(predictions, y).astype(jnp.float32))
     outputs = predictions.shape[-1] if predictions.ndim > 1 else 1
     for m in metrics:
         sums[f"metric:{m.name}"] = m.update(m.zeros(outputs), predictions, y, w)

@@ -26,6 +26,7 @@ from jaxnet import _feed as feed
 from jaxnet import parallel
 from jaxnet._options import FitOptions
 from jaxnet.epoch import logged_template, make_epoch, make_steps, metric_zeros, num_batches, outputs_of, start_carry
+from jaxnet.losses import has_token_axis
 from jaxnet.step import make_update, skip_nonfinite_updates, weigh_classes
 
 DEFAULT_EVAL_BATCH = 1024
@@ -88,7 +89,7 @@ def _fresh(update, options: FitOptions, x, y) -> Callable:
             sums = metric_zeros(metrics, outputs_of(update, train, x, y)) if metrics else None
             last = logged_template(jax.eval_shape(lambda s, b: update(s, b)[1], train, batch)) if log else None
             found.append((sums, last))
-        return start_carry(train, *found[0])
+        return start_carry(train, *found[0], tokens=has_token_axis(y))
 
     return fresh if options.members is None else jax.jit(jax.vmap(fresh))
 

@@ -113,12 +113,14 @@ def _array_tree(state: FitState) -> dict:
         }
         if p.sums is not None:
             tree["position"]["sums"] = p.sums
+        if p.weight is not None:
+            tree["position"]["weight"] = p.weight
     return tree
 
 
 def _where(p: Position) -> dict:
     """The JSON part of a position: its counts, and the shapes of its metric sums (the template)."""
-    where = {"steps": p.steps, "examples": p.examples}
+    where = {"steps": p.steps, "examples": p.examples, "tokens": p.weight is not None}
     if p.sums is not None:
         where["sums"] = {name: [list(np.shape(v)), np.asarray(v).dtype.str] for name, v in p.sums.items()}
     return where
@@ -290,7 +292,8 @@ def _template(like: FitState, has_best: bool, position: dict | None) -> dict:
         inside = None
         if position is not None:
             carry = (start_carry if num_members(train.key) is None else jax.vmap(start_carry))(train)
-            inside = Position(train.key, carry.total, carry.finite_steps, 0, 0, _sums_template(position))
+            weight = carry.total if position.get("tokens") is True else None  # a token count: the total's shape
+            inside = Position(train.key, carry.total, carry.finite_steps, 0, 0, _sums_template(position), weight)
         return _array_tree(FitState(train, 0, [], best, 0, best_model_state, inside))
 
     return jax.eval_shape(build, like.train, like.best_params, like.best_model_state)
@@ -358,7 +361,9 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     if meta.get("position") is not None:
         p, where = tree["position"], meta["position"]
         shuffle_key = jax.random.wrap_key_data(p["shuffle_key"], impl=meta["key_impl"])
-        position = Position(shuffle_key, p["total"], p["finite"], int(where["steps"]), where["examples"], p.get("sums"))
+        position = Position(
+            shuffle_key, p["total"], p["finite"], int(where["steps"]), where["examples"], p.get("sums"), p.get("weight")
+        )
     state = FitState(
         train,
         meta["epoch"],

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxnet.base import PRNGKey, TrainState
+from jaxnet.losses import has_token_axis
 from jaxnet.shuffle import index_permutation
 from jaxnet.step import Update
 
@@ -114,6 +115,9 @@ class Carry(NamedTuple):
         over its steps' training-mode predictions (None without metrics).
       last: the last step's ``loss``, ``grad_norm`` and ``learning_rate`` when steps are logged
         (None otherwise).
+      weight: with token targets (:func:`jaxnet.losses.has_token_axis`), the running count of the
+        real tokens trained on: ``total`` then adds each step's loss times its tokens, and the
+        epoch's loss is ``total / weight``, the mean over every real token (None otherwise).
     """
 
     state: TrainState
@@ -122,15 +126,19 @@ class Carry(NamedTuple):
     steps: jax.Array
     sums: dict | None = None
     last: dict | None = None
+    weight: jax.Array | None = None
 
 
-def start_carry(state: TrainState, sums: dict | None = None, last: dict | None = None) -> Carry:
+def start_carry(state: TrainState, sums: dict | None = None, last: dict | None = None, tokens: bool = False) -> Carry:
     """The carry of an epoch's first step (the loss summed in the params' float dtype, at least
-    float32), with the metrics' zero ``sums`` and a ``last`` template when asked for."""
+    float32), with the metrics' zero ``sums`` and a ``last`` template when asked for, and a zero
+    token count with ``tokens`` (targets with a token axis)."""
     # distinct arrays: a chunked epoch donates the carry, and a buffer cannot be donated twice
     steps = [jnp.zeros((), jnp.int32) for _ in range(2)]
     fresh = (None if tree is None else jax.tree.map(jnp.zeros_like, tree) for tree in (sums, last))
-    return Carry(state, jnp.zeros((), _float_dtype(state.params)), *steps, *fresh)
+    dtype = _float_dtype(state.params)
+    weight = jnp.zeros((), dtype) if tokens else None
+    return Carry(state, jnp.zeros((), dtype), *steps, *fresh, weight)
 
 
 def metric_zeros(metrics: tuple, outputs: int) -> dict | None:
@@ -149,6 +157,8 @@ def epoch_metrics(carry: Carry, divisor) -> dict:
     """``{"loss", "first_nonfinite", "sums"?}`` of a finished epoch: ``total / divisor`` (NaN if
     not finite) and the training metrics' states."""
     finite = jnp.isfinite(carry.total)
+    if carry.weight is not None:  # token targets: the mean over every real token of the epoch
+        divisor = carry.weight
     out = {
         "loss": jnp.where(finite, carry.total / divisor, jnp.nan),
         "first_nonfinite": jnp.where(finite, -1, carry.finite_steps),
@@ -193,8 +203,11 @@ def _step_body(
 
     def body(carry: Carry, batch) -> Carry:
         state, out = update(carry.state, batch)
-        loss = out["loss"]
-        if count:
+        loss, weight = out["loss"], carry.weight
+        if weight is not None:  # token targets: the loss times the step's real tokens (or examples)
+            real = out["weight"] if "weight" in out else jnp.sum(batch[2]) if weighted else batch[0].shape[0]
+            loss, weight = loss * real, weight + jnp.asarray(real).astype(weight.dtype)
+        elif count:
             loss = loss * (jnp.sum(batch[2]) if weighted else batch[0].shape[0])
         total = carry.total + loss.astype(carry.total.dtype)
         steps = carry.steps + 1
@@ -202,7 +215,8 @@ def _step_body(
         if metrics:
             sums = _metric_sums(metrics, sums, out["predictions"], batch, weighted)
         last = _logged(out, carry, log) if log else carry.last
-        return Carry(state, total, jnp.where(jnp.isfinite(total), steps, carry.finite_steps), steps, sums, last)
+        finite_steps = jnp.where(jnp.isfinite(total), steps, carry.finite_steps)
+        return Carry(state, total, finite_steps, steps, sums, last, weight)
 
     return body
 
@@ -307,7 +321,7 @@ def make_epoch(
         key, shuffle_key = jax.random.split(state.key)
         scanned, batch_of, divisor = _epoch_batches(shuffle_key, x, y, layout, *sample_weight)
         sums = metric_zeros(metrics, outputs_of(update, state, x, y)) if metrics else None
-        carry = start_carry(state._replace(key=key), sums)
+        carry = start_carry(state._replace(key=key), sums, tokens=has_token_axis(y))
         carry, _ = jax.lax.scan(
             lambda c, item: (body(c, batch_of(c.steps, item)), None), carry, scanned, length=nb, unroll=unroll
         )

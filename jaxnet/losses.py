@@ -2,7 +2,11 @@
 
 A per-example loss maps ``(prediction, target) -> scalar`` for one example; :func:`batch_mean`
 turns it into a function of whole batches with optional per-example weights (the weights mask
-padding in a final partial batch).
+padding in a final partial batch). Integer targets with a token axis ``(b, T)`` make each token a
+term: a per-token loss (``softmax_cross_entropy`` on logits ``(b, T, V)``) is averaged over the real
+tokens of the whole batch, and targets equal to :data:`IGNORE_INDEX` (padding) count nowhere.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations
@@ -108,21 +112,73 @@ def get_loss(loss: str | PerExample | LossSpec) -> LossSpec:
     raise TypeError(f"loss must be a name or a callable (prediction, target) -> scalar, got {loss!r}")
 
 
+IGNORE_INDEX = -100
+"""A target token with this id counts nowhere: not in the loss, its mean or any metric (padding).
+PyTorch's ``CrossEntropyLoss`` and Hugging Face use the same value."""
+
+
+def has_token_axis(targets) -> bool:
+    """Whether batched ``targets`` (an array or ``jax.ShapeDtypeStruct``, ``(b, ...)``) are integer
+    labels with a sequence axis, ``(b, T)``: each token is a term of the loss and the metrics, the
+    :data:`IGNORE_INDEX` tokens masked out."""
+    return len(targets.shape) >= 2 and jnp.issubdtype(targets.dtype, jnp.integer)
+
+
+def token_weights(targets: jax.Array, weights: jax.Array | None, values_shape) -> jax.Array:
+    """The weight of each term ``(b, *r)`` of a batch's per-example values: the example's weight
+    (``weights`` ``(b,)``, or per-token ``(b, T)``; None: 1), times 0 for an :data:`IGNORE_INDEX`
+    target when the values have the targets' shape (one value per token)."""
+    w = jnp.ones(values_shape[:1], jnp.float32) if weights is None else weights
+    w = jnp.reshape(w, w.shape + (1,) * (len(values_shape) - w.ndim))
+    if has_token_axis(targets) and tuple(targets.shape) == tuple(values_shape):
+        w = w * (targets != IGNORE_INDEX)
+    return jnp.broadcast_to(w, values_shape)
+
+
+def safe_targets(targets: jax.Array) -> jax.Array:
+    """``targets`` with every :data:`IGNORE_INDEX` token replaced by 0, a valid id (its term is
+    weighted 0, and a valid id keeps NaN out of the gradient that a ``where`` would not mask)."""
+    return jnp.where(targets == IGNORE_INDEX, 0, targets) if has_token_axis(targets) else targets
+
+
+def loss_sums(fn: PerExample, predictions, targets, weights=None) -> tuple[jax.Array, jax.Array]:
+    """``(sum, count)``: the weighted sum of ``fn``'s terms over a batch and their total weight.
+
+    A term is one example, or one token when ``fn`` returns a value per token (integer targets
+    ``(b, T)``, predictions ``(b, T, V)``): then the count is the number of real tokens (weighted),
+    :data:`IGNORE_INDEX` targets excluded. Summed in the values' float dtype, at least float32.
+    """
+    values = jax.vmap(fn)(predictions, safe_targets(targets))
+    values = values.astype(jnp.promote_types(values.dtype, jnp.float32))  # float64 stays float64
+    w = token_weights(targets, weights, values.shape).astype(values.dtype)
+    return jnp.sum(w * values), jnp.sum(w)
+
+
 def batch_mean(fn: PerExample) -> Callable[..., jax.Array]:
     """Turns a per-example function into a weighted mean over a batch.
 
     Returns:
-      ``f(predictions: (batch, ...), targets: (batch, ...), weights: (batch,) | None) -> scalar``,
+      ``f(predictions: (b, ...), targets: (b, ...), weights: (b,) | None) -> scalar``,
       ``sum(w * fn(p, t)) / sum(w)``; 0 when all weights are 0. Reduced in the values' float
-      dtype, at least float32 (bfloat16 values are summed in float32, float64 stay float64).
+      dtype, at least float32 (bfloat16 values are summed in float32, float64 stay float64). For
+      targets with a token axis (:func:`has_token_axis`) and a per-token ``fn`` (such as
+      :func:`softmax_cross_entropy` on logits ``(b, T, V)``), the mean over the real tokens of the
+      whole batch: the sum of the token terms over their count (:func:`loss_sums`), not a mean of
+      per-sequence means.
 
     Examples:
       >>> f = batch_mean(half_sum_squares)
       >>> float(f(jnp.ones((2, 1)), jnp.zeros((2, 1)), jnp.array([1.0, 0.0])))
       0.5
+      >>> logits = jnp.zeros((1, 3, 4))  # one sequence of 3 tokens, 4 ids: each term log(4)
+      >>> round(float(batch_mean(softmax_cross_entropy)(logits, jnp.array([[1, 2, IGNORE_INDEX]]))), 4)
+      1.3863
     """
 
     def reduced(predictions, targets, weights=None):
+        if has_token_axis(targets):
+            total, count = loss_sums(fn, predictions, targets, weights)
+            return jnp.where(count > 0, total / jnp.maximum(count, 1e-30), 0.0)
         values = jax.vmap(fn)(predictions, targets)
         values = values.astype(jnp.promote_types(values.dtype, jnp.float32))  # float64 stays float64
         if weights is None:

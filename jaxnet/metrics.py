@@ -7,6 +7,8 @@ every batch of the data, so a macro F1 is the F1 of the whole set's confusion ma
 per-batch figures.
 
 Names: ``accuracy``, ``top_k_accuracy`` (``top_5_accuracy`` etc.), ``cross_entropy``,
+``perplexity`` (``exp`` of the mean cross-entropy), ``bits_per_token`` (the mean cross-entropy in
+bits: bits per byte or per character with a byte or character tokenizer),
 ``precision``, ``recall``, ``f1`` (macro averages over the classes present in the targets or the
 predictions, as scikit-learn's ``average="macro"``), ``mse``, ``mae``, ``r2``; or any per-example
 callable ``(prediction, target) -> scalar``, reported as its weighted mean under its ``__name__``.
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxnet.losses import has_token_axis, safe_targets, token_weights
 
 
 class Metric(NamedTuple):
@@ -147,9 +151,25 @@ def _accuracy(logits, label):
     return (jnp.argmax(logits, axis=-1) == label).astype(jnp.float32)
 
 
+def _exp_ratio(state) -> float:
+    return float(np.exp(_ratio(state[0], state[1])))
+
+
+def _bits_ratio(state) -> float:
+    return _ratio(state[0], state[1]) / float(np.log(2.0))
+
+
+def _of_cross_entropy(name: str, result: Callable) -> Metric:
+    """A figure of the mean cross-entropy (nats): its ``result`` of the summed state."""
+    mean = _mean_metric(name, _cross_entropy)
+    return mean._replace(result=result)
+
+
 BUILT_IN: dict[str, Callable[[], Metric]] = {
     "accuracy": lambda: _mean_metric("accuracy", _accuracy),
     "cross_entropy": lambda: _mean_metric("cross_entropy", _cross_entropy),
+    "perplexity": lambda: _of_cross_entropy("perplexity", _exp_ratio),
+    "bits_per_token": lambda: _of_cross_entropy("bits_per_token", _bits_ratio),
     "precision": lambda: _confusion("precision", _precision),
     "recall": lambda: _confusion("recall", _recall),
     "f1": lambda: _confusion("f1", _f1),
@@ -160,20 +180,36 @@ BUILT_IN: dict[str, Callable[[], Metric]] = {
 """The metrics by name (``top_k_accuracy`` takes its k from the name: ``top_5_accuracy``)."""
 
 
+def per_token(metric: Metric) -> Metric:
+    """``metric`` that also takes targets with a token axis: predictions ``(b, T, V)`` and labels
+    ``(b, T)`` are scored as ``b * T`` examples, each token weighted by its sequence's weight and
+    the :data:`jaxnet.losses.IGNORE_INDEX` tokens by 0 (other targets pass through unchanged)."""
+
+    def update(state, predictions, targets, weights):
+        if has_token_axis(targets) and predictions.ndim == targets.ndim + 1:
+            w = token_weights(targets, weights, targets.shape).reshape(-1)
+            flat = predictions.reshape(-1, predictions.shape[-1])
+            return metric.update(state, flat, safe_targets(targets).reshape(-1), w.astype(jnp.float32))
+        return metric.update(state, predictions, targets, weights)
+
+    return metric._replace(update=update)
+
+
 def get_metric(metric: str | Callable | Metric) -> Metric:
-    """A :class:`Metric` from a name, a per-example callable or a Metric."""
+    """A :class:`Metric` from a name, a per-example callable or a Metric; each takes targets with
+    a token axis too (:func:`per_token`)."""
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
         top = re.fullmatch(r"top_(\d+)_accuracy", metric)
         if top:
-            return top_k_accuracy(int(top.group(1)))
+            return per_token(top_k_accuracy(int(top.group(1))))
         if metric in BUILT_IN:
-            return BUILT_IN[metric]()
+            return per_token(BUILT_IN[metric]())
         names = ", ".join([*BUILT_IN, "top_k_accuracy (e.g. top_5_accuracy)"])
         raise ValueError(f"unknown metric {metric!r}: use one of {names}, or a callable (prediction, target)")
     if callable(metric):
-        return _mean_metric(getattr(metric, "__name__", "metric"), metric)
+        return per_token(_mean_metric(getattr(metric, "__name__", "metric"), metric))
     raise TypeError(f"metrics: expected names or callables, got {metric!r}")
 
 
@@ -190,7 +226,7 @@ def get_metrics(metrics: Sequence | None) -> tuple[Metric, ...]:
     return found
 
 
-CLASS_METRICS = ("accuracy", "cross_entropy", "precision", "recall", "f1")
+CLASS_METRICS = ("accuracy", "cross_entropy", "perplexity", "bits_per_token", "precision", "recall", "f1")
 VALUE_METRICS = ("mse", "mae", "r2")
 
 

@@ -14,7 +14,7 @@ import optax
 
 from jaxnet.base import Batch, Params, PRNGKey, TrainState
 from jaxnet.forward import AnyModel, apply_batch, check_model, has_state, is_stateful
-from jaxnet.losses import LossSpec, PerExample, batch_mean, get_loss
+from jaxnet.losses import LossSpec, PerExample, batch_mean, get_loss, has_token_axis, loss_sums
 
 Metrics = dict[str, jax.Array]
 Update = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -48,7 +48,10 @@ def _objective(model: AnyModel, loss, compute_dtype):
         predictions, model_state = apply_batch(model, params, model_state, x, train=True, key=key, weight=w)
         if compute_dtype is not None:
             predictions = predictions.astype(jnp.float32)  # the loss in float32, as the master params
-        return reduce(predictions, y, w), (model_state, predictions)
+        if not has_token_axis(y):
+            return reduce(predictions, y, w), (model_state, predictions, None)
+        total, count = loss_sums(spec.fn, predictions, y, w)  # the mean over the batch's real tokens
+        return jnp.where(count > 0, total / jnp.maximum(count, 1e-30), 0.0), (model_state, predictions, count)
 
     return objective
 
@@ -75,7 +78,7 @@ def make_loss_fn(model: AnyModel, loss: str | PerExample | LossSpec, *, compute_
 
 
 def _loss_and_state(value):
-    loss, (model_state, _) = value
+    loss, (model_state, *_) = value
     return loss, model_state
 
 
@@ -143,11 +146,13 @@ def _batch_update(model: AnyModel, objective: Callable, optimizer, outputs: bool
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = step_key(model, state)
-        (loss_value, (model_state, predictions)), grads = value_and_grad(state.params, state.model_state, batch, key)
+        (loss_value, (model_state, predictions, count)), grads = value_and_grad(
+            state.params, state.model_state, batch, key
+        )
         if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss: skip the step too
             grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_value), g, jnp.nan), grads)
         state, opt_state = _apply(optimizer, state, grads, model_state)
-        return state, _step_metrics(loss_value, predictions, grads, opt_state, outputs, gradients)
+        return state, _step_metrics(loss_value, count, predictions, grads, opt_state, outputs, gradients)
 
     return update
 
@@ -159,9 +164,12 @@ def _apply(optimizer, state: TrainState, grads, model_state) -> tuple[TrainState
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1, model_state=model_state), opt_state
 
 
-def _step_metrics(loss_value, predictions, grads, opt_state, outputs: bool, gradients: bool) -> Metrics:
-    """A step's metrics: its loss, and its ``predictions`` and gradients when asked for."""
+def _step_metrics(loss_value, count, predictions, grads, opt_state, outputs: bool, gradients: bool) -> Metrics:
+    """A step's metrics: its loss (and with token targets the ``weight`` it averages over: the
+    batch's real tokens), and its ``predictions`` and gradients when asked for."""
     metrics = {"loss": loss_value}
+    if count is not None:
+        metrics["weight"] = count
     if outputs:
         metrics["predictions"] = predictions
     if gradients:
@@ -362,8 +370,8 @@ def _per_example_update(model: AnyModel, objective: Callable, optimizer, outputs
     """:func:`make_per_example_update`'s update: per-example gradients, vmapped over the batch."""
 
     def one(params, model_state, example, key):
-        value, (_, predictions) = objective(params, model_state, jax.tree.map(lambda a: a[None], example), key)
-        return value, predictions[0]
+        value, (_, predictions, count) = objective(params, model_state, jax.tree.map(lambda a: a[None], example), key)
+        return value, (predictions[0], jnp.ones((), jnp.float32) if count is None else count)
 
     value_and_grad = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, None, 0, 0))
 
@@ -377,15 +385,17 @@ def _per_example_update(model: AnyModel, objective: Callable, optimizer, outputs
         n = example_batch[0].shape[0]
         key = step_key(model, state)
         keys = None if key is None else jax.random.split(key, n)
-        (values, predictions), grads = value_and_grad(state.params, state.model_state, example_batch, keys)
+        (values, (predictions, counts)), grads = value_and_grad(state.params, state.model_state, example_batch, keys)
         w = example_batch[2] if len(example_batch) == 3 else None
-        if w is None:
+        tokens = has_token_axis(example_batch[1])
+        if w is None and not tokens:
             loss_value = jnp.mean(values)
-        else:
-            w = w.astype(values.dtype)
+        else:  # each example's mean weighted by its weight (and, with token targets, its real tokens)
+            w = (jnp.ones_like(values) if w is None else w.astype(values.dtype)) * (counts if tokens else 1)
             loss_value = jnp.where(jnp.sum(w) > 0, jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-30), 0.0)
         state, opt_state = _apply(optimizer, state, grads, state.model_state)
         mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads) if gradients else None
-        return state, _step_metrics(loss_value, predictions, mean_grads, opt_state, outputs, gradients)
+        count = jnp.sum(w) if tokens else None
+        return state, _step_metrics(loss_value, count, predictions, mean_grads, opt_state, outputs, gradients)
 
     return update

@@ -74,6 +74,12 @@ _EXPORTS = {
     "NonFiniteLossError": "loop",
     "fit": "loop",
     "init_fit_state": "loop",
+    "gpt": "lm",
+    "GPTConfig": "lm",
+    "decay_mask": "lm",
+    "generate": "decoding",
+    "sample_logits": "decoding",
+    "IGNORE_INDEX": "losses",
     "Callback": "hooks",
     "LOSSES": "losses",
     "LossSpec": "losses",
@@ -137,6 +143,8 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.base import PRNGKey as PRNGKey
     from jaxnet.base import StatefulModel as StatefulModel
     from jaxnet.base import TrainState as TrainState
+    from jaxnet.decoding import generate as generate
+    from jaxnet.decoding import sample_logits as sample_logits
     from jaxnet.epoch import epoch_batches as epoch_batches
     from jaxnet.epoch import make_epoch as make_epoch
     from jaxnet.epoch import num_batches as num_batches
@@ -174,10 +182,14 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.layers import serial as serial
     from jaxnet.layers import transformer_block as transformer_block
     from jaxnet.layers import with_params as with_params
+    from jaxnet.lm import GPTConfig as GPTConfig
+    from jaxnet.lm import decay_mask as decay_mask
+    from jaxnet.lm import gpt as gpt
     from jaxnet.loop import FitState as FitState
     from jaxnet.loop import NonFiniteLossError as NonFiniteLossError
     from jaxnet.loop import fit as fit
     from jaxnet.loop import init_fit_state as init_fit_state
+    from jaxnet.losses import IGNORE_INDEX as IGNORE_INDEX
     from jaxnet.losses import LOSSES as LOSSES
     from jaxnet.losses import LossSpec as LossSpec
     from jaxnet.losses import accuracy as accuracy

@@ -578,7 +578,8 @@ def residual(*layers: Model | StatefulModel) -> Model | StatefulModel:
 def multi_head_attention(dim: int, num_heads: int, *, causal: bool = False, dtype=jnp.float32) -> Model:
     """Multi-head self-attention of one sequence: ``(length, dim) -> (length, dim)``.
 
-    ``softmax(q k^T / sqrt(dim / num_heads)) v`` per head, the heads concatenated and projected.
+    ``softmax(q k^T / sqrt(dim / num_heads)) v`` per head, the heads concatenated and projected,
+    computed by ``jax.nn.dot_product_attention`` (XLA's, or cuDNN's fused kernel where JAX picks it).
     With ``causal``, position ``i`` attends to positions ``<= i`` only.
 
     Returns:
@@ -588,7 +589,6 @@ def multi_head_attention(dim: int, num_heads: int, *, causal: bool = False, dtyp
     dim, num_heads = _check_size(dim, "dim"), _check_size(num_heads, "num_heads")
     if dim % num_heads:
         raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-    head = dim // num_heads
     projection = dense(dim, dim, w_init=jax.nn.initializers.glorot_uniform(), dtype=dtype)
 
     def init(key):
@@ -596,15 +596,16 @@ def multi_head_attention(dim: int, num_heads: int, *, causal: bool = False, dtyp
 
     def apply(params, x):
         _check_input(x, 2, dim, "multi_head_attention")
-        length = x.shape[0]
-        q, k, v = (jnp.reshape(projection.apply(params[n], x), (length, num_heads, head)) for n in "qkv")
-        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(head)
-        if causal:
-            scores = jnp.where(jnp.tril(jnp.ones((1, length, length), bool)), scores, -jnp.inf)
-        out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
-        return projection.apply(params["o"], jnp.reshape(out, (length, dim)))
+        q, k, v = (split_heads(projection.apply(params[n], x), num_heads) for n in "qkv")
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        return projection.apply(params["o"], jnp.reshape(out, (x.shape[0], dim)))
 
     return Model(init, apply)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """``(T, dim) -> (T, num_heads, dim / num_heads)``: the layout of ``jax.nn.dot_product_attention``."""
+    return jnp.reshape(x, (x.shape[0], num_heads, x.shape[-1] // num_heads))
 
 
 def transformer_block(

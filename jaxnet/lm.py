@@ -1,0 +1,277 @@
+"""A GPT from jaxnet's layers: a decoder-only transformer over token ids, and its cached decoding.
+
+:func:`gpt` is a model like any other (``apply`` takes one sequence ``(T,)`` of ids and returns
+``(T, V)`` logits), so ``fit``, members, streaming and the loggers train it as they train an MLP.
+It is GPT-2's architecture as nanoGPT writes it: token (and learned position) embeddings, ``layers``
+pre-norm blocks of causal self-attention and a GELU MLP of width ``4 * dim``, a final layer norm
+and a head tied to the token embedding (``tie_embeddings``); or rotary position embeddings
+(``positions="rope"``, RoFormer) instead of learned ones. Initialization is GPT-2's: every weight
+normal with std 0.02, the two residual projections of each block (``attn/o``, ``mlp/proj``) with
+std ``0.02 / sqrt(2 * layers)``, biases zero, layer norms one and zero.
+
+The params are a plain pytree whose paths name what they are (``blocks/3/attn/q/w``), so that
+weight decay, freezing and sharding rules can select them by path: :func:`decay_mask` is
+nanoGPT's ``configure_optimizers`` choice (decay the matrices, not biases, norms or embeddings).
+
+For generation (:func:`jaxnet.generate`) the model's ``apply`` (a :class:`GPT`) also carries
+``prefill`` and ``decode``, which fill and extend a cache of the attention's keys and values, so
+that each new token costs one position's work instead of the whole prefix's.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxnet import _checks as checks
+from jaxnet.base import Context, Params, PRNGKey, StatefulModel
+from jaxnet.layers import dense, embedding, layer_norm, split_heads
+
+POSITIONS = ("learned", "rope")
+STD = 0.02
+
+
+class GPTConfig(NamedTuple):
+    """A GPT's sizes: ``vocab_size`` V, ``context`` (the most tokens it attends over), ``layers``,
+    ``heads`` and ``dim`` (the width; ``dim / heads`` per head), ``dropout`` (on the embeddings and
+    after each residual branch, in training), ``tie_embeddings`` and ``positions``."""
+
+    vocab_size: int
+    context: int
+    layers: int
+    heads: int
+    dim: int
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    positions: str = "learned"
+
+
+class Cache(NamedTuple):
+    """The keys and values of every layer for ``context`` positions, ``(layers, C, heads, dim /
+    heads)`` each, and ``length``: how many positions hold a token."""
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+
+def _check_config(c: GPTConfig) -> GPTConfig:
+    for name in ("vocab_size", "context", "layers", "heads", "dim"):
+        checks.integer(name, getattr(c, name))
+    if c.dim % c.heads:
+        raise ValueError(f"dim {c.dim} must be divisible by heads {c.heads}")
+    if c.positions == "rope" and (c.dim // c.heads) % 2:
+        raise ValueError(f"positions='rope' needs an even width per head, got dim / heads = {c.dim // c.heads}")
+    checks.choice("positions", c.positions, POSITIONS)
+    checks.number("dropout", c.dropout, minimum=0.0)
+    if c.dropout >= 1:
+        raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    return c
+
+
+def _normal(std: float) -> Callable:
+    return jax.nn.initializers.normal(std)
+
+
+def _init(c: GPTConfig) -> Callable[[PRNGKey], Params]:
+    """GPT-2's initialization (see the module docstring)."""
+    d = c.dim
+    residual = STD / math.sqrt(2 * c.layers)
+    linear = {name: dense(d, d, w_init=_normal(residual if name == "o" else STD)) for name in "qkvo"}
+    fc, proj = dense(d, 4 * d, w_init=_normal(STD)), dense(4 * d, d, w_init=_normal(residual))
+    norm = layer_norm(d)
+
+    def block(key):
+        keys = jax.random.split(key, 6)
+        attn = {name: linear[name].init(k) for name, k in zip("qkvo", keys[:4])}
+        mlp = {"fc": fc.init(keys[4]), "proj": proj.init(keys[5])}
+        return {"ln1": norm.init(key), "attn": attn, "ln2": norm.init(key), "mlp": mlp}
+
+    def init(key):
+        keys = jax.random.split(key, c.layers + 3)
+        params = {"embed": {"table": STD * jax.random.normal(keys[0], (c.vocab_size, d))}}
+        if c.positions == "learned":
+            params["pos"] = {"table": STD * jax.random.normal(keys[1], (c.context, d))}
+        params["blocks"] = [block(k) for k in keys[3:]]
+        params["ln_f"] = norm.init(key)
+        if not c.tie_embeddings:
+            params["head"] = {"w": STD * jax.random.normal(keys[2], (d, c.vocab_size))}
+        return params, {}
+
+    return init
+
+
+def _rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary position embedding of ``x`` ``(T, heads, h)`` at ``positions`` ``(T,)`` (RoFormer's
+    pairs ``(x[i], x[i + h/2])`` rotated by ``position * 10000^(-2i/h)``)."""
+    half = x.shape[-1] // 2
+    frequencies = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[:, None].astype(jnp.float32) * frequencies[None, :]  # (T, h/2)
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    a, b = x[..., :half], x[..., half:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x.dtype)
+
+
+def _dropout(x: jax.Array, rate: float, ctx: Context | None, salt: int) -> jax.Array:
+    if ctx is None or not ctx.train or rate == 0.0:
+        return x
+    if ctx.key is None:
+        raise ValueError("gpt: dropout in training mode needs a PRNG key: train through jaxnet")
+    keep = jax.random.bernoulli(jax.random.fold_in(ctx.key, salt), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def _linear(p: Params, x: jax.Array) -> jax.Array:
+    """``x @ w + b`` over the last axis of ``x`` (no implicit rank promotion)."""
+    y = x @ p["w"]
+    return y + jnp.reshape(p["b"], (1,) * (y.ndim - 1) + p["b"].shape)
+
+
+def _mlp(p: Params, x: jax.Array) -> jax.Array:
+    hidden = jax.nn.gelu(_linear(p["fc"], x), approximate=True)  # GPT-2's tanh GELU
+    return _linear(p["proj"], hidden)
+
+
+def _projections(c: GPTConfig, p: Params, h: jax.Array, positions: jax.Array):
+    """Queries, keys and values ``(T, heads, dim / heads)`` of the normed input ``h`` ``(T, dim)``."""
+    q, k, v = (split_heads(_linear(p[n], h), c.heads) for n in "qkv")
+    if c.positions == "rope":
+        q, k = _rope(q, positions), _rope(k, positions)
+    return q, k, v
+
+
+def _norm(p: Params, x: jax.Array) -> jax.Array:
+    """:func:`jaxnet.layer_norm`'s ``apply``."""
+    return layer_norm(x.shape[-1]).apply(p, x)
+
+
+def _embed(c: GPTConfig, params: Params, ids: jax.Array, positions: jax.Array) -> jax.Array:
+    x = embedding(c.vocab_size, c.dim).apply(params["embed"], ids)
+    if c.positions == "learned":
+        x = x + params["pos"]["table"][positions]
+    return x
+
+
+def _logits(c: GPTConfig, params: Params, x: jax.Array) -> jax.Array:
+    x = _norm(params["ln_f"], x)
+    head = params["embed"]["table"].T if c.tie_embeddings else params["head"]["w"]
+    return x @ head
+
+
+def _block(c: GPTConfig, p: Params, x, positions, attend: Callable, ctx: Context | None, salt: int):
+    """One block: ``x + attention(ln1(x))``, ``+ mlp(ln2(x))``; ``attend(q, k, v) -> (T, heads, h)``."""
+    q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), positions)
+    out = attend(q, k, v)
+    attn = _linear(p["attn"]["o"], jnp.reshape(out, (x.shape[0], c.dim)))
+    x = x + _dropout(attn, c.dropout, ctx, 2 * salt + 1)
+    x = x + _dropout(_mlp(p["mlp"], _norm(p["ln2"], x)), c.dropout, ctx, 2 * salt + 2)
+    return x, (k, v)
+
+
+def _forward(c: GPTConfig, params: Params, ids: jax.Array, positions, attend, ctx: Context | None):
+    """``(logits (T, V), keys and values (layers, T, heads, h))`` of ``ids`` ``(T,)``."""
+    if ids.ndim != 1:
+        raise ValueError(f"gpt: one sequence of token ids (T,) per example, got shape {ids.shape}")
+    if ids.shape[0] > c.context:
+        raise ValueError(f"gpt: {ids.shape[0]} tokens exceed the context of {c.context}")
+    x = _dropout(_embed(c, params, ids, positions), c.dropout, ctx, 0)
+    keys, values = [], []
+    for i, p in enumerate(params["blocks"]):
+        x, (k, v) = _block(c, p, x, positions, attend, ctx, i)
+        keys.append(k)
+        values.append(v)
+    return _logits(c, params, x), (jnp.stack(keys), jnp.stack(values))
+
+
+def _causal(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def gpt(
+    vocab_size: int,
+    context: int,
+    layers: int,
+    heads: int,
+    dim: int,
+    *,
+    dropout: float = 0.0,
+    tie_embeddings: bool = True,
+    positions: str = "learned",
+) -> StatefulModel:
+    """A GPT language model: one sequence of ids ``(T,)`` (``T <= context``) -> next-token logits ``(T, V)``.
+
+    Train it with ``loss="softmax_cross_entropy"`` on targets ``(T,)``, the inputs shifted by one
+    (:func:`jaxnet.text.windows`); generate with :func:`jaxnet.generate`.
+
+    Args:
+      vocab_size: V, the token ids' range.
+      context: the most tokens one sequence holds (learned positions: that many rows).
+      layers, heads, dim: the blocks, attention heads and width (``dim % heads == 0``).
+      dropout: on the embeddings and each residual branch in training (0: none).
+      tie_embeddings: the output head is the token embedding's transpose (GPT-2), else its own.
+      positions: ``"learned"`` (GPT-2) or ``"rope"`` (rotary, applied to queries and keys).
+
+    Examples:
+      >>> import jax
+      >>> net = gpt(vocab_size=50, context=16, layers=2, heads=2, dim=32)
+      >>> params, state = net.init(jax.random.key(0))  # state: {} (dropout's keys come from ctx)
+      >>> logits, _ = net.apply(params, state, jax.numpy.arange(10), Context(train=False))
+      >>> logits.shape
+      (10, 50)
+    """
+    c = _check_config(GPTConfig(vocab_size, context, layers, heads, dim, dropout, tie_embeddings, positions))
+    return StatefulModel(_init(c), GPT(c))
+
+
+class GPT(NamedTuple):
+    """A GPT's ``apply``: ``(params, state, ids: (T,), ctx) -> (logits: (T, V), state)`` (state ``{}``;
+    a :class:`jaxnet.StatefulModel` for dropout's keys), with the cached decoding that
+    :func:`jaxnet.generate` runs beside it: :meth:`prefill` and :meth:`decode`."""
+
+    config: GPTConfig
+
+    def __call__(self, params: Params, state, ids: jax.Array, ctx: Context):
+        logits, _ = _forward(self.config, params, ids, jnp.arange(ids.shape[0]), _causal, ctx)
+        return logits, state
+
+    def prefill(self, params: Params, ids: jax.Array, length) -> tuple[jax.Array, Cache]:
+        """Logits ``(C, V)`` of a window ``ids`` ``(C,)`` whose first ``length`` ids are real (the
+        rest padding, never attended to by them), and the cache holding those ``length`` positions."""
+        logits, (k, v) = _forward(self.config, params, ids, jnp.arange(ids.shape[0]), _causal, None)
+        return logits, Cache(k, v, jnp.asarray(length, jnp.int32))
+
+    def decode(self, params: Params, cache: Cache, token: jax.Array) -> tuple[jax.Array, Cache]:
+        """The next-token logits ``(V,)`` after ``token``, placed at position ``cache.length`` (which
+        must be below the context), and the cache with it."""
+        c, position = self.config, cache.length
+        visible = (jnp.arange(cache.k.shape[1]) <= position)[None, None, :]  # (1, 1, C): keys up to here
+        x = _embed(c, params, jnp.reshape(token, (1,)), position[None])
+        ks, vs = [], []
+        for i, p in enumerate(params["blocks"]):
+            q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), position[None])
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, position, axis=0)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, position, axis=0)
+            out = jax.nn.dot_product_attention(q, k_all, v_all, mask=visible)
+            x = x + _linear(p["attn"]["o"], jnp.reshape(out, (1, c.dim)))
+            x = x + _mlp(p["mlp"], _norm(p["ln2"], x))
+            ks.append(k_all)
+            vs.append(v_all)
+        return _logits(c, params, x)[0], Cache(jnp.stack(ks), jnp.stack(vs), position + 1)
+
+
+def decay_mask(params: Params) -> Params:
+    """True for the leaves weight decay should touch: the matrices of the attention and MLP
+    projections and an untied head; False for biases, layer norms and embeddings (nanoGPT's
+    ``configure_optimizers``). Give it to ``optax.adamw(..., mask=decay_mask)``."""
+
+    def decays(path, leaf) -> bool:
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return jnp.ndim(leaf) >= 2 and not any(n in ("embed", "pos") for n in names)
+
+    return jax.tree_util.tree_map_with_path(decays, params)

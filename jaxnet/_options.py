@@ -17,14 +17,18 @@ class FitOptions:
     """What a fit does besides its model, loss, optimizer and data: :func:`jaxnet.fit`'s keyword
     arguments after their checks (each field's meaning is that argument's; see its docstring).
 
-    The loop reads the epoch bookkeeping (``epochs``, ``patience``, ``monitor``, ``callbacks``);
+    The loop reads the bookkeeping (``epochs``, or ``steps`` and ``eval_every`` for a fit by
+    steps, whose rounds of ``eval_every`` steps take the place of epochs; ``patience``,
+    ``monitor``, ``callbacks``);
     the programs (``jaxnet._programs``) read how steps are made and fed. ``members`` is K for a
     member run, None for a single one; ``class_weights`` the ``(C,)`` weights of the classes, or
     None. Axis letters: :mod:`jaxnet.base`.
     """
 
-    epochs: int
+    epochs: int | None
     batch_size: int
+    steps: int | None = None
+    eval_every: int | None = None
     members: int | None = None
     patience: int | None = None
     monitor: str = "val_loss"
@@ -42,6 +46,11 @@ class FitOptions:
     metrics: tuple[Metric, ...] = ()
     log_every_steps: int | None = None
     class_weights: jax.Array | None = None
+
+    @property
+    def round_steps(self) -> int | None:
+        """A fit by steps: the steps between two evaluations (``eval_every``, else all ``steps``)."""
+        return (self.eval_every or self.steps) if self.steps else None
 
     @property
     def logs_steps(self) -> bool:

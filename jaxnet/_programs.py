@@ -16,6 +16,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -102,11 +103,14 @@ def _steps(update, options: FitOptions, *, weighted: bool, count: bool, gather: 
     )  # fmt: skip
 
 
-def _chunk_steps(options: FitOptions, most: int | None) -> int | None:
-    """The steps per chunk: at most ``most`` (or ``chunk_steps``), and dividing ``log_every_steps``
-    so that every logged step ends a chunk."""
+def _chunk_steps(options: FitOptions, most: int | None, epoch_steps: int | None = None) -> int | None:
+    """The steps per chunk: at most ``most`` (or ``chunk_steps``), and dividing every period a chunk
+    must end on: ``log_every_steps`` (every logged step ends a chunk) and, for a fit by steps, its
+    ``eval_every`` and ``steps`` and the ``epoch_steps`` of an epoch (so that an evaluation falls on
+    a chunk's end in every epoch)."""
     most = most or options.chunk_steps
-    every = options.log_every_steps
+    periods = [options.log_every_steps] + ([options.round_steps, options.steps, epoch_steps] if options.steps else [])
+    every = math.gcd(*[p for p in periods if p]) if any(periods) else None
     if every is None:
         return most
     if most is None:
@@ -125,7 +129,7 @@ def _resident_epochs(update, options: FitOptions, train: tuple, jit_options: dic
     if members is not None:
         epoch = jax.vmap(epoch, in_axes=(0, None, None, *[None] * len(weight)))
     whole_epoch = jax.jit(epoch, donate_argnums=(0,), **jit_options)
-    chunk = _chunk_steps(options, None)
+    chunk = _chunk_steps(options, None, steps)
     if chunk is None:
 
         def whole(train, position, on_chunk):
@@ -134,7 +138,8 @@ def _resident_epochs(update, options: FitOptions, train: tuple, jit_options: dic
 
         return whole
     weighted = steps * b > n or bool(weight)
-    steps_fn = _steps(update, options, weighted=weighted, count=weighted, gather=True)
+    # a fit by steps sums each loss times its examples: its rounds end inside epochs
+    steps_fn = _steps(update, options, weighted=weighted, count=weighted or bool(options.steps), gather=True)
     if members is not None:  # each member's carry and rows (index, weight); the arrays shared
         steps_fn = jax.vmap(steps_fn, in_axes=(0, None, None, 0, *[0] * weighted))
     run = jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
@@ -175,9 +180,11 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, jit_options: dic
     spec = source.spec if source.kind == "indexed" else source.first_spec()
     # a member run's chunk holds every member's batches: the budget is shared
     per_chunk = b * (members or 1)
-    steps = _chunk_steps(options, feed.chunk_steps(spec, per_chunk, options.chunk_bytes, options.chunk_steps))
+    most = feed.chunk_steps(spec, per_chunk, options.chunk_bytes, options.chunk_steps)
+    epoch_steps = num_batches(source.num_rows, b, options.drop_remainder) if source.kind == "indexed" else None
+    steps = _chunk_steps(options, most, epoch_steps)
     layout = _layout(options, steps, mesh)
-    count = feed.counts_examples(source, layout)
+    count = feed.counts_examples(source, layout) or bool(options.steps)
 
     @functools.cache
     def program(weighted: bool):

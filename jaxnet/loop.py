@@ -198,10 +198,11 @@ def _check_pair(name: str, x, y) -> tuple:
     return x, y
 
 
-def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
+def _check_data(x, y, validation, sample_weight=None, once: bool = False) -> programs.Data:
     """The fit's data: resident ``(x, y)`` pairs placed as arrays (with ``sample_weight``), or
-    sources (:mod:`jaxnet.sources`)."""
-    train = sources.as_source(x, y, "x")
+    sources (:mod:`jaxnet.sources`); ``once``: an iterator may be given (read once: a fit by steps
+    that it outlasts, or of one epoch)."""
+    train = sources.as_source(x, y, "x", once=once)
     sources.require_targets(train, "x")
     if train is not None and sample_weight is not None:
         raise ValueError(
@@ -223,8 +224,21 @@ def _check_data(x, y, validation, sample_weight=None) -> programs.Data:
     return programs.Data(train, source)
 
 
-def _check_options(spec: LossSpec, epochs, batch_size, patience, monitor, validation, metrics=()) -> None:
-    checks.integer("epochs", epochs)
+def _check_length(epochs, steps, eval_every) -> None:
+    """A fit lasts ``epochs`` or ``steps`` (with evaluations every ``eval_every`` steps): one of them."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("give epochs (whole passes over the data) or steps (optimizer steps), not both" if steps else
+                         "give epochs (whole passes over the data) or steps (optimizer steps)")  # fmt: skip
+    if steps is None:
+        checks.integer("epochs", epochs)
+        if eval_every is not None:
+            raise ValueError("eval_every counts steps: give steps (instead of epochs) with it")
+    else:
+        checks.integer("steps", steps)
+        checks.optional_integer("eval_every", eval_every)
+
+
+def _check_options(spec: LossSpec, batch_size, patience, monitor, validation, metrics=()) -> None:
     checks.integer("batch_size", batch_size)
     checks.choice("monitor", monitor, (*MONITORS, *(f"val_{m.name}" for m in metrics)))
     if monitor == "val_accuracy" and spec.metric is None:
@@ -263,9 +277,18 @@ def _open_book(state: FitState, monitor: str, patience: int | None, skip_nonfini
     return _Book(best_epoch, best_value, stopped, skipped)
 
 
-def is_finished(state: FitState, *, epochs: int, patience: int | None = None, monitor: str = "val_loss") -> bool:
-    """Whether :func:`fit` would train ``state`` no further: all ``epochs`` done, or every member
-    stopped (early stopping, or a non-finite loss)."""
+def is_finished(
+    state: FitState,
+    *,
+    epochs: int | None = None,
+    patience: int | None = None,
+    monitor: str = "val_loss",
+    steps: int | None = None,
+) -> bool:
+    """Whether :func:`fit` would train ``state`` no further: all ``epochs`` (or ``steps``) done, or
+    every member stopped (early stopping, or a non-finite loss)."""
+    if steps is not None:
+        return state.steps >= steps or bool(_open_book(state, monitor, patience, False).stopped.all())
     if state.position is not None:
         return False
     return state.epoch >= epochs or bool(_open_book(state, monitor, patience, False).stopped.all())
@@ -345,13 +368,97 @@ def _epoch(
     """Runs one epoch (or the rest of one) and its validation; returns the new state, bookkeeping
     and record, or the state inside the epoch and no record when a callback stopped it there."""
     start = time.perf_counter()
-    k = options.members or 1
     before = state.steps - (state.position.steps if state.position is not None else 0)
     hook = _chunk_hook(state, options, before)
     train, metrics, position = compiled.train_epoch(state.train, state.position, hook)
     if metrics is None:  # stopped between two chunks
         return state._replace(train=train, position=position), book, None
     metrics = jax.device_get(metrics)  # one host sync per epoch
+    return _conclude(state, book, compiled, options, train, metrics, None, start, before)
+
+
+class _Tally(NamedTuple):
+    """A round's running sums at a chunk's end, on the host (see :func:`_round`)."""
+
+    total: np.ndarray
+    weight: np.ndarray | None
+    examples: float
+    finite_steps: np.ndarray
+    sums: dict | None
+
+
+def _tally(carry, position) -> _Tally:
+    total, weight, finite, sums = jax.device_get((carry.total, carry.weight, carry.finite_steps, carry.sums))
+    return _Tally(np.asarray(total, np.float64), weight, float(position.examples), np.asarray(finite), sums)
+
+
+def _restart_sums(position):
+    """``position`` (inside an epoch) with the running sums started afresh: a round's figures are
+    its own, while the data goes on where it stands."""
+    zero = jax.tree.map(jnp.zeros_like, (position.total, position.weight, position.sums))
+    finite = jnp.full_like(position.finite_steps, position.steps)
+    return position._replace(total=zero[0], weight=zero[1], sums=zero[2], examples=0, finite_steps=finite)
+
+
+def _round(
+    state: FitState, book: _Book, compiled: programs.Programs, options: FitOptions
+) -> tuple[FitState, _Book, Record | None]:
+    """A fit by steps: runs the rest of the current round of ``eval_every`` steps (across epochs
+    of the data when one ends inside it) and the validation; returns what :func:`_epoch` returns,
+    the round in place of the epoch. The carry's sums restart with each round, so that a position
+    inside a round (a checkpoint) holds the round's sums so far and resumes it exactly."""
+    start, first, every = time.perf_counter(), state.steps, options.round_steps
+    target = min((first // every + 1) * every, options.steps)
+    train, position, pieces = state.train, state.position, []
+    if position is not None and first % every == 0:
+        position = _restart_sums(position)
+    while True:
+        base = (first if not pieces else pieces[-1][2]) - (position.steps if position is not None else 0)
+        user_hook = _chunk_hook(state._replace(train=train), options, base)
+        tallies: list[_Tally] = []
+
+        def hook(carry, at, last, base=base, tallies=tallies, user_hook=user_hook):
+            tallies.append(_tally(carry, at))
+            if user_hook(carry, at, last):
+                return True
+            return not last and base + at.steps >= target
+
+        train, metrics, position = compiled.train_epoch(train, position, hook)
+        done = base + (position.steps if position is not None else int(jax.device_get(metrics["steps"])))
+        pieces.append((tallies[-1], base, done))
+        if position is not None and done < target:  # a callback stopped the round inside it
+            return state._replace(train=train, position=position), book, None
+        if done >= target:
+            break
+    metrics = _round_metrics(pieces, target - (first // every) * every if first % every else target - first)
+    return _conclude(state, book, compiled, options, train, metrics, position, start, target - metrics["steps"])
+
+
+def _round_metrics(pieces: list, steps: int) -> dict:
+    """A round's ``{"loss", "first_nonfinite", "steps", "sums"?}`` from its epoch pieces, each
+    ``(tally at its end, the epoch's first global step, global steps at its end)``, their sums
+    counted from the round's start: the loss is the summed loss over the examples (or real tokens)."""
+    total = weight = sums = bad = None
+    first = pieces[-1][2] - steps
+    for end, base, _ in pieces:
+        count = end.weight if end.weight is not None else np.full_like(end.total, end.examples)
+        total, weight = (end.total, count) if total is None else (total + end.total, weight + count)
+        if end.sums is not None:
+            sums = end.sums if sums is None else jax.tree.map(np.add, sums, end.sums)
+        if bad is None and not np.isfinite(end.total).all():  # the first non-finite step, from the round's first
+            bad = np.where(np.isfinite(end.total), -1, np.maximum(base + np.asarray(end.finite_steps) - first, 0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = np.where(np.isfinite(total), total / weight, np.nan)
+    out = {"loss": loss, "first_nonfinite": np.full(np.shape(total), -1) if bad is None else bad, "steps": steps}
+    if sums is not None:
+        out["sums"] = sums
+    return out
+
+
+def _conclude(state, book, compiled, options, train, metrics, position, start, before):
+    """The end of an epoch (or a fit by steps' round): validation, the record, the best params
+    and the bookkeeping; returns the new state (inside a data epoch at ``position``), book, record."""
+    k = options.members or 1
     if "sums" in metrics:
         metrics["train_metrics"] = _train_metrics(metrics.pop("sums"), options.metrics, options.members)
     epoch = state.epoch + 1
@@ -369,6 +476,8 @@ def _epoch(
         best = _keep_best(improved, (train.params, train.model_state), best, options.members)
     record = _record(epoch, metrics, val, book, keep, train)
     record.update(seconds=time.perf_counter() - start, steps=int(metrics["steps"]))
+    if options.steps:
+        record["step"] = before + int(metrics["steps"])
     stopped = book.stopped | diverged
     if options.patience is not None:
         stopped |= epoch - book.best_epoch >= options.patience
@@ -379,7 +488,16 @@ def _epoch(
     best_epoch = int(book.best_epoch[0]) if options.members is None else [int(e) for e in book.best_epoch]
     state.history.append(record)  # the loop's own list (see _loop)
     best_params, best_model_state = (None, None) if best is None else best
-    return FitState(train, epoch, state.history, best_params, best_epoch, best_model_state), book, record
+    new = FitState(train, epoch, state.history, best_params, best_epoch, best_model_state, position)
+    return new, book, record
+
+
+def _epochs_left(state: FitState, options: FitOptions) -> bool:
+    return state.epoch < options.epochs
+
+
+def _steps_left(state: FitState, options: FitOptions) -> bool:
+    return state.steps < options.steps
 
 
 def _loop(state: FitState, compiled: programs.Programs, options: FitOptions) -> FitState:
@@ -388,8 +506,9 @@ def _loop(state: FitState, compiled: programs.Programs, options: FitOptions) -> 
     state = state._replace(history=list(state.history))  # appended to by each epoch; the caller's stays as it is
     for on_run_start in hooks.bound(options.callbacks, hooks.OnRunStart):
         on_run_start(state)
-    while state.epoch < options.epochs and not book.stopped.all():
-        state, book, record = _epoch(state, book, compiled, options)
+    run, more = (_round, _steps_left) if options.steps else (_epoch, _epochs_left)
+    while more(state, options) and not book.stopped.all():
+        state, book, record = run(state, book, compiled, options)
         if record is None or any([bool(callback(state, record)) for callback in options.callbacks]):
             break
     for on_run_end in hooks.bound(options.callbacks, hooks.OnRunEnd):
@@ -405,7 +524,7 @@ def fit(
     *,
     loss: str | PerExample | LossSpec,
     optimizer: optax.GradientTransformation,
-    epochs: int,
+    epochs: int | None = None,
     batch_size: int,
     key: PRNGKey,
     validation: tuple | None = None,
@@ -431,6 +550,8 @@ def fit(
     sample_weight=None,
     class_weight=None,
     log_every_steps: int | None = None,
+    steps: int | None = None,
+    eval_every: int | None = None,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -446,7 +567,8 @@ def fit(
         read and transferred while the device runs the current one.
       loss: a loss name, per-example callable or :class:`LossSpec`.
       optimizer: any optax ``GradientTransformation``.
-      epochs: total number of epochs (including those already done when resuming).
+      epochs: total number of epochs (including those already done when resuming); or give
+        ``steps`` instead.
       batch_size: examples per step; the last partial batch is padded and masked (its update
         averages over its real examples only) unless ``drop_remainder``.
       key: PRNG key for shuffling; the run is reproducible from it.
@@ -503,6 +625,13 @@ def fit(
         applied, for an ``optax.inject_hyperparams`` optimizer), with its global ``step`` number
         and ``epoch``. Epochs then run in compiled chunks of at most this many steps (cost:
         bench/README.md, "Logging steps"); member runs do not log steps.
+      steps: train for this many optimizer steps in all (instead of ``epochs``), as language
+        models train: the data's epochs follow one another (each reshuffled) for as long as the
+        steps last, and an endless source may be given. The loop then runs in rounds of
+        ``eval_every`` steps, each ending with the validation and one record (``epoch``: the
+        round's number, ``step``: the steps done, ``train_loss``: the mean over the round's
+        examples or real tokens); ``patience`` counts rounds. Resumes exactly, also inside a round.
+      eval_every: with ``steps``: the steps of a round (default: all of them, one round).
 
     Member runs (ensembles and sweeps): when ``key`` is a ``(K,)`` array of keys
     (:func:`jaxnet.member_keys`) and ``params`` have a leading axis K (:func:`jaxnet.init_members`),
@@ -527,9 +656,10 @@ def fit(
     """
     spec = get_loss(loss)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
-    data = _check_data(x, y, validation, sample_weight)
+    _check_length(epochs, steps, eval_every)
+    data = _check_data(x, y, validation, sample_weight, once=steps is not None or epochs == 1)
     named = get_metrics(metrics)
-    _check_options(spec, epochs, batch_size, patience, monitor, data.validation, named)
+    _check_options(spec, batch_size, patience, monitor, data.validation, named)
     check_metric_targets(named, spec.integer_labels, spec.name)
     batch_size = _clamped_batch(batch_size, data.train, drop_remainder, mesh)
     members = num_members(key if resume is None else resume.train.key)
@@ -544,11 +674,13 @@ def fit(
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
     options = FitOptions(
         epochs=epochs,
+        steps=steps,
+        eval_every=eval_every,
         batch_size=batch_size,
         members=members,
         patience=patience,
         monitor=monitor,
-        callbacks=(*callbacks, *_progress(verbose, epochs)),
+        callbacks=(*callbacks, *_progress(verbose, epochs or -(-steps // (eval_every or steps)))),
         drop_remainder=drop_remainder,
         shuffle=shuffle,
         unroll=unroll,
@@ -568,7 +700,7 @@ def fit(
             f"shuffle_buffer {shuffle_buffer} is smaller than batch_size {batch_size}: give at least a batch "
             "(or 0 for the source's own order)"
         )
-    if resume.position is not None and options.chunk_steps is None and isinstance(data.train, tuple):
+    if resume.position is not None and options.chunk_steps is None and not steps and isinstance(data.train, tuple):
         raise ValueError(
             "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "
             "run that saved it"

@@ -88,6 +88,7 @@ def test_internal_library_modules_are_marked_with_an_underscore():
     public = {
         "adapters", "base", "callbacks", "checkpoint", "decoding", "epoch", "forward", "hooks", "inference", "layers",
         "lm", "loggers", "loop", "losses", "members", "metrics", "parallel", "shuffle", "sources", "step", "summaries",
+        "text",
     }  # fmt: skip
     library = {_name(p) for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert {m for m in library if not m.startswith("_")} == public

@@ -1,0 +1,165 @@
+"""fit by steps: rounds of eval_every steps across epochs, their losses, exact resume, iterators,
+and token windows of a text (jaxnet.text)."""
+
+import itertools
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxnet as jn
+from jaxnet import text
+
+V, C = 13, 8
+
+
+def _net():
+    return jn.serial(jn.embedding(V, 8), jn.dense(8, V))
+
+
+def _tokens(n=700, seed=0):
+    return np.random.default_rng(seed).integers(0, V, n).astype(np.int32)
+
+
+def _fit(x, y=None, **options):
+    net = _net()
+    args = dict(loss="softmax_cross_entropy", optimizer=optax.adam(0.01), batch_size=8, key=jax.random.key(1))
+    return jn.fit(net, net.init(jax.random.key(0)), x, y, **{**args, **options})
+
+
+def test_round_losses_are_means_over_the_rounds_tokens_across_epochs():
+    # 10 rows in batches of 4 (the last padded), in order, SGD at rate 0: rounds of 4 steps cross epochs
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, V, (10, C)).astype(np.int32)
+    y = rng.integers(0, V, (10, C)).astype(np.int32)
+    y[3, :4] = jn.IGNORE_INDEX
+    net = _net()
+    params = net.init(jax.random.key(0))
+    result = _fit(x, y, optimizer=optax.sgd(0.0), batch_size=4, shuffle=False, steps=11, eval_every=4)
+    logits = np.asarray(jn.batched(net)(params, x), np.float64)
+    terms = np.log(np.exp(logits).sum(-1)) - np.take_along_axis(logits, np.maximum(y, 0)[..., None], -1)[..., 0]
+    real = y != jn.IGNORE_INDEX
+    batches = [range(0, 4), range(4, 8), range(8, 10)]  # an epoch: 3 steps
+    order = [batches[i % 3] for i in range(11)]
+    rounds = [order[0:4], order[4:8], order[8:11]]
+    assert [r["step"] for r in result.history] == [4, 8, 11]
+    assert [r["steps"] for r in result.history] == [4, 4, 3]
+    for record, steps in zip(result.history, rounds):
+        rows = [i for batch in steps for i in batch]
+        expected = sum(terms[i][real[i]].sum() for i in rows) / sum(real[i].sum() for i in rows)
+        np.testing.assert_allclose(record["train_loss"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["resident", "windows"])
+def test_a_fit_by_steps_resumes_exactly_at_and_inside_rounds(source):
+    tokens = _tokens()
+    data = (text.windows(tokens, C),) if source == "windows" else (text.windows(tokens, C).x[np.arange(90)],)
+    if source == "resident":
+        data = (data[0], text.windows(tokens, C).y[np.arange(90)])
+    options = dict(steps=30, eval_every=7, validation=(text.windows(tokens[:200], C, C),))
+    options["validation"] = options["validation"][0]
+    straight = _fit(*data, **options)
+
+    class StopAt:
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, state, record):
+            return None
+
+        def on_chunk(self, state):
+            return state.steps >= self.step
+
+    first = _fit(*data, **{**options, "callbacks": [StopAt(10)]})  # inside the second round
+    assert first.position is not None and first.steps == 10
+    second = _fit(*data, **options, resume=first)
+    np.testing.assert_array_equal(jax.tree.leaves(second.train.params)[0], jax.tree.leaves(straight.train.params)[0])
+    for a, b in zip(jax.tree.leaves(second.train.params), jax.tree.leaves(straight.train.params)):
+        np.testing.assert_array_equal(a, b)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in straight.history]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in second.history] == strip
+    assert [r["step"] for r in straight.history] == [7, 14, 21, 28, 30]
+
+
+def test_an_endless_iterator_trains_for_the_steps_given():
+    tokens = _tokens()
+
+    def batches():
+        rng = np.random.default_rng(0)
+        while True:
+            starts = rng.integers(0, len(tokens) - C - 1, 8)
+            yield np.stack([tokens[s : s + C] for s in starts]), np.stack([tokens[s + 1 : s + C + 1] for s in starts])
+
+    result = _fit(batches(), steps=20, eval_every=10)
+    assert result.steps == 20 and [r["step"] for r in result.history] == [10, 20]
+
+
+def test_a_one_pass_generator_trains_one_epoch():
+    tokens = _tokens()
+    pairs = ((tokens[i : i + C][None], tokens[i + 1 : i + C + 1][None]) for i in range(0, 80, C))
+    assert _fit(pairs, epochs=1).history[0]["steps"] == 2  # 10 rows in batches of 8
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"epochs": 2, "steps": 5}, "not both"),
+        ({}, "give epochs"),
+        ({"epochs": 2, "eval_every": 5}, "eval_every"),
+        ({"steps": 0}, "steps"),
+    ],
+)
+def test_the_length_of_a_fit_is_epochs_or_steps(options, match):
+    tokens = _tokens()
+    with pytest.raises(ValueError, match=match):
+        _fit(text.windows(tokens, C), **options)
+
+
+def test_tokenizers_round_trip_and_refuse_what_they_cannot_encode(tmp_path):
+    sample = "To be, or not to be: that is the question. — Hamlet, ½ ü\n"
+    for tokenizer in (text.ByteTokenizer(), text.CharTokenizer.fit([sample])):
+        assert tokenizer.decode(tokenizer.encode(sample)) == sample
+        again = text.tokenizer_from_json(text.tokenizer_to_json(tokenizer))
+        np.testing.assert_array_equal(again.encode(sample), tokenizer.encode(sample))
+    chars = text.CharTokenizer.fit(["abc"])
+    with pytest.raises(text.TextError, match="'z'"):
+        chars.encode("abz")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello \xff world")
+    with pytest.raises(text.TextError, match="byte offset 6"):
+        list(text.read_text(bad))
+    with pytest.raises(text.TextError, match="not JSON"):
+        text.tokenizer_from_json("{nope")
+
+
+def test_a_corpus_becomes_a_token_file_and_windows_of_it(tmp_path):
+    docs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    docs[0].write_text("hello world\n")
+    docs[1].write_text("goodbye\n")
+    tokenizer = text.CharTokenizer.fit(itertools.chain.from_iterable(text.read_text(p) for p in docs))
+    tokens = text.tokenize_files(docs, tokenizer, tmp_path / "tokens.bin")
+    assert tokens.dtype == np.uint16 and len(tokens) == len("hello world\n") + 1 + len("goodbye\n") + 1
+    assert tokens[len("hello world\n")] == tokenizer.eot
+    assert tokenizer.decode(tokens) == "hello world\ngoodbye\n"
+    train, val = text.split_tokens(tokens, 0.25)
+    assert len(train) + len(val) == len(tokens)
+    np.testing.assert_array_equal(val, tokens[len(train) :])  # the last part, contiguous
+    source = text.windows(train, 4)
+    x, y = source.read(np.array([0, 3]))
+    np.testing.assert_array_equal(x[1], train[3:7])
+    np.testing.assert_array_equal(y[1], train[4:8])
+    assert text.windows(train, 4, stride=4).num_rows == (len(train) - 5) // 4 + 1
+    (tmp_path / "tokens.bin.json").write_text('{"dtype": "<u2", "tokens": 99, "vocab_size": 5}')
+    with pytest.raises(text.TextError, match="header says 99"):
+        text.open_tokens(tmp_path / "tokens.bin")
+
+
+def test_a_bpe_tokenizer_trains_on_a_corpus_and_saves():
+    pytest.importorskip("tokenizers")
+    corpus = ["the cat sat on the mat. " * 50, "the dog ate the cat's dinner. " * 50]
+    bpe = text.BPETokenizer.train(corpus, vocab_size=300)
+    assert bpe.vocab_size <= 300 and bpe.decode(bpe.encode("the cat sat")) == "the cat sat"
+    assert len(bpe.encode("the cat sat on the mat")) < len("the cat sat on the mat")
+    again = text.tokenizer_from_json(text.tokenizer_to_json(bpe))
+    assert again.encode("the dog").tolist() == bpe.encode("the dog").tolist() and again.eot == bpe.eot

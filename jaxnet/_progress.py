@@ -28,8 +28,11 @@ def _progress_fields(record: dict) -> dict[str, str]:
     skipped = record.get("skipped")
     if skipped:
         fields["skipped"] = str(sum(v or 0 for v in skipped) if isinstance(skipped, list) else skipped)
-    speed = record["steps"] / record["seconds"] if record["seconds"] > 0 else float("inf")
-    fields["steps/s"] = f"{speed:,.0f}"
+    seconds = record["seconds"] - record.get("val_seconds", 0.0)
+    speed = record["steps"] / seconds if seconds > 0 else float("inf")
+    fields["steps/s"] = f"{speed:,.0f}" if speed >= 10 else f"{speed:.3g}"
+    if record.get("tokens"):
+        fields["tokens/s"] = f"{record['tokens'] / seconds:,.0f}" if seconds > 0 else "inf"
     return fields
 
 
@@ -65,7 +68,8 @@ class Progress(OnRunEnd):
             self.bar.set_postfix(fields, refresh=True)
         else:
             text = " ".join(f"{k}={v}" for k, v in fields.items())
-            print(f"epoch {record['epoch']}: {text}", file=self.stream, flush=True)
+            where = f"step {record['step']}" if "step" in record else f"epoch {record['epoch']}"
+            print(f"{where}: {text}", file=self.stream, flush=True)
 
     def on_run_end(self, state) -> None:
         self.close()

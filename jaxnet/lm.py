@@ -50,6 +50,7 @@ class GPTConfig(NamedTuple):
     dropout: float = 0.0
     tie_embeddings: bool = True
     positions: str = "learned"
+    bias: bool = False
 
 
 class Cache(NamedTuple):
@@ -87,11 +88,14 @@ def _init(c: GPTConfig) -> Callable[[PRNGKey], Params]:
     fc, proj = dense(d, 4 * d, w_init=_normal(STD)), dense(4 * d, d, w_init=_normal(residual))
     norm = layer_norm(d)
 
+    def biased(tree):  # without biases: drop the linear layers' "b" and the norms' "bias"
+        return tree if c.bias else {k: v for k, v in tree.items() if k not in ("b", "bias")}
+
     def block(key):
         keys = jax.random.split(key, 6)
-        attn = {name: linear[name].init(k) for name, k in zip("qkvo", keys[:4])}
-        mlp = {"fc": fc.init(keys[4]), "proj": proj.init(keys[5])}
-        return {"ln1": norm.init(key), "attn": attn, "ln2": norm.init(key), "mlp": mlp}
+        attn = {name: biased(linear[name].init(k)) for name, k in zip("qkvo", keys[:4])}
+        mlp = {"fc": biased(fc.init(keys[4])), "proj": biased(proj.init(keys[5]))}
+        return {"ln1": biased(norm.init(key)), "attn": attn, "ln2": biased(norm.init(key)), "mlp": mlp}
 
     def init(key):
         keys = jax.random.split(key, c.layers + 3)
@@ -99,7 +103,7 @@ def _init(c: GPTConfig) -> Callable[[PRNGKey], Params]:
         if c.positions == "learned":
             params["pos"] = {"table": STD * jax.random.normal(keys[1], (c.context, d))}
         params["blocks"] = [block(k) for k in keys[3:]]
-        params["ln_f"] = norm.init(key)
+        params["ln_f"] = biased(norm.init(key))
         if not c.tie_embeddings:
             params["head"] = {"w": STD * jax.random.normal(keys[2], (d, c.vocab_size))}
         return params, {}
@@ -127,10 +131,15 @@ def _dropout(x: jax.Array, rate: float, ctx: Context | None, salt: int) -> jax.A
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
+def _last(v: jax.Array, like: jax.Array) -> jax.Array:
+    """``v`` ``(n,)`` shaped to broadcast over ``like``'s last axis (no implicit rank promotion)."""
+    return jnp.reshape(v, (1,) * (like.ndim - 1) + v.shape)
+
+
 def _linear(p: Params, x: jax.Array) -> jax.Array:
-    """``x @ w + b`` over the last axis of ``x`` (no implicit rank promotion)."""
+    """``x @ w (+ b)`` over the last axis of ``x``."""
     y = x @ p["w"]
-    return y + jnp.reshape(p["b"], (1,) * (y.ndim - 1) + p["b"].shape)
+    return y + _last(p["b"], y) if "b" in p else y
 
 
 def _mlp(p: Params, x: jax.Array) -> jax.Array:
@@ -147,8 +156,11 @@ def _projections(c: GPTConfig, p: Params, h: jax.Array, positions: jax.Array):
 
 
 def _norm(p: Params, x: jax.Array) -> jax.Array:
-    """:func:`jaxnet.layer_norm`'s ``apply``."""
-    return layer_norm(x.shape[-1]).apply(p, x)
+    """Layer normalization over the last axis (as :func:`jaxnet.layer_norm`), its bias optional."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + 1e-5)
+    y = y * _last(p["scale"], y)
+    return y + _last(p["bias"], y) if "bias" in p else y
 
 
 def _embed(c: GPTConfig, params: Params, ids: jax.Array, positions: jax.Array) -> jax.Array:
@@ -203,6 +215,7 @@ def gpt(
     dropout: float = 0.0,
     tie_embeddings: bool = True,
     positions: str = "learned",
+    bias: bool = False,
 ) -> StatefulModel:
     """A GPT language model: one sequence of ids ``(T,)`` (``T <= context``) -> next-token logits ``(T, V)``.
 
@@ -216,6 +229,8 @@ def gpt(
       dropout: on the embeddings and each residual branch in training (0: none).
       tie_embeddings: the output head is the token embedding's transpose (GPT-2), else its own.
       positions: ``"learned"`` (GPT-2) or ``"rope"`` (rotary, applied to queries and keys).
+      bias: biases in the linear layers and layer norms (GPT-2 has them; nanoGPT leaves them out
+        by default, as here: a little better and faster).
 
     Examples:
       >>> import jax
@@ -225,7 +240,7 @@ def gpt(
       >>> logits.shape
       (10, 50)
     """
-    c = _check_config(GPTConfig(vocab_size, context, layers, heads, dim, dropout, tie_embeddings, positions))
+    c = _check_config(GPTConfig(vocab_size, context, layers, heads, dim, dropout, tie_embeddings, positions, bias))
     return StatefulModel(_init(c), GPT(c))
 
 

@@ -450,6 +450,8 @@ def _round_metrics(pieces: list, steps: int) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         loss = np.where(np.isfinite(total), total / weight, np.nan)
     out = {"loss": loss, "first_nonfinite": np.full(np.shape(total), -1) if bad is None else bad, "steps": steps}
+    if pieces[-1][0].weight is not None:  # token targets: the real tokens trained on (the first member's)
+        out["tokens"] = int(np.ravel(weight)[0])
     if sums is not None:
         out["sums"] = sums
     return out
@@ -469,13 +471,18 @@ def _conclude(state, book, compiled, options, train, metrics, position, start, b
         raise NonFiniteLossError(epoch, before + int(first_bad.min()) + 1)
     keep = active & ~diverged
     best = None if state.best_params is None else (state.best_params, state.best_model_state)
-    val = None
+    val, validated = None, time.perf_counter()
     if compiled.validate is not None:
         val = compiled.validate(train.params, train.model_state)
         book, improved = _improve(book, val, keep, epoch, options.monitor)
         best = _keep_best(improved, (train.params, train.model_state), best, options.members)
     record = _record(epoch, metrics, val, book, keep, train)
-    record.update(seconds=time.perf_counter() - start, steps=int(metrics["steps"]))
+    now = time.perf_counter()
+    record.update(seconds=now - start, steps=int(metrics["steps"]))
+    if val is not None:
+        record["val_seconds"] = now - validated
+    if "tokens" in metrics:
+        record["tokens"] = metrics["tokens"]
     if options.steps:
         record["step"] = before + int(metrics["steps"])
     stopped = book.stopped | diverged

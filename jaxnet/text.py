@@ -220,11 +220,13 @@ def read_text(path: str | os.PathLike, where: str | None = None) -> Iterator[str
     with open(path, "rb") as f:
         while True:
             data = f.read(READ_BYTES)
+            pending = decoder.getstate()[0]  # the bytes of a character the last chunk began
             try:
                 text = decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
+                bad = (pending + data)[e.start : e.start + 4]
                 raise TextError(
-                    f"{where} is not UTF-8 text: byte offset {offset + e.start} ({data[e.start : e.start + 4]!r}); "
+                    f"{where} is not UTF-8 text: byte offset {offset - len(pending) + e.start} ({bad!r}); "
                     "convert it to UTF-8, or use --tokenizer byte"
                 ) from None
             if text:

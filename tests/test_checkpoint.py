@@ -93,7 +93,7 @@ def saved_params(out):
 
 def metrics(out):
     return [
-        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        {k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
         for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
     ]
 

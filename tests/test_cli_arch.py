@@ -47,7 +47,7 @@ def test_mlp_with_dropout_trains_saves_and_predicts(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--arch", "resnet"], "--arch 'resnet' is neither mlp nor cnn nor path/to/file.py:factory"),
+        (["--arch", "resnet"], "--arch 'resnet' is neither mlp nor cnn nor gpt nor path/to/file.py:factory"),
         (["--arch", "missing.py:build"], "--arch names missing.py, which is not a file"),
         (["--dataset", "moons", "--arch", "cnn"], "--arch cnn needs the image shape of the rows: give --input-shape"),
         (["--arch", "cnn", "--input-shape", "4,4,1"], "--input-shape 4x4x1 holds 16 values, the data has 64"),

@@ -18,7 +18,7 @@ V, C = 23, 12
 
 
 def _small(**options):
-    return jn.gpt(V, C, layers=2, heads=2, dim=16, **options)
+    return jn.gpt(V, C, layers=2, heads=2, dim=16, **{"bias": True, **options})
 
 
 def _apply(net, params, ids):
@@ -85,7 +85,7 @@ def test_attention_through_dot_product_attention_equals_the_einsum_it_replaced()
 
 def test_gpt2_initialization():
     layers, dim = 4, 64
-    params, state = jn.gpt(500, 32, layers=layers, heads=4, dim=dim).init(jax.random.key(0))
+    params, state = jn.gpt(500, 32, layers=layers, heads=4, dim=dim, bias=True).init(jax.random.key(0))
     assert state == {}
     stds = {
         "embed": np.std(params["embed"]["table"]),
@@ -99,10 +99,12 @@ def test_gpt2_initialization():
     np.testing.assert_allclose(stds["proj"], 0.02 / math.sqrt(2 * layers), rtol=0.05)
     assert not any(np.any(b["attn"]["q"]["b"]) for b in params["blocks"])
     assert "head" not in params  # tied to the token embedding
+    plain, _ = jn.gpt(500, 32, layers=1, heads=4, dim=dim).init(jax.random.key(0))  # nanoGPT's default: no biases
+    assert plain["blocks"][0]["attn"]["q"].keys() == {"w"} and plain["ln_f"].keys() == {"scale"}
 
 
 def test_decay_mask_decays_matrices_but_not_norms_biases_or_embeddings():
-    params, _ = jn.gpt(V, C, layers=1, heads=2, dim=8, tie_embeddings=False).init(jax.random.key(0))
+    params, _ = jn.gpt(V, C, layers=1, heads=2, dim=8, tie_embeddings=False, bias=True).init(jax.random.key(0))
     mask = jn.decay_mask(params)
     assert mask["blocks"][0]["attn"]["q"] == {"w": True, "b": False}
     assert mask["blocks"][0]["ln1"] == {"scale": False, "bias": False}

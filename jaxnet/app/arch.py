@@ -24,8 +24,9 @@ import numpy as np
 from jaxnet import layers as L
 from jaxnet._checks import ArgumentError, escape
 from jaxnet.forward import AnyModel, check_model, init_model
+from jaxnet.lm import gpt
 
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "gpt")
 IMAGE_SHAPES = {"digits": (8, 8, 1)}
 """The image shape ``(height, width, channels)`` of the built-in datasets that are images."""
 
@@ -133,6 +134,13 @@ def describe_model(arch: str, *, sizes, activation, output_activation, dropout, 
     return meta
 
 
+def describe_gpt(vocab_size: int, *, context, layers, heads, dim, dropout, positions) -> dict:
+    """The JSON description of a GPT (:func:`jaxnet.gpt`) over ``vocab_size`` token ids."""
+    g = dict(vocab_size=vocab_size, context=context, layers=layers, heads=heads, dim=dim, dropout=dropout)
+    g.update(positions=positions, tie_embeddings=True, bias=False)
+    return {"arch": "gpt", "sizes": [context, vocab_size], "activation": "gelu", "output_activation": None, "gpt": g}
+
+
 def build_model(meta: dict, arch: str | None = None) -> AnyModel:
     """The model that ``meta`` describes. A user's factory is called as ``factory(in_features,
     out_dim)``, and only when ``arch`` names it (the spec it was trained with may be moved)."""
@@ -144,6 +152,10 @@ def build_model(meta: dict, arch: str | None = None) -> AnyModel:
         return L.serial(front, mlp_arch(sizes, act, out_act, meta.get("dropout", 0.0)))
     if spec == "mlp":
         return mlp_arch(sizes, act, out_act, meta.get("dropout", 0.0))
+    if spec == "gpt":
+        g = meta["gpt"]
+        return gpt(g["vocab_size"], g["context"], g["layers"], g["heads"], g["dim"], dropout=g["dropout"],
+                   tie_embeddings=g["tie_embeddings"], positions=g["positions"], bias=g.get("bias", False))  # fmt: skip
     if spec == "cnn":
         return cnn(meta["input_shape"], sizes[-1], channels=meta["channels"], hidden=sizes[1:-1], activation=act,
                    output_activation=out_act, dropout=meta["dropout"])  # fmt: skip

@@ -118,7 +118,8 @@ def _add_train(sub) -> None:
         "shows every resolved value.",
     )
     _add_config_options(p.add_argument_group("config file"))
-    groups = {name: p.add_argument_group(name) for name in (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE)}
+    names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM)
+    groups = {name: p.add_argument_group(name) for name in names}
     parsers = {"str": str, "int": integer_arg, "number": number_arg, "ints": int_list, "names": name_list}
     cliflags.add_flags(groups, {**parsers, "numbers": number_list})
     _add_device_options(p.add_argument_group("devices and processes (see docs/distributed.md)"))
@@ -259,6 +260,15 @@ def _print_config(config, resume) -> int:
     return 0
 
 
+def _rounds(config, args) -> int | None:
+    """How many records a run makes: its epochs, or a run by steps' evaluations."""
+    steps = config.steps if config else args.steps
+    if steps is None:
+        return config.epochs if config else args.epochs
+    every = (config.eval_every if config else args.eval_every) or steps
+    return -(-steps // every)
+
+
 def _cmd_train(args) -> int:
     _check_train_args(args)
     if args.print_config:
@@ -279,7 +289,7 @@ def _cmd_train(args) -> int:
     primary = parallel.is_primary()
     given, config = _train_config(args)
     interrupt = callbacks.Interrupt(_say if primary else None)
-    progress = callbacks.Progress(config.epochs if config else args.epochs) if primary and not args.quiet else None
+    progress = callbacks.Progress(_rounds(config, args)) if primary and not args.quiet else None
     cbs = [interrupt] + ([progress] if progress else [])
 
     def notify(message: str, always: bool = False) -> None:
@@ -304,8 +314,8 @@ def _cmd_train(args) -> int:
     args.signals.check()  # one that arrived while starting up and was swallowed on its way
     with interrupt, _stdout_to_stderr(args.json), _closing(progress):
         if args.resume:
-            overrides = {k: v for k, v in given.items() if k != "epochs"}
-            result = runlib.resume(args.resume, epochs=args.epochs, overrides=overrides, **options)
+            overrides = {k: v for k, v in given.items() if k not in ("epochs", "steps")}
+            result = runlib.resume(args.resume, epochs=args.epochs, steps=args.steps, overrides=overrides, **options)
         else:
             result = runlib.run(config, out=args.out, overwrite=args.overwrite, **options)
     out = args.out or args.resume
@@ -394,10 +404,14 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from jaxnet.app import files
+    from jaxnet.app import files, language
     from jaxnet.app import saved as savedlib
 
     model = files.load_model(args.model)
+    if language.is_language_model(model):
+        figures = language.evaluate_text(model, args.data)
+        print(_json(figures) if args.json else "  ".join(f"{k} {v:.6g}" for k, v in figures.items()))
+        return 0
     chunks = savedlib.input_chunks(model, args.data, args.target)
 
     def labelled(chunks):
@@ -411,6 +425,35 @@ def _cmd_evaluate(args) -> int:
         print(_json(metrics))
     else:
         print("  ".join(f"{name} {value:.6g}" for name, value in metrics.items()) + f"  ({rows} examples)")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="write text from a trained language model (jaxnet train --task lm)")
+    p.add_argument("--model", required=True, metavar="DIR", help="the --out folder of 'jaxnet train --task lm'")
+    p.add_argument("--prompt", default="", help="the text to continue (default: from a document's start)")
+    p.add_argument("--tokens", type=integer_arg, default=200, metavar="N", help="new tokens to write (default 200)")
+    p.add_argument("--temperature", type=number_arg, default=1.0, metavar="T", help="sampling temperature; 0: greedy")
+    p.add_argument("--top-k", type=integer_arg, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=number_arg, metavar="P", help="sample among the likeliest tokens of probability P")
+    p.add_argument("--seed", type=integer_arg, default=0, metavar="S", help="the sampling's seed (default 0)")
+    p.set_defaults(run=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from jaxnet.app import files, language
+
+    model = files.load_model(args.model)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    language.generate_text(
+        model, args.prompt, args.tokens, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, write=write, note=_say,
+    )  # fmt: skip
+    sys.stdout.write("\n")
     return 0
 
 
@@ -508,7 +551,7 @@ def _cmd_export(args) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_seed, _add_train, _add_predict, _add_evaluate, _add_summary, _add_export]
+_SUBCOMMANDS = [_add_seed, _add_train, _add_predict, _add_evaluate, _add_generate, _add_summary, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

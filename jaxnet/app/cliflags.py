@@ -30,7 +30,7 @@ class Flag(NamedTuple):
     help: str
 
 
-DATA, MODEL, RECIPE = "data", "model and training", "optimizer and schedule"
+DATA, MODEL, RECIPE, LM = "data", "model and training", "optimizer and schedule", "language models (--task lm)"
 
 CONFIG_FLAGS: dict[str, Flag] = {
     "dataset": Flag(DATA, "str", "NAME", "built-in dataset: seed, xor, moons, spirals, digits (default: digits)"),
@@ -41,7 +41,13 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "categorical": Flag(DATA, "names", "COLUMNS", "integer columns to treat as categories (text columns always are)"),
     "encoding": Flag(DATA, "str", "NAME", "categories as onehot features, or as a learned embedding (mlp)"),
     "embedding_dim": Flag(DATA, "int", "N", "--encoding embedding: the size of each category's vector"),
-    "task": Flag(DATA, "str", "TASK", "classification or regression (default: inferred when unambiguous)"),
+    "task": Flag(
+        DATA,
+        "str",
+        "TASK",
+        "classification, regression (default: inferred when unambiguous), or lm: a language model "
+        "of a text (--data FILE.txt or a folder of .txt)",
+    ),
     "val_split": Flag(DATA, "number", "F", "validation fraction"),
     "test_split": Flag(DATA, "number", "F", "test fraction"),
     "arch": Flag(MODEL, "str", "ARCH", "mlp, cnn (see docs/models.md), or path/to/file.py:factory (your own model)"),
@@ -55,6 +61,8 @@ CONFIG_FLAGS: dict[str, Flag] = {
         MODEL, "str", "NAME", "mse, half_sse, softmax_cross_entropy (cross_entropy), sigmoid_binary_cross_entropy (bce)"
     ),
     "epochs": Flag(MODEL, "int", "N", "epochs; with --resume, extends the run to this many"),
+    "steps": Flag(MODEL, "int", "N", "train for N optimizer steps instead of epochs (language models)"),
+    "eval_every": Flag(MODEL, "int", "N", "with --steps: validate (and record, log, checkpoint) every N steps"),
     "batch_size": Flag(MODEL, "int", "B", "examples per step"),
     "seed": Flag(MODEL, "int", "S", "seed of every random draw"),
     "patience": Flag(MODEL, "int", "N", "early stopping after N epochs without improvement"),
@@ -106,6 +114,20 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "clip_norm": Flag(RECIPE, "number", "C", "clip the gradients' global norm to C"),
     "grad_accum": Flag(RECIPE, "int", "N", "one update per N batches (their mean gradient)"),
     "label_smoothing": Flag(RECIPE, "number", "A", "cross-entropy against smoothed labels"),
+    "min_lr": Flag(RECIPE, "number", "LR", "the floor a decaying schedule ends at (cosine, linear, exponential)"),
+    "beta2": Flag(RECIPE, "number", "B", "adam, adamw, nadam, lamb ...: the second moment's decay"),
+    "tokenizer": Flag(
+        LM, "str", "NAME", "byte, char (the text's characters), bpe (trained on the text), or a tokenizer.json"
+    ),
+    "vocab_size": Flag(LM, "int", "V", "--tokenizer bpe: the vocabulary to learn"),
+    "context": Flag(LM, "int", "T", "tokens per sequence: the model's context"),
+    "layers": Flag(LM, "int", "N", "gpt: transformer blocks"),
+    "heads": Flag(LM, "int", "H", "gpt: attention heads"),
+    "dim": Flag(LM, "int", "D", "gpt: width"),
+    "positions": Flag(LM, "str", "KIND", "gpt: learned or rope position embeddings"),
+    "eval_batches": Flag(
+        LM, "int", "N", "validation batches of each evaluation (disjoint windows spread over the text)"
+    ),
 }
 """The config's fields on the command line, in help order (``standardize``, ``lrs`` and
 ``weight_decays`` have no flag of their own: ``--lr`` and ``--weight-decay`` lists set the latter)."""

@@ -20,15 +20,17 @@ from jaxnet._checks import ArgumentError
 from jaxnet._weights import parse_class_weight
 from jaxnet.app import recipes
 from jaxnet.app.arch import IMAGE_SHAPES, check_arch, is_file_arch
-from jaxnet.app.configfields import ADAMW_WEIGHT_DECAY, CNN_DROPOUT, PRESETS, ConfigFields
+from jaxnet.app.configfields import ADAMW_WEIGHT_DECAY, CNN_DROPOUT, PRESETS, TASK_PRESETS, ConfigFields
 from jaxnet.app.data import BUILTINS, TASKS
 from jaxnet.app.tables import ENCODINGS
 from jaxnet.layers import ACTIVATIONS
+from jaxnet.lm import decay_mask
 from jaxnet.losses import get_loss
 from jaxnet.members import member_grid
 from jaxnet.metrics import get_metrics
 
 DTYPES = ("float32", "bfloat16")
+DEFAULT_EPOCHS = ConfigFields.epochs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,8 @@ class TrainConfig(ConfigFields):
             object.__setattr__(self, "dropout", CNN_DROPOUT if self.arch == "cnn" else 0.0)
         if self.weight_decay is None:
             object.__setattr__(self, "weight_decay", ADAMW_WEIGHT_DECAY if self.optimizer == "adamw" else 0.0)
+        if self.steps is not None and self.epochs == DEFAULT_EPOCHS:  # the default gives way to steps
+            object.__setattr__(self, "epochs", None)
         validate(self)
 
     def to_dict(self) -> dict:
@@ -119,11 +123,15 @@ class TrainConfig(ConfigFields):
 
 
 def make_config(**overrides) -> TrainConfig:
-    """A :class:`TrainConfig` from defaults, the dataset's preset, then ``overrides`` (None = unset)."""
+    """A :class:`TrainConfig` from defaults, the dataset's and the task's presets, then ``overrides``
+    (None = unset). Given ``steps``, a run has no epochs unless they are given too (then refused)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "data" not in overrides:
         overrides.setdefault("dataset", "digits")
-    preset = PRESETS.get(overrides.get("dataset") or "", {})
+    preset = {**PRESETS.get(overrides.get("dataset") or "", {}), **TASK_PRESETS.get(overrides.get("task") or "", {})}
+    if "steps" in overrides:
+        preset.pop("epochs", None)
+        overrides.setdefault("epochs", None)
     return TrainConfig(**{**preset, **overrides})
 
 
@@ -172,7 +180,7 @@ def _validate_data(c: TrainConfig) -> None:
     if c.dataset is not None:
         checks.choice("dataset", c.dataset, BUILTINS)
     table = c.data is not None and str(c.data).lower().endswith((".csv", ".parquet"))
-    if table and not c.target:
+    if table and not c.target and c.task != "lm":
         raise ArgumentError(f"{checks.escape(c.data)} is a table: name the column to predict with {{0}}", "target")
     if not isinstance(c.categorical, tuple) or not all(isinstance(n, str) and n for n in c.categorical):
         raise ArgumentError(f"{{0}} must be column names, got {checks.literal(c.categorical)}", "categorical")
@@ -184,7 +192,7 @@ def _validate_data(c: TrainConfig) -> None:
     if c.encoding == "embedding" and c.arch != "mlp":
         raise ArgumentError("{0} embedding is for {1} mlp", "encoding", "arch")
     if c.task is not None:
-        checks.choice("task", c.task, TASKS)
+        checks.choice("task", c.task, (*TASKS, "lm"))
     checks.fraction("val_split", c.val_split)
     checks.fraction("test_split", c.test_split)
     if c.val_split + c.test_split >= 1:
@@ -198,7 +206,7 @@ def validate(config: TrainConfig) -> None:
     _validate_model(c)
     checks.number("lr", c.lr, 0.0, strict=True)
     checks.number("weight_decay", c.weight_decay, 0.0)
-    checks.integer("epochs", c.epochs)
+    _validate_length(c)
     checks.integer("batch_size", c.batch_size)
     checks.integer("seed", c.seed, 0, 2**32 - 1)
     checks.optional_integer("patience", c.patience)
@@ -216,6 +224,47 @@ def validate(config: TrainConfig) -> None:
         checks.boolean(name, getattr(c, name))
     _validate_weights(c)
     _validate_recipe(c)
+    _validate_text(c)
+
+
+def _validate_length(c: TrainConfig) -> None:
+    if c.epochs is not None and c.steps is not None:
+        raise ArgumentError("{0} and {1} both set the run's length: give one", "epochs", "steps")
+    if c.steps is None:
+        checks.integer("epochs", c.epochs)
+        if c.eval_every is not None:
+            raise ArgumentError("{0} counts steps: give {1} (instead of {2}) with it", "eval_every", "steps", "epochs")
+    else:
+        checks.integer("steps", c.steps)
+        checks.optional_integer("eval_every", c.eval_every)
+    checks.integer("eval_batches", c.eval_batches)
+
+
+def _validate_text(c: TrainConfig) -> None:
+    """The fields of a language model (``task`` lm) and the GPT it trains."""
+    lm = c.task == "lm"
+    if lm != (c.arch == "gpt"):
+        raise ArgumentError("{0} lm trains {1} gpt, and {1} gpt is for {0} lm", "task", "arch")
+    for name in ("context", "layers", "heads", "dim", "vocab_size"):
+        checks.integer(name, getattr(c, name))
+    checks.choice("positions", c.positions, ("learned", "rope"))
+    if c.dim % c.heads:
+        raise ArgumentError(f"{{0}} {c.dim} must be divisible by {{1}} {c.heads}", "dim", "heads")
+    if not lm:
+        return
+    if c.data is None or str(c.data).lower().endswith((".csv", ".parquet", ".npz")):
+        shown = checks.escape(c.data or c.dataset)
+        raise ArgumentError(f"{{0}} lm trains on text: give {{1}} FILE.txt or a folder of .txt files, not {shown}",
+                            "task", "data")  # fmt: skip
+    if c.test_split:
+        raise ArgumentError("{0} lm holds out the text's last part for validation ({1}): set {0} 0", "test_split",
+                            "val_split")  # fmt: skip
+    if c.tokenizer not in ("byte", "char", "bpe") and not str(c.tokenizer).endswith(".json"):
+        raise ArgumentError(f"{{0}} must be byte, char, bpe or a tokenizer.json file, got {checks.escape(c.tokenizer)}",
+                            "tokenizer")  # fmt: skip
+    for name in ("target", "class_weight"):
+        if getattr(c, name) is not None:
+            raise ArgumentError("{0} is for tables, not {1} lm", name, "task")
 
 
 def _validate_recipe(c: TrainConfig) -> None:
@@ -240,6 +289,18 @@ def _validate_recipe(c: TrainConfig) -> None:
         raise ArgumentError("{0} must be below 1", "label_smoothing")
     if c.label_smoothing and c.loss not in (None, "softmax_cross_entropy", "cross_entropy"):
         raise ArgumentError("{0} is for softmax cross-entropy, not " + checks.escape(c.loss), "label_smoothing")
+    checks.number("min_lr", c.min_lr, 0.0)
+    if c.min_lr >= c.lr:
+        raise ArgumentError("{0} must be below {1}: the schedule decays from {1} to {0}", "min_lr", "lr")
+    if c.min_lr and c.lr_schedule not in ("cosine", "linear", "exponential"):
+        raise ArgumentError("{0} is the floor of a decaying {1} (cosine, linear, exponential)", "min_lr", "lr_schedule")
+    if c.beta2 is not None:
+        checks.number("beta2", c.beta2, 0.0)
+        if c.beta2 >= 1:
+            raise ArgumentError("{0} must be below 1", "beta2")
+        if not recipes.takes(c.optimizer, "b2"):
+            raise ArgumentError(f"{{0}} is for optimizers with a second moment (adam, adamw ...), not {c.optimizer}",
+                                "beta2")  # fmt: skip
 
 
 def _validate_weights(c: TrainConfig) -> None:
@@ -288,18 +349,23 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Gradi
     """The optax optimizer of ``config`` (:func:`jaxnet.app.recipes.optimizer`), its hyperparameters
     injected (``optax.inject_hyperparams``): a member run sets each member's values in its optimizer
     state, and every run's logged steps report the learning rate it applied. The schedule spans the
-    run's ``epochs * steps_per_epoch`` batches (``/ grad_accum`` optimizer steps)."""
+    run's ``steps``, or its ``epochs * steps_per_epoch`` batches (``/ grad_accum`` optimizer steps).
+    A GPT's weight decay leaves its biases, norms and embeddings alone (:func:`jaxnet.decay_mask`)."""
     grid = hyperparameter_grid(config)
+    batches = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     return recipes.optimizer(
         config.optimizer,
         {name: values[0] for name, values in grid.items()},
         schedule=config.lr_schedule,
-        total_steps=max(1, config.epochs * steps_per_epoch // config.grad_accum),
+        total_steps=max(1, batches // config.grad_accum),
         warmup=config.warmup,
         momentum=config.momentum,
         nesterov=config.nesterov,
         clip_norm=config.clip_norm,
         grad_accum=config.grad_accum,
+        min_lr=config.min_lr,
+        beta2=config.beta2,
+        decay_mask=decay_mask if config.arch == "gpt" else None,
     )
 
 

@@ -59,6 +59,18 @@ class ConfigFields:
     clip_norm: float | None = None
     grad_accum: int = 1
     label_smoothing: float = 0.0
+    steps: int | None = None
+    eval_every: int | None = None
+    eval_batches: int = 20
+    min_lr: float = 0.0
+    beta2: float | None = None
+    tokenizer: str = "char"
+    vocab_size: int = 4096
+    context: int = 64
+    layers: int = 4
+    heads: int = 4
+    dim: int = 128
+    positions: str = "learned"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,3 +94,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(hidden=(64, 64), lr=1e-3, epochs=30, batch_size=64),
 }
 """Per-dataset defaults, applied to every field the user leaves unset."""
+
+TASK_PRESETS: dict[str, dict[str, Any]] = {
+    # A language model: a GPT over the text's tokens, no test split (the validation part is the text's end).
+    "lm": dict(arch="gpt", test_split=0.0, standardize=False, batch_size=12),
+}
+"""Per-task defaults (``--task lm``), applied like a dataset's preset."""

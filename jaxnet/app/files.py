@@ -88,13 +88,40 @@ def _meta_problem(meta: dict) -> str | None:
     problem = checks.field_problem(meta, _META_FIELDS)
     if problem is not None:
         return problem
-    if meta["task"] not in ("classification", "regression"):
-        return f"has task {meta['task']!r} (classification or regression)"
+    if meta["task"] not in ("classification", "regression", "lm"):
+        return f"has task {meta['task']!r} (classification, regression or lm)"
+    if meta["task"] == "lm":
+        return _language_model_problem(meta)
     if not all(isinstance(n, str) for n in meta["feature_names"]) or not meta["feature_names"]:
         return "has 'feature_names' that are not a non-empty list of names"
     if len(meta["sizes"]) < 2 or not all(type(n) is int and n > 0 for n in meta["sizes"]):
         return "has 'sizes' that are not positive integers"
     return _parts_problem(meta)
+
+
+_GPT_FIELDS = {  # name: (allowed types, required)
+    "vocab_size": ((int,), True),
+    "context": ((int,), True),
+    "layers": ((int,), True),
+    "heads": ((int,), True),
+    "dim": ((int,), True),
+    "dropout": ((int, float), True),
+    "positions": ((str,), True),
+    "tie_embeddings": ((bool,), True),
+    "bias": ((bool,), False),
+}
+
+
+def _language_model_problem(meta: dict) -> str | None:
+    """A language model's fields: its GPT's sizes and its tokenizer (a JSON document)."""
+    if meta.get("arch") != "gpt" or not isinstance(meta.get("gpt"), dict):
+        return "is a language model without its 'gpt' description"
+    problem = checks.field_problem(meta["gpt"], _GPT_FIELDS)
+    if problem is not None:
+        return f"has a 'gpt' that {problem}"
+    if not isinstance(meta.get("tokenizer"), str):
+        return "is a language model without its 'tokenizer'"
+    return None
 
 
 def _positive_ints(value, length: int | None = None) -> bool:

@@ -60,9 +60,11 @@ def takes(name: str, parameter: str) -> bool:
     return parameter in _parameters(name)
 
 
-def lr_scale(schedule: str, total_steps: int, warmup: int = 0):
+def lr_scale(schedule: str, total_steps: int, warmup: int = 0, floor: bool = False):
     """``scale(count) -> factor`` of the learning rate over ``total_steps`` optimizer steps: a linear
-    warmup from 0 over ``warmup`` steps, then ``schedule`` over the rest (1 at its start)."""
+    warmup from 0 over ``warmup`` steps, then ``schedule`` over the rest (1 at its start). With
+    ``floor``, the weight of the schedule's floor instead: ``warmup * (1 - schedule)``, so that
+    ``lr * scale + min_lr * floor`` decays from ``lr`` to ``min_lr`` (nanoGPT's cosine)."""
     rest = max(total_steps - warmup, 1)
     shapes = {
         "constant": lambda: optax.constant_schedule(1.0),
@@ -74,13 +76,32 @@ def lr_scale(schedule: str, total_steps: int, warmup: int = 0):
     if schedule not in shapes:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     main = shapes[schedule]()
+    if floor:
+        decay = main
+        main = lambda count: 1.0 - decay(count)  # noqa: E731  (a schedule is a function of the count)
     if warmup <= 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
+    ramp = optax.linear_schedule(0.0, 1.0, warmup)
+    if floor:  # no floor while warming up
+        return optax.join_schedules([optax.constant_schedule(0.0), main], [warmup])
+    return optax.join_schedules([ramp, main], [warmup])
 
 
-def base_factory(name: str, *, decay: bool, momentum: float | None = None, nesterov: bool = False):
-    """``make(learning_rate, lr_scale=1.0, weight_decay=0.0) -> optax optimizer`` for ``name``."""
+def base_factory(
+    name: str,
+    *,
+    decay: bool,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    min_lr: float = 0.0,
+    beta2: float | None = None,
+    decay_mask=None,
+):
+    """``make(learning_rate, lr_scale=1.0, weight_decay=0.0) -> optax optimizer`` for ``name``, the
+    rate ``learning_rate * lr_scale``; with ``min_lr``, ``make(..., floor_scale=0.0)`` whose rate is
+    ``learning_rate * lr_scale + min_lr * floor_scale``; ``beta2`` for the
+    optimizers with a second moment; ``decay_mask`` (a pytree of bools, or a function of the params
+    returning one) selects the leaves weight decay applies to."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
     base = getattr(optax, name)
@@ -89,17 +110,27 @@ def base_factory(name: str, *, decay: bool, momentum: float | None = None, neste
         options["momentum"] = momentum
     if nesterov:
         options["nesterov"] = True
+    if beta2 is not None:
+        options["b2"] = beta2
     decoupled = takes(name, "weight_decay")
+    if decay_mask is not None and decoupled:
+        options["mask"] = decay_mask
 
-    def make(learning_rate, lr_scale=1.0, weight_decay=0.0):
-        rate = learning_rate * lr_scale
+    def build(rate, weight_decay):
         if decoupled:  # always given: lion's own default would decay a config that says 0
             return base(rate, weight_decay=weight_decay, **options)
         if not decay:
             return base(rate, **options)
-        return optax.chain(optax.add_decayed_weights(weight_decay), base(rate, **options))
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask), base(rate, **options))
 
-    return make
+    def make(learning_rate, lr_scale=1.0, weight_decay=0.0):
+        return build(learning_rate * lr_scale, weight_decay)
+
+    def make_with_floor(learning_rate, lr_scale=1.0, weight_decay=0.0, floor_scale=0.0):
+        return build(learning_rate * lr_scale + min_lr * floor_scale, weight_decay)
+
+    # (a floor is a hyperparameter of its own in the optimizer state: only runs that have one carry it)
+    return make_with_floor if min_lr else make
 
 
 def optimizer(
@@ -113,6 +144,9 @@ def optimizer(
     nesterov: bool = False,
     clip_norm: float | None = None,
     grad_accum: int = 1,
+    min_lr: float = 0.0,
+    beta2: float | None = None,
+    decay_mask=None,
 ) -> optax.GradientTransformation:
     """The optax optimizer of a recipe (see the module docstring).
 
@@ -124,10 +158,16 @@ def optimizer(
       momentum, nesterov: for optimizers that take them (sgd, rmsprop, sm3 ...).
       clip_norm: clip the gradients' global L2 norm to this first (None: no clipping).
       grad_accum: apply one update per this many batches, of their mean gradient.
+      min_lr, beta2, decay_mask: as in :func:`base_factory` (``min_lr``: the floor a decaying
+        schedule ends at).
     """
-    make = base_factory(name, decay="weight_decay" in hyperparams, momentum=momentum, nesterov=nesterov)
+    make = base_factory(
+        name, decay="weight_decay" in hyperparams, momentum=momentum, nesterov=nesterov, min_lr=min_lr, beta2=beta2,
+        decay_mask=decay_mask,
+    )  # fmt: skip
     scale = lr_scale(schedule, total_steps, warmup)
-    tx = optax.inject_hyperparams(make)(lr_scale=scale, **hyperparams)
+    floor = {"floor_scale": lr_scale(schedule, total_steps, warmup, floor=True)} if min_lr else {}
+    tx = optax.inject_hyperparams(make)(lr_scale=scale, **floor, **hyperparams)
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     if grad_accum > 1:

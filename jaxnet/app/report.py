@@ -22,12 +22,15 @@ _TABLE = (
 
 
 def format_result(summary: dict, out: str | None = None) -> str:
-    """The last lines of ``jaxnet train``: epochs, time, loss and the held-out figures."""
-    parts = [
-        f"{summary['epochs']} epochs in {summary['seconds']:.1f}s",
-        f"train loss {summary['train_loss']:.4g}",
-    ]
-    if summary.get("val_accuracy") is not None:
+    """The last lines of ``jaxnet train``: epochs (or steps), time, loss and the held-out figures."""
+    length = f"{summary['steps']} steps" if summary.get("task") == "lm" else f"{summary['epochs']} epochs"
+    parts = [f"{length} in {summary['seconds']:.1f}s", f"train loss {summary['train_loss']:.4g}"]
+    if summary.get("task") == "lm":
+        if summary.get("val_loss") is not None:
+            parts.append(f"validation loss {summary['val_loss']:.4g} (perplexity {summary['val_perplexity']:.4g})")
+        if summary.get("tokens_per_second") is not None:
+            parts.append(f"{summary['tokens_per_second']:,.0f} tokens/s")
+    elif summary.get("val_accuracy") is not None:
         parts.append(f"validation accuracy {summary['val_accuracy']:.4f}")
     for name, label in (
         ("test_accuracy", "test accuracy"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,10 +87,11 @@ class Job(NamedTuple):
         return ("val_accuracy" if classify else "val_loss") if self.problem.splits.val is not None else "train_loss"
 
 
-def prepare(config: TrainConfig) -> Job:
+def prepare(config: TrainConfig, cache: Path | None = None) -> Job:
     """Loads the data of ``config`` and describes its model and members; refuses a run whose
-    estimated memory exceeds the device's before anything is allocated."""
-    problem = load_problem(config)
+    estimated memory exceeds the device's before anything is allocated. A text's tokens are cached
+    in ``cache`` (the run folder)."""
+    problem = load_problem(config, cache)
     meta = model_meta(config, problem)
     model = archlib.build_model(meta, config.arch)
     one = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
@@ -210,6 +212,8 @@ def train(
         loss=loss_of(job),
         optimizer=optimizer_of(job),
         epochs=c.epochs,
+        steps=c.steps,
+        eval_every=c.eval_every,
         batch_size=c.batch_size,
         key=start.key,
         validation=(val.x, val.y) if val is not None else None,
@@ -275,9 +279,10 @@ def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
 
 
 def _speed(history: list) -> float | None:
-    """Steps per second over the epochs after the first, which also pays for compilation."""
+    """Training steps per second (validation left out) over the epochs after the first, which
+    also pays for compilation."""
     timed = history[1:] if len(history) > 1 else history
-    busy = sum(r["seconds"] for r in timed)
+    busy = sum(r["seconds"] - r.get("val_seconds", 0.0) for r in timed)
     return sum(r["steps"] for r in timed) / busy if busy > 0 else None
 
 
@@ -304,11 +309,33 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     }
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
     summary.update(seconds=seconds, steps_per_second=_speed(state.history))
+    if job.problem.task == "lm":
+        summary.update(_language_model_figures(job, state, best, summary["steps_per_second"]))
     if job.member_run:
         if summary["steps_per_second"] is not None:
             summary["model_steps_per_second"] = summary["steps_per_second"] * k  # each step updates K models
         summary.update(best_member=best, monitor=job.monitor, members=entries)
     return summary, best
+
+
+def _language_model_figures(job: Job, state: FitState, best: int, steps_per_second: float | None) -> dict:
+    """A language model's final figures: the steps, the last evaluation's validation loss and
+    perplexity (at the final step), the best one and its step, tokens per second and parameters."""
+    history = member_history(state.history, best)
+    last = history[-1] if history else {}
+    c = job.config
+    out = {"steps": last.get("step"), "val_loss": last.get("val_loss"), "parameters": parameter_count(job.model)}
+    if last.get("val_loss") is not None:
+        top = history[last["best_epoch"] - 1]
+        out.update(val_perplexity=math.exp(last["val_loss"]), best_val_loss=top["val_loss"], best_step=top["step"])
+    out["tokens_per_second"] = None if steps_per_second is None else steps_per_second * c.batch_size * c.context
+    return out
+
+
+def parameter_count(model: AnyModel) -> int:
+    """The number of a model's parameters (of one member)."""
+    params = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
 def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
@@ -328,7 +355,8 @@ def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
 
 
 def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
-    """Writes ``model.npz``, ``metrics.jsonl`` and ``curves.png`` (the best member's curves)."""
+    """Writes ``model.npz``, ``metrics.jsonl`` and ``curves.png`` (the best member's curves); a
+    language model's tokenizer is in its ``model.npz`` and in ``tokenizer.json`` beside it."""
     files.save_model(folder.path, result.model)
     atomic.write_jsonl(folder.path / "metrics.jsonl", result.history)
     best = result.summary.get("best_member", 0)
@@ -479,7 +507,7 @@ def _train_and_write(job, folder, state, callbacks, mesh, schedule, start) -> Ru
         where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved (use {1} DIR {2} N)"
         raise NonFiniteLossError(e.epoch, e.step, checks_escape(where) if last else where) from None
     summary, best = summarize(job, state, time.perf_counter() - start)
-    finished = is_finished(state, epochs=job.config.epochs, patience=job.config.patience)
+    finished = _finished(state, job.config)
     result = RunResult(saved_model(job, state, best), metrics_rows(job, state.history), summary, state, finished)
     if folder is not None and primary:
         write_outputs(folder, job, result)
@@ -511,7 +539,7 @@ def _continue(
 ) -> RunResult:
     """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
     before anything in the folder changes)."""
-    job = prepare(config)
+    job = prepare(config, folder.path)
     restored = checkpoint.restore(folder.checkpoints, template(job))
     _check_same_data(job, restored.metadata, folder)
     _say(notify, describe_problem(job.problem), always=False)
@@ -519,25 +547,40 @@ def _continue(
         _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
     schedule = schedule.given_over(restored.metadata.get("schedule", {}))
     epoch, inside = restored.state.epoch, restored.state.position is not None
-    if config.epochs < epoch + inside:
+    if config.steps is not None and config.steps < restored.state.steps:
+        raise ArgumentError(
+            f"the run in {checks_escape(folder.path)} has trained {restored.state.steps} steps, more than {{0}} "
+            f"{config.steps}: give {{0}} above it to extend it (or train into another folder)",
+            "steps",
+        )
+    if config.steps is None and config.epochs < epoch + inside:
         raise ArgumentError(
             f"the run in {checks_escape(folder.path)} has trained {epoch + inside} epochs"
             f"{' (the last in part)' if inside else ''}, more than {{0}} {config.epochs}: give {{0}} above "
             f"{epoch} to extend it (or train into another folder)",
             "epochs",
         )
-    if is_finished(restored.state, epochs=config.epochs, patience=config.patience):
+    if _finished(restored.state, config):
         _say(notify, f"{folder.path} already finished at epoch {epoch}; not training further")
     else:
-        _say(notify, f"continuing the run in {folder.path} from its checkpoint {_where(restored.state)}")
+        where = _where(restored.state, config.steps is not None)
+        _say(notify, f"continuing the run in {folder.path} from its checkpoint {where}")
     if parallel.is_primary():
         checkpoint.set_aside(folder.checkpoints, restored.state.steps)
         folder.write_config(config.to_dict())
     return _execute(job, folder, restored.state, callbacks, mesh, schedule, log, trace)
 
 
-def _where(state: FitState) -> str:
-    """Where a checkpoint stands, for a message: ``of epoch 3``, ``inside epoch 4 (step 120 of it)``."""
+def _finished(state: FitState, config: TrainConfig) -> bool:
+    """Whether the run of ``config`` at ``state`` would train no further."""
+    return is_finished(state, epochs=config.epochs, patience=config.patience, steps=config.steps)
+
+
+def _where(state: FitState, by_steps: bool = False) -> str:
+    """Where a checkpoint stands, for a message: ``of epoch 3``, ``inside epoch 4 (step 120 of it)``,
+    ``at step 500`` (a run by steps)."""
+    if by_steps:
+        return f"at step {state.steps}"
     if state.position is None:
         return f"of epoch {state.epoch}"
     return f"inside epoch {state.epoch + 1} (after its step {state.position.steps})"
@@ -581,7 +624,7 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
                 "train into another folder, or replace them ({0})",
                 "overwrite",
             )
-        job = prepare(config)
+        job = prepare(config, folder.path)
         _say(notify, describe_problem(job.problem), always=False)
         if parallel.is_primary():
             folder.clear()
@@ -618,11 +661,12 @@ def _holds_training(folder: RunFolder) -> bool:
 
 def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig) -> None:
     differ = configlib.differences(stored, config)
-    if differ == ["epochs"]:
+    if differ in (["epochs"], ["steps"]):
+        length = differ[0]
         raise ArgumentError(
-            f"{checks.escape(folder.path)} holds this run with {{0}} {stored.epochs}: to extend it, resume it "
-            "({1} DIR {0} N); or train into another folder, or replace it ({2})",
-            "epochs",
+            f"{checks.escape(folder.path)} holds this run with {{0}} {getattr(stored, length)}: to extend it, resume "
+            "it ({1} DIR {0} N); or train into another folder, or replace it ({2})",
+            length,
             "resume",
             "overwrite",
         )
@@ -636,13 +680,21 @@ def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig)
         )
 
 
-def resume(out: str | Path, *, epochs: int | None = None, overrides: dict | None = None, **options) -> RunResult:
+def resume(
+    out: str | Path,
+    *,
+    epochs: int | None = None,
+    overrides: dict | None = None,
+    steps: int | None = None,
+    **options,
+) -> RunResult:
     """Continues the run in folder ``out`` from its newest usable checkpoint, with its own config.
 
     Args:
       out: the run folder of an earlier :func:`run`.
       epochs: extend (or shorten) the run to this many epochs; the result equals a run of that
         many epochs never interrupted.
+      steps: likewise for a run by steps: extend it to this many steps.
       overrides: config fields given again (None: not given); each must equal the run's own.
       options: the fields of :class:`RunOptions`; the checkpoint and logging schedule left unset
         is the run's own.
@@ -657,16 +709,26 @@ def resume(out: str | Path, *, epochs: int | None = None, overrides: dict | None
             raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
         config = TrainConfig.from_dict(stored)
         configlib.check_overrides(config, overrides or {})
-        if epochs is not None:
-            if epochs != config.epochs and (config.lr_schedule != "constant" or config.warmup):
-                raise ArgumentError(
-                    f"this run's {config.lr_schedule} learning-rate schedule spans its {config.epochs} epochs: "
-                    "resume it with its own {0}, or train a new run",
-                    "epochs",
-                )
-            config = dataclasses.replace(config, epochs=epochs)
+        config = _extended(config, epochs, steps)
         _check_log(o.log)
         return _continue(folder, config, o.callbacks, o.mesh, o.cadence, o.notify, o.log, o.trace)
+
+
+def _extended(config: TrainConfig, epochs: int | None, steps: int | None) -> TrainConfig:
+    """``config`` with the run's length given again: its ``epochs``, or its ``steps`` for a run by steps."""
+    length, value = ("steps", steps) if config.steps is not None else ("epochs", epochs)
+    other = "epochs" if length == "steps" else "steps"
+    if (epochs if length == "steps" else steps) is not None:
+        raise ArgumentError(f"this run's length is in {length}: give {{0}} N to extend it, not {{1}}", length, other)
+    if value is None or value == getattr(config, length):
+        return config
+    if config.lr_schedule != "constant" or config.warmup:
+        raise ArgumentError(
+            f"this run's {config.lr_schedule} learning-rate schedule spans its {getattr(config, length)} {length}: "
+            "resume it with its own {0}, or train a new run",
+            length,
+        )
+    return dataclasses.replace(config, **{length: value})
 
 
 def restore_run(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:
@@ -677,4 +739,4 @@ def restore_run(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:
     if stored is None:
         raise ValueError(f"cannot resume: {out} holds no run (give the out folder of an earlier run)")
     config = TrainConfig.from_dict(stored)
-    return config, checkpoint.restore(folder.checkpoints, template(prepare(config)))
+    return config, checkpoint.restore(folder.checkpoints, template(prepare(config, folder.path)))

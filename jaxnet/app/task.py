@@ -9,11 +9,18 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from jaxnet import _atomic as atomic
+from jaxnet import text
 from jaxnet._checks import ArgumentError
+from jaxnet._checks import escape as text_escape
 from jaxnet.app import arch, tables
 from jaxnet.app import data as datalib
 from jaxnet.app.config import TrainConfig
@@ -34,6 +41,7 @@ class Problem(NamedTuple):
       encoder: how a table's columns became the features (:class:`jaxnet.app.tables.Encoder`),
         fitted on the training split; for other data, its ``d`` numeric columns.
       classes: the class names of labels that were names, else None.
+      tokenizer: a language model's (task ``lm``): its splits are windows of the text's tokens.
     """
 
     splits: datalib.Splits
@@ -46,6 +54,7 @@ class Problem(NamedTuple):
     feature_names: tuple
     encoder: tables.Encoder
     classes: tuple[str, ...] | None = None
+    tokenizer: text.Tokenizer | None = None
 
 
 def _task_of(config: TrainConfig) -> str | None:
@@ -95,8 +104,11 @@ def _check_classes(ds: datalib.Dataset) -> None:
         )
 
 
-def load_problem(config: TrainConfig) -> Problem:
-    """Loads and splits the data of ``config`` and fits the standardization on the training split."""
+def load_problem(config: TrainConfig, cache: Path | None = None) -> Problem:
+    """Loads and splits the data of ``config`` and fits the standardization on the training split;
+    a text (task ``lm``) is tokenized into ``cache`` (a folder; a temporary one when None)."""
+    if config.task == "lm":
+        return _text_problem(config, cache)
     options = {}
     if config.data is not None and tables.is_table_file(config.data):
         options = dict(
@@ -139,6 +151,78 @@ def load_problem(config: TrainConfig) -> Problem:
     )  # fmt: skip
 
 
+TOKENIZER_FILE, TOKENS_FILE, SOURCE_FILE = "tokenizer.json", "tokens.bin", "tokens.source.json"
+"""A language model's cache in its run folder: its tokenizer, the text's tokens, what they were made from."""
+
+
+def _new_tokenizer(config: TrainConfig, files: list[Path]) -> text.Tokenizer:
+    """The tokenizer ``config`` asks for: made for the text (``char``: its characters; ``bpe``:
+    trained on it), ``byte``, or a given ``tokenizer.json``."""
+    if config.tokenizer == "byte":
+        return text.ByteTokenizer()
+    if config.tokenizer == "char":
+        return text.CharTokenizer.fit(chunk for f in files for chunk in text.read_text(f))
+    if config.tokenizer == "bpe":
+        return text.BPETokenizer.train((chunk for f in files for chunk in text.read_text(f)), config.vocab_size)
+    path = Path(config.tokenizer)
+    if not path.is_file():
+        raise ArgumentError(f"{{0}} {text_escape(path)}: no such file", "tokenizer")
+    return text.tokenizer_from_json(path.read_text(), str(path))
+
+
+def _source(config: TrainConfig, files: list[Path]) -> dict:
+    """What a cached tokenizer and token file are made from: the text's files (size, modification
+    time) and the tokenizer asked for."""
+    stamps = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return {"files": stamps, "tokenizer": [config.tokenizer, config.vocab_size]}
+
+
+def _cached_tokens(config: TrainConfig, files: list[Path], cache: Path):
+    """``(tokenizer, tokens)`` of the text: those ``cache`` holds when it made them from these files
+    for this tokenizer (a resumed run uses its own), else made anew (and cached)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    source, stamp = _source(config, files), cache / SOURCE_FILE
+    with contextlib.suppress(OSError, ValueError, text.TextError):
+        if json.loads(stamp.read_text()) == source:
+            tokenizer = text.tokenizer_from_json((cache / TOKENIZER_FILE).read_text())
+            return tokenizer, text.open_tokens(cache / TOKENS_FILE)
+    tokenizer = _new_tokenizer(config, files)
+    tokens = text.tokenize_files(files, tokenizer, cache / TOKENS_FILE)
+    atomic.write_text(cache / TOKENIZER_FILE, text.tokenizer_to_json(tokenizer))
+    atomic.write_text(stamp, json.dumps(source) + "\n")
+    return tokenizer, tokens
+
+
+def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
+    """A language model's problem: the text tokenized (cached in ``cache``), its last ``val_split``
+    held out; training windows at every offset, validation at most ``eval_batches`` batches of
+    disjoint windows spread over the held-out part."""
+    files = text.text_files(config.data)
+    cache = Path(cache) if cache is not None else Path(tempfile.mkdtemp(prefix="jaxnet-tokens-"))
+    tokenizer, tokens = _cached_tokens(config, files, cache)
+    if len(tokens) <= len(files):  # only the documents' separators
+        raise ArgumentError(f"{text_escape(config.data)} holds no text: give {{0}} a text to train on", "data")
+    train, val = text.split_tokens(tokens, config.val_split)
+    name = Path(config.data).name
+    parts = [text.windows(train, config.context, name=f"{name} (training part)")]
+    if val is not None:
+        if len(val) < config.context + 1:
+            raise ArgumentError(
+                f"the validation part of {text_escape(name)} ({{0}} {config.val_split}) holds {len(val)} tokens, "
+                f"fewer than a window of {{1}} {config.context} + 1: raise {{0}} or lower {{1}}",
+                "val_split",
+                "context",
+            )
+        limit = config.eval_batches * config.batch_size
+        parts.append(text.windows(val, config.context, stride=config.context, limit=limit, name=f"{name} (validation)"))
+    splits = [datalib.Dataset(p.x, p.y, "lm", None, (), name) for p in parts]
+    empty = datalib.Standardizer(np.zeros(0, np.float32), np.ones(0, np.float32))
+    return Problem(
+        datalib.Splits(splits[0], splits[1] if len(splits) > 1 else None, None), empty, None, "softmax_cross_entropy",
+        tokenizer.vocab_size, "lm", None, (), tables.numeric(()), None, tokenizer,
+    )  # fmt: skip
+
+
 def _standardize_targets(splits: datalib.Splits) -> tuple[datalib.Splits, datalib.Standardizer]:
     """Regression targets ``(n, k)`` standardized by the training split's mean and std, so that
     the default learning rates suit targets of any scale (a price in dollars, a count)."""
@@ -152,6 +236,14 @@ def _standardize_targets(splits: datalib.Splits) -> tuple[datalib.Splits, datali
 
 def model_meta(config: TrainConfig, problem: Problem) -> dict:
     """The JSON description saved with the params: enough to rebuild and use the model."""
+    if problem.tokenizer is not None:
+        c = config
+        description = arch.describe_gpt(
+            problem.out_dim, context=c.context, layers=c.layers, heads=c.heads, dim=c.dim, dropout=c.dropout,
+            positions=c.positions,
+        )  # fmt: skip
+        common = dict(loss=problem.loss, task="lm", num_classes=None, feature_names=[], columns=None, target=None)
+        return {**description, **common, "tokenizer": text.tokenizer_to_json(problem.tokenizer), "config": c.to_dict()}
     features = len(problem.feature_names)
     if config.arch == "cnn":
         arch.check_input_shape(config.input_shape, features)
@@ -186,6 +278,11 @@ def model_meta(config: TrainConfig, problem: Problem) -> dict:
 def describe_problem(problem: Problem) -> str:
     """One line on the task, for the first line of a run's output."""
     train, val, test = problem.splits
+    if problem.task == "lm":
+        kind = type(problem.tokenizer).__name__.removesuffix("Tokenizer").lower()
+        held = f", {len(val.x)} validation windows" if val is not None else ""
+        return (f"task: language model, {kind} tokenizer of {problem.out_dim} ids; {len(train.x.tokens)} training "
+                f"tokens{held}")  # fmt: skip
     sizes = f"{len(train.x)} train / {len(val.x) if val else 0} val / {len(test.x) if test else 0} test rows"
     if problem.task == "classification":
         return f"task: classification, {problem.num_classes} classes, loss {problem.loss}; {sizes}"

@@ -1,0 +1,123 @@
+"""jaxnet train --task lm, evaluate and generate as a user runs them: exit codes, outputs, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "".join(f"{w} the quick brown fox jumps over the lazy dog.\n" for w in ("ALPHA", "BETA", "GAMMA") * 60)
+SMALL = ["--context", "16", "--layers", "1", "--heads", "2", "--dim", "16", "--batch-size", "8"]
+
+
+def jaxnet(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "jaxnet.app", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = folder / "run"
+    args = ["train", "--data", corpus, "--task", "lm", "--tokenizer", "char", *SMALL, "--steps", "40"]
+    result = jaxnet(*args, "--eval-every", "20", "--lr", "3e-3", "--out", out, "--json")
+    return folder, out, result
+
+
+def test_training_a_language_model_reports_its_figures(trained):
+    folder, out, result = trained
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["task"] == "lm" and summary["steps"] == 40
+    assert summary["val_loss"] < 3.0 and summary["parameters"] > 0 and summary["tokens_per_second"] > 0
+    assert summary["val_perplexity"] == pytest.approx(2.718281828 ** summary["val_loss"], rel=1e-6)
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("task: language model, char tokenizer")
+    assert any(line.startswith("step 20: ") and "tokens/s=" in line for line in lines)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [20, 40]
+    assert (out / "tokenizer.json").is_file() and (out / "tokens.bin").is_file()
+
+
+def test_generate_writes_the_prompt_and_new_text(trained):
+    _, out, _ = trained
+    result = jaxnet("generate", "--model", out, "--prompt", "ALPHA", "--tokens", "30", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ALPHA") and len(result.stdout.rstrip("\n")) == len("ALPHA") + 30
+    again = jaxnet("generate", "--model", out, "--prompt", "ALPHA", "--tokens", "30", "--seed", "1")
+    assert again.stdout == result.stdout  # the seed fixes the text
+    greedy = jaxnet("generate", "--model", out, "--prompt", "ALPHA", "--tokens", "5", "--temperature", "0")
+    assert greedy.returncode == 0 and set(greedy.stdout) <= set(TEXT)
+
+
+def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained):
+    folder, out, _ = trained
+    other = folder / "other.txt"
+    other.write_text(TEXT[:2000])
+    result = jaxnet("evaluate", "--model", out, "--data", other, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["perplexity"] == pytest.approx(2.718281828 ** figures["loss"], rel=1e-6)
+    assert figures["bits_per_character"] == pytest.approx(figures["bits_per_token"], rel=1e-2)  # char tokens
+
+
+def test_a_run_by_steps_extends_with_resume(trained, tmp_path):
+    folder, out, _ = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    result = jaxnet("train", "--resume", copy, "--steps", "60", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 60
+    assert "from its checkpoint at step 40" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("empty", [], "the text is empty"),
+        ("latin1", [], "not UTF-8 text: byte offset 9"),
+        ("tiny", [], "fewer than a window of context 16 + 1"),
+        ("good", ["--epochs", "3"], "--epochs and --steps both set the run's length"),
+        ("table", [], "--task lm trains on text"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, extra, message):
+    files = {
+        "empty": ("e.txt", b""),
+        "latin1": ("l.txt", b"hello caf\xe9 ok"),
+        "tiny": ("t.txt", b"abc"),
+        "good": ("g.txt", TEXT.encode()),
+        "table": ("t.csv", b"a,b\n1,2\n"),
+    }
+    name, data = files[case]
+    (tmp_path / name).write_bytes(data)
+    out = tmp_path / "run"
+    args = ["train", "--data", tmp_path / name, "--task", "lm", *SMALL, "--steps", "5", "--val-split", "0"]
+    result = jaxnet(*args, "--out", out, *extra)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (out / "model.npz").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_prompt_with_characters_the_model_does_not_know_is_refused(trained):
+    _, out, _ = trained
+    result = jaxnet("generate", "--model", out, "--prompt", "ALPHA ü", "--tokens", "5")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "jaxnet: error: the prompt has 1 character(s) the char tokenizer does not know: 'ü' "
+        "(it knows the characters of its training text)"
+    )
+
+
+def test_a_long_prompt_is_cut_from_the_left_with_a_note(trained):
+    _, out, _ = trained
+    result = jaxnet("generate", "--model", out, "--prompt", "ALPHA the quick brown fox", "--tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "more than the context of 16: its first 9 tokens are left out" in result.stderr

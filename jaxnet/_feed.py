@@ -34,6 +34,7 @@ from jaxnet.epoch import epoch_batches, epoch_metrics, num_batches, start_carry
 from jaxnet.forward import apply_batch
 from jaxnet.losses import LossSpec, has_token_axis, loss_sums
 from jaxnet.members import num_members
+from jaxnet.shuffle import permutation_at
 
 CHUNK_BYTES = 32 * 2**20
 """Default bytes of one chunk of streamed batches (x, y and weights); about three are in flight."""
@@ -49,6 +50,44 @@ def epoch_layout(shuffle_key, n: int, batch_size: int, drop_remainder: bool, shu
     ``(nb, b)``; or ``(K, nb, b)``, one layout per member, for a ``(K,)`` array of keys."""
     layout = _epoch_layout if num_members(shuffle_key) is None else _member_layouts
     return layout(shuffle_key, n, batch_size, drop_remainder, shuffle)
+
+
+def _layout_rows(shuffle_key, positions, n: int, shuffle: bool):
+    """``(index, weight)`` at ``positions`` of an epoch's flat layout (as :func:`jaxnet.epoch.epoch_batches`:
+    positions past ``n`` repeat the order cyclically, weight 0)."""
+    wrapped = positions % n
+    index = permutation_at(shuffle_key, n, wrapped) if shuffle else wrapped.astype(jnp.int32)
+    return index, (positions < n).astype(jnp.float32)
+
+
+_rows_at = jax.jit(_layout_rows, static_argnums=(2, 3))
+_member_rows_at = jax.jit(jax.vmap(_layout_rows, in_axes=(0, None, None, None)), static_argnums=(2, 3))
+
+
+class Layout(NamedTuple):
+    """An epoch's batch layout computed a run of steps at a time (:meth:`steps`), never whole: the
+    same rows as :func:`jaxnet.epoch.epoch_batches` (bitwise), for sources of any number of rows.
+    ``shape`` is ``(nb, b)``, or ``(K, nb, b)`` for a ``(K,)`` array of keys (one order per member)."""
+
+    shuffle_key: Any
+    n: int
+    batch_size: int
+    shape: tuple
+    shuffle: bool
+
+    @classmethod
+    def of(cls, shuffle_key, n: int, batch_size: int, drop_remainder: bool, shuffle: bool) -> Layout:
+        k = None if shuffle_key is None else num_members(shuffle_key)
+        nb = num_batches(n, batch_size, drop_remainder)
+        return cls(shuffle_key, n, batch_size, ((k,) if k else ()) + (nb, batch_size), shuffle)
+
+    def steps(self, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(index, weight)`` of steps ``first .. stop - 1``: ``(..., stop - first, b)`` numpy arrays."""
+        b = self.batch_size
+        positions = jnp.arange(first * b, stop * b, dtype=jnp.int64 if self.n * 2 >= 2**31 else jnp.int32)
+        at = _rows_at if len(self.shape) == 2 else _member_rows_at
+        index, weight = jax.device_get(at(self.shuffle_key, positions, self.n, self.shuffle))
+        return index.reshape(*self.shape[:-2], stop - first, b), weight.reshape(*self.shape[:-2], stop - first, b)
 
 
 def split_keys(key):
@@ -119,15 +158,17 @@ class Share(NamedTuple):
         return Share(jax.process_index() * per, (jax.process_index() + 1) * per, batch_size)
 
 
-def indexed_chunks(source, index: np.ndarray, weight: np.ndarray | None, steps: int, start: int, share: Share):
-    """Chunks of an epoch over an indexed source: ``index``/``weight`` ``(nb, b)`` its layout, or
-    ``(K, nb, b)`` for K members (each chunk then ``(K, S, b, ...)``: every member's own rows)."""
-    nb = index.shape[-2]
+def indexed_chunks(source, order: Layout, padded: bool, steps: int, start: int, share: Share):
+    """Chunks of an epoch over an indexed source in the order of ``order`` (``(nb, b)``, or
+    ``(K, nb, b)`` for K members: each chunk then ``(K, S, b, ...)``, every member's own rows), the
+    last batch's padding weighted 0 when ``padded``; each chunk's rows are computed when it is read."""
+    nb = order.shape[-2]
     for s in range(start, nb, steps):
-        rows = index[..., s : s + steps, share.start : share.stop]
+        index, weight = order.steps(s, min(s + steps, nb))
+        rows = index[..., share.start : share.stop]
         x, y = source.read(rows.reshape(-1))
         arrays = (x.reshape(*rows.shape, *x.shape[1:]), y.reshape(*rows.shape, *y.shape[1:]))
-        w = None if weight is None else weight[..., s : s + steps, share.start : share.stop]
+        w = weight[..., share.start : share.stop] if padded else None
         one = rows[(0,) * (rows.ndim - 2)] if w is None else w[(0,) * (w.ndim - 2)]  # a member's: all alike
         examples = one.size if w is None else int(one.sum())
         yield Chunk(arrays if w is None else (*arrays, w), rows.shape[-2], w is not None, examples)
@@ -267,10 +308,10 @@ def epoch_chunks(source, layout: StreamLayout, shuffle_key, start: int) -> tuple
     b = layout.batch_size
     if source.kind == "indexed":
         n = source.num_rows
-        index, weight = jax.device_get(epoch_layout(shuffle_key, n, b, layout.drop_remainder, layout.shuffle))
-        nb = index.shape[-2]
+        order = Layout.of(shuffle_key, n, b, layout.drop_remainder, layout.shuffle)
+        nb = order.shape[-2]
         padded = nb * b > n
-        chunks = indexed_chunks(source, index, weight if padded else None, layout.steps, start, layout.share)
+        chunks = indexed_chunks(source, order, padded, layout.steps, start, layout.share)
         return chunks, (lambda examples: n if padded else nb)
     seed = seed_of(shuffle_key)
     buffer = layout.shuffle_buffer if layout.shuffle else 0
@@ -441,8 +482,8 @@ def eval_layout(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
 def source_batches(source, batch_size: int, steps: int) -> Iterator[Chunk]:
     """Every example of ``source`` once, in order, in weighted chunks (padding weighs 0)."""
     if source.kind == "indexed":
-        index, weight = eval_layout(source.num_rows, batch_size)
-        yield from indexed_chunks(source, index, weight, steps, 0, Share(0, batch_size, batch_size))
+        order = Layout.of(None, source.num_rows, batch_size, drop_remainder=False, shuffle=False)
+        yield from indexed_chunks(source, order, True, steps, 0, Share(0, batch_size, batch_size))
         return
     for chunk in sequential_chunks(source, batch_size, steps, 0, False, 0, False, 0):
         if not chunk.weighted:

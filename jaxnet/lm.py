@@ -267,17 +267,15 @@ class GPT(NamedTuple):
         c, position = self.config, cache.length
         visible = (jnp.arange(cache.k.shape[1]) <= position)[None, None, :]  # (1, 1, C): keys up to here
         x = _embed(c, params, jnp.reshape(token, (1,)), position[None])
-        ks, vs = [], []
+        keys, values = cache.k, cache.v  # (layers, C, heads, h), updated in place inside a loop
         for i, p in enumerate(params["blocks"]):
             q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), position[None])
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k, position, axis=0)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v, position, axis=0)
-            out = jax.nn.dot_product_attention(q, k_all, v_all, mask=visible)
+            keys = jax.lax.dynamic_update_slice(keys, k[None], (i, position, 0, 0))
+            values = jax.lax.dynamic_update_slice(values, v[None], (i, position, 0, 0))
+            out = jax.nn.dot_product_attention(q, keys[i], values[i], mask=visible)
             x = x + _linear(p["attn"]["o"], jnp.reshape(out, (1, c.dim)))
             x = x + _mlp(p["mlp"], _norm(p["ln2"], x))
-            ks.append(k_all)
-            vs.append(v_all)
-        return _logits(c, params, x)[0], Cache(jnp.stack(ks), jnp.stack(vs), position + 1)
+        return _logits(c, params, x)[0], Cache(keys, values, position + 1)
 
 
 def decay_mask(params: Params) -> Params:

@@ -63,11 +63,18 @@ def index_permutation(key: PRNGKey, n: int) -> jax.Array:
     Returns:
       ``(n,)`` int32 array holding each of ``0..n-1`` once.
     """
+    return permutation_at(key, n, jnp.arange(n, dtype=jnp.uint32))
+
+
+def permutation_at(key: PRNGKey, n: int, positions: jax.Array) -> jax.Array:
+    """``index_permutation(key, n)[positions]`` without the rest of it: each element is computed
+    on its own, so a slice of an epoch's order costs its own length (an epoch of a billion rows
+    need not exist whole). ``positions``: integers in ``[0, n)``, any shape."""
     if not 1 <= n < 2**31:
         raise ValueError(f"can only shuffle 1 to 2**31 - 1 indices, got {n}")
     half = _half_bits(n)
     round_keys = jax.random.bits(key, (ROUNDS,), jnp.uint32)
-    start = _feistel(jnp.arange(n, dtype=jnp.uint32), round_keys, half)
+    start = _feistel(jnp.asarray(positions).astype(jnp.uint32), round_keys, half)
 
     def outside(values):
         return jnp.any(values >= n)

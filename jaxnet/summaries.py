@@ -117,8 +117,8 @@ def _cost(compiled) -> Cost:
 
 
 def _targets(loss, outputs: jax.ShapeDtypeStruct, batch_size: int) -> jax.ShapeDtypeStruct:
-    if get_loss(loss).integer_labels:
-        return jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    if get_loss(loss).integer_labels:  # a label per example, or per token of a sequence's (T, V) logits
+        return jax.ShapeDtypeStruct((batch_size, *outputs.shape[1:-1]), jnp.int32)
     return jax.ShapeDtypeStruct((batch_size, *outputs.shape[1:]), jnp.float32)
 
 

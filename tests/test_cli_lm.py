@@ -121,3 +121,39 @@ def test_a_long_prompt_is_cut_from_the_left_with_a_note(trained):
     result = jaxnet("generate", "--model", out, "--prompt", "ALPHA the quick brown fox", "--tokens", "3")
     assert result.returncode == 0, result.stderr
     assert "more than the context of 16: its first 9 tokens are left out" in result.stderr
+
+
+def test_many_language_models_train_in_one_program(trained, tmp_path):
+    folder, _, _ = trained
+    args = ["train", "--data", folder / "corpus.txt", "--task", "lm", *SMALL, "--steps", "20", "--eval-every", "10"]
+    result = jaxnet(*args, "--seeds", "2", "--lr", "1e-3,3e-3", "--out", tmp_path / "sweep", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert len(summary["members"]) == 4 and all(m["val_loss"] < 4.0 for m in summary["members"])
+    best = min(summary["members"], key=lambda m: m["val_loss"])
+    assert summary["best_member"] == best["member"] and summary["val_loss"] == pytest.approx(best["val_loss"])
+
+
+@pytest.mark.slow
+def test_a_1gb_text_trains_in_under_1gb_of_memory(tmp_path):
+    corpus = tmp_path / "big.txt"
+    line = "".join(chr(97 + i % 26) for i in range(1023)) + "\n"
+    with open(corpus, "w") as f:  # 1 GiB of text, written in blocks
+        block = line * 1024
+        for _ in range(1024):
+            f.write(block)
+    assert corpus.stat().st_size == 2**30
+    code = (
+        "import resource, subprocess, sys; "
+        "rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    args = ["train", "--data", corpus, "--task", "lm", "--tokenizer", "byte", *SMALL, "--steps", "20"]
+    args += ["--eval-every", "10", "--eval-batches", "4", "--out", tmp_path / "run", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-c", code, sys.executable, "-m", "jaxnet.app", *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    rc, peak_kib = map(int, out.stdout.split())
+    assert rc == 0, out.stderr
+    assert (tmp_path / "run" / "tokens.bin").stat().st_size == 2 * (2**30 + 1)  # uint16, and the separator
+    assert peak_kib < 2**20, f"peak resident memory {peak_kib / 2**20:.2f} GiB"

@@ -302,7 +302,10 @@ def saved_summary(path, batch_size: int | None = None, arch: str | None = None) 
     optimizer = configlib.make_optimizer(config) if config else None
     if batch_size is None:
         batch_size = config.batch_size if config else 32
-    example = jax.ShapeDtypeStruct((len(model.meta["feature_names"]),), jnp.float32)
+    if model.meta.get("task") == "lm":  # one window of token ids
+        example = jax.ShapeDtypeStruct((model.meta["gpt"]["context"],), jnp.int32)
+    else:
+        example = jax.ShapeDtypeStruct((len(model.meta["feature_names"]),), jnp.float32)
     loss = model.meta.get("loss")
     return summaries.summary(
         bound.model, example, params=params, model_state=state, batch_size=batch_size, loss=loss, optimizer=optimizer

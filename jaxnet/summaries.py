@@ -6,6 +6,8 @@ compiling the forward pass (and the training step, with a loss) for one batch an
 and memory analyses. jaxnet's :func:`jaxnet.serial` models (``mlp``, ``cnn``, your own stacks) are
 listed layer by layer; any other model (Flax, Equinox, Haiku, a hand-written pair) as one row per
 top-level entry of its params.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
 from __future__ import annotations

@@ -257,6 +257,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="also torch.compile")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for model FLOPs utilization (MFU)")
     parser.add_argument("--json", help="write the results here (and the table beside it, .txt)")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="jaxnet-bench-lm-"))
@@ -300,6 +301,9 @@ def main(argv=None) -> int:
     per_round = args.steps * args.batch * args.context
     rates = {name: [per_round / s for s in times[1:]] for name, times in seconds.items()}
     medians = {name: statistics.median(r) for name, r in rates.items()}
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    # training FLOPs per token (PaLM's count): 6 per weight, and 12 * layers * context * width for attention
+    flops_per_token = 6 * n_params + 12 * args.layers * args.context * args.dim
     losses = {"jaxnet": validation_loss(result.train.params, val, args.heads)}
     losses["raw-jax"] = validation_loss(others["raw-jax"].params(), val, args.heads)
     x_val, y_val = val.read(np.arange(val.num_rows))
@@ -311,11 +315,13 @@ def main(argv=None) -> int:
         f"{args.rounds} rounds of {args.steps} steps, the first left out",
         "step-0 loss on one batch: " + ", ".join(f"{n} {v:.6f}" for n, v in start_loss.items()),
         "",
-        f"{'impl':<14}{'tokens/s (median)':>20}{'jaxnet / impl':>16}{f'val loss @ {total}':>18}",
+        f"{'impl':<14}{'tokens/s (median)':>20}{'jaxnet / impl':>16}{f'val loss @ {total}':>18}{'TFLOP/s':>10}"
+        + (f"{'MFU':>8}" if args.peak_tflops else ""),
     ]
     for name in seconds:
-        ratio = medians["jaxnet"] / medians[name]
-        lines.append(f"{name:<14}{medians[name]:>20,.0f}{ratio:>16.2f}{losses[name]:>18.4f}")
+        ratio, tflops = medians["jaxnet"] / medians[name], medians[name] * flops_per_token / 1e12
+        mfu = f"{tflops / args.peak_tflops:>8.1%}" if args.peak_tflops else ""
+        lines.append(f"{name:<14}{medians[name]:>20,.0f}{ratio:>16.2f}{losses[name]:>18.4f}{tflops:>10.3f}{mfu}")
     env = {
         "date": datetime.date.today().isoformat(),
         "device": str(jax.devices()[0]),

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxnet import _checks as checks
 from jaxnet.base import Context, Params, PRNGKey, StatefulModel
-from jaxnet.layers import dense, embedding, layer_norm, split_heads
+from jaxnet.layers import dense, embedding, layer_norm
 
 POSITIONS = ("learned", "rope")
 STD = 0.02
@@ -112,12 +112,13 @@ def _init(c: GPTConfig) -> Callable[[PRNGKey], Params]:
 
 
 def _rope(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Rotary position embedding of ``x`` ``(T, heads, h)`` at ``positions`` ``(T,)`` (RoFormer's
+    """Rotary position embedding of ``x`` ``(..., T, heads, h)`` at ``positions`` ``(T,)`` (RoFormer's
     pairs ``(x[i], x[i + h/2])`` rotated by ``position * 10000^(-2i/h)``)."""
     half = x.shape[-1] // 2
     frequencies = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[:, None].astype(jnp.float32) * frequencies[None, :]  # (T, h/2)
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    lead = (1,) * (x.ndim - 3)
+    cos, sin = (jnp.reshape(f(angles), (*lead, angles.shape[0], 1, half)) for f in (jnp.cos, jnp.sin))
     a, b = x[..., :half], x[..., half:]
     return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x.dtype)
 
@@ -147,9 +148,9 @@ def _mlp(p: Params, x: jax.Array) -> jax.Array:
     return _linear(p["proj"], hidden)
 
 
-def _projections(c: GPTConfig, p: Params, h: jax.Array, positions: jax.Array):
-    """Queries, keys and values ``(T, heads, dim / heads)`` of the normed input ``h`` ``(T, dim)``."""
-    q, k, v = (split_heads(_linear(p[n], h), c.heads) for n in "qkv")
+def _projections(c: GPTConfig, p: Params, h: jax.Array, shape: tuple, positions: jax.Array):
+    """Queries, keys and values ``(b, T, heads, dim / heads)`` of the normed input ``h`` ``(b * T, dim)``."""
+    q, k, v = (jnp.reshape(_linear(p[n], h), (*shape, c.heads, c.dim // c.heads)) for n in "qkv")
     if c.positions == "rope":
         q, k = _rope(q, positions), _rope(k, positions)
     return q, k, v
@@ -164,9 +165,11 @@ def _norm(p: Params, x: jax.Array) -> jax.Array:
 
 
 def _embed(c: GPTConfig, params: Params, ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token (and learned position) embeddings of ``ids`` ``(..., T)``: ``(..., T, dim)``."""
     x = embedding(c.vocab_size, c.dim).apply(params["embed"], ids)
     if c.positions == "learned":
-        x = x + params["pos"]["table"][positions]
+        table = params["pos"]["table"][positions]
+        x = x + jnp.reshape(table, (1,) * (x.ndim - 2) + table.shape)
     return x
 
 
@@ -176,33 +179,36 @@ def _logits(c: GPTConfig, params: Params, x: jax.Array) -> jax.Array:
     return x @ head
 
 
-def _block(c: GPTConfig, p: Params, x, positions, attend: Callable, ctx: Context | None, salt: int):
-    """One block: ``x + attention(ln1(x))``, ``+ mlp(ln2(x))``; ``attend(q, k, v) -> (T, heads, h)``."""
-    q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), positions)
-    out = attend(q, k, v)
-    attn = _linear(p["attn"]["o"], jnp.reshape(out, (x.shape[0], c.dim)))
+def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, ctx: Context | None, salt: int):
+    """One block on ``x`` ``(b * T, dim)``: ``x + attention(ln1(x))``, then ``+ mlp(ln2(x))``."""
+    q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), shape, positions)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (b, T, heads, h)
+    attn = _linear(p["attn"]["o"], jnp.reshape(out, x.shape))
     x = x + _dropout(attn, c.dropout, ctx, 2 * salt + 1)
     x = x + _dropout(_mlp(p["mlp"], _norm(p["ln2"], x)), c.dropout, ctx, 2 * salt + 2)
     return x, (k, v)
 
 
-def _forward(c: GPTConfig, params: Params, ids: jax.Array, positions, attend, ctx: Context | None):
-    """``(logits (T, V), keys and values (layers, T, heads, h))`` of ``ids`` ``(T,)``."""
-    if ids.ndim != 1:
-        raise ValueError(f"gpt: one sequence of token ids (T,) per example, got shape {ids.shape}")
-    if ids.shape[0] > c.context:
-        raise ValueError(f"gpt: {ids.shape[0]} tokens exceed the context of {c.context}")
-    x = _dropout(_embed(c, params, ids, positions), c.dropout, ctx, 0)
+def _forward(c: GPTConfig, params: Params, ids: jax.Array, ctx: Context | None):
+    """``(logits, (keys, values))`` of one sequence ``ids`` ``(T,)`` -> ``(T, V)``, ``(layers, T,
+    heads, h)`` each; or of a batch ``(b, T)`` -> ``(b, T, V)``, ``(layers, b, T, heads, h)``. The
+    tokens of a batch are one ``(b * T, dim)`` matrix for every projection: XLA's CPU backward runs
+    such matmuls 1.5x faster than the ``(b, T, dim)`` ones of a vmapped sequence."""
+    single = ids.ndim == 1
+    batch = ids[None] if single else ids
+    if batch.ndim != 2:
+        raise ValueError(f"gpt: token ids (T,) or a batch of them (b, T), got shape {ids.shape}")
+    (b, t), positions = batch.shape, jnp.arange(batch.shape[1])
+    if t > c.context:
+        raise ValueError(f"gpt: {t} tokens exceed the context of {c.context}")
+    x = _dropout(jnp.reshape(_embed(c, params, batch, positions), (b * t, c.dim)), c.dropout, ctx, 0)
     keys, values = [], []
     for i, p in enumerate(params["blocks"]):
-        x, (k, v) = _block(c, p, x, positions, attend, ctx, i)
+        x, (k, v) = _block(c, p, x, (b, t), positions, ctx, i)
         keys.append(k)
         values.append(v)
-    return _logits(c, params, x), (jnp.stack(keys), jnp.stack(values))
-
-
-def _causal(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    logits, kv = jnp.reshape(_logits(c, params, x), (b, t, -1)), (jnp.stack(keys), jnp.stack(values))
+    return (logits[0], (kv[0][:, 0], kv[1][:, 0])) if single else (logits, kv)
 
 
 def gpt(
@@ -218,6 +224,11 @@ def gpt(
     bias: bool = False,
 ) -> StatefulModel:
     """A GPT language model: one sequence of ids ``(T,)`` (``T <= context``) -> next-token logits ``(T, V)``.
+
+    Its ``apply`` also takes a batch ``(b, T)`` in one call, and the model is marked ``batched``,
+    so that ``fit`` gives it whole batches: every projection is then one ``(b * T, dim)`` matmul
+    (on XLA's CPU backend the step runs 1.5x faster than vmapping the sequence's). The result is the
+    same as applying it to each sequence; dropout draws one mask for the batch from the context's key.
 
     Train it with ``loss="softmax_cross_entropy"`` on targets ``(T,)``, the inputs shifted by one
     (:func:`jaxnet.text.windows`); generate with :func:`jaxnet.generate`.
@@ -241,24 +252,23 @@ def gpt(
       (10, 50)
     """
     c = _check_config(GPTConfig(vocab_size, context, layers, heads, dim, dropout, tie_embeddings, positions, bias))
-    return StatefulModel(_init(c), GPT(c))
+    return StatefulModel(_init(c), GPT(c), batched=True)
 
 
 class GPT(NamedTuple):
-    """A GPT's ``apply``: ``(params, state, ids: (T,), ctx) -> (logits: (T, V), state)`` (state ``{}``;
-    a :class:`jaxnet.StatefulModel` for dropout's keys), with the cached decoding that
+    """A GPT's ``apply``: ``(params, state, ids: (T,) or (b, T), ctx) -> (logits: (T, V) or (b, T, V),
+    state)`` (state ``{}``; a batched :class:`jaxnet.StatefulModel`, for dropout's keys), with the cached decoding that
     :func:`jaxnet.generate` runs beside it: :meth:`prefill` and :meth:`decode`."""
 
     config: GPTConfig
 
     def __call__(self, params: Params, state, ids: jax.Array, ctx: Context):
-        logits, _ = _forward(self.config, params, ids, jnp.arange(ids.shape[0]), _causal, ctx)
-        return logits, state
+        return _forward(self.config, params, ids, ctx)[0], state
 
     def prefill(self, params: Params, ids: jax.Array, length) -> tuple[jax.Array, Cache]:
         """Logits ``(C, V)`` of a window ``ids`` ``(C,)`` whose first ``length`` ids are real (the
         rest padding, never attended to by them), and the cache holding those ``length`` positions."""
-        logits, (k, v) = _forward(self.config, params, ids, jnp.arange(ids.shape[0]), _causal, None)
+        logits, (k, v) = _forward(self.config, params, ids, None)
         return logits, Cache(k, v, jnp.asarray(length, jnp.int32))
 
     def decode(self, params: Params, cache: Cache, token: jax.Array) -> tuple[jax.Array, Cache]:
@@ -269,7 +279,7 @@ class GPT(NamedTuple):
         x = _embed(c, params, jnp.reshape(token, (1,)), position[None])
         keys, values = cache.k, cache.v  # (layers, C, heads, h), updated in place inside a loop
         for i, p in enumerate(params["blocks"]):
-            q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), position[None])
+            q, k, v = (a[0] for a in _projections(c, p["attn"], _norm(p["ln1"], x), (1, 1), position[None]))
             keys = jax.lax.dynamic_update_slice(keys, k[None], (i, position, 0, 0))
             values = jax.lax.dynamic_update_slice(values, v[None], (i, position, 0, 0))
             out = jax.nn.dot_product_attention(q, keys[i], values[i], mask=visible)

@@ -212,3 +212,14 @@ def test_a_gpt_with_dropout_trains_through_fit():
         epochs=15, batch_size=16, key=jax.random.key(1), model_state=state, validation=(x[:32], y[:32]),
     )  # fmt: skip
     assert result.history[0]["train_loss"] > 2.0 and result.history[-1]["val_loss"] < 0.2
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_a_batch_in_one_call_equals_each_sequence_alone(positions):
+    net = _small(positions=positions)
+    params = _perturbed(net.init(jax.random.key(0))[0])
+    ids = jax.random.randint(jax.random.key(1), (3, C), 0, V)
+    whole = net.apply(params, {}, ids, Context(train=False))[0]
+    assert net.batched and whole.shape == (3, C, V)
+    for i in range(3):
+        np.testing.assert_allclose(whole[i], _apply(net, params, ids[i]), rtol=1e-5, atol=1e-6)

@@ -410,7 +410,8 @@ def _cmd_evaluate(args) -> int:
     model = files.load_model(args.model)
     if language.is_language_model(model):
         figures = language.evaluate_text(model, args.data)
-        print(_json(figures) if args.json else "  ".join(f"{k} {v:.6g}" for k, v in figures.items()))
+        shown = (f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+        print(_json(figures) if args.json else "  ".join(shown))
         return 0
     chunks = savedlib.input_chunks(model, args.data, args.target)
 

@@ -52,16 +52,12 @@ def epoch_layout(shuffle_key, n: int, batch_size: int, drop_remainder: bool, shu
     return layout(shuffle_key, n, batch_size, drop_remainder, shuffle)
 
 
-def _layout_rows(shuffle_key, positions, n: int, shuffle: bool):
-    """``(index, weight)`` at ``positions`` of an epoch's flat layout (as :func:`jaxnet.epoch.epoch_batches`:
-    positions past ``n`` repeat the order cyclically, weight 0)."""
-    wrapped = positions % n
-    index = permutation_at(shuffle_key, n, wrapped) if shuffle else wrapped.astype(jnp.int32)
-    return index, (positions < n).astype(jnp.float32)
+def _permuted(shuffle_key, wrapped, n: int):
+    return permutation_at(shuffle_key, n, wrapped)
 
 
-_rows_at = jax.jit(_layout_rows, static_argnums=(2, 3))
-_member_rows_at = jax.jit(jax.vmap(_layout_rows, in_axes=(0, None, None, None)), static_argnums=(2, 3))
+_permuted_at = jax.jit(_permuted, static_argnums=(2,))
+_member_permuted_at = jax.jit(jax.vmap(_permuted, in_axes=(0, None, None)), static_argnums=(2,))
 
 
 class Layout(NamedTuple):
@@ -82,12 +78,19 @@ class Layout(NamedTuple):
         return cls(shuffle_key, n, batch_size, ((k,) if k else ()) + (nb, batch_size), shuffle)
 
     def steps(self, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(index, weight)`` of steps ``first .. stop - 1``: ``(..., stop - first, b)`` numpy arrays."""
+        """``(index, weight)`` of steps ``first .. stop - 1``: ``(..., stop - first, b)`` numpy arrays
+        (positions past the ``n`` rows repeat the order cyclically, weight 0, as in ``epoch_batches``)."""
         b = self.batch_size
-        positions = jnp.arange(first * b, stop * b, dtype=jnp.int64 if self.n * 2 >= 2**31 else jnp.int32)
-        at = _rows_at if len(self.shape) == 2 else _member_rows_at
-        index, weight = jax.device_get(at(self.shuffle_key, positions, self.n, self.shuffle))
-        return index.reshape(*self.shape[:-2], stop - first, b), weight.reshape(*self.shape[:-2], stop - first, b)
+        positions = np.arange(first * b, stop * b, dtype=np.int64)  # on the host: no int32 overflow
+        wrapped = (positions % self.n).astype(np.uint32)
+        if self.shuffle:
+            at = _permuted_at if len(self.shape) == 2 else _member_permuted_at
+            index = np.asarray(jax.device_get(at(self.shuffle_key, wrapped, self.n)))
+        else:
+            index = np.broadcast_to(wrapped.astype(np.int32), (*self.shape[:-2], len(wrapped)))
+        weight = np.broadcast_to((positions < self.n).astype(np.float32), index.shape)
+        shape = (*self.shape[:-2], stop - first, b)
+        return index.reshape(shape), weight.reshape(shape)
 
 
 def split_keys(key):

@@ -182,6 +182,8 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, jit_options: dic
     per_chunk = b * (members or 1)
     most = feed.chunk_steps(spec, per_chunk, options.chunk_bytes, options.chunk_steps)
     epoch_steps = num_batches(source.num_rows, b, options.drop_remainder) if source.kind == "indexed" else None
+    if source.kind != "indexed" and options.steps:  # its epochs may end at any step: every round must too
+        epoch_steps = 1
     steps = _chunk_steps(options, most, epoch_steps)
     layout = _layout(options, steps, mesh)
     count = feed.counts_examples(source, layout) or bool(options.steps)

@@ -27,12 +27,12 @@ from jaxnet import _programs as programs
 from jaxnet import _progress as progress
 from jaxnet import _weights as weights
 from jaxnet import hooks, sources
-from jaxnet._feed import CHUNK_BYTES
+from jaxnet._feed import CHUNK_BYTES, Position, split_keys
 from jaxnet._options import FitOptions
 from jaxnet.base import Params, PRNGKey, TrainState
 from jaxnet.forward import AnyModel, check_model, is_stateful
 from jaxnet.hooks import Callback, Record
-from jaxnet.losses import LossSpec, PerExample, get_loss
+from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
 from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
 from jaxnet.metrics import check_metric_targets, get_metrics
 from jaxnet.step import init_state, skip_nonfinite_updates
@@ -378,7 +378,7 @@ def _epoch(
 
 
 class _Tally(NamedTuple):
-    """A round's running sums at a chunk's end, on the host (see :func:`_round`)."""
+    """A round's running sums at a chunk's end, on the host in their own dtypes (see :func:`_round`)."""
 
     total: np.ndarray
     weight: np.ndarray | None
@@ -389,7 +389,7 @@ class _Tally(NamedTuple):
 
 def _tally(carry, position) -> _Tally:
     total, weight, finite, sums = jax.device_get((carry.total, carry.weight, carry.finite_steps, carry.sums))
-    return _Tally(np.asarray(total, np.float64), weight, float(position.examples), np.asarray(finite), sums)
+    return _Tally(np.asarray(total), weight, float(position.examples), np.asarray(finite), sums)
 
 
 def _restart_sums(position):
@@ -400,19 +400,32 @@ def _restart_sums(position):
     return position._replace(total=zero[0], weight=zero[1], sums=zero[2], examples=0, finite_steps=finite)
 
 
+def _next_epoch(train: TrainState, so_far: _Tally) -> tuple[TrainState, Position]:
+    """The start of a new epoch of the data inside a round: the key split as a new epoch splits it,
+    and a position at its first step holding the round's sums so far (so that a checkpoint in this
+    epoch holds the whole round's)."""
+    key, shuffle_key = split_keys(train.key)
+    finite = np.zeros_like(so_far.finite_steps)
+    position = Position(shuffle_key, so_far.total, finite, 0, so_far.examples, so_far.sums, so_far.weight)
+    return train._replace(key=key), position
+
+
 def _round(
     state: FitState, book: _Book, compiled: programs.Programs, options: FitOptions
 ) -> tuple[FitState, _Book, Record | None]:
     """A fit by steps: runs the rest of the current round of ``eval_every`` steps (across epochs
     of the data when one ends inside it) and the validation; returns what :func:`_epoch` returns,
-    the round in place of the epoch. The carry's sums restart with each round, so that a position
-    inside a round (a checkpoint) holds the round's sums so far and resumes it exactly."""
+    the round in place of the epoch. The carry's sums restart with each round and go on across an
+    epoch's end, so that a position inside a round (a checkpoint) holds the round's sums so far and
+    resumes it exactly."""
     start, first, every = time.perf_counter(), state.steps, options.round_steps
     target = min((first // every + 1) * every, options.steps)
     train, position, pieces = state.train, state.position, []
     if position is not None and first % every == 0:
         position = _restart_sums(position)
     while True:
+        if position is None and pieces:  # the data's epoch ended inside the round
+            train, position = _next_epoch(train, pieces[-1][0])
         base = (first if not pieces else pieces[-1][2]) - (position.steps if position is not None else 0)
         user_hook = _chunk_hook(state._replace(train=train), options, base)
         tallies: list[_Tally] = []
@@ -430,30 +443,31 @@ def _round(
             return state._replace(train=train, position=position), book, None
         if done >= target:
             break
-    metrics = _round_metrics(pieces, target - (first // every) * every if first % every else target - first)
-    return _conclude(state, book, compiled, options, train, metrics, position, start, target - metrics["steps"])
+    round_start = (first // every) * every if first % every else first
+    metrics = _round_metrics(pieces, round_start)
+    return _conclude(state, book, compiled, options, train, metrics, position, start, round_start)
 
 
-def _round_metrics(pieces: list, steps: int) -> dict:
-    """A round's ``{"loss", "first_nonfinite", "steps", "sums"?}`` from its epoch pieces, each
-    ``(tally at its end, the epoch's first global step, global steps at its end)``, their sums
-    counted from the round's start: the loss is the summed loss over the examples (or real tokens)."""
-    total = weight = sums = bad = None
-    first = pieces[-1][2] - steps
-    for end, base, _ in pieces:
-        count = end.weight if end.weight is not None else np.full_like(end.total, end.examples)
-        total, weight = (end.total, count) if total is None else (total + end.total, weight + count)
-        if end.sums is not None:
-            sums = end.sums if sums is None else jax.tree.map(np.add, sums, end.sums)
-        if bad is None and not np.isfinite(end.total).all():  # the first non-finite step, from the round's first
-            bad = np.where(np.isfinite(end.total), -1, np.maximum(base + np.asarray(end.finite_steps) - first, 0))
+def _round_metrics(pieces: list, first: int) -> dict:
+    """A round's ``{"loss", "first_nonfinite", "steps", "tokens"?, "sums"?}`` from its epoch pieces,
+    each ``(tally at its end, the epoch's first global step, global steps at its end)``, the round
+    begun at global step ``first``: the last tally holds the round's sums (they go on across epochs);
+    a member's first non-finite step is found in the first piece whose total it made non-finite."""
+    end = pieces[-1][0]
+    total = np.asarray(end.total, np.float64)
+    count = np.asarray(end.weight, np.float64) if end.weight is not None else np.full_like(total, end.examples)
+    bad = np.full(np.shape(total), -1)
+    for tally, base, _ in pieces:
+        new = (bad < 0) & ~np.isfinite(tally.total)
+        bad = np.where(new, np.maximum(base + np.asarray(tally.finite_steps) - first, 0), bad)
     with np.errstate(invalid="ignore", divide="ignore"):
-        loss = np.where(np.isfinite(total), total / weight, np.nan)
-    out = {"loss": loss, "first_nonfinite": np.full(np.shape(total), -1) if bad is None else bad, "steps": steps}
-    if pieces[-1][0].weight is not None:  # token targets: the real tokens trained on (the first member's)
-        out["tokens"] = int(np.ravel(weight)[0])
-    if sums is not None:
-        out["sums"] = sums
+        loss = np.where(np.isfinite(total), total / count, np.nan)
+    # the steps actually run: a round ends on a chunk's end, at its target unless the data's chunks overshoot it
+    out = {"loss": loss, "first_nonfinite": bad, "steps": pieces[-1][2] - first}
+    if end.weight is not None:  # token targets: the real tokens trained on (the first member's)
+        out["tokens"] = int(np.ravel(count)[0])
+    if end.sums is not None:
+        out["sums"] = end.sums
     return out
 
 
@@ -733,6 +747,16 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
     if class_weight is None:
         return None
     resident = isinstance(data.train, tuple)
+    targets = (
+        data.train[1] if resident else data.train.spec if data.train.kind == "indexed" else data.train.first_spec()
+    )
+    shape = targets.shape if resident else (1, *targets.y_shape)
+    dtype = targets.dtype if resident else targets.y_dtype
+    if has_token_axis(jax.ShapeDtypeStruct(shape, dtype)):
+        raise ValueError(
+            "class_weight weighs each example by its label's class, but these targets have a token axis (a label per "
+            "token): weigh tokens with per-token sample weights in your own loss, or drop class_weight"
+        )
     params, model_state = train.params, train.model_state
     if num_members(train.key):  # one member's shapes
         params, model_state = jax.tree.map(lambda a: a[0], (params, model_state))

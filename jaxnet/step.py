@@ -390,8 +390,11 @@ def _per_example_update(model: AnyModel, objective: Callable, optimizer, outputs
         tokens = has_token_axis(example_batch[1])
         if w is None and not tokens:
             loss_value = jnp.mean(values)
-        else:  # each example's mean weighted by its weight (and, with token targets, its real tokens)
-            w = (jnp.ones_like(values) if w is None else w.astype(values.dtype)) * (counts if tokens else 1)
+        elif tokens:  # each example's mean weighted by its (weighted) count of real tokens
+            w = counts.astype(values.dtype)
+        else:
+            w = w.astype(values.dtype)
+        if w is not None:
             loss_value = jnp.where(jnp.sum(w) > 0, jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-30), 0.0)
         state, opt_state = _apply(optimizer, state, grads, state.model_state)
         mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads) if gradients else None

@@ -160,3 +160,13 @@ def test_data_parallel_and_per_example_runs_average_over_every_real_token(kind):
     net, result = _fit(x, y, **options)
     params = net.init(jax.random.key(0))
     np.testing.assert_allclose(result.history[-1]["train_loss"], _reference(_logits(net, params, x), y), rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_sample_weights_weigh_each_of_an_examples_tokens(per_example):
+    x, y = _data(10)
+    w = np.linspace(0.5, 3.0, 10).astype(np.float32)
+    options = {"per_example_grads": True, "optimizer": jn.dp_optimizer(0.0, 1e9, 0.0, jax.random.key(2))}
+    net, result = _fit(x, y, sample_weight=w, **(options if per_example else {}))
+    params = net.init(jax.random.key(0))
+    np.testing.assert_allclose(result.history[-1]["train_loss"], _reference(_logits(net, params, x), y, w), rtol=1e-5)

@@ -163,3 +163,59 @@ def test_a_bpe_tokenizer_trains_on_a_corpus_and_saves():
     assert len(bpe.encode("the cat sat on the mat")) < len("the cat sat on the mat")
     again = text.tokenizer_from_json(text.tokenizer_to_json(bpe))
     assert again.encode("the dog").tolist() == bpe.encode("the dog").tolist() and again.eot == bpe.eot
+
+
+class _StopAt:
+    """Stops the fit between two chunks once it has made ``step`` steps."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, state, record):
+        return None
+
+    def on_chunk(self, state):
+        return state.steps >= self.step
+
+
+@pytest.mark.parametrize("stop", [5, 10, 13, 15])
+def test_a_round_across_an_epoch_end_resumes_exactly_from_either_side(stop):
+    # 90 rows in batches of 8: 12 steps an epoch; rounds of 7 steps: the second spans steps 7-14
+    tokens = _tokens()
+    x, y = text.windows(tokens, C).x[np.arange(90)], text.windows(tokens, C).y[np.arange(90)]
+    options = dict(steps=21, eval_every=7)
+    straight = _fit(x, y, **options)
+    first = _fit(x, y, **options, callbacks=[_StopAt(stop)])
+    assert first.position is not None and first.steps == stop
+    second = _fit(x, y, **options, resume=first)
+    untimed = [
+        [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in h]
+        for h in (straight.history, second.history)
+    ]
+    assert untimed[1] == untimed[0]
+    for a, b in zip(jax.tree.leaves(second.train.params), jax.tree.leaves(straight.train.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rounds_over_a_finite_sequence_of_batches_end_on_their_boundaries():
+    tokens = _tokens()
+    batches = [(tokens[i : i + C][None].repeat(8, 0), tokens[i + 1 : i + C + 1][None].repeat(8, 0)) for i in range(7)]
+    result = _fit(batches, steps=20, eval_every=10)  # 7 batches an epoch: rounds end inside epochs
+    assert result.steps == 20
+    assert [(r["step"], r["steps"], r["tokens"]) for r in result.history] == [(10, 10, 640), (20, 10, 640)]
+
+
+def test_a_member_that_diverges_in_a_later_epoch_of_a_round_is_found():
+    from jaxnet.loop import _round_metrics, _Tally
+
+    finite = _Tally(np.array([1.0, 2.0], np.float32), None, 16.0, np.array([4, 4]), None)
+    later = _Tally(np.array([np.nan, 5.0], np.float32), None, 32.0, np.array([2, 7]), None)
+    both = _Tally(np.array([np.nan, np.nan], np.float32), None, 48.0, np.array([2, 3]), None)
+    metrics = _round_metrics([(finite, 0, 4), (later, 4, 8), (both, 8, 12)], 0)
+    np.testing.assert_array_equal(metrics["first_nonfinite"], [6, 11])  # member 0 in the 2nd piece, 1 in the 3rd
+
+
+def test_class_weight_with_token_targets_is_refused():
+    tokens = _tokens()
+    with pytest.raises(ValueError, match="class_weight"):
+        _fit(text.windows(tokens, C), steps=2, class_weight="balanced")

@@ -9,8 +9,10 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -174,7 +176,9 @@ def _source(config: TrainConfig, files: list[Path]) -> dict:
     """What a cached tokenizer and token file are made from: the text's files (size, modification
     time) and the tokenizer asked for."""
     stamps = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    return {"files": stamps, "tokenizer": [config.tokenizer, config.vocab_size]}
+    given = Path(config.tokenizer)  # a tokenizer.json: its contents may change under the same name
+    stamp = [given.stat().st_size, given.stat().st_mtime_ns] if given.suffix == ".json" and given.is_file() else []
+    return {"files": stamps, "tokenizer": [config.tokenizer, config.vocab_size, *stamp]}
 
 
 def _cached_tokens(config: TrainConfig, files: list[Path], cache: Path):
@@ -198,7 +202,9 @@ def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
     held out; training windows at every offset, validation at most ``eval_batches`` batches of
     disjoint windows spread over the held-out part."""
     files = text.text_files(config.data)
-    cache = Path(cache) if cache is not None else Path(tempfile.mkdtemp(prefix="jaxnet-tokens-"))
+    if cache is None:  # a run without a folder: its tokens go when the process does
+        cache = Path(tempfile.mkdtemp(prefix="jaxnet-tokens-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     tokenizer, tokens = _cached_tokens(config, files, cache)
     if len(tokens) <= len(files):  # only the documents' separators
         raise ArgumentError(f"{text_escape(config.data)} holds no text: give {{0}} a text to train on", "data")

@@ -7,7 +7,9 @@ cached keys and values instead of the whole prefix. When the cache is full (the 
 reached the model's context C), the window slides: the cache is filled again from the newest
 ``C // 2`` tokens, and decoding goes on from there (so past the context each token sees between
 C/2 and C tokens before it; within the context it sees all of them, and greedy decoding equals
-re-running the model on the whole prefix for every token).
+re-running the model on the whole prefix for every token). A model with an ``eot`` id (documents that
+attention does not cross) starts afresh after each ``eot`` it generates, and a prompt is read from
+its last ``eot`` on.
 
 Axis letters in shapes: :mod:`jaxnet.base`.
 """
@@ -61,6 +63,11 @@ def _program(decoder: GPT, params, window, length, key, temperature, *, steps, g
         logits, cache = decoder.prefill(params, jnp.zeros((context,), jnp.int32).at[:keep].set(newest), keep)
         return logits[keep - 1], cache
 
+    def restart(token):
+        """A cache holding ``token`` (an ``eot``) alone, and the logits after it."""
+        logits, cache = decoder.prefill(params, jnp.zeros((context,), jnp.int32).at[0].set(token), 1)
+        return logits[0], cache
+
     def step(carry, i):
         cache, logits, sequence, key = carry
         key, draw = jax.random.split(key)
@@ -69,10 +76,12 @@ def _program(decoder: GPT, params, window, length, key, temperature, *, steps, g
             io_callback(on_token, None, token, ordered=True)
         end = length + i + 1  # the sequence's length with this token
         sequence = jax.lax.dynamic_update_slice_in_dim(sequence, token[None], end - 1, axis=0)
-        logits, cache = jax.lax.cond(
-            cache.length < context,
-            lambda c: decoder.decode(params, c, token),
-            lambda c: slide(c, sequence, end),
+        branch = jnp.where(cache.length < context, 0, 1)
+        if decoder.config.eot is not None:  # a document's end: the next one sees nothing before it
+            branch = jnp.where(token == decoder.config.eot, 2, branch)
+        logits, cache = jax.lax.switch(
+            branch,
+            [lambda c: decoder.decode(params, c, token), lambda c: slide(c, sequence, end), lambda c: restart(token)],
             cache,
         )
         return (cache, logits, sequence, key), token
@@ -121,7 +130,7 @@ def generate(
         top_k = min(checks.integer("top_k", top_k), decoder.config.vocab_size)
     if top_p is not None and not 0 < checks.number("top_p", top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    window, length = prompt_window(prompt_ids, decoder.config.context, decoder.config.vocab_size)
+    window, length = prompt_window(prompt_ids, decoder.config.context, decoder.config.vocab_size, decoder.config.eot)
     greedy = temperature == 0
     tokens = _program(
         decoder, params, window, length, key, jnp.float32(temperature or 1.0), steps=steps, greedy=greedy,
@@ -130,12 +139,15 @@ def generate(
     return np.asarray(tokens)
 
 
-def prompt_window(prompt_ids, context: int, vocab_size: int) -> tuple[jax.Array, int]:
-    """``(window (C,), length)``: the prompt's last ``context`` ids (at most), padded with zeros."""
+def prompt_window(prompt_ids, context: int, vocab_size: int, eot: int | None = None) -> tuple[jax.Array, int]:
+    """``(window (C,), length)``: the prompt's last ``context`` ids (at most), padded with zeros;
+    with an ``eot`` id, from the prompt's last one on (the tokens before belong to other documents)."""
     ids = np.asarray(prompt_ids)
     if ids.ndim != 1 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"prompt_ids must be a non-empty 1-d array of token ids, got shape {ids.shape} {ids.dtype}")
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"prompt_ids must be in [0, {vocab_size}), got ids from {ids.min()} to {ids.max()}")
+    if eot is not None and (ids == eot).any():
+        ids = ids[np.flatnonzero(ids == eot)[-1] :]
     ids = ids[-context:].astype(np.int32)
     return jnp.zeros((context,), jnp.int32).at[: ids.shape[0]].set(ids), int(ids.shape[0])

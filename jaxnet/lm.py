@@ -51,6 +51,7 @@ class GPTConfig(NamedTuple):
     tie_embeddings: bool = True
     positions: str = "learned"
     bias: bool = False
+    eot: int | None = None
 
 
 class Cache(NamedTuple):
@@ -179,10 +180,25 @@ def _logits(c: GPTConfig, params: Params, x: jax.Array) -> jax.Array:
     return x @ head
 
 
-def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, ctx: Context | None, salt: int):
+def _documents(c: GPTConfig, ids: jax.Array) -> jax.Array | None:
+    """With an ``eot`` id: the attention mask ``(b, 1, T, T)`` that keeps each token to the earlier
+    tokens of its own document (a document begins at its ``eot``, which ends the one before); None
+    (plain causal attention) without."""
+    if c.eot is None:
+        return None
+    segment = jnp.cumsum(ids == c.eot, axis=-1)  # (b, T)
+    same = segment[:, :, None] == segment[:, None, :]
+    causal = jnp.tril(jnp.ones((ids.shape[-1], ids.shape[-1]), bool))[None]
+    return (same & causal)[:, None]
+
+
+def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, mask, ctx: Context | None, salt: int):
     """One block on ``x`` ``(b * T, dim)``: ``x + attention(ln1(x))``, then ``+ mlp(ln2(x))``."""
     q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), shape, positions)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (b, T, heads, h)
+    if mask is None:
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (b, T, heads, h)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     attn = _linear(p["attn"]["o"], jnp.reshape(out, x.shape))
     x = x + _dropout(attn, c.dropout, ctx, 2 * salt + 1)
     x = x + _dropout(_mlp(p["mlp"], _norm(p["ln2"], x)), c.dropout, ctx, 2 * salt + 2)
@@ -202,9 +218,9 @@ def _forward(c: GPTConfig, params: Params, ids: jax.Array, ctx: Context | None):
     if t > c.context:
         raise ValueError(f"gpt: {t} tokens exceed the context of {c.context}")
     x = _dropout(jnp.reshape(_embed(c, params, batch, positions), (b * t, c.dim)), c.dropout, ctx, 0)
-    keys, values = [], []
+    keys, values, mask = [], [], _documents(c, batch)
     for i, p in enumerate(params["blocks"]):
-        x, (k, v) = _block(c, p, x, (b, t), positions, ctx, i)
+        x, (k, v) = _block(c, p, x, (b, t), positions, mask, ctx, i)
         keys.append(k)
         values.append(v)
     logits, kv = jnp.reshape(_logits(c, params, x), (b, t, -1)), (jnp.stack(keys), jnp.stack(values))
@@ -222,6 +238,7 @@ def gpt(
     tie_embeddings: bool = True,
     positions: str = "learned",
     bias: bool = False,
+    eot: int | None = None,
 ) -> StatefulModel:
     """A GPT language model: one sequence of ids ``(T,)`` (``T <= context``) -> next-token logits ``(T, V)``.
 
@@ -242,6 +259,9 @@ def gpt(
       positions: ``"learned"`` (GPT-2) or ``"rope"`` (rotary, applied to queries and keys).
       bias: biases in the linear layers and layer norms (GPT-2 has them; nanoGPT leaves them out
         by default, as here: a little better and faster).
+      eot: the id that separates documents packed into one sequence: attention then never crosses
+        a document (each token sees the earlier tokens of its own; an ``eot`` begins the next
+        document). None: plain causal attention over the whole sequence.
 
     Examples:
       >>> import jax
@@ -251,7 +271,7 @@ def gpt(
       >>> logits.shape
       (10, 50)
     """
-    c = _check_config(GPTConfig(vocab_size, context, layers, heads, dim, dropout, tie_embeddings, positions, bias))
+    c = _check_config(GPTConfig(vocab_size, context, layers, heads, dim, dropout, tie_embeddings, positions, bias, eot))
     return StatefulModel(_init(c), GPT(c), batched=True)
 
 

@@ -244,7 +244,8 @@ def read_bytes(path: str | os.PathLike) -> Iterator[bytes]:
 
 
 def text_files(path: str | os.PathLike) -> list[Path]:
-    """A corpus: one ``.txt`` file, or a folder's ``.txt`` files (sorted, recursively)."""
+    """The files of a corpus: one ``.txt``, ``.jsonl`` or ``.parquet`` file, or a folder's ``.txt``
+    files (sorted, recursively)."""
     path = Path(path)
     if path.is_dir():
         found = sorted(p for p in path.rglob("*.txt") if p.is_file())
@@ -256,23 +257,83 @@ def text_files(path: str | os.PathLike) -> list[Path]:
     return [path]
 
 
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    """The ``field`` of each JSON object of a JSON Lines file, one document each (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TextError(f"{path} line {number} is not JSON ({e.msg})") from None
+            value = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise TextError(f"{path} line {number} has no text field {field!r}: name the field (--text-field)")
+            yield value
+
+
+def _parquet_texts(path: Path, field: str) -> Iterator[str]:
+    """The text column ``field`` of a Parquet file, read a batch of rows at a time (empty cells skipped)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading Parquet needs pyarrow: pip install 'jaxnet-trainer[data]'") from None
+    table = pq.ParquetFile(path)
+    if field not in table.schema_arrow.names:
+        raise TextError(
+            f"{path} has no column {field!r} (it has {', '.join(table.schema_arrow.names)}): name it (--text-field)"
+        )
+    for batch in table.iter_batches(columns=[field], batch_size=4096):
+        column = batch.column(0)
+        if not (column.type == "string" or column.type == "large_string"):
+            raise TextError(f"{path}: column {field!r} holds {column.type}, not text")
+        yield from (value for value in column.to_pylist() if value)
+
+
+def documents(path: str | os.PathLike, field: str = "text") -> Iterator[Iterator[str]]:
+    """The documents of a corpus, each as chunks of text: every ``.txt`` file is one document (read
+    in chunks), every record of a ``.jsonl`` file or row of a ``.parquet`` file one (its ``field``)."""
+    for file in text_files(path):
+        suffix = file.suffix.lower()
+        if suffix == ".jsonl":
+            yield from (iter((t,)) for t in _jsonl_texts(file, field))
+        elif suffix == ".parquet":
+            yield from (iter((t,)) for t in _parquet_texts(file, field))
+        else:
+            yield read_text(file)
+
+
+def text_chunks(path: str | os.PathLike, field: str = "text") -> Iterator[str]:
+    """All the text of a corpus, in chunks (what a tokenizer is fitted to)."""
+    for document in documents(path, field):
+        yield from document
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def tokenize_files(paths: Iterable[str | os.PathLike], tokenizer: Tokenizer, out: str | os.PathLike) -> np.memmap:
-    """Encodes the text files ``paths`` (documents, each followed by ``eot``) into the token file
+def tokenize_files(paths, tokenizer: Tokenizer, out: str | os.PathLike, field: str = "text") -> np.memmap:
+    """Encodes a corpus, ``paths`` (one or a list: :func:`documents`' text files or folders of them,
+    or the ``field`` of JSONL or Parquet files), each document followed by ``eot``, into the token file
     ``out`` (written atomically, chunk by chunk), with a JSON header ``out.json`` (dtype, tokens,
-    vocabulary size); returns it mapped read-only (:func:`open_tokens`)."""
+    vocabulary size); returns it mapped read-only (:func:`open_tokens`). A byte tokenizer reads a
+    text file's bytes as they are (UTF-8 or not)."""
     out, dtype, count = Path(out), token_dtype(tokenizer.vocab_size), 0
+    raw = isinstance(tokenizer, ByteTokenizer)
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     with atomic.atomic_path(out) as tmp, open(tmp, "wb") as f:
-        for path in paths:
-            for chunk in read_bytes(path) if isinstance(tokenizer, ByteTokenizer) else read_text(path):
-                ids = tokenizer.encode(chunk, str(path))
-                f.write(ids.astype(dtype).tobytes())
-                count += len(ids)
-            f.write(np.array([tokenizer.eot], dtype).tobytes())
-            count += 1
+        for file in (file for path in paths for file in text_files(path)):
+            plain = file.suffix.lower() not in (".jsonl", ".parquet")
+            docs = [read_bytes(file) if raw else read_text(file)] if plain else documents(file, field)
+            for document in docs:
+                for chunk in document:
+                    ids = tokenizer.encode(chunk, str(file))
+                    f.write(ids.astype(dtype).tobytes())
+                    count += len(ids)
+                f.write(np.array([tokenizer.eot], dtype).tobytes())
+                count += 1
     header = {"dtype": dtype.str, "tokens": count, "vocab_size": tokenizer.vocab_size}
     atomic.write_text(Path(f"{out}.json"), json.dumps(header) + "\n")
     return open_tokens(out)

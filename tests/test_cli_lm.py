@@ -157,3 +157,15 @@ def test_a_1gb_text_trains_in_under_1gb_of_memory(tmp_path):
     assert rc == 0, out.stderr
     assert (tmp_path / "run" / "tokens.bin").stat().st_size == 2 * (2**30 + 1)  # uint16, and the separator
     assert peak_kib < 2**20, f"peak resident memory {peak_kib / 2**20:.2f} GiB"
+
+
+def test_a_jsonl_corpus_trains_and_a_missing_field_is_named(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"body": line}) + "\n" for line in TEXT.splitlines()))
+    args = ["train", "--data", corpus, "--task", "lm", *SMALL, "--steps", "10", "--out", tmp_path / "run"]
+    result = jaxnet(*args, "--text-field", "body", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 10
+    missing = jaxnet(*args[:-2], "--out", tmp_path / "other")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().endswith("line 1 has no text field 'text': name the field (--text-field)")

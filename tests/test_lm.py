@@ -223,3 +223,29 @@ def test_a_batch_in_one_call_equals_each_sequence_alone(positions):
     assert net.batched and whole.shape == (3, C, V)
     for i in range(3):
         np.testing.assert_allclose(whole[i], _apply(net, params, ids[i]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_attention_never_crosses_a_document_with_an_eot_id(positions):
+    eot = V - 1
+    net = _small(positions=positions, eot=eot)
+    params = _perturbed(net.init(jax.random.key(0))[0])
+    first, second = [3, 1, 4, 1, 5], [eot, 2, 6, 5, 3, 5]
+    ids = np.array(first + second)
+    other = np.array([7, 7, 2, 8, 9] + second)  # another first document: the second's logits stay
+    logits, again = _apply(net, params, ids), _apply(net, params, other)
+    np.testing.assert_allclose(logits[5:], again[5:], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits[:5], again[:5])
+    if positions == "rope":  # relative positions only: the document alone gives the same logits
+        np.testing.assert_allclose(logits[5:], _apply(net, params, np.array(second)), rtol=1e-5, atol=1e-5)
+    plain = _small(positions=positions)  # without the eot id, attention crosses
+    assert not np.allclose(_apply(plain, params, ids)[5:], _apply(plain, params, other)[5:])
+
+
+def test_a_prompt_is_read_from_its_last_eot():
+    from jaxnet.decoding import prompt_window
+
+    window, length = prompt_window(np.array([1, 2, 9, 3, 4, 9, 5]), 8, 10, eot=9)
+    assert length == 2 and window[:2].tolist() == [9, 5]
+    window, length = prompt_window(np.array([1, 2, 9, 3]), 8, 10)
+    assert length == 4

@@ -219,3 +219,27 @@ def test_class_weight_with_token_targets_is_refused():
     tokens = _tokens()
     with pytest.raises(ValueError, match="class_weight"):
         _fit(text.windows(tokens, C), steps=2, class_weight="balanced")
+
+
+def test_jsonl_and_parquet_corpora_are_documents_separated_by_eot(tmp_path):
+    import json as jsonlib
+
+    records = [{"text": "first doc"}, {"text": "second"}, {"id": 3, "text": "third one"}]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(jsonlib.dumps(r) for r in records) + "\n\n")
+    tokenizer = text.CharTokenizer.fit(text.text_chunks(jsonl))
+    tokens = text.tokenize_files(jsonl, tokenizer, tmp_path / "t.bin")
+    eots = np.flatnonzero(np.asarray(tokens) == tokenizer.eot)
+    assert eots.tolist() == [9, 16, 26] and tokenizer.decode(tokens) == "first docsecondthird one"
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pyarrow.table({"body": [r["text"] for r in records]}), tmp_path / "docs.parquet")
+    again = text.tokenize_files(tmp_path / "docs.parquet", tokenizer, tmp_path / "p.bin", field="body")
+    np.testing.assert_array_equal(again, tokens)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(text.TextError, match="line 2 has no text field 'text'"):
+        list(text.text_chunks(bad))
+    with pytest.raises(text.TextError, match="no column 'text'"):
+        list(text.text_chunks(tmp_path / "docs.parquet"))

@@ -119,6 +119,7 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "tokenizer": Flag(
         LM, "str", "NAME", "byte, char (the text's characters), bpe (trained on the text), or a tokenizer.json"
     ),
+    "text_field": Flag(LM, "str", "NAME", "a JSONL or Parquet corpus: the field (column) holding each document's text"),
     "vocab_size": Flag(LM, "int", "V", "--tokenizer bpe: the vocabulary to learn"),
     "context": Flag(LM, "int", "T", "tokens per sequence: the model's context"),
     "layers": Flag(LM, "int", "N", "gpt: transformer blocks"),

@@ -179,7 +179,7 @@ def _validate_data(c: TrainConfig) -> None:
         raise ArgumentError("give either a built-in dataset ({0}) or a data file ({1}), not both", "dataset", "data")
     if c.dataset is not None:
         checks.choice("dataset", c.dataset, BUILTINS)
-    table = c.data is not None and str(c.data).lower().endswith((".csv", ".parquet"))
+    table = c.data is not None and str(c.data).lower().endswith((".csv", ".parquet")) and c.task != "lm"
     if table and not c.target and c.task != "lm":
         raise ArgumentError(f"{checks.escape(c.data)} is a table: name the column to predict with {{0}}", "target")
     if not isinstance(c.categorical, tuple) or not all(isinstance(n, str) and n for n in c.categorical):
@@ -252,10 +252,12 @@ def _validate_text(c: TrainConfig) -> None:
         raise ArgumentError(f"{{0}} {c.dim} must be divisible by {{1}} {c.heads}", "dim", "heads")
     if not lm:
         return
-    if c.data is None or str(c.data).lower().endswith((".csv", ".parquet", ".npz")):
+    if c.data is None or str(c.data).lower().endswith((".csv", ".npz")):
         shown = checks.escape(c.data or c.dataset)
-        raise ArgumentError(f"{{0}} lm trains on text: give {{1}} FILE.txt or a folder of .txt files, not {shown}",
-                            "task", "data")  # fmt: skip
+        raise ArgumentError(f"{{0}} lm trains on text: give {{1}} FILE.txt, a folder of .txt files, or a .jsonl or "
+                            f".parquet file with a text field, not {shown}", "task", "data")  # fmt: skip
+    if not isinstance(c.text_field, str) or not c.text_field:
+        raise ArgumentError("{0} must name a field", "text_field")
     if c.test_split:
         raise ArgumentError("{0} lm holds out the text's last part for validation ({1}): set {0} 0", "test_split",
                             "val_split")  # fmt: skip

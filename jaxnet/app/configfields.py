@@ -65,6 +65,7 @@ class ConfigFields:
     min_lr: float = 0.0
     beta2: float | None = None
     tokenizer: str = "char"
+    text_field: str = "text"
     vocab_size: int = 4096
     context: int = 64
     layers: int = 4

@@ -109,6 +109,7 @@ _GPT_FIELDS = {  # name: (allowed types, required)
     "positions": ((str,), True),
     "tie_embeddings": ((bool,), True),
     "bias": ((bool,), False),
+    "eot": ((int, _NONE), False),
 }
 
 

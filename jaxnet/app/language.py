@@ -50,14 +50,14 @@ def load_language_model(model: SavedModel) -> LanguageModel:
     return LanguageModel(bound.model, params, tokenizer, int(model.meta["gpt"]["context"]))
 
 
-def evaluate_text(model: SavedModel, data: str) -> dict:
+def evaluate_text(model: SavedModel, data: str, field: str = "text") -> dict:
     """``{"loss", "perplexity", "bits_per_token", "bits_per_character", "tokens"}`` of ``model`` on
     the text ``data`` (a file or a folder of .txt), tokenized with the model's tokenizer: disjoint
     windows of the context cover the text, each token predicted once (the mean over them)."""
     lm = load_language_model(model)
     files = text.text_files(data)
     with tempfile.TemporaryDirectory(prefix="jaxnet-eval-") as folder:
-        tokens = text.tokenize_files(files, lm.tokenizer, Path(folder) / "tokens.bin")
+        tokens = text.tokenize_files(files, lm.tokenizer, Path(folder) / "tokens.bin", field)
         windows = text.windows(tokens, lm.context, stride=lm.context, name=str(data))
         covered = windows.num_rows * lm.context + 1
         out = evaluate(

@@ -163,9 +163,10 @@ def _new_tokenizer(config: TrainConfig, files: list[Path]) -> text.Tokenizer:
     if config.tokenizer == "byte":
         return text.ByteTokenizer()
     if config.tokenizer == "char":
-        return text.CharTokenizer.fit(chunk for f in files for chunk in text.read_text(f))
+        return text.CharTokenizer.fit(chunk for f in files for chunk in text.text_chunks(f, config.text_field))
     if config.tokenizer == "bpe":
-        return text.BPETokenizer.train((chunk for f in files for chunk in text.read_text(f)), config.vocab_size)
+        chunks = (chunk for f in files for chunk in text.text_chunks(f, config.text_field))
+        return text.BPETokenizer.train(chunks, config.vocab_size)
     path = Path(config.tokenizer)
     if not path.is_file():
         raise ArgumentError(f"{{0}} {text_escape(path)}: no such file", "tokenizer")
@@ -178,7 +179,7 @@ def _source(config: TrainConfig, files: list[Path]) -> dict:
     stamps = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     given = Path(config.tokenizer)  # a tokenizer.json: its contents may change under the same name
     stamp = [given.stat().st_size, given.stat().st_mtime_ns] if given.suffix == ".json" and given.is_file() else []
-    return {"files": stamps, "tokenizer": [config.tokenizer, config.vocab_size, *stamp]}
+    return {"files": stamps, "field": config.text_field, "tokenizer": [config.tokenizer, config.vocab_size, *stamp]}
 
 
 def _cached_tokens(config: TrainConfig, files: list[Path], cache: Path):
@@ -191,7 +192,7 @@ def _cached_tokens(config: TrainConfig, files: list[Path], cache: Path):
             tokenizer = text.tokenizer_from_json((cache / TOKENIZER_FILE).read_text())
             return tokenizer, text.open_tokens(cache / TOKENS_FILE)
     tokenizer = _new_tokenizer(config, files)
-    tokens = text.tokenize_files(files, tokenizer, cache / TOKENS_FILE)
+    tokens = text.tokenize_files(files, tokenizer, cache / TOKENS_FILE, config.text_field)
     atomic.write_text(cache / TOKENIZER_FILE, text.tokenizer_to_json(tokenizer))
     atomic.write_text(stamp, json.dumps(source) + "\n")
     return tokenizer, tokens
@@ -246,7 +247,7 @@ def model_meta(config: TrainConfig, problem: Problem) -> dict:
         c = config
         description = arch.describe_gpt(
             problem.out_dim, context=c.context, layers=c.layers, heads=c.heads, dim=c.dim, dropout=c.dropout,
-            positions=c.positions,
+            positions=c.positions, eot=problem.tokenizer.eot,
         )  # fmt: skip
         common = dict(loss=problem.loss, task="lm", num_classes=None, feature_names=[], columns=None, target=None)
         return {**description, **common, "tokenizer": text.tokenizer_to_json(problem.tokenizer), "config": c.to_dict()}

@@ -28,6 +28,19 @@ def _fit(x, y=None, **options):
     return jn.fit(net, net.init(jax.random.key(0)), x, y, **{**args, **options})
 
 
+class _StopAt:
+    """Stops the fit between two chunks once it has made ``step`` steps."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, state, record):
+        return None
+
+    def on_chunk(self, state):
+        return state.steps >= self.step
+
+
 def test_round_losses_are_means_over_the_rounds_tokens_across_epochs():
     # 10 rows in batches of 4 (the last padded), in order, SGD at rate 0: rounds of 4 steps cross epochs
     rng = np.random.default_rng(0)
@@ -61,17 +74,7 @@ def test_a_fit_by_steps_resumes_exactly_at_and_inside_rounds(source):
     options["validation"] = options["validation"][0]
     straight = _fit(*data, **options)
 
-    class StopAt:
-        def __init__(self, step):
-            self.step = step
-
-        def __call__(self, state, record):
-            return None
-
-        def on_chunk(self, state):
-            return state.steps >= self.step
-
-    first = _fit(*data, **{**options, "callbacks": [StopAt(10)]})  # inside the second round
+    first = _fit(*data, **{**options, "callbacks": [_StopAt(10)]})  # inside the second round
     assert first.position is not None and first.steps == 10
     second = _fit(*data, **options, resume=first)
     np.testing.assert_array_equal(jax.tree.leaves(second.train.params)[0], jax.tree.leaves(straight.train.params)[0])
@@ -163,19 +166,6 @@ def test_a_bpe_tokenizer_trains_on_a_corpus_and_saves():
     assert len(bpe.encode("the cat sat on the mat")) < len("the cat sat on the mat")
     again = text.tokenizer_from_json(text.tokenizer_to_json(bpe))
     assert again.encode("the dog").tolist() == bpe.encode("the dog").tolist() and again.eot == bpe.eot
-
-
-class _StopAt:
-    """Stops the fit between two chunks once it has made ``step`` steps."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, state, record):
-        return None
-
-    def on_chunk(self, state):
-        return state.steps >= self.step
 
 
 @pytest.mark.parametrize("stop", [5, 10, 13, 15])

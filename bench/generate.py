@@ -33,9 +33,9 @@ import jaxnet as jn  # noqa: E402
 from jaxnet.base import Context  # noqa: E402
 
 
-def uncached(net, params, prompt, steps: int, context: int) -> np.ndarray:
-    """Greedy tokens, each from a forward pass over the sequence so far (its last ``context`` ids)."""
-    forward = _forward(net)
+def uncached(forward, params, prompt, steps: int, context: int) -> np.ndarray:
+    """Greedy tokens, each from ``forward(params, window)`` over the sequence so far (its last
+    ``context`` ids, padded to the context so that one compiled program serves every length)."""
     ids = list(prompt)
     for _ in range(steps):
         window = ids[-context:]
@@ -43,15 +43,6 @@ def uncached(net, params, prompt, steps: int, context: int) -> np.ndarray:
         padded[: len(window)] = window
         ids.append(int(jnp.argmax(forward(params, padded)[len(window) - 1])))
     return np.array(ids[len(prompt) :])
-
-
-_FORWARDS: dict = {}
-
-
-def _forward(net):
-    if net not in _FORWARDS:
-        _FORWARDS[net] = jax.jit(lambda params, window: net.apply(params, {}, window, Context(train=False))[0])
-    return _FORWARDS[net]
 
 
 def main(argv=None) -> int:
@@ -73,8 +64,10 @@ def main(argv=None) -> int:
     def cached_run():
         return jn.generate(net, params, prompt, args.tokens, key=key, temperature=0)
 
+    forward = jax.jit(lambda params, window: net.apply(params, {}, window, Context(train=False))[0])
+
     def uncached_run():
-        return uncached(net, params, prompt, args.tokens, args.context)
+        return uncached(forward, params, prompt, args.tokens, args.context)
 
     within = args.context - len(prompt)
     same = np.array_equal(cached_run()[:within], uncached_run()[:within])  # (and compiles both)

@@ -291,9 +291,10 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
         yield from (value for value in column.to_pylist() if value)
 
 
-def documents(path: str | os.PathLike, field: str = "text") -> Iterator[Iterator[str]]:
+def documents(path: str | os.PathLike, field: str = "text", raw: bool = False) -> Iterator[Iterator]:
     """The documents of a corpus, each as chunks of text: every ``.txt`` file is one document (read
-    in chunks), every record of a ``.jsonl`` file or row of a ``.parquet`` file one (its ``field``)."""
+    in chunks; as bytes, UTF-8 or not, with ``raw``), every record of a ``.jsonl`` file or row of a
+    ``.parquet`` file one (its ``field``)."""
     for file in text_files(path):
         suffix = file.suffix.lower()
         if suffix == ".jsonl":
@@ -301,7 +302,7 @@ def documents(path: str | os.PathLike, field: str = "text") -> Iterator[Iterator
         elif suffix == ".parquet":
             yield from (iter((t,)) for t in _parquet_texts(file, field))
         else:
-            yield read_text(file)
+            yield read_bytes(file) if raw else read_text(file)
 
 
 def text_chunks(path: str | os.PathLike, field: str = "text") -> Iterator[str]:
@@ -319,21 +320,25 @@ def tokenize_files(paths, tokenizer: Tokenizer, out: str | os.PathLike, field: s
     or the ``field`` of JSONL or Parquet files), each document followed by ``eot``, into the token file
     ``out`` (written atomically, chunk by chunk), with a JSON header ``out.json`` (dtype, tokens,
     vocabulary size); returns it mapped read-only (:func:`open_tokens`). A byte tokenizer reads a
-    text file's bytes as they are (UTF-8 or not)."""
+    text file's bytes as they are (UTF-8 or not). Empty documents are left out; a corpus with no
+    text at all is refused."""
     out, dtype, count = Path(out), token_dtype(tokenizer.vocab_size), 0
     raw = isinstance(tokenizer, ByteTokenizer)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     with atomic.atomic_path(out) as tmp, open(tmp, "wb") as f:
-        for file in (file for path in paths for file in text_files(path)):
-            plain = file.suffix.lower() not in (".jsonl", ".parquet")
-            docs = [read_bytes(file) if raw else read_text(file)] if plain else documents(file, field)
-            for document in docs:
+        for path in paths:
+            for document in documents(path, field, raw):
+                size = count
                 for chunk in document:
-                    ids = tokenizer.encode(chunk, str(file))
+                    ids = tokenizer.encode(chunk, str(path))
                     f.write(ids.astype(dtype).tobytes())
                     count += len(ids)
-                f.write(np.array([tokenizer.eot], dtype).tobytes())
-                count += 1
+                if count > size:  # an empty document leaves nothing, not even its separator
+                    f.write(np.array([tokenizer.eot], dtype).tobytes())
+                    count += 1
+        if count == 0:
+            shown = ", ".join(map(str, paths))
+            raise TextError(f"{shown} holds no text: give a text to train on")
     header = {"dtype": dtype.str, "tokens": count, "vocab_size": tokenizer.vocab_size}
     atomic.write_text(Path(f"{out}.json"), json.dumps(header) + "\n")
     return open_tokens(out)
@@ -374,10 +379,7 @@ class TokenWindows:
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"windows {rows.min()}..{rows.max()} outside the {len(self)} windows")
         starts = self.shift + rows * self.stride
-        order = np.argsort(starts, kind="stable")  # read the file forwards
-        out = np.empty((len(rows), self.context), np.int32)
-        for i in order:
-            out[i] = self.tokens[starts[i] : starts[i] + self.context]
+        out = np.asarray(self.tokens[starts[:, None] + np.arange(self.context)], np.int32)
         release_pages(self.tokens)
         return out
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from stopping import StopAt
 
 import jaxnet as jn
 from jaxnet import text
@@ -26,19 +27,6 @@ def _fit(x, y=None, **options):
     net = _net()
     args = dict(loss="softmax_cross_entropy", optimizer=optax.adam(0.01), batch_size=8, key=jax.random.key(1))
     return jn.fit(net, net.init(jax.random.key(0)), x, y, **{**args, **options})
-
-
-class _StopAt:
-    """Stops the fit between two chunks once it has made ``step`` steps."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, state, record):
-        return None
-
-    def on_chunk(self, state):
-        return state.steps >= self.step
 
 
 def test_round_losses_are_means_over_the_rounds_tokens_across_epochs():
@@ -74,7 +62,7 @@ def test_a_fit_by_steps_resumes_exactly_at_and_inside_rounds(source):
     options["validation"] = options["validation"][0]
     straight = _fit(*data, **options)
 
-    first = _fit(*data, **{**options, "callbacks": [_StopAt(10)]})  # inside the second round
+    first = _fit(*data, **{**options, "callbacks": [StopAt(10)]})  # inside the second round
     assert first.position is not None and first.steps == 10
     second = _fit(*data, **options, resume=first)
     np.testing.assert_array_equal(jax.tree.leaves(second.train.params)[0], jax.tree.leaves(straight.train.params)[0])
@@ -175,7 +163,7 @@ def test_a_round_across_an_epoch_end_resumes_exactly_from_either_side(stop):
     x, y = text.windows(tokens, C).x[np.arange(90)], text.windows(tokens, C).y[np.arange(90)]
     options = dict(steps=21, eval_every=7)
     straight = _fit(x, y, **options)
-    first = _fit(x, y, **options, callbacks=[_StopAt(stop)])
+    first = _fit(x, y, **options, callbacks=[StopAt(stop)])
     assert first.position is not None and first.steps == stop
     second = _fit(x, y, **options, resume=first)
     untimed = [

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from stopping import StopAt
 
 import jaxnet as jn
 from jaxnet import _feed as feed
@@ -231,19 +232,6 @@ def test_batched_grain_maps_and_parquet_without_targets_are_refused_for_training
         jn.fit(NET, p0, features, None, **args())
     with pytest.raises(jn.DataError, match=refused):
         jn.evaluate(NET, p0, features, loss="cross_entropy")
-
-
-class StopAt:
-    """Stops the epoch at the first chunk boundary at or after ``steps`` (a mid-epoch stop)."""
-
-    def __init__(self, steps):
-        self.steps = steps
-
-    def __call__(self, state, record):
-        return False
-
-    def on_chunk(self, state):
-        return state.steps >= self.steps
 
 
 @pytest.mark.parametrize("kind", ["memmap", "iterable", "resident"])

@@ -520,19 +520,12 @@ def _cmd_summary(args) -> int:
     from jaxnet import summaries as summarylib
     from jaxnet.app import saved
 
-    found = saved.saved_summary(args.model, args.batch_size, args.arch)
+    found, tokens = saved.saved_summary(args.model, args.batch_size, args.arch)
     figures = summarylib.as_dict(found)
-    tokens = found.batch_size * found.rows[0].output_shape[0] if _is_lm(args.model) else None
     if tokens:  # a language model's costs per token of a batch of windows
         figures["flops_per_token"] = {k: c["flops"] / tokens for k in ("forward", "train_step") if (c := figures[k])}
     print(_json(figures) if args.json else str(found) + _per_token(figures))
     return 0
-
-
-def _is_lm(path) -> bool:
-    from jaxnet.app import files
-
-    return files.load_model(path).meta.get("task") == "lm"
 
 
 def _per_token(figures: dict) -> str:

@@ -291,9 +291,10 @@ def evaluate_chunks(saved: SavedModel, chunks, arch: str | None = None) -> tuple
     return tally.metrics(saved.meta), tally.n
 
 
-def saved_summary(path, batch_size: int | None = None, arch: str | None = None) -> summaries.Summary:
-    """The :func:`jaxnet.summary` of a trained run's model (its first member), with the run's loss,
-    optimizer and batch size (from its ``config.json``) unless ``batch_size`` is given."""
+def saved_summary(path, batch_size: int | None = None, arch: str | None = None) -> tuple[summaries.Summary, int]:
+    """``(summary, tokens)``: the :func:`jaxnet.summary` of a trained run's model (its first member),
+    with the run's loss, optimizer and batch size (from its ``config.json``) unless ``batch_size`` is
+    given; and for a language model the tokens of the summary's batch (``b * T``), else 0."""
     model = files.load_model(path)
     bound = bind_saved(model, arch)
     params, state = jax.tree.map(lambda a: a[0], (bound.params, bound.state))
@@ -302,11 +303,13 @@ def saved_summary(path, batch_size: int | None = None, arch: str | None = None) 
     optimizer = configlib.make_optimizer(config) if config else None
     if batch_size is None:
         batch_size = config.batch_size if config else 32
-    if model.meta.get("task") == "lm":  # one window of token ids
+    lm = model.meta.get("task") == "lm"
+    if lm:  # one window of token ids
         example = jax.ShapeDtypeStruct((model.meta["gpt"]["context"],), jnp.int32)
     else:
         example = jax.ShapeDtypeStruct((len(model.meta["feature_names"]),), jnp.float32)
     loss = model.meta.get("loss")
-    return summaries.summary(
+    found = summaries.summary(
         bound.model, example, params=params, model_state=state, batch_size=batch_size, loss=loss, optimizer=optimizer
     )
+    return found, found.batch_size * example.shape[0] if lm else 0

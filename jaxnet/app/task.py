@@ -207,8 +207,6 @@ def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
         cache = Path(tempfile.mkdtemp(prefix="jaxnet-tokens-"))
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
     tokenizer, tokens = _cached_tokens(config, files, cache)
-    if len(tokens) <= len(files):  # only the documents' separators
-        raise ArgumentError(f"{text_escape(config.data)} holds no text: give {{0}} a text to train on", "data")
     train, val = text.split_tokens(tokens, config.val_split)
     name = Path(config.data).name
     parts = [text.windows(train, config.context, name=f"{name} (training part)")]

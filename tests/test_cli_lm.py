@@ -35,6 +35,7 @@ def test_training_a_language_model_reports_its_figures(trained):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["task"] == "lm" and summary["steps"] == 40
+    assert summary["epochs"] is None and summary["rounds"] == 2  # rounds of --eval-every steps, not epochs
     assert summary["val_loss"] < 3.0 and summary["parameters"] > 0 and summary["tokens_per_second"] > 0
     assert summary["val_perplexity"] == pytest.approx(2.718281828 ** summary["val_loss"], rel=1e-6)
     lines = result.stderr.splitlines()

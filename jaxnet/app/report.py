@@ -23,7 +23,8 @@ _TABLE = (
 
 def format_result(summary: dict, out: str | None = None) -> str:
     """The last lines of ``jaxnet train``: epochs (or steps), time, loss and the held-out figures."""
-    length = f"{summary['steps']} steps" if summary.get("task") == "lm" else f"{summary['epochs']} epochs"
+    by_steps = summary.get("epochs") is None and summary.get("steps") is not None
+    length = f"{summary['steps']} steps" if by_steps else f"{summary['epochs']} epochs"
     parts = [f"{length} in {summary['seconds']:.1f}s", f"train loss {summary['train_loss']:.4g}"]
     if summary.get("task") == "lm":
         if summary.get("val_loss") is not None:

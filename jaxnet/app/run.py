@@ -308,6 +308,9 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         "test_accuracy": None,
     }
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
+    if c.steps is not None:  # a run by steps records rounds of eval_every steps, not epochs
+        last = member_history(state.history, best)[-1:] or [{}]
+        summary.update(epochs=None, rounds=entries[best]["epochs"], steps=last[0].get("step"))
     summary.update(seconds=seconds, steps_per_second=_speed(state.history))
     if job.problem.task == "lm":
         summary.update(_language_model_figures(job, state, best, summary["steps_per_second"]))

@@ -113,7 +113,10 @@ _EXPORTS = {
     "is_primary": "parallel",
     "make_data_mesh": "parallel",
     "process_rows": "parallel",
-    "replicated": "parallel",
+    "replicated": "sharding",
+    "make_mesh": "sharding",
+    "init_sharded": "sharding",
+    "param_specs": "sharding",
     "dp_aggregate": "step",
     "dp_optimizer": "step",
     "init_state": "step",
@@ -220,7 +223,10 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.parallel import is_primary as is_primary
     from jaxnet.parallel import make_data_mesh as make_data_mesh
     from jaxnet.parallel import process_rows as process_rows
-    from jaxnet.parallel import replicated as replicated
+    from jaxnet.sharding import init_sharded as init_sharded
+    from jaxnet.sharding import make_mesh as make_mesh
+    from jaxnet.sharding import param_specs as param_specs
+    from jaxnet.sharding import replicated as replicated
     from jaxnet.sources import DataError as DataError
     from jaxnet.sources import GrainMap as GrainMap
     from jaxnet.sources import Indexed as Indexed

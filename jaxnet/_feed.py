@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnet import sharding as shardinglib
 from jaxnet import sources
 from jaxnet.epoch import epoch_batches, epoch_metrics, num_batches, start_carry
 from jaxnet.forward import apply_batch
@@ -278,7 +279,7 @@ def placer(mesh=None) -> Callable:
     ``"data"`` axis along ``b`` (from each process's share in a multi-process run)."""
     if mesh is None:
         return jax.device_put
-    sharding = NamedSharding(mesh, P(None, "data"))
+    sharding = NamedSharding(mesh, P(None, shardinglib.batch_axes(mesh)))
     if jax.process_count() == 1:
         return functools.partial(jax.device_put, device=sharding)
 

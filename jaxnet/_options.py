@@ -46,6 +46,8 @@ class FitOptions:
     metrics: tuple[Metric, ...] = ()
     log_every_steps: int | None = None
     class_weights: jax.Array | None = None
+    sharding: Any = None
+    accumulate: int = 1
 
     @property
     def round_steps(self) -> int | None:

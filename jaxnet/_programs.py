@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxnet import _feed as feed
 from jaxnet import parallel
+from jaxnet import sharding as shardinglib
 from jaxnet._options import FitOptions
 from jaxnet.epoch import logged_template, make_epoch, make_steps, metric_zeros, num_batches, outputs_of, start_carry
 from jaxnet.losses import has_token_axis
@@ -35,7 +36,7 @@ DEFAULT_EVAL_BATCH = 1024
 
 class Programs(NamedTuple):
     """What the loop runs: see the module docstring. ``place`` puts a train state where the
-    programs expect it (replicated on a mesh)."""
+    programs expect it (on a mesh: laid out by the fit's sharding rules)."""
 
     train_epoch: Callable
     validate: Callable | None
@@ -61,11 +62,12 @@ def _update(model, spec, optimizer, options: FitOptions, mesh):
         outputs=bool(options.metrics),
         gradients=options.logs_steps,
         per_example=options.per_example_grads,
+        accumulate=options.accumulate,
     )
     if options.class_weights is not None:
         update = weigh_classes(update, options.class_weights)
     if mesh is not None:
-        parallel.check_batch_size(options.batch_size, mesh.size)
+        parallel.check_batch_size(options.batch_size, shardinglib.batch_devices(mesh))
         update = parallel.constrain_batch(update, mesh)
     return update
 
@@ -86,8 +88,9 @@ def _fresh(update, options: FitOptions, x, y) -> Callable:
 
     def fresh(train):
         if not found:
-            batch = tuple(jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype) for a in (x, y))
-            sums = metric_zeros(metrics, outputs_of(update, train, x, y)) if metrics else None
+            rows = options.batch_size  # a whole batch: an accumulating update splits it
+            batch = tuple(jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype) for a in (x, y))
+            sums = metric_zeros(metrics, outputs_of(update, train, x, y, rows)) if metrics else None
             last = logged_template(jax.eval_shape(lambda s, b: update(s, b)[1], train, batch)) if log else None
             found.append((sums, last))
         return start_carry(train, *found[0], tokens=has_token_axis(y))
@@ -118,7 +121,7 @@ def _chunk_steps(options: FitOptions, most: int | None, epoch_steps: int | None 
     return max(d for d in range(1, min(most, every) + 1) if every % d == 0)
 
 
-def _resident_epochs(update, options: FitOptions, train: tuple, jit_options: dict) -> Callable:
+def _resident_epochs(update, options: FitOptions, train: tuple, compile: Callable) -> Callable:
     members = options.members
     x, y, *weight = train
     n, b = x.shape[0], options.batch_size
@@ -128,7 +131,7 @@ def _resident_epochs(update, options: FitOptions, train: tuple, jit_options: dic
     steps = num_batches(n, b, options.drop_remainder)
     if members is not None:
         epoch = jax.vmap(epoch, in_axes=(0, None, None, *[None] * len(weight)))
-    whole_epoch = jax.jit(epoch, donate_argnums=(0,), **jit_options)
+    whole_epoch = compile(epoch)
     chunk = _chunk_steps(options, None, steps)
     if chunk is None:
 
@@ -142,7 +145,7 @@ def _resident_epochs(update, options: FitOptions, train: tuple, jit_options: dic
     steps_fn = _steps(update, options, weighted=weighted, count=weighted or bool(options.steps), gather=True)
     if members is not None:  # each member's carry and rows (index, weight); the arrays shared
         steps_fn = jax.vmap(steps_fn, in_axes=(0, None, None, 0, *[0] * weighted))
-    run = jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
+    run = compile(steps_fn)
     chunks_for = functools.partial(
         feed.resident_chunks, n, _layout(options, chunk, None), sample_weight=weight[0] if weight else None
     )
@@ -157,7 +160,7 @@ def _resident_epochs(update, options: FitOptions, train: tuple, jit_options: dic
     return chunked
 
 
-def _streamed_epochs(update, options: FitOptions, source, mesh, jit_options: dict) -> Callable:
+def _streamed_epochs(update, options: FitOptions, source, mesh, compile: Callable) -> Callable:
     members = options.members
     b = options.batch_size
     if members is not None and source.kind != "indexed":
@@ -193,7 +196,7 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, jit_options: dic
         steps_fn = _steps(update, options, weighted=weighted, count=count, gather=False)
         if members is not None:  # the carry and every chunk array have the member axis first
             steps_fn = jax.vmap(steps_fn)
-        return jax.jit(steps_fn, donate_argnums=(0,), **jit_options)
+        return compile(steps_fn)
 
     put = feed.placer(mesh)
     chunks_for = functools.partial(feed.epoch_chunks, source, layout)
@@ -266,14 +269,24 @@ def build_programs(model, spec, optimizer, options: FitOptions, mesh, data: Data
     if members is not None and options.logs_steps:
         raise ValueError("log_every_steps: member runs do not log steps: drop log_every_steps")
     update = _update(model, spec, optimizer, options, mesh)
-    place, jit_options = (lambda tree: tree), {}
-    if mesh is not None:
+    place, place_state = (lambda tree: tree), (lambda state: state)
+
+    def compile(fn):  # the train state (the first argument) is donated
+        return jax.jit(fn, donate_argnums=(0,))
+
+    if mesh is not None:  # data replicated, the state laid out by the sharding rules
         place = functools.partial(parallel.put_replicated, mesh=mesh)
-        jit_options = {"out_shardings": parallel.replicated(mesh)}
+
+        def place_state(state):
+            return shardinglib.put(state, shardinglib.state_shardings(state, mesh, options.sharding))
+
+        def compile(fn):
+            return jax.jit(shardinglib.constrain_outputs(fn, mesh, options.sharding), donate_argnums=(0,))
+
     if isinstance(data.train, tuple):
-        train_epoch = _resident_epochs(update, options, place(data.train), jit_options)
+        train_epoch = _resident_epochs(update, options, place(data.train), compile)
     else:
-        train_epoch = _streamed_epochs(update, options, data.train, mesh, jit_options)
+        train_epoch = _streamed_epochs(update, options, data.train, mesh, compile)
     validate = None
     if data.validation is not None:
         resident = isinstance(data.validation, tuple)
@@ -289,4 +302,4 @@ def build_programs(model, spec, optimizer, options: FitOptions, mesh, data: Data
             def validate(params, model_state):
                 return feed.means_of(sums(params, model_state), metrics)
 
-    return Programs(train_epoch, validate, place)
+    return Programs(train_epoch, validate, place_state)

@@ -94,9 +94,10 @@ def _epoch_batches(shuffle_key, x, y, layout, sample_weight=None):
     return scanned, lambda _, item: item, divisor
 
 
-def outputs_of(update: Update, state: TrainState, x, y) -> int:
-    """The number of outputs the model predicts per example (from shapes only), for metric states."""
-    batch = (jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), jax.ShapeDtypeStruct((1, *y.shape[1:]), y.dtype))
+def outputs_of(update: Update, state: TrainState, x, y, rows: int = 1) -> int:
+    """The number of outputs the model predicts per example (from shapes only, on a batch of
+    ``rows``: a whole batch, which an accumulating update splits), for metric states."""
+    batch = tuple(jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype) for a in (x, y))
     shape = jax.eval_shape(lambda s, b: update(s, b)[1]["predictions"], state, batch).shape
     return shape[-1] if len(shape) > 1 else 1
 
@@ -320,7 +321,7 @@ def make_epoch(
             raise TypeError(f"epoch takes {3 + int(sample_weights)} arguments (sample_weights={sample_weights})")
         key, shuffle_key = jax.random.split(state.key)
         scanned, batch_of, divisor = _epoch_batches(shuffle_key, x, y, layout, *sample_weight)
-        sums = metric_zeros(metrics, outputs_of(update, state, x, y)) if metrics else None
+        sums = metric_zeros(metrics, outputs_of(update, state, x, y, batch_size)) if metrics else None
         carry = start_carry(state._replace(key=key), sums, tokens=has_token_axis(y))
         carry, _ = jax.lax.scan(
             lambda c, item: (body(c, batch_of(c.steps, item)), None), carry, scanned, length=nb, unroll=unroll

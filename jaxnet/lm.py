@@ -34,6 +34,7 @@ from jaxnet.base import Context, Params, PRNGKey, StatefulModel
 from jaxnet.layers import dense, embedding, layer_norm
 
 POSITIONS = ("learned", "rope")
+REMAT = ("none", "dots", "full")
 STD = 0.02
 
 
@@ -52,6 +53,7 @@ class GPTConfig(NamedTuple):
     positions: str = "learned"
     bias: bool = False
     eot: int | None = None
+    remat: str = "none"
 
 
 class Cache(NamedTuple):
@@ -71,6 +73,7 @@ def _check_config(c: GPTConfig) -> GPTConfig:
     if c.positions == "rope" and (c.dim // c.heads) % 2:
         raise ValueError(f"positions='rope' needs an even width per head, got dim / heads = {c.dim // c.heads}")
     checks.choice("positions", c.positions, POSITIONS)
+    checks.choice("remat", c.remat, REMAT)
     checks.number("dropout", c.dropout, minimum=0.0)
     if c.dropout >= 1:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
@@ -205,6 +208,21 @@ def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, mask, ctx: Conte
     return x, (k, v)
 
 
+def _rematted(c: GPTConfig, i: int, shape: tuple, ctx: Context | None) -> Callable:
+    """Block ``i`` of a ``(b, T)`` batch (``shape``) as ``(p, x, positions, mask) -> (x, (k, v))``,
+    under ``jax.checkpoint`` with
+    ``c.remat``'s policy: ``"dots"`` keeps the matmul outputs and recomputes the rest (norms, GELU,
+    softmax) in the backward pass, ``"full"`` keeps only the block's input."""
+
+    def block(p, x, positions, mask):
+        return _block(c, p, x, shape, positions, mask, ctx, i)
+
+    if c.remat == "none":
+        return block
+    policy = jax.checkpoint_policies.dots_saveable if c.remat == "dots" else jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint(block, policy=policy)
+
+
 def _forward(c: GPTConfig, params: Params, ids: jax.Array, ctx: Context | None):
     """``(logits, (keys, values))`` of one sequence ``ids`` ``(T,)`` -> ``(T, V)``, ``(layers, T,
     heads, h)`` each; or of a batch ``(b, T)`` -> ``(b, T, V)``, ``(layers, b, T, heads, h)``. The
@@ -220,7 +238,7 @@ def _forward(c: GPTConfig, params: Params, ids: jax.Array, ctx: Context | None):
     x = _dropout(jnp.reshape(_embed(c, params, batch, positions), (b * t, c.dim)), c.dropout, ctx, 0)
     keys, values, mask = [], [], _documents(c, batch)
     for i, p in enumerate(params["blocks"]):
-        x, (k, v) = _block(c, p, x, (b, t), positions, mask, ctx, i)
+        x, (k, v) = _rematted(c, i, (b, t), ctx)(p, x, positions, mask)
         keys.append(k)
         values.append(v)
     logits, kv = jnp.reshape(_logits(c, params, x), (b, t, -1)), (jnp.stack(keys), jnp.stack(values))
@@ -239,6 +257,7 @@ def gpt(
     positions: str = "learned",
     bias: bool = False,
     eot: int | None = None,
+    remat: str = "none",
 ) -> StatefulModel:
     """A GPT language model: one sequence of ids ``(T,)`` (``T <= context``) -> next-token logits ``(T, V)``.
 
@@ -262,6 +281,9 @@ def gpt(
       eot: the id that separates documents packed into one sequence: attention then never crosses
         a document (each token sees the earlier tokens of its own; an ``eot`` begins the next
         document). None: plain causal attention over the whole sequence.
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (``jax.checkpoint``): ``"none"``, ``"dots"`` (keep the matmul outputs) or ``"full"`` (keep
+        only each block's input). Same gradients, less memory, more compute.
 
     Examples:
       >>> import jax
@@ -271,7 +293,8 @@ def gpt(
       >>> logits.shape
       (10, 50)
     """
-    c = _check_config(GPTConfig(vocab_size, context, layers, heads, dim, dropout, tie_embeddings, positions, bias, eot))
+    sizes = (vocab_size, context, layers, heads, dim)
+    c = _check_config(GPTConfig(*sizes, dropout, tie_embeddings, positions, bias, eot, remat))
     return StatefulModel(_init(c), GPT(c), batched=True)
 
 

@@ -27,6 +27,8 @@ from jaxnet import _programs as programs
 from jaxnet import _progress as progress
 from jaxnet import _weights as weights
 from jaxnet import hooks, sources
+from jaxnet import sharding as shardinglib
+from jaxnet._checks import ArgumentError
 from jaxnet._feed import CHUNK_BYTES, Position, split_keys
 from jaxnet._options import FitOptions
 from jaxnet.base import Params, PRNGKey, TrainState
@@ -133,6 +135,8 @@ def init_fit_state(
     skip_nonfinite: bool = False,
     hyperparams: dict | None = None,
     model_state: Any = None,
+    mesh=None,
+    sharding=None,
 ) -> FitState:
     """The :class:`FitState` that :func:`fit` starts from (epoch 0, empty history).
 
@@ -145,7 +149,8 @@ def init_fit_state(
       optimizer: the optax optimizer (wrapped by :func:`jaxnet.skip_nonfinite_updates` when
         ``skip_nonfinite``, as :func:`fit` does).
       key: the PRNG key of shuffling (and dropout); a ``(K,)`` array of keys for a member run.
-      skip_nonfinite, hyperparams, model_state: as in :func:`fit`.
+      skip_nonfinite, hyperparams, model_state, mesh, sharding: as in :func:`fit`; on a mesh the
+        state is created laid out on it (the optimizer state never exists whole on one device).
     """
     if skip_nonfinite:
         optimizer = skip_nonfinite_updates(optimizer)
@@ -158,7 +163,11 @@ def init_fit_state(
     if k is None:
         if hyperparams is not None:
             raise ValueError("hyperparams are per-member values: give a (K,) array of keys (member_keys)")
-        return FitState(jax.jit(fresh)(params, key, model_state), 0, [])
+        if mesh is None:
+            return FitState(jax.jit(fresh)(params, key, model_state), 0, [])
+        shapes = jax.eval_shape(fresh, params, key, model_state)
+        laid_out = jax.jit(fresh, out_shardings=shardinglib.state_shardings(shapes, mesh, sharding))
+        return FitState(laid_out(params, key, model_state), 0, [])
     shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
     if not shapes or any(len(s) == 0 or s[0] != k for s in shapes):
         raise ValueError(
@@ -573,6 +582,8 @@ def fit(
     log_every_steps: int | None = None,
     steps: int | None = None,
     eval_every: int | None = None,
+    sharding=None,
+    accumulate: int = 1,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -612,9 +623,17 @@ def fit(
         its ``train_loss`` is NaN when any of the epoch's losses was.
       shuffle: reshuffle the examples every epoch (from ``key``); False trains on them in order.
       unroll: ``lax.scan`` unroll factor for the steps of an epoch.
-      mesh: a device mesh from :func:`jaxnet.make_data_mesh` for data-parallel training: each
-        batch is split over its ``"data"`` axis (``batch_size`` must divide evenly), params and
-        optimizer state are replicated. ``x``/``y`` may be global arrays (multi-process).
+      mesh: a device mesh from :func:`jaxnet.make_mesh` (or :func:`jaxnet.make_data_mesh`): each
+        batch is split over its ``"data"`` and ``"fsdp"`` axes (``batch_size`` must divide
+        evenly); the params are laid out by ``sharding`` and the built-in rules of
+        :mod:`jaxnet.sharding` (FSDP on ``"fsdp"``, tensor parallel on ``"model"``, replicated on
+        a data-only mesh), the optimizer state following them. ``x``/``y`` may be global arrays
+        (multi-process).
+      sharding: with ``mesh``: ``{regex: spec}`` rules over the param paths that win over the
+        built-in ones (:func:`jaxnet.sharding.param_specs`); checked before anything compiles.
+      accumulate: compute each optimizer step's gradient over this many microbatches of
+        ``batch_size / accumulate`` examples, one after the other inside the compiled step, then
+        apply one update (the same update as the whole batch, in less memory).
       hyperparams: member runs only: name -> ``(K,)`` per-member values of the hyperparameters of an
         ``optax.inject_hyperparams`` optimizer (see :func:`jaxnet.set_hyperparams`).
       model_state: a :class:`jaxnet.StatefulModel`'s initial state (``params, model_state =
@@ -689,8 +708,9 @@ def fit(
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
         check_fit_memory(one, optimizer, batch_size, members or 1, _resident_bytes(data))
         resume = init_fit_state(
-            params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state
-        )
+            params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state,
+            mesh=mesh, sharding=sharding,
+        )  # fmt: skip
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
     options = FitOptions(
@@ -715,6 +735,8 @@ def fit(
         metrics=named,
         log_every_steps=checks.optional_integer("log_every_steps", log_every_steps),
         class_weights=_class_weights(class_weight, spec, model, resume.train, data),
+        sharding=_check_sharding(sharding, mesh, resume.train),
+        accumulate=_check_accumulate(accumulate, batch_size),
     )
     if 0 < options.shuffle_buffer < batch_size:
         raise ValueError(
@@ -767,6 +789,26 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
         row = jax.ShapeDtypeStruct((1, *spec_rows.x_shape), spec_rows.x_dtype)
     classes = weights.num_classes(model, params, model_state, jax.ShapeDtypeStruct(row.shape[1:], row.dtype), spec)
     return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
+
+
+def _check_sharding(rules, mesh, train: TrainState):
+    """``rules``, checked against the params (before anything compiles); None without a mesh."""
+    if rules is None:
+        return None
+    if mesh is None:
+        raise ValueError("sharding rules lay params out on a mesh: give mesh=jaxnet.make_mesh(...) too")
+    shardinglib.param_specs(train.params, mesh, rules)
+    return rules
+
+
+def _check_accumulate(accumulate, batch_size: int) -> int:
+    checks.integer("accumulate", accumulate)
+    if batch_size % accumulate:
+        raise ArgumentError(
+            f"{{0}} {accumulate} does not divide {{1}} {batch_size} into equal microbatches: give a divisor",
+            "accumulate", "batch_size",
+        )  # fmt: skip
+    return accumulate
 
 
 def _clamped_batch(batch_size: int, train, drop_remainder: bool, mesh) -> int:

@@ -24,7 +24,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import _checks as checks
+from jaxnet import sharding as shardinglib
 from jaxnet._checks import ArgumentError
+from jaxnet.sharding import replicated
 
 DATA_AXIS = "data"
 PEER_TIMEOUT = 30
@@ -80,13 +82,9 @@ def make_data_mesh(devices=None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (example) axis split over the mesh's ``"data"`` axis; other axes whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    """The whole array on every device of ``mesh``."""
-    return NamedSharding(mesh, P())
+    """Leading (example) axis split over the mesh's ``"data"`` and ``"fsdp"`` axes (those it has:
+    :func:`jaxnet.sharding.batch_axes`); other axes whole."""
+    return NamedSharding(mesh, P(shardinglib.batch_axes(mesh)))
 
 
 def check_batch_size(batch_size: int, n_devices: int) -> None:
@@ -100,27 +98,14 @@ def check_batch_size(batch_size: int, n_devices: int) -> None:
 
 
 def put_replicated(tree, mesh: Mesh):
-    """Places every array of ``tree`` whole on every device of ``mesh``.
-
-    Works across processes: each process must pass the same values (e.g. the same seed's params).
-    PRNG key arrays are placed as their key data and re-wrapped.
-    """
-    sharding = replicated(mesh)
-
-    def put(a):
-        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            impl = jax.random.key_impl(a)
-            return jax.random.wrap_key_data(put(jax.random.key_data(a)), impl=impl)
-        if isinstance(a, jax.Array) and (a.sharding == sharding or not a.is_fully_addressable):
-            return a  # already placed (a global array keeps its own sharding)
-        host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree)
+    """Places every array of ``tree`` whole on every device of ``mesh`` (see
+    :func:`jaxnet.sharding.put`; every process must pass the same values)."""
+    return shardinglib.put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
 
 
 def constrain_batch(update, mesh: Mesh):
-    """Wraps a per-batch ``update(state, batch)`` so that the batch is split over ``"data"``.
+    """Wraps a per-batch ``update(state, batch)`` so that the batch is split over the mesh's batch
+    axes (``"data"``, ``"fsdp"``).
 
     The epoch gathers each minibatch from the whole (replicated or row-sharded) dataset; this
     constraint tells XLA to lay the gathered batch out on the mesh, which makes the forward and

@@ -118,6 +118,7 @@ def make_update(
     outputs: bool = False,
     gradients: bool = False,
     per_example: bool = False,
+    accumulate: int = 1,
 ) -> Update:
     """The pure, un-jitted update ``(state, batch) -> (state, metrics)``.
 
@@ -132,17 +133,30 @@ def make_update(
     With an optimizer from :func:`skip_nonfinite_updates`, a step whose loss is not finite is
     skipped like one whose gradients are not finite. ``per_example``: the optimizer receives
     per-example gradients (:func:`make_per_example_update`).
+
+    ``accumulate=k`` computes the gradient over k microbatches of ``b / k`` examples, one after
+    the other (``lax.scan``; microbatch ``m`` holds rows ``m, m + k, ...``, so that each device's
+    rows stay on it), and applies one update: the weighted sums of the loss and gradients and
+    their weights (examples, or real tokens) are summed in float32 and divided once, so the update
+    equals the whole batch's (up to rounding) in the memory of a microbatch's activations plus one
+    gradient-sized sum. A stateful model's state is threaded through the microbatches, and each
+    draws its own dropout key (``fold_in(step_key, m)``).
     """
     _check_optimizer(optimizer)
     check_model(model)
     objective = _objective(model, loss, compute_dtype)
-    build = _per_example_update if per_example else _batch_update
-    return build(model, objective, optimizer, outputs, gradients)
+    if accumulate != 1:
+        if per_example:
+            raise ValueError("accumulate: per-example gradients (DP-SGD) are clipped per example: drop accumulate")
+        return _batch_update(model, _accumulated(objective, accumulate), optimizer, outputs, gradients)
+    if per_example:
+        return _per_example_update(model, objective, optimizer, outputs, gradients)
+    return _batch_update(model, jax.value_and_grad(objective, has_aux=True), optimizer, outputs, gradients)
 
 
-def _batch_update(model: AnyModel, objective: Callable, optimizer, outputs: bool, gradients: bool) -> Update:
-    """:func:`make_update`'s update: the gradient of the batch loss."""
-    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+def _batch_update(model: AnyModel, value_and_grad: Callable, optimizer, outputs: bool, gradients: bool) -> Update:
+    """:func:`make_update`'s update: one step on the batch loss's gradient, from ``value_and_grad``
+    (of the objective, or :func:`_accumulated` over microbatches)."""
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = step_key(model, state)
@@ -155,6 +169,45 @@ def _batch_update(model: AnyModel, objective: Callable, optimizer, outputs: bool
         return state, _step_metrics(loss_value, count, predictions, grads, opt_state, outputs, gradients)
 
     return update
+
+
+def _accumulated(objective, k: int):
+    """``objective``'s value and gradient over ``k`` microbatches: ``(params, model_state, batch,
+    key) -> ((loss, aux), grads)`` (a ``value_and_grad`` of its own, see :func:`make_update`)."""
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+    def split(a):  # (b, ...) -> (k, b / k, ...): microbatch m holds rows m, m + k, ...
+        if a.shape[0] % k:
+            raise ValueError(f"accumulate {k} does not divide the batch of {a.shape[0]} examples")
+        return jnp.swapaxes(jnp.reshape(a, (a.shape[0] // k, k, *a.shape[1:])), 0, 1)
+
+    def join(a):  # the inverse of split
+        return jnp.reshape(jnp.swapaxes(a, 0, 1), (-1, *a.shape[2:]))
+
+    def accumulated(params, model_state, batch, key):
+        x, y, w = _unpack(batch)
+        parts = jax.tree.map(split, (x, y) if w is None else (x, y, w))
+
+        def micro(carry, inputs):
+            m, part = inputs
+            total, weight, grads, state = carry
+            sub = None if key is None else jax.random.fold_in(key, m)
+            (mean, (state, predictions, count)), g = value_and_grad(params, state, part, sub)
+            if count is None:  # examples: the microbatch's weight is its rows' (or their weights')
+                count = jnp.sum(part[2]) if len(part) == 3 else jnp.asarray(part[0].shape[0])
+            count = jnp.asarray(count, jnp.float32)
+            grads = jax.tree.map(lambda s, gi: s + count * gi.astype(jnp.float32), grads, g)
+            return (total + count * mean.astype(jnp.float32), weight + count, grads, state), predictions
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        start = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, model_state)
+        (total, weight, grads, model_state), predictions = jax.lax.scan(micro, start, (jnp.arange(k), parts))
+        scale = jnp.where(weight > 0, 1.0 / jnp.maximum(weight, 1e-30), 0.0)
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+        count = weight if has_token_axis(y) else None
+        return (total * scale, (model_state, jax.tree.map(join, predictions), count)), grads
+
+    return accumulated
 
 
 def _apply(optimizer, state: TrainState, grads, model_state) -> tuple[TrainState, Any]:

@@ -16,6 +16,7 @@ KINDS = {
     "number": {float, type(None)},
     "ints": {tuple, type(None)},
     "names": {tuple},
+    "rules": {tuple},
     "switch": {bool},
     "numbers": {float, type(None)},
 }

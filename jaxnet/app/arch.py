@@ -134,11 +134,11 @@ def describe_model(arch: str, *, sizes, activation, output_activation, dropout, 
     return meta
 
 
-def describe_gpt(vocab_size: int, *, context, layers, heads, dim, dropout, positions, eot=None) -> dict:
+def describe_gpt(vocab_size: int, *, context, layers, heads, dim, dropout, positions, eot=None, remat="none") -> dict:
     """The JSON description of a GPT (:func:`jaxnet.gpt`) over ``vocab_size`` token ids, ``eot``
     the id between documents (attention does not cross it)."""
     g = dict(vocab_size=vocab_size, context=context, layers=layers, heads=heads, dim=dim, dropout=dropout)
-    g.update(positions=positions, tie_embeddings=True, bias=False, eot=eot)
+    g.update(positions=positions, tie_embeddings=True, bias=False, eot=eot, remat=remat)
     return {"arch": "gpt", "sizes": [context, vocab_size], "activation": "gelu", "output_activation": None, "gpt": g}
 
 
@@ -157,7 +157,7 @@ def build_model(meta: dict, arch: str | None = None) -> AnyModel:
         g = meta["gpt"]
         sizes_ = (g["vocab_size"], g["context"], g["layers"], g["heads"], g["dim"])
         options = dict(dropout=g["dropout"], tie_embeddings=g["tie_embeddings"], positions=g["positions"])
-        return gpt(*sizes_, **options, bias=g.get("bias", False), eot=g.get("eot"))
+        return gpt(*sizes_, **options, bias=g.get("bias", False), eot=g.get("eot"), remat=g.get("remat", "none"))
     if spec == "cnn":
         return cnn(meta["input_shape"], sizes[-1], channels=meta["channels"], hidden=sizes[1:-1], activation=act,
                    output_activation=out_act, dropout=meta["dropout"])  # fmt: skip

@@ -105,6 +105,23 @@ def number_list(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def rule_arg(text: str) -> str:
+    """argparse type: ``REGEX=SPEC`` (a sharding rule; the spec is checked when the mesh is known)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected REGEX=SPEC (e.g. 'attn/o/w=model,fsdp'), got {text!r}")
+    return text
+
+
+def mesh_arg(text: str) -> dict:
+    """argparse type: ``data=2,fsdp=4`` (see :func:`jaxnet.sharding.parse_mesh`)."""
+    from jaxnet.sharding import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def devices_arg(text: str):
     """argparse type: ``all`` or a number of devices."""
     return "all" if text == "all" else integer_arg(text)
@@ -118,11 +135,11 @@ def _add_train(sub) -> None:
         "shows every resolved value.",
     )
     _add_config_options(p.add_argument_group("config file"))
-    names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM)
+    names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM, cliflags.DEVICES)
     groups = {name: p.add_argument_group(name) for name in names}
     parsers = {"str": str, "int": integer_arg, "number": number_arg, "ints": int_list, "names": name_list}
-    cliflags.add_flags(groups, {**parsers, "numbers": number_list})
-    _add_device_options(p.add_argument_group("devices and processes (see docs/distributed.md)"))
+    cliflags.add_flags(groups, {**parsers, "numbers": number_list, "rules": rule_arg})
+    _add_device_options(groups[cliflags.DEVICES])
     _add_output_options(p.add_argument_group("output"))
     p.set_defaults(run=_cmd_train)
 
@@ -142,6 +159,13 @@ def _add_config_options(c) -> None:
 
 def _add_device_options(d) -> None:
     d.add_argument("--devices", type=devices_arg, metavar="N|all", help="data parallel over N devices or all")
+    d.add_argument(
+        "--mesh",
+        type=mesh_arg,
+        metavar="AXIS=N,...",
+        help="a device mesh of the axes data, fsdp (params sharded) and model (tensor parallel), e.g. fsdp=8 or "
+        "data=2,fsdp=4; their product is the device count, one may be -1 (fills)",
+    )
     d.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
     d.add_argument("--num-processes", type=integer_arg, metavar="N", help="multi-process run: process count")
     d.add_argument("--process-id", type=integer_arg, metavar="I", help="multi-process run: this process")
@@ -269,6 +293,17 @@ def _rounds(config, args) -> int | None:
     return -(-steps // every)
 
 
+def _mesh(args, distributed: bool):
+    """The device mesh that ``--devices`` or ``--mesh`` ask for (a multi-process run: all devices)."""
+    from jaxnet import parallel, sharding
+
+    if args.mesh is not None:
+        if args.devices is not None:
+            raise CliError("--devices and --mesh both say which devices train: give one (--mesh data=N is --devices N)")
+        return sharding.make_mesh(**args.mesh)
+    return parallel.make_data_mesh(args.devices) if args.devices or distributed else None
+
+
 def _cmd_train(args) -> int:
     _check_train_args(args)
     if args.print_config:
@@ -285,7 +320,7 @@ def _cmd_train(args) -> int:
     # Before any other JAX use: joining a multi-process run must precede backend start-up.
     where = (args.coordinator, args.num_processes, args.process_id)
     distributed = parallel.initialize_distributed(*where, timeout=timeout)
-    mesh = parallel.make_data_mesh(args.devices) if args.devices or distributed else None
+    mesh = _mesh(args, distributed)
     primary = parallel.is_primary()
     given, config = _train_config(args)
     interrupt = callbacks.Interrupt(_say if primary else None)

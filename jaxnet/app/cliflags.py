@@ -31,6 +31,7 @@ class Flag(NamedTuple):
 
 
 DATA, MODEL, RECIPE, LM = "data", "model and training", "optimizer and schedule", "language models (--task lm)"
+DEVICES = "devices and processes (see docs/distributed.md)"
 
 CONFIG_FLAGS: dict[str, Flag] = {
     "dataset": Flag(DATA, "str", "NAME", "built-in dataset: seed, xor, moons, spirals, digits (default: digits)"),
@@ -112,7 +113,12 @@ CONFIG_FLAGS: dict[str, Flag] = {
     ),
     "warmup": Flag(RECIPE, "int", "STEPS", "linear warmup of the learning rate from 0"),
     "clip_norm": Flag(RECIPE, "number", "C", "clip the gradients' global norm to C"),
-    "grad_accum": Flag(RECIPE, "int", "N", "one update per N batches (their mean gradient)"),
+    "grad_accum": Flag(
+        RECIPE, "int", "N", "one update per N batches (their mean gradient; keeps an optimizer-sized buffer)"
+    ),
+    "accumulate": Flag(
+        RECIPE, "int", "K", "each step's gradient over K microbatches of the batch, inside the step (less memory)"
+    ),
     "label_smoothing": Flag(RECIPE, "number", "A", "cross-entropy against smoothed labels"),
     "min_lr": Flag(RECIPE, "number", "LR", "the floor a decaying schedule ends at (cosine, linear, exponential)"),
     "beta2": Flag(RECIPE, "number", "B", "adam, adamw, nadam, lamb ...: the second moment's decay"),
@@ -126,9 +132,18 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "heads": Flag(LM, "int", "H", "gpt: attention heads"),
     "dim": Flag(LM, "int", "D", "gpt: width"),
     "positions": Flag(LM, "str", "KIND", "gpt: learned or rope position embeddings"),
+    "remat": Flag(
+        LM, "str", "POLICY", "gpt: recompute activations in the backward pass: none, dots (keep matmul outputs), full"
+    ),
     "eval_batches": Flag(
         LM, "int", "N", "validation batches of each evaluation (disjoint windows spread over the text)"
     ),
+    "shard": Flag(
+        DEVICES,
+        "rules",
+        "REGEX=SPEC",
+        "with --mesh: lay out the params whose path matches REGEX as SPEC (e.g. 'attn/o/w=model,fsdp'); repeatable",
+    ),  # fmt: skip
 }
 """The config's fields on the command line, in help order (``standardize``, ``lrs`` and
 ``weight_decays`` have no flag of their own: ``--lr`` and ``--weight-decay`` lists set the latter)."""
@@ -169,6 +184,8 @@ def add_flags(groups: dict, parsers: dict) -> None:
         options = {"help": flag.help + ("" if "default" in flag.help else defaults_text(field)), "dest": field}
         if flag.kind == "switch":
             options["action"] = "store_true"
+        elif flag.kind == "rules":
+            options.update(action="append", type=parsers[flag.kind], metavar=flag.metavar)
         else:
             options.update(type=parsers[flag.kind], metavar=flag.metavar)
         groups[flag.group].add_argument(flag_name(field), **options)
@@ -181,6 +198,8 @@ def given(args) -> dict:
         value = getattr(args, field)
         if flag.kind == "switch":
             value = value or None
+        elif flag.kind == "rules":
+            value = tuple(value) if value else None
         elif flag.kind == "numbers":
             values = value or ()
             out[PLURAL[field]] = tuple(values) if len(values) > 1 else None

@@ -248,6 +248,7 @@ def _validate_text(c: TrainConfig) -> None:
     for name in ("context", "layers", "heads", "dim", "vocab_size"):
         checks.integer(name, getattr(c, name))
     checks.choice("positions", c.positions, ("learned", "rope"))
+    checks.choice("remat", c.remat, ("none", "dots", "full"))
     if c.dim % c.heads:
         raise ArgumentError(f"{{0}} {c.dim} must be divisible by {{1}} {c.heads}", "dim", "heads")
     if not lm:
@@ -286,6 +287,14 @@ def _validate_recipe(c: TrainConfig) -> None:
     if c.clip_norm is not None:
         checks.number("clip_norm", c.clip_norm, 0.0, strict=True)
     checks.integer("grad_accum", c.grad_accum)
+    checks.integer("accumulate", c.accumulate)
+    if c.batch_size % c.accumulate:
+        raise ArgumentError(f"{{0}} {c.accumulate} does not divide {{1}} {c.batch_size} into equal microbatches",
+                            "accumulate", "batch_size")  # fmt: skip
+    for rule in c.shard:
+        if not isinstance(rule, str) or "=" not in rule:
+            raise ArgumentError("{0} rules are REGEX=SPEC, as 'attn/o/w=model,fsdp', got " + checks.literal(rule),
+                                "shard")  # fmt: skip
     checks.number("label_smoothing", c.label_smoothing, 0.0)
     if c.label_smoothing >= 1:
         raise ArgumentError("{0} must be below 1", "label_smoothing")

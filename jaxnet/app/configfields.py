@@ -72,6 +72,9 @@ class ConfigFields:
     heads: int = 4
     dim: int = 128
     positions: str = "learned"
+    remat: str = "none"
+    accumulate: int = 1
+    shard: tuple[str, ...] = ()
 
 
 PRESETS: dict[str, dict[str, Any]] = {

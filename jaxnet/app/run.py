@@ -202,6 +202,8 @@ def train(
     c, val = job.config, job.problem.splits.val
     if job.member_run and mesh is not None:
         raise ArgumentError(MEMBER_RUNS + " train on one device: drop {4}", *MEMBER_FLAGS, "devices")
+    if c.shard and mesh is None:
+        raise ArgumentError("{0} lays params out on a device mesh: give {1} too", "shard", "mesh")
     start = _fresh(job) if resume is None else _Start(None, None, None, None)
     x, y = _local_rows(job, mesh)
     return fit(
@@ -228,6 +230,8 @@ def train(
         chunk_steps=chunk_steps,
         metrics=list(c.metrics) or None,
         class_weight=weights.parse_class_weight(c.class_weight),
+        sharding=[tuple(rule.rsplit("=", 1)) for rule in c.shard] or None,
+        accumulate=c.accumulate,
         log_every_steps=log_steps,
     )
 

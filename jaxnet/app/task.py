@@ -245,7 +245,7 @@ def model_meta(config: TrainConfig, problem: Problem) -> dict:
         c = config
         description = arch.describe_gpt(
             problem.out_dim, context=c.context, layers=c.layers, heads=c.heads, dim=c.dim, dropout=c.dropout,
-            positions=c.positions, eot=problem.tokenizer.eot,
+            positions=c.positions, eot=problem.tokenizer.eot, remat=c.remat,
         )  # fmt: skip
         common = dict(loss=problem.loss, task="lm", num_classes=None, feature_names=[], columns=None, target=None)
         return {**description, **common, "tokenizer": text.tokenizer_to_json(problem.tokenizer), "config": c.to_dict()}

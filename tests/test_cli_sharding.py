@@ -1,0 +1,80 @@
+"""jaxnet train --mesh, --shard and --accumulate as a user runs them: a sharded run resumed on
+another mesh and on one device, and the one-line errors of bad meshes and rules."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = " ".join(["the quick brown fox jumps over the lazy dog and then it sleeps."] * 300)  # 28 ids and eot
+GPT = ["--task", "lm", "--tokenizer", "char", "--context", "16", "--layers", "1", "--heads", "2", "--dim", "128"]
+RUN = [*GPT, "--batch-size", "8", "--lr", "1e-3", "--eval-every", "5", "--eval-batches", "2", "--quiet", "--json"]
+
+
+def jaxnet(*args, devices=4):
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "jaxnet.app", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharded") / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def weights(run: Path) -> dict:
+    with np.load(run / "model.npz") as saved:
+        return {k: saved[k] for k in saved.files if saved[k].dtype.kind == "f"}
+
+
+def test_a_sharded_run_resumes_on_two_devices_and_on_one(corpus, tmp_path):
+    straight = jaxnet("train", "--data", corpus, *RUN, "--steps", "20", "--mesh", "fsdp=4", "--out", tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr
+    for devices, mesh in ((2, ["--mesh", "fsdp=2"]), (1, [])):
+        out = tmp_path / f"cut{devices}"
+        cut = jaxnet("train", "--data", corpus, *RUN, "--steps", "10", "--mesh", "fsdp=4", "--out", out)
+        assert cut.returncode == 0, cut.stderr
+        resumed = jaxnet("train", "--resume", out, "--steps", "20", *mesh, "--quiet", "--json", devices=devices)
+        assert resumed.returncode == 0, resumed.stderr
+        figures = [json.loads(r.stdout) for r in (resumed, straight)]
+        assert figures[0]["steps"] == 20
+        assert figures[0]["val_loss"] == pytest.approx(figures[1]["val_loss"], rel=1e-5)
+        ours, theirs = weights(out), weights(tmp_path / "a")
+        assert max(float(np.max(np.abs(ours[k] - theirs[k]), initial=0.0)) for k in ours) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mesh", "data=3"], "a mesh of data=3, fsdp=1, model=1 needs 3 devices, but there are 4"),
+        (["--mesh", "tensor=2"], "unknown mesh axis 'tensor'"),
+        (["--mesh", "fsdp=4", "--devices", "2"], "--devices and --mesh both say which devices train"),
+        (["--mesh", "fsdp=4", "--shard", "nothing/here=fsdp"], "sharding rule 'nothing/here' matches no parameter"),
+        (["--mesh", "fsdp=4", "--shard", "embed=fsdp,None,None"], "the spec fsdp,None,None, longer than its rank"),
+        (["--mesh", "fsdp=4", "--shard", "embed=fsdp"], "dimension 0 of embed/table (29, 128) is not divisible"),
+        (["--shard", "embed=fsdp"], "--shard lays params out on a device mesh: give --mesh too"),
+        (["--shard", "embed"], "expected REGEX=SPEC"),
+        (["--accumulate", "3"], "--accumulate 3 does not divide --batch-size 8 into equal microbatches"),
+    ],
+)
+def test_bad_meshes_and_rules_are_one_line_and_exit_2_before_training(corpus, tmp_path, flags, message):
+    result = jaxnet("train", "--data", corpus, *RUN, "--steps", "5", *flags, "--out", tmp_path / "run")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "run" / "model.npz").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_accumulated_microbatches_train_from_the_command_line(corpus, tmp_path):
+    runs = [jaxnet("train", "--data", corpus, *RUN, "--steps", "5", "--accumulate", k, devices=1) for k in (1, 4)]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr
+    one, four = (json.loads(r.stdout) for r in runs)
+    assert four["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)

@@ -1,0 +1,170 @@
+"""Sharded parameters: meshes, the rules that lay params out, fit on FSDP and tensor-parallel
+meshes (equal to one device), resume onto another mesh, and accumulated microbatches."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxnet as jn
+from jaxnet import sharding as S
+
+needs_4 = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (see conftest.py)")
+
+
+def small_gpt():
+    return jn.gpt(vocab_size=64, context=16, layers=2, heads=2, dim=128)
+
+
+def tokens(n=32, t=16, v=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, v, (n, t)).astype(np.int32)
+    return x, np.roll(x, -1, axis=1)
+
+
+def test_make_mesh_names_its_axes_fills_one_and_refuses_a_wrong_product():
+    mesh = S.make_mesh(data=-1, devices=jax.devices()[:4])
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "model": 1}
+    assert dict(S.make_mesh(fsdp=2, model=-1, devices=jax.devices()[:4]).shape) == {"data": 1, "fsdp": 2, "model": 2}
+    with pytest.raises(ValueError, match="needs 6 devices, but there are 4"):
+        S.make_mesh(data=3, fsdp=2, devices=jax.devices()[:4])
+    with pytest.raises(ValueError, match="only one mesh axis may be -1"):
+        S.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="fsdp must be a positive integer or -1"):
+        S.make_mesh(fsdp=0)
+    assert S.parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
+    with pytest.raises(ValueError, match="unknown mesh axis 'tensor'"):
+        S.parse_mesh("tensor=2")
+    assert S.parse_spec("None,model") == P(None, "model") and S.parse_spec("data+fsdp") == P(("data", "fsdp"))
+
+
+@needs_4
+def test_fsdp_shards_each_large_leaf_on_its_largest_divisible_dimension():
+    mesh = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
+    params = {"big": np.zeros((6, 4096)), "odd": np.zeros((4099, 5)), "small": np.zeros((4, 8)), "b": np.zeros(2**15)}
+    specs = S.param_specs(params, mesh)
+    assert specs == {"big": P(None, "fsdp"), "odd": P(), "small": P(), "b": P("fsdp")}
+
+
+@needs_4
+def test_tensor_parallel_rules_split_columns_then_rows_and_fsdp_takes_another_dimension():
+    mesh = S.make_mesh(fsdp=2, model=2, devices=jax.devices()[:4])
+    params, _ = small_gpt().init(jax.random.key(0))
+    specs = S.param_specs(params, mesh)
+    attn, mlp = specs["blocks"][0]["attn"], specs["blocks"][0]["mlp"]
+    assert attn["q"]["w"] == P("fsdp", "model") and attn["o"]["w"] == P("model", "fsdp")
+    assert mlp["fc"]["w"] == P("fsdp", "model") and mlp["proj"]["w"] == P("model", "fsdp")
+    assert specs["embed"]["table"] == P("model") and specs["ln_f"]["scale"] == P()
+
+
+@needs_4
+def test_a_users_rules_win_and_bad_rules_name_the_param_before_anything_compiles():
+    mesh = S.make_mesh(fsdp=2, model=2, devices=jax.devices()[:4])
+    params, _ = small_gpt().init(jax.random.key(0))
+    specs = S.param_specs(params, mesh, {r"attn/q/w$": "model,None", "embed": P()})
+    assert specs["blocks"][1]["attn"]["q"]["w"] == P("model", None) and specs["embed"]["table"] == P()
+    with pytest.raises(ValueError, match="'nothing/here' matches no parameter; the parameters are: blocks/0/attn/k/w"):
+        S.param_specs(params, mesh, {"nothing/here": "fsdp"})
+    with pytest.raises(ValueError, match="dimension 0 of layer/w \\(6, 8\\) is not divisible by .* of size 4"):
+        S.param_specs({"layer": {"w": np.zeros((6, 8))}}, mesh, {"w$": "fsdp+model"})
+    with pytest.raises(ValueError, match="longer than its rank"):
+        S.param_specs(params, mesh, {"ln_f/scale": "fsdp,None"})
+    with pytest.raises(ValueError, match="the mesh has no axis 'data'"):
+        S.param_specs(params, jax.make_mesh((4,), ("fsdp",), devices=jax.devices()[:4]), {"embed": "data"})
+    net, (x, y) = small_gpt(), tokens()
+    with pytest.raises(ValueError, match="matches no parameter"):
+        fit(net, params, x, y, mesh=mesh, sharding={"nope": "fsdp"})
+    with pytest.raises(ValueError, match="give mesh"):
+        fit(net, params, x, y, sharding={"embed": "fsdp"})
+
+
+def fit(net, params, x, y, steps=6, optimizer=None, every=None, **options):
+    return jn.fit(
+        net, params, x, y, loss="softmax_cross_entropy", optimizer=optimizer or optax.adamw(3e-3), steps=steps,
+        eval_every=every or steps // 2, batch_size=8, key=jax.random.key(1), model_state={},
+        validation=tokens(8, seed=1), **options,
+    )  # fmt: skip
+
+
+@needs_4
+@pytest.mark.parametrize("axes", [{"fsdp": 4}, {"fsdp": 2, "model": 2}, {"data": 2, "model": 2}])
+def test_a_sharded_fit_equals_one_device_and_holds_its_share_of_the_state(axes):
+    net, (x, y) = small_gpt(), tokens()
+    params, _ = net.init(jax.random.key(0))
+    alone = fit(net, params, x, y)
+    mesh = S.make_mesh(**axes, devices=jax.devices()[:4])
+    sharded = fit(net, params, x, y, mesh=mesh)
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose([r[key] for r in sharded.history], [r[key] for r in alone.history], rtol=1e-5)
+    # params: with SGD (Adam's m / sqrt(v) turns the rounding of near-zero gradients into whole steps)
+    sgd = [fit(net, params, x, y, optimizer=optax.sgd(0.5), mesh=m) for m in (None, mesh)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), sgd[0].train.params, sgd[1].train.params)
+    state = (sharded.train.params, sharded.train.opt_state)
+    whole = S.bytes_per_device((alone.train.params, alone.train.opt_state))
+    split = 4 // axes.get("data", 1)
+    assert S.bytes_per_device(state) <= whole * (1 / split + 0.05)
+    q = sharded.train.opt_state[0].mu["blocks"][0]["attn"]["q"]["w"]  # Adam's moments follow their params
+    assert q.sharding.spec == sharded.train.params["blocks"][0]["attn"]["q"]["w"].sharding.spec
+
+
+@needs_4
+def test_a_sharded_run_resumes_on_another_mesh_and_on_one_device_with_the_same_result():
+    net, (x, y) = small_gpt(), tokens()
+    params, _ = net.init(jax.random.key(0))
+    four = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
+    sgd = optax.sgd(0.5)
+    straight = fit(net, params, x, y, steps=8, every=2, optimizer=sgd, mesh=four)
+    half = fit(net, params, x, y, steps=4, every=2, optimizer=sgd, mesh=four)
+    for mesh in (S.make_mesh(fsdp=2, devices=jax.devices()[:2]), None):
+        resumed = fit(net, params, x, y, steps=8, every=2, optimizer=sgd, mesh=mesh, resume=half)
+        losses = [[r["train_loss"] for r in run.history] for run in (resumed, straight)]
+        np.testing.assert_allclose(*losses, rtol=1e-5)
+        equal = functools.partial(np.testing.assert_allclose, atol=1e-6)
+        jax.tree.map(equal, resumed.train.params, straight.train.params)
+
+
+@needs_4
+def test_init_sharded_creates_params_in_their_shards():
+    mesh = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
+    params, state = S.init_sharded(small_gpt(), jax.random.key(0), mesh)
+    fc = params["blocks"][0]["mlp"]["fc"]["w"]
+    assert fc.sharding.spec == P(None, "fsdp") and fc.addressable_shards[0].data.shape == (128, 128)
+    expected, _ = jax.jit(small_gpt().init)(jax.random.key(0))  # the same values, laid out
+    np.testing.assert_array_equal(np.asarray(fc), np.asarray(expected["blocks"][0]["mlp"]["fc"]["w"]))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulated_microbatches_equal_the_whole_batch(k):
+    net, (x, y) = small_gpt(), tokens(30)
+    y[:5, :4] = jn.IGNORE_INDEX  # masked tokens, and a padded last batch (30 rows in batches of 8)
+    params, _ = net.init(jax.random.key(0))
+
+    def run(accumulate):
+        return jn.fit(
+            net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.sgd(0.5), epochs=2, batch_size=8,
+            key=jax.random.key(1), model_state={}, accumulate=accumulate, metrics=["accuracy"],
+        )  # fmt: skip
+
+    whole, parts = run(1), run(k)
+    for key in ("train_loss", "train_accuracy"):
+        np.testing.assert_allclose([r[key] for r in parts.history], [r[key] for r in whole.history], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), parts.train.params, whole.train.params)
+    # one step, a batch with padding (weight 0) and masked tokens: the same update to 1e-6
+    state = jn.init_state(params, optax.sgd(0.5), jax.random.key(1), {})
+    batch = (x[:8], y[:8], np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32))
+    one, split = (jn.make_update(net, "softmax_cross_entropy", optax.sgd(0.5), accumulate=a) for a in (1, k))
+    (a, ma), (b, mb) = jax.jit(one)(state, batch), jax.jit(split)(state, batch)
+    np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-6)
+    np.testing.assert_equal(mb["weight"], ma["weight"])
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), b.params, a.params)
+
+
+def test_accumulate_must_divide_the_batch():
+    net, (x, y) = small_gpt(), tokens()
+    params, _ = net.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="accumulate 3 does not divide batch_size 8"):
+        jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), epochs=1, batch_size=8,
+               key=jax.random.key(1), model_state={}, accumulate=3)  # fmt: skip

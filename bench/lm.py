@@ -86,6 +86,15 @@ def _norm(x, scale):
     return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * scale
 
 
+def unstacked(params):
+    """jaxnet's GPT params with its stacked blocks as a list of per-layer dicts (a hand-written layout)."""
+    blocks = params["blocks"]
+    if isinstance(blocks, list):
+        return params
+    layers = len(jax.tree.leaves(blocks)[0])
+    return dict(params, blocks=[jax.tree.map(lambda a: a[i], blocks) for i in range(layers)])
+
+
 def raw_forward(params, ids, heads):
     """The GPT of ``jn.gpt(bias=False)``, hand-written: ids ``(B, T)`` -> logits ``(B, T, V)``."""
     b, t = ids.shape
@@ -103,7 +112,7 @@ def raw_forward(params, ids, heads):
 
 
 def raw_loss(params, x, y, heads):
-    logits = raw_forward(params, x, heads)
+    logits = raw_forward(unstacked(params), x, heads)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
@@ -112,6 +121,7 @@ class RawJax:
 
     def __init__(self, params, heads: int, total: int, batch: int, context: int, tokens, seed: int):
         self.opt = optax_adamw(total)
+        params = unstacked(params)  # its own layout: a list of blocks
         self.state = (jax.tree.map(jnp.array, params), self.opt.init(params))
         self.heads, self.batch, self.context, self.tokens = heads, batch, context, tokens
         self.rng = np.random.default_rng(seed)
@@ -185,7 +195,7 @@ def torch_gpt(params, vocab: int, context: int, layers: int, heads: int, dim: in
         model.wte.weight.copy_(t(params["embed"]["table"]))
         model.wpe.weight.copy_(t(params["pos"]["table"]))
         model.ln_f.weight.copy_(t(params["ln_f"]["scale"]))
-        for block, p in zip(model.blocks, params["blocks"]):
+        for block, p in zip(model.blocks, unstacked(params)["blocks"]):
             block.ln1.weight.copy_(t(p["ln1"]["scale"]))
             block.ln2.weight.copy_(t(p["ln2"]["scale"]))
             block.qkv.weight.copy_(t(np.concatenate([np.asarray(p["attn"][n]["w"]) for n in "qkv"], 1).T))

@@ -114,6 +114,7 @@ _EXPORTS = {
     "make_data_mesh": "parallel",
     "process_rows": "parallel",
     "replicated": "sharding",
+    "repeat": "layers",
     "make_mesh": "sharding",
     "init_sharded": "sharding",
     "param_specs": "sharding",
@@ -180,6 +181,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.layers import max_pool as max_pool
     from jaxnet.layers import mlp as mlp
     from jaxnet.layers import multi_head_attention as multi_head_attention
+    from jaxnet.layers import repeat as repeat
     from jaxnet.layers import reshape as reshape
     from jaxnet.layers import residual as residual
     from jaxnet.layers import serial as serial

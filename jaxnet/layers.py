@@ -194,6 +194,70 @@ def _serial_stateful(layers: list[StatefulModel]) -> StatefulModel:
     return StatefulModel(init, apply)
 
 
+REMAT = ("none", "dots", "full")
+
+
+def rematted(fn: Callable, remat: str) -> Callable:
+    """``fn`` under ``jax.checkpoint`` with the policy ``remat`` names: ``"none"`` (``fn`` itself),
+    ``"dots"`` (keep the matmul outputs, recompute the rest in the backward pass) or ``"full"``
+    (keep only ``fn``'s inputs). For the body of a ``lax.scan`` (no CSE to prevent there)."""
+    if remat not in REMAT:
+        raise ValueError(f"unknown remat {remat!r}: use one of {', '.join(REMAT)}")
+    if remat == "none":
+        return fn
+    saveable = jax.checkpoint_policies
+    policy = saveable.dots_saveable if remat == "dots" else saveable.nothing_saveable
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def repeat(block: Model | StatefulModel, n: int, *, remat: str = "none") -> Model | StatefulModel:
+    """``n`` copies of ``block`` in sequence, each with its own params, run as one ``lax.scan``.
+
+    The params are the block's stacked: every leaf gets a leading axis of ``n`` (a
+    :class:`StatefulModel`'s state likewise), so the step compiles the block once and compile
+    time does not grow with ``n``. The block must map its input to an output of the same shape
+    and dtype (a transformer block, a residual MLP block). ``remat`` recomputes each block's
+    activations in the backward pass (:func:`rematted`): with a scan, only each block's input is
+    kept (``"full"``).
+
+    Examples:
+      >>> net = repeat(dense(4, 4, "tanh"), 3)
+      >>> params = net.init(jax.random.key(0))
+      >>> params["w"].shape, net.apply(params, jnp.ones(4)).shape
+      ((3, 4, 4), (4,))
+    """
+    _check_layers([block], "repeat")
+    n = _check_size(n, "n")
+    if isinstance(block, StatefulModel):
+        return _repeat_stateful(block, n, remat)
+
+    def init(key: PRNGKey) -> Params:
+        return jax.vmap(block.init)(jax.random.split(key, n))
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        body = rematted(lambda h, p: (block.apply(p, h), None), remat)
+        return jax.lax.scan(body, x, params)[0]
+
+    apply.layers = (block,) * n
+    return Model(init, apply)
+
+
+def _repeat_stateful(block: StatefulModel, n: int, remat: str) -> StatefulModel:
+    def init(key: PRNGKey):
+        return jax.vmap(block.init)(jax.random.split(key, n))
+
+    def apply(params, state, x, ctx: Context):
+        def body(h, layer):
+            p, s, i = layer
+            return block.apply(p, s, h, ctx.fold(i))
+
+        x, new_state = jax.lax.scan(rematted(body, remat), x, (params, state, jnp.arange(n)))
+        return x, new_state
+
+    apply.layers = (block,) * n
+    return StatefulModel(init, apply, batched=block.batched)
+
+
 def mlp(
     sizes: Sequence[int],
     activation: str | Activation = "relu",

@@ -9,8 +9,11 @@ and a head tied to the token embedding (``tie_embeddings``); or rotary position 
 normal with std 0.02, the two residual projections of each block (``attn/o``, ``mlp/proj``) with
 std ``0.02 / sqrt(2 * layers)``, biases zero, layer norms one and zero.
 
-The params are a plain pytree whose paths name what they are (``blocks/3/attn/q/w``), so that
-weight decay, freezing and sharding rules can select them by path: :func:`decay_mask` is
+The params are a plain pytree whose paths name what they are (``blocks/attn/q/w``), so that
+weight decay, freezing and sharding rules can select them by path. The blocks' params are stacked
+(every leaf under ``blocks`` has a leading axis of the layers), and the blocks run as one
+``lax.scan``: compile time does not grow with depth, and ``remat`` then keeps only each block's
+input for the backward pass. :func:`decay_mask` is
 nanoGPT's ``configure_optimizers`` choice (decay the matrices, not biases, norms or embeddings).
 
 For generation (:func:`jaxnet.generate`) the model's ``apply`` (a :class:`GPT`) also carries
@@ -31,10 +34,9 @@ import jax.numpy as jnp
 
 from jaxnet import _checks as checks
 from jaxnet.base import Context, Params, PRNGKey, StatefulModel
-from jaxnet.layers import dense, embedding, layer_norm
+from jaxnet.layers import REMAT, dense, embedding, layer_norm, rematted
 
 POSITIONS = ("learned", "rope")
-REMAT = ("none", "dots", "full")
 STD = 0.02
 
 
@@ -73,7 +75,7 @@ def _check_config(c: GPTConfig) -> GPTConfig:
     if c.positions == "rope" and (c.dim // c.heads) % 2:
         raise ValueError(f"positions='rope' needs an even width per head, got dim / heads = {c.dim // c.heads}")
     checks.choice("positions", c.positions, POSITIONS)
-    checks.choice("remat", c.remat, REMAT)
+    checks.choice("remat", c.remat, REMAT)  # the policies of jaxnet.layers.rematted
     checks.number("dropout", c.dropout, minimum=0.0)
     if c.dropout >= 1:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
@@ -106,7 +108,7 @@ def _init(c: GPTConfig) -> Callable[[PRNGKey], Params]:
         params = {"embed": {"table": STD * jax.random.normal(keys[0], (c.vocab_size, d))}}
         if c.positions == "learned":
             params["pos"] = {"table": STD * jax.random.normal(keys[1], (c.context, d))}
-        params["blocks"] = [block(k) for k in keys[3:]]
+        params["blocks"] = jax.vmap(block)(keys[3:])  # stacked: a leading axis of the layers
         params["ln_f"] = biased(norm.init(key))
         if not c.tie_embeddings:
             params["head"] = {"w": STD * jax.random.normal(keys[2], (d, c.vocab_size))}
@@ -195,7 +197,7 @@ def _documents(c: GPTConfig, ids: jax.Array) -> jax.Array | None:
     return (same & causal)[:, None]
 
 
-def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, mask, ctx: Context | None, salt: int):
+def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, mask, ctx: Context | None, salt):
     """One block on ``x`` ``(b * T, dim)``: ``x + attention(ln1(x))``, then ``+ mlp(ln2(x))``."""
     q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), shape, positions)
     if mask is None:
@@ -208,19 +210,19 @@ def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, mask, ctx: Conte
     return x, (k, v)
 
 
-def _rematted(c: GPTConfig, i: int, shape: tuple, ctx: Context | None) -> Callable:
-    """Block ``i`` of a ``(b, T)`` batch (``shape``) as ``(p, x, positions, mask) -> (x, (k, v))``,
-    under ``jax.checkpoint`` with
+def _blocks(c: GPTConfig, shape: tuple, ctx: Context | None) -> Callable:
+    """The scan body of the blocks of a ``(b, T)`` batch (``shape``): ``((x, positions, mask), (p,
+    i)) -> (carry, (k, v))`` for block ``i`` with params ``p``; under ``jax.checkpoint`` with
     ``c.remat``'s policy: ``"dots"`` keeps the matmul outputs and recomputes the rest (norms, GELU,
-    softmax) in the backward pass, ``"full"`` keeps only the block's input."""
+    softmax) in the backward pass, ``"full"`` keeps only each block's input."""
 
-    def block(p, x, positions, mask):
-        return _block(c, p, x, shape, positions, mask, ctx, i)
+    def body(carry, layer):
+        x, positions, mask = carry
+        (p, i) = layer
+        x, kv = _block(c, p, x, shape, positions, mask, ctx, i)
+        return (x, positions, mask), kv
 
-    if c.remat == "none":
-        return block
-    policy = jax.checkpoint_policies.dots_saveable if c.remat == "dots" else jax.checkpoint_policies.nothing_saveable
-    return jax.checkpoint(block, policy=policy)
+    return rematted(body, c.remat)
 
 
 def _forward(c: GPTConfig, params: Params, ids: jax.Array, ctx: Context | None):
@@ -236,12 +238,10 @@ def _forward(c: GPTConfig, params: Params, ids: jax.Array, ctx: Context | None):
     if t > c.context:
         raise ValueError(f"gpt: {t} tokens exceed the context of {c.context}")
     x = _dropout(jnp.reshape(_embed(c, params, batch, positions), (b * t, c.dim)), c.dropout, ctx, 0)
-    keys, values, mask = [], [], _documents(c, batch)
-    for i, p in enumerate(params["blocks"]):
-        x, (k, v) = _rematted(c, i, (b, t), ctx)(p, x, positions, mask)
-        keys.append(k)
-        values.append(v)
-    logits, kv = jnp.reshape(_logits(c, params, x), (b, t, -1)), (jnp.stack(keys), jnp.stack(values))
+    layers = (params["blocks"], jnp.arange(c.layers))
+    unroll = c.layers if c.remat == "none" else 1
+    (x, _, _), kv = jax.lax.scan(_blocks(c, (b, t), ctx), (x, positions, _documents(c, batch)), layers, unroll=unroll)
+    logits = jnp.reshape(_logits(c, params, x), (b, t, -1))
     return (logits[0], (kv[0][:, 0], kv[1][:, 0])) if single else (logits, kv)
 
 
@@ -321,7 +321,8 @@ class GPT(NamedTuple):
         visible = (jnp.arange(cache.k.shape[1]) <= position)[None, None, :]  # (1, 1, C): keys up to here
         x = _embed(c, params, jnp.reshape(token, (1,)), position[None])
         keys, values = cache.k, cache.v  # (layers, C, heads, h), updated in place inside a loop
-        for i, p in enumerate(params["blocks"]):
+        for i in range(c.layers):
+            p = jax.tree.map(lambda a: a[i], params["blocks"])
             q, k, v = (a[0] for a in _projections(c, p["attn"], _norm(p["ln1"], x), (1, 1), position[None]))
             keys = jax.lax.dynamic_update_slice(keys, k[None], (i, position, 0, 0))
             values = jax.lax.dynamic_update_slice(values, v[None], (i, position, 0, 0))
@@ -336,8 +337,7 @@ def decay_mask(params: Params) -> Params:
     projections and an untied head; False for biases, layer norms and embeddings (nanoGPT's
     ``configure_optimizers``). Give it to ``optax.adamw(..., mask=decay_mask)``."""
 
-    def decays(path, leaf) -> bool:
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        return jnp.ndim(leaf) >= 2 and not any(n in ("embed", "pos") for n in names)
+    def decays(path, leaf) -> bool:  # by name: the blocks' leaves are stacked, a norm's scale is (layers, dim)
+        return getattr(path[-1], "key", None) == "w"
 
     return jax.tree_util.tree_map_with_path(decays, params)

@@ -6,11 +6,12 @@ state (fully sharded data parallel, as big_vision, Levanter and MaxText do), and
 the matrices of dense, attention and MLP layers (tensor parallelism, as Megatron lays it out).
 
 :func:`param_specs` gives each parameter its ``PartitionSpec``, by its path in the params pytree
-(``blocks/3/attn/q/w``), from three sources, the first that applies winning:
+(``blocks/attn/q/w``), from three sources, the first that applies winning:
 
 1. the caller's rules, ``{regex: spec}``: the first regex found (``re.search``) in a path gives the
    whole spec of that leaf;
-2. on a ``"model"`` axis, tensor-parallel rules for jaxnet's layers (:data:`TENSOR_PARALLEL`):
+2. on a ``"model"`` axis, tensor-parallel rules for jaxnet's layers (:data:`TENSOR_PARALLEL`, on
+   a leaf's last dimensions, so that they hold for stacked layers too):
    queries, keys, values and the MLP's first layer split by columns, the attention's output and
    the MLP's second layer by rows (so each block needs one all-reduce), embedding tables by rows;
    other 2-d ``w`` by columns;
@@ -142,7 +143,7 @@ def parse_spec(text: str) -> P:
 
 
 def path_name(path) -> str:
-    """A pytree path as ``blocks/3/attn/q/w``."""
+    """A pytree path as ``blocks/attn/q/w`` (list indices as numbers: ``layers/0/w``)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -184,8 +185,9 @@ def _default_spec(shape: tuple, mesh: Mesh, name: str, min_size: int) -> P:
     spec: list = [None] * len(shape)
     if mesh.shape.get("model", 1) > 1:
         for pattern, rule in TENSOR_PARALLEL:
-            if re.search(pattern, name) and len(rule) == len(shape) and _fits(shape, rule, mesh):
-                spec = list(rule)
+            aligned = (None,) * (len(shape) - len(rule)) + rule  # on the last dims (stacked layers first)
+            if re.search(pattern, name) and len(rule) <= len(shape) and _fits(shape, aligned, mesh):
+                spec = list(aligned)
                 break
     fsdp = mesh.shape.get("fsdp", 1)
     if fsdp > 1 and math.prod(shape) >= min_size:

@@ -34,7 +34,8 @@ def _reference(params, ids, heads):
     """GPT-2's forward pass in float64 NumPy, one loop per head and position."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = p["embed"]["table"][ids] + p["pos"]["table"][: len(ids)]
-    for b in p["blocks"]:
+    layers = len(p["blocks"]["ln1"]["scale"])  # stacked: a leading axis of the layers
+    for b in (jax.tree.map(lambda a: a[i], p["blocks"]) for i in range(layers)):
         h = _norm(x, b["ln1"])
         q, k, v = (h @ b["attn"][n]["w"] + b["attn"][n]["b"] for n in "qkv")
         width = x.shape[1] // heads
@@ -89,30 +90,31 @@ def test_gpt2_initialization():
     assert state == {}
     stds = {
         "embed": np.std(params["embed"]["table"]),
-        "q": np.std(np.concatenate([np.ravel(b["attn"]["q"]["w"]) for b in params["blocks"]])),
-        "o": np.std(np.concatenate([np.ravel(b["attn"]["o"]["w"]) for b in params["blocks"]])),
-        "proj": np.std(np.concatenate([np.ravel(b["mlp"]["proj"]["w"]) for b in params["blocks"]])),
+        "q": np.std(params["blocks"]["attn"]["q"]["w"]),
+        "o": np.std(params["blocks"]["attn"]["o"]["w"]),
+        "proj": np.std(params["blocks"]["mlp"]["proj"]["w"]),
     }
     np.testing.assert_allclose(stds["embed"], 0.02, rtol=0.03)
     np.testing.assert_allclose(stds["q"], 0.02, rtol=0.03)
     np.testing.assert_allclose(stds["o"], 0.02 / math.sqrt(2 * layers), rtol=0.05)
     np.testing.assert_allclose(stds["proj"], 0.02 / math.sqrt(2 * layers), rtol=0.05)
-    assert not any(np.any(b["attn"]["q"]["b"]) for b in params["blocks"])
+    assert params["blocks"]["attn"]["q"]["w"].shape == (layers, dim, dim)  # stacked blocks
+    assert not np.any(params["blocks"]["attn"]["q"]["b"])
     assert "head" not in params  # tied to the token embedding
     plain, _ = jn.gpt(500, 32, layers=1, heads=4, dim=dim).init(jax.random.key(0))  # nanoGPT's default: no biases
-    assert plain["blocks"][0]["attn"]["q"].keys() == {"w"} and plain["ln_f"].keys() == {"scale"}
+    assert plain["blocks"]["attn"]["q"].keys() == {"w"} and plain["ln_f"].keys() == {"scale"}
 
 
 def test_decay_mask_decays_matrices_but_not_norms_biases_or_embeddings():
     params, _ = jn.gpt(V, C, layers=1, heads=2, dim=8, tie_embeddings=False, bias=True).init(jax.random.key(0))
     mask = jn.decay_mask(params)
-    assert mask["blocks"][0]["attn"]["q"] == {"w": True, "b": False}
-    assert mask["blocks"][0]["ln1"] == {"scale": False, "bias": False}
+    assert mask["blocks"]["attn"]["q"] == {"w": True, "b": False}
+    assert mask["blocks"]["ln1"] == {"scale": False, "bias": False}  # (layers, dim) each: not matrices
     assert mask["embed"] == {"table": False} and mask["pos"] == {"table": False} and mask["head"] == {"w": True}
     opt = optax.adamw(0.1, weight_decay=0.5, mask=jn.decay_mask)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero, opt.init(params), params)
-    assert not np.any(updates["embed"]["table"]) and np.any(updates["blocks"][0]["attn"]["q"]["w"])
+    assert not np.any(updates["embed"]["table"]) and np.any(updates["blocks"]["attn"]["q"]["w"])
 
 
 def test_rope_scores_depend_on_the_distance_alone():

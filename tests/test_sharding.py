@@ -16,7 +16,7 @@ needs_4 = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (se
 
 
 def small_gpt():
-    return jn.gpt(vocab_size=64, context=16, layers=2, heads=2, dim=128)
+    return jn.gpt(vocab_size=256, context=16, layers=2, heads=2, dim=128)
 
 
 def tokens(n=32, t=16, v=64, seed=0):
@@ -54,10 +54,10 @@ def test_tensor_parallel_rules_split_columns_then_rows_and_fsdp_takes_another_di
     mesh = S.make_mesh(fsdp=2, model=2, devices=jax.devices()[:4])
     params, _ = small_gpt().init(jax.random.key(0))
     specs = S.param_specs(params, mesh)
-    attn, mlp = specs["blocks"][0]["attn"], specs["blocks"][0]["mlp"]
-    assert attn["q"]["w"] == P("fsdp", "model") and attn["o"]["w"] == P("model", "fsdp")
-    assert mlp["fc"]["w"] == P("fsdp", "model") and mlp["proj"]["w"] == P("model", "fsdp")
-    assert specs["embed"]["table"] == P("model") and specs["ln_f"]["scale"] == P()
+    attn, mlp = specs["blocks"]["attn"], specs["blocks"]["mlp"]  # stacked: (layers, in, out)
+    assert attn["q"]["w"] == P(None, "fsdp", "model") and attn["o"]["w"] == P(None, "model", "fsdp")
+    assert mlp["fc"]["w"] == P(None, "fsdp", "model") and mlp["proj"]["w"] == P(None, "model", "fsdp")
+    assert specs["embed"]["table"] == P("model", "fsdp") and specs["ln_f"]["scale"] == P()
 
 
 @needs_4
@@ -65,8 +65,8 @@ def test_a_users_rules_win_and_bad_rules_name_the_param_before_anything_compiles
     mesh = S.make_mesh(fsdp=2, model=2, devices=jax.devices()[:4])
     params, _ = small_gpt().init(jax.random.key(0))
     specs = S.param_specs(params, mesh, {r"attn/q/w$": "model,None", "embed": P()})
-    assert specs["blocks"][1]["attn"]["q"]["w"] == P("model", None) and specs["embed"]["table"] == P()
-    with pytest.raises(ValueError, match="'nothing/here' matches no parameter; the parameters are: blocks/0/attn/k/w"):
+    assert specs["blocks"]["attn"]["q"]["w"] == P("model", None) and specs["embed"]["table"] == P()
+    with pytest.raises(ValueError, match="'nothing/here' matches no parameter; the parameters are: blocks/attn/k/w"):
         S.param_specs(params, mesh, {"nothing/here": "fsdp"})
     with pytest.raises(ValueError, match="dimension 0 of layer/w \\(6, 8\\) is not divisible by .* of size 4"):
         S.param_specs({"layer": {"w": np.zeros((6, 8))}}, mesh, {"w$": "fsdp+model"})
@@ -105,9 +105,9 @@ def test_a_sharded_fit_equals_one_device_and_holds_its_share_of_the_state(axes):
     state = (sharded.train.params, sharded.train.opt_state)
     whole = S.bytes_per_device((alone.train.params, alone.train.opt_state))
     split = 4 // axes.get("data", 1)
-    assert S.bytes_per_device(state) <= whole * (1 / split + 0.05)
-    q = sharded.train.opt_state[0].mu["blocks"][0]["attn"]["q"]["w"]  # Adam's moments follow their params
-    assert q.sharding.spec == sharded.train.params["blocks"][0]["attn"]["q"]["w"].sharding.spec
+    assert S.bytes_per_device(state) <= whole * 1.05 / split
+    q = sharded.train.opt_state[0].mu["blocks"]["attn"]["q"]["w"]  # Adam's moments follow their params
+    assert q.sharding.spec == sharded.train.params["blocks"]["attn"]["q"]["w"].sharding.spec
 
 
 @needs_4
@@ -130,10 +130,10 @@ def test_a_sharded_run_resumes_on_another_mesh_and_on_one_device_with_the_same_r
 def test_init_sharded_creates_params_in_their_shards():
     mesh = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
     params, state = S.init_sharded(small_gpt(), jax.random.key(0), mesh)
-    fc = params["blocks"][0]["mlp"]["fc"]["w"]
-    assert fc.sharding.spec == P(None, "fsdp") and fc.addressable_shards[0].data.shape == (128, 128)
+    fc = params["blocks"]["mlp"]["fc"]["w"]  # (layers, 128, 512)
+    assert fc.sharding.spec == P(None, None, "fsdp") and fc.addressable_shards[0].data.shape == (2, 128, 128)
     expected, _ = jax.jit(small_gpt().init)(jax.random.key(0))  # the same values, laid out
-    np.testing.assert_array_equal(np.asarray(fc), np.asarray(expected["blocks"][0]["mlp"]["fc"]["w"]))
+    np.testing.assert_array_equal(np.asarray(fc), np.asarray(expected["blocks"]["mlp"]["fc"]["w"]))
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -168,3 +168,48 @@ def test_accumulate_must_divide_the_batch():
     with pytest.raises(ValueError, match="accumulate 3 does not divide batch_size 8"):
         jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), epochs=1, batch_size=8,
                key=jax.random.key(1), model_state={}, accumulate=3)  # fmt: skip
+
+
+def test_repeat_equals_its_blocks_applied_one_after_another():
+    block = jn.dense(8, 8, "tanh")
+    net = jn.repeat(block, 3)
+    params = net.init(jax.random.key(0))
+    assert params["w"].shape == (3, 8, 8)
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+    h = x
+    for i in range(3):
+        h = block.apply(jax.tree.map(lambda a: a[i], params), h)
+    np.testing.assert_allclose(net.apply(params, x), h, rtol=1e-6)
+    for remat in ("dots", "full"):
+        again = jn.repeat(block, 3, remat=remat)
+        grads = [jax.grad(lambda p, m=m: m.apply(p, x).sum())(params) for m in (net, again)]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), *grads)
+
+
+def test_repeat_of_a_stateful_block_gives_each_copy_its_state_and_its_own_dropout():
+    block = jn.serial(jn.dense(8, 8), jn.dropout(0.5))
+    net = jn.repeat(block, 2)
+    params, state = net.init(jax.random.key(0))
+    assert isinstance(net, jn.StatefulModel) and params[0]["w"].shape == (2, 8, 8)
+    ctx = jn.Context(train=True, key=jax.random.key(3))
+    x = np.ones(8, np.float32)
+    y, _ = net.apply(params, state, x, ctx)
+    h = x
+    for i in range(2):
+        h, _ = block.apply(jax.tree.map(lambda a: a[i], params), jax.tree.map(lambda a: a[i], state), h, ctx.fold(i))
+    np.testing.assert_allclose(y, h, rtol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_a_rematted_gpt_has_the_gradients_of_the_plain_one(remat):
+    x, y = tokens(4)
+
+    def grads(remat):
+        net = jn.gpt(vocab_size=256, context=16, layers=3, heads=2, dim=32, remat=remat)
+        params, _ = net.init(jax.random.key(0))
+        loss = jn.make_loss_fn(net, "softmax_cross_entropy")
+        return jax.grad(lambda p: loss(p, (x, y), {})[0])(params)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads(remat), grads("none"))
+    with pytest.raises(ValueError, match="unknown remat 'some': use one of none, dots, full"):
+        jn.gpt(vocab_size=256, context=16, layers=1, heads=2, dim=32, remat="some")

@@ -48,6 +48,8 @@ class FitOptions:
     class_weights: jax.Array | None = None
     sharding: Any = None
     accumulate: int = 1
+    flops_per_step: float | None = None
+    peak_flops: float | None = None
 
     @property
     def round_steps(self) -> int | None:

@@ -261,6 +261,32 @@ def streamed_sums(
     return sums
 
 
+def step_cost(model, spec, optimizer, options: FitOptions, state, rows, mesh) -> dict:
+    """What one training step needs on one device, from XLA's analyses of the compiled step
+    (compiled for shapes only: nothing is allocated): ``{"state": the arguments (the train state
+    and a batch), "temp": activations and scratch, "output": outputs not aliased to the donated
+    state, "total"}`` in bytes, and ``"flops"``: the step's floating-point operations (XLA's cost
+    analysis, over all devices of a mesh). ``rows``: ``(x, y)`` of one example's shapes and dtypes."""
+    update = _update(model, spec, optimizer, options, mesh)
+    batch = [jax.ShapeDtypeStruct((options.batch_size, *r.shape), r.dtype) for r in rows]
+    shapes = jax.eval_shape(lambda s: s, state)
+    if mesh is not None:
+        layout = shardinglib.state_shardings(shapes, mesh, options.sharding)
+        shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, layout)
+        split = parallel.batch_sharding(mesh)
+        batch = [jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=split) for b in batch]
+    lowered = jax.jit(update, donate_argnums=(0,)).lower(shapes, tuple(batch))
+    analysis = lowered.compile().memory_analysis()
+    out = {
+        "state": analysis.argument_size_in_bytes,
+        "temp": analysis.temp_size_in_bytes,
+        "output": max(0, analysis.output_size_in_bytes - analysis.alias_size_in_bytes),
+    }
+    costs = lowered.cost_analysis()  # before partitioning: the whole step's
+    costs = (costs[0] if costs else {}) if isinstance(costs, list) else (costs or {})
+    return dict(out, total=sum(out.values()), flops=costs.get("flops"))
+
+
 def build_programs(model, spec, optimizer, options: FitOptions, mesh, data: Data) -> Programs:
     """The programs of a fit (see the module docstring); ``options`` are fit's arguments."""
     members = options.members

@@ -33,6 +33,8 @@ def _progress_fields(record: dict) -> dict[str, str]:
     fields["steps/s"] = f"{speed:,.0f}" if speed >= 10 else f"{speed:.3g}"
     if record.get("tokens"):
         fields["tokens/s"] = f"{record['tokens'] / seconds:,.0f}" if seconds > 0 else "inf"
+    if record.get("mfu") is not None:
+        fields["MFU"] = f"{record['mfu']:.1%}"
     return fields
 
 

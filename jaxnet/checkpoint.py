@@ -163,7 +163,14 @@ def save(
     """
     checks.optional_integer("keep", keep)
     ocp, p = _orbax(), state.position
-    arrays = _flatten(jax.tree.map(np.asarray, _array_tree(state)))
+    tree = _array_tree(state)
+    if not all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(tree)):
+        raise ValueError(
+            "checkpoints are written whole by one process, and this state is sharded across processes: "
+            "checkpoint a run whose params are sharded within each process (an fsdp or model axis no larger "
+            "than the devices of one process), or train without checkpoints"
+        )
+    arrays = _flatten(jax.tree.map(np.asarray, tree))
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

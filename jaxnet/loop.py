@@ -11,6 +11,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -26,7 +27,7 @@ from jaxnet import _checks as checks
 from jaxnet import _programs as programs
 from jaxnet import _progress as progress
 from jaxnet import _weights as weights
-from jaxnet import hooks, sources
+from jaxnet import hooks, sources, summaries
 from jaxnet import sharding as shardinglib
 from jaxnet._checks import ArgumentError
 from jaxnet._feed import CHUNK_BYTES, Position, split_keys
@@ -35,7 +36,7 @@ from jaxnet.base import Params, PRNGKey, TrainState
 from jaxnet.forward import AnyModel, check_model, is_stateful
 from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
-from jaxnet.members import check_memory, estimate_member_bytes, num_members, set_hyperparams
+from jaxnet.members import check_memory, estimate_member_bytes, memory_limit, num_members, set_hyperparams
 from jaxnet.metrics import check_metric_targets, get_metrics
 from jaxnet.step import init_state, skip_nonfinite_updates
 
@@ -506,6 +507,10 @@ def _conclude(state, book, compiled, options, train, metrics, position, start, b
         record["val_seconds"] = now - validated
     if "tokens" in metrics:
         record["tokens"] = metrics["tokens"]
+    if options.flops_per_step:
+        busy = record["seconds"] - record.get("val_seconds", 0.0)
+        record["flops_per_second"] = options.flops_per_step * record["steps"] * k / max(busy, 1e-9)
+        record["mfu"] = record["flops_per_second"] / options.peak_flops
     if options.steps:
         record["step"] = before + int(metrics["steps"])
     stopped = book.stopped | diverged
@@ -584,6 +589,8 @@ def fit(
     eval_every: int | None = None,
     sharding=None,
     accumulate: int = 1,
+    memory_budget: int | None = None,
+    peak_tflops: float | None = None,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -634,6 +641,16 @@ def fit(
       accumulate: compute each optimizer step's gradient over this many microbatches of
         ``batch_size / accumulate`` examples, one after the other inside the compiled step, then
         apply one update (the same update as the whole batch, in less memory).
+      memory_budget: bytes one device may use. Before the first step, XLA's memory analysis of
+        the compiled step (params, optimizer state, a batch, activations; per device on a mesh)
+        is compared with it, and a step that needs more is refused with the figures and what
+        lowers them. Default: the device's own limit where it reports one (GPUs, TPUs); none on
+        CPU.
+      peak_tflops: the peak TFLOP/s of one device, for model FLOPs utilization: each record then
+        holds ``flops_per_second`` (XLA's count of a step's FLOPs times the steps per second of
+        training) and ``mfu`` (that over the peak of all the devices that train). Default: the
+        dense bfloat16 peak of the accelerators in :data:`jaxnet.summaries.PEAK_TFLOPS`; none on
+        CPU.
       hyperparams: member runs only: name -> ``(K,)`` per-member values of the hyperparameters of an
         ``optax.inject_hyperparams`` optimizer (see :func:`jaxnet.set_hyperparams`).
       model_state: a :class:`jaxnet.StatefulModel`'s initial state (``params, model_state =
@@ -705,12 +722,8 @@ def fit(
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
     if fresh:
-        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
-        check_fit_memory(one, optimizer, batch_size, members or 1, _resident_bytes(data))
-        resume = init_fit_state(
-            params, optimizer, key, skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state,
-            mesh=mesh, sharding=sharding,
-        )  # fmt: skip
+        start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
+        resume = _start(params, optimizer, key, batch_size, members, data, mesh, start)
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
     options = FitOptions(
@@ -738,16 +751,8 @@ def fit(
         sharding=_check_sharding(sharding, mesh, resume.train),
         accumulate=_check_accumulate(accumulate, batch_size),
     )
-    if 0 < options.shuffle_buffer < batch_size:
-        raise ValueError(
-            f"shuffle_buffer {shuffle_buffer} is smaller than batch_size {batch_size}: give at least a batch "
-            "(or 0 for the source's own order)"
-        )
-    if resume.position is not None and options.chunk_steps is None and not steps and isinstance(data.train, tuple):
-        raise ValueError(
-            "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "
-            "run that saved it"
-        )
+    _check_resumable(options, resume, data)
+    options = _preflight(model, spec, optimizer, options, resume.train, data, mesh, memory_budget, peak_tflops)
     compiled = programs.build_programs(model, spec, optimizer, options, mesh, data)
     # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.
     train = compiled.place(resume.train)
@@ -789,6 +794,72 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
         row = jax.ShapeDtypeStruct((1, *spec_rows.x_shape), spec_rows.x_dtype)
     classes = weights.num_classes(model, params, model_state, jax.ShapeDtypeStruct(row.shape[1:], row.dtype), spec)
     return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
+
+
+def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:
+    """A fresh fit's state (laid out on ``mesh``), after the estimate of its memory (without a
+    mesh that shards params: :func:`_preflight` then asks XLA)."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
+    if mesh is None or shardinglib.batch_devices(mesh) == mesh.size:
+        check_fit_memory(one, optimizer, batch_size, members or 1, _resident_bytes(data))
+    return init_fit_state(params, optimizer, key, mesh=mesh, **options)
+
+
+def _check_resumable(options: FitOptions, resume: FitState, data) -> None:
+    if 0 < options.shuffle_buffer < options.batch_size:
+        raise ValueError(
+            f"shuffle_buffer {options.shuffle_buffer} is smaller than batch_size {options.batch_size}: give at least "
+            "a batch (or 0 for the source's own order)"
+        )
+    resident = isinstance(data.train, tuple)
+    if resume.position is not None and options.chunk_steps is None and not options.steps and resident:
+        raise ValueError(
+            "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "
+            "run that saved it"
+        )
+
+
+class MemoryBudgetError(ArgumentError):
+    """A training step needs more memory per device than its budget (see ``fit(memory_budget=)``)."""
+
+
+def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, budget, peak) -> FitOptions:
+    """Before anything runs: refuses a step that XLA says needs more than ``budget`` bytes on one
+    device (default: the device's reported limit; none on CPU), and returns ``options`` with the
+    step's FLOPs and the devices' peak when utilization can be reported."""
+    limit, where = memory_limit()
+    if budget is not None:
+        budget, source = checks.integer("memory_budget", budget), f"the memory budget of {_size(budget)}"
+    elif where != "host memory" and options.members is None:  # members: check_fit_memory's estimate
+        budget, source = limit, f"the {where}'s {_size(limit)}"
+    peak = summaries.peak_tflops() if peak is None else checks.number("peak_tflops", peak, 0.0, strict=True)
+    if budget is None and peak is None:
+        return options
+    need = programs.step_cost(model, spec, optimizer, options, train, _example_shapes(data.train), mesh)
+    if budget is not None and need["total"] > budget:
+        raise MemoryBudgetError(
+            f"one training step needs {_size(need['total'])} per device (XLA's memory analysis: params, optimizer "
+            f"state and a batch {_size(need['state'])}, activations and scratch {_size(need['temp'])}), over "
+            f"{source}: shard the params over more devices ({{0}} with an fsdp axis), recompute activations "
+            "({1}), split each batch into microbatches ({2}) or lower {3}",
+            "mesh", "remat", "accumulate", "batch_size",
+        )  # fmt: skip
+    if peak is None or not need["flops"]:
+        return options
+    devices = 1 if mesh is None else mesh.size
+    return dataclasses.replace(options, flops_per_step=need["flops"], peak_flops=peak * 1e12 * devices)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _example_shapes(train) -> tuple:
+    """``(x, y)`` of one training example's shapes and dtypes."""
+    if isinstance(train, tuple):
+        return tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in train[:2])
+    spec = train.spec if train.kind == "indexed" else train.first_spec()
+    return jax.ShapeDtypeStruct(spec.x_shape, spec.x_dtype), jax.ShapeDtypeStruct(spec.y_shape, spec.y_dtype)
 
 
 def _check_sharding(rules, mesh, train: TrainState):

@@ -99,8 +99,14 @@ def check_batch_size(batch_size: int, n_devices: int) -> None:
 
 def put_replicated(tree, mesh: Mesh):
     """Places every array of ``tree`` whole on every device of ``mesh`` (see
-    :func:`jaxnet.sharding.put`; every process must pass the same values)."""
-    return shardinglib.put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+    :func:`jaxnet.sharding.put`; every process must pass the same values). A global array (of
+    every process, :func:`global_rows`) keeps its own sharding: its rows stay split."""
+
+    def placement(a):
+        kept = isinstance(a, jax.Array) and not a.is_fully_addressable
+        return a.sharding if kept else replicated(mesh)
+
+    return shardinglib.put(tree, jax.tree.map(placement, tree))
 
 
 def constrain_batch(update, mesh: Mesh):

@@ -96,6 +96,28 @@ def _apply_one(model: AnyModel, params, state, x):
     return layer.apply(params, state if state is not None else {}, x, Context(train=False))[0]
 
 
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "TPU v6 lite": 918.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5": 459.0,
+    "TPU v4": 275.0,
+}
+"""Dense bfloat16 (float16 for the V100) peak TFLOP/s of one device, from the vendors' data sheets,
+by a part of JAX's ``device_kind`` (the first that matches: "H100 PCIe" before "H100")."""
+
+
+def peak_tflops(device=None) -> float | None:
+    """The :data:`PEAK_TFLOPS` of ``device`` (default: the first), None when it is not listed (CPUs)."""
+    kind = (device or jax.devices()[0]).device_kind
+    return next((peak for name, peak in PEAK_TFLOPS.items() if name in kind), None)
+
+
 def _cost(compiled) -> Cost:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):  # older jaxlibs: one dict per program

@@ -17,6 +17,7 @@ KINDS = {
     "ints": {tuple, type(None)},
     "names": {tuple},
     "rules": {tuple},
+    "bytes": {int, type(None)},
     "switch": {bool},
     "numbers": {float, type(None)},
 }

@@ -2,6 +2,7 @@
 meshes (equal to one device), resume onto another mesh, and accumulated microbatches."""
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -213,3 +214,69 @@ def test_a_rematted_gpt_has_the_gradients_of_the_plain_one(remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads(remat), grads("none"))
     with pytest.raises(ValueError, match="unknown remat 'some': use one of none, dots, full"):
         jn.gpt(vocab_size=256, context=16, layers=1, heads=2, dim=32, remat="some")
+
+
+@needs_4
+def test_a_step_over_the_memory_budget_is_refused_before_it_runs_and_fits_with_fsdp():
+    from jaxnet import _programs, loop
+
+    net, (x, y) = jn.gpt(vocab_size=256, context=16, layers=2, heads=2, dim=256), tokens()
+    params, _ = net.init(jax.random.key(0))
+    mesh = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
+    state = jn.init_fit_state(params, optax.adamw(1e-3), jax.random.key(1), model_state={})
+    options = loop.FitOptions(epochs=None, steps=2, batch_size=8)
+    rows = (jax.ShapeDtypeStruct((16,), np.int32),) * 2
+    spec = jn.get_loss("softmax_cross_entropy")
+    alone, split = (_programs.step_cost(net, spec, optax.adamw(1e-3), options, state.train, rows, m)["total"]
+                    for m in (None, mesh))  # fmt: skip
+    assert split < alone
+    budget = (alone + split) // 2
+    with pytest.raises(loop.MemoryBudgetError, match=r"one training step needs .* MiB per device .* over the memory"):
+        fit(net, params, x, y, steps=2, memory_budget=budget)
+    assert fit(net, params, x, y, steps=2, memory_budget=budget, mesh=mesh).history[-1]["step"] == 2
+
+
+def test_utilization_is_the_steps_flops_over_the_peak():
+    net, (x, y) = small_gpt(), tokens()
+    params, _ = net.init(jax.random.key(0))
+    result = fit(net, params, x, y, steps=4, peak_tflops=0.5)
+    record = result.history[-1]
+    busy = record["seconds"] - record["val_seconds"]
+    assert record["mfu"] == pytest.approx(record["flops_per_second"] / 0.5e12)
+    # a GPT step is about 6 FLOPs per weight per token (PaLM's count) plus attention: within 2x of XLA's
+    flops = record["flops_per_second"] * busy / record["steps"]
+    weights = sum(a.size for a in jax.tree.leaves(params))
+    assert 0.5 < flops / (6 * weights * 8 * 16) < 2
+    with pytest.raises(ValueError, match="peak_tflops"):
+        fit(net, params, x, y, steps=2, peak_tflops=-1.0)
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_give_the_losses_of_one_process_of_eight(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "sharded_worker.py"
+    root = str(Path(__file__).resolve().parents[1])
+
+    def env(devices):
+        flags = f"--xla_force_host_platform_device_count={devices}"
+        return dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    cmd = [sys.executable, str(worker), address, "2"]
+    procs = [subprocess.Popen([*cmd, str(i), str(tmp_path / "two.json")], env=env(4), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    one = subprocess.run([sys.executable, str(worker), "-", "1", "0", str(tmp_path / "one.json")], env=env(8),
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["local_shards"] == 4 and single["local_shards"] == 8  # each process holds 4 of the 8 shards
+    np.testing.assert_allclose(two["losses"], single["losses"], rtol=1e-5)

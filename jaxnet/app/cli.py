@@ -105,6 +105,19 @@ def number_list(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def bytes_arg(text: str) -> int:
+    """argparse type: a number of bytes, with an optional K, M, G or T (powers of 1024)."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    scale = units.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes such as 512M or 8G, got {text!r}")
+    return int(value)
+
+
 def rule_arg(text: str) -> str:
     """argparse type: ``REGEX=SPEC`` (a sharding rule; the spec is checked when the mesh is known)."""
     if "=" not in text:
@@ -138,7 +151,7 @@ def _add_train(sub) -> None:
     names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM, cliflags.DEVICES)
     groups = {name: p.add_argument_group(name) for name in names}
     parsers = {"str": str, "int": integer_arg, "number": number_arg, "ints": int_list, "names": name_list}
-    cliflags.add_flags(groups, {**parsers, "numbers": number_list, "rules": rule_arg})
+    cliflags.add_flags(groups, {**parsers, "numbers": number_list, "rules": rule_arg, "bytes": bytes_arg})
     _add_device_options(groups[cliflags.DEVICES])
     _add_output_options(p.add_argument_group("output"))
     p.set_defaults(run=_cmd_train)

@@ -138,6 +138,15 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "eval_batches": Flag(
         LM, "int", "N", "validation batches of each evaluation (disjoint windows spread over the text)"
     ),
+    "memory_budget": Flag(
+        DEVICES,
+        "bytes",
+        "BYTES",
+        "refuse a step that needs more memory per device than this (e.g. 512M, 8G), before it runs",
+    ),  # fmt: skip
+    "peak_tflops": Flag(
+        DEVICES, "number", "T", "one device's peak TFLOP/s, for model FLOPs utilization (default: known GPUs, TPUs)"
+    ),
     "shard": Flag(
         DEVICES,
         "rules",

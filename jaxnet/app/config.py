@@ -93,7 +93,7 @@ class TrainConfig(ConfigFields):
     """
 
     def __post_init__(self):
-        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics", "categorical"):
+        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics", "categorical", "shard"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.data is not None:
@@ -288,6 +288,9 @@ def _validate_recipe(c: TrainConfig) -> None:
         checks.number("clip_norm", c.clip_norm, 0.0, strict=True)
     checks.integer("grad_accum", c.grad_accum)
     checks.integer("accumulate", c.accumulate)
+    checks.optional_integer("memory_budget", c.memory_budget)
+    if c.peak_tflops is not None:
+        checks.number("peak_tflops", c.peak_tflops, 0.0, strict=True)
     if c.batch_size % c.accumulate:
         raise ArgumentError(f"{{0}} {c.accumulate} does not divide {{1}} {c.batch_size} into equal microbatches",
                             "accumulate", "batch_size")  # fmt: skip

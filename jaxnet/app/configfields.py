@@ -75,6 +75,8 @@ class ConfigFields:
     remat: str = "none"
     accumulate: int = 1
     shard: tuple[str, ...] = ()
+    memory_budget: int | None = None
+    peak_tflops: float | None = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {

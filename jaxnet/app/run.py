@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -232,6 +233,8 @@ def train(
         class_weight=weights.parse_class_weight(c.class_weight),
         sharding=[tuple(rule.rsplit("=", 1)) for rule in c.shard] or None,
         accumulate=c.accumulate,
+        memory_budget=c.memory_budget,
+        peak_tflops=c.peak_tflops,
         log_every_steps=log_steps,
     )
 
@@ -282,6 +285,15 @@ def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
     return entries
 
 
+def _utilization(history: list) -> dict:
+    """``flops_per_second`` and ``mfu``, medians over the records after the first (which also pays
+    for compilation), when the run measured them."""
+    timed = [r for r in (history[1:] if len(history) > 1 else history) if r.get("mfu") is not None]
+    if not timed:
+        return {}
+    return {name: statistics.median(r[name] for r in timed) for name in ("flops_per_second", "mfu")}
+
+
 def _speed(history: list) -> float | None:
     """Training steps per second (validation left out) over the epochs after the first, which
     also pays for compilation."""
@@ -315,7 +327,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     if c.steps is not None:  # a run by steps records rounds of eval_every steps, not epochs
         last = member_history(state.history, best)[-1:] or [{}]
         summary.update(epochs=None, rounds=entries[best]["epochs"], steps=last[0].get("step"))
-    summary.update(seconds=seconds, steps_per_second=_speed(state.history))
+    summary.update(seconds=seconds, steps_per_second=_speed(state.history), **_utilization(state.history))
     if job.problem.task == "lm":
         summary.update(_language_model_figures(job, state, best, summary["steps_per_second"]))
     if job.member_run:

@@ -114,6 +114,10 @@ _EXPORTS = {
     "make_data_mesh": "parallel",
     "process_rows": "parallel",
     "replicated": "sharding",
+    "grouped": "groups",
+    "partition": "groups",
+    "with_ema": "averaging",
+    "skip_spikes": "step",
     "repeat": "layers",
     "make_mesh": "sharding",
     "init_sharded": "sharding",
@@ -139,6 +143,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.adapters import from_flax as from_flax
     from jaxnet.adapters import from_haiku as from_haiku
     from jaxnet.adapters import from_nnx as from_nnx
+    from jaxnet.averaging import with_ema as with_ema
     from jaxnet.base import BATCH_AXIS as BATCH_AXIS
     from jaxnet.base import Batch as Batch
     from jaxnet.base import Context as Context
@@ -156,6 +161,8 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.forward import apply_example as apply_example
     from jaxnet.forward import init_model as init_model
     from jaxnet.forward import is_stateful as is_stateful
+    from jaxnet.groups import grouped as grouped
+    from jaxnet.groups import partition as partition
     from jaxnet.hooks import Callback as Callback
     from jaxnet.inference import evaluate as evaluate
     from jaxnet.inference import predict as predict
@@ -248,6 +255,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.step import per_example_grad_norms as per_example_grad_norms
     from jaxnet.step import per_example_grads as per_example_grads
     from jaxnet.step import skip_nonfinite_updates as skip_nonfinite_updates
+    from jaxnet.step import skip_spikes as skip_spikes
     from jaxnet.step import step_key as step_key
     from jaxnet.summaries import Summary as Summary
     from jaxnet.summaries import summary as summary

@@ -8,6 +8,7 @@ callback's stop). The same callbacks serve single and member runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +20,11 @@ from jax.experimental import multihost_utils
 from jaxnet import _checks as checks
 from jaxnet import checkpoint
 from jaxnet._progress import Progress  # noqa: F401  (a callback of this family)
-from jaxnet.hooks import OnChunk, OnRunEnd, OnRunStart, Record
+from jaxnet.hooks import OnChunk, OnRunEnd, OnRunFailure, OnRunStart, Record
 from jaxnet.loop import FitState
 
 
-class Checkpointer(OnRunStart, OnChunk, OnRunEnd):
+class Checkpointer(OnRunStart, OnChunk, OnRunEnd, OnRunFailure):
     """Saves the fit state into ``directory`` every ``every`` epochs, every ``every_steps`` steps,
     and when the run ends.
 
@@ -36,6 +37,11 @@ class Checkpointer(OnRunStart, OnChunk, OnRunEnd):
         ``every_steps`` optimizer steps (the position in the data included: a resume continues
         the epoch exactly). Needs epochs in chunks: streamed data, or ``fit(chunk_steps=...)``
         (``chunk_steps=every_steps`` puts the boundaries on the multiples).
+      asynchronous: training goes on while a checkpoint is written: the state is copied to the
+        host (:func:`jaxnet.checkpoint.snapshot`), then written by a background thread. At most
+        one write is in flight (the next save waits for it); the run's end waits for the last.
+        A failed write (a full disk) is raised by the next save or at the run's end. A process
+        killed during a write leaves the checkpoints before it usable, as with synchronous saves.
 
     Examples:
       >>> saver = Checkpointer("/tmp/run/checkpoints", every=5)  # doctest: +SKIP
@@ -50,8 +56,12 @@ class Checkpointer(OnRunStart, OnChunk, OnRunEnd):
         keep: int | None = 3,
         metadata: dict | None = None,
         every_steps: int | None = None,
+        asynchronous: bool = True,
     ):
         self.directory = Path(directory)
+        self.asynchronous = checks.boolean("asynchronous", asynchronous)
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future | None = None
         self.every = checks.optional_integer("every", every)
         self.keep = checks.optional_integer("keep", keep)
         self.every_steps = checks.optional_integer("every_steps", every_steps)
@@ -83,12 +93,46 @@ class Checkpointer(OnRunStart, OnChunk, OnRunEnd):
     def on_run_end(self, state: FitState) -> None:
         if (state.epoch or state.position is not None) and state.steps != self.saved_steps:
             self.save(state)
+        try:
+            self.wait()
+        finally:
+            self._close()
+
+    def on_run_failure(self, state: FitState, error: BaseException) -> None:
+        """The run failed: the write in flight finishes (an error of its own is left to the run's),
+        so that the checkpoints on disk are final when the error reaches the caller."""
+        try:
+            self.wait()
+        except Exception:
+            pass  # the older checkpoints are intact; the run's own error is the one to report
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
 
     def save(self, state: FitState) -> Path:
-        """Writes the checkpoint of ``state`` now; returns its folder."""
-        path = checkpoint.save(self.directory, state, metadata=self.metadata, keep=self.keep)
+        """Saves the checkpoint of ``state`` (written in the background when ``asynchronous``:
+        :meth:`wait` for it); returns its folder."""
+        snap = checkpoint.snapshot(state, self.metadata)
+        self.wait()  # at most one write in flight; raises the last one's error
+        if self.asynchronous:
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxnet-checkpoint")
+            self._pending = self._writer.submit(checkpoint.write, self.directory, snap, keep=self.keep)
+            path = self.directory.absolute() / str(snap.steps)
+        else:
+            path = checkpoint.write(self.directory, snap, keep=self.keep)
         self.saved_steps = state.steps
         return path
+
+    def wait(self) -> None:
+        """Waits for the write in flight, if any; raises its error (an OSError naming the checkpoint)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 class Interrupt(OnChunk):

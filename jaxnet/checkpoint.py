@@ -17,6 +17,7 @@ orbax is imported inside the functions that use it.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -146,10 +147,73 @@ def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
     return h.hexdigest()
 
 
+class Snapshot(NamedTuple):
+    """A checkpoint's contents on the host (:func:`snapshot`), to be written by :func:`write`:
+    ``arrays`` by name, ``meta`` (JSON) and ``steps`` (its name)."""
+
+    arrays: dict
+    meta: dict
+    steps: int
+
+
+def snapshot(state: FitState, metadata: dict | None = None) -> Snapshot:
+    """Copies ``state`` to the host, as :func:`write` stores it: after this returns, training may
+    go on (and donate the state's buffers) while the snapshot is written.
+
+    Raises:
+      ValueError: the state is sharded across processes (checkpoints are written whole by one).
+    """
+    tree = _array_tree(state)
+
+    def readable(a) -> bool:  # this process holds all of it (a replicated array of many processes does)
+        return getattr(a, "is_fully_addressable", True) or getattr(a, "is_fully_replicated", False)
+
+    if not all(readable(a) for a in jax.tree.leaves(tree)):
+        raise ValueError(
+            "checkpoints are written whole by one process, and this state is sharded across processes: "
+            "checkpoint a run whose params are sharded within each process (an fsdp or model axis no larger "
+            "than the devices of one process), or train without checkpoints"
+        )
+    p = state.position
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "key_impl": str(jax.random.key_impl(state.train.key)),
+        "has_best": state.best_params is not None,
+        "position": None if p is None else _where(p),
+        "metadata": metadata or {},
+    }
+    # copies: the loop goes on appending to its history while a background thread writes this
+    return Snapshot(_flatten(jax.tree.map(np.array, tree)), copy.deepcopy(meta), state.steps)
+
+
+def write(directory: str | os.PathLike, snap: Snapshot, *, keep: int | None = None) -> Path:
+    """Writes ``snap`` as checkpoint ``<directory>/<snap.steps>`` (atomically: a write killed
+    midway leaves only a temporary folder, never read), with its checksum; keeps the newest
+    ``keep``. Safe to call from a background thread (one write at a time per directory)."""
+    checks.optional_integer("keep", keep)
+    ocp = _orbax()
+    meta = dict(snap.meta, checksum=_checksum(snap.arrays, snap.meta))
+    manager = _manager(directory, keep, create=True)
+    try:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(snap.arrays), meta=ocp.args.JsonSave(meta))
+        manager.save(snap.steps, args=args, force=True)
+        manager.wait_until_finished()
+    except (ValueError, OSError) as e:  # orbax reports a failed write (a full disk) as ValueError
+        raise _write_error(directory, snap.steps, e) from e
+    finally:
+        manager.close()
+    return Path(directory).absolute() / str(snap.steps)
+
+
 def save(
     directory: str | os.PathLike, state: FitState, *, metadata: dict | None = None, keep: int | None = None
 ) -> Path:
-    """Writes ``state`` as checkpoint ``<directory>/<state.steps>`` (synchronously, atomically).
+    """Writes ``state`` as checkpoint ``<directory>/<state.steps>`` (synchronously, atomically):
+    :func:`write` of its :func:`snapshot`.
 
     Args:
       directory: the checkpoint folder (created if needed); one run's checkpoints only.
@@ -162,37 +226,7 @@ def save(
       The checkpoint's folder.
     """
     checks.optional_integer("keep", keep)
-    ocp, p = _orbax(), state.position
-    tree = _array_tree(state)
-    if not all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(tree)):
-        raise ValueError(
-            "checkpoints are written whole by one process, and this state is sharded across processes: "
-            "checkpoint a run whose params are sharded within each process (an fsdp or model axis no larger "
-            "than the devices of one process), or train without checkpoints"
-        )
-    arrays = _flatten(jax.tree.map(np.asarray, tree))
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "epoch": state.epoch,
-        "best_epoch": state.best_epoch,
-        "history": state.history,
-        "key_impl": str(jax.random.key_impl(state.train.key)),
-        "has_best": state.best_params is not None,
-        "position": None if p is None else _where(p),
-        "metadata": metadata or {},
-    }
-    meta["checksum"] = _checksum(arrays, meta)
-    manager = _manager(directory, keep, create=True)
-    try:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
-        manager.save(state.steps, args=args, force=True)
-        manager.wait_until_finished()
-    except (ValueError, OSError) as e:  # orbax reports a failed write (a full disk) as ValueError
-        raise _write_error(directory, state.steps, e) from e
-    finally:
-        manager.close()
-    return Path(directory).absolute() / str(state.steps)
+    return write(directory, snapshot(state, metadata), keep=keep)
 
 
 def _write_error(directory, step: int, error: BaseException) -> OSError:

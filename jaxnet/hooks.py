@@ -46,6 +46,14 @@ class OnRunEnd(Protocol):
 
 
 @runtime_checkable
+class OnRunFailure(Protocol):
+    def on_run_failure(self, state: FitState, error: BaseException) -> None:
+        """Called once when the loop stops with an error (a non-finite loss, KeyboardInterrupt),
+        with the last state the loop completed, before the error propagates: finish what is under
+        way (the :class:`jaxnet.callbacks.Checkpointer` waits for its write in flight)."""
+
+
+@runtime_checkable
 class OnChunk(Protocol):
     def on_chunk(self, state: FitState) -> bool | None:
         """Called between two compiled chunks of an epoch (streamed data, or ``chunk_steps``),

@@ -32,13 +32,16 @@ from jaxnet import sharding as shardinglib
 from jaxnet._checks import ArgumentError
 from jaxnet._feed import CHUNK_BYTES, Position, split_keys
 from jaxnet._options import FitOptions
+from jaxnet.averaging import averaged, with_ema
 from jaxnet.base import Params, PRNGKey, TrainState
 from jaxnet.forward import AnyModel, check_model, is_stateful
+from jaxnet.groups import grouped
 from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
 from jaxnet.members import check_memory, estimate_member_bytes, memory_limit, num_members, set_hyperparams
 from jaxnet.metrics import check_metric_targets, get_metrics
-from jaxnet.step import init_state, skip_nonfinite_updates
+from jaxnet.step import init_state, skip_nonfinite_updates, spikes_of
+from jaxnet.step import skip_spikes as skip_spikes_of
 
 MONITORS = ("val_loss", "val_accuracy")
 """What early stopping may monitor, besides ``val_<name>`` of a named metric given to ``fit``."""
@@ -100,8 +103,9 @@ class FitState(NamedTuple):
 
     @property
     def params(self) -> Params:
-        """The params to use: the best epoch's with validation, else the last epoch's."""
-        return self.train.params if self.best_params is None else self.best_params
+        """The params to use: the best epoch's with validation, else the last epoch's (their
+        moving average when ``fit(ema=...)`` keeps one)."""
+        return averaged(self.train.params, self.train.opt_state) if self.best_params is None else self.best_params
 
     @property
     def model_state(self) -> Any:
@@ -323,6 +327,9 @@ def _record(epoch: int, metrics: dict, val: dict | None, book: _Book, keep: np.n
     record.update({name: _values(v, keep) for name, v in metrics.get("train_metrics", {}).items()})
     if book.skipped is not None:
         record["skipped"] = [int(v) for v in _skipped_updates(train.opt_state, keep.size) - book.skipped]
+    spikes = spikes_of(train.opt_state)
+    if spikes is not None:
+        record["spikes"] = [int(v) for v in np.ravel(np.asarray(spikes))]
     if val is not None:
         record.update({f"val_{name}": _values(v, keep) for name, v in val.items()})
         record["best_epoch"] = [int(e) for e in book.best_epoch]
@@ -497,9 +504,10 @@ def _conclude(state, book, compiled, options, train, metrics, position, start, b
     best = None if state.best_params is None else (state.best_params, state.best_model_state)
     val, validated = None, time.perf_counter()
     if compiled.validate is not None:
-        val = compiled.validate(train.params, train.model_state)
+        params = averaged(train.params, train.opt_state)  # the moving average, when one is kept
+        val = compiled.validate(params, train.model_state)
         book, improved = _improve(book, val, keep, epoch, options.monitor)
-        best = _keep_best(improved, (train.params, train.model_state), best, options.members)
+        best = _keep_best(improved, (params, train.model_state), best, options.members)
     record = _record(epoch, metrics, val, book, keep, train)
     now = time.perf_counter()
     record.update(seconds=now - start, steps=int(metrics["steps"]))
@@ -542,10 +550,15 @@ def _loop(state: FitState, compiled: programs.Programs, options: FitOptions) -> 
     for on_run_start in hooks.bound(options.callbacks, hooks.OnRunStart):
         on_run_start(state)
     run, more = (_round, _steps_left) if options.steps else (_epoch, _epochs_left)
-    while more(state, options) and not book.stopped.all():
-        state, book, record = run(state, book, compiled, options)
-        if record is None or any([bool(callback(state, record)) for callback in options.callbacks]):
-            break
+    try:
+        while more(state, options) and not book.stopped.all():
+            state, book, record = run(state, book, compiled, options)
+            if record is None or any([bool(callback(state, record)) for callback in options.callbacks]):
+                break
+    except BaseException as error:
+        for on_run_failure in hooks.bound(options.callbacks, hooks.OnRunFailure):
+            on_run_failure(state, error)
+        raise
     for on_run_end in hooks.bound(options.callbacks, hooks.OnRunEnd):
         on_run_end(state)
     return state
@@ -591,6 +604,9 @@ def fit(
     accumulate: int = 1,
     memory_budget: int | None = None,
     peak_tflops: float | None = None,
+    trainable: str | None = None,
+    ema: float | None = None,
+    skip_spikes: tuple[int, float] | None = None,
 ) -> FitState:
     """Trains ``model`` on ``(x, y)`` with minibatch ``optimizer`` steps, one compiled call per epoch.
 
@@ -651,6 +667,15 @@ def fit(
         training) and ``mfu`` (that over the peak of all the devices that train). Default: the
         dense bfloat16 peak of the accelerators in :data:`jaxnet.summaries.PEAK_TFLOPS`; none on
         CPU.
+      trainable: a regex over the params' paths (``blocks/attn/q/w``): only the params it matches
+        train; the others stay bitwise unchanged and the optimizer keeps no state for them
+        (:func:`jaxnet.grouped`, which also gives groups their own learning rates).
+      ema: keep an exponential moving average of the params with this decay (e.g. 0.999), updated
+        inside the step (:func:`jaxnet.with_ema`); validation, early stopping and the returned
+        ``params`` use it, and the raw params train on (and resume exactly).
+      skip_spikes: ``(window, factor)``: a step whose loss exceeds the mean of the last ``window``
+        by ``factor`` standard deviations is not applied (:func:`jaxnet.skip_spikes`); each record
+        counts them so far in ``spikes``.
       hyperparams: member runs only: name -> ``(K,)`` per-member values of the hyperparameters of an
         ``optax.inject_hyperparams`` optimizer (see :func:`jaxnet.set_hyperparams`).
       model_state: a :class:`jaxnet.StatefulModel`'s initial state (``params, model_state =
@@ -712,6 +737,7 @@ def fit(
         that epoch, which callbacks have already seen).
     """
     spec = get_loss(loss)
+    optimizer = _guarded(optimizer, trainable, ema, skip_spikes)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
     _check_length(epochs, steps, eval_every)
     data = _check_data(x, y, validation, sample_weight, once=steps is not None or epochs == 1)
@@ -794,6 +820,19 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
         row = jax.ShapeDtypeStruct((1, *spec_rows.x_shape), spec_rows.x_dtype)
     classes = weights.num_classes(model, params, model_state, jax.ShapeDtypeStruct(row.shape[1:], row.dtype), spec)
     return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
+
+
+def _guarded(optimizer, trainable: str | None, ema: float | None, spikes) -> optax.GradientTransformation:
+    """``optimizer`` training only ``trainable``, keeping an ``ema``, skipping loss ``spikes``."""
+    if trainable is not None:
+        optimizer = grouped(optimizer, trainable=trainable)
+    if ema is not None:
+        optimizer = with_ema(optimizer, ema)
+    if spikes is not None:
+        if not isinstance(spikes, (tuple, list)) or len(spikes) != 2:
+            raise ValueError(f"skip_spikes must be (window, factor), such as (100, 6.0), got {spikes!r}")
+        optimizer = skip_spikes_of(optimizer, *spikes)
+    return optimizer
 
 
 def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:

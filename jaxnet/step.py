@@ -6,7 +6,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +144,7 @@ def make_update(
     """
     _check_optimizer(optimizer)
     check_model(model)
+    optimizer = optax.with_extra_args_support(optimizer)  # update(..., value=loss) reaches those that read it
     objective = _objective(model, loss, compute_dtype)
     if accumulate != 1:
         if per_example:
@@ -165,7 +166,7 @@ def _batch_update(model: AnyModel, value_and_grad: Callable, optimizer, outputs:
         )
         if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss: skip the step too
             grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_value), g, jnp.nan), grads)
-        state, opt_state = _apply(optimizer, state, grads, model_state)
+        state, opt_state = _apply(optimizer, state, grads, model_state, loss_value)
         return state, _step_metrics(loss_value, count, predictions, grads, opt_state, outputs, gradients)
 
     return update
@@ -210,9 +211,10 @@ def _accumulated(objective, k: int):
     return accumulated
 
 
-def _apply(optimizer, state: TrainState, grads, model_state) -> tuple[TrainState, Any]:
-    """``state`` after one ``optimizer`` step on ``grads``, with ``model_state``; and its opt state."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+def _apply(optimizer, state: TrainState, grads, model_state, loss_value) -> tuple[TrainState, Any]:
+    """``state`` after one ``optimizer`` step on ``grads`` (the step's loss passed as ``value``, for
+    transformations that read it: :func:`skip_spikes`), with ``model_state``; and its opt state."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss_value)
     params = optax.apply_updates(state.params, updates)
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1, model_state=model_state), opt_state
 
@@ -258,6 +260,68 @@ def skip_nonfinite_updates(optimizer: optax.GradientTransformation) -> optax.Gra
     finite, keeping params and optimizer state; its state counts them in ``total_notfinite``
     (``optax.apply_if_finite``, never giving up)."""
     return optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
+
+
+class SpikeState(NamedTuple):
+    """:func:`skip_spikes`' state: the wrapped optimizer's, the last ``window`` accepted losses
+    (a ring buffer), how many were seen, and the steps skipped as spikes."""
+
+    inner: Any
+    losses: jax.Array
+    seen: jax.Array
+    spikes: jax.Array
+
+
+def skip_spikes(optimizer: optax.GradientTransformation, window: int, factor: float):
+    """``optimizer`` that skips a step whose loss exceeds the mean of the last ``window`` accepted
+    losses by more than ``factor`` of their standard deviations (once ``window`` losses were seen):
+    the params and the wrapped optimizer's state stay as they were, the step is counted in
+    ``spikes``, and the loss is not added to the window. The loss arrives as
+    ``update(..., value=loss)``, which :func:`make_update` passes.
+
+    Examples:
+      >>> opt = skip_spikes(optax.sgd(1.0), window=3, factor=3.0)
+      >>> state = opt.init({"w": jnp.zeros(())})
+      >>> for loss in (1.0, 1.1, 0.9):
+      ...     _, state = opt.update({"w": jnp.ones(())}, state, value=jnp.asarray(loss))
+      >>> updates, state = opt.update({"w": jnp.ones(())}, state, value=jnp.asarray(100.0))
+      >>> float(updates["w"]), int(state.spikes)
+      (0.0, 1)
+    """
+    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+        raise ValueError(f"skip_spikes: the window must be an integer of at least 2 steps, got {window!r}")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+        raise ValueError(f"skip_spikes: the factor (standard deviations) must be positive, got {factor!r}")
+    inner = optax.with_extra_args_support(optimizer)
+
+    def init(params):
+        zero = jnp.zeros((), jnp.int32)
+        return SpikeState(inner.init(params), jnp.zeros((window,), jnp.float32), zero, zero)
+
+    def update(updates, state, params=None, *, value=None, **extra):
+        if value is None:
+            raise ValueError("skip_spikes needs the step's loss: update(..., value=loss)")
+        loss = jnp.asarray(value, jnp.float32)
+        mean, std = jnp.mean(state.losses), jnp.std(state.losses)
+        spike = (state.seen >= window) & (loss > mean + factor * std)
+        new_updates, new_inner = inner.update(updates, state.inner, params, value=value, **extra)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(spike, b, a), new, old)  # noqa: E731
+        out = jax.tree.map(lambda u: jnp.where(spike, jnp.zeros_like(u), u), new_updates)
+        losses = jnp.where(spike, state.losses, state.losses.at[state.seen % window].set(loss))
+        seen = jnp.where(spike, state.seen, state.seen + 1)
+        return out, SpikeState(keep(new_inner, state.inner), losses, seen, state.spikes + spike.astype(jnp.int32))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def spikes_of(opt_state) -> jax.Array | None:
+    """The steps :func:`skip_spikes` skipped, from ``opt_state`` (None without it)."""
+    found = [n for n in jax.tree.leaves(opt_state, is_leaf=_is_spike) if _is_spike(n)]
+    return found[0].spikes if found else None
+
+
+def _is_spike(node) -> bool:
+    return isinstance(node, SpikeState)
 
 
 def make_train_step(
@@ -449,7 +513,7 @@ def _per_example_update(model: AnyModel, objective: Callable, optimizer, outputs
             w = w.astype(values.dtype)
         if w is not None:
             loss_value = jnp.where(jnp.sum(w) > 0, jnp.sum(w * values) / jnp.maximum(jnp.sum(w), 1e-30), 0.0)
-        state, opt_state = _apply(optimizer, state, grads, state.model_state)
+        state, opt_state = _apply(optimizer, state, grads, state.model_state, loss_value)
         mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads) if gradients else None
         count = jnp.sum(w) if tokens else None
         return state, _step_metrics(loss_value, count, predictions, mean_grads, opt_state, outputs, gradients)

@@ -86,7 +86,8 @@ def test_internal_library_modules_are_marked_with_an_underscore():
     # The public modules are those a user imports or reads about; every other library module is
     # internal and named _like_this, so `ls jaxnet/` says which is which.
     public = {
-        "adapters", "base", "callbacks", "checkpoint", "decoding", "epoch", "forward", "hooks", "inference", "layers",
+        "adapters", "averaging", "base", "callbacks", "checkpoint", "decoding", "epoch", "forward", "groups", "hooks",
+        "inference", "layers",
         "lm", "loggers", "loop", "losses", "members", "metrics", "parallel", "sharding", "shuffle", "sources", "step",
         "summaries", "text",
     }  # fmt: skip

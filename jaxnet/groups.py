@@ -1,0 +1,150 @@
+"""Training part of a model: frozen parameters, parameter groups with their own learning rates,
+and weight-decay masks, chosen by regular expressions over the params' paths.
+
+A param's path names what it is (``blocks/attn/q/w``, ``0/b``, ``embed/table``:
+:func:`jaxnet.sharding.path_name`). Everything here is optax: :func:`partition` labels each leaf
+and ``optax.multi_transform`` gives each label its own transformation; a frozen label gets
+``optax.set_to_zero()``, which keeps no state, so no optimizer state exists for frozen leaves and
+their params stay bitwise unchanged.
+
+Axis letters in shapes: :mod:`jaxnet.base`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import optax
+
+from jaxnet.sharding import path_name
+
+FROZEN = "frozen"
+DEFAULT = "default"
+
+
+def matches(params, pattern: str):
+    """A pytree of bools like ``params``: True where ``re.search(pattern, path)`` finds the leaf's path."""
+    regex = _compile(pattern, "pattern")
+    return jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.search(path_name(path))), params)
+
+
+def _compile(pattern: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def partition(
+    params, *, freeze: str | None = None, trainable: str | None = None, lr_mult: Mapping[str, float] | None = None
+):
+    """Each leaf's label: ``"frozen"`` where ``freeze`` matches its path (or ``trainable`` does
+    not), else ``"x{F}"`` for the first ``lr_mult`` regex that matches (its multiplier F), else
+    ``"default"``.
+
+    Raises:
+      ValueError: a regex matches no parameter, or the frozen ones are all of them (nothing
+        would train); the message lists the parameters.
+    """
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    rules = list((lr_mult or {}).items())
+    if freeze is not None and trainable is not None:
+        raise ValueError("give freeze (what does not train) or trainable (what does), not both")
+    if trainable is not None:  # "only these train": everything else is frozen
+        keep = _compile(trainable, "trainable")
+        if not any(keep.search(n) for n in names):
+            raise ValueError(f"trainable {trainable!r} matches no parameter; the parameters are: {_listed(names)}")
+        freeze = "|".join(f"^{re.escape(n)}$" for n in names if not keep.search(n)) or None
+        if freeze is None:
+            return jax.tree.map(lambda _: DEFAULT, params) if not rules else partition(params, lr_mult=lr_mult)
+    frozen = _compile(freeze, "freeze") if freeze is not None else None
+    compiled = [(_compile(pattern, "lr_mult"), float(factor)) for pattern, factor in rules]
+    for pattern, factor in rules:
+        if not factor > 0:
+            raise ValueError(f"lr_mult {pattern!r}: the multiplier must be positive, got {factor!r}")
+    for what, regex in ([("freeze", frozen)] if frozen else []) + [("lr_mult", r) for r, _ in compiled]:
+        if not any(regex.search(n) for n in names):
+            raise ValueError(f"{what} {regex.pattern!r} matches no parameter; the parameters are: {_listed(names)}")
+    if frozen is not None and all(frozen.search(n) for n in names):
+        raise ValueError(f"freeze {frozen.pattern!r} matches every parameter: nothing would train")
+
+    def label(path, _):
+        name = path_name(path)
+        if frozen is not None and frozen.search(name):
+            return FROZEN
+        return next((f"x{factor!r}" for regex, factor in compiled if regex.search(name)), DEFAULT)
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+
+
+def grouped(
+    optimizer: optax.GradientTransformation,
+    *,
+    freeze: str | None = None,
+    trainable: str | None = None,
+    lr_mult: Mapping[str, float] | None = None,
+) -> optax.GradientTransformation:
+    """``optimizer`` that trains only the params ``freeze`` does not match (or ``trainable`` does), each group of
+    ``lr_mult`` (``{regex: F}``) with its updates times F (for SGD exactly F times the learning
+    rate; for Adam-like optimizers, whose update is normalized, likewise), the rest as given.
+
+    Frozen leaves get ``optax.set_to_zero()``: their params never change and the optimizer keeps
+    no state for them. Each multiplier group has its own state of ``optimizer``.
+
+    The labels are found from the params when the optimizer is initialized, so a regex that
+    matches nothing is refused then (before anything trains).
+
+    Args:
+      optimizer: any optax optimizer.
+      freeze, trainable: a regex over the params' paths (:func:`partition`); give one.
+      lr_mult: ``{regex: factor}``; the first regex that matches a path gives its factor.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"body": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+      >>> opt = grouped(optax.sgd(0.1), freeze="body")
+      >>> updates, _ = opt.update({"body": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}, opt.init(params))
+      >>> updates["body"]["w"].tolist(), updates["head"]["w"].tolist()
+      ([0.0, 0.0], [-0.10000000149011612, -0.10000000149011612])
+    """
+    if freeze is None and trainable is None and not lr_mult:
+        return optimizer
+    for factor in (lr_mult or {}).values():
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+            raise ValueError(f"lr_mult: a multiplier must be a positive number, got {factor!r}")
+    transforms = {FROZEN: optax.set_to_zero(), DEFAULT: optimizer}
+    for factor in (lr_mult or {}).values():
+        transforms[f"x{float(factor)!r}"] = optax.chain(optimizer, optax.scale(float(factor)))
+
+    def labels(params):
+        return partition(params, freeze=freeze, trainable=trainable, lr_mult=lr_mult)
+
+    return optax.multi_transform(transforms, labels)
+
+
+def trainable_count(params, *, freeze: str | None = None, trainable: str | None = None) -> int:
+    """The number of parameters that train (all but the frozen ones of :func:`partition`)."""
+    labels = partition(params, freeze=freeze, trainable=trainable)
+    return sum(leaf.size for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if label != FROZEN)
+
+
+def decay_mask_except(pattern: str | None, base: Callable | None = None) -> Callable | None:
+    """A weight-decay mask (a function of the params) that is ``base``'s (default: every leaf)
+    except where ``pattern`` matches the path (``--no-decay``)."""
+    if pattern is None:
+        return base
+    regex = _compile(pattern, "no_decay")
+
+    def mask(params):
+        start = base(params) if base is not None else jax.tree.map(lambda _: True, params)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, keep: bool(keep) and not regex.search(path_name(path)), start
+        )
+
+    return mask

@@ -115,6 +115,8 @@ _EXPORTS = {
     "process_rows": "parallel",
     "replicated": "sharding",
     "grouped": "groups",
+    "lora": "lowrank",
+    "load_params": "transfer",
     "partition": "groups",
     "with_ema": "averaging",
     "skip_spikes": "step",
@@ -212,6 +214,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.losses import mean_squared_error as mean_squared_error
     from jaxnet.losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
     from jaxnet.losses import softmax_cross_entropy as softmax_cross_entropy
+    from jaxnet.lowrank import lora as lora
     from jaxnet.members import best_member as best_member
     from jaxnet.members import check_memory as check_memory
     from jaxnet.members import estimate_member_bytes as estimate_member_bytes
@@ -259,6 +262,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.step import step_key as step_key
     from jaxnet.summaries import Summary as Summary
     from jaxnet.summaries import summary as summary
+    from jaxnet.transfer import load_params as load_params
 
 
 def __getattr__(name: str):

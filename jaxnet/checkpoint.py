@@ -148,8 +148,8 @@ def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
 
 
 class Snapshot(NamedTuple):
-    """A checkpoint's contents on the host (:func:`snapshot`), to be written by :func:`write`:
-    ``arrays`` by name, ``meta`` (JSON) and ``steps`` (its name)."""
+    """A checkpoint's contents (:func:`snapshot`), to be written by :func:`write`: ``arrays`` by
+    name (copies of the state's, on their devices), ``meta`` (JSON) and ``steps`` (its name)."""
 
     arrays: dict
     meta: dict
@@ -157,8 +157,8 @@ class Snapshot(NamedTuple):
 
 
 def snapshot(state: FitState, metadata: dict | None = None) -> Snapshot:
-    """Copies ``state`` to the host, as :func:`write` stores it: after this returns, training may
-    go on (and donate the state's buffers) while the snapshot is written.
+    """A copy of ``state`` as :func:`write` stores it: after this returns, training may go on (and
+    donate the state's buffers) while the snapshot is written.
 
     Raises:
       ValueError: the state is sharded across processes (checkpoints are written whole by one).
@@ -186,8 +186,11 @@ def snapshot(state: FitState, metadata: dict | None = None) -> Snapshot:
         "position": None if p is None else _where(p),
         "metadata": metadata or {},
     }
-    # copies: the loop goes on appending to its history while a background thread writes this
-    return Snapshot(_flatten(jax.tree.map(np.array, tree)), copy.deepcopy(meta), state.steps)
+    # Copies: the loop goes on (donating the state's buffers, appending to its history) while a
+    # background thread writes this. Arrays are copied on their device (dispatched, not waited
+    # for): the thread then brings them to the host (:func:`write`), off the training thread.
+    arrays = jax.tree.map(lambda a: jnp.copy(a) if isinstance(a, jax.Array) else np.array(a), tree)
+    return Snapshot(_flatten(arrays), copy.deepcopy(meta), state.steps)
 
 
 def write(directory: str | os.PathLike, snap: Snapshot, *, keep: int | None = None) -> Path:
@@ -196,6 +199,7 @@ def write(directory: str | os.PathLike, snap: Snapshot, *, keep: int | None = No
     ``keep``. Safe to call from a background thread (one write at a time per directory)."""
     checks.optional_integer("keep", keep)
     ocp = _orbax()
+    snap = snap._replace(arrays={name: np.asarray(a) for name, a in snap.arrays.items()})
     meta = dict(snap.meta, checksum=_checksum(snap.arrays, snap.meta))
     manager = _manager(directory, keep, create=True)
     try:

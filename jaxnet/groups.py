@@ -18,6 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import optax
 
+from jaxnet import step
+from jaxnet._checks import ArgumentError, escape, literal
+from jaxnet.averaging import with_ema
 from jaxnet.sharding import path_name
 
 FROZEN = "frozen"
@@ -55,7 +58,7 @@ def partition(
     if trainable is not None:  # "only these train": everything else is frozen
         keep = _compile(trainable, "trainable")
         if not any(keep.search(n) for n in names):
-            raise ValueError(f"trainable {trainable!r} matches no parameter; the parameters are: {_listed(names)}")
+            raise _unmatched("trainable", trainable, names)
         freeze = "|".join(f"^{re.escape(n)}$" for n in names if not keep.search(n)) or None
         if freeze is None:
             return jax.tree.map(lambda _: DEFAULT, params) if not rules else partition(params, lr_mult=lr_mult)
@@ -66,9 +69,11 @@ def partition(
             raise ValueError(f"lr_mult {pattern!r}: the multiplier must be positive, got {factor!r}")
     for what, regex in ([("freeze", frozen)] if frozen else []) + [("lr_mult", r) for r, _ in compiled]:
         if not any(regex.search(n) for n in names):
-            raise ValueError(f"{what} {regex.pattern!r} matches no parameter; the parameters are: {_listed(names)}")
+            raise _unmatched(what, regex.pattern, names)
     if frozen is not None and all(frozen.search(n) for n in names):
-        raise ValueError(f"freeze {frozen.pattern!r} matches every parameter: nothing would train")
+        raise ArgumentError(
+            "{0} " + literal(frozen.pattern) + " matches every parameter: nothing would train", "freeze"
+        )
 
     def label(path, _):
         name = path_name(path)
@@ -77,6 +82,11 @@ def partition(
         return next((f"x{factor!r}" for regex, factor in compiled if regex.search(name)), DEFAULT)
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _unmatched(what: str, pattern: str, names: Sequence[str]) -> ArgumentError:
+    return ArgumentError("{0} " + literal(pattern) + " matches no parameter; the parameters are: "
+                         + escape(_listed(names)), what)  # fmt: skip
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -148,3 +158,26 @@ def decay_mask_except(pattern: str | None, base: Callable | None = None) -> Call
         )
 
     return mask
+
+
+def finetuning(
+    optimizer: optax.GradientTransformation,
+    *,
+    freeze: str | None = None,
+    trainable: str | None = None,
+    lr_mult: Mapping[str, float] | None = None,
+    ema: float | None = None,
+    skip_spikes: tuple[int, float] | None = None,
+) -> optax.GradientTransformation:
+    """``optimizer`` with the choices of a fine-tuning run, innermost first: only some params
+    train, groups with their own rates (:func:`grouped`), a moving average of the weights
+    (:func:`jaxnet.with_ema`), loss spikes skipped (:func:`jaxnet.skip_spikes`, ``(window,
+    factor)``). ``fit(trainable=, ema=, skip_spikes=)`` and ``jaxnet train`` both build it here."""
+    optimizer = grouped(optimizer, freeze=freeze, trainable=trainable, lr_mult=lr_mult)
+    if ema is not None:
+        optimizer = with_ema(optimizer, ema)
+    if skip_spikes is not None:
+        if not isinstance(skip_spikes, (tuple, list)) or len(skip_spikes) != 2:
+            raise ValueError(f"skip_spikes must be (window, factor), such as (100, 6.0), got {skip_spikes!r}")
+        optimizer = step.skip_spikes(optimizer, *skip_spikes)
+    return optimizer

@@ -32,16 +32,15 @@ from jaxnet import sharding as shardinglib
 from jaxnet._checks import ArgumentError
 from jaxnet._feed import CHUNK_BYTES, Position, split_keys
 from jaxnet._options import FitOptions
-from jaxnet.averaging import averaged, with_ema
+from jaxnet.averaging import averaged
 from jaxnet.base import Params, PRNGKey, TrainState
 from jaxnet.forward import AnyModel, check_model, is_stateful
-from jaxnet.groups import grouped
+from jaxnet.groups import finetuning
 from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
 from jaxnet.members import check_memory, estimate_member_bytes, memory_limit, num_members, set_hyperparams
 from jaxnet.metrics import check_metric_targets, get_metrics
 from jaxnet.step import init_state, skip_nonfinite_updates, spikes_of
-from jaxnet.step import skip_spikes as skip_spikes_of
 
 MONITORS = ("val_loss", "val_accuracy")
 """What early stopping may monitor, besides ``val_<name>`` of a named metric given to ``fit``."""
@@ -737,7 +736,7 @@ def fit(
         that epoch, which callbacks have already seen).
     """
     spec = get_loss(loss)
-    optimizer = _guarded(optimizer, trainable, ema, skip_spikes)
+    optimizer = finetuning(optimizer, trainable=trainable, ema=ema, skip_spikes=skip_spikes)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
     _check_length(epochs, steps, eval_every)
     data = _check_data(x, y, validation, sample_weight, once=steps is not None or epochs == 1)
@@ -820,19 +819,6 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
         row = jax.ShapeDtypeStruct((1, *spec_rows.x_shape), spec_rows.x_dtype)
     classes = weights.num_classes(model, params, model_state, jax.ShapeDtypeStruct(row.shape[1:], row.dtype), spec)
     return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
-
-
-def _guarded(optimizer, trainable: str | None, ema: float | None, spikes) -> optax.GradientTransformation:
-    """``optimizer`` training only ``trainable``, keeping an ``ema``, skipping loss ``spikes``."""
-    if trainable is not None:
-        optimizer = grouped(optimizer, trainable=trainable)
-    if ema is not None:
-        optimizer = with_ema(optimizer, ema)
-    if spikes is not None:
-        if not isinstance(spikes, (tuple, list)) or len(spikes) != 2:
-            raise ValueError(f"skip_spikes must be (window, factor), such as (100, 6.0), got {spikes!r}")
-        optimizer = skip_spikes_of(optimizer, *spikes)
-    return optimizer
 
 
 def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:

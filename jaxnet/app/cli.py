@@ -148,7 +148,7 @@ def _add_train(sub) -> None:
         "shows every resolved value.",
     )
     _add_config_options(p.add_argument_group("config file"))
-    names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM, cliflags.DEVICES)
+    names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM, cliflags.TUNE, cliflags.DEVICES)
     groups = {name: p.add_argument_group(name) for name in names}
     parsers = {"str": str, "int": integer_arg, "number": number_arg, "ints": int_list, "names": name_list}
     cliflags.add_flags(groups, {**parsers, "numbers": number_list, "rules": rule_arg, "bytes": bytes_arg})
@@ -283,6 +283,7 @@ def _train_config(args) -> tuple[dict, object]:
     given = cliflags.given(args)
     if args.config:
         given = {**configfile.load_config_file(args.config), **{k: v for k, v in given.items() if v is not None}}
+    given = configlib.inherited(given)  # --init-from RUN: its architecture and tokenizer
     return given, None if args.resume else configlib.make_config(**given)
 
 

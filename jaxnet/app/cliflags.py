@@ -32,6 +32,7 @@ class Flag(NamedTuple):
 
 DATA, MODEL, RECIPE, LM = "data", "model and training", "optimizer and schedule", "language models (--task lm)"
 DEVICES = "devices and processes (see docs/distributed.md)"
+TUNE = "fine-tuning (see docs/finetuning.md)"
 
 CONFIG_FLAGS: dict[str, Flag] = {
     "dataset": Flag(DATA, "str", "NAME", "built-in dataset: seed, xor, moons, spirals, digits (default: digits)"),
@@ -138,6 +139,25 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "eval_batches": Flag(
         LM, "int", "N", "validation batches of each evaluation (disjoint windows spread over the text)"
     ),
+    "init_from": Flag(
+        TUNE,
+        "str",
+        "RUN|FILE",
+        "start from these weights: a run folder (also its architecture and tokenizer), "
+        "a model.npz or a .safetensors file",
+    ),  # fmt: skip
+    "init_rename": Flag(TUNE, "rules", "REGEX=NEW", "--init-from: rename the source's weights (re.sub); repeatable"),
+    "init_partial": Flag(TUNE, "switch", None, "--init-from: keep the fresh values of weights the source lacks"),
+    "freeze": Flag(TUNE, "str", "REGEX", "params whose path matches do not train (e.g. 'embed|blocks/.*ln')"),
+    "lr_mult": Flag(TUNE, "rules", "REGEX=F", "params whose path matches train at F times the rate; repeatable"),
+    "no_decay": Flag(TUNE, "str", "REGEX", "params whose path matches get no weight decay"),
+    "ema": Flag(TUNE, "number", "D", "keep a moving average of the weights (decay D, e.g. 0.999): validated and saved"),
+    "skip_spikes": Flag(
+        TUNE, "str", "W,F", "skip a step whose loss exceeds the last W steps' mean by F standard deviations"
+    ),
+    "lora_rank": Flag(TUNE, "int", "R", "train low-rank adapters of rank R on the weights (LoRA) instead of them"),
+    "lora_alpha": Flag(TUNE, "number", "A", "LoRA: the update is (A / R) * a @ b (default R)"),
+    "lora_targets": Flag(TUNE, "str", "REGEX", "LoRA: the weights that get adapters, by path"),
     "memory_budget": Flag(
         DEVICES,
         "bytes",

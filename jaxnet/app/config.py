@@ -11,11 +11,13 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import optax
 
 from jaxnet import _checks as checks
+from jaxnet import groups
 from jaxnet._checks import ArgumentError
 from jaxnet._weights import parse_class_weight
 from jaxnet.app import recipes
@@ -93,7 +95,8 @@ class TrainConfig(ConfigFields):
     """
 
     def __post_init__(self):
-        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics", "categorical", "shard"):
+        for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics", "categorical", "shard",
+                     "init_rename", "lr_mult"):  # fmt: skip
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.data is not None:
@@ -240,6 +243,78 @@ def _validate_length(c: TrainConfig) -> None:
     checks.integer("eval_batches", c.eval_batches)
 
 
+ARCHITECTURE_FIELDS = (
+    "task", "arch", "hidden", "activation", "output_activation", "dropout", "input_shape", "channels",
+    "embedding_dim", "context", "layers", "heads", "dim", "positions", "vocab_size", "text_field",
+)  # fmt: skip
+"""What a run folder given to ``--init-from`` passes on to the run that starts from it."""
+
+
+def inherited(given: dict) -> dict:
+    """``given`` (config fields, None where unset) with the architecture of the run folder that
+    ``init_from`` names filled in where unset, and its ``tokenizer.json`` as the tokenizer: the
+    weights then fit, and a language model reads its tokens as the source did."""
+    source = given.get("init_from")
+    if source is None or not os.path.isdir(source) or not os.path.isfile(os.path.join(source, "config.json")):
+        return given
+    try:
+        with open(os.path.join(source, "config.json")) as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ArgumentError(f"{{0}} {checks.escape(source)}: its config.json is unreadable ({checks.escape(e)})",
+                            "init_from") from None  # fmt: skip
+    out = dict(given)
+    for name in ARCHITECTURE_FIELDS:
+        if out.get(name) is None and name in stored:
+            out[name] = stored[name]
+    tokenizer = os.path.join(source, "tokenizer.json")
+    if out.get("tokenizer") is None and os.path.isfile(tokenizer):
+        out["tokenizer"] = tokenizer
+    return out
+
+
+def lr_multipliers(c: TrainConfig) -> dict[str, float]:
+    """``--lr-mult`` rules as ``{regex: factor}``."""
+    out = {}
+    for rule in c.lr_mult:
+        pattern, _, factor = str(rule).rpartition("=")
+        try:
+            out[pattern] = float(factor)
+        except ValueError:
+            raise ArgumentError("{0} rules are REGEX=F, as 'head=10', got " + checks.literal(rule), "lr_mult") from None
+    return out
+
+
+def spike_window(c: TrainConfig) -> tuple[int, float] | None:
+    """``--skip-spikes W,F`` as ``(W, F)``."""
+    if c.skip_spikes is None:
+        return None
+    window, _, factor = str(c.skip_spikes).partition(",")
+    try:
+        return int(window), float(factor)
+    except ValueError:
+        raise ArgumentError("{0} is W,F (steps, standard deviations), as 100,6, got " + checks.literal(c.skip_spikes),
+                            "skip_spikes") from None  # fmt: skip
+
+
+def _validate_tuning(c: TrainConfig) -> None:
+    """The fields of fine-tuning: what starts the params, what trains, the average, the spikes."""
+    if c.ema is not None and not (isinstance(c.ema, (int, float)) and 0 < c.ema < 1):
+        raise ArgumentError("{0} is a decay in (0, 1), such as 0.999, got " + checks.literal(c.ema), "ema")
+    window = spike_window(c)
+    if window is not None and (window[0] < 2 or not window[1] > 0):
+        raise ArgumentError("{0} needs a window of at least 2 steps and a positive factor", "skip_spikes")
+    for factor in lr_multipliers(c).values():
+        if not factor > 0:
+            raise ArgumentError("{0} factors must be positive", "lr_mult")
+    if c.lora_rank is not None:
+        checks.integer("lora_rank", c.lora_rank)
+        if c.freeze is not None:
+            raise ArgumentError("{0} trains the adapters alone: drop {1}", "lora_rank", "freeze")
+    if (c.init_rename or c.init_partial) and c.init_from is None:
+        raise ArgumentError("{0} and {1} shape what {2} loads: give {2}", "init_rename", "init_partial", "init_from")
+
+
 def _validate_text(c: TrainConfig) -> None:
     """The fields of a language model (``task`` lm) and the GPT it trains."""
     lm = c.task == "lm"
@@ -288,6 +363,7 @@ def _validate_recipe(c: TrainConfig) -> None:
         checks.number("clip_norm", c.clip_norm, 0.0, strict=True)
     checks.integer("grad_accum", c.grad_accum)
     checks.integer("accumulate", c.accumulate)
+    _validate_tuning(c)
     checks.optional_integer("memory_budget", c.memory_budget)
     if c.peak_tflops is not None:
         checks.number("peak_tflops", c.peak_tflops, 0.0, strict=True)
@@ -364,10 +440,12 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Gradi
     injected (``optax.inject_hyperparams``): a member run sets each member's values in its optimizer
     state, and every run's logged steps report the learning rate it applied. The schedule spans the
     run's ``steps``, or its ``epochs * steps_per_epoch`` batches (``/ grad_accum`` optimizer steps).
-    A GPT's weight decay leaves its biases, norms and embeddings alone (:func:`jaxnet.decay_mask`)."""
+    A GPT's weight decay leaves its biases, norms and embeddings alone (:func:`jaxnet.decay_mask`),
+    and ``no_decay``'s params too; ``freeze``, ``lr_mult``, LoRA (only the adapters train), ``ema``
+    and ``skip_spikes`` wrap it (:func:`jaxnet.groups.finetuning`)."""
     grid = hyperparameter_grid(config)
     batches = config.steps if config.steps is not None else config.epochs * steps_per_epoch
-    return recipes.optimizer(
+    tx = recipes.optimizer(
         config.optimizer,
         {name: values[0] for name, values in grid.items()},
         schedule=config.lr_schedule,
@@ -379,7 +457,15 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Gradi
         grad_accum=config.grad_accum,
         min_lr=config.min_lr,
         beta2=config.beta2,
-        decay_mask=decay_mask if config.arch == "gpt" else None,
+        decay_mask=groups.decay_mask_except(config.no_decay, decay_mask if config.arch == "gpt" else None),
+    )
+    return groups.finetuning(
+        tx,
+        freeze=config.freeze,
+        trainable="^lora/" if config.lora_rank is not None else None,
+        lr_mult=lr_multipliers(config) or None,
+        ema=config.ema,
+        skip_spikes=spike_window(config),
     )
 
 

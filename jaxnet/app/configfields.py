@@ -76,6 +76,17 @@ class ConfigFields:
     accumulate: int = 1
     shard: tuple[str, ...] = ()
     memory_budget: int | None = None
+    init_from: str | None = None
+    init_rename: tuple[str, ...] = ()
+    init_partial: bool = False
+    freeze: str | None = None
+    lr_mult: tuple[str, ...] = ()
+    no_decay: str | None = None
+    ema: float | None = None
+    skip_spikes: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: str = r"(^|/)w$"
     peak_tflops: float | None = None
 
 

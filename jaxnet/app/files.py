@@ -19,8 +19,8 @@ import numpy as np
 from jaxnet import _checks as checks
 from jaxnet import _npz as npz
 from jaxnet._atomic import atomic_path
+from jaxnet.transfer import MODEL_FILE  # noqa: E402  (one name for the file, the library's)
 
-MODEL_FILE = "model.npz"
 MODEL_FORMAT = "jaxnet-model"
 MODEL_FORMAT_VERSION = 2  # 2: any architecture, with its state (1: MLPs)
 

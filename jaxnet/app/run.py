@@ -27,7 +27,7 @@ import numpy as np
 from jaxnet import _atomic as atomic
 from jaxnet import _checks as checks
 from jaxnet import _weights as weights
-from jaxnet import checkpoint, loggers, parallel, sources
+from jaxnet import checkpoint, groups, loggers, lowrank, parallel, sources, transfer
 from jaxnet import members as memberlib
 from jaxnet._checks import ArgumentError
 from jaxnet._checks import escape as checks_escape
@@ -72,6 +72,10 @@ class RunResult(NamedTuple):
     finished: bool
 
 
+ADAPTERS_FILE = "adapters.npz"
+"""A LoRA run's adapters alone (``params/lora/<path>/a`` and ``/b``), beside its merged ``model.npz``."""
+
+
 class Job(NamedTuple):
     """A config made concrete: its data, model, optimizer and members."""
 
@@ -81,6 +85,7 @@ class Job(NamedTuple):
     grid: list[dict]
     member_run: bool
     model: AnyModel
+    start_weights: Any = None  # a transfer.Loaded from --init-from: the weights the run starts from
 
     @property
     def monitor(self) -> str:
@@ -95,13 +100,29 @@ def prepare(config: TrainConfig, cache: Path | None = None) -> Job:
     problem = load_problem(config, cache)
     meta = model_meta(config, problem)
     model = archlib.build_model(meta, config.arch)
+    if config.lora_rank is not None:  # the base's weights get adapters; only they train
+        model = lowrank.lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     one = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
+    start = _start_weights(config, one)
     # what fit places on the device (lazy rows, read in chunks, are not placed)
     parts = [part for part in problem.splits if part is not None and sources.is_resident(part.x)]
     data = sum(part.x.nbytes + part.y.nbytes for part in parts)
     batch = min(config.batch_size, len(problem.splits.train.x))  # fit clamps a batch to the rows
     check_fit_memory(one, configlib.make_optimizer(config), batch, configlib.grid_size(config), data)
-    return Job(config, problem, meta, configlib.members(config), configlib.is_member_run(config), model)
+    members, member_run = configlib.members(config), configlib.is_member_run(config)
+    return Job(config, problem, meta, members, member_run, model, start)
+
+
+def _start_weights(config: TrainConfig, shapes) -> transfer.Loaded | None:
+    """The weights of ``--init-from``, matched to the params' ``shapes`` (the base's, under LoRA);
+    their leaves the source lacks stay shapes (``--init-partial``: the fresh values fill them)."""
+    if config.init_from is None:
+        return None
+    if configlib.grid_size(config) > 1:
+        raise ArgumentError("{0} starts one model from the weights: drop " + MEMBER_RUNS.split(" (")[0], "init_from")
+    rename = dict(rule.rsplit("=", 1) for rule in config.init_rename)
+    template = shapes["base"] if config.lora_rank is not None else shapes
+    return transfer.load_params(config.init_from, template, rename=rename, partial=config.init_partial)
 
 
 class _Start(NamedTuple):
@@ -127,12 +148,25 @@ def _fresh(job: Job) -> _Start:
 
     seeds = np.asarray([m["seed"] for m in job.grid], np.uint32)
     (params, model_state), key = jax.jit(make)(seeds)
+    if job.start_weights is not None:
+        params = _started(params, job.start_weights.params, job.config.lora_rank is not None)
     if not job.member_run:
         return _Start(params, model_state, key, None)
     names = configlib.hyperparameter_grid(job.config)
     return _Start(
         params, model_state, key, {name: np.asarray([m[name] for m in job.grid], np.float32) for name in names}
     )
+
+
+def _started(fresh, loaded, adapted: bool):
+    """``fresh`` params with the loaded weights in place (where a leaf was loaded)."""
+
+    def take(new, old):
+        return new if isinstance(old, jax.ShapeDtypeStruct) else jnp.asarray(old)
+
+    if adapted:
+        return dict(fresh, base=jax.tree.map(take, fresh["base"], loaded))
+    return jax.tree.map(take, fresh, loaded)
 
 
 def template(job: Job) -> FitState:
@@ -328,6 +362,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         last = member_history(state.history, best)[-1:] or [{}]
         summary.update(epochs=None, rounds=entries[best]["epochs"], steps=last[0].get("step"))
     summary.update(seconds=seconds, steps_per_second=_speed(state.history), **_utilization(state.history))
+    summary.update(parameters=parameter_count(job.model), trainable_parameters=_trainable_parameters(job))
     if job.problem.task == "lm":
         summary.update(_language_model_figures(job, state, best, summary["steps_per_second"]))
     if job.member_run:
@@ -343,12 +378,20 @@ def _language_model_figures(job: Job, state: FitState, best: int, steps_per_seco
     history = member_history(state.history, best)
     last = history[-1] if history else {}
     c = job.config
-    out = {"steps": last.get("step"), "val_loss": last.get("val_loss"), "parameters": parameter_count(job.model)}
+    out = {"steps": last.get("step"), "val_loss": last.get("val_loss")}
     if last.get("val_loss") is not None:
         top = history[last["best_epoch"] - 1]
         out.update(val_perplexity=math.exp(last["val_loss"]), best_val_loss=top["val_loss"], best_step=top["step"])
     out["tokens_per_second"] = None if steps_per_second is None else steps_per_second * c.batch_size * c.context
     return out
+
+
+def _trainable_parameters(job: Job) -> int:
+    """How many of the model's parameters (of one member) train: all but the frozen ones (LoRA:
+    the adapters alone)."""
+    c = job.config
+    params = jax.eval_shape(lambda: init_model(job.model, jax.random.key(0))[0])
+    return groups.trainable_count(params, freeze=c.freeze, trainable="^lora/" if c.lora_rank is not None else None)
 
 
 def parameter_count(model: AnyModel) -> int:
@@ -357,9 +400,17 @@ def parameter_count(model: AnyModel) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
+def _merged(job: Job, params):
+    """The params of the saved architecture: LoRA's adapters folded into the base."""
+    c = job.config
+    if c.lora_rank is None:
+        return params
+    return lowrank.merge(params, (c.lora_alpha or c.lora_rank) / c.lora_rank)
+
+
 def saved_model(job: Job, state: FitState, best: int) -> files.SavedModel:
     """The model to save: the run's params, the best member of a sweep, or every member of an ensemble."""
-    variables, meta = (state.params, state.model_state), job.meta
+    variables, meta = (_merged(job, state.params), state.model_state), job.meta
     if job.config.ensemble:
         meta = dict(meta, members=len(job.grid), grid=job.grid)
     elif job.member_run:
@@ -377,6 +428,10 @@ def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
     """Writes ``model.npz``, ``metrics.jsonl`` and ``curves.png`` (the best member's curves); a
     language model's tokenizer is in its ``model.npz`` and in ``tokenizer.json`` beside it."""
     files.save_model(folder.path, result.model)
+    if job.config.lora_rank is not None:  # the adapters alone, beside the merged model
+        adapters = archlib.flat_arrays({"lora": result.state.params["lora"]})
+        with atomic.atomic_path(folder.path / ADAPTERS_FILE) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{f"params/{k}": v for k, v in adapters.items()})
     atomic.write_jsonl(folder.path / "metrics.jsonl", result.history)
     best = result.summary.get("best_member", 0)
     title = result.summary["dataset"]

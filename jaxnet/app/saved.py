@@ -10,6 +10,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -300,6 +301,8 @@ def saved_summary(path, batch_size: int | None = None, arch: str | None = None) 
     params, state = jax.tree.map(lambda a: a[0], (bound.params, bound.state))
     stored = RunFolder(path).stored_config() if Path(path).is_dir() else None
     config = configlib.TrainConfig.from_dict(stored) if stored else None
+    if config is not None and config.lora_rank is not None:  # the saved model is the base, adapters merged in
+        config = dataclasses.replace(config, lora_rank=None)
     optimizer = configlib.make_optimizer(config) if config else None
     if batch_size is None:
         batch_size = config.batch_size if config else 32

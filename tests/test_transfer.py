@@ -1,0 +1,163 @@
+"""Starting from trained weights (load_params, --init-from) and low-rank adapters (jn.lora)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnet as jn
+from jaxnet import lowrank
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = jn.mlp([4, 16, 2])
+
+
+def jaxnet(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "jaxnet.app", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+
+
+def test_weights_load_by_path_with_renames_and_mismatches_are_listed_together():
+    params = NET.init(jax.random.key(0))
+    source = {"layer0/w": np.ones((4, 16)), "layer0/b": np.ones(16), "1/w": np.ones((3, 2)), "extra": np.ones(1)}
+    expected = (r"do not fit the model \(7\): 0/b is missing; 0/w is missing; 1/b is missing; 1/w is \[3, 2\], "
+                r"expected \[16, 2\]; extra is unexpected; layer0/b is unexpected; layer0/w is unexpected")  # fmt: skip
+    with pytest.raises(ValueError, match=expected):
+        jn.load_params(source, params)
+    loaded = jn.load_params(source, params, rename={"^layer0/": "0/"}, partial=True)
+    np.testing.assert_array_equal(loaded.params[0]["w"], np.ones((4, 16), np.float32))
+    assert loaded.params[0]["w"].dtype == np.float32  # cast to the template's dtype
+    np.testing.assert_array_equal(loaded.params[1]["w"], params[1]["w"])  # fresh: the template's own
+    assert loaded.loaded == ["0/b", "0/w"] and loaded.fresh == ["1/b", "1/w"] and loaded.unused == ["1/w", "extra"]
+    with pytest.raises(ValueError, match=r"rename '\^nothing' matches no name of the source; it has: layer0/w"):
+        jn.load_params(source, params, rename={"^nothing": "x"})
+
+
+def test_weights_load_from_safetensors_and_a_non_weights_file_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    params = NET.init(jax.random.key(0))
+    arrays = {f"params/{i}/{k}": np.asarray(params[i][k]) for i in (0, 1) for k in ("w", "b")}
+    save_file(arrays, str(tmp_path / "w.safetensors"))
+    loaded = jn.load_params(tmp_path / "w.safetensors", jax.eval_shape(lambda: params))
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        jn.load_params(tmp_path / "bad.safetensors", params)
+    with pytest.raises(ValueError, match="is not a jaxnet run"):
+        jn.load_params(tmp_path, params)
+
+
+def test_lora_starts_as_its_base_trains_only_its_adapters_and_merges():
+    base = jn.mlp([4, 16, 16, 2])
+    net = jn.lora(base, rank=2, alpha=4.0)
+    params = net.init(jax.random.key(0))
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    np.testing.assert_allclose(net.apply(params, x[0]), base.apply(params["base"], x[0]), rtol=1e-6)
+    result = jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.adam(1e-2), epochs=3,
+                    batch_size=8, key=jax.random.key(1), trainable="^lora/")  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, result.train.params["base"], params["base"])
+    adapters = sum(a.size for a in jax.tree.leaves(params["lora"]))
+    moments = sum(a.size for a in jax.tree.leaves(result.train.opt_state) if jnp.issubdtype(a.dtype, jnp.floating))
+    assert moments == 2 * adapters  # Adam's state for the adapters alone
+    merged = lowrank.merge(result.train.params, 4.0 / 2)
+    np.testing.assert_allclose(base.apply(merged, x[0]), net.apply(result.train.params, x[0]), rtol=1e-5)
+    assert not np.allclose(merged[0]["w"], params["base"][0]["w"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rank": 0}, "lora rank must be a positive integer"),
+        ({"rank": 3}, r"lora rank 3 exceeds the smallest dimension of the adapted weights \(2\): use at most 2"),
+        ({"rank": 2, "targets": "nothing"}, "lora targets 'nothing' match no weight"),
+    ],
+)
+def test_lora_refuses_ranks_and_targets_that_cannot_be(options, message):
+    with pytest.raises(ValueError, match=message):
+        jn.lora(jn.mlp([4, 16, 2]), **options)
+
+
+def test_a_gpt_with_adapters_generates_from_its_merged_weights():
+    gpt = jn.gpt(vocab_size=32, context=16, layers=2, heads=2, dim=16)
+    net = jn.lora(gpt, rank=2, targets="attn/(q|v)/w")
+    params, state = net.init(jax.random.key(0))
+    assert params["lora"]["blocks/attn/q/w"]["a"].shape == (2, 16, 2)  # stacked blocks: adapters per layer
+    params["lora"] = jax.tree.map(lambda a: a + 0.1, params["lora"])
+    ids = jnp.arange(8)
+    ctx = jn.Context(train=False)
+    merged = lowrank.merge(params, 1.0)
+    np.testing.assert_allclose(net.apply(params, state, ids, ctx)[0], gpt.apply(merged, state, ids, ctx)[0], rtol=1e-5)
+    out = jn.generate(gpt, merged, jnp.array([1, 2]), 4, key=jax.random.key(0), temperature=0.0)
+    assert out.shape[-1] >= 4
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("init")
+    result = jaxnet(
+        "train", "--dataset", "digits", "--hidden", "16", "--epochs", "2", "--out", folder / "run", "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_init_from_a_run_starts_from_its_weights_and_records_it(mlp_run, tmp_path):
+    out = tmp_path / "tuned"
+    result = jaxnet("train", "--dataset", "digits", "--init-from", mlp_run / "run", "--epochs", "1", "--freeze", "^0/",
+                    "--out", out, "--quiet", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["trainable_parameters"] < summary["parameters"]
+    assert json.loads((out / "config.json").read_text())["init_from"] == str(mlp_run / "run")
+    before, after = (np.load(p / "model.npz") for p in (mlp_run / "run", out))
+    np.testing.assert_array_equal(after["params/0/w"], before["params/0/w"])  # frozen: the loaded weights
+    assert not np.array_equal(after["params/1/w"], before["params/1/w"])
+
+
+def test_a_renamed_layer_is_refused_with_the_names_and_accepted_with_init_rename(mlp_run, tmp_path):
+    from safetensors.numpy import save_file
+
+    with np.load(mlp_run / "run" / "model.npz") as saved:
+        arrays = {k.replace("params/0/", "params/first/"): saved[k] for k in saved.files if k.startswith("params/")}
+    save_file(arrays, str(tmp_path / "renamed.safetensors"))
+    args = ["train", "--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet", "--init-from",
+            tmp_path / "renamed.safetensors"]  # fmt: skip
+    refused = jaxnet(*args, "--out", tmp_path / "a")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "0/b is missing; 0/w is missing; first/b is unexpected; first/w is unexpected" in refused.stderr
+    accepted = jaxnet(*args, "--init-rename", "^first/=0/", "--out", tmp_path / "b")
+    assert accepted.returncode == 0, accepted.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--init-from", "{tmp}"], "is not a jaxnet run (no model.npz in it)"),
+        (["--init-from", "{tmp}/x.txt"], "is not weights jaxnet reads"),
+        (["--init-from", "{run}", "--init-rename", "zzz=a"], "rename 'zzz' matches no name of the source"),
+        (["--freeze", "."], "--freeze '.' matches every parameter: nothing would train"),
+        (["--freeze", "nothing"], "--freeze 'nothing' matches no parameter"),
+        (["--lora-rank", "0"], "--lora-rank must be a positive integer"),
+        (["--lora-rank", "100"], "lora rank 100 exceeds the smallest dimension"),
+        (["--ema", "1.5"], "--ema is a decay in (0, 1)"),
+        (["--skip-spikes", "1,3"], "--skip-spikes needs a window of at least 2 steps"),
+        (["--init-rename", "a=b"], "--init-rename and --init-partial shape what --init-from loads"),
+    ],
+)
+def test_bad_fine_tuning_flags_are_one_line_and_exit_2(mlp_run, tmp_path, flags, message):
+    (tmp_path / "x.txt").write_text("not weights")
+    flags = [f.format(tmp=tmp_path, run=mlp_run / "run") for f in flags]
+    result = jaxnet("train", "--dataset", "digits", "--hidden", "16", "--epochs", "1", *flags, "--out", tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

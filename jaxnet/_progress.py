@@ -25,6 +25,9 @@ def _progress_fields(record: dict) -> dict[str, str]:
             value = best([v for v in value if v is not None], default=None)
         if value is not None:
             fields[label] = f"{value:.4f}" if name == "val_accuracy" else f"{value:.4g}"
+    spikes = record.get("spikes")
+    if spikes:  # loss spikes skipped so far
+        fields["spikes"] = str(sum(v or 0 for v in spikes) if isinstance(spikes, list) else spikes)
     skipped = record.get("skipped")
     if skipped:
         fields["skipped"] = str(sum(v or 0 for v in skipped) if isinstance(skipped, list) else skipped)

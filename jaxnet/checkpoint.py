@@ -421,6 +421,36 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     return state, meta["metadata"]
 
 
+def saved_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The params of a checkpoint, by path (``blocks.attn.q.w`` stored, ``blocks/attn/q/w``
+    returned), without a template: ``path`` is a checkpoint folder (``.../checkpoints/120``) or a
+    folder of them (the newest is read). Its checksum is verified; for :func:`jaxnet.load_params`."""
+    path = Path(path)
+    if path.name.isdigit() and path.is_dir():
+        directory, step = path.parent, int(path.name)
+    else:
+        found = steps(path)
+        if not found:
+            raise ValueError(f"{path} holds no checkpoints: give a run folder, a checkpoints folder or a weights file")
+        directory, step = path, found[-1]
+    ocp = _orbax()
+    manager = _manager(directory)
+    try:
+        meta = _read_meta(manager, step)
+        arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        if _checksum(arrays, meta) != meta.get("checksum"):
+            raise ValueError("checksum mismatch")
+    except ValueError as e:
+        raise ValueError(f"checkpoint {step} in {directory} is not usable: {e}") from None
+    except Exception as e:  # orbax/tensorstore/json errors of every kind mean: unreadable
+        raise ValueError(f"checkpoint {step} in {directory} is unreadable: {type(e).__name__}: {e}") from None
+    finally:
+        manager.close()
+    prefix = "train.params."
+    return {k[len(prefix) :].replace(".", "/"): v for k, v in arrays.items() if k.startswith(prefix)}
+
+
 def restore(directory: str | os.PathLike, like: FitState, *, step: int | None = None) -> Restored:
     """The newest usable checkpoint in ``directory`` (or the one of ``step``).
 

@@ -5,6 +5,8 @@ structure, matched by path, with renames.
 
 - a jaxnet run folder or its ``model.npz`` (the ``params/*`` members, read without trusting the
   file: :mod:`jaxnet._npz`);
+- a folder of checkpoints, or one checkpoint in it: its params (the training state's, verified by
+  its checksum: :func:`jaxnet.checkpoint.saved_params`);
 - a ``.safetensors`` file (names as stored; a leading ``params/``, as ``jaxnet export`` writes
   it, is dropped; the format holds plain arrays and a JSON header, so reading runs no code);
 - a ``{name: array}`` dict.
@@ -30,6 +32,7 @@ import jax
 import numpy as np
 
 from jaxnet import _npz as npz
+from jaxnet import checkpoint
 from jaxnet.sharding import path_name
 
 MODEL_FILE = "model.npz"
@@ -51,6 +54,9 @@ def read_named(source) -> dict[str, np.ndarray]:
     if isinstance(source, Mapping):
         return {str(k): np.asarray(v) for k, v in source.items()}
     path = Path(os.fspath(source))
+    if path.is_dir() and not (path / MODEL_FILE).is_file():
+        if checkpoint.steps(path.parent if path.name.isdigit() else path):  # checkpoints, or one of them
+            return checkpoint.saved_params(path)
     if path.is_dir():
         if not (path / MODEL_FILE).is_file():
             raise ValueError(f"{path} is not a jaxnet run (no {MODEL_FILE} in it): give a run folder or a weights file")
@@ -115,7 +121,8 @@ def load_params(source, template, *, rename: Mapping[str, str] | None = None, pa
     """Params in the structure of ``template`` from the arrays of ``source``, matched by path.
 
     Args:
-      source: a run folder, a ``model.npz``, a ``.safetensors`` file or a ``{name: array}`` dict.
+      source: a run folder, a ``model.npz``, a checkpoints folder (or one checkpoint), a
+        ``.safetensors`` file or a ``{name: array}`` dict.
       template: the params to fill (arrays; or ``jax.ShapeDtypeStruct`` unless ``partial``),
         e.g. ``model.init(key)``.
       rename: ``{regex: replacement}`` applied to the source's names, in order (a rename that

@@ -161,3 +161,18 @@ def test_bad_fine_tuning_flags_are_one_line_and_exit_2(mlp_run, tmp_path, flags,
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_init_from_a_checkpoints_folder_takes_its_training_params(mlp_run, tmp_path):
+    from jaxnet import checkpoint
+
+    folder = mlp_run / "run" / "checkpoints"
+    named = checkpoint.saved_params(folder)
+    assert set(named) == {"0/w", "0/b", "1/w", "1/b"}
+    params = jax.eval_shape(lambda: jn.mlp([64, 16, 10]).init(jax.random.key(0)))
+    loaded = jn.load_params(folder, params)
+    newest = checkpoint.steps(folder)[-1]
+    np.testing.assert_array_equal(loaded.params[0]["w"], checkpoint.saved_params(folder / str(newest))["0/w"])
+    result = jaxnet("train", "--dataset", "digits", "--hidden", "16", "--epochs", "1", "--init-from", folder,
+                    "--out", tmp_path / "o", "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr

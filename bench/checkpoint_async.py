@@ -12,9 +12,6 @@ interleaved runs) and the overhead of each kind of save over no saves.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import shutil
 import statistics
 import sys
@@ -29,6 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxnet as jn  # noqa: E402
+from bench import common  # noqa: E402
 from jaxnet.callbacks import Checkpointer  # noqa: E402
 
 
@@ -77,13 +75,8 @@ def main() -> None:
         "all": seconds,
         "state_bytes": state_bytes,
         "every": args.every,
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    common.write_json(args.json, result)
 
 
 if __name__ == "__main__":

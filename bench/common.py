@@ -279,3 +279,24 @@ def publish(text: str, results: dict, json_path: str | None) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
         Path(json_path).with_suffix(".txt").write_text(text + "\n")
+
+
+def stamp() -> dict:
+    """Where and when a measurement ran: the first device, the JAX and Python versions, the date."""
+    import datetime
+    import platform
+
+    import jax
+
+    return {
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Writes ``result`` and :func:`stamp` as JSON to ``path`` (nothing without one)."""
+    if path:
+        Path(path).write_text(json.dumps({**result, **stamp()}, indent=1) + "\n")

@@ -13,9 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxnet as jn  # noqa: E402
+from bench import common  # noqa: E402
 
 
 def gpt_memory(batch: int, layers: int) -> dict:
@@ -87,13 +85,8 @@ def main() -> None:
         "gpt_memory": memory,
         "compile_seconds": medians,
         "repeats": args.repeats,
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    common.write_json(args.json, result)
 
 
 if __name__ == "__main__":

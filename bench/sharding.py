@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxnet as jn  # noqa: E402
+from bench import common  # noqa: E402
 from jaxnet import sharding  # noqa: E402
 
 
@@ -86,8 +86,7 @@ def main() -> None:
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    common.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -74,14 +74,25 @@ def apply_batch(
     n = jax.tree.leaves(x)[0].shape[0]
     weight = jnp.ones((n,), jnp.float32) if weight is None else weight
     if model.batched:
-        return model.apply(params, state, x, Context(train, key, weight, None))
+        return _pair(model.apply(params, state, x, Context(train, key, weight, None)))
     keys = None if key is None else jax.random.split(key, n)
 
     def one(xi, ki, wi):
-        return model.apply(params, state, xi, Context(train, ki, wi, BATCH_AXIS))
+        return _pair(model.apply(params, state, xi, Context(train, ki, wi, BATCH_AXIS)))
 
     in_axes = (0, None if keys is None else 0, 0)
     return jax.vmap(one, in_axes=in_axes, out_axes=(0, None), axis_name=BATCH_AXIS)(x, keys, weight)
+
+
+def _pair(out):
+    """A stateful ``apply``'s result, checked to be the ``(y, state)`` pair it must return."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        what = f"a tuple of {len(out)}" if isinstance(out, tuple) else f"an array of shape {jnp.shape(out)}"
+        raise TypeError(
+            f"a StatefulModel's apply must return (y, state) (the state unchanged if it has none), got {what}: "
+            "return (y, state) from apply, or make it a plain Model (init, apply(params, x) -> y)"
+        )
+    return out
 
 
 def apply_example(model: AnyModel, params: Params, state: Any, x: jax.Array, *, train=False, key=None):

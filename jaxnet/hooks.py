@@ -27,7 +27,13 @@ run), or one logged step's (``step``, ``epoch``, ``loss``, ``grad_norm``, ``lear
 @runtime_checkable
 class Callback(Protocol):
     """Called after every epoch with the state and the epoch's record; returning True stops the fit
-    (after this epoch, whose state is returned)."""
+    (after this epoch, whose state is returned).
+
+    The state's arrays are valid while the hook runs, and until the next epoch starts: the
+    next epoch takes over (donates) the buffers of ``state.train``, so a callback that keeps a
+    state for later copies its arrays, ``kept = jax.tree.map(jnp.copy, state.train)`` (as
+    :func:`jaxnet.checkpoint.snapshot` does); ``state.best_params`` and the history are not
+    donated. The same holds for every hook below."""
 
     def __call__(self, state: FitState, record: Record) -> bool | None: ...
 

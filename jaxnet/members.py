@@ -128,7 +128,7 @@ def set_hyperparams(opt_state, values: Mapping[str, Any]):
             known = sorted({n for s in states for n in s.hyperparams})
             raise ValueError(f"the optimizer has no hyperparameter {name!r}: use one of {', '.join(known)}")
         old = owner.hyperparams[name]
-        new = jnp.asarray(value, dtype=old.dtype)
+        new = jnp.array(value, dtype=old.dtype)  # a copy: the state is donated, the caller's value is not
         if new.shape != old.shape:
             raise ValueError(f"{name} needs values of shape {old.shape} (one per member), got shape {new.shape}")
         replaced.setdefault(id(owner), {})[name] = new

@@ -214,7 +214,15 @@ def _accumulated(objective, k: int):
 def _apply(optimizer, state: TrainState, grads, model_state, loss_value) -> tuple[TrainState, Any]:
     """``state`` after one ``optimizer`` step on ``grads`` (the step's loss passed as ``value``, for
     transformations that read it: :func:`skip_spikes`), with ``model_state``; and its opt state."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss_value)
+    try:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss_value)
+    except ValueError as e:  # optax's per-example clipping, given a batch's gradient
+        if "batch dimension" not in str(e):
+            raise
+        raise ValueError(
+            "the optimizer clips per-example gradients (DP-SGD, jaxnet.dp_optimizer), and this step gives it the "
+            "batch's mean gradient: train with fit(..., per_example_grads=True) (or make_per_example_update)"
+        ) from None
     params = optax.apply_updates(state.params, updates)
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1, model_state=model_state), opt_state
 

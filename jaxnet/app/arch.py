@@ -10,6 +10,7 @@ structure its architecture's ``init`` makes, checking every name, shape and dtyp
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
 import re
@@ -167,12 +168,33 @@ def build_model(meta: dict, arch: str | None = None) -> AnyModel:
             "(jaxnet imports no code that was not named on the command line)",
             "arch",
         )
-    model = load_factory(check_arch(arch))(sizes[0], sizes[-1])
+    model = _call_factory(load_factory(check_arch(arch)), arch, sizes[0], sizes[-1])
     try:
         check_model(model, f"{arch} returned a {type(model).__name__}: a factory's result")
     except TypeError as e:
         raise ArgumentError(f"{{0}}: {escape(e)}", "arch") from None
     return model
+
+
+def _call_factory(factory: Callable, arch: str, in_features: int, out_dim: int):
+    """``factory(in_features, out_dim)``, or ``factory()`` for one that takes no arguments; a
+    factory that does not fit the contract, or raises, is named with the contract."""
+    try:
+        takes = inspect.signature(factory).parameters
+        positional = [p for p in takes.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        bare = not positional and not any(p.kind == p.VAR_POSITIONAL for p in takes.values())
+    except (TypeError, ValueError):  # a builtin or an object without a signature: call it as the contract says
+        bare = False
+    contract = "a factory is called as factory(in_features, out_dim) (or factory()) and returns a jaxnet model"
+    try:
+        return factory() if bare else factory(in_features, out_dim)
+    except TypeError as e:
+        if "positional argument" in str(e) or "required" in str(e):
+            raise ArgumentError(f"{{0}} {escape(arch)}: {escape(e)}: {contract}", "arch") from None
+        raise ArgumentError(f"{{0}} {escape(arch)} raised TypeError: {escape(e)} ({contract})", "arch") from None
+    except Exception as e:
+        what = f"{type(e).__name__}: {escape(e)}"
+        raise ArgumentError(f"{{0}} {escape(arch)} raised {what} ({contract})", "arch") from None
 
 
 def check_input_shape(input_shape, features: int) -> None:

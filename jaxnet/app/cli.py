@@ -161,7 +161,8 @@ def _add_config_options(c) -> None:
     c.add_argument(
         "--config",
         metavar="FILE.toml",
-        help="the run's config as TOML (field = value, e.g. a run folder's config.toml); flags given override it",
+        help="the run's config as TOML (field = value, e.g. a run folder's config.toml) or a run folder's "
+        "config.json; flags given override it",
     )
     c.add_argument(
         "--print-config",

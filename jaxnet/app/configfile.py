@@ -63,10 +63,20 @@ def load_config_file(path) -> dict:
         raise ValueError(f"config file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"config file {path} cannot be read: {e}") from None
-    try:
-        values = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    if path.suffix == ".json":  # a run folder's config.json (its config.toml says the same)
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e} (a run folder's config.toml is the same "
+                             "config as TOML)") from None  # fmt: skip
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} holds no config (a JSON object of field: value)")
+        values = {name: v for name, v in values.items() if v is not None}  # TOML has no null: unset
+    else:
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
     nested = [name for name, v in values.items() if isinstance(v, dict)]
     if nested:
         raise ValueError(f"config file {path}: {nested[0]!r} is a table; the config is flat (field = value)")

@@ -277,11 +277,16 @@ def read_table(path, columns: Sequence[str] | None = None, types: dict | None = 
 
 
 def _check_names(names: list[str], name: str) -> None:
-    seen, duplicates = set(), set()
+    """Refuses a header whose names repeat, also up to spaces around them (``f0`` and `` f0 ``:
+    a column a user could not tell apart when ``predict`` matches columns by name)."""
+    seen: dict[str, str] = {}
     for n in names:
-        (duplicates if n in seen else seen).add(n)
-    if duplicates:
-        raise TableError(f"{name}: duplicate column names in the header: {', '.join(map(repr, sorted(duplicates)))}")
+        other = seen.get(n.strip())
+        seen.setdefault(n.strip(), n)
+        if other is not None:
+            shown = repr(n) if other == n else f"{other!r} and {n!r}"
+            raise TableError(f"{name}: duplicate column names in the header: {shown} (spaces around names do "
+                             "not tell columns apart): rename one")  # fmt: skip
 
 
 def missing_columns(available: Sequence[str], wanted: Sequence[str], name: str, what: str) -> None:

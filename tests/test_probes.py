@@ -1,0 +1,98 @@
+"""Defects a probe of the API found (issue 30), each fixed where it belongs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnet as jn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def problem():
+    x = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int32)
+
+
+def test_fit_never_donates_the_hyperparameters_a_caller_passes():
+    net = jn.mlp([3, 4, 2])
+    keys = jn.member_keys([0, 1])
+    lr = jnp.array([1e-2, 1e-3])
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    jn.fit(net, jn.init_members(net, keys), *problem(), loss="softmax_cross_entropy", optimizer=opt, epochs=2,
+           batch_size=8, key=keys, hyperparams={"learning_rate": lr})  # fmt: skip
+    np.testing.assert_allclose(np.asarray(lr), [1e-2, 1e-3])  # before: RuntimeError: Array has been deleted
+
+
+def test_a_dp_optimizer_without_per_example_gradients_names_the_option():
+    net = jn.mlp([3, 4, 2])
+    with pytest.raises(ValueError, match=r"clips per-example gradients .* per_example_grads=True"):
+        jn.fit(net, net.init(jax.random.key(0)), *problem(), loss="softmax_cross_entropy",
+               optimizer=jn.dp_optimizer(0.1, 1.0, 1.0, jax.random.key(2)), epochs=1, batch_size=8,
+               key=jax.random.key(1))  # fmt: skip
+
+
+def test_a_stateful_apply_that_returns_y_alone_names_the_contract():
+    bad = jn.StatefulModel(lambda k: ({"w": jnp.ones((3, 2))}, {}), lambda p, s, x, ctx: x @ p["w"])
+    with pytest.raises(TypeError, match=r"a StatefulModel's apply must return \(y, state\) .* got an array of shape"):
+        jn.fit(bad, {"w": jnp.ones((3, 2))}, *problem(), loss="softmax_cross_entropy", optimizer=optax.sgd(0.1),
+               epochs=1, batch_size=8, key=jax.random.key(1), model_state={})  # fmt: skip
+
+
+def test_header_names_equal_up_to_spaces_are_refused_naming_both(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("f0, f0 ,y\n1,2,0\n3,4,1\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "jaxnet.app", "train", "--data", str(path), "--target", "y"],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "duplicate column names in the header: 'f0' and ' f0 '" in result.stderr, result.stderr
+
+
+def test_a_run_folders_config_json_is_a_config_file(tmp_path):
+    from jaxnet.app import configfile
+
+    (tmp_path / "config.json").write_text('{"epochs": 3, "hidden": [8, 8], "patience": null}')
+    assert configfile.load_config_file(tmp_path / "config.json") == {"epochs": 3, "hidden": (8, 8)}
+    (tmp_path / "bad.json").write_text("{epochs")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        configfile.load_config_file(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("def build(n):\n    return mlp([n, 4, 2])\n",
+         "build() takes 1 positional argument but 2 were given: a factory is called as factory(in_features, out_dim)"),
+        ("def build(n, k):\n    raise RuntimeError('boom')\n", "raised RuntimeError: boom (a factory is called as"),
+    ],
+)  # fmt: skip
+def test_an_arch_factory_that_does_not_fit_names_arch_and_the_contract(tmp_path, body, message):
+    (tmp_path / "net.py").write_text("from jaxnet import mlp\n\n" + body)
+    data = tmp_path / "t.csv"
+    data.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "jaxnet.app", "train", "--data", str(data), "--target", "y", "--epochs", "1",
+           "--arch", f"{tmp_path / 'net.py'}:build"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxnet: error: --arch ") and message in lines[0], result.stderr
+
+
+def test_an_arch_factory_without_arguments_is_accepted(tmp_path):
+    (tmp_path / "net.py").write_text("from jaxnet import mlp\n\ndef build():\n    return mlp([2, 4, 2])\n")
+    data = tmp_path / "t.csv"
+    data.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "jaxnet.app", "train", "--data", str(data), "--target", "y", "--epochs", "1",
+           "--arch", f"{tmp_path / 'net.py'}:build", "--quiet"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr

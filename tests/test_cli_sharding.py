@@ -35,6 +35,7 @@ def weights(run: Path) -> dict:
         return {k: saved[k] for k in saved.files if saved[k].dtype.kind == "f"}
 
 
+@pytest.mark.slow
 def test_a_sharded_run_resumes_on_two_devices_and_on_one(corpus, tmp_path):
     straight = jaxnet("train", "--data", corpus, *RUN, "--steps", "20", "--mesh", "fsdp=4", "--out", tmp_path / "a")
     assert straight.returncode == 0, straight.stderr
@@ -73,6 +74,7 @@ def test_bad_meshes_and_rules_are_one_line_and_exit_2_before_training(corpus, tm
     assert not (tmp_path / "run" / "model.npz").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_accumulated_microbatches_train_from_the_command_line(corpus, tmp_path):
     runs = [jaxnet("train", "--data", corpus, *RUN, "--steps", "5", "--accumulate", k, devices=1) for k in (1, 4)]
     assert all(r.returncode == 0 for r in runs), runs[1].stderr

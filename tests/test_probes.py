@@ -1,5 +1,6 @@
 """Defects a probe of the API found (issue 30), each fixed where it belongs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_a_run_folders_config_json_is_a_config_file(tmp_path):
 def test_an_arch_factory_that_does_not_fit_names_arch_and_the_contract(tmp_path, body, message):
     (tmp_path / "net.py").write_text("from jaxnet import mlp\n\n" + body)
     data = tmp_path / "t.csv"
-    data.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    data.write_text("a,b,y\n" + "".join(f"{i % 7},{i % 3},{i % 2}\n" for i in range(40)))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "jaxnet.app", "train", "--data", str(data), "--target", "y", "--epochs", "1",
            "--arch", f"{tmp_path / 'net.py'}:build"]  # fmt: skip
@@ -90,9 +91,43 @@ def test_an_arch_factory_that_does_not_fit_names_arch_and_the_contract(tmp_path,
 def test_an_arch_factory_without_arguments_is_accepted(tmp_path):
     (tmp_path / "net.py").write_text("from jaxnet import mlp\n\ndef build():\n    return mlp([2, 4, 2])\n")
     data = tmp_path / "t.csv"
-    data.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    data.write_text("a,b,y\n" + "".join(f"{i % 7},{i % 3},{i % 2}\n" for i in range(40)))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "jaxnet.app", "train", "--data", str(data), "--target", "y", "--epochs", "1",
            "--arch", f"{tmp_path / 'net.py'}:build", "--quiet"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def run_cli(*args, timeout=180):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "jaxnet.app", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+
+
+def test_rows_without_a_target_are_left_out_and_counted_and_ignored_columns_are_no_features(tmp_path):
+    rows = ["id,a,b,y"] + [f"{i},{i % 5},{(i * 7) % 3},{'' if i % 10 == 3 else i % 2}" for i in range(60)]
+    rows.append("60,1,2,nan")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    result = run_cli("train", "--data", tmp_path / "t.csv", "--target", "y", "--ignore", "id", "--epochs", "1",
+                     "--out", tmp_path / "run", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "(7 rows without a target value left out)" in result.stderr.splitlines()[0], result.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["ignore"] == ["id"]
+    from jaxnet.app import files
+
+    assert list(files.load_model(tmp_path / "run").meta["feature_names"]) == ["a", "b"]
+    bad = run_cli("train", "--data", tmp_path / "t.csv", "--target", "y", "--ignore", "nope", "--epochs", "1")
+    assert bad.returncode == 2 and "lacks the column to ignore 'nope'" in bad.stderr, bad.stderr
+
+
+def test_a_column_that_numbers_the_rows_is_refused_as_a_feature_until_ignored(tmp_path):
+    # sorted by the target, with a row number: as a feature it predicts the target perfectly
+    rows = ["rowid,a,y"] + [f"{i + 1},{(i * 7) % 5},{int(i >= 30)}" for i in range(60)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    refused = run_cli("train", "--data", tmp_path / "t.csv", "--target", "y", "--epochs", "1")
+    assert refused.returncode == 2, refused.stderr
+    assert "column 'rowid' numbers the rows (1, 2, 3 ...)" in refused.stderr and "--ignore rowid" in refused.stderr
+    assert run_cli("train", "--data", tmp_path / "t.csv", "--target", "y", "--epochs", "1", "--ignore",
+                   "rowid").returncode == 0  # fmt: skip

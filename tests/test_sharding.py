@@ -91,7 +91,11 @@ def fit(net, params, x, y, steps=6, optimizer=None, every=None, **options):
 
 
 @needs_4
-@pytest.mark.parametrize("axes", [{"fsdp": 4}, {"fsdp": 2, "model": 2}, {"data": 2, "model": 2}])
+@pytest.mark.parametrize(
+    "axes",
+    [pytest.param({"fsdp": 4}, marks=pytest.mark.slow), {"fsdp": 2, "model": 2},
+     pytest.param({"data": 2, "model": 2}, marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_a_sharded_fit_equals_one_device_and_holds_its_share_of_the_state(axes):
     net, (x, y) = small_gpt(), tokens()
     params, _ = net.init(jax.random.key(0))
@@ -111,6 +115,7 @@ def test_a_sharded_fit_equals_one_device_and_holds_its_share_of_the_state(axes):
     assert q.sharding.spec == sharded.train.params["blocks"]["attn"]["q"]["w"].sharding.spec
 
 
+@pytest.mark.slow
 @needs_4
 def test_a_sharded_run_resumes_on_another_mesh_and_on_one_device_with_the_same_result():
     net, (x, y) = small_gpt(), tokens()
@@ -137,7 +142,7 @@ def test_init_sharded_creates_params_in_their_shards():
     np.testing.assert_array_equal(np.asarray(fc), np.asarray(expected["blocks"]["mlp"]["fc"]["w"]))
 
 
-@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("k", [2, pytest.param(4, marks=pytest.mark.slow), 8])
 def test_accumulated_microbatches_equal_the_whole_batch(k):
     net, (x, y) = small_gpt(), tokens(30)
     y[:5, :4] = jn.IGNORE_INDEX  # masked tokens, and a padded last batch (30 rows in batches of 8)
@@ -201,7 +206,7 @@ def test_repeat_of_a_stateful_block_gives_each_copy_its_state_and_its_own_dropou
     np.testing.assert_allclose(y, h, rtol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["dots", "full"])
+@pytest.mark.parametrize("remat", [pytest.param("dots", marks=pytest.mark.slow), "full"])
 def test_a_rematted_gpt_has_the_gradients_of_the_plain_one(remat):
     x, y = tokens(4)
 

@@ -96,7 +96,7 @@ class TrainConfig(ConfigFields):
 
     def __post_init__(self):
         for name in ("hidden", "lrs", "weight_decays", "input_shape", "channels", "metrics", "categorical", "shard",
-                     "init_rename", "lr_mult"):  # fmt: skip
+                     "init_rename", "lr_mult", "ignore"):  # fmt: skip
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.data is not None:

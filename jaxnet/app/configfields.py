@@ -24,6 +24,7 @@ class ConfigFields:
     target: str | None = None
     task: str | None = None
     categorical: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     encoding: str = "onehot"
     embedding_dim: int = 8
     arch: str = "mlp"

@@ -73,6 +73,7 @@ class Dataset(NamedTuple):
     validation: Dataset | None = None
     encoder: tables.Encoder | None = None
     classes: tuple[str, ...] | None = None
+    dropped: int = 0  # a table's rows left out for having no target value
 
 
 class Splits(NamedTuple):
@@ -397,8 +398,12 @@ def load_table(
     categorical: Sequence[str] = (),
     encoding: str = "onehot",
     fit_rows: Callable[[int], np.ndarray] | None = None,
+    ignore: Sequence[str] = (),
 ) -> Dataset:
     """Reads a CSV or Parquet table: numeric, boolean and categorical columns, gaps, text class labels.
+
+    Rows without a target value (an empty cell, or NaN) are left out, and counted in
+    ``Dataset.dropped``: nothing can be learned from them.
 
     Every column other than the target(s) is a feature, encoded by a :class:`jaxnet.app.tables.Encoder`
     (see :mod:`jaxnet.app.tables`) fitted on the rows ``fit_rows(n)`` (the training split; default: all
@@ -413,6 +418,7 @@ def load_table(
       categorical: integer columns to treat as categories (text columns always are).
       encoding: categories ``onehot`` or as codes for an ``embedding`` layer.
       fit_rows: ``n -> indices`` of the rows that the preprocessing is fitted on.
+      ignore: columns that are not features (ids, leaks, free notes).
 
     Returns:
       The :class:`Dataset`, named after the file; ``x`` ``(n, d)`` float32 encoded features.
@@ -422,16 +428,28 @@ def load_table(
     table = tables.read_table(path)
     targets = target_columns(target)
     tables.missing_columns(table.column_names, targets, name, "the target column")
-    features = [c for c in table.column_names if c not in targets]
+    tables.missing_columns(table.column_names, list(ignore), name, "the column to ignore")
+    if set(ignore) & set(targets):
+        raise ArgumentError(f"{{0}} names the target {escape(sorted(set(ignore) & set(targets))[0])!r}: "
+                            "the target is never a feature; drop it from {0}", "ignore")  # fmt: skip
+    features = [c for c in table.column_names if c not in targets and c not in ignore]
+    ids = tables.row_numbers(table, features)
+    if ids:
+        leak = f"{name}: column {escape(ids[0])!r} numbers the rows (1, 2, 3 ...): as a feature it would leak the "
+        raise ArgumentError(leak + "file's order; leave it out with {0} " + escape(",".join(ids)), "ignore")
     if not features:
         raise ValueError(f"{name}: no feature columns besides the target {target!r}; at least one is needed")
     if table.num_rows == 0:
         raise ValueError(f"empty dataset: {name} has a header but no data rows")
+    table, dropped = tables.rows_with_targets(table, targets)
+    if table.num_rows == 0:
+        raise ValueError(f"{name}: no row has a value in the target column {target!r}")
     y, task, num_classes, classes = _table_targets(table, targets, task, name)
     rows = np.arange(table.num_rows) if fit_rows is None else np.asarray(fit_rows(table.num_rows))
     encoder = tables.fit_encoder(table, features, categorical, encoding, name, rows)
     x = tables.encode(tables.raw_matrix(table, encoder, name), encoder)
-    return Dataset(x, y, task, num_classes, encoder.feature_names, name, encoder=encoder, classes=classes)
+    return Dataset(x, y, task, num_classes, encoder.feature_names, name, encoder=encoder, classes=classes,
+                   dropped=dropped)  # fmt: skip
 
 
 def target_columns(target: str) -> list[str]:

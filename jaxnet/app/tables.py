@@ -610,6 +610,38 @@ def class_names(table, name: str, where: str = "data") -> tuple[np.ndarray, tupl
     return class_indices(text, classes, where), classes
 
 
+def row_numbers(table, names: Sequence[str]) -> list[str]:
+    """The integer columns among ``names`` that count the rows (0 or 1, then +1 on each row, 10
+    rows at least): a row id. As a feature it leaks the file's order (a table sorted by its
+    target)."""
+    pa = _pyarrow()
+    found = []
+    for name in names:
+        column = table.column(name)
+        if not pa.types.is_integer(column.type) or column.null_count or len(column) < 10:
+            continue
+        values = column.to_numpy()
+        if values[0] in (0, 1) and np.array_equal(np.diff(values), np.ones(len(values) - 1, values.dtype)):
+            found.append(name)
+    return found
+
+
+def rows_with_targets(table, names: Sequence[str]):
+    """``(table, dropped)``: the rows whose every target column holds a value (not empty, not
+    NaN), and how many were left out."""
+    import pyarrow.compute as pc
+
+    keep = None
+    for name in names:
+        column = table.column(name)
+        valid = pc.is_valid(column)
+        if _pyarrow().types.is_floating(column.type):
+            valid = pc.and_(valid, pc.invert(pc.is_nan(column)))
+        keep = valid if keep is None else pc.and_(keep, valid)
+    kept = table.filter(keep)
+    return kept, table.num_rows - kept.num_rows
+
+
 def _refuse_target_gaps(column, name: str, where: str) -> None:
     if column.null_count:
         row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])

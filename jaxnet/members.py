@@ -94,13 +94,14 @@ def take_member(tree: Any, i: int) -> Any:
     return jax.tree.map(lambda a: a[i], tree)
 
 
+def _is_injected(node) -> bool:
+    return hasattr(node, "hyperparams") and isinstance(node.hyperparams, dict) and hasattr(node, "_replace")
+
+
 def _hyperparams_states(opt_state):
-    """The ``inject_hyperparams`` states inside ``opt_state`` (searched through tuples/chains)."""
-    if hasattr(opt_state, "hyperparams") and isinstance(opt_state.hyperparams, dict):
-        return [opt_state]
-    if isinstance(opt_state, tuple):
-        return [s for part in opt_state for s in _hyperparams_states(part)]
-    return []
+    """The ``inject_hyperparams`` states inside ``opt_state`` (anywhere: chains, the groups of
+    ``optax.multi_transform``, wrappers)."""
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(s)]
 
 
 def set_hyperparams(opt_state, values: Mapping[str, Any]):
@@ -108,7 +109,8 @@ def set_hyperparams(opt_state, values: Mapping[str, Any]):
 
     Args:
       opt_state: the state of an ``optax.inject_hyperparams(...)`` optimizer (possibly inside a
-        chain), with a leading member axis K when built by ``vmap(optimizer.init)``.
+        chain, or in each group of :func:`jaxnet.grouped`: every state that injects a name gets
+        its values), with a leading member axis K when built by ``vmap(optimizer.init)``.
       values: name -> ``(K,)`` values (one per member), e.g. ``{"learning_rate": [1e-3, 1e-2]}``.
 
     Raises:
@@ -121,27 +123,26 @@ def set_hyperparams(opt_state, values: Mapping[str, Any]):
             "the optimizer state has no injected hyperparameters: build the optimizer with "
             "optax.inject_hyperparams(optax.adam)(learning_rate=...)"
         )
-    replaced = {}
-    for name, value in values.items():
-        owner = next((s for s in states if name in s.hyperparams), None)
-        if owner is None:
-            known = sorted({n for s in states for n in s.hyperparams})
+    known = sorted({n for s in states for n in s.hyperparams})
+    for name in values:
+        if name not in known:
             raise ValueError(f"the optimizer has no hyperparameter {name!r}: use one of {', '.join(known)}")
-        old = owner.hyperparams[name]
-        new = jnp.array(value, dtype=old.dtype)  # a copy: the state is donated, the caller's value is not
-        if new.shape != old.shape:
-            raise ValueError(f"{name} needs values of shape {old.shape} (one per member), got shape {new.shape}")
-        replaced.setdefault(id(owner), {})[name] = new
 
-    def rebuild(state):
-        if id(state) in replaced:
-            return state._replace(hyperparams={**state.hyperparams, **replaced[id(state)]})
-        if isinstance(state, tuple) and not hasattr(state, "hyperparams"):
-            parts = [rebuild(p) for p in state]
-            return type(state)(*parts) if hasattr(state, "_fields") else type(state)(parts)
-        return state
+    def replace(state):
+        if not _is_injected(state):
+            return state
+        new = {}
+        for name, value in values.items():
+            if name in state.hyperparams:
+                old = state.hyperparams[name]
+                new[name] = jnp.array(value, dtype=old.dtype)  # a copy: the state is donated, the caller's value is not
+                if new[name].shape != old.shape:
+                    raise ValueError(
+                        f"{name} needs values of shape {old.shape} (one per member), got shape {new[name].shape}"
+                    )
+        return state._replace(hyperparams={**state.hyperparams, **new})
 
-    return rebuild(opt_state)
+    return jax.tree.map(replace, opt_state, is_leaf=_is_injected)
 
 
 def tree_bytes(tree: Any) -> int:

@@ -176,3 +176,15 @@ def test_init_from_a_checkpoints_folder_takes_its_training_params(mlp_run, tmp_p
     result = jaxnet("train", "--dataset", "digits", "--hidden", "16", "--epochs", "1", "--init-from", folder,
                     "--out", tmp_path / "o", "--quiet")  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_every_member_of_an_ensemble_starts_from_the_weights(mlp_run, tmp_path):
+    out = tmp_path / "ensemble"
+    result = jaxnet("train", "--dataset", "digits", "--init-from", mlp_run / "run", "--epochs", "1", "--seeds", "2",
+                    "--ensemble", "--freeze", "^0/", "--out", out, "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with np.load(mlp_run / "run" / "model.npz") as before, np.load(out / "model.npz") as after:
+        for name in ("params/0/w", "params/0/b"):  # frozen: each of the two members holds the loaded weights
+            assert after[name].shape == (2, *before[name].shape)
+            np.testing.assert_array_equal(after[name], np.broadcast_to(before[name], after[name].shape))
+        assert not np.array_equal(after["params/1/w"][0], before["params/1/w"])

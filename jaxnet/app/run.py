@@ -118,8 +118,6 @@ def _start_weights(config: TrainConfig, shapes) -> transfer.Loaded | None:
     their leaves the source lacks stay shapes (``--init-partial``: the fresh values fill them)."""
     if config.init_from is None:
         return None
-    if configlib.grid_size(config) > 1:
-        raise ArgumentError("{0} starts one model from the weights: drop " + MEMBER_RUNS.split(" (")[0], "init_from")
     rename = dict(rule.rsplit("=", 1) for rule in config.init_rename)
     template = shapes["base"] if config.lora_rank is not None else shapes
     return transfer.load_params(config.init_from, template, rename=rename, partial=config.init_partial)
@@ -159,10 +157,11 @@ def _fresh(job: Job) -> _Start:
 
 
 def _started(fresh, loaded, adapted: bool):
-    """``fresh`` params with the loaded weights in place (where a leaf was loaded)."""
+    """``fresh`` params with the loaded weights in place (where a leaf was loaded; in each member
+    of a member run)."""
 
-    def take(new, old):
-        return new if isinstance(old, jax.ShapeDtypeStruct) else jnp.asarray(old)
+    def take(new, old):  # a member run: every member starts from the same weights
+        return new if isinstance(old, jax.ShapeDtypeStruct) else jnp.broadcast_to(jnp.asarray(old), new.shape)
 
     if adapted:
         return dict(fresh, base=jax.tree.map(take, fresh["base"], loaded))

@@ -131,3 +131,26 @@ def test_a_column_that_numbers_the_rows_is_refused_as_a_feature_until_ignored(tm
     assert "column 'rowid' numbers the rows (1, 2, 3 ...)" in refused.stderr and "--ignore rowid" in refused.stderr
     assert run_cli("train", "--data", tmp_path / "t.csv", "--target", "y", "--epochs", "1", "--ignore",
                    "rowid").returncode == 0  # fmt: skip
+
+
+def test_predict_writes_its_output_file_whole_or_not_at_all(tmp_path):
+    rows = ["a,b,y"] + [f"{i % 7},{i % 3},{i % 2}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    assert run_cli("train", "--data", tmp_path / "t.csv", "--target", "y", "--epochs", "1", "--out",
+                   tmp_path / "run", "--quiet").returncode == 0  # fmt: skip
+    out = tmp_path / "p.csv"
+    done = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "t.csv", "--output", out)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert len(out.read_text().splitlines()) == 41
+    (tmp_path / "bad.csv").write_text("a,b\n" + "1,2\n" * 30 + "x,2\n")  # a bad cell in the last row
+    failed = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "bad.csv", "--output", out)
+    assert failed.returncode == 2, failed.stderr
+    assert len(out.read_text().splitlines()) == 41  # the earlier file, untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".p.csv")]  # no temporary file left
+
+
+def test_the_json_names_the_epoch_of_its_validation_figures(tmp_path):
+    result = run_cli("train", "--dataset", "digits", "--hidden", "8", "--epochs", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == 3 and summary["best_epoch"] in (1, 2, 3)

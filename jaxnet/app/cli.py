@@ -422,23 +422,37 @@ def _add_predict(sub) -> None:
         "folder with x.npy",
     )
     p.add_argument("--probabilities", action="store_true", help="classification: also write each class's probability")
+    p.add_argument(
+        "--output",
+        metavar="FILE.csv",
+        help="write the predictions to FILE (atomically: all of them, or on an error nothing) instead of stdout",
+    )
     p.set_defaults(run=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
     import csv
 
+    from jaxnet._atomic import atomic_path
     from jaxnet.app import files, report
     from jaxnet.app import saved as savedlib
 
     model = files.load_model(args.model)
     chunks = savedlib.input_chunks(model, args.data, targets=False)
-    writer = csv.writer(sys.stdout, lineterminator="\n")
-    for i, predictions in enumerate(savedlib.predict_chunks(model, chunks, args.arch)):
-        header, rows = report.prediction_rows(model.meta, predictions, args.probabilities)
-        if i == 0:
-            writer.writerow(header)
-        writer.writerows(rows)
+
+    def write(stream) -> None:
+        writer = csv.writer(stream, lineterminator="\n")
+        for i, predictions in enumerate(savedlib.predict_chunks(model, chunks, args.arch)):
+            header, rows = report.prediction_rows(model.meta, predictions, args.probabilities)
+            if i == 0:
+                writer.writerow(header)
+            writer.writerows(rows)
+
+    if args.output is None:
+        write(sys.stdout)
+        return 0
+    with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as stream:
+        write(stream)
     return 0
 
 

@@ -354,6 +354,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         "train_loss": entries[best]["train_loss"],
         "val_loss": entries[best].get("val_loss"),
         "val_accuracy": entries[best].get("val_accuracy"),
+        "best_epoch": entries[best].get("best_epoch"),  # the epoch of val_* (and of the saved params)
         "test_accuracy": None,
     }
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})

@@ -154,3 +154,17 @@ def test_the_json_names_the_epoch_of_its_validation_figures(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["epochs"] == 3 and summary["best_epoch"] in (1, 2, 3)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_semicolon_or_tab_separated_table_is_read_as_its_columns(tmp_path, sep):
+    rows = [sep.join(["sepalLength", "sepalWidth", "species"])]
+    rows += [
+        sep.join([str(4 + i % 5 * 0.3), str(2 + i % 3 * 0.4), "setosa" if i % 2 else "virginica"]) for i in range(40)
+    ]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    result = run_cli("train", "--data", tmp_path / "t.csv", "--target", "species", "--epochs", "1", "--out",
+                     tmp_path / "run", "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    predicted = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "t.csv")
+    assert predicted.returncode == 0 and len(predicted.stdout.splitlines()) == 41, predicted.stderr

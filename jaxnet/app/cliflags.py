@@ -42,6 +42,7 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "target": Flag(DATA, "str", "COLUMN[,COLUMN]", "the table's column to predict (several: multi-output regression)"),
     "categorical": Flag(DATA, "names", "COLUMNS", "integer columns to treat as categories (text columns always are)"),
     "ignore": Flag(DATA, "names", "COLUMNS", "columns that are not features (ids, leaks, notes)"),
+    "delimiter": Flag(DATA, "str", "C", "a CSV's field separator (default: sniffed from the header: , ; tab |)"),
     "encoding": Flag(DATA, "str", "NAME", "categories as onehot features, or as a learned embedding (mlp)"),
     "embedding_dim": Flag(DATA, "int", "N", "--encoding embedding: the size of each category's vector"),
     "task": Flag(

@@ -364,6 +364,12 @@ def _validate_recipe(c: TrainConfig) -> None:
     checks.integer("grad_accum", c.grad_accum)
     checks.integer("accumulate", c.accumulate)
     _validate_tuning(c)
+    if c.delimiter is not None and (
+        not isinstance(c.delimiter, str) or len(c.delimiter) != 1 or c.delimiter in '\n\r"'
+    ):
+        raise ArgumentError(
+            "{0} is one character, such as ';' or a tab, got " + checks.literal(c.delimiter), "delimiter"
+        )
     checks.optional_integer("memory_budget", c.memory_budget)
     if c.peak_tflops is not None:
         checks.number("peak_tflops", c.peak_tflops, 0.0, strict=True)

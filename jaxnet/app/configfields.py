@@ -25,6 +25,7 @@ class ConfigFields:
     task: str | None = None
     categorical: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    delimiter: str | None = None
     encoding: str = "onehot"
     embedding_dim: int = 8
     arch: str = "mlp"

@@ -399,6 +399,7 @@ def load_table(
     encoding: str = "onehot",
     fit_rows: Callable[[int], np.ndarray] | None = None,
     ignore: Sequence[str] = (),
+    delimiter: str | None = None,
 ) -> Dataset:
     """Reads a CSV or Parquet table: numeric, boolean and categorical columns, gaps, text class labels.
 
@@ -419,13 +420,14 @@ def load_table(
       encoding: categories ``onehot`` or as codes for an ``embedding`` layer.
       fit_rows: ``n -> indices`` of the rows that the preprocessing is fitted on.
       ignore: columns that are not features (ids, leaks, free notes).
+      delimiter: a CSV's field separator (default: sniffed from its header, :func:`jaxnet.app.tables.sniff_delimiter`).
 
     Returns:
       The :class:`Dataset`, named after the file; ``x`` ``(n, d)`` float32 encoded features.
     """
     _check_task(task)
     name = os.path.basename(os.fspath(path))
-    table = tables.read_table(path)
+    table = tables.read_table(path, delimiter=delimiter)
     targets = target_columns(target)
     tables.missing_columns(table.column_names, targets, name, "the target column")
     tables.missing_columns(table.column_names, list(ignore), name, "the column to ignore")

@@ -241,9 +241,27 @@ def _check_text(path: str, name: str) -> None:
         raise TableError(f"{name} is not a UTF-8 text CSV file (save it as CSV, UTF-8)")
 
 
-def read_table(path, columns: Sequence[str] | None = None, types: dict | None = None):
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def sniff_delimiter(path: str) -> str:
+    """A CSV's delimiter: a comma when its header line has one, else whichever of ``;``, tab and
+    ``|`` it has most of (a comma again when none: one column)."""
+    if path == "-":
+        return ","
+    with open(path, "rb") as f:
+        header = f.readline(1 << 20).decode("utf-8", errors="replace")
+    counts = {d: header.count(d) for d in DELIMITERS}
+    if counts[","]:
+        return ","
+    best = max(DELIMITERS[1:], key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def read_table(path, columns: Sequence[str] | None = None, types: dict | None = None, delimiter: str | None = None):
     """A CSV or Parquet file as a ``pyarrow.Table`` (``columns``: only those, by name; ``types``:
-    ``{column: pyarrow type}`` to read them as). Refuses duplicate column names and empty tables."""
+    ``{column: pyarrow type}`` to read them as; ``delimiter``: a CSV's, default
+    :func:`sniff_delimiter`). Refuses duplicate column names and empty tables."""
     pa = _pyarrow()
     path = os.fspath(path)
     name = os.path.basename(path)
@@ -258,12 +276,16 @@ def read_table(path, columns: Sequence[str] | None = None, types: dict | None = 
         else:
             _check_text(path, name)
             options = _read_options(pa, path)
-            table = pa.csv.read_csv(path, read_options=options, convert_options=_csv_options(pa, types, columns))
+            parse = pa.csv.ParseOptions(delimiter=delimiter or sniff_delimiter(path))
+            table = pa.csv.read_csv(
+                path, read_options=options, parse_options=parse, convert_options=_csv_options(pa, types, columns)
+            )
             integers = [f.name for f in table.schema if pa.types.is_integer(f.type)]
             if integers and _has_hex(path):  # read them again as floats, which refuse 0x10
                 table = pa.csv.read_csv(
                     path,
                     read_options=options,
+                    parse_options=parse,
                     convert_options=_csv_options(
                         pa, {**(types or {}), **dict.fromkeys(integers, pa.float64())}, columns
                     ),
@@ -323,6 +345,7 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
         reader = pa.csv.open_csv(
             source,
             read_options=pa.csv.ReadOptions(block_size=_block_bytes(rows)),
+            parse_options=pa.csv.ParseOptions(delimiter=sniff_delimiter(path)),
             convert_options=_csv_options(pa, types, columns),
         )
         header = reader.schema.names if columns is None else []  # pyarrow numbers the file's columns
@@ -336,7 +359,7 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
 
 def _csv_header(path: str) -> list[str]:
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return next(csv.reader(f), [])
+        return next(csv.reader(f, delimiter=sniff_delimiter(path)), [])
 
 
 def _row_of(path: str, column: int, value: str, after: int) -> str:
@@ -345,7 +368,7 @@ def _row_of(path: str, column: int, value: str, after: int) -> str:
     input cannot be read again)."""
     if path != "-":
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            rows = csv.reader(f)
+            rows = csv.reader(f, delimiter=sniff_delimiter(path))
             next(rows, None)
             for i, row in enumerate(rows, 1):
                 if i > after and column < len(row) and row[column].strip() == value.strip():

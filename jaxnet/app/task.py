@@ -119,6 +119,7 @@ def load_problem(config: TrainConfig, cache: Path | None = None) -> Problem:
             categorical=config.categorical,
             encoding=config.encoding,
             ignore=config.ignore,
+            delimiter=config.delimiter,
             fit_rows=lambda n: datalib.split_indices(n, config.val_split, config.test_split, config.seed).train,
         )
     ds = datalib.load_data(

@@ -168,3 +168,20 @@ def test_a_semicolon_or_tab_separated_table_is_read_as_its_columns(tmp_path, sep
     assert result.returncode == 0, result.stderr
     predicted = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "t.csv")
     assert predicted.returncode == 0 and len(predicted.stdout.splitlines()) == 41, predicted.stderr
+
+
+def test_messages_point_at_the_flag_the_user_gave_and_the_row_at_fault(tmp_path):
+    rows = ["a,b,species"] + [f"{i % 7},{i % 3},{'x' if i % 2 else 'z'}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    mse = run_cli("train", "--data", tmp_path / "t.csv", "--target", "species", "--loss", "mse", "--epochs", "1")
+    assert mse.returncode == 2 and "--loss 'mse' is a regression loss" in mse.stderr and "--task" not in mse.stderr
+    rows[20] = "1,2,x,9"
+    (tmp_path / "ragged.csv").write_text("\n".join(rows) + "\n")
+    ragged = run_cli("train", "--data", tmp_path / "ragged.csv", "--target", "species", "--epochs", "1")
+    assert ragged.returncode == 2 and "row 20 has 4 fields, expected 3 as in the header" in ragged.stderr
+    assert run_cli("train", "--data", tmp_path / "t.csv", "--target", "species", "--epochs", "1", "--out",
+                   tmp_path / "run", "--quiet").returncode == 0  # fmt: skip
+    (tmp_path / "features.csv").write_text("a,b\n1,2\n3,4\n")
+    unlabelled = run_cli("evaluate", "--model", tmp_path / "run", "--data", tmp_path / "features.csv")
+    assert unlabelled.returncode == 2
+    assert "lacks the target column 'species' that the model was trained on" in unlabelled.stderr

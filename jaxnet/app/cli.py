@@ -482,7 +482,7 @@ def _cmd_evaluate(args) -> int:
     def labelled(chunks):
         for x, y in chunks:
             if y is None:
-                raise CliError(_no_targets(args.data, args.target))
+                raise CliError(_no_targets(args.data, args.target, model.meta.get("target")))
             yield x, y
 
     metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch)
@@ -522,15 +522,20 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _no_targets(data: str, target: str | None) -> str:
-    """What to do about evaluation data without targets, by the kind of data."""
+def _no_targets(data: str, target: str | None, trained: str | None = None) -> str:
+    """What to do about evaluation data without targets, by the kind of data (``trained``: the
+    target column the model was trained on)."""
     shown = "standard input" if data == "-" else data
     if os.path.isdir(data):
         return f"{shown} has no y.npy: put the targets beside x.npy, as y.npy"
     if data.lower().endswith(".npz"):
         return f"{shown} has no array 'y': save the targets in it as y"
-    hint = f"has no column {target!r}" if target else "has no targets"
-    return f"{shown} {hint}: name its target column with --target"
+    if target:
+        return f"{shown} has no column {target!r}: name its target column with --target"
+    if trained:
+        return (f"{shown} lacks the target column {trained!r} that the model was trained on: give data with it, "
+                "or name the column that holds the targets with --target")  # fmt: skip
+    return f"{shown} has no targets: name its target column with --target"
 
 
 def _add_seed(sub) -> None:

@@ -210,16 +210,19 @@ _RAGGED = re.compile(r"Expected (\d+) columns, got (\d+): (.*)")
 _BAD_CELL = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'")
 
 
-def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=None) -> TableError:
+def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=None, path=None) -> TableError:
     """pyarrow's error about a file, as one line that names the problem and the fix (``row_of(j,
-    value)``: where the bad cell ``value`` of column ``j`` is, e.g. ``"row 12, "``)."""
+    value)``: where the bad cell ``value`` of column ``j`` is, e.g. ``"row 12, "``; ``path``: the
+    file, read again to number a ragged row)."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "Empty CSV file" in text:
         return TableError(f"empty dataset: {name} is empty (expected a header row and data rows)")
     ragged = _RAGGED.search(text)
     if ragged:
         want, got, row = ragged.groups()
-        return TableError(f"{name}: a row has {got} fields, expected {want} as in the header: {row[:80]!r}")
+        where = _line_of(path, row) if path not in (None, "-") else None
+        which = f"row {where}" if where else "a row"
+        return TableError(f"{name}: {which} has {got} fields, expected {want} as in the header: {row[:80]!r}")
     cell = _BAD_CELL.search(text)
     if cell:
         j = int(cell[1])
@@ -293,7 +296,7 @@ def read_table(path, columns: Sequence[str] | None = None, types: dict | None = 
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         if isinstance(e, PermissionError):
             raise OSError(f"cannot read data file {path}: permission denied") from None
-        raise _arrow_error(name, e, table.column_names if table is not None else ()) from None
+        raise _arrow_error(name, e, table.column_names if table is not None else (), path=path) from None
     _check_names(table.column_names, name)
     return table
 
@@ -354,7 +357,17 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
             done += batch.num_rows
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         header = header or (_csv_header(path) if path != "-" else [])
-        raise _arrow_error(name, e, header, lambda j, value: _row_of(path, j, value, done)) from None
+        raise _arrow_error(name, e, header, lambda j, value: _row_of(path, j, value, done), path=path) from None
+
+
+def _line_of(path: str, text: str) -> int | None:
+    """The data row (1-based, the header not counted) whose line is ``text``, or None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        next(f, None)
+        for i, line in enumerate(f, 1):
+            if line.rstrip("\r\n") == text.rstrip("\r\n"):
+                return i
+    return None
 
 
 def _csv_header(path: str) -> list[str]:

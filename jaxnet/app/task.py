@@ -122,14 +122,22 @@ def load_problem(config: TrainConfig, cache: Path | None = None) -> Problem:
             delimiter=config.delimiter,
             fit_rows=lambda n: datalib.split_indices(n, config.val_split, config.test_split, config.seed).train,
         )
-    ds = datalib.load_data(
-        dataset=config.dataset,
-        data=config.data,
-        target=config.target,
-        seed=config.seed,
-        task=_task_of(config),
-        **options,
-    )
+    try:
+        ds = datalib.load_data(
+            dataset=config.dataset,
+            data=config.data,
+            target=config.target,
+            seed=config.seed,
+            task=_task_of(config),
+            **options,
+        )
+    except ArgumentError as e:  # the task came from the loss: name the flag the user gave
+        if e.names != ("task",) or config.task is not None or config.loss is None:
+            raise
+        where = f"{Path(config.data).name}: the target {config.target!r}"
+        raise ArgumentError(text_escape(f"{where} holds class names, not numbers: ") + "{0} "
+                            + text_escape(f"{config.loss!r} is a regression loss; give a classification loss "
+                                          "(softmax_cross_entropy) or a numeric target"), "loss") from None  # fmt: skip
     _check_classes(ds)
     encoder = ds.encoder or tables.numeric(ds.feature_names)
     loss = get_loss(config.loss or ("softmax_cross_entropy" if ds.task == "classification" else "mse")).name

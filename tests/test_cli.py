@@ -77,7 +77,7 @@ BAD_IN_PROCESS = {
     ),
     "ragged row": (
         ["train", "--data", "{ragged}", "--target", "label"],
-        "a row has 2 fields, expected 3 as in the header",
+        "has 2 fields, expected 3 as in the header",
     ),
     "inf": (["train", "--data", "{inf}", "--target", "label"], "row 1, column 'b': inf is not a finite number"),
     "missing target": (

@@ -170,8 +170,8 @@ def test_csv_negative_labels_out_of_range(tmp_path):
     "text, match",
     [
         ("a,b,y\n1,2,0\n3,abc,1\n", r"data.csv: row 2, column 'b': 'abc' is not a number, but the column's other"),
-        ("a,b,y\n1,2,0\n\n3,4\n", r"data.csv: a row has 2 fields, expected 3 as in the header: '3,4'"),
-        ("a,b,y\n1,2,0\n3,4,1,5\n", r"data.csv: a row has 4 fields, expected 3 as in the header"),
+        ("a,b,y\n1,2,0\n\n3,4\n", r"data.csv: row 3 has 2 fields, expected 3 as in the header: '3,4'"),
+        ("a,b,y\n1,2,0\n3,4,1,5\n", r"data.csv: row 2 has 4 fields, expected 3 as in the header"),
         ("a,b,y\n1,nan,0\n", r"data.csv: column 'b' is empty in every row; drop it"),
         ("a,b,y\n1,2,0\n-inf,2,1\n", r"data.csv: row 2, column 'a': -inf is not a finite number within float32"),
         ("a,b,y\n1,2,0\n1e39,2,1\n", r"data.csv: row 2, column 'a': 1e\+39 is not a finite number"),

@@ -178,7 +178,7 @@ def test_messages_point_at_the_flag_the_user_gave_and_the_row_at_fault(tmp_path)
     rows[20] = "1,2,x,9"
     (tmp_path / "ragged.csv").write_text("\n".join(rows) + "\n")
     ragged = run_cli("train", "--data", tmp_path / "ragged.csv", "--target", "species", "--epochs", "1")
-    assert ragged.returncode == 2 and "row 20 has 4 fields, expected 3 as in the header" in ragged.stderr
+    assert ragged.returncode == 2 and "ragged.csv: row 20 has 4 fields, expected 3 as in the header" in ragged.stderr
     assert run_cli("train", "--data", tmp_path / "t.csv", "--target", "species", "--epochs", "1", "--out",
                    tmp_path / "run", "--quiet").returncode == 0  # fmt: skip
     (tmp_path / "features.csv").write_text("a,b\n1,2\n3,4\n")

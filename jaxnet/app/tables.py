@@ -361,7 +361,8 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
 
 
 def _line_of(path: str, text: str) -> int | None:
-    """The data row (1-based, the header not counted) whose line is ``text``, or None."""
+    """The first row after the header (numbered as :func:`_row_of` numbers them) whose line is
+    ``text``, or None."""
     with open(path, encoding="utf-8", errors="replace") as f:
         next(f, None)
         for i, line in enumerate(f, 1):

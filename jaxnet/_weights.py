@@ -96,24 +96,39 @@ def check_sample_weight(sample_weight, num_examples: int) -> jax.Array | None:
     return jnp.asarray(w, jnp.float32)
 
 
-def parse_class_weight(text: str | None) -> str | dict[int, float] | None:
-    """``"balanced"``, or ``"0:1,1:5"`` as ``{0: 1.0, 1: 5.0}`` (the command line's spelling)."""
+def parse_class_weight(text: str | None, classes=None) -> str | dict[int, float] | None:
+    """``"balanced"``, or ``"0:1,1:5"`` as ``{0: 1.0, 1: 5.0}`` (the command line's spelling); a
+    class may be named (``"snow:10,drizzle:5"``) when ``classes``, the class names in label order,
+    are given (without them a name is kept as text, to be resolved once they are known)."""
     if text is None or text == "balanced":
         return text
     if not isinstance(text, str):
         raise ValueError(f"expected 'balanced' or 'class:weight,...', got {text!r}")
-    mapping: dict[int, float] = {}
+    mapping: dict = {}
     for part in text.split(","):
-        label, sep, weight = part.partition(":")
+        label, sep, weight = part.rpartition(":")
+        label = label.strip()
         try:
-            if not sep or not (label.strip().isascii() and label.strip().isdigit()):
+            if not sep or not label:
                 raise ValueError
             value = float(weight)
         except ValueError:
             raise ValueError(f"expected 'balanced' or 'class:weight,...' such as '0:1,1:5', got {text!r}") from None
         if not np.isfinite(value) or value < 0:
-            raise ValueError(f"the weight of class {label.strip()} must be a finite number >= 0, got {weight!r}")
-        if int(label) in mapping:
-            raise ValueError(f"class {int(label)} is given twice in {text!r}")
-        mapping[int(label)] = value
+            raise ValueError(f"the weight of class {label} must be a finite number >= 0, got {weight!r}")
+        key = _class_key(label, classes, text)
+        if key in mapping:
+            raise ValueError(f"class {label} is given twice in {text!r}")
+        mapping[key] = value
     return mapping
+
+
+def _class_key(label: str, classes, text: str):
+    if classes is not None and label in classes:
+        return list(classes).index(label)
+    if label.isascii() and label.isdigit():
+        return int(label)
+    if classes is None:
+        return label  # a name, resolved when the class names are known
+    raise ValueError(f"class-weight {text!r} names the class {label!r}, which the data lacks: its classes are "
+                     + ", ".join(map(str, classes)))  # fmt: skip

@@ -185,3 +185,18 @@ def test_messages_point_at_the_flag_the_user_gave_and_the_row_at_fault(tmp_path)
     unlabelled = run_cli("evaluate", "--model", tmp_path / "run", "--data", tmp_path / "features.csv")
     assert unlabelled.returncode == 2
     assert "lacks the target column 'species' that the model was trained on" in unlabelled.stderr
+
+
+def test_class_weights_take_class_names_and_the_class_order_is_printed(tmp_path):
+    weather = ["drizzle", "rain", "snow"]
+    rows = ["t,w,weather"] + [f"{i % 9},{i % 4},{weather[i % 3]}" for i in range(60)]
+    (tmp_path / "w.csv").write_text("\n".join(rows) + "\n")
+    args = ["train", "--data", tmp_path / "w.csv", "--target", "weather", "--epochs", "1"]
+    named = run_cli(*args, "--class-weight", "snow:10,drizzle:5")
+    assert named.returncode == 0, named.stderr
+    assert named.stderr.startswith("task: classification, 3 classes (drizzle, rain, snow)")
+    unknown = run_cli(*args, "--class-weight", "hail:3")
+    assert (
+        unknown.returncode == 2
+        and "names the class 'hail', which the data lacks: its classes are drizzle, rain, snow" in unknown.stderr
+    )

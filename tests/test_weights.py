@@ -250,7 +250,7 @@ def test_cli_weighs_classes_and_records_named_metrics(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["class_weight"] == "balanced"
     for bad, message in (
         (["--class-weight", "0:x"], "--class-weight: expected 'balanced' or 'class:weight,...'"),
-        (["--class-weight", "\u0660:1"], "--class-weight: expected 'balanced'"),
+        (["--class-weight", "\u0660:1"], "--class-weight names the class '\u0660', but the labels are numbers"),
         (["--metrics", "f2"], "--metrics: unknown metric 'f2'"),
         (["--dataset", "moons", "--task", "regression", "--class-weight", "balanced"], "needs a classification task"),
         (["--log-every-steps", "5"], "--log-every-steps N needs --out DIR"),

@@ -98,6 +98,7 @@ def prepare(config: TrainConfig, cache: Path | None = None) -> Job:
     estimated memory exceeds the device's before anything is allocated. A text's tokens are cached
     in ``cache`` (the run folder)."""
     problem = load_problem(config, cache)
+    class_weight_of(config, problem)
     meta = model_meta(config, problem)
     model = archlib.build_model(meta, config.arch)
     if config.lora_rank is not None:  # the base's weights get adapters; only they train
@@ -166,6 +167,17 @@ def _started(fresh, loaded, adapted: bool):
     if adapted:
         return dict(fresh, base=jax.tree.map(take, fresh["base"], loaded))
     return jax.tree.map(take, fresh, loaded)
+
+
+def class_weight_of(config: TrainConfig, problem: Problem):
+    """``config.class_weight`` for ``problem``: class names turned into labels (checked when the
+    job is prepared, before anything is said or run)."""
+    given = weights.parse_class_weight(config.class_weight, problem.classes)
+    named = [k for k in given if isinstance(k, str)] if isinstance(given, dict) else []
+    if named:
+        raise ArgumentError(f"{{0}} names the class {checks.escape(repr(named[0]))}, but the labels are numbers: "
+                            "give them as label:weight, such as 0:1,1:5", "class_weight")  # fmt: skip
+    return given
 
 
 def template(job: Job) -> FitState:
@@ -263,7 +275,7 @@ def train(
         compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
         chunk_steps=chunk_steps,
         metrics=list(c.metrics) or None,
-        class_weight=weights.parse_class_weight(c.class_weight),
+        class_weight=class_weight_of(c, job.problem),
         sharding=[tuple(rule.rsplit("=", 1)) for rule in c.shard] or None,
         accumulate=c.accumulate,
         memory_budget=c.memory_budget,

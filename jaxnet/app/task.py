@@ -304,5 +304,9 @@ def describe_problem(problem: Problem) -> str:
     if problem.dropped:
         sizes += f" ({problem.dropped} rows without a target value left out)"
     if problem.task == "classification":
-        return f"task: classification, {problem.num_classes} classes, loss {problem.loss}; {sizes}"
+        named = ""
+        if problem.classes:  # their order: the labels 0, 1, ... and the columns of --probabilities
+            shown = ", ".join(problem.classes[:20]) + (" ..." if len(problem.classes) > 20 else "")
+            named = f" ({shown})"
+        return f"task: classification, {problem.num_classes} classes{named}, loss {problem.loss}; {sizes}"
     return f"task: regression, {problem.out_dim} output(s), loss {problem.loss}; {sizes}"

@@ -200,3 +200,20 @@ def test_class_weights_take_class_names_and_the_class_order_is_printed(tmp_path)
         unknown.returncode == 2
         and "names the class 'hail', which the data lacks: its classes are drizzle, rain, snow" in unknown.stderr
     )
+
+
+def test_a_rerun_that_starts_over_says_so(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    first = run_cli("train", "--dataset", "digits", "--hidden", "8", "--epochs", "1", "--out", out, "--quiet")
+    assert first.returncode == 0
+    for name in ("model.npz", "metrics.jsonl", "curves.png"):  # as a run stopped before its first save leaves it
+        (out / name).unlink(missing_ok=True)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    again = run_cli("train", "--dataset", "digits", "--hidden", "8", "--epochs", "1", "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert "holds this run's config but no checkpoint (it stopped before its first save): training starts over" in (
+        again.stderr
+    )

@@ -711,6 +711,9 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
                 "overwrite",
             )
         job = prepare(config, folder.path)
+        if stored is not None and not _holds_training(folder) and not overwrite:
+            _say(notify, f"{folder.path} holds this run's config but no checkpoint (it stopped before its first "
+                         "save): training starts over")  # fmt: skip
         _say(notify, describe_problem(job.problem), always=False)
         if parallel.is_primary():
             folder.clear()

@@ -28,6 +28,10 @@ def _progress_fields(record: dict) -> dict[str, str]:
     spikes = record.get("spikes")
     if spikes:  # loss spikes skipped so far
         fields["spikes"] = str(sum(v or 0 for v in spikes) if isinstance(spikes, list) else spikes)
+    for name, value in record.items():  # named metrics (fit(metrics=...)): their validation values
+        if not members and name.startswith("val_") and name not in ("val_loss", "val_accuracy", "val_seconds"):
+            if isinstance(value, (int, float)):
+                fields[name] = f"{value:.4g}"
     skipped = record.get("skipped")
     if skipped:
         fields["skipped"] = str(sum(v or 0 for v in skipped) if isinstance(skipped, list) else skipped)

@@ -217,3 +217,13 @@ def test_a_rerun_that_starts_over_says_so(tmp_path):
     assert "holds this run's config but no checkpoint (it stopped before its first save): training starts over" in (
         again.stderr
     )
+
+
+def test_named_metrics_show_in_the_epoch_lines_the_final_line_and_the_json():
+    result = run_cli("train", "--dataset", "digits", "--hidden", "8", "--epochs", "2", "--metrics", "f1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert all("val_f1=" in line for line in result.stderr.splitlines() if line.startswith("epoch "))
+    summary = json.loads(result.stdout)
+    assert 0 <= summary["val_f1"] <= 1
+    plain = run_cli("train", "--dataset", "digits", "--hidden", "8", "--epochs", "2", "--metrics", "f1")
+    assert "validation f1 " in plain.stderr.splitlines()[-1] or "validation f1 " in plain.stdout, plain.stderr

@@ -33,6 +33,10 @@ def format_result(summary: dict, out: str | None = None) -> str:
             parts.append(f"{summary['tokens_per_second']:,.0f} tokens/s")
     elif summary.get("val_accuracy") is not None:
         parts.append(f"validation accuracy {summary['val_accuracy']:.4f}")
+    for name, value in summary.items():  # named metrics (--metrics), of the best validation epoch
+        if name.startswith("val_") and name not in ("val_loss", "val_accuracy", "val_perplexity"):
+            if isinstance(value, (int, float)):
+                parts.append(f"validation {name[4:].replace('_', ' ')} {value:.4f}")
     for name, label in (
         ("test_accuracy", "test accuracy"),
         ("test_mse", "test MSE"),

@@ -309,6 +309,10 @@ def metrics_rows(job: Job, history: list) -> list[dict]:
     return sorted(rows, key=lambda r: (r["epoch"], r["member"]))
 
 
+_PLAIN_VAL = ("val_loss", "val_accuracy", "val_seconds")
+"""Validation fields every run reports on their own; the others are named metrics (``--metrics``)."""
+
+
 def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
     """One summary entry per member: its seed and hyperparameters, epochs, best figures, test metrics."""
     entries = []
@@ -323,6 +327,7 @@ def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
                 val_loss=best.get("val_loss"),
                 val_accuracy=best.get("val_accuracy"),
             )
+            entry.update({k: v for k, v in best.items() if k.startswith("val_") and k not in _PLAIN_VAL})
         if any("skipped" in r for r in own):
             entry["skipped"] = sum(r["skipped"] for r in own)  # updates skipped as non-finite
         entry.update({f"test_{name}": value for name, value in tests[i].items()} if tests else {})
@@ -370,6 +375,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         "test_accuracy": None,
     }
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
+    summary.update({k: v for k, v in entries[best].items() if k.startswith("val_") and k not in _PLAIN_VAL})
     if c.steps is not None:  # a run by steps records rounds of eval_every steps, not epochs
         last = member_history(state.history, best)[-1:] or [{}]
         summary.update(epochs=None, rounds=entries[best]["epochs"], steps=last[0].get("step"))

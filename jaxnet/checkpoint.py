@@ -229,7 +229,6 @@ def save(
     Returns:
       The checkpoint's folder.
     """
-    checks.optional_integer("keep", keep)
     return write(directory, snapshot(state, metadata), keep=keep)
 
 

@@ -21,7 +21,7 @@ import optax
 from jaxnet import step
 from jaxnet._checks import ArgumentError, escape, literal
 from jaxnet.averaging import with_ema
-from jaxnet.sharding import path_name
+from jaxnet.sharding import listed, path_name
 
 FROZEN = "frozen"
 DEFAULT = "default"
@@ -86,11 +86,7 @@ def partition(
 
 def _unmatched(what: str, pattern: str, names: Sequence[str]) -> ArgumentError:
     return ArgumentError("{0} " + literal(pattern) + " matches no parameter; the parameters are: "
-                         + escape(_listed(names)), what)  # fmt: skip
-
-
-def _listed(names: Sequence[str]) -> str:
-    return ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+                         + escape(listed(names)), what)  # fmt: skip
 
 
 def grouped(

@@ -799,12 +799,8 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
     if class_weight is None:
         return None
     resident = isinstance(data.train, tuple)
-    targets = (
-        data.train[1] if resident else data.train.spec if data.train.kind == "indexed" else data.train.first_spec()
-    )
-    shape = targets.shape if resident else (1, *targets.y_shape)
-    dtype = targets.dtype if resident else targets.y_dtype
-    if has_token_axis(jax.ShapeDtypeStruct(shape, dtype)):
+    row, target = _example_shapes(data.train)
+    if has_token_axis(jax.ShapeDtypeStruct((1, *target.shape), target.dtype)):
         raise ValueError(
             "class_weight weighs each example by its label's class, but these targets have a token axis (a label per "
             "token): weigh tokens with per-token sample weights in your own loss, or drop class_weight"
@@ -812,12 +808,7 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
     params, model_state = train.params, train.model_state
     if num_members(train.key):  # one member's shapes
         params, model_state = jax.tree.map(lambda a: a[0], (params, model_state))
-    if resident:
-        row = data.train[0]
-    else:
-        spec_rows = data.train.spec if data.train.kind == "indexed" else data.train.first_spec()
-        row = jax.ShapeDtypeStruct((1, *spec_rows.x_shape), spec_rows.x_dtype)
-    classes = weights.num_classes(model, params, model_state, jax.ShapeDtypeStruct(row.shape[1:], row.dtype), spec)
+    classes = weights.num_classes(model, params, model_state, row, spec)
     return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.base import Model, PRNGKey, StatefulModel
-from jaxnet.sharding import path_name
+from jaxnet.sharding import listed, path_name
 
 TARGETS = r"(^|/)w$"
 """The weights adapted by default: every ``w`` of dense, attention and MLP layers (and of
@@ -43,7 +43,7 @@ def _targets(params, pattern: str) -> dict[str, tuple]:
     if not found:
         names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         raise ValueError(f"lora targets {pattern!r} match no weight of 2 or more dimensions; the params are: "
-                         + ", ".join(names[:12]))  # fmt: skip
+                         + listed(names))  # fmt: skip
     return found
 
 

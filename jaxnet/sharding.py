@@ -142,6 +142,13 @@ def parse_spec(text: str) -> P:
     return P(*dims)
 
 
+def listed(names) -> str:
+    """The first 12 of ``names``, comma separated, and how many there are in all: for errors that
+    show what a pattern could have matched."""
+    names = list(names)
+    return ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+
+
 def path_name(path) -> str:
     """A pytree path as ``blocks/attn/q/w`` (list indices as numbers: ``layers/0/w``)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -238,10 +245,7 @@ def param_specs(params, mesh: Mesh, rules=None, *, min_size: int = MIN_SHARDED_S
     unused = [pattern for pattern, _ in table if pattern not in used]
     if unused:
         names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        raise ValueError(
-            f"sharding rule {unused[0]!r} matches no parameter; the parameters are: {', '.join(names[:12])}"
-            + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
-        )
+        raise ValueError(f"sharding rule {unused[0]!r} matches no parameter; the parameters are: {listed(names)}")
     return specs
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxnet import _npz as npz
 from jaxnet import checkpoint
-from jaxnet.sharding import path_name
+from jaxnet.sharding import listed, path_name
 
 MODEL_FILE = "model.npz"
 
@@ -104,17 +104,13 @@ def renamed(arrays: dict, rename: Mapping[str, str] | None) -> dict:
             raise ValueError(f"rename {pattern!r} is not a valid regular expression: {e}") from None
     for regex, _ in rules:
         if not any(regex.search(name) for name in arrays):
-            raise ValueError(f"rename {regex.pattern!r} matches no name of the source; it has: {_listed(list(arrays))}")
+            raise ValueError(f"rename {regex.pattern!r} matches no name of the source; it has: {listed(arrays)}")
     out = {}
     for name, array in arrays.items():
         for regex, replacement in rules:
             name = regex.sub(replacement, name)
         out[name] = array
     return out
-
-
-def _listed(names: list) -> str:
-    return ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
 
 
 def load_params(source, template, *, rename: Mapping[str, str] | None = None, partial: bool = False) -> Loaded:

@@ -26,6 +26,7 @@ from jaxnet import layers as L
 from jaxnet._checks import ArgumentError, escape
 from jaxnet.forward import AnyModel, check_model, init_model
 from jaxnet.lm import gpt
+from jaxnet.sharding import path_name
 
 ARCHS = ("mlp", "cnn", "gpt")
 IMAGE_SHAPES = {"digits": (8, 8, 1)}
@@ -207,12 +208,8 @@ def check_input_shape(input_shape, features: int) -> None:
 
 
 def _names(tree) -> dict[str, Any]:
-    """The leaves of ``tree`` by path: ``"0/w"`` for ``[{"w": ...}]``."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
-        out["/".join(parts)] = leaf
-    return out
+    """The leaves of ``tree`` by path: ``"0/w"`` for ``[{"w": ...}]`` (:func:`jaxnet.sharding.path_name`)."""
+    return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:

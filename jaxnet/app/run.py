@@ -380,7 +380,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         last = member_history(state.history, best)[-1:] or [{}]
         summary.update(epochs=None, rounds=entries[best]["epochs"], steps=last[0].get("step"))
     summary.update(seconds=seconds, steps_per_second=_speed(state.history), **_utilization(state.history))
-    summary.update(parameters=parameter_count(job.model), trainable_parameters=_trainable_parameters(job))
+    summary.update(_parameter_counts(job))
     if job.problem.task == "lm":
         summary.update(_language_model_figures(job, state, best, summary["steps_per_second"]))
     if job.member_run:
@@ -404,18 +404,13 @@ def _language_model_figures(job: Job, state: FitState, best: int, steps_per_seco
     return out
 
 
-def _trainable_parameters(job: Job) -> int:
-    """How many of the model's parameters (of one member) train: all but the frozen ones (LoRA:
-    the adapters alone)."""
+def _parameter_counts(job: Job) -> dict:
+    """``parameters`` of the model (of one member; under LoRA the base's and the adapters') and how
+    many of them train, ``trainable_parameters`` (all but the frozen ones: LoRA's adapters alone)."""
     c = job.config
     params = jax.eval_shape(lambda: init_model(job.model, jax.random.key(0))[0])
-    return groups.trainable_count(params, freeze=c.freeze, trainable="^lora/" if c.lora_rank is not None else None)
-
-
-def parameter_count(model: AnyModel) -> int:
-    """The number of a model's parameters (of one member)."""
-    params = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
-    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+    trainable = groups.trainable_count(params, freeze=c.freeze, trainable="^lora/" if c.lora_rank is not None else None)
+    return {"parameters": groups.trainable_count(params), "trainable_parameters": trainable}
 
 
 def _merged(job: Job, params):

@@ -36,6 +36,7 @@ from jaxnet import checkpoint
 from jaxnet.sharding import listed, path_name
 
 MODEL_FILE = "model.npz"
+SOURCES = "give a run folder, a checkpoints folder, a model.npz or a .safetensors file"
 
 
 class Loaded(NamedTuple):
@@ -62,11 +63,11 @@ def read_named(source) -> dict[str, np.ndarray]:
             raise ValueError(f"{path} is not a jaxnet run (no {MODEL_FILE} in it): give a run folder or a weights file")
         path = path / MODEL_FILE
     if not path.is_file():
-        raise ValueError(f"{path} does not exist: give a run folder, a checkpoints folder, a model.npz or a .safetensors file")
+        raise ValueError(f"{path} does not exist: " + SOURCES)
     if path.suffix == ".safetensors":
         return _safetensors(path)
     if path.suffix != ".npz":
-        raise ValueError(f"{path} is not weights jaxnet reads: give a run folder, a checkpoints folder, a model.npz or a .safetensors file")
+        raise ValueError(f"{path} is not weights jaxnet reads: " + SOURCES)
     try:
         arrays = npz.read_arrays(path, lambda name: name.startswith("params/"), what=str(path))
     except npz.ArchiveError as e:

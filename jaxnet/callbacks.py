@@ -42,6 +42,8 @@ class Checkpointer(OnRunStart, OnChunk, OnRunEnd, OnRunFailure):
         one write is in flight (the next save waits for it); the run's end waits for the last.
         A failed write (a full disk) is raised by the next save or at the run's end. A process
         killed during a write leaves the checkpoints before it usable, as with synchronous saves.
+        A multi-process run saves synchronously: orbax's writes of all processes meet at
+        barriers, which a background thread would interleave with the training's own.
 
     Examples:
       >>> saver = Checkpointer("/tmp/run/checkpoints", every=5)  # doctest: +SKIP
@@ -118,7 +120,7 @@ class Checkpointer(OnRunStart, OnChunk, OnRunEnd, OnRunFailure):
         :meth:`wait` for it); returns its folder."""
         snap = checkpoint.snapshot(state, self.metadata)
         self.wait()  # at most one write in flight; raises the last one's error
-        if self.asynchronous:
+        if self.asynchronous and jax.process_count() == 1:  # orbax's writes of many processes meet at barriers
             if self._writer is None:
                 self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxnet-checkpoint")
             self._pending = self._writer.submit(checkpoint.write, self.directory, snap, keep=self.keep)

@@ -7,12 +7,15 @@ PRNG keys come from jaxnet's :class:`~jaxnet.Context`. Each library is an option
 imported when its adapter is called.
 
 - Flax (linen and NNX) and Haiku modules are written for batches: their apply gets the whole
-  batch (``batched=True``), as in their own training loops. Their batch norm sees the padding of
-  a final partial batch (they cannot be told example weights): train with
-  ``drop_remainder=True`` to keep it out.
+  batch (``batched=True``), as in their own training loops.
 - Equinox models are called per example under jaxnet's ``vmap``, whose batch axis is named
   :data:`jaxnet.BATCH_AXIS` (``"batch"``): give ``eqx.nn.BatchNorm(..., axis_name="batch")``,
   as Equinox's own examples do.
+- A library's batch norm cannot be told example weights, so the padding of a final partial batch
+  (copies of real rows, weight 0) would count in its statistics: ``fit`` refuses a partial batch
+  for such a model (an Equinox model holding ``eqx.nn.BatchNorm``, a Flax or Haiku model with
+  state; ``StatefulModel.batch_statistics``) unless ``drop_remainder=True``, or a batch size that
+  divides the training rows.
 """
 
 from __future__ import annotations
@@ -155,7 +158,8 @@ def from_equinox(model, state=None) -> StatefulModel:
             return m(x, state, key=ctx.key)
         return m(x, key=ctx.key), state
 
-    return StatefulModel(init, apply)
+    norms = jax.tree.leaves(first, is_leaf=lambda m: isinstance(m, eqx.nn.BatchNorm))
+    return StatefulModel(init, apply, batch_statistics=any(isinstance(m, eqx.nn.BatchNorm) for m in norms))
 
 
 def from_haiku(transformed, example, *, train_argument: str | None = None) -> StatefulModel:

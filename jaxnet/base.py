@@ -103,11 +103,18 @@ class StatefulModel(NamedTuple):
     that the optimizer never touches. ``apply`` sees one example, like :class:`Model`'s, unless
     ``batched``: then it gets the whole batch ``(b, ...)`` and ``ctx`` holds one key for the batch
     and ``(b,)`` weights (the form of modules written for batches, e.g. from Flax or Haiku).
+
+    ``batch_statistics``: ``apply`` takes statistics over the batch that it cannot weigh by
+    ``ctx.weight`` (a library's batch norm, e.g. ``eqx.nn.BatchNorm``), so the padding of a final
+    partial batch would count in them: ``fit`` refuses such a batch unless ``drop_remainder``. A
+    ``batched`` model with state is taken to be one. (jaxnet's own :func:`jaxnet.batch_norm`
+    weighs by ``ctx.mean`` and needs neither.)
     """
 
     init: Callable[[PRNGKey], tuple[Params, Any]]
     apply: Callable[[Params, Any, jax.Array, Context], tuple[jax.Array, Any]]
     batched: bool = False
+    batch_statistics: bool = False
 
 
 class TrainState(NamedTuple):

@@ -9,7 +9,10 @@ callback's stop). The same callbacks serve single and member runs.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,7 +146,9 @@ class Interrupt(OnChunk):
     Use as a context manager around training; the first signal sets ``signum``, calls
     ``notify(message)`` and makes the callback return True (stop). A second SIGINT raises
     KeyboardInterrupt at once (a second SIGTERM terminates): checkpoints are finalized
-    atomically, so nothing is corrupted.
+    atomically, so nothing is corrupted. A KeyboardInterrupt that lands where Python cannot raise
+    it (a garbage-collection callback, a ``__del__``), which Python would print as ``Exception
+    ignored in ...`` and drop, is delivered again a moment later instead, where it can be raised.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -163,11 +168,21 @@ class Interrupt(OnChunk):
     def __enter__(self) -> Interrupt:
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
+        self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = self._hook
+
+    def _unraisable(self, unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self._hook(unraisable)
+            return
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))  # raised in the main thread
+        timer.daemon = True
+        timer.start()
 
     def __call__(self, state, record) -> bool:
         return self._stop()

@@ -191,7 +191,7 @@ def _serial_stateful(layers: list[StatefulModel]) -> StatefulModel:
         return x, new_state
 
     apply.layers = tuple(layers)  # read by jaxnet.summary to list the layers
-    return StatefulModel(init, apply)
+    return StatefulModel(init, apply, batch_statistics=any(layer.batch_statistics for layer in layers))
 
 
 REMAT = ("none", "dots", "full")
@@ -255,7 +255,7 @@ def _repeat_stateful(block: StatefulModel, n: int, remat: str) -> StatefulModel:
         return x, new_state
 
     apply.layers = (block,) * n
-    return StatefulModel(init, apply, batched=block.batched)
+    return block._replace(init=init, apply=apply)
 
 
 def mlp(

@@ -33,7 +33,7 @@ from jaxnet._checks import ArgumentError
 from jaxnet._feed import CHUNK_BYTES, Position, split_keys
 from jaxnet._options import FitOptions
 from jaxnet.averaging import averaged
-from jaxnet.base import Params, PRNGKey, TrainState
+from jaxnet.base import Params, PRNGKey, StatefulModel, TrainState
 from jaxnet.forward import AnyModel, check_model, is_stateful
 from jaxnet.groups import finetuning
 from jaxnet.hooks import Callback, Record
@@ -744,6 +744,8 @@ def fit(
     _check_options(spec, batch_size, patience, monitor, data.validation, named)
     check_metric_targets(named, spec.integer_labels, spec.name)
     batch_size = _clamped_batch(batch_size, data.train, drop_remainder, mesh)
+    _check_padding(model, model_state if resume is None else resume.train.model_state, data.train, batch_size,
+                   drop_remainder)  # fmt: skip
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
     if fresh:
@@ -896,6 +898,22 @@ def _check_accumulate(accumulate, batch_size: int) -> int:
             "accumulate", "batch_size",
         )  # fmt: skip
     return accumulate
+
+
+def _check_padding(model, model_state, train, batch_size: int, drop_remainder: bool) -> None:
+    """Refuses a final partial batch for a model whose batch statistics would count its padding
+    (:attr:`jaxnet.StatefulModel.batch_statistics`, or a batched model with state)."""
+    if drop_remainder or not isinstance(model, StatefulModel):
+        return
+    if not (model.batch_statistics or (model.batched and jax.tree.leaves(model_state))):
+        return
+    rows = train[0].shape[0] if isinstance(train, tuple) else getattr(train, "num_rows", None)
+    if rows is not None and rows % batch_size:
+        raise ValueError(
+            f"batch_size {batch_size} leaves a final batch of {rows % batch_size} of the {rows} training examples, "
+            "padded with weightless copies; this model's batch statistics (its library's batch norm) would count "
+            "the copies: pass drop_remainder=True, or a batch_size that divides the examples"
+        )
 
 
 def _clamped_batch(batch_size: int, train, drop_remainder: bool, mesh) -> int:

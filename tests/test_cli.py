@@ -175,6 +175,7 @@ def test_train_predict_evaluate_agree(files, tmp_path):
         "checkpoints",
         "config.json",
         "config.toml",
+        "data.json",  # what reading the table did: rows, gaps, categories
     }
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

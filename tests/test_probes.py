@@ -112,7 +112,7 @@ def test_rows_without_a_target_are_left_out_and_counted_and_ignored_columns_are_
     result = run_cli("train", "--data", tmp_path / "t.csv", "--target", "y", "--ignore", "id", "--epochs", "1",
                      "--out", tmp_path / "run", "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "(7 rows without a target value left out)" in result.stderr.splitlines()[0], result.stderr
+    assert "t.csv: 7 of 61 rows have no target value: left out" in result.stderr.splitlines()[1], result.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["ignore"] == ["id"]
     from jaxnet.app import files

@@ -427,6 +427,7 @@ def _add_predict(sub) -> None:
         metavar="FILE.csv",
         help="write the predictions to FILE (atomically: all of them, or on an error nothing) instead of stdout",
     )
+    p.add_argument("--id-column", metavar="COLUMN", help="a column of the data to write first in each row, e.g. id")
     p.set_defaults(run=_cmd_predict)
 
 
@@ -434,26 +435,41 @@ def _cmd_predict(args) -> int:
     import csv
 
     from jaxnet._atomic import atomic_path
-    from jaxnet.app import files, report
+    from jaxnet.app import files, report, tables
     from jaxnet.app import saved as savedlib
 
     model = files.load_model(args.model)
-    chunks = savedlib.input_chunks(model, args.data, targets=False)
+    chunks = savedlib.input_chunks(model, args.data, targets=False, id_column=args.id_column)
+    done = tables.Report()
 
     def write(stream) -> None:
+        nonlocal done
         writer = csv.writer(stream, lineterminator="\n")
-        for i, predictions in enumerate(savedlib.predict_chunks(model, chunks, args.arch)):
+        for i, (chunk, predictions) in enumerate(savedlib.predict_chunks(model, chunks, args.arch)):
             header, rows = report.prediction_rows(model.meta, predictions, args.probabilities)
+            if chunk.ids is not None:
+                header, rows = [args.id_column, *header], [[k, *row] for k, row in zip(chunk.ids, rows)]
             if i == 0:
                 writer.writerow(header)
             writer.writerows(rows)
+            done = done if chunk.report is None else tables.merged(done, chunk.report)
 
     if args.output is None:
         write(sys.stdout)
-        return 0
-    with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as stream:
-        write(stream)
+    else:
+        with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as stream:
+            write(stream)
+    _tell_report(done, model, args.data)
     return 0
+
+
+def _tell_report(done, model, data: str) -> None:
+    """On stderr: the gaps that predict or evaluate filled and the categories the model had not seen."""
+    from jaxnet.app import saved, tables
+
+    name = "standard input" if data == "-" else os.path.basename(data)
+    for line in tables.report_lines(done, saved.encoder_of(model), name):
+        _say(line)
 
 
 def _add_evaluate(sub) -> None:
@@ -463,12 +479,18 @@ def _add_evaluate(sub) -> None:
         data="CSV ('-': standard input), .npz, .parquet or a folder of x.npy and y.npy, with features and targets",
     )
     p.add_argument("--target", metavar="COLUMN", help="the CSV target column (default: the one trained on)")
+    p.add_argument(
+        "--metrics",
+        type=name_list,
+        metavar="M1,M2",
+        help="named metrics besides the loss, e.g. f1,precision,recall (default: the run's --metrics)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
-    from jaxnet.app import files, language
+    from jaxnet.app import files, language, tables
     from jaxnet.app import saved as savedlib
 
     model = files.load_model(args.model)
@@ -479,17 +501,35 @@ def _cmd_evaluate(args) -> int:
         return 0
     chunks = savedlib.input_chunks(model, args.data, args.target)
 
-    def labelled(chunks):
-        for x, y in chunks:
-            if y is None:
-                raise CliError(_no_targets(args.data, args.target, model.meta.get("target")))
-            yield x, y
+    done = tables.Report()
 
-    metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch)
+    def labelled(chunks):
+        nonlocal done
+        for chunk in chunks:
+            if chunk.y is None:
+                raise CliError(_no_targets(args.data, args.target, model.meta.get("target")))
+            done = done if chunk.report is None else tables.merged(done, chunk.report)
+            yield chunk
+
+    from jaxnet._checks import ArgumentError, escape
+
+    named = args.metrics if args.metrics is not None else model.meta.get("config", {}).get("metrics", [])
+    try:
+        metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch, named)
+    except (ValueError, TypeError) as e:
+        if str(e).startswith(("metrics:", "unknown metric")):
+            raise ArgumentError(f"{{0}}: {escape(str(e).removeprefix('metrics: '))}", "metrics") from None
+        raise
+    _tell_report(done, model, args.data)
     if args.json:
         print(_json(metrics))
-    else:
-        print("  ".join(f"{name} {value:.6g}" for name, value in metrics.items()) + f"  ({rows} examples)")
+        return 0
+    per_target = metrics.pop("per_target", None)
+    print("  ".join(f"{name} {value:.6g}" for name, value in metrics.items()) + f"  ({rows} examples)")
+    if per_target:
+        from jaxnet.app import report
+
+        print(report.per_target_line(per_target, "per target").removeprefix("per target, "))
     return 0
 
 
@@ -627,7 +667,11 @@ def _cmd_export(args) -> int:
 
     platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
     out = exporting.export(args.model, args.out, arch=args.arch, platforms=platforms)
-    _say(f"exported to {out}")
+    if str(out).endswith(".safetensors"):
+        _say(f"exported the weights to {out}")
+    else:
+        _say(f"exported to {out}; what it takes (one column per input column, categories as indices, NaN for a "
+             f"gap) is in {out}.json")  # fmt: skip
     return 0
 
 

@@ -20,11 +20,17 @@ from jaxnet import _checks as checks
 from jaxnet import groups
 from jaxnet._checks import ArgumentError
 from jaxnet._weights import parse_class_weight
-from jaxnet.app import recipes
+from jaxnet.app import recipes, tables
 from jaxnet.app.arch import IMAGE_SHAPES, check_arch, is_file_arch
-from jaxnet.app.configfields import ADAMW_WEIGHT_DECAY, CNN_DROPOUT, PRESETS, TASK_PRESETS, ConfigFields
+from jaxnet.app.configfields import (
+    ADAMW_WEIGHT_DECAY,
+    CNN_DROPOUT,
+    PRESETS,
+    TABLE_PRESET,
+    TASK_PRESETS,
+    ConfigFields,
+)
 from jaxnet.app.data import BUILTINS, TASKS
-from jaxnet.app.tables import ENCODINGS
 from jaxnet.layers import ACTIVATIONS
 from jaxnet.lm import decay_mask
 from jaxnet.losses import get_loss
@@ -132,10 +138,19 @@ def make_config(**overrides) -> TrainConfig:
     if "data" not in overrides:
         overrides.setdefault("dataset", "digits")
     preset = {**PRESETS.get(overrides.get("dataset") or "", {}), **TASK_PRESETS.get(overrides.get("task") or "", {})}
+    if _is_table(overrides) and "epochs" not in overrides and "steps" not in overrides:
+        preset.update(TABLE_PRESET)
+        if overrides.get("val_split", ConfigFields.val_split) == 0:
+            preset.pop("patience")
     if "steps" in overrides:
         preset.pop("epochs", None)
         overrides.setdefault("epochs", None)
     return TrainConfig(**{**preset, **overrides})
+
+
+def _is_table(overrides: dict) -> bool:
+    data = overrides.get("data")
+    return overrides.get("task") != "lm" and data is not None and tables.is_table_file(data)
 
 
 def differences(a: TrainConfig, b: TrainConfig) -> list[str]:
@@ -187,7 +202,7 @@ def _validate_data(c: TrainConfig) -> None:
         raise ArgumentError(f"{checks.escape(c.data)} is a table: name the column to predict with {{0}}", "target")
     if not isinstance(c.categorical, tuple) or not all(isinstance(n, str) and n for n in c.categorical):
         raise ArgumentError(f"{{0}} must be column names, got {checks.literal(c.categorical)}", "categorical")
-    checks.choice("encoding", c.encoding, ENCODINGS)
+    checks.choice("encoding", c.encoding, tables.ENCODINGS)
     checks.integer("embedding_dim", c.embedding_dim)
     for name, default in (("categorical", ()), ("encoding", "onehot")):
         if getattr(c, name) != default and not table:

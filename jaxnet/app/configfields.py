@@ -119,3 +119,10 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
     "lm": dict(arch="gpt", test_split=0.0, standardize=False, batch_size=12),
 }
 """Per-task defaults (``--task lm``), applied like a dataset's preset."""
+
+TABLE_PRESET: dict[str, Any] = dict(epochs=200, patience=20)
+"""The defaults of a table (a CSV or Parquet ``data`` file) when neither ``epochs`` nor ``steps`` is
+given: up to 200 epochs, stopping 20 epochs after the validation loss last improved (the saved
+model is the best validation epoch's). A small table has few steps per epoch (iris: 2), and 30
+epochs left it undertrained (bench/results/seven-tables-*.json); a large one stops when it stops
+improving. Without a validation split there is no early stopping: 200 epochs."""

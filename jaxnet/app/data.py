@@ -58,6 +58,7 @@ class Dataset(NamedTuple):
       validation: the validation examples a source holds apart (a folder's ``x_val.npy``), or None.
       encoder: for a table (CSV, Parquet), how its columns became ``x`` (:mod:`jaxnet.app.tables`).
       classes: the class names, when the labels were names (text or boolean), else None.
+      report: for a table, what reading it did: rows left out, gaps filled, categories unseen.
 
     ``x`` is a numpy array, or for data larger than memory (a folder of ``.npy`` arrays) rows read
     lazily (:class:`jaxnet.sources.RowView`, a ``np.memmap``): :func:`subset`,
@@ -73,7 +74,7 @@ class Dataset(NamedTuple):
     validation: Dataset | None = None
     encoder: tables.Encoder | None = None
     classes: tuple[str, ...] | None = None
-    dropped: int = 0  # a table's rows left out for having no target value
+    report: tables.Report | None = None  # a table's: what reading it did (rows left out, gaps filled)
 
 
 class Splits(NamedTuple):
@@ -404,7 +405,8 @@ def load_table(
     """Reads a CSV or Parquet table: numeric, boolean and categorical columns, gaps, text class labels.
 
     Rows without a target value (an empty cell, or NaN) are left out, and counted in
-    ``Dataset.dropped``: nothing can be learned from them.
+    ``Dataset.report`` (:class:`jaxnet.app.tables.Report`, with the gaps filled and the categories
+    the training rows lacked): nothing can be learned from them.
 
     Every column other than the target(s) is a feature, encoded by a :class:`jaxnet.app.tables.Encoder`
     (see :mod:`jaxnet.app.tables`) fitted on the rows ``fit_rows(n)`` (the training split; default: all
@@ -436,6 +438,10 @@ def load_table(
                             "the target is never a feature; drop it from {0}", "ignore")  # fmt: skip
     features = [c for c in table.column_names if c not in targets and c not in ignore]
     ids = tables.row_numbers(table, features)
+    index = None
+    if ids and ids[0].strip() == "":  # a saved row index (DataFrame.to_csv): left out, and said
+        index = table.column_names.index(ids[0]) + 1
+        features.remove(ids.pop(0))
     if ids:
         leak = f"{name}: column {escape(ids[0])!r} numbers the rows (1, 2, 3 ...): as a feature it would leak the "
         raise ArgumentError(leak + "file's order; leave it out with {0} " + escape(",".join(ids)), "ignore")
@@ -443,15 +449,17 @@ def load_table(
         raise ValueError(f"{name}: no feature columns besides the target {target!r}; at least one is needed")
     if table.num_rows == 0:
         raise ValueError(f"empty dataset: {name} has a header but no data rows")
+    read = table.num_rows
     table, dropped = tables.rows_with_targets(table, targets)
     if table.num_rows == 0:
         raise ValueError(f"{name}: no row has a value in the target column {target!r}")
     y, task, num_classes, classes = _table_targets(table, targets, task, name)
     rows = np.arange(table.num_rows) if fit_rows is None else np.asarray(fit_rows(table.num_rows))
     encoder = tables.fit_encoder(table, features, categorical, encoding, name, rows)
-    x = tables.encode(tables.raw_matrix(table, encoder, name), encoder)
-    return Dataset(x, y, task, num_classes, encoder.feature_names, name, encoder=encoder, classes=classes,
-                   dropped=dropped)  # fmt: skip
+    raw = tables.raw_matrix(table, encoder, name)
+    report = tables.report_of(raw, encoder, rows=read, dropped=dropped, ignored=tuple(ignore), index=index)
+    return Dataset(tables.encode(raw, encoder), y, task, num_classes, encoder.feature_names, name, encoder=encoder,
+                   classes=classes, report=report)  # fmt: skip
 
 
 def target_columns(target: str) -> list[str]:
@@ -512,7 +520,26 @@ CHUNK_ROWS = 65536
 """Rows per chunk when data is read in chunks (predict and evaluate)."""
 
 
-def feature_chunks(path, encoder, target: str | None = None, classes=None, rows: int = CHUNK_ROWS):
+class InputRows(NamedTuple):
+    """Rows of inputs for a trained model (:func:`feature_chunks`).
+
+    Attributes:
+      x: ``(m, d)`` float32 features, not standardized.
+      y: the raw targets ``(m,)`` or ``(m, k)`` when the data has them, else None.
+      ids: the ``m`` values (as text) of the id column asked for, else None.
+      report: a table's :class:`jaxnet.app.tables.Report` of these rows (gaps filled, unseen
+        categories), else None.
+    """
+
+    x: np.ndarray
+    y: np.ndarray | None
+    ids: list[str] | None = None
+    report: tables.Report | None = None
+
+
+def feature_chunks(
+    path, encoder, target: str | None = None, classes=None, rows: int = CHUNK_ROWS, id_column: str | None = None
+):
     """Inputs for a trained model in chunks of at most ``rows`` rows, memory bounded by the chunk.
 
     ``path`` is a CSV file (``-``: CSV on standard input) or a ``.parquet`` file, whose columns are
@@ -524,25 +551,28 @@ def feature_chunks(path, encoder, target: str | None = None, classes=None, rows:
     Args:
       target: the target column(s) of a table, returned as ``y`` when the file has them.
       classes: the model's class names, if its labels were names: ``y`` is then their indices.
+      id_column: a table's column whose values each chunk carries as ``ids`` (as text).
 
     Yields:
-      ``(x: (m, d) float32 features, not standardized, y)``: ``y`` the raw targets (``(m,)`` or
-      ``(m, k)``) when the data has them, else None.
+      :class:`InputRows` s.
     """
     path = os.fspath(path)
     if not isinstance(encoder, tables.Encoder):
         encoder = tables.numeric(encoder)
+    if id_column is not None and not (path == "-" or tables.is_table_file(path)):
+        raise ArgumentError("{0} needs a table (CSV or Parquet); " + escape(os.path.basename(path)) + " has no "
+                            "named columns", "id_column")  # fmt: skip
     count = 0
-    for x, y in _feature_chunks(path, encoder, target, classes, rows):
-        count += len(x)
-        yield x, y
+    for chunk in _feature_chunks(path, encoder, target, classes, rows, id_column):
+        count += len(chunk.x)
+        yield chunk
     if count == 0:
         raise ValueError(f"empty dataset: {'standard input' if path == '-' else os.path.basename(path)} has no rows")
 
 
-def _feature_chunks(path: str, encoder, target, classes, rows):
+def _feature_chunks(path: str, encoder, target, classes, rows, id_column):
     if path == "-" or tables.is_table_file(path):
-        yield from _table_chunks(path, encoder, target, classes, rows)
+        yield from _table_chunks(path, encoder, target, classes, rows, id_column)
         return
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
@@ -550,16 +580,15 @@ def _feature_chunks(path: str, encoder, target, classes, rows):
         x = arrays["x"].reshape(len(arrays["x"]), -1)
         for start, block in zip(range(0, len(x), rows), sources.chunks_of(x, rows)):
             y = arrays["y"][start : start + rows] if "y" in arrays else None
-            yield (
-                _raw_features(_checked_features(block, name, start), encoder, name),
-                (None if y is None else np.asarray(y)),
-            )
+            x_block = _raw_features(_checked_features(block, name, start), encoder, name)
+            yield InputRows(x_block, None if y is None else np.asarray(y))
         return
     if os.path.splitext(path)[1].lower() != ".npz":
         raise ValueError(f"unsupported data file {path!r}: use .csv, .npz, .parquet, a folder of .npy files, or -")
     x, y = _npz_inputs(path, name)
     for start in range(0, len(x), rows):
-        yield _raw_features(x[start : start + rows], encoder, name), (None if y is None else y[start : start + rows])
+        part = None if y is None else y[start : start + rows]
+        yield InputRows(_raw_features(x[start : start + rows], encoder, name), part)
 
 
 def _raw_features(x: np.ndarray, encoder, name: str) -> np.ndarray:
@@ -587,19 +616,24 @@ def _npz_inputs(path: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     return x.astype(np.float32), arrays.get("y")
 
 
-def _table_chunks(path: str, encoder, target, classes, rows):
+def _table_chunks(path: str, encoder, target, classes, rows, id_column):
     name = "standard input" if path == "-" else os.path.basename(path)
     types = tables.types_of(encoder)
     targets = target_columns(target) if target else []
     if classes is not None and tuple(classes) != ("false", "true"):
         types.update(dict.fromkeys(targets, tables.string_type()))
+    if id_column is not None and id_column not in types:  # its text as written ("007" stays so)
+        types[id_column] = tables.string_type()
     first = True
     for table in tables.batches(path, None, types, rows):
         if first:
             tables.missing_columns(table.column_names, encoder.names, name, "the model's columns")
+            if id_column is not None and id_column not in table.column_names:
+                raise ArgumentError(f"{{0}} {escape(id_column)!r}: {escape(name)} has no such column (it has "
+                                    f"{escape(', '.join(table.column_names[:8]))})", "id_column")  # fmt: skip
             has_y = bool(targets) and all(t in table.column_names for t in targets)
             first = False
-        x = tables.encode(tables.raw_matrix(table, encoder, name), encoder)
+        raw = tables.raw_matrix(table, encoder, name)
         y = None
         if has_y:
             if classes is not None:
@@ -607,7 +641,8 @@ def _table_chunks(path: str, encoder, target, classes, rows):
             else:
                 values = tables.target_values(table, targets, name)
                 y = values[:, 0] if len(targets) == 1 else values
-        yield x, y
+        ids = None if id_column is None else ["" if v is None else str(v) for v in table.column(id_column).to_pylist()]
+        yield InputRows(tables.encode(raw, encoder), y, ids, tables.report_of(raw, encoder))
 
 
 def _checked_features(block: np.ndarray, name: str, first_row: int = 0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """A trained model as one portable program: ``jax.export`` of its whole prediction.
 
 :func:`export` serializes ``predict(x_raw: (n, c) float32) -> (n, out) float32``: a table's
-preprocessing (gaps filled, their indicators, categories one-hot or embedded:
+preprocessing (gaps filled, their indicators, dates as their calendar, categories one-hot or embedded:
 :func:`jaxnet.app.tables.encode`), the training split's feature standardization, every member's
 forward pass (an ensemble averages them), and the output as ``jaxnet predict`` gives it (class
 probabilities, or regression outputs in the target's units), with the weights inside and a batch
@@ -13,7 +13,8 @@ dimension ``n`` that varies. Running it needs jax alone:
 
 ``x`` has one column per input column, in the order of ``columns`` in ``model.jaxexport.json``
 (written beside the program): numbers as they are, NaN for a gap, a categorical column's value as
-its index in that column's ``categories`` (-1 for a value not among them). For a model trained
+its index in that column's ``categories`` (-1 for a value not among them), a date as its days
+since 1970-01-01 (:func:`jaxnet.app.tables.raw_matrix`). For a model trained
 on arrays, the columns are its features. The JSON also holds ``classes`` (the names of the
 probabilities' columns, when the labels were names). The program's platform is the one it was
 exported on, unless ``platforms`` names others (``("cpu", "cuda")``).

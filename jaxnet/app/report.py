@@ -45,10 +45,25 @@ def format_result(summary: dict, out: str | None = None) -> str:
     ):
         if summary.get(name) is not None:
             parts.append(f"{label} {summary[name]:.4f}")
+    for name, value in summary.items():  # named metrics (--metrics) on the test split
+        if name.startswith("test_") and name not in _TEST_FIGURES and isinstance(value, (int, float)):
+            parts.append(f"test {name[5:].replace('_', ' ')} {value:.4f}")
     text = "; ".join(parts)
+    if summary.get("test_per_target"):
+        text += "\n" + per_target_line(summary["test_per_target"], "test")
     if out:
-        text += f"\nwrote {out}/model.npz, metrics.jsonl, curves.png"
+        written = ["model.npz", "metrics.jsonl", "curves.png"] + (["data.json"] if summary.get("data") else [])
+        text += f"\nwrote {out}/{', '.join(written)}"
     return text
+
+
+_TEST_FIGURES = ("test_accuracy", "test_loss", "test_mse", "test_mae", "test_r2", "test_per_target")
+
+
+def per_target_line(per_target: dict, split: str) -> str:
+    """Each target's MSE, MAE and R² (several targets are in their own units: a pooled MSE mixes them)."""
+    shown = (f"{name} MSE {m['mse']:.4g} MAE {m['mae']:.4g} R² {m['r2']:.4f}" for name, m in per_target.items())
+    return f"{split}, per target: " + "; ".join(shown)
 
 
 def format_members(summary: dict) -> str:

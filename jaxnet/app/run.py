@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -33,7 +34,7 @@ from jaxnet._checks import ArgumentError
 from jaxnet._checks import escape as checks_escape
 from jaxnet.app import arch as archlib
 from jaxnet.app import config as configlib
-from jaxnet.app import files, plot, profiling, saved
+from jaxnet.app import files, plot, profiling, saved, tables
 from jaxnet.app.config import TrainConfig
 from jaxnet.app.rundir import RunFolder
 from jaxnet.app.task import Problem, describe_problem, load_problem, model_meta
@@ -74,6 +75,8 @@ class RunResult(NamedTuple):
 
 ADAPTERS_FILE = "adapters.npz"
 """A LoRA run's adapters alone (``params/lora/<path>/a`` and ``/b``), beside its merged ``model.npz``."""
+DATA_FILE = "data.json"
+"""What reading a table did: rows left out, gaps filled, unseen categories (:func:`jaxnet.app.tables.report_json`)."""
 
 
 class Job(NamedTuple):
@@ -354,16 +357,15 @@ def _speed(history: list) -> float | None:
 
 def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     """``(summary, best)``: the run's final figures and the index of its best member."""
-    test, k = job.problem.splits.test, len(job.grid)
+    test, k, c = job.problem.splits.test, len(job.grid), job.config
     variables = (state.params, state.model_state)
     if not job.member_run:
         variables = jax.tree.map(lambda a: jnp.asarray(a)[None], variables)
     bound = archlib.Bound(job.model, *variables)
     scaler = job.problem.target_scaler
-    tests = saved.member_metrics(job.meta, bound, test.x, test.y, scaler) if test is not None else []
+    tests = saved.member_metrics(job.meta, bound, test.x, test.y, scaler, c.metrics) if test is not None else []
     best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
     entries = _member_entries(job, state.history, tests)
-    c = job.config
     summary = {
         "dataset": c.dataset or Path(c.data).name,
         "task": job.problem.task,
@@ -380,6 +382,8 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         last = member_history(state.history, best)[-1:] or [{}]
         summary.update(epochs=None, rounds=entries[best]["epochs"], steps=last[0].get("step"))
     summary.update(seconds=seconds, steps_per_second=_speed(state.history), **_utilization(state.history))
+    if job.problem.report is not None:  # what reading the table did (also the run folder's data.json)
+        summary["data"] = tables.report_json(job.problem.report, job.problem.encoder)
     summary.update(_parameter_counts(job))
     if job.problem.task == "lm":
         summary.update(_language_model_figures(job, state, best, summary["steps_per_second"]))
@@ -446,6 +450,8 @@ def write_outputs(folder: RunFolder, job: Job, result: RunResult) -> None:
         with atomic.atomic_path(folder.path / ADAPTERS_FILE) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{f"params/{k}": v for k, v in adapters.items()})
     atomic.write_jsonl(folder.path / "metrics.jsonl", result.history)
+    if "data" in result.summary:
+        atomic.write_text(folder.path / DATA_FILE, json.dumps(result.summary["data"], indent=1) + "\n")
     best = result.summary.get("best_member", 0)
     title = result.summary["dataset"]
     if result.summary.get("test_accuracy") is not None:
@@ -611,6 +617,15 @@ def _say(notify: Notify | None, message: str, always: bool = True) -> None:
         notify(message, always)
 
 
+def _announce(notify: Notify | None, job: Job) -> None:
+    """The run's first lines: its task and data, and what reading a table did to it."""
+    problem = job.problem
+    _say(notify, describe_problem(problem), always=False)
+    if problem.report is not None:
+        for line in tables.report_lines(problem.report, problem.encoder, Path(job.config.data).name):
+            _say(notify, line, always=False)
+
+
 def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:
     now, then = _norms(job), metadata["norm"]
     for name in sorted(set(now) | set(then)):
@@ -629,7 +644,7 @@ def _continue(
     job = prepare(config, folder.path)
     restored = checkpoint.restore(folder.checkpoints, template(job))
     _check_same_data(job, restored.metadata, folder)
-    _say(notify, describe_problem(job.problem), always=False)
+    _announce(notify, job)
     for path, reason in restored.damaged:
         _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
     schedule = schedule.given_over(restored.metadata.get("schedule", {}))
@@ -694,7 +709,7 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
         raise ArgumentError(MEMBER_RUNS + " do not log steps: drop {4}", *MEMBER_FLAGS, "log_steps")
     if out is None:
         job = prepare(config)
-        _say(notify, describe_problem(job.problem), always=False)
+        _announce(notify, job)
         return _execute(job, None, None, callbacks, mesh, Cadence(steps=o.checkpoint_steps, log_steps=o.log_steps))
     folder = _checked_folder(out, o)
     schedule = o.cadence
@@ -715,7 +730,7 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
         if stored is not None and not _holds_training(folder) and not overwrite:
             _say(notify, f"{folder.path} holds this run's config but no checkpoint (it stopped before its first "
                          "save): training starts over")  # fmt: skip
-        _say(notify, describe_problem(job.problem), always=False)
+        _announce(notify, job)
         if parallel.is_primary():
             folder.clear()
             folder.write_config(config.to_dict())

@@ -27,8 +27,8 @@ CONFIG_TOML = "config.toml"  # the same config, for jaxnet train --config
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 OUTPUTS = (CONFIG_FILE, CONFIG_TOML, files.MODEL_FILE, "metrics.jsonl", "curves.png")
-WRITTEN = ("metrics.csv", "steps.csv", "mlflow-run.json", "tokens.bin", "tokens.bin.json", "tokens.source.json",
-           "tokenizer.json")  # fmt: skip
+WRITTEN = ("data.json", "metrics.csv", "steps.csv", "mlflow-run.json", "tokens.bin", "tokens.bin.json",
+           "tokens.source.json", "tokenizer.json")  # fmt: skip
 """Other files a run writes into its folder (atomically, through ``atomic.atomic_path``)."""
 
 

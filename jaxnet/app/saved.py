@@ -28,6 +28,7 @@ from jaxnet.app.rundir import RunFolder
 from jaxnet.app.task import prepare_targets
 from jaxnet.forward import apply_batch
 from jaxnet.losses import batch_mean, get_loss
+from jaxnet.metrics import check_metric_targets, get_metrics
 
 _EPS = 1e-7
 
@@ -118,13 +119,19 @@ def encoder_of(saved: SavedModel) -> tables.Encoder:
 
 
 def input_chunks(
-    saved: SavedModel, path, target: str | None = None, targets: bool = True, rows: int = datalib.CHUNK_ROWS
+    saved: SavedModel,
+    path,
+    target: str | None = None,
+    targets: bool = True,
+    rows: int = datalib.CHUNK_ROWS,
+    id_column: str | None = None,
 ):
-    """The raw ``(x, y)`` chunks (:func:`jaxnet.app.data.feature_chunks`) of a saved model's inputs in
-    ``path``: a table's columns found by name and encoded as in training, ``y`` the ``target``
-    column(s) (default: the ones trained on) when the data has them and ``targets`` asks for them."""
+    """The raw chunks (:class:`jaxnet.app.data.InputRows`, :func:`jaxnet.app.data.feature_chunks`) of a
+    saved model's inputs in ``path``: a table's columns found by name and encoded as in training,
+    ``y`` the ``target`` column(s) (default: the ones trained on) when the data has them and
+    ``targets`` asks for them, ``ids`` the ``id_column``'s values."""
     target = (target or saved.meta.get("target")) if targets else None
-    return datalib.feature_chunks(path, encoder_of(saved), target, saved.meta.get("classes"), rows)
+    return datalib.feature_chunks(path, encoder_of(saved), target, saved.meta.get("classes"), rows, id_column)
 
 
 def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -139,16 +146,6 @@ def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray 
     return datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
 
 
-def regression_metrics(outputs, targets) -> dict[str, float]:
-    """MSE, MAE and R² (coefficient of determination, averaged over outputs) of ``(n, k)`` arrays."""
-    outputs, targets = np.asarray(outputs, np.float64), np.asarray(targets, np.float64)
-    error = outputs - targets
-    spread = np.sum((targets - targets.mean(axis=0)) ** 2, axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r2 = np.where(spread > 0, 1.0 - np.sum(error**2, axis=0) / spread, np.nan)
-    return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error))), "r2": float(np.mean(r2))}
-
-
 def _loss_and_accuracy(outputs, y, loss: str) -> dict:
     spec = get_loss(loss)
     out = {"loss": batch_mean(spec.fn)(outputs, y)}
@@ -160,13 +157,6 @@ def _loss_and_accuracy(outputs, y, loss: str) -> dict:
 _jit_loss_and_accuracy = jax.jit(_loss_and_accuracy, static_argnames="loss")
 
 
-def _scores(outputs, y, meta: dict, losses: dict, scaler=None) -> dict:
-    out = {k: float(v) for k, v in losses.items()}
-    if meta["task"] == "regression":
-        out.update(regression_metrics(to_units(outputs, scaler), to_units(y, scaler)))
-    return out
-
-
 def to_units(values, scaler):
     """Regression outputs or targets ``(n, k)`` from standardized units back to the target's own
     (``scaler`` is the training split's ``(mean, std)`` of the targets, or None: unchanged)."""
@@ -175,12 +165,16 @@ def to_units(values, scaler):
     return np.asarray(values, np.float64) * np.asarray(scaler[1], np.float64) + np.asarray(scaler[0], np.float64)
 
 
-def metrics_of(outputs, y, meta: dict, scaler=None) -> dict:
+def metrics_of(outputs, y, meta: dict, scaler=None, metrics=()) -> dict:
     """``{"loss", "accuracy"}`` for classification, ``{"loss", "mse", "mae", "r2"}`` for
-    regression, of one model's outputs ``(n, out)`` against prepared targets ``y``. The loss is
-    the training loss, in the units the model was trained in; MSE, MAE and R² are in the
-    target's own units (``scaler``: the targets' standardization, or None)."""
-    return _scores(outputs, y, meta, _jit_loss_and_accuracy(outputs, np.asarray(y), meta["loss"]), scaler)
+    regression (and ``per_target``: each target's ``{"mse", "mae", "r2"}`` when there are several),
+    of one model's outputs ``(n, out)`` against prepared targets ``y``, and the named ``metrics``
+    (:mod:`jaxnet.metrics`). The loss and the named metrics are in the units the model was
+    trained in; MSE, MAE and R² in the target's own (``scaler``: the targets' standardization, or
+    None)."""
+    tally = Tally(meta, scaler, metrics)
+    tally.add(outputs, y)
+    return tally.metrics()
 
 
 def targets_for(saved: SavedModel, y) -> np.ndarray:
@@ -204,72 +198,92 @@ def predict_saved(saved: SavedModel, x: np.ndarray, arch: str | None = None) -> 
     return _predictions(saved, member_outputs(*bind_saved(saved, arch), x))
 
 
-def evaluate_saved(saved: SavedModel, x: np.ndarray, y: np.ndarray, arch: str | None = None) -> dict:
+def evaluate_saved(saved: SavedModel, x: np.ndarray, y: np.ndarray, arch: str | None = None, metrics=()) -> dict:
     """The metrics (:func:`metrics_of`) of a saved model on standardized ``x: (n, d)`` and raw
     targets ``y``; an ensemble is evaluated on its averaged predictions."""
     outputs = combine(jnp.asarray(member_outputs(*bind_saved(saved, arch), x)), saved.meta["loss"])
-    return metrics_of(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
+    return metrics_of(outputs, targets_for(saved, y), saved.meta, _scaler(saved), metrics)
 
 
-def member_metrics(meta: dict, bound: archlib.Bound, x, y, scaler=None) -> list[dict]:
+def member_metrics(meta: dict, bound: archlib.Bound, x, y, scaler=None, metrics=()) -> list[dict]:
     """The metrics (:func:`metrics_of`) of each of K members (``bound``'s params and state with a
     leading axis K) on prepared ``x: (n, d)`` (an array or lazy rows) and ``y``, in batches."""
     outputs = member_outputs(bound.model, bound.params, bound.state, x)
     y = np.asarray(y)
-    return [metrics_of(outputs[i], y, meta, scaler) for i in range(len(outputs))]
+    return [metrics_of(outputs[i], y, meta, scaler, metrics) for i in range(len(outputs))]
 
 
-class _Tally:
-    """Sums over chunks for streamed metrics: loss and accuracy sums, and for regression the
-    errors and the targets' moments (for R²) in the target's units, in float64."""
+def target_names(meta: dict) -> list[str]:
+    """A model's target columns (``x0``... when it was not trained on a table's named columns)."""
+    target, width = meta.get("target"), meta["sizes"][-1]
+    names = datalib.target_columns(target) if target else []
+    return names if len(names) == width else [f"y{i}" for i in range(width)]
 
-    def __init__(self):
-        self.n, self.sums = 0, {}
+
+class Tally:
+    """The sums of :func:`metrics_of` over chunks, exact for the whole set: loss and accuracy
+    sums, named metrics' states, and for regression the errors and the targets' moments (for R²)
+    per target, in the target's units, in float64."""
+
+    def __init__(self, meta: dict, scaler=None, metrics=()):
+        named = get_metrics(list(metrics))
+        check_metric_targets(named, get_loss(meta["loss"]).integer_labels, meta["loss"])
+        own = ("loss", "accuracy", "mse", "mae", "r2")  # figures of their own (MSE, MAE, R² in the target's units)
+        self.meta, self.scaler, self.named = meta, scaler, tuple(m for m in named if m.name not in own)
+        self.n, self.sums, self.states = 0, {}, None
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
-    def add(self, outputs, y, meta: dict, scaler) -> None:
+    def add(self, outputs, y) -> None:
         m = len(y)
-        losses = jax.device_get(_jit_loss_and_accuracy(outputs, y, meta["loss"]))
+        losses = jax.device_get(_jit_loss_and_accuracy(outputs, np.asarray(y), self.meta["loss"]))
         for name, value in losses.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value) * m
-        if meta["task"] == "regression":
-            out, target = np.asarray(to_units(outputs, scaler), np.float64), np.asarray(to_units(y, scaler), np.float64)
-            error = out - target
-            self.sums["se"] = self.sums.get("se", 0.0) + float(np.sum(error**2))
-            self.sums["ae"] = self.sums.get("ae", 0.0) + float(np.sum(np.abs(error)))
-            block_mean = target.mean(axis=0)
+        if self.named:
+            if self.states is None:
+                self.states = [metric.zeros(np.shape(outputs)[-1]) for metric in self.named]
+            ones = jnp.ones(m, jnp.float32)
+            self.states = [mt.update(st, jnp.asarray(outputs), jnp.asarray(y), ones)
+                           for mt, st in zip(self.named, self.states)]  # fmt: skip
+        if self.meta["task"] == "regression":
+            out, target = to_units(outputs, self.scaler), to_units(y, self.scaler)
+            error = np.asarray(out, np.float64) - np.asarray(target, np.float64)
+            self.sums["se"] = self.sums.get("se", 0.0) + np.sum(error**2, axis=0)
+            self.sums["ae"] = self.sums.get("ae", 0.0) + np.sum(np.abs(error), axis=0)
+            block_mean = np.asarray(target, np.float64).mean(axis=0)
             delta, total = block_mean - self.mean, self.count + m
             self.m2 = self.m2 + ((target - block_mean) ** 2).sum(axis=0) + delta**2 * (self.count * m / total)
             self.mean, self.count = self.mean + delta * (m / total), total
-            self.sums["sse_per_output"] = self.sums.get("sse_per_output", 0.0) + np.sum(error**2, axis=0)
-            self.width = target.shape[1]
         self.n += m
 
-    def metrics(self, meta: dict) -> dict:
+    def metrics(self) -> dict:
         out = {name: self.sums[name] / self.n for name in ("loss", "accuracy") if name in self.sums}
-        if meta["task"] == "regression":
-            entries = self.n * self.width
+        if self.meta["task"] == "regression":
+            mse, mae = self.sums["se"] / self.n, self.sums["ae"] / self.n
             with np.errstate(divide="ignore", invalid="ignore"):
                 spread = np.asarray(self.m2)
-                r2 = np.where(spread > 0, 1.0 - self.sums["sse_per_output"] / spread, np.nan)
-            out.update(mse=self.sums["se"] / entries, mae=self.sums["ae"] / entries, r2=float(np.mean(r2)))
+                r2 = np.where(spread > 0, 1.0 - self.sums["se"] / spread, np.nan)
+            out.update(mse=float(np.mean(mse)), mae=float(np.mean(mae)), r2=float(np.mean(r2)))
+            if len(mse) > 1:  # targets in different units: each on its own
+                out["per_target"] = {name: {"mse": float(mse[i]), "mae": float(mae[i]), "r2": float(r2[i])}
+                                     for i, name in enumerate(target_names(self.meta))}  # fmt: skip
+        for metric, state in zip(self.named, self.states or ()):
+            out[metric.name] = float(metric.result(jax.device_get(state)))
         return out
 
 
-def _standardized_chunks(saved: SavedModel, chunks):
+def _standardized(saved: SavedModel, x: np.ndarray) -> np.ndarray:
     expected = len(saved.meta["feature_names"])
-    for x, y in chunks:
-        if x.shape[1] != expected:
-            raise ValueError(f"the data has {x.shape[1]} features but the model expects {expected}")
-        yield datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std)), y
+    if x.shape[1] != expected:
+        raise ValueError(f"the data has {x.shape[1]} features but the model expects {expected}")
+    return datalib.standardize(x, datalib.Standardizer(saved.mean, saved.std))
 
 
 def predict_chunks(saved: SavedModel, chunks, arch: str | None = None):
-    """:func:`predict_saved` chunk by chunk: ``chunks`` of raw ``(x, y)`` (:func:`jaxnet.app.data.feature_chunks`)
-    in, one predictions array per chunk out; memory is bounded by the chunk."""
+    """:func:`predict_saved` chunk by chunk: ``chunks`` of raw inputs (:class:`jaxnet.app.data.InputRows`)
+    in, ``(chunk, predictions)`` out; memory is bounded by the chunk."""
     bound = bind_saved(saved, arch)
-    for x, _ in _standardized_chunks(saved, chunks):
-        yield _predictions(saved, member_outputs(*bound, x))
+    for chunk in chunks:
+        yield chunk, _predictions(saved, member_outputs(*bound, _standardized(saved, chunk.x)))
 
 
 def _predictions(saved: SavedModel, outputs) -> np.ndarray:
@@ -280,16 +294,17 @@ def _predictions(saved: SavedModel, outputs) -> np.ndarray:
     return probabilities(outputs, loss)
 
 
-def evaluate_chunks(saved: SavedModel, chunks, arch: str | None = None) -> tuple[dict, int]:
+def evaluate_chunks(saved: SavedModel, chunks, arch: str | None = None, metrics=()) -> tuple[dict, int]:
     """``(metrics, rows)``: :func:`evaluate_saved` over ``chunks`` of raw ``(x, y)``, summed chunk by
-    chunk (memory bounded by the chunk); every chunk must hold targets."""
-    bound, tally = bind_saved(saved, arch), _Tally()
-    for x, y in _standardized_chunks(saved, chunks):
-        if y is None:
+    chunk (memory bounded by the chunk); every chunk must hold targets. ``metrics``: named metrics
+    (:mod:`jaxnet.metrics`) besides the loss."""
+    bound, tally = bind_saved(saved, arch), Tally(saved.meta, _scaler(saved), metrics)
+    for chunk in chunks:
+        if chunk.y is None:
             raise ValueError("the data has no targets: name the target column")
-        outputs = combine(jnp.asarray(member_outputs(*bound, x)), saved.meta["loss"])
-        tally.add(outputs, targets_for(saved, y), saved.meta, _scaler(saved))
-    return tally.metrics(saved.meta), tally.n
+        outputs = member_outputs(*bound, _standardized(saved, chunk.x))
+        tally.add(combine(jnp.asarray(outputs), saved.meta["loss"]), targets_for(saved, chunk.y))
+    return tally.metrics(), tally.n
 
 
 def saved_summary(path, batch_size: int | None = None, arch: str | None = None) -> tuple[summaries.Summary, int]:

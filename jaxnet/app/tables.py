@@ -1,12 +1,13 @@
 """Tables as they come: CSV and Parquet files read by pyarrow, their columns encoded as features.
 
-A table's columns are numeric (integers or floats), boolean (``true``/``false``) or categorical
-(text, or integer columns named in ``categorical``). :func:`fit_encoder` learns an :class:`Encoder` from
+A table's columns are numeric (integers or floats), boolean (``true``/``false``), categorical
+(text, or integer columns named in ``categorical``) or dates (``2012-01-31``, or a date and time:
+five features, :data:`DATE_FEATURES`). :func:`fit_encoder` learns an :class:`Encoder` from
 the training rows only: each column's kind, the mean that fills its gaps (with a ``name (missing)``
 0/1 indicator column when the training rows had gaps) and a categorical column's categories.
 :func:`raw_matrix` turns a table into the raw matrix ``(n, c)`` (NaN for a gap, a category's index
 in its vocabulary, -1 for a category the training rows did not have) and :func:`encode` that
-into features ``(n, d)``: numbers as they are (gaps filled), categories one-hot or as one code
+into features ``(n, d)``: numbers as they are (gaps filled), dates as their calendar, categories one-hot or as one code
 column each for an embedding layer (``encoding="embedding"``). :func:`encode` is written once for
 numpy and ``jax.numpy`` (``xp``), so that an exported program does the same.
 
@@ -32,8 +33,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxnet._checks import ArgumentError, escape
+
 ENCODINGS = ("onehot", "embedding")
-KINDS = ("numeric", "boolean", "categorical")
+KINDS = ("numeric", "boolean", "categorical", "date")
+DATE_FEATURES = ("year", "month", "day of week", "day of year", "days")
+"""The features of a date column ``d``, named ``d (year)`` etc.: the year, the month 1..12, the day
+of the week 0..6 (Monday 0), the day of the year 1..366 and the days since 1970-01-01 (with a
+time of day, its fraction of a day; in UTC for a time with a zone). In the raw matrix a date is
+its days since 1970-01-01."""
 GAPS = ("", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "?")
 """The cells that are read as a gap (missing value)."""
 MAX_CATEGORIES = 1000
@@ -55,8 +63,9 @@ class Column(NamedTuple):
 
     Attributes:
       name: the column's name in the table.
-      kind: ``numeric``, ``boolean`` or ``categorical``.
-      fill: the value of a gap (numeric, boolean): the training rows' mean.
+      kind: ``numeric``, ``boolean``, ``categorical`` or ``date``.
+      fill: the value of a gap (numeric, boolean, date): the training rows' mean (a date's: in days
+        since 1970-01-01).
       indicator: the training rows had gaps: a ``name (missing)`` 0/1 feature follows.
       categories: a categorical column's values in the training rows, sorted.
     """
@@ -83,6 +92,12 @@ class Encoder(NamedTuple):
         """The table columns it reads, in order (the raw matrix's columns)."""
         return tuple(c.name for c in self.columns)
 
+    def width(self, c: Column) -> int:
+        """How many features column ``c`` makes before its gap indicator."""
+        if c.kind == "date":
+            return len(DATE_FEATURES)
+        return len(c.categories) if c.kind == "categorical" and self.encoding == "onehot" else 1
+
     @property
     def feature_names(self) -> tuple[str, ...]:
         """The names of the ``d`` features it makes."""
@@ -90,6 +105,8 @@ class Encoder(NamedTuple):
         for c in self.columns:
             if c.kind == "categorical" and self.encoding == "onehot":
                 out += [f"{c.name}={v}" for v in c.categories]
+            elif c.kind == "date":
+                out += [f"{c.name} ({part})" for part in DATE_FEATURES]
             else:
                 out.append(c.name)
             if c.indicator:
@@ -98,12 +115,11 @@ class Encoder(NamedTuple):
 
     @property
     def scaled(self) -> np.ndarray:
-        """``(d,)`` bool: the features that standardization may scale (numbers); the 0/1 and code
-        features pass through as they are."""
+        """``(d,)`` bool: the features that standardization may scale (numbers, dates); the 0/1 and
+        code features pass through as they are."""
         out = []
         for c in self.columns:
-            width = len(c.categories) if c.kind == "categorical" and self.encoding == "onehot" else 1
-            out += [c.kind == "numeric"] * width + [False] * c.indicator
+            out += [c.kind in ("numeric", "date")] * self.width(c) + [False] * c.indicator
         return np.asarray(out, bool)
 
     @property
@@ -115,7 +131,7 @@ class Encoder(NamedTuple):
         for c in self.columns:
             if c.kind == "categorical":
                 out.append((j, len(c.categories) + 1))
-            j += 1 + c.indicator
+            j += self.width(c) + c.indicator
         return out
 
     def to_json(self) -> dict:
@@ -177,6 +193,7 @@ def _csv_options(pa, types: dict | None, columns: Sequence[str] | None):
         true_values=["true", "True", "TRUE"],
         false_values=["false", "False", "FALSE"],
         column_types=types,
+        timestamp_parsers=[pa.csv.ISO8601, *TIME_FORMATS],
         include_columns=list(columns) if columns is not None else None,
         include_missing_columns=False,
     )
@@ -245,6 +262,11 @@ def _check_text(path: str, name: str) -> None:
 
 
 DELIMITERS = (",", ";", "\t", "|")
+TIME_FORMATS = ("%Y/%m/%d", "%Y/%m/%d %H:%M", "%Y/%m/%d %H:%M:%S")
+"""The forms read as dates and times: ISO 8601 (``2012-01-31``, ``2012-01-31 18:00:00``) and the
+same with slashes (``2012/01/31``). Day-first or month-first forms (``01/02/2012``) are ambiguous
+and stay text."""
+_DATE_LIKE = r"^\s*\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}([ T]\d{1,2}:\d{2}(:\d{2})?)?\s*$"
 
 
 def sniff_delimiter(path: str) -> str:
@@ -405,12 +427,17 @@ def _kind(pa, column, name: str, where: str, categorical: bool) -> str:
         raise TableError(f"{where}: column {name!r} is empty in every row; drop it")
     if categorical and (pa.types.is_integer(t) or pa.types.is_string(t)):
         return "categorical"
+    if categorical and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        holds = f"{escape(where)}: {{0}} names {escape(repr(name))}, which holds {escape(str(t))} values: "
+        raise ArgumentError(holds + "it takes integer columns (text columns are categories already)", "categorical")
     if pa.types.is_integer(t) or pa.types.is_floating(t):
         if categorical:
             raise TableError(f"{where}: column {name!r} holds fractional numbers, which cannot be categories")
         return "numeric"
     if pa.types.is_boolean(t):
         return "boolean"
+    if pa.types.is_date(t) or pa.types.is_timestamp(t):
+        return "date"
     if pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
         _refuse_numbers_in_text(pa, column.cast(pa.string()) if pa.types.is_dictionary(t) else column, name, where)
         return "categorical"
@@ -489,9 +516,18 @@ def _categories(pa, column, name: str, where: str) -> tuple[str, ...]:
     values = _as_text(pa, column).drop_null().unique().to_pylist()
     present = len(column) - column.null_count
     if len(values) > MAX_CATEGORIES or (len(values) > ID_CATEGORIES and len(values) * 2 > present):
-        raise TableError(
-            f"{where}: column {name!r} has {len(values)} distinct values in {present} training rows: an identifier or "
-            "free text rather than categories; drop the column"
+        column_name = escape(f"{where}: column {name!r}")
+        if all(re.match(_DATE_LIKE, v) for v in values[:100]):
+            raise ArgumentError(
+                f"{column_name} holds dates written as {escape(repr(values[0]))}, a form that is not read as dates "
+                "(day and month could be either way round): write them as 2012-01-31, or leave the column out "
+                "with {0}",
+                "ignore",
+            )
+        raise ArgumentError(
+            f"{column_name} has {len(values)} distinct values in {present} training rows: an identifier or free text "
+            "rather than categories; leave it out with {0}",
+            "ignore",
         )
     return tuple(sorted(values))
 
@@ -521,6 +557,9 @@ def _number_matrix(pa, table, names: Sequence[str], where: str) -> np.ndarray:
     out = np.empty((table.num_rows, len(names)), np.float64)
     for j, name in enumerate(names):
         column = table.column(name)
+        if pa.types.is_date(column.type) or pa.types.is_timestamp(column.type):
+            out[:, j] = _days(pa, column)
+            continue
         if not (pa.types.is_floating(column.type) and column.null_count == 0):
             column = column.cast(pa.float64())  # integers, booleans (0, 1), gaps (null: NaN)
         out[:, j] = column.to_numpy(zero_copy_only=False)
@@ -535,13 +574,50 @@ def _number_matrix(pa, table, names: Sequence[str], where: str) -> np.ndarray:
     return out
 
 
+_PER_DAY = {"s": 86400.0, "ms": 86400e3, "us": 86400e6, "ns": 86400e9}
+
+
+def _days(pa, column) -> np.ndarray:
+    """A date or timestamp column as float64 days since 1970-01-01 (a time of day as the day's
+    fraction, in UTC; NaN for a gap)."""
+    t = column.type
+    if pa.types.is_date32(t):
+        per_day, column = 1.0, column.cast(pa.int32())
+    elif pa.types.is_date64(t):
+        per_day, column = _PER_DAY["ms"], column.cast(pa.int64())
+    else:
+        per_day, column = _PER_DAY[t.unit], column.cast(pa.int64())
+    return column.cast(pa.float64()).to_numpy(zero_copy_only=False) / per_day
+
+
+def calendar(days, xp=np):
+    """The :data:`DATE_FEATURES` ``(n, 5)`` of days since 1970-01-01 ``(n,)`` (float, no NaN): the
+    proleptic Gregorian calendar in integer arithmetic (H. Hinnant's ``civil_from_days``), written
+    once for numpy and ``jax.numpy``."""
+    whole = xp.floor(days).astype(xp.int32)
+    z = whole + 719468  # days since 0000-03-01
+    era = z // 146097
+    doe = z - era * 146097  # day of the 400-year era, 0..146096
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    march_day = doe - (365 * yoe + yoe // 4 - yoe // 100)  # 0..365, from March 1
+    mp = (5 * march_day + 2) // 153
+    month = xp.where(mp < 10, mp + 3, mp - 9)
+    year = yoe + era * 400 + (month <= 2)
+    january = (year - 1) // 400  # day of the year: from the day before the year's March 1
+    before = year - 1 - january * 400
+    jan1 = january * 146097 + before * 365 + before // 4 - before // 100 + 306 - 719468
+    weekday = (whole + 3) % 7  # 1970-01-01 was a Thursday
+    parts = (year, month, weekday, whole - jan1 + 1)
+    return xp.stack([p.astype(days.dtype) for p in parts] + [days], axis=1)
+
+
 # ----------------------------------------------------------------------------- encoding
 
 
 def types_of(encoder: Encoder) -> dict:
     """``{column: pyarrow type}`` to read a file's columns as the encoder expects them."""
     pa = _pyarrow()
-    kinds = {"numeric": pa.float64(), "boolean": pa.bool_(), "categorical": pa.string()}
+    kinds = {"numeric": pa.float64(), "boolean": pa.bool_(), "categorical": pa.string(), "date": pa.timestamp("ms")}
     return {c.name: kinds[c.kind] for c in encoder.columns}
 
 
@@ -553,9 +629,12 @@ def raw_matrix(table, encoder: Encoder, where: str = "data") -> np.ndarray:
     out = np.empty((table.num_rows, len(encoder.columns)), np.float64)
     numeric = [j for j, c in enumerate(encoder.columns) if c.kind != "categorical"]
     for j in numeric:
-        t = table.column(encoder.columns[j].name).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)):
-            raise TableError(f"{where}: column {encoder.columns[j].name!r} holds {t} values; the model expects numbers")
+        c, t = encoder.columns[j], table.column(encoder.columns[j].name).type
+        number = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+        date = pa.types.is_date(t) or pa.types.is_timestamp(t)
+        if not ((date if c.kind == "date" else number) or pa.types.is_null(t)):
+            wanted = "dates (2012-01-31, or a date and time)" if c.kind == "date" else "numbers"
+            raise TableError(f"{where}: column {c.name!r} holds {t} values; the model expects {wanted}")
     out[:, numeric] = _number_matrix(pa, table, [encoder.columns[j].name for j in numeric], where)
     for j, c in enumerate(encoder.columns):
         if c.kind == "categorical":
@@ -576,56 +655,160 @@ class _Plan(NamedTuple):
     numeric: np.ndarray  # raw columns of the numbers
     fills: np.ndarray  # their fill values
     indicated: np.ndarray  # raw columns with a gap indicator
-    categorical: list  # (raw column, number of categories)
+    expanded: list  # (raw column, its Column) of each categorical and date column
     order: np.ndarray | None  # the features' positions among the pieces (None: already in order)
 
 
 def _plan(encoder: Encoder) -> _Plan:
     """Where each feature of :func:`encode` comes from: the pieces are the filled numbers, the
-    indicators, then each categorical column's one-hot block (or code)."""
+    indicators, then each categorical column's one-hot block (or code) and each date's calendar."""
     cols = encoder.columns
-    numeric = [j for j, c in enumerate(cols) if c.kind != "categorical"]
+    numeric = [j for j, c in enumerate(cols) if c.kind in ("numeric", "boolean")]
     indicated = [j for j, c in enumerate(cols) if c.indicator]
-    categorical = [(j, len(c.categories)) for j, c in enumerate(cols) if c.kind == "categorical"]
+    expanded = [(j, c) for j, c in enumerate(cols) if c.kind in ("categorical", "date")]
     slot = {j: i for i, j in enumerate(numeric)}
     flag = {j: len(numeric) + i for i, j in enumerate(indicated)}
     start, block = len(numeric) + len(indicated), {}
-    for j, v in categorical:
+    for j, c in expanded:
         block[j] = start
-        start += v if encoder.encoding == "onehot" else 1
+        start += encoder.width(c)
     order = []
     for j, c in enumerate(cols):
-        if c.kind != "categorical":
-            order.append(slot[j])
-        else:
-            width = len(c.categories) if encoder.encoding == "onehot" else 1
-            order += range(block[j], block[j] + width)
+        order += [slot[j]] if j in slot else range(block[j], block[j] + encoder.width(c))
         if c.indicator:
             order.append(flag[j])
     order = np.asarray(order, np.int32)
     fills = np.asarray([cols[j].fill for j in numeric], np.float64)
     same = bool(np.array_equal(order, np.arange(len(order))))
-    return _Plan(
-        np.asarray(numeric, np.int32), fills, np.asarray(indicated, np.int32), categorical, None if same else order
-    )
+    return _Plan(np.asarray(numeric, np.int32), fills, np.asarray(indicated, np.int32), expanded,
+                 None if same else order)  # fmt: skip
 
 
 def encode(raw, encoder: Encoder, xp=np):
     """Features ``(n, d)`` float32 of the raw matrix ``(n, c)`` (:func:`raw_matrix`): gaps filled
-    with the training mean (plus their 0/1 indicator), categories one-hot (a gap or an unseen
-    value: all zeros) or as codes 0..V (V: a gap or unseen). ``xp``: numpy or ``jax.numpy``."""
+    with the training mean (plus their 0/1 indicator), dates as their :func:`calendar`, categories
+    one-hot (a gap or an unseen value: all zeros) or as codes 0..V (V: a gap or unseen). ``xp``:
+    numpy or ``jax.numpy``."""
     plan = _plan(encoder)
     numbers = raw[:, plan.numeric]
     pieces = [xp.where(xp.isnan(numbers), plan.fills[None, :].astype(numbers.dtype), numbers)]
     pieces.append(xp.isnan(raw[:, plan.indicated]))
-    for j, v in plan.categorical:
-        code = raw[:, j]
-        if encoder.encoding == "onehot":
-            pieces.append(code[:, None] == xp.arange(v, dtype=code.dtype)[None, :])
+    for j, c in plan.expanded:
+        value = raw[:, j]
+        if c.kind == "date":
+            pieces.append(calendar(xp.where(xp.isnan(value), xp.asarray(c.fill, value.dtype), value), xp))
+        elif encoder.encoding == "onehot":
+            pieces.append(value[:, None] == xp.arange(len(c.categories), dtype=value.dtype)[None, :])
         else:
-            pieces.append(xp.where(xp.isnan(code) | (code < 0), v, code)[:, None])
+            pieces.append(xp.where(xp.isnan(value) | (value < 0), len(c.categories), value)[:, None])
     x = xp.concatenate([p.astype(xp.float32) for p in pieces], axis=1)
     return x if plan.order is None else x[:, plan.order]
+
+
+# ----------------------------------------------------------------------------- what was done
+
+
+class Report(NamedTuple):
+    """What reading a table did to it beyond reading its cells, for the user to see.
+
+    Attributes:
+      rows: the data rows read.
+      dropped: rows left out for having no target value.
+      ignored: the columns left out (``ignore``).
+      gaps: ``{column: cells}`` gaps filled (:func:`encode`: the training mean, or no category).
+      unseen: ``{column: cells}`` categories the training rows lacked, encoded as no category.
+      index: the position (1-based) of a column left out as a saved row index (no name, and it
+        numbers the rows: ``DataFrame.to_csv``'s first column), else None.
+    """
+
+    rows: int = 0
+    dropped: int = 0
+    ignored: tuple[str, ...] = ()
+    gaps: dict | None = None
+    unseen: dict | None = None
+    index: int | None = None
+
+
+def report_of(raw: np.ndarray, encoder: Encoder, **fields) -> Report:
+    """The :class:`Report` of a raw matrix ``(n, c)`` (:func:`raw_matrix`): its gaps and unseen
+    categories by column; ``fields``: the report's other fields."""
+    gaps = np.isnan(raw).sum(axis=0)
+    unseen = (raw == -1).sum(axis=0)
+    names = encoder.names
+    return Report(
+        rows=fields.pop("rows", len(raw)),
+        gaps={names[j]: int(k) for j, k in enumerate(gaps) if k},
+        unseen={names[j]: int(k) for j, k in enumerate(unseen) if k and encoder.columns[j].kind == "categorical"},
+        **fields,
+    )
+
+
+def merged(a: Report, b: Report) -> Report:
+    """Two reports of parts of one table as one (their counts summed)."""
+
+    def add(x, y):
+        return {k: (x or {}).get(k, 0) + (y or {}).get(k, 0) for k in {**(x or {}), **(y or {})}}
+
+    return Report(a.rows + b.rows, a.dropped + b.dropped, a.ignored or b.ignored, add(a.gaps, b.gaps),
+                  add(a.unseen, b.unseen), a.index or b.index)  # fmt: skip
+
+
+def _fill_text(c: Column) -> str:
+    if c.kind == "categorical":
+        return "as no category"
+    if c.kind == "date":
+        return f"with the training rows' mean date {_date_text(c.fill)}"
+    return f"with the training rows' mean {c.fill:.6g}"
+
+
+def _date_text(days: float) -> str:
+    import datetime
+
+    try:
+        return (datetime.date(1970, 1, 1) + datetime.timedelta(days=int(np.floor(days)))).isoformat()
+    except OverflowError:
+        return f"{days:.6g} days from 1970-01-01"
+
+
+def report_lines(report: Report, encoder: Encoder, where: str) -> list[str]:
+    """The report as lines for a user: the rows left out, each column's gaps filled and with what,
+    each column's unseen categories (empty when nothing was done)."""
+    lines = []
+    if report.index is not None:
+        lines.append(f"{where}: column {report.index} has no name and numbers the rows (a saved index): left out")
+    if report.dropped:
+        lines.append(f"{where}: {report.dropped} of {report.rows} rows have no target value: left out")
+    by_name = {c.name: c for c in encoder.columns}
+    if report.gaps:
+        shown = []
+        for name, k in report.gaps.items():
+            c = by_name[name]
+            flag = f" (flagged in {c.name + ' (missing)'!r})" if c.indicator else ""
+            shown.append(f"{name!r} {k} {_fill_text(c)}{flag}")
+        lines.append(f"{where}: gaps filled: " + "; ".join(shown))
+    if report.unseen:
+        shown = [f"{name!r} {k}" for name, k in report.unseen.items()]
+        lines.append(f"{where}: categories the training rows lacked, encoded as no category: " + "; ".join(shown))
+    return lines
+
+
+def report_json(report: Report, encoder: Encoder) -> dict:
+    """The report as JSON (a run folder's ``data.json``)."""
+    by_name = {c.name: c for c in encoder.columns}
+    gaps = {}
+    for name, k in (report.gaps or {}).items():
+        c = by_name[name]
+        fill = None if c.kind == "categorical" else (_date_text(c.fill) if c.kind == "date" else c.fill)
+        gaps[name] = {"cells": k, "filled_with": fill, "indicator": c.indicator}
+    return {
+        "rows": report.rows,
+        "rows_without_target": report.dropped,
+        "ignored": list(report.ignored),
+        "index_column": report.index,
+        "gaps": gaps,
+        "unseen_categories": dict(report.unseen or {}),
+        "date_features": list(DATE_FEATURES) if any(c.kind == "date" for c in encoder.columns) else [],
+    }
 
 
 # ----------------------------------------------------------------------------- targets

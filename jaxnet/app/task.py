@@ -44,7 +44,7 @@ class Problem(NamedTuple):
         fitted on the training split; for other data, its ``d`` numeric columns.
       classes: the class names of labels that were names, else None.
       tokenizer: a language model's (task ``lm``): its splits are windows of the text's tokens.
-      dropped: a table's rows left out for having no target value.
+      report: a table's :class:`jaxnet.app.tables.Report` (rows left out, gaps filled), else None.
     """
 
     splits: datalib.Splits
@@ -58,7 +58,7 @@ class Problem(NamedTuple):
     encoder: tables.Encoder
     classes: tuple[str, ...] | None = None
     tokenizer: text.Tokenizer | None = None
-    dropped: int = 0
+    report: tables.Report | None = None
 
 
 def _task_of(config: TrainConfig) -> str | None:
@@ -161,7 +161,7 @@ def load_problem(config: TrainConfig, cache: Path | None = None) -> Problem:
     out_dim = ds.num_classes if get_loss(loss).integer_labels else splits.train.y.shape[1]
     return Problem(
         splits, standardizer, target_scaler, loss, out_dim, ds.task, ds.num_classes, tuple(ds.feature_names), encoder,
-        ds.classes, dropped=ds.dropped,
+        ds.classes, report=ds.report,
     )  # fmt: skip
 
 
@@ -301,8 +301,6 @@ def describe_problem(problem: Problem) -> str:
         return (f"task: language model, {kind} tokenizer of {problem.out_dim} ids; {len(train.x.tokens)} training "
                 f"tokens{held}")  # fmt: skip
     sizes = f"{len(train.x)} train / {len(val.x) if val else 0} val / {len(test.x) if test else 0} test rows"
-    if problem.dropped:
-        sizes += f" ({problem.dropped} rows without a target value left out)"
     if problem.task == "classification":
         named = ""
         if problem.classes:  # their order: the labels 0, 1, ... and the columns of --probabilities

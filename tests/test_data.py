@@ -181,8 +181,10 @@ def test_csv_negative_labels_out_of_range(tmp_path):
         ("a,y\n0x10,1\n2,0\n", r"column 'a': '0x10' is not a number \(numbers are written like 1000"),
         ("a,y\n\u0661\u0662,1\n2,0\n3,1\n", r"row 1, column 'a': '\u0661\u0662' is not a number"),
         ("a,y\n12:30:00,1\n13:00:00,0\n", r"column 'a' holds time32\[s\] values: convert them"),
-        ("a,y\n" + "".join(f"{i % 12 + 1:02d}/{i // 12 + 1:02d}/2012,{i % 2}\n" for i in range(60)),
-         r"column 'a' holds dates written as '01/01/2012', a form that is not read as dates"),
+        (
+            "a,y\n" + "".join(f"{i % 12 + 1:02d}/{i // 12 + 1:02d}/2012,{i % 2}\n" for i in range(60)),
+            r"column 'a' holds dates written as '01/01/2012', a form that is not read as dates",
+        ),
         ("y\n0\n1\n", r"no feature columns besides the target 'y'"),
         ("a,b,y\n", r"empty dataset: data.csv has a header but no data rows"),
         ("", r"empty dataset: data.csv is empty"),

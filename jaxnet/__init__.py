@@ -73,6 +73,7 @@ _EXPORTS = {
     "FitState": "loop",
     "NonFiniteLossError": "loop",
     "fit": "loop",
+    "fitting_batch_size": "loop",
     "init_fit_state": "loop",
     "gpt": "lm",
     "GPTConfig": "lm",
@@ -202,6 +203,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.loop import FitState as FitState
     from jaxnet.loop import NonFiniteLossError as NonFiniteLossError
     from jaxnet.loop import fit as fit
+    from jaxnet.loop import fitting_batch_size as fitting_batch_size
     from jaxnet.loop import init_fit_state as init_fit_state
     from jaxnet.losses import IGNORE_INDEX as IGNORE_INDEX
     from jaxnet.losses import LOSSES as LOSSES

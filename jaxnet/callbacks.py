@@ -8,8 +8,8 @@ callback's stop). The same callbacks serve single and member runs.
 
 from __future__ import annotations
 
+import _thread
 import concurrent.futures
-import os
 import signal
 import sys
 import threading
@@ -157,6 +157,7 @@ class Interrupt(OnChunk):
         self.signum: int | None = None
         self.notify = notify
         self._previous: dict = {}
+        self._again: threading.Timer | None = None
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -175,14 +176,17 @@ class Interrupt(OnChunk):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         sys.unraisablehook = self._hook
+        if self._again is not None:
+            self._again.cancel()
 
     def _unraisable(self, unraisable) -> None:
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):
             self._hook(unraisable)
             return
-        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))  # raised in the main thread
-        timer.daemon = True
-        timer.start()
+        if self._again is None or not self._again.is_alive():  # one at a time: it is the same interrupt
+            self._again = threading.Timer(0.05, _thread.interrupt_main)  # raised in the main thread
+            self._again.daemon = True
+            self._again.start()
 
     def __call__(self, state, record) -> bool:
         return self._stop()

@@ -635,7 +635,7 @@ def residual(*layers: Model | StatefulModel) -> Model | StatefulModel:
             y, state = body.apply(params, state, x, ctx)
             return x + y, state
 
-        return StatefulModel(body.init, apply)
+        return body._replace(apply=apply)
     return Model(body.init, lambda params, x: x + body.apply(params, x))
 
 

@@ -572,7 +572,7 @@ def fit(
     loss: str | PerExample | LossSpec,
     optimizer: optax.GradientTransformation,
     epochs: int | None = None,
-    batch_size: int,
+    batch_size: int | str,
     key: PRNGKey,
     validation: tuple | None = None,
     patience: int | None = None,
@@ -624,7 +624,8 @@ def fit(
       epochs: total number of epochs (including those already done when resuming); or give
         ``steps`` instead.
       batch_size: examples per step; the last partial batch is padded and masked (its update
-        averages over its real examples only) unless ``drop_remainder``.
+        averages over its real examples only) unless ``drop_remainder``. ``"auto"``: the largest
+        power of two whose step fits ``memory_budget`` (:func:`fitting_batch_size`).
       key: PRNG key for shuffling; the run is reproducible from it.
       validation: optional ``(x_val: (m, ...), y_val: (m, ...))`` or a source, evaluated after
         every epoch in batches of ``eval_batch_size``.
@@ -741,6 +742,9 @@ def fit(
     _check_length(epochs, steps, eval_every)
     data = _check_data(x, y, validation, sample_weight, once=steps is not None or epochs == 1)
     named = get_metrics(metrics)
+    auto = isinstance(batch_size, str) and batch_size == "auto"
+    if auto:  # the smallest a mesh and microbatches allow, until XLA's memory analysis picks one
+        batch_size = _smallest_batch(accumulate, mesh)
     _check_options(spec, batch_size, patience, monitor, data.validation, named)
     check_metric_targets(named, spec.integer_labels, spec.name)
     batch_size = _clamped_batch(batch_size, data.train, drop_remainder, mesh)
@@ -778,6 +782,10 @@ def fit(
         sharding=_check_sharding(sharding, mesh, resume.train),
         accumulate=_check_accumulate(accumulate, batch_size),
     )
+    if auto:
+        shapes = (train_rows(data.train), _example_shapes(data.train))
+        options = _fitting_batch(model, spec, optimizer, options, resume.train, shapes, mesh, memory_budget)
+        _check_padding(model, resume.train.model_state, data.train, options.batch_size, drop_remainder)
     _check_resumable(options, resume, data)
     options = _preflight(model, spec, optimizer, options, resume.train, data, mesh, memory_budget, peak_tflops)
     compiled = programs.build_programs(model, spec, optimizer, options, mesh, data)
@@ -868,6 +876,93 @@ def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, b
     return dataclasses.replace(options, flops_per_step=need["flops"], peak_flops=peak * 1e12 * devices)
 
 
+def fitting_batch_size(
+    model: AnyModel,
+    params: Params,
+    x,
+    y=None,
+    *,
+    loss: str | PerExample | LossSpec,
+    optimizer: optax.GradientTransformation,
+    memory_budget: int | None = None,
+    mesh=None,
+    sharding=None,
+    accumulate: int = 1,
+    model_state: Any = None,
+    compute_dtype: Any = None,
+) -> int:
+    """The largest power-of-two batch size whose training step fits ``memory_budget`` bytes per
+    device (default: the device's limit; the host's memory on CPU), by XLA's memory analysis of
+    the compiled step (compiled for shapes only: nothing is allocated), at most the training
+    rows; what ``fit(batch_size="auto")`` trains with. The arguments are :func:`fit`'s.
+
+    Raises:
+      MemoryBudgetError: not even the smallest batch fits.
+    """
+    source = sources.as_source(x, y, "x", once=True)
+    if source is None:  # arrays: their shapes are all it needs (nothing is placed on a device)
+        x, y = (a if hasattr(a, "shape") else np.asarray(a) for a in (x, y))
+        rows, example = len(x), tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (x, y))
+    else:
+        rows, example = train_rows(source), _example_shapes(source)
+    options = FitOptions(epochs=1, batch_size=_smallest_batch(accumulate, mesh), compute_dtype=compute_dtype,
+                         sharding=sharding, accumulate=accumulate)  # fmt: skip
+    state = jax.eval_shape(lambda p, s: init_state(p, optimizer, jax.random.key(0), s), params, model_state)
+    found = _fitting_batch(model, get_loss(loss), optimizer, options, state, (rows, example), mesh, memory_budget)
+    return found.batch_size
+
+
+def _smallest_batch(accumulate, mesh) -> int:
+    """The smallest power of two that ``accumulate`` microbatches and a mesh's batch devices divide."""
+    devices = 1 if mesh is None else shardinglib.batch_devices(mesh)
+    need = checks.integer("accumulate", accumulate) * devices
+    if need & (need - 1):
+        raise ArgumentError(
+            f"{{0}} 'auto' picks a power of two, which {{1}} {accumulate} times {devices} batch devices does not "
+            "divide: give a batch size",
+            "batch_size", "accumulate",
+        )  # fmt: skip
+    return need
+
+
+def _fitting_batch(model, spec, optimizer, options: FitOptions, train, data, mesh, budget) -> FitOptions:
+    """``options`` with the largest power-of-two batch (from ``options.batch_size``, the smallest,
+    up to the training rows) whose step XLA says fits ``budget`` (default: :func:`memory_limit`).
+    ``data``: ``(rows or None, (x, y) of one example's shapes)``."""
+    if budget is None:
+        budget, where = memory_limit()
+        source = f"the {where}'s {_size(budget)}"
+    else:
+        budget = checks.integer("memory_budget", budget)
+        source = f"the memory budget of {_size(budget)}"
+    rows, example = data
+    top = 1 << 20 if rows is None else 1 << max(0, rows.bit_length() - 1)
+    sizes = [options.batch_size << k for k in range(max(1, (top // options.batch_size).bit_length()))]
+
+    def fits(b: int) -> bool:
+        sized = dataclasses.replace(options, batch_size=b)
+        return programs.step_cost(model, spec, optimizer, sized, train, example, mesh)["total"] <= budget
+
+    if not fits(sizes[0]):
+        raise MemoryBudgetError(
+            f"{{0}} 'auto': not even a batch of {sizes[0]} fits {source}: shard the params ({{1}}), recompute "
+            "activations ({2}) or give a larger budget ({3})",
+            "batch_size", "mesh", "remat", "memory_budget",
+        )  # fmt: skip
+    lo, hi = 0, len(sizes) - 1  # sizes[lo] fits; find the last that does
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(sizes[mid]) else (lo, mid - 1)
+    return dataclasses.replace(options, batch_size=sizes[lo])
+
+
+def train_rows(train) -> int | None:
+    """The training examples of resident arrays or an indexed source (None: a stream of unknown length)."""
+    if isinstance(train, tuple):
+        return int(train[0].shape[0])
+    return getattr(train, "num_rows", None)
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -900,20 +995,27 @@ def _check_accumulate(accumulate, batch_size: int) -> int:
     return accumulate
 
 
+def counts_padding(model, model_state) -> bool:
+    """Whether ``model``'s batch statistics would count the padding of a partial batch: a
+    :class:`jaxnet.StatefulModel` with ``batch_statistics``, or a batched one with state (a
+    library's batch norm, which cannot weigh examples)."""
+    if not isinstance(model, StatefulModel):
+        return False
+    return model.batch_statistics or (model.batched and bool(jax.tree.leaves(model_state)))
+
+
 def _check_padding(model, model_state, train, batch_size: int, drop_remainder: bool) -> None:
-    """Refuses a final partial batch for a model whose batch statistics would count its padding
-    (:attr:`jaxnet.StatefulModel.batch_statistics`, or a batched model with state)."""
-    if drop_remainder or not isinstance(model, StatefulModel):
+    """Refuses a final partial batch for a model that :func:`counts_padding`."""
+    if drop_remainder or not counts_padding(model, model_state):
         return
-    if not (model.batch_statistics or (model.batched and jax.tree.leaves(model_state))):
-        return
-    rows = train[0].shape[0] if isinstance(train, tuple) else getattr(train, "num_rows", None)
+    rows = train_rows(train)
     if rows is not None and rows % batch_size:
-        raise ValueError(
-            f"batch_size {batch_size} leaves a final batch of {rows % batch_size} of the {rows} training examples, "
+        raise ArgumentError(
+            f"{{0}} {batch_size} leaves a final batch of {rows % batch_size} of the {rows} training examples, "
             "padded with weightless copies; this model's batch statistics (its library's batch norm) would count "
-            "the copies: pass drop_remainder=True, or a batch_size that divides the examples"
-        )
+            "the copies: pass {1}=True, or a {0} that divides the examples",
+            "batch_size", "drop_remainder",
+        )  # fmt: skip
 
 
 def _clamped_batch(batch_size: int, train, drop_remainder: bool, mesh) -> int:

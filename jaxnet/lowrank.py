@@ -100,7 +100,7 @@ def lora(model: Model | StatefulModel, rank: int, alpha: float | None = None, ta
         return merge(params, scale)
 
     if stateful:
-        return StatefulModel(init, lambda p, s, x, ctx: model.apply(merged(p), s, x, ctx), batched=model.batched)
+        return model._replace(init=init, apply=lambda p, s, x, ctx: model.apply(merged(p), s, x, ctx))
     return Model(init, lambda p, x: model.apply(merged(p), x))
 
 

@@ -230,10 +230,16 @@ CLASS_METRICS = ("accuracy", "cross_entropy", "perplexity", "bits_per_token", "p
 VALUE_METRICS = ("mse", "mae", "r2")
 
 
-def check_metric_targets(metrics: tuple[Metric, ...], integer_labels: bool, loss_name: str) -> None:
+def check_metric_targets(
+    metrics: tuple[Metric, ...], integer_labels: bool, loss_name: str, classes: int | None = None
+) -> None:
     """Refuses built-in metrics that do not fit the loss's targets: the class metrics (and
-    ``top_k_accuracy``) need integer labels, ``mse``, ``mae`` and ``r2`` real-valued targets."""
+    ``top_k_accuracy``) need integer labels, ``mse``, ``mae`` and ``r2`` real-valued targets;
+    ``top_k_accuracy`` needs at least ``k`` classes (when ``classes`` is known)."""
     for m in metrics:
+        top = re.fullmatch(r"top_(\d+)_accuracy", m.name)
+        if top and integer_labels and classes is not None and int(top.group(1)) > classes:
+            raise ValueError(f"metrics: {m.name!r} needs at least {top.group(1)} classes; the model has {classes}")
         is_class = m.name in CLASS_METRICS or re.fullmatch(r"top_\d+_accuracy", m.name) is not None
         if is_class and not integer_labels:
             raise ValueError(

@@ -285,3 +285,47 @@ def test_two_processes_of_four_devices_give_the_losses_of_one_process_of_eight(t
     two, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert two["local_shards"] == 4 and single["local_shards"] == 8  # each process holds 4 of the 8 shards
     np.testing.assert_allclose(two["losses"], single["losses"], rtol=1e-5)
+
+
+def test_batch_size_auto_is_the_largest_power_of_two_whose_step_fits():
+    from jaxnet import _programs, loop
+
+    net = jn.mlp([32, 256, 256, 10])
+    params = net.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(3000, 32)).astype(np.float32), rng.integers(0, 10, 3000).astype(np.int32)
+    spec, opt = jn.get_loss("softmax_cross_entropy"), optax.adam(1e-3)
+    state = jax.eval_shape(lambda p: jn.init_state(p, opt, jax.random.key(0)), params)
+    rows = (jax.ShapeDtypeStruct((32,), np.float32), jax.ShapeDtypeStruct((), np.int32))
+
+    def need(b):  # XLA's figure for a step of b examples, as fit's preflight sees it
+        options = loop.FitOptions(epochs=1, batch_size=b)
+        return _programs.step_cost(net, spec, opt, options, state, rows, None)["total"]
+
+    budget = (need(64) + need(128)) // 2
+    common = dict(loss="softmax_cross_entropy", optimizer=opt)
+    assert jn.fitting_batch_size(net, params, x, y, memory_budget=budget, **common) == 64
+    assert jn.fitting_batch_size(net, params, x, y, memory_budget=need(8192), **common) == 2048  # at most the rows
+    result = jn.fit(net, params, x, y, batch_size="auto", memory_budget=budget, epochs=1, key=jax.random.key(1),
+                    **common)  # fmt: skip
+    assert result.history[-1]["steps"] == -(-3000 // 64)
+    with pytest.raises(loop.MemoryBudgetError, match=r"batch_size 'auto': not even a batch of 1 fits"):
+        jn.fitting_batch_size(net, params, x, y, memory_budget=need(1) - 1, **common)
+    with pytest.raises(ValueError, match=r"batch_size 'auto' picks a power of two, which accumulate 3"):
+        jn.fit(net, params, x, y, batch_size="auto", accumulate=3, epochs=1, key=jax.random.key(1), **common)
+
+
+def test_the_command_lines_batch_size_auto_is_recorded_as_the_number_it_became(tmp_path):
+    from jaxnet.app import config as configlib
+    from jaxnet.app import run as runlib
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(500, 8)).astype(np.float32), y=rng.integers(0, 3, 500))
+    config = configlib.make_config(data=str(tmp_path / "d.npz"), batch_size="auto", memory_budget=64 << 20, epochs=2)
+    said = []
+    result = runlib.run(config, out=tmp_path / "run", notify=lambda message, always=False: said.append(message))
+    assert result.summary["batch_size"] == 256  # 500 rows: at most 256, and 64 MiB holds it
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 256
+    assert any(m.startswith("batch size auto: 256, the largest power of two") for m in said), said
+    again = runlib.run(config, out=tmp_path / "run", notify=lambda *a: None)  # auto again: the run's number
+    assert again.summary["batch_size"] == 256 and again.summary["epochs"] == 2

@@ -187,3 +187,33 @@ def test_a_second_interrupt_that_lands_in_a_gc_callback_is_delivered_again():
                     time.sleep(0.01)
         finally:
             gc.callbacks.remove(collecting)
+
+
+def test_a_time_with_a_zone_reads_alike_when_training_and_predicting(tmp_path):
+    lines = ["when,x,y"] + [f"2012-0{i % 9 + 1}-1{i % 9}T10:00:00+02:00,{i % 5},{i % 2}" for i in range(40)]
+    (tmp_path / "tz.csv").write_text("\n".join(lines) + "\n")
+    ds = datalib.load_table(tmp_path / "tz.csv", "y")
+    chunks = list(datalib.feature_chunks(tmp_path / "tz.csv", ds.encoder, "y", rows=16))
+    np.testing.assert_array_equal(np.concatenate([c.x for c in chunks]), ds.x)
+    assert ds.x[0][3] == datetime.date(2012, 1, 10).timetuple().tm_yday  # 08:00 UTC, the same day
+
+
+def test_wrappers_keep_a_library_batch_norm_known():
+    eqx = pytest.importorskip("equinox")
+    model = jn.from_equinox(eqx.nn.make_with_state(lambda key: eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")))
+    assert all(m.batch_statistics for m in (jn.residual(model), jn.serial(jn.residual(model)), jn.repeat(model, 2)))
+    from jaxnet import loop
+
+    assert loop.counts_padding(jn.lora(jn.serial(model, jn.dense(3, 2)), 1), {})
+
+
+def test_top_k_accuracy_beyond_the_classes_is_refused_by_name():
+    from jaxnet.app import saved
+
+    meta = {"loss": "softmax_cross_entropy", "task": "classification", "sizes": [4, 2]}
+    with pytest.raises(ValueError, match="'top_5_accuracy' needs at least 5 classes; the model has 2"):
+        saved.Tally(meta, metrics=["top_5_accuracy"])
+    tally = saved.Tally(meta, metrics=["f1"])
+    tally.add(np.zeros((0, 2), np.float32), np.zeros((0,), np.int32))  # an empty chunk counts nothing
+    tally.add(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([0, 1], np.int32))
+    assert tally.metrics()["accuracy"] == 1.0 and tally.n == 2

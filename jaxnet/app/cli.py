@@ -135,6 +135,11 @@ def mesh_arg(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def batch_arg(text: str):
+    """argparse type: a batch size, or ``auto``."""
+    return "auto" if text == "auto" else integer_arg(text)
+
+
 def devices_arg(text: str):
     """argparse type: ``all`` or a number of devices."""
     return "all" if text == "all" else integer_arg(text)
@@ -151,7 +156,8 @@ def _add_train(sub) -> None:
     names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM, cliflags.TUNE, cliflags.DEVICES)
     groups = {name: p.add_argument_group(name) for name in names}
     parsers = {"str": str, "int": integer_arg, "number": number_arg, "ints": int_list, "names": name_list}
-    cliflags.add_flags(groups, {**parsers, "numbers": number_list, "rules": rule_arg, "bytes": bytes_arg})
+    more = {"numbers": number_list, "rules": rule_arg, "bytes": bytes_arg, "batch": batch_arg}
+    cliflags.add_flags(groups, {**parsers, **more})
     _add_device_options(groups[cliflags.DEVICES])
     _add_output_options(p.add_argument_group("output"))
     p.set_defaults(run=_cmd_train)

@@ -67,7 +67,13 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "epochs": Flag(MODEL, "int", "N", "epochs; with --resume, extends the run to this many"),
     "steps": Flag(MODEL, "int", "N", "train for N optimizer steps instead of epochs (language models)"),
     "eval_every": Flag(MODEL, "int", "N", "with --steps: validate (and record, log, checkpoint) every N steps"),
-    "batch_size": Flag(MODEL, "int", "B", "examples per step"),
+    "batch_size": Flag(
+        MODEL,
+        "batch",
+        "B|auto",
+        "examples per step; auto: the largest power of two whose step fits the memory (--memory-budget, else "
+        "the device's), by XLA's memory analysis",
+    ),
     "seed": Flag(MODEL, "int", "S", "seed of every random draw"),
     "patience": Flag(MODEL, "int", "N", "early stopping after N epochs without improvement"),
     "dtype": Flag(

@@ -20,7 +20,7 @@ from jaxnet import _checks as checks
 from jaxnet import groups
 from jaxnet._checks import ArgumentError
 from jaxnet._weights import parse_class_weight
-from jaxnet.app import recipes, tables
+from jaxnet.app import corpora, recipes, tables
 from jaxnet.app.arch import IMAGE_SHAPES, check_arch, is_file_arch
 from jaxnet.app.configfields import (
     ADAMW_WEIGHT_DECAY,
@@ -137,8 +137,10 @@ def make_config(**overrides) -> TrainConfig:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "data" not in overrides:
         overrides.setdefault("dataset", "digits")
-    preset = {**PRESETS.get(overrides.get("dataset") or "", {}), **TASK_PRESETS.get(overrides.get("task") or "", {})}
-    if _is_table(overrides) and "epochs" not in overrides and "steps" not in overrides:
+    dataset = PRESETS.get(overrides.get("dataset") or "", {})
+    preset = {**dataset, **TASK_PRESETS.get(overrides.get("task") or dataset.get("task") or "", {})}
+    length_free = overrides.get("lr_schedule", ConfigFields.lr_schedule) == "constant"  # else it spans the epochs
+    if _is_table(overrides) and length_free and "epochs" not in overrides and "steps" not in overrides:
         preset.update(TABLE_PRESET)
         if overrides.get("val_split", ConfigFields.val_split) == 0:
             preset.pop("patience")
@@ -196,7 +198,10 @@ def _validate_data(c: TrainConfig) -> None:
     if (c.dataset is None) == (c.data is None):
         raise ArgumentError("give either a built-in dataset ({0}) or a data file ({1}), not both", "dataset", "data")
     if c.dataset is not None:
-        checks.choice("dataset", c.dataset, BUILTINS)
+        checks.choice("dataset", c.dataset, (*BUILTINS, *corpora.CORPORA))
+    if c.dataset in corpora.CORPORA and c.task != "lm":
+        raise ArgumentError(f"{{0}} {c.dataset} is a text: it trains a language model ({{1}} lm)", "dataset", "task")
+
     table = c.data is not None and str(c.data).lower().endswith((".csv", ".parquet")) and c.task != "lm"
     if table and not c.target and c.task != "lm":
         raise ArgumentError(f"{checks.escape(c.data)} is a table: name the column to predict with {{0}}", "target")
@@ -217,6 +222,11 @@ def _validate_data(c: TrainConfig) -> None:
         raise ArgumentError("{0} and {1} together must leave some training data (sum < 1)", "val_split", "test_split")
 
 
+MEMBER_RUNS = "member runs ({0}, {1}, lists of {2} or {3})"
+MEMBER_FLAGS = ("seeds", "ensemble", "lrs", "weight_decays")
+"""What makes a run a member run, for errors: ``MEMBER_RUNS.format(*MEMBER_FLAGS)``, then {4} on."""
+
+
 def validate(config: TrainConfig) -> None:
     """Raises ValueError/TypeError naming the first bad field of ``config`` and how to fix it."""
     c = config
@@ -225,7 +235,10 @@ def validate(config: TrainConfig) -> None:
     checks.number("lr", c.lr, 0.0, strict=True)
     checks.number("weight_decay", c.weight_decay, 0.0)
     _validate_length(c)
-    checks.integer("batch_size", c.batch_size)
+    if c.batch_size != "auto":
+        checks.integer("batch_size", c.batch_size)
+    elif is_member_run(c):
+        raise ArgumentError(MEMBER_RUNS + " take a given {4}, not 'auto'", *MEMBER_FLAGS, "batch_size")
     checks.integer("seed", c.seed, 0, 2**32 - 1)
     checks.optional_integer("patience", c.patience)
     if c.patience is not None and c.val_split == 0:
@@ -343,7 +356,7 @@ def _validate_text(c: TrainConfig) -> None:
         raise ArgumentError(f"{{0}} {c.dim} must be divisible by {{1}} {c.heads}", "dim", "heads")
     if not lm:
         return
-    if c.data is None or str(c.data).lower().endswith((".csv", ".npz")):
+    if c.data is None and c.dataset not in corpora.CORPORA or str(c.data).lower().endswith((".csv", ".npz")):
         shown = checks.escape(c.data or c.dataset)
         raise ArgumentError(f"{{0}} lm trains on text: give {{1}} FILE.txt, a folder of .txt files, or a .jsonl or "
                             f".parquet file with a text field, not {shown}", "task", "data")  # fmt: skip
@@ -388,7 +401,7 @@ def _validate_recipe(c: TrainConfig) -> None:
     checks.optional_integer("memory_budget", c.memory_budget)
     if c.peak_tflops is not None:
         checks.number("peak_tflops", c.peak_tflops, 0.0, strict=True)
-    if c.batch_size % c.accumulate:
+    if c.batch_size != "auto" and c.batch_size % c.accumulate:
         raise ArgumentError(f"{{0}} {c.accumulate} does not divide {{1}} {c.batch_size} into equal microbatches",
                             "accumulate", "batch_size")  # fmt: skip
     for rule in c.shard:

@@ -40,7 +40,7 @@ class ConfigFields:
     lr: float = 1e-3
     weight_decay: float | None = None
     epochs: int = 30
-    batch_size: int = 64
+    batch_size: int | str = 64  # or "auto": resolved when the run starts, and recorded
     seed: int = 0
     val_split: float = 0.1
     test_split: float = 0.2
@@ -111,6 +111,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "moons": dict(hidden=(32, 32), lr=0.01, epochs=60),
     "spirals": dict(hidden=(64, 64), lr=0.01, epochs=150),
     "digits": dict(hidden=(64, 64), lr=1e-3, epochs=30, batch_size=64),
+    # A text (jaxnet.app.corpora), downloaded on first use: a character-level language model.
+    "shakespeare": dict(task="lm", tokenizer="char"),
 }
 """Per-dataset defaults, applied to every field the user leaves unset."""
 
@@ -122,7 +124,9 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
 
 TABLE_PRESET: dict[str, Any] = dict(epochs=200, patience=20)
 """The defaults of a table (a CSV or Parquet ``data`` file) when neither ``epochs`` nor ``steps`` is
-given: up to 200 epochs, stopping 20 epochs after the validation loss last improved (the saved
-model is the best validation epoch's). A small table has few steps per epoch (iris: 2), and 30
-epochs left it undertrained (bench/results/seven-tables-*.json); a large one stops when it stops
-improving. Without a validation split there is no early stopping: 200 epochs."""
+given and the learning rate is constant: up to 200 epochs, stopping 20 epochs after the validation
+loss last improved (the saved model is the best validation epoch's). A small table has few steps
+per epoch (iris: 2), and 30 epochs left it undertrained (bench/results/seven-tables-*.json); a
+large one stops when it stops improving. Without a validation split there is no early stopping:
+200 epochs. A schedule spans the run's epochs, and early stopping would cut it short: a run with
+one keeps the general default of 30 epochs."""

@@ -641,8 +641,18 @@ def _table_chunks(path: str, encoder, target, classes, rows, id_column):
             else:
                 values = tables.target_values(table, targets, name)
                 y = values[:, 0] if len(targets) == 1 else values
-        ids = None if id_column is None else ["" if v is None else str(v) for v in table.column(id_column).to_pylist()]
+        ids = None if id_column is None else [_id_text(v) for v in table.column(id_column).to_pylist()]
         yield InputRows(tables.encode(raw, encoder), y, ids, tables.report_of(raw, encoder))
+
+
+def _id_text(value) -> str:
+    """An id cell as text: as written for a text column; a whole number without ``.0`` (an id
+    column that is also a feature is read as numbers)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _checked_features(block: np.ndarray, name: str, first_row: int = 0) -> np.ndarray:

@@ -102,11 +102,13 @@ def prediction_rows(meta: dict, outputs: np.ndarray, probabilities: bool = False
         if not probabilities:
             return header, [[names[k]] for k in best]
         return header, [[names[k]] + [f"{v:.6g}" for v in p] for k, p in zip(best, outputs)]
-    targets = str(meta.get("target") or "").split(",")
-    if outputs.shape[1] == 1:
-        names = ["prediction"]
-    elif len(targets) == outputs.shape[1]:
-        names = [f"prediction_{t.strip()}" for t in targets]
-    else:
-        names = [f"prediction_{k}" for k in range(outputs.shape[1])]
+    names = ["prediction"] if outputs.shape[1] == 1 else [f"prediction_{t}" for t in target_names(meta)]
     return names, [[f"{v:.8g}" for v in p] for p in outputs]
+
+
+def target_names(meta: dict) -> list[str]:
+    """A regression model's target columns by name (``0``, ``1``, ... when it was not trained on
+    a table's named columns)."""
+    target, width = meta.get("target"), meta["sizes"][-1]
+    names = [t.strip() for t in str(target).split(",")] if target else []
+    return names if len(names) == width else [str(k) for k in range(width)]

@@ -35,24 +35,28 @@ from jaxnet._checks import escape as checks_escape
 from jaxnet.app import arch as archlib
 from jaxnet.app import config as configlib
 from jaxnet.app import files, plot, profiling, saved, tables
-from jaxnet.app.config import TrainConfig
+from jaxnet.app.config import MEMBER_FLAGS, MEMBER_RUNS, TrainConfig
 from jaxnet.app.rundir import RunFolder
-from jaxnet.app.task import Problem, describe_problem, load_problem, model_meta
+from jaxnet.app.task import Problem, describe_problem, load_problem, model_meta, with_batch_size
 from jaxnet.callbacks import Checkpointer
 from jaxnet.epoch import num_batches
 from jaxnet.forward import AnyModel, init_model
-from jaxnet.loop import FitState, NonFiniteLossError, check_fit_memory, fit, init_fit_state, is_finished
+from jaxnet.loop import (
+    FitState,
+    NonFiniteLossError,
+    check_fit_memory,
+    counts_padding,
+    fit,
+    fitting_batch_size,
+    init_fit_state,
+    is_finished,
+)
 from jaxnet.losses import with_label_smoothing
 from jaxnet.step import init_state, make_train_step
 
 Notify = Callable[..., None]
 """``notify(message, always=False)``: a one-line message for the user; ``always`` for the ones
 that must show even when progress is off (a run continued, a checkpoint skipped as damaged)."""
-
-
-MEMBER_RUNS = "member runs ({0}, {1}, lists of {2} or {3})"
-MEMBER_FLAGS = ("seeds", "ensemble", "lrs", "weight_decays")
-"""What makes a run a member run, for errors: ``MEMBER_RUNS.format(*MEMBER_FLAGS)``, then {4} on."""
 
 
 class RunResult(NamedTuple):
@@ -96,17 +100,21 @@ class Job(NamedTuple):
         return ("val_accuracy" if classify else "val_loss") if self.problem.splits.val is not None else "train_loss"
 
 
-def prepare(config: TrainConfig, cache: Path | None = None) -> Job:
+def prepare(config: TrainConfig, cache: Path | None = None, mesh=None) -> Job:
     """Loads the data of ``config`` and describes its model and members; refuses a run whose
     estimated memory exceeds the device's before anything is allocated. A text's tokens are cached
-    in ``cache`` (the run folder)."""
+    in ``cache`` (the run folder). A batch size ``auto`` is resolved for ``mesh`` (the job's config
+    holds the number)."""
     problem = load_problem(config, cache)
     class_weight_of(config, problem)
     meta = model_meta(config, problem)
     model = archlib.build_model(meta, config.arch)
     if config.lora_rank is not None:  # the base's weights get adapters; only they train
         model = lowrank.lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
-    one = jax.eval_shape(lambda: init_model(model, jax.random.key(0))[0])
+    one, one_state = jax.eval_shape(lambda: init_model(model, jax.random.key(0)))
+    if config.batch_size == "auto":
+        config = _fitting_batch(config, problem, model, (one, one_state), mesh)
+        problem = with_batch_size(problem, config)
     start = _start_weights(config, one)
     # what fit places on the device (lazy rows, read in chunks, are not placed)
     parts = [part for part in problem.splits if part is not None and sources.is_resident(part.x)]
@@ -115,6 +123,28 @@ def prepare(config: TrainConfig, cache: Path | None = None) -> Job:
     check_fit_memory(one, configlib.make_optimizer(config), batch, configlib.grid_size(config), data)
     members, member_run = configlib.members(config), configlib.is_member_run(config)
     return Job(config, problem, meta, members, member_run, model, start)
+
+
+def _fitting_batch(config: TrainConfig, problem: Problem, model, variables, mesh) -> TrainConfig:
+    """``config`` with its batch size ``auto`` resolved (:func:`jaxnet.fitting_batch_size`)."""
+    train, c = problem.splits.train, config
+    found = fitting_batch_size(
+        model, variables[0], train.x, train.y, loss=with_label_smoothing(problem.loss, c.label_smoothing),
+        optimizer=configlib.make_optimizer(dataclasses.replace(c, batch_size=1)), memory_budget=c.memory_budget,
+        mesh=mesh, sharding=sharding_rules(c), accumulate=c.accumulate, model_state=variables[1],
+        compute_dtype=compute_dtype(c),
+    )  # fmt: skip
+    return dataclasses.replace(config, batch_size=found)
+
+
+def compute_dtype(config: TrainConfig):
+    """The dtype steps compute in (None: float32 throughout)."""
+    return None if config.dtype == "float32" else jnp.dtype(config.dtype)
+
+
+def sharding_rules(config: TrainConfig) -> list | None:
+    """``--shard``'s ``REGEX=SPEC`` rules as ``fit(sharding=)`` takes them."""
+    return [tuple(rule.rsplit("=", 1)) for rule in config.shard] or None
 
 
 def _start_weights(config: TrainConfig, shapes) -> transfer.Loaded | None:
@@ -229,8 +259,7 @@ def profile(job: Job, logdir: Path) -> Path:
     if job.member_run:
         params, model_state, key = jax.tree.map(lambda a: a[0], (params, model_state, key))
     optimizer = optimizer_of(job)
-    dtype = None if c.dtype == "float32" else jnp.dtype(c.dtype)
-    step = make_train_step(job.model, loss_of(job), optimizer, compute_dtype=dtype)
+    step = make_train_step(job.model, loss_of(job), optimizer, compute_dtype=compute_dtype(c))
     train_rows = job.problem.splits.train
     n, b = len(train_rows.x), min(c.batch_size, len(train_rows.x))
     starts = [(i * b) % max(n - b + 1, 1) for i in range(profiling.STEPS + 1)]
@@ -255,6 +284,9 @@ def train(
         raise ArgumentError("{0} lays params out on a device mesh: give {1} too", "shard", "mesh")
     start = _fresh(job) if resume is None else _Start(None, None, None, None)
     x, y = _local_rows(job, mesh)
+    # A library's batch norm would count the padding of a partial batch: each epoch leaves its last
+    # partial batch out instead (shuffled, its rows train in other epochs).
+    drop = counts_padding(job.model, start.model_state if resume is None else resume.train.model_state)
     return fit(
         job.model,
         start.params,
@@ -275,15 +307,16 @@ def train(
         skip_nonfinite=c.skip_nonfinite,
         hyperparams=start.hyperparams,
         model_state=start.model_state,
-        compute_dtype=None if c.dtype == "float32" else jnp.dtype(c.dtype),
+        compute_dtype=compute_dtype(c),
         chunk_steps=chunk_steps,
         metrics=list(c.metrics) or None,
         class_weight=class_weight_of(c, job.problem),
-        sharding=[tuple(rule.rsplit("=", 1)) for rule in c.shard] or None,
+        sharding=sharding_rules(c),
         accumulate=c.accumulate,
         memory_budget=c.memory_budget,
         peak_tflops=c.peak_tflops,
         log_every_steps=log_steps,
+        drop_remainder=drop,
     )
 
 
@@ -374,6 +407,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         "val_loss": entries[best].get("val_loss"),
         "val_accuracy": entries[best].get("val_accuracy"),
         "best_epoch": entries[best].get("best_epoch"),  # the epoch of val_* (and of the saved params)
+        "batch_size": c.batch_size,  # (a batch size 'auto' as the number it became)
         "test_accuracy": None,
     }
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
@@ -617,10 +651,15 @@ def _say(notify: Notify | None, message: str, always: bool = True) -> None:
         notify(message, always)
 
 
-def _announce(notify: Notify | None, job: Job) -> None:
-    """The run's first lines: its task and data, and what reading a table did to it."""
+def _announce(notify: Notify | None, job: Job, asked: TrainConfig) -> None:
+    """The run's first lines: its task and data, what reading a table did to it, and the batch
+    size that ``auto`` (in the config ``asked``) became."""
     problem = job.problem
     _say(notify, describe_problem(problem), always=False)
+    if asked.batch_size == "auto":
+        budget = "--memory-budget" if asked.memory_budget is not None else "the device's memory"
+        _say(notify, f"batch size auto: {job.config.batch_size}, the largest power of two whose training step fits "
+                     f"{budget} (XLA's memory analysis)", always=False)  # fmt: skip
     if problem.report is not None:
         for line in tables.report_lines(problem.report, problem.encoder, Path(job.config.data).name):
             _say(notify, line, always=False)
@@ -641,10 +680,10 @@ def _continue(
 ) -> RunResult:
     """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
     before anything in the folder changes)."""
-    job = prepare(config, folder.path)
+    job = prepare(config, folder.path, mesh)
     restored = checkpoint.restore(folder.checkpoints, template(job))
     _check_same_data(job, restored.metadata, folder)
-    _announce(notify, job)
+    _announce(notify, job, config)
     for path, reason in restored.damaged:
         _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
     schedule = schedule.given_over(restored.metadata.get("schedule", {}))
@@ -708,14 +747,16 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
     if o.log_steps is not None and configlib.is_member_run(config):
         raise ArgumentError(MEMBER_RUNS + " do not log steps: drop {4}", *MEMBER_FLAGS, "log_steps")
     if out is None:
-        job = prepare(config)
-        _announce(notify, job)
+        job = prepare(config, mesh=mesh)
+        _announce(notify, job, config)
         return _execute(job, None, None, callbacks, mesh, Cadence(steps=o.checkpoint_steps, log_steps=o.log_steps))
     folder = _checked_folder(out, o)
     schedule = o.cadence
     _check_log(log)
     with _owned(folder):
         stored = folder.stored_config()
+        if stored is not None and config.batch_size == "auto" and not overwrite:  # the number auto chose then
+            config = dataclasses.replace(config, batch_size=stored.get("batch_size", "auto"))
         if stored is not None and _holds_training(folder) and not overwrite:
             _check_same_run(folder, TrainConfig.from_dict(stored), config)
             if checkpoint.steps(folder.checkpoints):
@@ -726,14 +767,14 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
                 "train into another folder, or replace them ({0})",
                 "overwrite",
             )
-        job = prepare(config, folder.path)
+        job = prepare(config, folder.path, mesh)
         if stored is not None and not _holds_training(folder) and not overwrite:
             _say(notify, f"{folder.path} holds this run's config but no checkpoint (it stopped before its first "
                          "save): training starts over")  # fmt: skip
-        _announce(notify, job)
+        _announce(notify, job, config)
         if parallel.is_primary():
             folder.clear()
-            folder.write_config(config.to_dict())
+            folder.write_config(job.config.to_dict())  # a batch size 'auto' as the number it became
         schedule = schedule._replace(keep=3 if o.keep is None else o.keep)
         return _execute(job, folder, None, callbacks, mesh, schedule, log, trace)
 

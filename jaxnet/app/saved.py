@@ -22,7 +22,7 @@ from jaxnet import sources, summaries
 from jaxnet.app import arch as archlib
 from jaxnet.app import config as configlib
 from jaxnet.app import data as datalib
-from jaxnet.app import files, tables
+from jaxnet.app import files, report, tables
 from jaxnet.app.files import SavedModel
 from jaxnet.app.rundir import RunFolder
 from jaxnet.app.task import prepare_targets
@@ -213,13 +213,6 @@ def member_metrics(meta: dict, bound: archlib.Bound, x, y, scaler=None, metrics=
     return [metrics_of(outputs[i], y, meta, scaler, metrics) for i in range(len(outputs))]
 
 
-def target_names(meta: dict) -> list[str]:
-    """A model's target columns (``x0``... when it was not trained on a table's named columns)."""
-    target, width = meta.get("target"), meta["sizes"][-1]
-    names = datalib.target_columns(target) if target else []
-    return names if len(names) == width else [f"y{i}" for i in range(width)]
-
-
 class Tally:
     """The sums of :func:`metrics_of` over chunks, exact for the whole set: loss and accuracy
     sums, named metrics' states, and for regression the errors and the targets' moments (for R²)
@@ -227,7 +220,7 @@ class Tally:
 
     def __init__(self, meta: dict, scaler=None, metrics=()):
         named = get_metrics(list(metrics))
-        check_metric_targets(named, get_loss(meta["loss"]).integer_labels, meta["loss"])
+        check_metric_targets(named, get_loss(meta["loss"]).integer_labels, meta["loss"], meta["sizes"][-1])
         own = ("loss", "accuracy", "mse", "mae", "r2")  # figures of their own (MSE, MAE, R² in the target's units)
         self.meta, self.scaler, self.named = meta, scaler, tuple(m for m in named if m.name not in own)
         self.n, self.sums, self.states = 0, {}, None
@@ -235,6 +228,8 @@ class Tally:
 
     def add(self, outputs, y) -> None:
         m = len(y)
+        if m == 0:
+            return
         losses = jax.device_get(_jit_loss_and_accuracy(outputs, np.asarray(y), self.meta["loss"]))
         for name, value in losses.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value) * m
@@ -265,7 +260,7 @@ class Tally:
             out.update(mse=float(np.mean(mse)), mae=float(np.mean(mae)), r2=float(np.mean(r2)))
             if len(mse) > 1:  # targets in different units: each on its own
                 out["per_target"] = {name: {"mse": float(mse[i]), "mae": float(mae[i]), "r2": float(r2[i])}
-                                     for i, name in enumerate(target_names(self.meta))}  # fmt: skip
+                                     for i, name in enumerate(report.target_names(self.meta))}  # fmt: skip
         for metric, state in zip(self.named, self.states or ()):
             out[metric.name] = float(metric.result(jax.device_get(state)))
         return out

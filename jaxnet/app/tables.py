@@ -615,10 +615,11 @@ def calendar(days, xp=np):
 
 
 def types_of(encoder: Encoder) -> dict:
-    """``{column: pyarrow type}`` to read a file's columns as the encoder expects them."""
+    """``{column: pyarrow type}`` to read a file's columns as the encoder expects them (a date
+    column is left to the reader: a date, or a time with or without a zone, each its own type)."""
     pa = _pyarrow()
-    kinds = {"numeric": pa.float64(), "boolean": pa.bool_(), "categorical": pa.string(), "date": pa.timestamp("ms")}
-    return {c.name: kinds[c.kind] for c in encoder.columns}
+    kinds = {"numeric": pa.float64(), "boolean": pa.bool_(), "categorical": pa.string()}
+    return {c.name: kinds[c.kind] for c in encoder.columns if c.kind in kinds}
 
 
 def raw_matrix(table, encoder: Encoder, where: str = "data") -> np.ndarray:

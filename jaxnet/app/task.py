@@ -23,7 +23,7 @@ from jaxnet import _atomic as atomic
 from jaxnet import text
 from jaxnet._checks import ArgumentError
 from jaxnet._checks import escape as text_escape
-from jaxnet.app import arch, tables
+from jaxnet.app import arch, corpora, tables
 from jaxnet.app import data as datalib
 from jaxnet.app.config import TrainConfig
 from jaxnet.losses import get_loss
@@ -214,13 +214,14 @@ def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
     """A language model's problem: the text tokenized (cached in ``cache``), its last ``val_split``
     held out; training windows at every offset, validation at most ``eval_batches`` batches of
     disjoint windows spread over the held-out part."""
-    files = text.text_files(config.data)
+    source = config.data if config.data is not None else corpora.fetch(config.dataset)
+    files = text.text_files(source)
     if cache is None:  # a run without a folder: its tokens go when the process does
         cache = Path(tempfile.mkdtemp(prefix="jaxnet-tokens-"))
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
     tokenizer, tokens = _cached_tokens(config, files, cache)
     train, val = text.split_tokens(tokens, config.val_split)
-    name = Path(config.data).name
+    name = Path(source).name
     parts = [text.windows(train, config.context, name=f"{name} (training part)")]
     if val is not None:
         if len(val) < config.context + 1:
@@ -230,14 +231,30 @@ def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
                 "val_split",
                 "context",
             )
-        limit = config.eval_batches * config.batch_size
-        parts.append(text.windows(val, config.context, stride=config.context, limit=limit, name=f"{name} (validation)"))
+        parts.append(_validation_windows(val, config, f"{name} (validation)"))
     splits = [datalib.Dataset(p.x, p.y, "lm", None, (), name) for p in parts]
     empty = datalib.Standardizer(np.zeros(0, np.float32), np.ones(0, np.float32))
     return Problem(
         datalib.Splits(splits[0], splits[1] if len(splits) > 1 else None, None), empty, None, "softmax_cross_entropy",
         tokenizer.vocab_size, "lm", None, (), tables.numeric(()), None, tokenizer,
     )  # fmt: skip
+
+
+def _validation_windows(tokens, config: TrainConfig, name: str):
+    """The fixed validation windows of a text's last part: ``eval_batches`` batches of disjoint
+    windows, spread over it (all of them while a batch size ``auto`` is not yet resolved)."""
+    limit = None if config.batch_size == "auto" else config.eval_batches * config.batch_size
+    return text.windows(tokens, config.context, stride=config.context, limit=limit, name=name)
+
+
+def with_batch_size(problem: Problem, config: TrainConfig) -> Problem:
+    """``problem`` for ``config``'s batch size once ``auto`` became a number: a language model's
+    validation windows are then ``eval_batches`` of its batches."""
+    val = problem.splits.val
+    if problem.tokenizer is None or val is None:
+        return problem
+    windows = _validation_windows(val.x.tokens, config, val.name)
+    return problem._replace(splits=problem.splits._replace(val=val._replace(x=windows.x, y=windows.y)))
 
 
 def _standardize_targets(splits: datalib.Splits) -> tuple[datalib.Splits, datalib.Standardizer]:

@@ -18,6 +18,7 @@ KINDS = {
     "names": {tuple},
     "rules": {tuple},
     "bytes": {int, type(None)},
+    "batch": {int, str},  # a batch size, or "auto"
     "switch": {bool},
     "numbers": {float, type(None)},
 }

@@ -213,10 +213,11 @@ def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tm
         "seconds",
         "steps_per_second",
         "best_epoch",
+        "batch_size",
         "parameters",
         "trainable_parameters",
     }
-    assert summary["dataset"] == "digits" and summary["test_accuracy"] >= 0.95
+    assert summary["dataset"] == "digits" and summary["test_accuracy"] >= 0.95 and summary["batch_size"] == 64
     assert summary["trainable_parameters"] == summary["parameters"] > 0
     assert "epoch 1:" in result.stderr  # plain progress lines: stderr is not a terminal
     # The test split, rebuilt from the seed, evaluates to the reported test accuracy.

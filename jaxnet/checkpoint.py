@@ -137,6 +137,7 @@ def _sums_template(position: dict) -> dict | None:
 
 
 def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
+    """The sha256 of host arrays (by name, dtype and shape) and of the metadata."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
@@ -145,6 +146,50 @@ def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
     rest = {k: v for k, v in meta.items() if k != "checksum"}
     h.update(json.dumps(rest, sort_keys=True).encode())
     return h.hexdigest()
+
+
+SUMS = "sum32:"
+"""The prefix of a checksum made by :func:`_sums` (a state written shard by shard by its processes)."""
+
+
+def _sums(arrays: dict, meta: dict) -> str:
+    """A checksum of arrays that are never whole on one host (each process writes its own shards):
+    per array, the sum modulo 2**32 of a mix of each element's bits with its index (murmur3's
+    finalizer), computed where the array lives; integer sums do not depend on the order of
+    addition, so the figure is the same for the array whole on one device, sharded on any mesh,
+    or read back as numpy. Any one changed element changes it. Combined with the names, dtypes,
+    shapes and metadata by sha256."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(f"{name}:{np.dtype(a.dtype).str}:{tuple(a.shape)}:{int(_mixed_sum(a))};".encode())
+    rest = {k: v for k, v in meta.items() if k != "checksum"}
+    h.update(json.dumps(rest, sort_keys=True).encode())
+    return SUMS + h.hexdigest()
+
+
+@jax.jit
+def _mixed_sum(a) -> jax.Array:
+    if a.dtype == jnp.bool_:
+        words = a.astype(jnp.uint32)
+    else:
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[np.dtype(a.dtype).itemsize]
+        words = jax.lax.bitcast_convert_type(a, width).astype(jnp.uint32)
+    index = jax.lax.broadcasted_iota(jnp.uint32, a.shape, 0) if a.ndim else jnp.uint32(0)
+    for axis in range(1, a.ndim):  # the flat index, in uint32 (wrapping as the sum does)
+        index = index * jnp.uint32(a.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, a.shape, axis)
+    h = words ^ (index * jnp.uint32(0x9E3779B9))
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+
+
+def _verify(arrays: dict, meta: dict) -> None:
+    """Raises ValueError unless ``arrays`` and ``meta`` have the checksum ``meta`` records."""
+    recorded = meta.get("checksum", "")
+    found = _sums(arrays, meta) if recorded.startswith(SUMS) else _checksum(arrays, meta)
+    if found != recorded:
+        raise ValueError("checksum mismatch")
 
 
 class Snapshot(NamedTuple):
@@ -158,22 +203,9 @@ class Snapshot(NamedTuple):
 
 def snapshot(state: FitState, metadata: dict | None = None) -> Snapshot:
     """A copy of ``state`` as :func:`write` stores it: after this returns, training may go on (and
-    donate the state's buffers) while the snapshot is written.
-
-    Raises:
-      ValueError: the state is sharded across processes (checkpoints are written whole by one).
-    """
+    donate the state's buffers) while the snapshot is written. The copies stay where the state's
+    arrays are (sharded as they are)."""
     tree = _array_tree(state)
-
-    def readable(a) -> bool:  # this process holds all of it (a replicated array of many processes does)
-        return getattr(a, "is_fully_addressable", True) or getattr(a, "is_fully_replicated", False)
-
-    if not all(readable(a) for a in jax.tree.leaves(tree)):
-        raise ValueError(
-            "checkpoints are written whole by one process, and this state is sharded across processes: "
-            "checkpoint a run whose params are sharded within each process (an fsdp or model axis no larger "
-            "than the devices of one process), or train without checkpoints"
-        )
     p = state.position
     meta = {
         "format": FORMAT,
@@ -196,11 +228,18 @@ def snapshot(state: FitState, metadata: dict | None = None) -> Snapshot:
 def write(directory: str | os.PathLike, snap: Snapshot, *, keep: int | None = None) -> Path:
     """Writes ``snap`` as checkpoint ``<directory>/<snap.steps>`` (atomically: a write killed
     midway leaves only a temporary folder, never read), with its checksum; keeps the newest
-    ``keep``. Safe to call from a background thread (one write at a time per directory)."""
+    ``keep``. Safe to call from a background thread (one write at a time per directory).
+
+    Arrays that this process holds whole are brought to the host and checksummed with sha256. A
+    state sharded across processes is written by every process, each its own shards (orbax; all
+    processes call this together), and checksummed where it lives (:func:`_sums`)."""
     checks.optional_integer("keep", keep)
     ocp = _orbax()
-    snap = snap._replace(arrays={name: np.asarray(a) for name, a in snap.arrays.items()})
-    meta = dict(snap.meta, checksum=_checksum(snap.arrays, snap.meta))
+    if all(_whole_here(a) for a in snap.arrays.values()):
+        snap = snap._replace(arrays={name: np.asarray(a) for name, a in snap.arrays.items()})
+        meta = dict(snap.meta, checksum=_checksum(snap.arrays, snap.meta))
+    else:
+        meta = dict(snap.meta, checksum=_sums(snap.arrays, snap.meta))
     manager = _manager(directory, keep, create=True)
     try:
         args = ocp.args.Composite(state=ocp.args.StandardSave(snap.arrays), meta=ocp.args.JsonSave(meta))
@@ -211,6 +250,11 @@ def write(directory: str | os.PathLike, snap: Snapshot, *, keep: int | None = No
     finally:
         manager.close()
     return Path(directory).absolute() / str(snap.steps)
+
+
+def _whole_here(a) -> bool:
+    """Whether this process holds all of ``a`` (a replicated array of many processes does)."""
+    return getattr(a, "is_fully_addressable", True) or getattr(a, "is_fully_replicated", False)
 
 
 def save(
@@ -389,8 +433,7 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
         for k, v in named.items():
             if arrays[k].shape != v.shape or arrays[k].dtype != v.dtype:
                 raise ValueError(f"array {k} has shape {arrays[k].shape}, expected {v.shape}")
-        if _checksum(arrays, meta) != meta.get("checksum"):
-            raise ValueError("checksum mismatch")
+        _verify(arrays, meta)
     except ValueError:
         raise
     except Exception as e:  # orbax/tensorstore/json errors of every kind mean: unreadable
@@ -438,8 +481,7 @@ def saved_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         meta = _read_meta(manager, step)
         arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        if _checksum(arrays, meta) != meta.get("checksum"):
-            raise ValueError("checksum mismatch")
+        _verify(arrays, meta)
     except ValueError as e:
         raise ValueError(f"checkpoint {step} in {directory} is not usable: {e}") from None
     except Exception as e:  # orbax/tensorstore/json errors of every kind mean: unreadable

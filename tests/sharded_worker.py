@@ -1,8 +1,10 @@
 """One process of a sharded ``fit`` (run by tests/test_sharding.py): a GPT on ``make_mesh(fsdp=8)``,
 its params sharded across every device of every process; process 0 writes the round losses.
 
-Usage: python sharded_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT.json
-(NUM_PROCESSES 1: a single process, without jax.distributed.)
+Usage: python sharded_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT.json [CHECKPOINTS [save|resume]]
+(NUM_PROCESSES 1: a single process, without jax.distributed.) ``save``: train 10 of the 20 steps
+and checkpoint them into CHECKPOINTS (every process writing its shards); ``resume``: restore the
+newest checkpoint there and train on to step 20.
 """
 
 import json
@@ -13,7 +15,7 @@ import numpy as np
 from jaxnet import parallel
 
 
-def main(coordinator, num_processes, process_id, out):
+def main(coordinator, num_processes, process_id, out, checkpoints=None, mode=None):
     if int(num_processes) > 1:
         parallel.initialize_distributed(coordinator, int(num_processes), int(process_id))
     import jax
@@ -30,9 +32,19 @@ def main(coordinator, num_processes, process_id, out):
     if jax.process_count() > 1:  # each process holds its rows of one global array
         rows = parallel.process_rows(len(x))
         x, y = parallel.global_rows(x[rows], mesh), parallel.global_rows(y[rows], mesh)
+    from jaxnet import callbacks as callbacklib
+    from jaxnet import checkpoint
+
+    optimizer, key, resume, callbacks = optax.adamw(1e-3), jax.random.key(1), None, []
+    if mode == "save":
+        callbacks = [callbacklib.Checkpointer(checkpoints)]  # at the run's end: step 10
+    if mode == "resume":
+        template = jax.eval_shape(lambda: jn.init_fit_state(params, optimizer, key, model_state=state))
+        resume = checkpoint.restore(checkpoints, template).state
     result = jn.fit(
-        net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.adamw(1e-3), steps=20, eval_every=1,
-        batch_size=8, key=jax.random.key(1), model_state=state, mesh=mesh, shuffle=False,
+        net, params, x, y, loss="softmax_cross_entropy", optimizer=optimizer, steps=10 if mode == "save" else 20,
+        eval_every=1, batch_size=8, key=key, model_state=state, mesh=mesh, shuffle=False, callbacks=callbacks,
+        resume=resume,
     )  # fmt: skip
     if jax.process_index() == 0:
         table = result.train.params["blocks"]["mlp"]["fc"]["w"]

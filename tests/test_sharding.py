@@ -329,3 +329,57 @@ def test_the_command_lines_batch_size_auto_is_recorded_as_the_number_it_became(t
     assert any(m.startswith("batch size auto: 256, the largest power of two") for m in said), said
     again = runlib.run(config, out=tmp_path / "run", notify=lambda *a: None)  # auto again: the run's number
     assert again.summary["batch_size"] == 256 and again.summary["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_write_their_own_shards_and_one_process_resumes_from_them(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "sharded_worker.py"
+    root = str(Path(__file__).resolve().parents[1])
+
+    def env(devices):
+        flags = f"--xla_force_host_platform_device_count={devices}"
+        return dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    ckpts = tmp_path / "checkpoints"
+    procs = [subprocess.Popen([sys.executable, str(worker), address, "2", str(i), str(tmp_path / "half.json"),
+                               str(ckpts), "save"], env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    written = {p.name for p in (ckpts / "10" / "state").iterdir()}
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= written, written  # each process wrote its own shards
+    for name, extra in (("resumed", [str(ckpts), "resume"]), ("whole", [])):
+        one = subprocess.run([sys.executable, str(worker), "-", "1", "0", str(tmp_path / f"{name}.json"), *extra],
+                             env=env(8), capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert one.returncode == 0, one.stderr
+    half, resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("half", "resumed", "whole"))
+    np.testing.assert_allclose(half["losses"], whole["losses"][:10], rtol=1e-5)
+    assert resumed["losses"][:10] == half["losses"]  # the history came back with the state
+    np.testing.assert_allclose(resumed["losses"][10:], whole["losses"][10:], rtol=1e-5)
+
+
+@needs_4
+def test_the_checksum_of_a_sharded_state_is_that_of_its_host_copy_and_sees_one_changed_bit():
+    from jaxnet import checkpoint
+
+    mesh = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
+    rng = np.random.default_rng(0)
+    host = {"w": rng.normal(size=(64, 6)).astype(np.float32), "key": np.arange(4, dtype=np.uint32),
+            "step": np.int32(3), "half": rng.normal(size=(8, 4)).astype(jax.numpy.bfloat16)}  # fmt: skip
+    placed = {k: jax.device_put(v, S.shardings(P("fsdp"), mesh) if k == "w" else None) for k, v in host.items()}
+    assert len(placed["w"].addressable_shards) == 4
+    meta = {"epoch": 1}
+    assert checkpoint._sums(placed, meta) == checkpoint._sums(host, meta)
+    flipped = host["w"].copy()
+    flipped.view(np.uint32)[17, 2] ^= 1  # one bit of one element
+    assert checkpoint._sums({**host, "w": flipped}, meta) != checkpoint._sums(host, meta)
+    assert checkpoint._sums(host, {"epoch": 2}) != checkpoint._sums(host, meta)

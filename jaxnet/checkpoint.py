@@ -8,8 +8,9 @@ temporary folder, which is never read; retention of the newest ``keep``). :func:
 the newest usable one into the structure of a template the caller gives, for example
 ``jax.eval_shape`` of :func:`jaxnet.init_fit_state`, so that any model checkpoints and nothing is
 ever unpickled. Arrays are stored by pytree path, checked by name, shape and dtype, and covered
-by a sha256 checksum (orbax does not verify contents on read); a damaged checkpoint is skipped
-for the one before it.
+by a checksum computed where they live (:func:`_sums`; orbax does not verify contents on read); a
+damaged checkpoint is skipped for the one before it. A state sharded across processes is written
+by every process, each its own shards.
 
 This module only stores: when to save is :class:`jaxnet.callbacks.Checkpointer`'s business.
 orbax is imported inside the functions that use it.
@@ -137,7 +138,8 @@ def _sums_template(position: dict) -> dict | None:
 
 
 def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
-    """The sha256 of host arrays (by name, dtype and shape) and of the metadata."""
+    """The sha256 of host arrays (by name, dtype and shape) and of the metadata: the checksum of
+    checkpoints written before :func:`_sums` (still read)."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
@@ -149,26 +151,32 @@ def _checksum(arrays: dict[str, np.ndarray], meta: dict) -> str:
 
 
 SUMS = "sum32:"
-"""The prefix of a checksum made by :func:`_sums` (a state written shard by shard by its processes)."""
+"""The prefix of a checksum made by :func:`_sums`."""
 
 
 def _sums(arrays: dict, meta: dict) -> str:
-    """A checksum of arrays that are never whole on one host (each process writes its own shards):
-    per array, the sum modulo 2**32 of a mix of each element's bits with its index (murmur3's
-    finalizer), computed where the array lives; integer sums do not depend on the order of
-    addition, so the figure is the same for the array whole on one device, sharded on any mesh,
-    or read back as numpy. Any one changed element changes it. Combined with the names, dtypes,
-    shapes and metadata by sha256."""
+    """The checksum of a checkpoint's arrays, computed where they live (on their devices, sharded
+    or not; no copy to the host): per array, the sum modulo 2**32 of a mix of each element's bits
+    with its index (murmur3's finalizer). Integer sums do not depend on the order of addition, so
+    the figure is the same for the array whole on one device, sharded on any mesh or across
+    processes, or read back as numpy; any one changed element changes it. Combined with the
+    names, dtypes, shapes and metadata by sha256."""
+    names = sorted(arrays)
+    sums = jax.device_get(_mixed_sums([arrays[n] for n in names]))
     h = hashlib.sha256()
-    for name in sorted(arrays):
+    for name, total in zip(names, sums):
         a = arrays[name]
-        h.update(f"{name}:{np.dtype(a.dtype).str}:{tuple(a.shape)}:{int(_mixed_sum(a))};".encode())
+        h.update(f"{name}:{np.dtype(a.dtype).str}:{tuple(a.shape)}:{int(total)};".encode())
     rest = {k: v for k, v in meta.items() if k != "checksum"}
     h.update(json.dumps(rest, sort_keys=True).encode())
     return SUMS + h.hexdigest()
 
 
 @jax.jit
+def _mixed_sums(arrays: list) -> list:
+    return [_mixed_sum(a) for a in arrays]  # one program for the whole state
+
+
 def _mixed_sum(a) -> jax.Array:
     if a.dtype == jnp.bool_:
         words = a.astype(jnp.uint32)
@@ -230,16 +238,12 @@ def write(directory: str | os.PathLike, snap: Snapshot, *, keep: int | None = No
     midway leaves only a temporary folder, never read), with its checksum; keeps the newest
     ``keep``. Safe to call from a background thread (one write at a time per directory).
 
-    Arrays that this process holds whole are brought to the host and checksummed with sha256. A
-    state sharded across processes is written by every process, each its own shards (orbax; all
-    processes call this together), and checksummed where it lives (:func:`_sums`)."""
+    The arrays are checksummed where they live (:func:`_sums`) and handed to orbax as they are: a
+    state sharded across processes is written by every process, each its own shards (all
+    processes call this together)."""
     checks.optional_integer("keep", keep)
     ocp = _orbax()
-    if all(_whole_here(a) for a in snap.arrays.values()):
-        snap = snap._replace(arrays={name: np.asarray(a) for name, a in snap.arrays.items()})
-        meta = dict(snap.meta, checksum=_checksum(snap.arrays, snap.meta))
-    else:
-        meta = dict(snap.meta, checksum=_sums(snap.arrays, snap.meta))
+    meta = dict(snap.meta, checksum=_sums(snap.arrays, snap.meta))
     manager = _manager(directory, keep, create=True)
     try:
         args = ocp.args.Composite(state=ocp.args.StandardSave(snap.arrays), meta=ocp.args.JsonSave(meta))
@@ -250,11 +254,6 @@ def write(directory: str | os.PathLike, snap: Snapshot, *, keep: int | None = No
     finally:
         manager.close()
     return Path(directory).absolute() / str(snap.steps)
-
-
-def _whole_here(a) -> bool:
-    """Whether this process holds all of ``a`` (a replicated array of many processes does)."""
-    return getattr(a, "is_fully_addressable", True) or getattr(a, "is_fully_replicated", False)
 
 
 def save(

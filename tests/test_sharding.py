@@ -256,33 +256,34 @@ def test_utilization_is_the_steps_flops_over_the_peak():
         fit(net, params, x, y, steps=2, peak_tflops=-1.0)
 
 
-@pytest.mark.slow
-def test_two_processes_of_four_devices_give_the_losses_of_one_process_of_eight(tmp_path):
+def run_workers(processes: int, devices: int, out, *extra, timeout=240):
+    """tests/sharded_worker.py in ``processes`` processes of ``devices`` CPU devices each
+    (``jax.distributed`` on localhost when more than one), writing ``out``; asserts they succeed."""
     import os
     import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    worker = Path(__file__).parent / "sharded_worker.py"
-    root = str(Path(__file__).resolve().parents[1])
+    worker, root = Path(__file__).parent / "sharded_worker.py", str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    address = "-"
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{s.getsockname()[1]}"
+    command = [sys.executable, str(worker), address, str(processes)]
+    procs = [subprocess.Popen([*command, str(i), str(out), *map(str, extra)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]  # fmt: skip
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * processes, outputs
+    return json.loads(Path(out).read_text())
 
-    def env(devices):
-        flags = f"--xla_force_host_platform_device_count={devices}"
-        return dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    cmd = [sys.executable, str(worker), address, "2"]
-    procs = [subprocess.Popen([*cmd, str(i), str(tmp_path / "two.json")], env=env(4), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    one = subprocess.run([sys.executable, str(worker), "-", "1", "0", str(tmp_path / "one.json")], env=env(8),
-                         capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert one.returncode == 0, one.stderr
-    two, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+@pytest.mark.slow
+def test_two_processes_of_four_devices_give_the_losses_of_one_process_of_eight(tmp_path):
+    two, single = run_workers(2, 4, tmp_path / "two.json"), run_workers(1, 8, tmp_path / "one.json")
     assert two["local_shards"] == 4 and single["local_shards"] == 8  # each process holds 4 of the 8 shards
     np.testing.assert_allclose(two["losses"], single["losses"], rtol=1e-5)
 
@@ -333,35 +334,12 @@ def test_the_command_lines_batch_size_auto_is_recorded_as_the_number_it_became(t
 
 @pytest.mark.slow
 def test_two_processes_write_their_own_shards_and_one_process_resumes_from_them(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = Path(__file__).parent / "sharded_worker.py"
-    root = str(Path(__file__).resolve().parents[1])
-
-    def env(devices):
-        flags = f"--xla_force_host_platform_device_count={devices}"
-        return dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
     ckpts = tmp_path / "checkpoints"
-    procs = [subprocess.Popen([sys.executable, str(worker), address, "2", str(i), str(tmp_path / "half.json"),
-                               str(ckpts), "save"], env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]  # fmt: skip
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    half = run_workers(2, 4, tmp_path / "half.json", ckpts, "save")
     written = {p.name for p in (ckpts / "10" / "state").iterdir()}
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= written, written  # each process wrote its own shards
-    for name, extra in (("resumed", [str(ckpts), "resume"]), ("whole", [])):
-        one = subprocess.run([sys.executable, str(worker), "-", "1", "0", str(tmp_path / f"{name}.json"), *extra],
-                             env=env(8), capture_output=True, text=True, timeout=240)  # fmt: skip
-        assert one.returncode == 0, one.stderr
-    half, resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("half", "resumed", "whole"))
+    resumed = run_workers(1, 8, tmp_path / "resumed.json", ckpts, "resume")
+    whole = run_workers(1, 8, tmp_path / "whole.json")
     np.testing.assert_allclose(half["losses"], whole["losses"][:10], rtol=1e-5)
     assert resumed["losses"][:10] == half["losses"]  # the history came back with the state
     np.testing.assert_allclose(resumed["losses"][10:], whole["losses"][10:], rtol=1e-5)

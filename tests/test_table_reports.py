@@ -217,3 +217,60 @@ def test_top_k_accuracy_beyond_the_classes_is_refused_by_name():
     tally.add(np.zeros((0, 2), np.float32), np.zeros((0,), np.int32))  # an empty chunk counts nothing
     tally.add(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([0, 1], np.int32))
     assert tally.metrics()["accuracy"] == 1.0 and tally.n == 2
+
+
+def table_of(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    "header, row, message",
+    [
+        (
+            "d,y",
+            lambda i: f"{'01/02/2012' if i == 7 else f'2012-03-{i % 28 + 1:02d}'},{i % 2}",
+            r"row 8, column 'd': '01/02/2012' is not a date, but the column's other values are",
+        ),
+        (
+            "d,y",
+            lambda i: f"{'2013-02-30' if i == 3 else f'2012-03-{i % 28 + 1:02d}'},{i % 2}",
+            r"row 4, column 'd': '2013-02-30' is not a date",
+        ),
+        ("x;y", lambda i: f"{i},{i % 7};{i % 2}", r"column 'x' holds numbers written with a decimal comma \('0,0'\)"),
+        ("a,,y", lambda i: f"{i % 3},{i % 5},{i % 2}", r"column 2 has no name in the header: name it"),
+    ],
+)
+def test_a_column_read_wrong_is_named_with_its_fix(tmp_path, header, row, message):
+    path = table_of(tmp_path, "t.csv", header + "\n" + "".join(row(i) + "\n" for i in range(60)))
+    with pytest.raises(ValueError, match=message):
+        datalib.load_table(path, "y")
+
+
+def test_a_saved_index_is_left_out_also_of_a_filtered_frame_and_a_wrong_delimiter_is_named(tmp_path):
+    rows = "".join(f"{i * 3},{i % 4},{i % 2}\n" for i in range(40))  # DataFrame.to_csv of a filtered frame
+    ds = datalib.load_table(table_of(tmp_path, "f.csv", ",x,y\n" + rows), "y")
+    assert list(ds.feature_names) == ["x"] and ds.report.index == 1
+    with pytest.raises(ValueError, match=r"the header reads as one column, 'x;y': give the file's delimiter"):
+        datalib.load_table(table_of(tmp_path, "s.csv", "x;y\n1;0\n2;1\n"), "y", delimiter=",")
+
+
+def test_train_through_a_closed_pipe_trains_on_and_saves_its_model(tmp_path):
+    import subprocess
+    import sys
+
+    command = (
+        f"{sys.executable} -m jaxnet.app train --dataset moons --epochs 30 --out {tmp_path / 'run'} 2>&1 | head -1"
+    )
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=180,
+                            env=run_env())  # fmt: skip
+    assert result.returncode == 0 and result.stdout.startswith("task: classification"), result
+    assert (tmp_path / "run" / "model.npz").is_file()
+
+
+def run_env():
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -88,7 +88,7 @@ def name_list(text: str) -> tuple[str, ...]:
     """argparse type: comma-separated names, e.g. ``f1,recall`` (checked by the library)."""
     names = tuple(part.strip() for part in text.split(","))
     if not all(names):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of names (e.g. f1,recall)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of names (e.g. a,b): a name is empty")
     return names
 
 
@@ -137,7 +137,12 @@ def mesh_arg(text: str) -> dict:
 
 def batch_arg(text: str):
     """argparse type: a batch size, or ``auto``."""
-    return "auto" if text == "auto" else integer_arg(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return integer_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of examples nor auto") from None
 
 
 def devices_arg(text: str):
@@ -329,6 +334,43 @@ def _cmd_train(args) -> int:
     _check_train_args(args)
     if args.print_config:
         return _print_config(_train_config(args)[1], args.resume)
+    sys.stderr = _OutputMayClose(sys.stderr)  # `jaxnet train ... 2>&1 | head`: the run goes on
+    try:
+        return _train(args)
+    finally:
+        sys.stderr = sys.stderr.stream
+
+
+class _OutputMayClose:
+    """A text stream whose reader may go away (a pipe into ``head``): from then on what is
+    written goes to the null device, and the writer carries on (a training run keeps training
+    and saves its model: its messages are not its product)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def _closed(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _train(args) -> int:
     from jaxnet import callbacks, parallel
     from jaxnet.app import run as runlib
     from jaxnet.app import supervisor
@@ -524,7 +566,8 @@ def _cmd_evaluate(args) -> int:
         metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch, named)
     except (ValueError, TypeError) as e:
         if str(e).startswith(("metrics:", "unknown metric")):
-            raise ArgumentError(f"{{0}}: {escape(str(e).removeprefix('metrics: '))}", "metrics") from None
+            text = str(e).removeprefix("metrics: ").replace(", or a callable (prediction, target)", "")
+            raise ArgumentError(f"{{0}}: {escape(text)}", "metrics") from None
         raise
     _tell_report(done, model, args.data)
     if args.json:

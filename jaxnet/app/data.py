@@ -431,20 +431,29 @@ def load_table(
     name = os.path.basename(os.fspath(path))
     table = tables.read_table(path, delimiter=delimiter)
     targets = target_columns(target)
+    header = table.column_names
+    if len(header) == 1 and len(targets) == 1 and targets[0] != header[0] and targets[0] in header[0]:
+        raise ArgumentError(f"{escape(name)}: the header reads as one column, {escape(repr(header[0]))}: "
+                            "give the file's delimiter with {0} (e.g. ';')", "delimiter")  # fmt: skip
     tables.missing_columns(table.column_names, targets, name, "the target column")
     tables.missing_columns(table.column_names, list(ignore), name, "the column to ignore")
     if set(ignore) & set(targets):
         raise ArgumentError(f"{{0}} names the target {escape(sorted(set(ignore) & set(targets))[0])!r}: "
                             "the target is never a feature; drop it from {0}", "ignore")  # fmt: skip
     features = [c for c in table.column_names if c not in targets and c not in ignore]
+    index = tables.saved_index(table)
+    if index is not None:  # DataFrame.to_csv's row index: left out, and said
+        features.remove(index)
+    unnamed = [i + 1 for i, c in enumerate(table.column_names) if not c.strip() and c in features]
+    if unnamed:
+        raise ValueError(f"{name}: column {unnamed[0]} has no name in the header: name it (a column without a name "
+                         "cannot be matched when predicting)")  # fmt: skip
     ids = tables.row_numbers(table, features)
-    index = None
-    if ids and ids[0].strip() == "":  # a saved row index (DataFrame.to_csv): left out, and said
-        index = table.column_names.index(ids[0]) + 1
-        features.remove(ids.pop(0))
     if ids:
-        leak = f"{name}: column {escape(ids[0])!r} numbers the rows (1, 2, 3 ...): as a feature it would leak the "
-        raise ArgumentError(leak + "file's order; leave it out with {0} " + escape(",".join(ids)), "ignore")
+        first = table.column(ids[0])[0].as_py()
+        leak = (f"{name}: column {escape(ids[0])!r} numbers the rows ({first}, {first + 1}, {first + 2} ...): as a "
+                "feature it would leak the file's order; leave it out with {0} ")  # fmt: skip
+        raise ArgumentError(leak + escape(",".join(ids)), "ignore")
     if not features:
         raise ValueError(f"{name}: no feature columns besides the target {target!r}; at least one is needed")
     if table.num_rows == 0:
@@ -457,6 +466,7 @@ def load_table(
     rows = np.arange(table.num_rows) if fit_rows is None else np.asarray(fit_rows(table.num_rows))
     encoder = tables.fit_encoder(table, features, categorical, encoding, name, rows)
     raw = tables.raw_matrix(table, encoder, name)
+    index = None if index is None else 1  # (the first column)
     report = tables.report_of(raw, encoder, rows=read, dropped=dropped, ignored=tuple(ignore), index=index)
     return Dataset(tables.encode(raw, encoder), y, task, num_classes, encoder.feature_names, name, encoder=encoder,
                    classes=classes, report=report)  # fmt: skip

@@ -439,7 +439,9 @@ def _kind(pa, column, name: str, where: str, categorical: bool) -> str:
     if pa.types.is_date(t) or pa.types.is_timestamp(t):
         return "date"
     if pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
-        _refuse_numbers_in_text(pa, column.cast(pa.string()) if pa.types.is_dictionary(t) else column, name, where)
+        text = column.cast(pa.string()) if pa.types.is_dictionary(t) else column
+        _refuse_numbers_in_text(pa, text, name, where)
+        _refuse_dates_in_text(pa, text, name, where)
         return "categorical"
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         raise TableError(f"{where}: column {name!r} is not UTF-8 text; save the file as UTF-8")
@@ -464,6 +466,66 @@ def _refuse_numbers_in_text(pa, column, name: str, where: str) -> None:
         f"{where}: row {row + 1}, column {name!r}: {column[row].as_py()!r} is not a number, but the column's other "
         f"values are ({GRAMMAR}); fix the cell, or list the column as categorical"
     )
+
+
+_DECIMAL_COMMA = r"^\s*[+-]?[0-9]+,[0-9]+\s*$"
+
+
+def _mostly(pa, valid, pattern: str) -> bool:
+    """Whether at least half of the text values ``valid`` (no gaps) match ``pattern``."""
+    import pyarrow.compute as pc
+
+    count = pc.sum(pc.match_substring_regex(valid, pattern).cast(pa.int64())).as_py() or 0
+    return len(valid) > 0 and count * 2 >= len(valid)
+
+
+def _refuse_dates_in_text(pa, column, name: str, where: str) -> None:
+    """A text column of mostly dates whose cells did not all read as dates (an ambiguous form, or
+    a bad cell among good ones), or of numbers with a decimal comma: refused, saying which."""
+    valid = column.drop_null()
+    if _mostly(pa, valid, _DECIMAL_COMMA):
+        example = next(v for v in valid.to_pylist() if re.match(_DECIMAL_COMMA, v))
+        raise TableError(f"{where}: column {name!r} holds numbers written with a decimal comma ({example!r}): "
+                         "write them with a decimal point (1.5), or leave the column out")  # fmt: skip
+    if not _mostly(pa, valid, _DATE_LIKE):
+        return
+    values = column.to_pylist()
+    readable = [v is None or _reads_as_date(v) for v in values]
+    if not any(readable[i] for i, v in enumerate(values) if v is not None):
+        first = next(v for v in values if v is not None)
+        raise ArgumentError(
+            f"{escape(where)}: column {escape(repr(name))} holds dates written as {escape(repr(first))}, a form that "
+            "is not read as dates (day and month could be either way round): write them as 2012-01-31, or leave "
+            "the column out with {0}",
+            "ignore",
+        )
+    if all(readable):
+        raise TableError(_mixed_forms(where, name))
+    row = readable.index(False)
+    raise TableError(f"{where}: row {row + 1}, column {name!r}: {values[row]!r} is not a date, but the column's "
+                     f"other values are ({DATE_FORMS}): fix the cell")  # fmt: skip
+
+
+def _mixed_forms(where: str, name: str) -> str:
+    return (f"{where}: column {name!r} mixes forms of dates (times with and without a zone, or - and /), which "
+            "are not read as one column of dates: write every cell in one form")  # fmt: skip
+
+
+DATE_FORMS = "dates are written like 2012-01-31 or 2012/01/31, with or without a time such as 18:00:00"
+
+
+def _reads_as_date(text: str) -> bool:
+    """Whether ``text`` is a date (and time) in a form :data:`TIME_FORMATS` reads, and a real one."""
+    import datetime
+
+    text = text.strip()
+    if not re.match(r"^\d{4}[-/]\d{2}[-/]\d{2}([ T]|$)", text):
+        return False
+    try:
+        datetime.datetime.fromisoformat(text[:10].replace("/", "-") + text[10:].replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def fit_encoder(
@@ -517,13 +579,6 @@ def _categories(pa, column, name: str, where: str) -> tuple[str, ...]:
     present = len(column) - column.null_count
     if len(values) > MAX_CATEGORIES or (len(values) > ID_CATEGORIES and len(values) * 2 > present):
         column_name = escape(f"{where}: column {name!r}")
-        if all(re.match(_DATE_LIKE, v) for v in values[:100]):
-            raise ArgumentError(
-                f"{column_name} holds dates written as {escape(repr(values[0]))}, a form that is not read as dates "
-                "(day and month could be either way round): write them as 2012-01-31, or leave the column out "
-                "with {0}",
-                "ignore",
-            )
         raise ArgumentError(
             f"{column_name} has {len(values)} distinct values in {present} training rows: an identifier or free text "
             "rather than categories; leave it out with {0}",
@@ -634,6 +689,13 @@ def raw_matrix(table, encoder: Encoder, where: str = "data") -> np.ndarray:
         number = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
         date = pa.types.is_date(t) or pa.types.is_timestamp(t)
         if not ((date if c.kind == "date" else number) or pa.types.is_null(t)):
+            if c.kind == "date" and (pa.types.is_string(t) or pa.types.is_large_string(t)):
+                values = table.column(c.name).to_pylist()
+                row = next((i for i, v in enumerate(values) if v is not None and not _reads_as_date(v)), None)
+                if row is None:
+                    raise TableError(_mixed_forms(where, c.name))
+                raise TableError(f"{where}: row {row + 1}, column {c.name!r}: {values[row]!r} is not a date "
+                                 f"({DATE_FORMS})")  # fmt: skip
             wanted = "dates (2012-01-31, or a date and time)" if c.kind == "date" else "numbers"
             raise TableError(f"{where}: column {c.name!r} holds {t} values; the model expects {wanted}")
     out[:, numeric] = _number_matrix(pa, table, [encoder.columns[j].name for j in numeric], where)
@@ -718,8 +780,8 @@ class Report(NamedTuple):
       ignored: the columns left out (``ignore``).
       gaps: ``{column: cells}`` gaps filled (:func:`encode`: the training mean, or no category).
       unseen: ``{column: cells}`` categories the training rows lacked, encoded as no category.
-      index: the position (1-based) of a column left out as a saved row index (no name, and it
-        numbers the rows: ``DataFrame.to_csv``'s first column), else None.
+      index: 1 when the first column was left out as a saved row index (:func:`saved_index`),
+        else None.
     """
 
     rows: int = 0
@@ -776,7 +838,8 @@ def report_lines(report: Report, encoder: Encoder, where: str) -> list[str]:
     each column's unseen categories (empty when nothing was done)."""
     lines = []
     if report.index is not None:
-        lines.append(f"{where}: column {report.index} has no name and numbers the rows (a saved index): left out")
+        lines.append(f"{where}: the first column has no name and holds each row's own integer (a saved row index, "
+                     "as DataFrame.to_csv writes): left out")  # fmt: skip
     if report.dropped:
         lines.append(f"{where}: {report.dropped} of {report.rows} rows have no target value: left out")
     by_name = {c.name: c for c in encoder.columns}
@@ -845,6 +908,20 @@ def row_numbers(table, names: Sequence[str]) -> list[str]:
         if values[0] in (0, 1) and np.array_equal(np.diff(values), np.ones(len(values) - 1, values.dtype)):
             found.append(name)
     return found
+
+
+def saved_index(table) -> str | None:
+    """The name (empty) of the table's first column when it is a saved row index: no name in the
+    header, integers, each one once (``DataFrame.to_csv`` writes the index so, also of a filtered
+    or shuffled frame); else None."""
+    pa = _pyarrow()
+    if not table.column_names or table.column_names[0].strip():
+        return None
+    column = table.column(0)
+    if not pa.types.is_integer(column.type) or column.null_count:
+        return None
+    values = column.to_numpy()
+    return table.column_names[0] if len(np.unique(values)) == len(values) else None
 
 
 def rows_with_targets(table, names: Sequence[str]):

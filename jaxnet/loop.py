@@ -748,8 +748,9 @@ def fit(
     _check_options(spec, batch_size, patience, monitor, data.validation, named)
     check_metric_targets(named, spec.integer_labels, spec.name)
     batch_size = _clamped_batch(batch_size, data.train, drop_remainder, mesh)
-    _check_padding(model, model_state if resume is None else resume.train.model_state, data.train, batch_size,
-                   drop_remainder)  # fmt: skip
+    if not auto:  # (else checked once auto has picked the size)
+        _check_padding(model, model_state if resume is None else resume.train.model_state, data.train, batch_size,
+                       drop_remainder)  # fmt: skip
     members = num_members(key if resume is None else resume.train.key)
     fresh = resume is None
     if fresh:
@@ -784,10 +785,11 @@ def fit(
     )
     if auto:
         shapes = (train_rows(data.train), _example_shapes(data.train))
-        options = _fitting_batch(model, spec, optimizer, options, resume.train, shapes, mesh, memory_budget)
+        options, cost = _fitting_batch(model, spec, optimizer, options, resume.train, shapes, mesh, memory_budget)
         _check_padding(model, resume.train.model_state, data.train, options.batch_size, drop_remainder)
     _check_resumable(options, resume, data)
-    options = _preflight(model, spec, optimizer, options, resume.train, data, mesh, memory_budget, peak_tflops)
+    options = _preflight(model, spec, optimizer, options, resume.train, data, mesh, memory_budget, peak_tflops,
+                         cost if auto else None)  # fmt: skip
     compiled = programs.build_programs(model, spec, optimizer, options, mesh, data)
     # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.
     train = compiled.place(resume.train)
@@ -849,10 +851,11 @@ class MemoryBudgetError(ArgumentError):
     """A training step needs more memory per device than its budget (see ``fit(memory_budget=)``)."""
 
 
-def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, budget, peak) -> FitOptions:
+def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, budget, peak, cost=None) -> FitOptions:
     """Before anything runs: refuses a step that XLA says needs more than ``budget`` bytes on one
     device (default: the device's reported limit; none on CPU), and returns ``options`` with the
-    step's FLOPs and the devices' peak when utilization can be reported."""
+    step's FLOPs and the devices' peak when utilization can be reported. ``cost``: the step's
+    :func:`jaxnet._programs.step_cost` when already known (a batch size ``auto`` found it)."""
     limit, where = memory_limit()
     if budget is not None:
         budget, source = checks.integer("memory_budget", budget), f"the memory budget of {_size(budget)}"
@@ -861,7 +864,7 @@ def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, b
     peak = summaries.peak_tflops() if peak is None else checks.number("peak_tflops", peak, 0.0, strict=True)
     if budget is None and peak is None:
         return options
-    need = programs.step_cost(model, spec, optimizer, options, train, _example_shapes(data.train), mesh)
+    need = cost or programs.step_cost(model, spec, optimizer, options, train, _example_shapes(data.train), mesh)
     if budget is not None and need["total"] > budget:
         raise MemoryBudgetError(
             f"one training step needs {_size(need['total'])} per device (XLA's memory analysis: params, optimizer "
@@ -908,7 +911,7 @@ def fitting_batch_size(
     options = FitOptions(epochs=1, batch_size=_smallest_batch(accumulate, mesh), compute_dtype=compute_dtype,
                          sharding=sharding, accumulate=accumulate)  # fmt: skip
     state = jax.eval_shape(lambda p, s: init_state(p, optimizer, jax.random.key(0), s), params, model_state)
-    found = _fitting_batch(model, get_loss(loss), optimizer, options, state, (rows, example), mesh, memory_budget)
+    found, _ = _fitting_batch(model, get_loss(loss), optimizer, options, state, (rows, example), mesh, memory_budget)
     return found.batch_size
 
 
@@ -925,9 +928,10 @@ def _smallest_batch(accumulate, mesh) -> int:
     return need
 
 
-def _fitting_batch(model, spec, optimizer, options: FitOptions, train, data, mesh, budget) -> FitOptions:
-    """``options`` with the largest power-of-two batch (from ``options.batch_size``, the smallest,
-    up to the training rows) whose step XLA says fits ``budget`` (default: :func:`memory_limit`).
+def _fitting_batch(model, spec, optimizer, options: FitOptions, train, data, mesh, budget) -> tuple[FitOptions, dict]:
+    """``(options, cost)``: ``options`` with the largest power-of-two batch (from
+    ``options.batch_size``, the smallest, up to the training rows) whose step XLA says fits
+    ``budget`` (default: :func:`memory_limit`), and that step's :func:`jaxnet._programs.step_cost`.
     ``data``: ``(rows or None, (x, y) of one example's shapes)``."""
     if budget is None:
         budget, where = memory_limit()
@@ -939,9 +943,12 @@ def _fitting_batch(model, spec, optimizer, options: FitOptions, train, data, mes
     top = 1 << 20 if rows is None else 1 << max(0, rows.bit_length() - 1)
     sizes = [options.batch_size << k for k in range(max(1, (top // options.batch_size).bit_length()))]
 
+    costs = {}
+
     def fits(b: int) -> bool:
-        sized = dataclasses.replace(options, batch_size=b)
-        return programs.step_cost(model, spec, optimizer, sized, train, example, mesh)["total"] <= budget
+        costs[b] = programs.step_cost(model, spec, optimizer, dataclasses.replace(options, batch_size=b), train,
+                                      example, mesh)  # fmt: skip
+        return costs[b]["total"] <= budget
 
     if not fits(sizes[0]):
         raise MemoryBudgetError(
@@ -953,7 +960,7 @@ def _fitting_batch(model, spec, optimizer, options: FitOptions, train, data, mes
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(sizes[mid]) else (lo, mid - 1)
-    return dataclasses.replace(options, batch_size=sizes[lo])
+    return dataclasses.replace(options, batch_size=sizes[lo]), costs[sizes[lo]]
 
 
 def train_rows(train) -> int | None:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnet._checks import ArgumentError, escape
 from jaxnet.losses import has_token_axis, safe_targets, token_weights
 
 
@@ -238,15 +239,14 @@ def check_metric_targets(
     ``top_k_accuracy`` needs at least ``k`` classes (when ``classes`` is known)."""
     for m in metrics:
         top = re.fullmatch(r"top_(\d+)_accuracy", m.name)
+        problem = None
         if top and integer_labels and classes is not None and int(top.group(1)) > classes:
-            raise ValueError(f"metrics: {m.name!r} needs at least {top.group(1)} classes; the model has {classes}")
-        is_class = m.name in CLASS_METRICS or re.fullmatch(r"top_\d+_accuracy", m.name) is not None
-        if is_class and not integer_labels:
-            raise ValueError(
-                f"metrics: {m.name!r} scores class labels, but the loss {loss_name!r} has real-valued targets"
+            problem = f"{m.name!r} needs at least {top.group(1)} classes; the model has {classes}"
+        elif (m.name in CLASS_METRICS or top) and not integer_labels:
+            problem = f"{m.name!r} scores class labels, but the loss {loss_name!r} has real-valued targets"
+        elif m.name in VALUE_METRICS and integer_labels:
+            problem = (
+                f"{m.name!r} compares outputs with real-valued targets, but the loss {loss_name!r} has class labels"
             )
-        if m.name in VALUE_METRICS and integer_labels:
-            raise ValueError(
-                f"metrics: {m.name!r} compares outputs with real-valued targets, but the loss {loss_name!r} "
-                "has class labels"
-            )
+        if problem is not None:
+            raise ArgumentError("{0}: " + escape(problem), "metrics")

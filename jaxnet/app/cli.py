@@ -483,15 +483,15 @@ def _cmd_predict(args) -> int:
     import csv
 
     from jaxnet._atomic import atomic_path
-    from jaxnet.app import files, report, tables
+    from jaxnet.app import files, report
     from jaxnet.app import saved as savedlib
 
     model = files.load_model(args.model)
-    chunks = savedlib.input_chunks(model, args.data, targets=False, id_column=args.id_column)
-    done = tables.Report()
+    chunks = _reported(
+        savedlib.input_chunks(model, args.data, targets=False, id_column=args.id_column), model, args.data
+    )
 
     def write(stream) -> None:
-        nonlocal done
         writer = csv.writer(stream, lineterminator="\n")
         for i, (chunk, predictions) in enumerate(savedlib.predict_chunks(model, chunks, args.arch)):
             header, rows = report.prediction_rows(model.meta, predictions, args.probabilities)
@@ -500,21 +500,24 @@ def _cmd_predict(args) -> int:
             if i == 0:
                 writer.writerow(header)
             writer.writerows(rows)
-            done = done if chunk.report is None else tables.merged(done, chunk.report)
 
     if args.output is None:
         write(sys.stdout)
     else:
         with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as stream:
             write(stream)
-    _tell_report(done, model, args.data)
     return 0
 
 
-def _tell_report(done, model, data: str) -> None:
-    """On stderr: the gaps that predict or evaluate filled and the categories the model had not seen."""
+def _reported(chunks, model, data: str):
+    """The input chunks of predict or evaluate, passed on; once all are read, on stderr: the gaps
+    filled and the categories the model had not seen (:func:`jaxnet.app.tables.report_lines`)."""
     from jaxnet.app import saved, tables
 
+    done = tables.Report()
+    for chunk in chunks:
+        done = done if chunk.report is None else tables.merged(done, chunk.report)
+        yield chunk
     name = "standard input" if data == "-" else os.path.basename(data)
     for line in tables.report_lines(done, saved.encoder_of(model), name):
         _say(line)
@@ -538,7 +541,8 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from jaxnet.app import files, language, tables
+    from jaxnet.app import config as configlib
+    from jaxnet.app import files, language
     from jaxnet.app import saved as savedlib
 
     model = files.load_model(args.model)
@@ -547,29 +551,17 @@ def _cmd_evaluate(args) -> int:
         shown = (f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
         print(_json(figures) if args.json else "  ".join(shown))
         return 0
-    chunks = savedlib.input_chunks(model, args.data, args.target)
-
-    done = tables.Report()
+    named = args.metrics if args.metrics is not None else model.meta.get("config", {}).get("metrics", [])
+    configlib.checked_metrics(named)  # (before any data is read)
+    chunks = _reported(savedlib.input_chunks(model, args.data, args.target), model, args.data)
 
     def labelled(chunks):
-        nonlocal done
         for chunk in chunks:
             if chunk.y is None:
                 raise CliError(_no_targets(args.data, args.target, model.meta.get("target")))
-            done = done if chunk.report is None else tables.merged(done, chunk.report)
             yield chunk
 
-    from jaxnet._checks import ArgumentError, escape
-
-    named = args.metrics if args.metrics is not None else model.meta.get("config", {}).get("metrics", [])
-    try:
-        metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch, named)
-    except (ValueError, TypeError) as e:
-        if str(e).startswith(("metrics:", "unknown metric")):
-            text = str(e).removeprefix("metrics: ").replace(", or a callable (prediction, target)", "")
-            raise ArgumentError(f"{{0}}: {escape(text)}", "metrics") from None
-        raise
-    _tell_report(done, model, args.data)
+    metrics, rows = savedlib.evaluate_chunks(model, labelled(chunks), args.arch, named)
     if args.json:
         print(_json(metrics))
         return 0

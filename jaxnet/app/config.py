@@ -427,11 +427,17 @@ def _validate_recipe(c: TrainConfig) -> None:
                                 "beta2")  # fmt: skip
 
 
-def _validate_weights(c: TrainConfig) -> None:
+def checked_metrics(names) -> None:
+    """Refuses metric names (``--metrics``) that :mod:`jaxnet.metrics` does not know, naming the flag."""
     try:
-        get_metrics(c.metrics)
+        get_metrics(names)
     except (ValueError, TypeError) as e:
-        raise ArgumentError(f"{{0}}: {checks.escape(str(e))}", "metrics") from None
+        text = str(e).replace(", or a callable (prediction, target)", "")  # (names only, here)
+        raise ArgumentError(f"{{0}}: {checks.escape(text)}", "metrics") from None
+
+
+def _validate_weights(c: TrainConfig) -> None:
+    checked_metrics(c.metrics)
     try:
         parse_class_weight(c.class_weight)
     except ValueError as e:

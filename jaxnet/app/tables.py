@@ -490,8 +490,7 @@ def _refuse_dates_in_text(pa, column, name: str, where: str) -> None:
     if not _mostly(pa, valid, _DATE_LIKE):
         return
     values = column.to_pylist()
-    readable = [v is None or _reads_as_date(v) for v in values]
-    if not any(readable[i] for i, v in enumerate(values) if v is not None):
+    if not any(_reads_as_date(v) for v in values if v is not None):
         first = next(v for v in values if v is not None)
         raise ArgumentError(
             f"{escape(where)}: column {escape(repr(name))} holds dates written as {escape(repr(first))}, a form that "
@@ -499,16 +498,18 @@ def _refuse_dates_in_text(pa, column, name: str, where: str) -> None:
             "the column out with {0}",
             "ignore",
         )
-    if all(readable):
-        raise TableError(_mixed_forms(where, name))
-    row = readable.index(False)
-    raise TableError(f"{where}: row {row + 1}, column {name!r}: {values[row]!r} is not a date, but the column's "
-                     f"other values are ({DATE_FORMS}): fix the cell")  # fmt: skip
+    raise _not_dates(values, where, name, ", but the column's other values are")
 
 
-def _mixed_forms(where: str, name: str) -> str:
-    return (f"{where}: column {name!r} mixes forms of dates (times with and without a zone, or - and /), which "
-            "are not read as one column of dates: write every cell in one form")  # fmt: skip
+def _not_dates(values: list, where: str, name: str, others: str = "") -> TableError:
+    """The error of a date column read as text (``values``): its first cell that is not a date,
+    named by its row; or, when every cell is one, its mixed forms."""
+    row = next((i for i, v in enumerate(values) if v is not None and not _reads_as_date(v)), None)
+    if row is None:
+        return TableError(f"{where}: column {name!r} mixes forms of dates (times with and without a zone, or - and "
+                          "/), which are not read as one column of dates: write every cell in one form")  # fmt: skip
+    return TableError(f"{where}: row {row + 1}, column {name!r}: {values[row]!r} is not a date{others} "
+                      f"({DATE_FORMS}): fix the cell")  # fmt: skip
 
 
 DATE_FORMS = "dates are written like 2012-01-31 or 2012/01/31, with or without a time such as 18:00:00"
@@ -690,12 +691,7 @@ def raw_matrix(table, encoder: Encoder, where: str = "data") -> np.ndarray:
         date = pa.types.is_date(t) or pa.types.is_timestamp(t)
         if not ((date if c.kind == "date" else number) or pa.types.is_null(t)):
             if c.kind == "date" and (pa.types.is_string(t) or pa.types.is_large_string(t)):
-                values = table.column(c.name).to_pylist()
-                row = next((i for i, v in enumerate(values) if v is not None and not _reads_as_date(v)), None)
-                if row is None:
-                    raise TableError(_mixed_forms(where, c.name))
-                raise TableError(f"{where}: row {row + 1}, column {c.name!r}: {values[row]!r} is not a date "
-                                 f"({DATE_FORMS})")  # fmt: skip
+                raise _not_dates(table.column(c.name).to_pylist(), where, c.name)
             wanted = "dates (2012-01-31, or a date and time)" if c.kind == "date" else "numbers"
             raise TableError(f"{where}: column {c.name!r} holds {t} values; the model expects {wanted}")
     out[:, numeric] = _number_matrix(pa, table, [encoder.columns[j].name for j in numeric], where)

@@ -386,6 +386,23 @@ def _template(like: FitState, has_best: bool, position: dict | None) -> dict:
     return jax.eval_shape(build, like.train, like.best_params, like.best_model_state)
 
 
+def _placements(like: FitState, mesh, rules) -> dict:
+    """The sharding of each array of a checkpoint (by name) as ``fit(mesh=mesh, sharding=rules)``
+    lays the state out: the params, best params and optimizer state by the sharding rules, the
+    rest of the train state replicated; the position inside an epoch is absent (read whole)."""
+    from jaxnet import sharding as shardinglib  # the sharding rules; only when a mesh is given
+
+    layout = shardinglib.state_shardings(like.train, mesh, rules)
+    whole = shardinglib.replicated(mesh)
+    tree = {
+        "train": {"params": layout.params, "opt_state": layout.opt_state, "key": whole, "step": whole},
+        "best_params": layout.params,
+    }
+    if like.train.model_state is not None:
+        tree["train"]["model_state"] = tree["best_model_state"] = layout.model_state
+    return _flatten(tree)
+
+
 def _read_meta(manager, step: int) -> dict:
     meta = manager.restore(step, args=_orbax().args.Composite(meta=_orbax().args.JsonRestore())).meta
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -416,23 +433,23 @@ _META_FIELDS = {  # name: (allowed types, required)
 }
 
 
-def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
-    """Reads and verifies one checkpoint folder; raises ValueError saying what is wrong."""
-    ocp = _orbax()
+def _read(path: Path, like: FitState, placed: dict) -> tuple[FitState, dict]:
+    """Reads and verifies one checkpoint folder, each array named in ``placed`` into its shards;
+    raises ValueError saying what is wrong."""
     manager = _manager(path.parent)
     try:
         step = int(path.name)
         meta = _read_meta(manager, step)
         shapes = _template(like, bool(meta.get("has_best")), meta.get("position"))
         named = _flatten(shapes)
-        template = {k: np.zeros(v.shape, v.dtype) for k, v in named.items()}
-        arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))).state
-        if set(arrays) != set(named):
-            raise ValueError("its arrays do not match the template (another model or optimizer)")
+        template = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k]) if k in placed else np.zeros(v.shape, v.dtype)
+            for k, v in named.items()
+        }  # an array with a sharding is read straight into its shards: each process reads its own
+        arrays = _arrays(manager, step, meta, template)
         for k, v in named.items():
             if arrays[k].shape != v.shape or arrays[k].dtype != v.dtype:
                 raise ValueError(f"array {k} has shape {arrays[k].shape}, expected {v.shape}")
-        _verify(arrays, meta)
     except ValueError:
         raise
     except Exception as e:  # orbax/tensorstore/json errors of every kind mean: unreadable
@@ -462,6 +479,20 @@ def _read(path: Path, like: FitState) -> tuple[FitState, dict]:
     return state, meta["metadata"]
 
 
+def _arrays(manager, step: int, meta: dict, template: dict | None = None) -> dict:
+    """The arrays of checkpoint ``step``, by name, verified against ``meta``'s checksum: into
+    ``template`` (arrays, or abstract arrays with shardings: read into their shards), else as
+    numpy arrays as saved. Raises ValueError saying what is wrong (orbax raises its own errors)."""
+    ocp = _orbax()
+    arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))).state
+    if template is None:
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    elif set(arrays) != set(template):
+        raise ValueError("its arrays do not match the template (another model or optimizer)")
+    _verify(arrays, meta)
+    return arrays
+
+
 def saved_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The params of a checkpoint, by path (``blocks.attn.q.w`` stored, ``blocks/attn/q/w``
     returned), without a template: ``path`` is a checkpoint folder (``.../checkpoints/120``) or a
@@ -474,13 +505,9 @@ def saved_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if not found:
             raise ValueError(f"{path} holds no checkpoints: give a run folder, a checkpoints folder or a weights file")
         directory, step = path, found[-1]
-    ocp = _orbax()
     manager = _manager(directory)
     try:
-        meta = _read_meta(manager, step)
-        arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-        arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        _verify(arrays, meta)
+        arrays = _arrays(manager, step, _read_meta(manager, step))
     except ValueError as e:
         raise ValueError(f"checkpoint {step} in {directory} is not usable: {e}") from None
     except Exception as e:  # orbax/tensorstore/json errors of every kind mean: unreadable
@@ -491,7 +518,9 @@ def saved_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k[len(prefix) :].replace(".", "/"): v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def restore(directory: str | os.PathLike, like: FitState, *, step: int | None = None) -> Restored:
+def restore(
+    directory: str | os.PathLike, like: FitState, *, step: int | None = None, mesh=None, sharding=None
+) -> Restored:
     """The newest usable checkpoint in ``directory`` (or the one of ``step``).
 
     Args:
@@ -501,6 +530,11 @@ def restore(directory: str | os.PathLike, like: FitState, *, step: int | None = 
         key))``; its ``best_params`` and ``best_model_state`` may be None (they share the structure
         of the params and of ``train.model_state``).
       step: restore the checkpoint of this many steps (its folder's name) instead of the newest.
+      mesh, sharding: the ``mesh`` and ``sharding`` rules the run will train on (as given to
+        :func:`jaxnet.fit`): each array of the train state and best params is then read straight
+        into its shards on ``mesh``, each process reading only its own (no array is ever whole on
+        one host or device), on any mesh and process count, whatever those that saved it. Without
+        a mesh the arrays come back whole, as numpy arrays.
 
     Returns:
       A :class:`Restored`; damaged newer checkpoints were skipped and are listed in ``damaged``.
@@ -516,11 +550,12 @@ def restore(directory: str | os.PathLike, like: FitState, *, step: int | None = 
         if step not in found:
             raise ValueError(f"{directory} has no checkpoint of step {step}: it has {', '.join(map(str, found))}")
         found = [step]
+    placed = {} if mesh is None else _placements(like, mesh, sharding)  # a bad rule raises here, not per checkpoint
     damaged = []
     for step in reversed(found):
         path = directory.absolute() / str(step)
         try:
-            state, metadata = _read(path, like)
+            state, metadata = _read(path, like, placed)
         except ValueError as e:
             reason = " ".join(str(e).split())
             damaged.append((path, reason if len(reason) <= 160 else reason[:157] + "..."))

@@ -4,7 +4,7 @@ its params sharded across every device of every process; process 0 writes the ro
 Usage: python sharded_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT.json [CHECKPOINTS [save|resume]]
 (NUM_PROCESSES 1: a single process, without jax.distributed.) ``save``: train 10 of the 20 steps
 and checkpoint them into CHECKPOINTS (every process writing its shards); ``resume``: restore the
-newest checkpoint there and train on to step 20.
+newest checkpoint there, each array read straight into its shards, and train on to step 20.
 """
 
 import json
@@ -35,12 +35,15 @@ def main(coordinator, num_processes, process_id, out, checkpoints=None, mode=Non
     from jaxnet import callbacks as callbacklib
     from jaxnet import checkpoint
 
-    optimizer, key, resume, callbacks = optax.adamw(1e-3), jax.random.key(1), None, []
+    optimizer, key, resume, callbacks, read = optax.adamw(1e-3), jax.random.key(1), None, [], None
     if mode == "save":
         callbacks = [callbacklib.Checkpointer(checkpoints)]  # at the run's end: step 10
     if mode == "resume":
         template = jax.eval_shape(lambda: jn.init_fit_state(params, optimizer, key, model_state=state))
-        resume = checkpoint.restore(checkpoints, template).state
+        resume = checkpoint.restore(checkpoints, template, mesh=mesh).state  # each process reads its shards
+        w = resume.train.params["blocks"]["mlp"]["fc"]["w"]
+        read = {"spec": list(w.sharding.spec), "whole_here": w.is_fully_addressable,
+                "local_shards": len(w.addressable_shards)}  # fmt: skip
     result = jn.fit(
         net, params, x, y, loss="softmax_cross_entropy", optimizer=optimizer, steps=10 if mode == "save" else 20,
         eval_every=1, batch_size=8, key=key, model_state=state, mesh=mesh, shuffle=False, callbacks=callbacks,
@@ -49,7 +52,7 @@ def main(coordinator, num_processes, process_id, out, checkpoints=None, mode=Non
     if jax.process_index() == 0:
         table = result.train.params["blocks"]["mlp"]["fc"]["w"]
         shards = {str(s.device) for s in table.addressable_shards}
-        figures = {"losses": [r["train_loss"] for r in result.history], "local_shards": len(shards)}
+        figures = {"losses": [r["train_loss"] for r in result.history], "local_shards": len(shards), "read": read}
         with open(out, "w") as f:
             json.dump(figures, f)
     parallel.sync("done")

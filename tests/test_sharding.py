@@ -133,6 +133,30 @@ def test_a_sharded_run_resumes_on_another_mesh_and_on_one_device_with_the_same_r
 
 
 @needs_4
+def test_a_checkpoint_is_read_straight_into_the_shards_of_another_mesh(tmp_path):
+    from jaxnet import checkpoint
+
+    net, (x, y) = small_gpt(), tokens()
+    params, _ = net.init(jax.random.key(0))
+    four = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
+    saved = fit(net, params, x, y, steps=4, every=2, optimizer=optax.adamw(1e-3), mesh=four)
+    checkpoint.save(tmp_path, saved)
+    like = jax.eval_shape(lambda: jn.init_fit_state(params, optax.adamw(1e-3), jax.random.key(1)))
+    two = S.make_mesh(fsdp=2, devices=jax.devices()[:2])
+    state = checkpoint.restore(tmp_path, like, mesh=two).state
+    fc, mu = state.train.params["blocks"]["mlp"]["fc"]["w"], state.train.opt_state[0].mu["blocks"]["mlp"]["fc"]["w"]
+    for a in (fc, mu, state.best_params["blocks"]["mlp"]["fc"]["w"]):  # (2, 128, 512): its largest dimension split
+        assert a.sharding == jax.sharding.NamedSharding(two, P(None, None, "fsdp")), a.sharding
+        assert {s.data.shape for s in a.addressable_shards} == {(2, 128, 256)}
+    assert state.train.step.sharding.is_fully_replicated
+    jax.tree.map(np.testing.assert_array_equal, state.train.params, saved.train.params)  # bit for bit
+    whole = checkpoint.restore(tmp_path, like).state.train.params["blocks"]["mlp"]["fc"]["w"]
+    assert isinstance(whole, np.ndarray)  # without a mesh: whole, on the host
+    with pytest.raises(ValueError, match="'nothing/here' matches no parameter"):  # before any checkpoint is read
+        checkpoint.restore(tmp_path, like, mesh=two, sharding=[("nothing/here", P("fsdp"))])
+
+
+@needs_4
 def test_init_sharded_creates_params_in_their_shards():
     mesh = S.make_mesh(fsdp=4, devices=jax.devices()[:4])
     params, state = S.init_sharded(small_gpt(), jax.random.key(0), mesh)
@@ -333,16 +357,22 @@ def test_the_command_lines_batch_size_auto_is_recorded_as_the_number_it_became(t
 
 
 @pytest.mark.slow
-def test_two_processes_write_their_own_shards_and_one_process_resumes_from_them(tmp_path):
+def test_two_processes_write_their_own_shards_and_one_or_two_processes_read_theirs(tmp_path):
     ckpts = tmp_path / "checkpoints"
     half = run_workers(2, 4, tmp_path / "half.json", ckpts, "save")
     written = {p.name for p in (ckpts / "10" / "state").iterdir()}
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= written, written  # each process wrote its own shards
     resumed = run_workers(1, 8, tmp_path / "resumed.json", ckpts, "resume")
+    resumed_in_two = run_workers(2, 4, tmp_path / "resumed2.json", ckpts, "resume")
     whole = run_workers(1, 8, tmp_path / "whole.json")
+    # read straight into the shards of the run's fsdp=8 mesh: in two processes, each holds 4 of them
+    assert resumed["read"] == {"spec": [None, None, "fsdp"], "whole_here": True, "local_shards": 8}
+    assert resumed_in_two["read"] == {"spec": [None, None, "fsdp"], "whole_here": False,
+                                      "local_shards": 4}  # fmt: skip
     np.testing.assert_allclose(half["losses"], whole["losses"][:10], rtol=1e-5)
-    assert resumed["losses"][:10] == half["losses"]  # the history came back with the state
-    np.testing.assert_allclose(resumed["losses"][10:], whole["losses"][10:], rtol=1e-5)
+    for run in (resumed, resumed_in_two):
+        assert run["losses"][:10] == half["losses"]  # the history came back with the state
+        np.testing.assert_allclose(run["losses"][10:], whole["losses"][10:], rtol=1e-5)
 
 
 @needs_4

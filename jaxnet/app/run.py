@@ -681,7 +681,7 @@ def _continue(
     """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
     before anything in the folder changes)."""
     job = prepare(config, folder.path, mesh)
-    restored = checkpoint.restore(folder.checkpoints, template(job))
+    restored = checkpoint.restore(folder.checkpoints, template(job), mesh=mesh, sharding=sharding_rules(config))
     _check_same_data(job, restored.metadata, folder)
     _announce(notify, job, config)
     for path, reason in restored.damaged:

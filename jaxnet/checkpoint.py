@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import _checks as checks
+from jaxnet import sharding as shardinglib
 from jaxnet._feed import Position
 from jaxnet.base import TrainState
 from jaxnet.epoch import start_carry
@@ -390,8 +391,6 @@ def _placements(like: FitState, mesh, rules) -> dict:
     """The sharding of each array of a checkpoint (by name) as ``fit(mesh=mesh, sharding=rules)``
     lays the state out: the params, best params and optimizer state by the sharding rules, the
     rest of the train state replicated; the position inside an epoch is absent (read whole)."""
-    from jaxnet import sharding as shardinglib  # the sharding rules; only when a mesh is given
-
     layout = shardinglib.state_shardings(like.train, mesh, rules)
     whole = shardinglib.replicated(mesh)
     tree = {

@@ -197,13 +197,35 @@ def _documents(c: GPTConfig, ids: jax.Array) -> jax.Array | None:
     return (same & causal)[:, None]
 
 
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Scaled dot-product attention of ``q``, ``k``, ``v`` ``(b, T, heads, h)`` -> ``(b, T, heads, h)``,
+    causal (``mask`` None) or under ``mask`` (boolean, broadcasting to ``(b, heads, T, T)``):
+    ``jax.nn.dot_product_attention`` (cuDNN's fused kernel on NVIDIA GPUs), and on the CPU the same
+    computation with the heads before the positions, which XLA's CPU backend runs as plain batched
+    matmuls (the training step of nanoGPT's CPU-sized GPT is 12% faster than through
+    ``dot_product_attention``'s layout)."""
+
+    def fused(q, k, v):
+        if mask is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+    def heads_first(q, k, v):
+        t, h = q.shape[1], q.shape[-1]
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (b, heads, T, h)
+        scores = jnp.einsum("bnth,bnsh->bnts", q * jnp.asarray(h**-0.5, q.dtype), k)
+        visible = jnp.tril(jnp.ones((1, 1, t, t), bool)) if mask is None else mask
+        scores = jnp.where(visible, scores, jnp.asarray(-1e30 if scores.dtype.itemsize > 2 else -3e4, scores.dtype))
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", weights, v), 1, 2)
+
+    return jax.lax.platform_dependent(q, k, v, cpu=heads_first, default=fused)
+
+
 def _block(c: GPTConfig, p: Params, x, shape: tuple, positions, mask, ctx: Context | None, salt):
     """One block on ``x`` ``(b * T, dim)``: ``x + attention(ln1(x))``, then ``+ mlp(ln2(x))``."""
     q, k, v = _projections(c, p["attn"], _norm(p["ln1"], x), shape, positions)
-    if mask is None:
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (b, T, heads, h)
-    else:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = _attention(q, k, v, mask)  # (b, T, heads, h)
     attn = _linear(p["attn"]["o"], jnp.reshape(out, x.shape))
     x = x + _dropout(attn, c.dropout, ctx, 2 * salt + 1)
     x = x + _dropout(_mlp(p["mlp"], _norm(p["ln2"], x)), c.dropout, ctx, 2 * salt + 2)

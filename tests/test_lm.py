@@ -84,6 +84,32 @@ def test_attention_through_dot_product_attention_equals_the_einsum_it_replaced()
         np.testing.assert_allclose(layer.apply(params, x), einsum_attention(params, x, 3, causal), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_gpts_cpu_attention_equals_dot_product_attention_and_so_do_its_gradients(dtype):
+    from jaxnet import lm
+
+    q, k, v = (jax.random.normal(key, (3, 9, 2, 8)).astype(dtype) for key in jax.random.split(jax.random.key(0), 3))
+    segments = jnp.cumsum(jax.random.bernoulli(jax.random.key(1), 0.2, (3, 9)), axis=-1)
+    documents = ((segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((1, 9, 9), bool)))[:, None]
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == jnp.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    for mask in (None, documents):
+
+        def ours(q, k, v, mask=mask):  # on the CPU: the heads-first einsums
+            return jnp.sum(jnp.sin(lm._attention(q, k, v, mask)).astype(jnp.float32))
+
+        def reference(q, k, v, mask=mask):
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=mask is None, mask=mask)
+            return jnp.sum(jnp.sin(out).astype(jnp.float32))
+
+        found, expected = (
+            jax.value_and_grad(ours, (0, 1, 2))(q, k, v),
+            jax.value_and_grad(reference, (0, 1, 2))(q, k, v),
+        )
+        for a, b in zip(jax.tree.leaves(found), jax.tree.leaves(expected)):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(np.float32(a), np.float32(b), **tolerance)
+
+
 def test_gpt2_initialization():
     layers, dim = 4, 64
     params, state = jn.gpt(500, 32, layers=layers, heads=4, dim=dim, bias=True).init(jax.random.key(0))

@@ -274,3 +274,35 @@ def run_env():
 
     root = str(Path(__file__).resolve().parents[1])
     return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_predict_and_evaluate_read_a_csv_with_the_training_runs_delimiter_or_their_own(tmp_path):
+    rows = "".join(f"{i % 7};{(i * 3) % 5};{i % 2}\n" for i in range(60))
+    table_of(tmp_path, "semi.csv", "width, cm;height, cm;y\n" + rows)  # commas in the names: sniffed as one
+    trained = run_cli("train", "--data", tmp_path / "semi.csv", "--target", "y", "--delimiter", ";", "--epochs",
+                      "2", "--out", tmp_path / "run")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    predicted = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "semi.csv")  # the run's ';'
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.splitlines()[0] == "prediction" and len(predicted.stdout.splitlines()) == 61
+    evaluated = run_cli("evaluate", "--model", tmp_path / "run", "--data", tmp_path / "semi.csv", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    figures = json.loads(evaluated.stdout)
+    assert set(figures) == {"loss", "accuracy"} and 0 <= figures["accuracy"] <= 1, figures
+    table_of(tmp_path, "tabs.csv", "width, cm\theight, cm\ty\n" + rows.replace(";", "\t"))
+    tabs = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "tabs.csv", "--delimiter", "\t")
+    assert tabs.returncode == 0 and tabs.stdout == predicted.stdout, tabs.stderr
+    for extra, message in [
+        (["--delimiter", ";;"], "jaxnet: error: --delimiter is one character, such as ';' or a tab, got ';;'"),
+        (
+            ["--delimiter", ","],
+            "row 1 has 1 fields, expected 3 as in the header: '0;0;0': its fields look "
+            "separated by ';', give --delimiter ';'",
+        ),  # the file's delimiter is not ','
+    ]:
+        refused = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "semi.csv", *extra)
+        assert refused.returncode in (1, 2) and message in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and refused.stdout == "", refused.stderr
+    np.savez(tmp_path / "x.npz", x=np.zeros((3, 2), np.float32))
+    npz = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "x.npz", "--delimiter", ";")
+    assert npz.returncode == 2 and "--delimiter separates a CSV's fields; x.npz is not a CSV" in npz.stderr

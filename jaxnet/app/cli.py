@@ -460,6 +460,8 @@ def _model_args(p, data: str | None = None) -> None:
     p.add_argument("--arch", metavar="FILE.py:FACTORY", help="a model built by your own factory: name it again")
     if data is not None:
         p.add_argument("--data", required=True, metavar="FILE", help=f"{data}; read in chunks")
+        p.add_argument("--delimiter", metavar="C", help="a CSV's field separator (default: the training run's "
+                       "--delimiter, else sniffed from the header: , ; tab |)")  # fmt: skip
 
 
 def _add_predict(sub) -> None:
@@ -486,10 +488,10 @@ def _cmd_predict(args) -> int:
     from jaxnet.app import files, report
     from jaxnet.app import saved as savedlib
 
+    delimiter = _checked_delimiter(args)
     model = files.load_model(args.model)
-    chunks = _reported(
-        savedlib.input_chunks(model, args.data, targets=False, id_column=args.id_column), model, args.data
-    )
+    chunks = savedlib.input_chunks(model, args.data, targets=False, id_column=args.id_column, delimiter=delimiter)
+    chunks = _reported(chunks, model, args.data)
 
     def write(stream) -> None:
         writer = csv.writer(stream, lineterminator="\n")
@@ -507,6 +509,16 @@ def _cmd_predict(args) -> int:
         with atomic_path(args.output) as tmp, open(tmp, "w", newline="") as stream:
             write(stream)
     return 0
+
+
+def _checked_delimiter(args) -> str | None:
+    """predict's or evaluate's ``--delimiter``: one character, given for a CSV only."""
+    from jaxnet.app import config as configlib
+
+    configlib.check_delimiter(args.delimiter)
+    if args.delimiter is not None and not (args.data == "-" or args.data.lower().endswith(".csv")):
+        raise CliError(f"--delimiter separates a CSV's fields; {os.path.basename(args.data)} is not a CSV: drop it")
+    return args.delimiter
 
 
 def _reported(chunks, model, data: str):
@@ -545,6 +557,7 @@ def _cmd_evaluate(args) -> int:
     from jaxnet.app import files, language
     from jaxnet.app import saved as savedlib
 
+    delimiter = _checked_delimiter(args)
     model = files.load_model(args.model)
     if language.is_language_model(model):
         figures = language.evaluate_text(model, args.data)
@@ -553,7 +566,7 @@ def _cmd_evaluate(args) -> int:
         return 0
     named = args.metrics if args.metrics is not None else model.meta.get("config", {}).get("metrics", [])
     configlib.checked_metrics(named)  # (before any data is read)
-    chunks = _reported(savedlib.input_chunks(model, args.data, args.target), model, args.data)
+    chunks = _reported(savedlib.input_chunks(model, args.data, args.target, delimiter=delimiter), model, args.data)
 
     def labelled(chunks):
         for chunk in chunks:

@@ -227,6 +227,12 @@ MEMBER_FLAGS = ("seeds", "ensemble", "lrs", "weight_decays")
 """What makes a run a member run, for errors: ``MEMBER_RUNS.format(*MEMBER_FLAGS)``, then {4} on."""
 
 
+def check_delimiter(delimiter) -> None:
+    """Refuses a ``--delimiter`` that is not one character a CSV can separate fields with."""
+    if delimiter is not None and (not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in '\n\r"'):
+        raise ArgumentError("{0} is one character, such as ';' or a tab, got " + checks.literal(delimiter), "delimiter")
+
+
 def validate(config: TrainConfig) -> None:
     """Raises ValueError/TypeError naming the first bad field of ``config`` and how to fix it."""
     c = config
@@ -392,12 +398,7 @@ def _validate_recipe(c: TrainConfig) -> None:
     checks.integer("grad_accum", c.grad_accum)
     checks.integer("accumulate", c.accumulate)
     _validate_tuning(c)
-    if c.delimiter is not None and (
-        not isinstance(c.delimiter, str) or len(c.delimiter) != 1 or c.delimiter in '\n\r"'
-    ):
-        raise ArgumentError(
-            "{0} is one character, such as ';' or a tab, got " + checks.literal(c.delimiter), "delimiter"
-        )
+    check_delimiter(c.delimiter)
     checks.optional_integer("memory_budget", c.memory_budget)
     if c.peak_tflops is not None:
         checks.number("peak_tflops", c.peak_tflops, 0.0, strict=True)

@@ -548,7 +548,13 @@ class InputRows(NamedTuple):
 
 
 def feature_chunks(
-    path, encoder, target: str | None = None, classes=None, rows: int = CHUNK_ROWS, id_column: str | None = None
+    path,
+    encoder,
+    target: str | None = None,
+    classes=None,
+    rows: int = CHUNK_ROWS,
+    id_column: str | None = None,
+    delimiter: str | None = None,
 ):
     """Inputs for a trained model in chunks of at most ``rows`` rows, memory bounded by the chunk.
 
@@ -562,6 +568,7 @@ def feature_chunks(
       target: the target column(s) of a table, returned as ``y`` when the file has them.
       classes: the model's class names, if its labels were names: ``y`` is then their indices.
       id_column: a table's column whose values each chunk carries as ``ids`` (as text).
+      delimiter: a CSV's field separator (default: sniffed from its header).
 
     Yields:
       :class:`InputRows` s.
@@ -573,16 +580,16 @@ def feature_chunks(
         raise ArgumentError("{0} needs a table (CSV or Parquet); " + escape(os.path.basename(path)) + " has no "
                             "named columns", "id_column")  # fmt: skip
     count = 0
-    for chunk in _feature_chunks(path, encoder, target, classes, rows, id_column):
+    for chunk in _feature_chunks(path, encoder, target, classes, rows, id_column, delimiter):
         count += len(chunk.x)
         yield chunk
     if count == 0:
         raise ValueError(f"empty dataset: {'standard input' if path == '-' else os.path.basename(path)} has no rows")
 
 
-def _feature_chunks(path: str, encoder, target, classes, rows, id_column):
+def _feature_chunks(path: str, encoder, target, classes, rows, id_column, delimiter):
     if path == "-" or tables.is_table_file(path):
-        yield from _table_chunks(path, encoder, target, classes, rows, id_column)
+        yield from _table_chunks(path, encoder, target, classes, rows, id_column, delimiter)
         return
     name = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
@@ -626,7 +633,7 @@ def _npz_inputs(path: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     return x.astype(np.float32), arrays.get("y")
 
 
-def _table_chunks(path: str, encoder, target, classes, rows, id_column):
+def _table_chunks(path: str, encoder, target, classes, rows, id_column, delimiter):
     name = "standard input" if path == "-" else os.path.basename(path)
     types = tables.types_of(encoder)
     targets = target_columns(target) if target else []
@@ -635,7 +642,7 @@ def _table_chunks(path: str, encoder, target, classes, rows, id_column):
     if id_column is not None and id_column not in types:  # its text as written ("007" stays so)
         types[id_column] = tables.string_type()
     first = True
-    for table in tables.batches(path, None, types, rows):
+    for table in tables.batches(path, None, types, rows, delimiter):
         if first:
             tables.missing_columns(table.column_names, encoder.names, name, "the model's columns")
             if id_column is not None and id_column not in table.column_names:

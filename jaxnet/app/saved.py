@@ -125,13 +125,17 @@ def input_chunks(
     targets: bool = True,
     rows: int = datalib.CHUNK_ROWS,
     id_column: str | None = None,
+    delimiter: str | None = None,
 ):
     """The raw chunks (:class:`jaxnet.app.data.InputRows`, :func:`jaxnet.app.data.feature_chunks`) of a
     saved model's inputs in ``path``: a table's columns found by name and encoded as in training,
     ``y`` the ``target`` column(s) (default: the ones trained on) when the data has them and
-    ``targets`` asks for them, ``ids`` the ``id_column``'s values."""
+    ``targets`` asks for them, ``ids`` the ``id_column``'s values. A CSV's ``delimiter`` defaults
+    to the training run's ``--delimiter``, else it is sniffed from the file's header."""
     target = (target or saved.meta.get("target")) if targets else None
-    return datalib.feature_chunks(path, encoder_of(saved), target, saved.meta.get("classes"), rows, id_column)
+    delimiter = delimiter or (saved.meta.get("config") or {}).get("delimiter")
+    classes = saved.meta.get("classes")
+    return datalib.feature_chunks(path, encoder_of(saved), target, classes, rows, id_column, delimiter)
 
 
 def load_features(saved: SavedModel, path: str) -> tuple[np.ndarray, np.ndarray | None]:

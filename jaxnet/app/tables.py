@@ -239,7 +239,9 @@ def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=Non
         want, got, row = ragged.groups()
         where = _line_of(path, row) if path not in (None, "-") else None
         which = f"row {where}" if where else "a row"
-        return TableError(f"{name}: {which} has {got} fields, expected {want} as in the header: {row[:80]!r}")
+        hint = next((f": its fields look separated by {d!r}, give --delimiter {d!r}" for d in DELIMITERS
+                     if row.count(d) == int(want) - 1), "")  # fmt: skip
+        return TableError(f"{name}: {which} has {got} fields, expected {want} as in the header: {row[:80]!r}{hint}")
     cell = _BAD_CELL.search(text)
     if cell:
         j = int(cell[1])
@@ -350,16 +352,20 @@ def _block_bytes(rows: int) -> int:
     return int(min(max(rows * 64, 1 << 16), 1 << 26))
 
 
-def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) -> Iterator:
+def batches(
+    path, columns: Sequence[str] | None, types: dict | None, rows: int, delimiter: str | None = None
+) -> Iterator:
     """A CSV (``-``: standard input) or Parquet file's ``columns`` (None: all) as ``pyarrow.Table`` s
     of about ``rows`` rows each (CSV: blocks of about 64 bytes a row), memory bounded by the batch.
-    ``types``: ``{column: pyarrow type}`` for a CSV's columns (inferred from its first block otherwise)."""
+    ``types``: ``{column: pyarrow type}`` for a CSV's columns (inferred from its first block otherwise);
+    ``delimiter``: a CSV's (default :func:`sniff_delimiter`)."""
     pa = _pyarrow()
     path = os.fspath(path)
     name = "standard input" if path == "-" else os.path.basename(path)
     if path != "-" and not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     header, done = [], 0
+    delimiter = delimiter or sniff_delimiter(path)
     try:
         if path.lower().endswith(".parquet"):
             file = pa.parquet.ParquetFile(path)
@@ -370,7 +376,7 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
         reader = pa.csv.open_csv(
             source,
             read_options=pa.csv.ReadOptions(block_size=_block_bytes(rows)),
-            parse_options=pa.csv.ParseOptions(delimiter=sniff_delimiter(path)),
+            parse_options=pa.csv.ParseOptions(delimiter=delimiter),
             convert_options=_csv_options(pa, types, columns),
         )
         header = reader.schema.names if columns is None else []  # pyarrow numbers the file's columns
@@ -378,8 +384,9 @@ def batches(path, columns: Sequence[str] | None, types: dict | None, rows: int) 
             yield pa.Table.from_batches([batch])
             done += batch.num_rows
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        header = header or (_csv_header(path) if path != "-" else [])
-        raise _arrow_error(name, e, header, lambda j, value: _row_of(path, j, value, done), path=path) from None
+        header = header or (_csv_header(path, delimiter) if path != "-" else [])
+        where = lambda j, value: _row_of(path, j, value, done, delimiter)  # noqa: E731
+        raise _arrow_error(name, e, header, where, path=path) from None
 
 
 def _line_of(path: str, text: str) -> int | None:
@@ -393,18 +400,18 @@ def _line_of(path: str, text: str) -> int | None:
     return None
 
 
-def _csv_header(path: str) -> list[str]:
+def _csv_header(path: str, delimiter: str) -> list[str]:
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return next(csv.reader(f, delimiter=sniff_delimiter(path)), [])
+        return next(csv.reader(f, delimiter=delimiter), [])
 
 
-def _row_of(path: str, column: int, value: str, after: int) -> str:
+def _row_of(path: str, column: int, value: str, after: int, delimiter: str) -> str:
     """Where a bad cell is, for an error: the first data row after ``after`` (those read well)
     whose cell in ``column`` (0-based) is ``value``, found by reading the file again (standard
     input cannot be read again)."""
     if path != "-":
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            rows = csv.reader(f, delimiter=sniff_delimiter(path))
+            rows = csv.reader(f, delimiter=delimiter)
             next(rows, None)
             for i, row in enumerate(rows, 1):
                 if i > after and column < len(row) and row[column].strip() == value.strip():

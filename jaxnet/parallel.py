@@ -249,3 +249,13 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds in every process (each passes its own; all must call this together).
+    ``ok`` itself in a single process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))

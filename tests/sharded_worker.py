@@ -3,7 +3,7 @@ its params sharded across every device of every process; process 0 writes the ro
 
 Usage: python sharded_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT.json [CHECKPOINTS [save|resume]]
 (NUM_PROCESSES 1: a single process, without jax.distributed.) ``save``: train 10 of the 20 steps
-and checkpoint them into CHECKPOINTS (every process writing its shards); ``resume``: restore the
+and checkpoint them at steps 5 and 10 into CHECKPOINTS (every process writing its shards); ``resume``: restore the
 newest checkpoint there, each array read straight into its shards, and train on to step 20.
 """
 
@@ -37,13 +37,13 @@ def main(coordinator, num_processes, process_id, out, checkpoints=None, mode=Non
 
     optimizer, key, resume, callbacks, read = optax.adamw(1e-3), jax.random.key(1), None, [], None
     if mode == "save":
-        callbacks = [callbacklib.Checkpointer(checkpoints)]  # at the run's end: step 10
+        callbacks = [callbacklib.Checkpointer(checkpoints, every=5)]  # steps 5 and 10
     if mode == "resume":
         template = jax.eval_shape(lambda: jn.init_fit_state(params, optimizer, key, model_state=state))
         resume = checkpoint.restore(checkpoints, template, mesh=mesh).state  # each process reads its shards
         w = resume.train.params["blocks"]["mlp"]["fc"]["w"]
         read = {"spec": list(w.sharding.spec), "whole_here": w.is_fully_addressable,
-                "local_shards": len(w.addressable_shards)}  # fmt: skip
+                "local_shards": len(w.addressable_shards), "step": int(resume.train.step)}  # fmt: skip
     result = jn.fit(
         net, params, x, y, loss="softmax_cross_entropy", optimizer=optimizer, steps=10 if mode == "save" else 20,
         eval_every=1, batch_size=8, key=key, model_state=state, mesh=mesh, shuffle=False, callbacks=callbacks,

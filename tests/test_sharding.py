@@ -154,6 +154,14 @@ def test_a_checkpoint_is_read_straight_into_the_shards_of_another_mesh(tmp_path)
     assert isinstance(whole, np.ndarray)  # without a mesh: whole, on the host
     with pytest.raises(ValueError, match="'nothing/here' matches no parameter"):  # before any checkpoint is read
         checkpoint.restore(tmp_path, like, mesh=two, sharding=[("nothing/here", P("fsdp"))])
+    with pytest.raises(ValueError, match="sharding rules lay the arrays out on a mesh: give mesh"):
+        checkpoint.restore(tmp_path, like, sharding=[("fc", P("fsdp"))])
+    wider, _ = jn.gpt(vocab_size=256, context=16, layers=2, heads=2, dim=256).init(jax.random.key(0))
+    other = jax.eval_shape(lambda: jn.init_fit_state(wider, optax.adamw(1e-3), jax.random.key(1)))
+    for mesh in (two, None):  # another model: named from the stored shapes, before any array is read
+        expected = r"array best_params.blocks.attn.k.w is float32 \(2, 128, 128\), expected float32 \(2, 256, 256\)"
+        with pytest.raises(ValueError, match=expected):
+            checkpoint.restore(tmp_path, other, mesh=mesh)
 
 
 @needs_4
@@ -366,13 +374,42 @@ def test_two_processes_write_their_own_shards_and_one_or_two_processes_read_thei
     resumed_in_two = run_workers(2, 4, tmp_path / "resumed2.json", ckpts, "resume")
     whole = run_workers(1, 8, tmp_path / "whole.json")
     # read straight into the shards of the run's fsdp=8 mesh: in two processes, each holds 4 of them
-    assert resumed["read"] == {"spec": [None, None, "fsdp"], "whole_here": True, "local_shards": 8}
+    assert resumed["read"] == {"spec": [None, None, "fsdp"], "whole_here": True, "local_shards": 8, "step": 10}
     assert resumed_in_two["read"] == {"spec": [None, None, "fsdp"], "whole_here": False,
-                                      "local_shards": 4}  # fmt: skip
+                                      "local_shards": 4, "step": 10}  # fmt: skip
     np.testing.assert_allclose(half["losses"], whole["losses"][:10], rtol=1e-5)
     for run in (resumed, resumed_in_two):
         assert run["losses"][:10] == half["losses"]  # the history came back with the state
         np.testing.assert_allclose(run["losses"][10:], whole["losses"][10:], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_skip_a_checkpoint_whose_shards_are_damaged_and_resume_from_the_one_before(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    half = run_workers(2, 4, tmp_path / "half.json", ckpts, "save")
+    damaged = sorted(p for p in (ckpts / "10" / "state" / "ocdbt.process_1").rglob("*") if p.is_file())
+    assert damaged, list((ckpts / "10" / "state").iterdir())
+    for path in damaged:  # the files process 1 wrote for step 10, cut short
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    resumed = run_workers(2, 4, tmp_path / "resumed.json", ckpts, "resume")  # both go back to step 5
+    assert resumed["read"]["step"] == 5 and resumed["losses"][:5] == half["losses"][:5]
+    whole = run_workers(1, 8, tmp_path / "whole.json")
+    np.testing.assert_allclose(resumed["losses"][5:], whole["losses"][5:], rtol=1e-5)
+
+
+def test_a_read_that_failed_in_another_process_fails_in_this_one(monkeypatch):
+    from jaxnet import checkpoint
+
+    def broken():
+        raise OSError("a shard file is cut short")
+
+    assert checkpoint._everywhere(lambda: 7, spread=True) == 7  # one process: it alone agrees
+    monkeypatch.setattr(checkpoint.parallel, "all_processes", lambda ok: False)  # another process failed
+    with pytest.raises(ValueError, match="another process could not read its shards of it"):
+        checkpoint._everywhere(lambda: 7, spread=True)
+    with pytest.raises(OSError, match="cut short"):  # where it failed: its own error
+        checkpoint._everywhere(broken, spread=True)
+    assert checkpoint._everywhere(lambda: 7, spread=False) == 7  # whole arrays: each process on its own
 
 
 @needs_4

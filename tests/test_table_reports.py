@@ -292,6 +292,9 @@ def test_predict_and_evaluate_read_a_csv_with_the_training_runs_delimiter_or_the
     table_of(tmp_path, "tabs.csv", "width, cm\theight, cm\ty\n" + rows.replace(";", "\t"))
     tabs = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "tabs.csv", "--delimiter", "\t")
     assert tabs.returncode == 0 and tabs.stdout == predicted.stdout, tabs.stderr
+    table_of(tmp_path, "commas.csv", '"width, cm","height, cm",y\n' + rows.replace(";", ","))  # no ';' in it
+    commas = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "commas.csv")  # sniffed
+    assert commas.returncode == 0 and commas.stdout == predicted.stdout, commas.stderr
     for extra, message in [
         (["--delimiter", ";;"], "jaxnet: error: --delimiter is one character, such as ';' or a tab, got ';;'"),
         (

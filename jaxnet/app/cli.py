@@ -514,9 +514,10 @@ def _cmd_predict(args) -> int:
 def _checked_delimiter(args) -> str | None:
     """predict's or evaluate's ``--delimiter``: one character, given for a CSV only."""
     from jaxnet.app import config as configlib
+    from jaxnet.app import tables
 
     configlib.check_delimiter(args.delimiter)
-    if args.delimiter is not None and not (args.data == "-" or args.data.lower().endswith(".csv")):
+    if args.delimiter is not None and not tables.is_csv(args.data):
         raise CliError(f"--delimiter separates a CSV's fields; {os.path.basename(args.data)} is not a CSV: drop it")
     return args.delimiter
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from pathlib import Path
 
 import jax
@@ -131,9 +132,12 @@ def input_chunks(
     saved model's inputs in ``path``: a table's columns found by name and encoded as in training,
     ``y`` the ``target`` column(s) (default: the ones trained on) when the data has them and
     ``targets`` asks for them, ``ids`` the ``id_column``'s values. A CSV's ``delimiter`` defaults
-    to the training run's ``--delimiter``, else it is sniffed from the file's header."""
+    to the training run's ``--delimiter`` when the file's header holds it, else it is sniffed from
+    the header (:func:`jaxnet.app.tables.sniff_delimiter`)."""
     target = (target or saved.meta.get("target")) if targets else None
-    delimiter = delimiter or (saved.meta.get("config") or {}).get("delimiter")
+    trained = (saved.meta.get("config") or {}).get("delimiter")
+    if delimiter is None and trained is not None and tables.is_csv(path):  # the run's, if the header has it
+        delimiter = tables.sniff_delimiter(os.fspath(path), prefer=trained)
     classes = saved.meta.get("classes")
     return datalib.feature_chunks(path, encoder_of(saved), target, classes, rows, id_column, delimiter)
 

@@ -182,7 +182,12 @@ def _pyarrow():
 
 
 def is_table_file(path) -> bool:
-    return os.path.splitext(os.fspath(path))[1].lower() in (".csv", ".parquet")
+    return is_csv(path) or os.path.splitext(os.fspath(path))[1].lower() == ".parquet"
+
+
+def is_csv(path) -> bool:
+    """Whether ``path`` names a CSV file (``-``, standard input, is one)."""
+    return os.fspath(path) == "-" or os.path.splitext(os.fspath(path))[1].lower() == ".csv"
 
 
 def _csv_options(pa, types: dict | None, columns: Sequence[str] | None):
@@ -227,10 +232,12 @@ _RAGGED = re.compile(r"Expected (\d+) columns, got (\d+): (.*)")
 _BAD_CELL = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'")
 
 
-def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=None, path=None) -> TableError:
+def _arrow_error(
+    name: str, e: Exception, header: Sequence[str] = (), row_of=None, path=None, delimiter=None
+) -> TableError:
     """pyarrow's error about a file, as one line that names the problem and the fix (``row_of(j,
     value)``: where the bad cell ``value`` of column ``j`` is, e.g. ``"row 12, "``; ``path``: the
-    file, read again to number a ragged row)."""
+    file, read again to number a ragged row; ``delimiter``: the one it was read with)."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "Empty CSV file" in text:
         return TableError(f"empty dataset: {name} is empty (expected a header row and data rows)")
@@ -239,8 +246,9 @@ def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=Non
         want, got, row = ragged.groups()
         where = _line_of(path, row) if path not in (None, "-") else None
         which = f"row {where}" if where else "a row"
-        hint = next((f": its fields look separated by {d!r}, give --delimiter {d!r}" for d in DELIMITERS
-                     if row.count(d) == int(want) - 1), "")  # fmt: skip
+        hint = next((f": its fields look separated by {_DELIMITER_NAMES.get(d, repr(d))}, give --delimiter "
+                     + _DELIMITER_FLAGS.get(d, repr(d)) for d in DELIMITERS
+                     if d != delimiter and row.count(d) == int(want) - 1), "")  # fmt: skip
         return TableError(f"{name}: {which} has {got} fields, expected {want} as in the header: {row[:80]!r}{hint}")
     cell = _BAD_CELL.search(text)
     if cell:
@@ -249,6 +257,10 @@ def _arrow_error(name: str, e: Exception, header: Sequence[str] = (), row_of=Non
         where = row_of(j, cell[2]) if row_of is not None else ""
         return TableError(f"{name}: {where}column {column}: {cell[2]!r} is not a number ({GRAMMAR})")
     return TableError(f"{name} cannot be read as a table: {text}")
+
+
+_DELIMITER_NAMES = {"\t": "tabs"}
+_DELIMITER_FLAGS = {"\t": "$'\\t' (a tab)"}
 
 
 def _check_text(path: str, name: str) -> None:
@@ -271,14 +283,17 @@ and stay text."""
 _DATE_LIKE = r"^\s*\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}([ T]\d{1,2}:\d{2}(:\d{2})?)?\s*$"
 
 
-def sniff_delimiter(path: str) -> str:
-    """A CSV's delimiter: a comma when its header line has one, else whichever of ``;``, tab and
-    ``|`` it has most of (a comma again when none: one column)."""
+def sniff_delimiter(path: str, prefer: str | None = None) -> str:
+    """A CSV's delimiter: ``prefer`` (a training run's ``--delimiter``) when its header line has
+    it, else a comma when it has one, else whichever of ``;``, tab and ``|`` it has most of (a
+    comma again when none: one column). Standard input: ``prefer``, else a comma."""
     if path == "-":
-        return ","
+        return prefer or ","
     with open(path, "rb") as f:
         header = f.readline(1 << 20).decode("utf-8", errors="replace")
     counts = {d: header.count(d) for d in DELIMITERS}
+    if prefer is not None and prefer in header:
+        return prefer
     if counts[","]:
         return ","
     best = max(DELIMITERS[1:], key=lambda d: counts[d])
@@ -303,7 +318,8 @@ def read_table(path, columns: Sequence[str] | None = None, types: dict | None = 
         else:
             _check_text(path, name)
             options = _read_options(pa, path)
-            parse = pa.csv.ParseOptions(delimiter=delimiter or sniff_delimiter(path))
+            delimiter = delimiter or sniff_delimiter(path)
+            parse = pa.csv.ParseOptions(delimiter=delimiter)
             table = pa.csv.read_csv(
                 path, read_options=options, parse_options=parse, convert_options=_csv_options(pa, types, columns)
             )
@@ -320,7 +336,8 @@ def read_table(path, columns: Sequence[str] | None = None, types: dict | None = 
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         if isinstance(e, PermissionError):
             raise OSError(f"cannot read data file {path}: permission denied") from None
-        raise _arrow_error(name, e, table.column_names if table is not None else (), path=path) from None
+        header = table.column_names if table is not None else ()
+        raise _arrow_error(name, e, header, path=path, delimiter=delimiter) from None
     _check_names(table.column_names, name)
     return table
 
@@ -358,14 +375,13 @@ def batches(
     """A CSV (``-``: standard input) or Parquet file's ``columns`` (None: all) as ``pyarrow.Table`` s
     of about ``rows`` rows each (CSV: blocks of about 64 bytes a row), memory bounded by the batch.
     ``types``: ``{column: pyarrow type}`` for a CSV's columns (inferred from its first block otherwise);
-    ``delimiter``: a CSV's (default :func:`sniff_delimiter`)."""
+    ``delimiter``: a CSV's (default: :func:`sniff_delimiter`'s)."""
     pa = _pyarrow()
     path = os.fspath(path)
     name = "standard input" if path == "-" else os.path.basename(path)
     if path != "-" and not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     header, done = [], 0
-    delimiter = delimiter or sniff_delimiter(path)
     try:
         if path.lower().endswith(".parquet"):
             file = pa.parquet.ParquetFile(path)
@@ -373,6 +389,7 @@ def batches(
                 yield pa.Table.from_batches([batch])
             return
         source = _stdin() if path == "-" else path
+        delimiter = delimiter or sniff_delimiter(path)
         reader = pa.csv.open_csv(
             source,
             read_options=pa.csv.ReadOptions(block_size=_block_bytes(rows)),
@@ -386,7 +403,7 @@ def batches(
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         header = header or (_csv_header(path, delimiter) if path != "-" else [])
         where = lambda j, value: _row_of(path, j, value, done, delimiter)  # noqa: E731
-        raise _arrow_error(name, e, header, where, path=path) from None
+        raise _arrow_error(name, e, header, where, path=path, delimiter=delimiter) from None
 
 
 def _line_of(path: str, text: str) -> int | None:

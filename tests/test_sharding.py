@@ -254,6 +254,7 @@ def test_a_rematted_gpt_has_the_gradients_of_the_plain_one(remat):
 
 
 @needs_4
+@pytest.mark.slow  # (12 s: five steps compiled)
 def test_a_step_over_the_memory_budget_is_refused_before_it_runs_and_fits_with_fsdp():
     from jaxnet import _programs, loop
 

@@ -856,11 +856,10 @@ def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, b
     device (default: the device's reported limit; none on CPU), and returns ``options`` with the
     step's FLOPs and the devices' peak when utilization can be reported. ``cost``: the step's
     :func:`jaxnet._programs.step_cost` when already known (a batch size ``auto`` found it)."""
-    limit, where = memory_limit()
-    if budget is not None:
-        budget, source = checks.integer("memory_budget", budget), f"the memory budget of {_size(budget)}"
-    elif where != "host memory" and options.members is None:  # members: check_fit_memory's estimate
-        budget, source = limit, f"the {where}'s {_size(limit)}"
+    given = budget is not None
+    budget, source = _budget(budget)
+    if not given and (source.startswith("the host memory") or options.members is not None):
+        budget = None  # no device limit to hold to (members: check_fit_memory's estimate)
     peak = summaries.peak_tflops() if peak is None else checks.number("peak_tflops", peak, 0.0, strict=True)
     if budget is None and peak is None:
         return options
@@ -933,12 +932,7 @@ def _fitting_batch(model, spec, optimizer, options: FitOptions, train, data, mes
     ``options.batch_size``, the smallest, up to the training rows) whose step XLA says fits
     ``budget`` (default: :func:`memory_limit`), and that step's :func:`jaxnet._programs.step_cost`.
     ``data``: ``(rows or None, (x, y) of one example's shapes)``."""
-    if budget is None:
-        budget, where = memory_limit()
-        source = f"the {where}'s {_size(budget)}"
-    else:
-        budget = checks.integer("memory_budget", budget)
-        source = f"the memory budget of {_size(budget)}"
+    budget, source = _budget(budget)
     rows, example = data
     top = 1 << 20 if rows is None else 1 << max(0, rows.bit_length() - 1)
     sizes = [options.batch_size << k for k in range(max(1, (top // options.batch_size).bit_length()))]
@@ -961,6 +955,16 @@ def _fitting_batch(model, spec, optimizer, options: FitOptions, train, data, mes
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(sizes[mid]) else (lo, mid - 1)
     return dataclasses.replace(options, batch_size=sizes[lo]), costs[sizes[lo]]
+
+
+def _budget(budget: int | None) -> tuple[int, str]:
+    """``(bytes, as an error names them)``: ``memory_budget`` checked, else the first device's
+    limit (:func:`memory_limit`: the host's memory on CPU)."""
+    if budget is not None:
+        budget = checks.integer("memory_budget", budget)
+        return budget, f"the memory budget of {_size(budget)}"
+    limit, where = memory_limit()
+    return limit, f"the {where}'s {_size(limit)}"
 
 
 def train_rows(train) -> int | None:

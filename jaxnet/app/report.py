@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxnet.app.data import target_columns
+
 _TABLE = (
     "seed",
     "learning_rate",
@@ -110,5 +112,5 @@ def target_names(meta: dict) -> list[str]:
     """A regression model's target columns by name (``0``, ``1``, ... when it was not trained on
     a table's named columns)."""
     target, width = meta.get("target"), meta["sizes"][-1]
-    names = [t.strip() for t in str(target).split(",")] if target else []
+    names = target_columns(target) if target else []
     return names if len(names) == width else [str(k) for k in range(width)]

@@ -253,7 +253,7 @@ def with_batch_size(problem: Problem, config: TrainConfig) -> Problem:
     val = problem.splits.val
     if problem.tokenizer is None or val is None:
         return problem
-    windows = _validation_windows(val.x.tokens, config, val.name)
+    windows = _validation_windows(val.x.tokens, config, f"{val.name} (validation)")
     return problem._replace(splits=problem.splits._replace(val=val._replace(x=windows.x, y=windows.y)))
 
 

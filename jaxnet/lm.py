@@ -14,7 +14,8 @@ weight decay, freezing and sharding rules can select them by path. The blocks' p
 (every leaf under ``blocks`` has a leading axis of the layers), and the blocks run as one
 ``lax.scan``: compile time does not grow with depth, and ``remat`` then keeps only each block's
 input for the backward pass. :func:`decay_mask` is
-nanoGPT's ``configure_optimizers`` choice (decay the matrices, not biases, norms or embeddings).
+minGPT's ``configure_optimizers`` choice: decay the matrices, not biases, norms or embeddings
+(nanoGPT's decays every array of two or more dimensions, the embeddings too).
 
 For generation (:func:`jaxnet.generate`) the model's ``apply`` (a :class:`GPT`) also carries
 ``prefill`` and ``decode``, which fill and extend a cache of the attention's keys and values, so
@@ -338,8 +339,9 @@ class GPT(NamedTuple):
 
 def decay_mask(params: Params) -> Params:
     """True for the leaves weight decay should touch: the matrices of the attention and MLP
-    projections and an untied head; False for biases, layer norms and embeddings (nanoGPT's
-    ``configure_optimizers``). Give it to ``optax.adamw(..., mask=decay_mask)``."""
+    projections and an untied head; False for biases, layer norms and embeddings (minGPT's
+    ``configure_optimizers``; nanoGPT's decays the embeddings too). Give it to
+    ``optax.adamw(..., mask=decay_mask)``."""
 
     def decays(path, leaf) -> bool:  # by name: the blocks' leaves are stacked, a norm's scale is (layers, dim)
         return getattr(path[-1], "key", None) == "w"

@@ -78,6 +78,26 @@ def test_a_run_by_steps_extends_with_resume(trained, tmp_path):
     assert "from its checkpoint at step 40" in result.stderr
 
 
+def test_eval_batches_all_validates_on_every_window_of_the_held_out_text(tmp_path):
+    corpus, held, out = tmp_path / "corpus.txt", tmp_path / "held.txt", tmp_path / "run"
+    corpus.write_text(TEXT)
+    tokens = len(TEXT) + 1  # and the separator
+    cut = tokens - round(tokens * 0.1)  # the default --val-split, its last part
+    held.write_text(TEXT[cut:])
+    args = ["train", "--data", corpus, "--task", "lm", "--tokenizer", "char", *SMALL, "--steps", "10"]
+    result = jaxnet(*args, "--eval-batches", "all", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    windows = (tokens - cut - 1) // 16  # disjoint windows of context 16 + 1 tokens
+    assert windows > 2 * 8 and f", {windows} validation windows" in result.stderr.splitlines()[0]
+    figures = json.loads(jaxnet("evaluate", "--model", out, "--data", held, "--json").stdout)
+    assert figures["tokens"] == windows * 16
+    assert json.loads(result.stdout)["val_loss"] == pytest.approx(figures["loss"], rel=1e-5)
+    bad = jaxnet(*args, "--eval-batches", "some", "--out", tmp_path / "bad")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "--eval-batches: 'some' is neither a number nor all" in lines[0]
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     "case, extra, message",
     [

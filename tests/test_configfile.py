@@ -19,6 +19,7 @@ KINDS = {
     "rules": {tuple},
     "bytes": {int, type(None)},
     "batch": {int, str},  # a batch size, or "auto"
+    "count": {int, str},  # a number of batches, or "all"
     "switch": {bool},
     "numbers": {float, type(None)},
 }
@@ -68,6 +69,7 @@ def test_a_run_folders_config_toml_reproduces_the_run_bitwise_and_flags_override
         ("epochs = \n", "is not valid TOML"),
         ("[model]\nhidden = [4]\n", "'model' is a table; the config is flat"),
         ('epochs = "x"\n', "--epochs must be a positive integer"),
+        ('task = "lm"\ndata = "a.txt"\neval_batches = "some"\n', "--eval-batches must be a positive integer or 'all'"),
     ],
 )
 def test_a_bad_config_file_is_one_line_exit_2(tmp_path, capsys, text, message):

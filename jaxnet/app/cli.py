@@ -145,9 +145,14 @@ def batch_arg(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number of examples nor auto") from None
 
 
-def devices_arg(text: str):
-    """argparse type: ``all`` or a number of devices."""
-    return "all" if text == "all" else integer_arg(text)
+def count_arg(text: str):
+    """argparse type: a number (of devices, of batches), or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return integer_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor all") from None
 
 
 def _add_train(sub) -> None:
@@ -161,7 +166,7 @@ def _add_train(sub) -> None:
     names = (cliflags.DATA, cliflags.MODEL, cliflags.RECIPE, cliflags.LM, cliflags.TUNE, cliflags.DEVICES)
     groups = {name: p.add_argument_group(name) for name in names}
     parsers = {"str": str, "int": integer_arg, "number": number_arg, "ints": int_list, "names": name_list}
-    more = {"numbers": number_list, "rules": rule_arg, "bytes": bytes_arg, "batch": batch_arg}
+    more = {"numbers": number_list, "rules": rule_arg, "bytes": bytes_arg, "batch": batch_arg, "count": count_arg}
     cliflags.add_flags(groups, {**parsers, **more})
     _add_device_options(groups[cliflags.DEVICES])
     _add_output_options(p.add_argument_group("output"))
@@ -183,7 +188,7 @@ def _add_config_options(c) -> None:
 
 
 def _add_device_options(d) -> None:
-    d.add_argument("--devices", type=devices_arg, metavar="N|all", help="data parallel over N devices or all")
+    d.add_argument("--devices", type=count_arg, metavar="N|all", help="data parallel over N devices or all")
     d.add_argument(
         "--mesh",
         type=mesh_arg,

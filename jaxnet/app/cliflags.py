@@ -145,7 +145,10 @@ CONFIG_FLAGS: dict[str, Flag] = {
         LM, "str", "POLICY", "gpt: recompute activations in the backward pass: none, dots (keep matmul outputs), full"
     ),
     "eval_batches": Flag(
-        LM, "int", "N", "validation batches of each evaluation (disjoint windows spread over the text)"
+        LM,
+        "count",
+        "N|all",
+        "validation batches of each evaluation (disjoint windows spread over the held-out text); all: every window",
     ),
     "init_from": Flag(
         TUNE,

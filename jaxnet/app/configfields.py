@@ -63,7 +63,7 @@ class ConfigFields:
     label_smoothing: float = 0.0
     steps: int | None = None
     eval_every: int | None = None
-    eval_batches: int = 20
+    eval_batches: int | str = 20  # or "all": every disjoint window of the held-out part
     min_lr: float = 0.0
     beta2: float | None = None
     tokenizer: str = "char"

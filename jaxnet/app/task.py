@@ -242,8 +242,10 @@ def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
 
 def _validation_windows(tokens, config: TrainConfig, name: str):
     """The fixed validation windows of a text's last part: ``eval_batches`` batches of disjoint
-    windows, spread over it (all of them while a batch size ``auto`` is not yet resolved)."""
-    limit = None if config.batch_size == "auto" else config.eval_batches * config.batch_size
+    windows, spread over it (all of them with ``eval_batches="all"``, or while a batch size
+    ``auto`` is not yet resolved)."""
+    every = config.batch_size == "auto" or config.eval_batches == "all"
+    limit = None if every else config.eval_batches * config.batch_size
     return text.windows(tokens, config.context, stride=config.context, limit=limit, name=name)
 
 

@@ -222,7 +222,7 @@ def test_bfloat16_digits_accuracy_close_to_float32():
         ),
         (["--coordinator", "127.0.0.1:1"], "needs all of --coordinator, --num-processes and --process-id"),
         (["--dtype", "float16"], "unknown --dtype 'float16': use one of float32, bfloat16"),
-        (["--devices", "two"], "--devices: 'two' is not an integer"),
+        (["--devices", "two"], "--devices: 'two' is neither a number nor all"),
     ],
 )
 def test_cli_bad_parallel_options(capsys, args, pattern):

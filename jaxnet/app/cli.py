@@ -135,24 +135,22 @@ def mesh_arg(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def batch_arg(text: str):
-    """argparse type: a batch size, or ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return integer_arg(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of examples nor auto") from None
+def integer_or(word: str, what: str):
+    """An argparse type: an integer (``what`` it counts), or ``word``."""
+
+    def parse(text: str):
+        if text.strip().lower() == word:
+            return word
+        try:
+            return integer_arg(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {what} nor {word}") from None
+
+    return parse
 
 
-def count_arg(text: str):
-    """argparse type: a number (of devices, of batches), or ``all``."""
-    if text.strip().lower() == "all":
-        return "all"
-    try:
-        return integer_arg(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor all") from None
+batch_arg = integer_or("auto", "a number of examples")  # --batch-size
+count_arg = integer_or("all", "a number")  # --devices, --eval-batches
 
 
 def _add_train(sub) -> None:

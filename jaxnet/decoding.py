@@ -54,7 +54,7 @@ def _program(decoder: GPT, params, window, length, key, temperature, *, steps, g
     context = window.shape[0]
     keep = context // 2
     logits, cache = decoder.prefill(params, window, length)
-    layers = decoder.layers(params)  # sliced once, outside the loop
+    layers = decoder.block_params(params)  # sliced once, outside the loop
     first = logits[length - 1]
     sequence = jnp.zeros((context + steps,), jnp.int32).at[:context].set(window)
 

@@ -314,11 +314,11 @@ class GPT(NamedTuple):
 
     def decode(self, params: Params, cache: Cache, token: jax.Array, layers=None) -> tuple[jax.Array, Cache]:
         """The next-token logits ``(V,)`` after ``token``, placed at position ``cache.length`` (which
-        must be below the context), and the cache with it. ``layers``: :meth:`layers` of ``params``,
+        must be below the context), and the cache with it. ``layers``: :meth:`block_params` of ``params``,
         made once outside a loop that decodes (slices of the stacked blocks taken inside the loop
         are copies, made again at every token: 500 tokens on 2 CPU cores took 1.46x as long), at the
         cost of a second copy of the blocks' weights while decoding."""
-        layers = self.layers(params) if layers is None else layers
+        layers = self.block_params(params) if layers is None else layers
         c, position = self.config, cache.length
         visible = (jnp.arange(cache.k.shape[1]) <= position)[None, None, :]  # (1, 1, C): keys up to here
         x = _embed(c, params, jnp.reshape(token, (1,)), position[None])
@@ -332,7 +332,7 @@ class GPT(NamedTuple):
             x = x + _mlp(p["mlp"], _norm(p["ln2"], x))
         return _logits(c, params, x)[0], Cache(keys, values, position + 1)
 
-    def layers(self, params: Params) -> list:
+    def block_params(self, params: Params) -> list:
         """The params of each block, one dict per layer (``params["blocks"]`` is stacked)."""
         return [jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(self.config.layers)]
 

@@ -72,15 +72,15 @@ def _count(tree) -> int:
 def _name(layer) -> str:
     """A layer's name from the function that builds it: ``dense``, ``conv``, ``dropout`` ..."""
     apply = layer.apply
-    name = getattr(apply, "__qualname__", type(layer).__name__).split(".<locals>")[0]
+    name = getattr(apply, "__qualname__", type(apply).__name__).split(".<locals>")[0]  # a class: GPT
     return re.sub(r"^_+", "", name.split(".")[-1]) or "layer"
 
 
 def _rows(model: AnyModel, params, state, x) -> tuple[list[Row], jax.ShapeDtypeStruct]:
     """One row per layer of a :func:`jaxnet.serial` model (nested stacks expanded), else one row;
     and the output's shape and dtype."""
-    layers = getattr(model.apply, "layers", None)
-    if layers is None:
+    layers = getattr(model.apply, "layers", None)  # a tuple on serial models
+    if not isinstance(layers, tuple):
         out = jax.eval_shape(lambda p, s, e: _apply_one(model, p, s, e), params, state, x)
         return [Row(_name(model), tuple(out.shape), _count(params))], out
     rows = []

@@ -68,6 +68,16 @@ def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained):
     assert figures["bits_per_character"] == pytest.approx(figures["bits_per_token"], rel=1e-2)  # char tokens
 
 
+def test_summary_of_a_language_model_lists_its_parameters_and_flops_per_token(trained):
+    _, out, result = trained
+    shown = jaxnet("summary", "--model", out)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    parameters = json.loads(result.stdout)["parameters"]
+    assert lines[2].split()[0] == "GPT" and f"params: {parameters:,}" in lines
+    assert any(line.startswith("per token: forward ") and "train step" in line for line in lines)
+
+
 def test_a_run_by_steps_extends_with_resume(trained, tmp_path):
     folder, out, _ = trained
     copy = tmp_path / "run"

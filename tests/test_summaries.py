@@ -40,6 +40,14 @@ def test_stateful_and_nested_models_and_a_plain_pair():
     assert [(r.output_shape, r.params) for r in s.rows] == [((2,), 6)] and s.step is not None
 
 
+def test_a_gpt_is_one_row_of_its_parameters():
+    model = jn.gpt(63, context=32, layers=2, heads=2, dim=64)
+    s = jn.summary(model, jnp.zeros(32, jnp.int32))
+    params = jn.init_model(model, jax.random.key(0))[0]
+    assert [(r.name, r.output_shape) for r in s.rows] == [("GPT", (32, 63))]
+    assert s.params == sum(a.size for a in jax.tree.leaves(params)) == 63 * 64 + 32 * 64 + 2 * 12 * 64 * 64 + 64 * 5
+
+
 def test_bad_arguments_name_the_argument():
     with pytest.raises(TypeError, match="example must be one example"):
         jn.summary(jn.mlp([3, 2]), [0.0, 0.0, 0.0])

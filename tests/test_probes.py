@@ -217,6 +217,18 @@ def test_a_rerun_that_starts_over_says_so(tmp_path):
     assert "holds this run's config but no checkpoint (it stopped before its first save): training starts over" in (
         again.stderr
     )
+    for name in ("model.npz", "metrics.jsonl", "curves.png"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    resumed = run_cli("train", "--resume", out)
+    assert resumed.returncode == 2, resumed.stderr
+    assert resumed.stderr.strip().endswith(
+        f"cannot resume: the run in {out} stopped before its first checkpoint: "
+        f"train it again (jaxnet train --config {out / 'config.toml'} --out {out})"
+    )
+    other = run_cli("train", "--dataset", "digits", "--hidden", "16", "--epochs", "1", "--out", out)
+    assert other.returncode == 0, other.stderr
+    assert f"{out} holds the config of another run but no checkpoint" in other.stderr
 
 
 def test_named_metrics_show_in_the_epoch_lines_the_final_line_and_the_json():

@@ -36,7 +36,7 @@ from jaxnet.app import arch as archlib
 from jaxnet.app import config as configlib
 from jaxnet.app import files, plot, profiling, saved, tables
 from jaxnet.app.config import MEMBER_FLAGS, MEMBER_RUNS, TrainConfig
-from jaxnet.app.rundir import RunFolder
+from jaxnet.app.rundir import CONFIG_TOML, RunFolder
 from jaxnet.app.task import Problem, describe_problem, load_problem, model_meta, with_batch_size
 from jaxnet.callbacks import Checkpointer
 from jaxnet.epoch import num_batches
@@ -769,8 +769,10 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
             )
         job = prepare(config, folder.path, mesh)
         if stored is not None and not _holds_training(folder) and not overwrite:
-            _say(notify, f"{folder.path} holds this run's config but no checkpoint (it stopped before its first "
-                         "save): training starts over")  # fmt: skip
+            same = not configlib.differences(TrainConfig.from_dict(stored), config)
+            whose = "this run's config" if same else "the config of another run"
+            _say(notify, f"{folder.path} holds {whose} but no checkpoint (it stopped before its first save): "
+                         "training starts over")  # fmt: skip
         _announce(notify, job, config)
         if parallel.is_primary():
             folder.clear()
@@ -851,8 +853,13 @@ def resume(
         raise ValueError(f"cannot resume: {out} does not exist (give the out folder of an earlier run)")
     with _owned(folder):
         stored = folder.stored_config()
-        if stored is None or not checkpoint.steps(folder.checkpoints):
+        if stored is None:
             raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
+        if not checkpoint.steps(folder.checkpoints):
+            raise ValueError(
+                f"cannot resume: the run in {out} stopped before its first checkpoint: train it again "
+                f"(jaxnet train --config {Path(out) / CONFIG_TOML} --out {out})"
+            )
         config = TrainConfig.from_dict(stored)
         configlib.check_overrides(config, overrides or {})
         config = _extended(config, epochs, steps)

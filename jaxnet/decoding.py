@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxnet import _checks as checks
+from jaxnet._checks import ArgumentError
 from jaxnet.base import Params, PRNGKey
 from jaxnet.lm import GPT, Cache
 
@@ -123,15 +124,8 @@ def generate(
     Returns:
       The new ids ``(max_new_tokens,)``, int32.
     """
-    decoder = getattr(model, "apply", None)
-    if not isinstance(decoder, GPT):
-        raise TypeError("model: generate needs a language model from jaxnet.gpt (its apply decodes with a cache)")
-    steps = checks.integer("max_new_tokens", max_new_tokens)
-    checks.number("temperature", temperature, minimum=0.0)
-    if top_k is not None:
-        top_k = min(checks.integer("top_k", top_k), decoder.config.vocab_size)
-    if top_p is not None and not 0 < checks.number("top_p", top_p) <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    decoder = _decoder(model)
+    steps, top_k, top_p = check_sampling(model, max_new_tokens, temperature, top_k, top_p)
     window, length = prompt_window(prompt_ids, decoder.config.context, decoder.config.vocab_size, decoder.config.eot)
     greedy = temperature == 0
     tokens = _program(
@@ -139,6 +133,26 @@ def generate(
         top_k=None if greedy else top_k, top_p=None if greedy or top_p is None else float(top_p), on_token=on_token,
     )  # fmt: skip
     return np.asarray(tokens)
+
+
+def check_sampling(model, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> tuple:
+    """``(max_new_tokens, top_k, top_p)`` of :func:`generate` checked for ``model`` (``top_k`` at
+    most its vocabulary); raises ValueError/TypeError naming the argument, before anything runs."""
+    vocab_size = _decoder(model).config.vocab_size
+    steps = checks.integer("max_new_tokens", max_new_tokens)
+    checks.number("temperature", temperature, minimum=0.0)
+    if top_k is not None:
+        top_k = min(checks.integer("top_k", top_k), vocab_size)
+    if top_p is not None and not 0 < checks.number("top_p", top_p) <= 1:
+        raise ArgumentError(f"{{0}} must be in (0, 1], got {checks.literal(top_p)}", "top_p")
+    return steps, top_k, top_p
+
+
+def _decoder(model) -> GPT:
+    decoder = getattr(model, "apply", None)
+    if not isinstance(decoder, GPT):
+        raise TypeError("model: generate needs a language model from jaxnet.gpt (its apply decodes with a cache)")
+    return decoder
 
 
 def prompt_window(prompt_ids, context: int, vocab_size: int, eot: int | None = None) -> tuple[jax.Array, int]:

@@ -137,6 +137,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, extra,
     assert not (out / "model.npz").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "-1"], "--temperature must be 0 or more, got -1.0"),
+        (["--top-k", "0"], "--top-k must be a positive integer, got 0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--tokens", "0"], "--tokens must be a positive integer, got 0"),
+    ],
+)
+def test_bad_sampling_options_are_refused_before_the_prompt_is_written(trained, extra, message):
+    _, out, _ = trained
+    result = jaxnet("generate", "--model", out, "--prompt", "ALPHA", *extra)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"jaxnet: error: {message}\n"
+
+
 def test_a_prompt_with_characters_the_model_does_not_know_is_refused(trained):
     _, out, _ = trained
     result = jaxnet("generate", "--model", out, "--prompt", "ALPHA ü", "--tokens", "5")

@@ -39,6 +39,7 @@ FLAGS = {
     "log": "--log",
     "log_steps": "--log-every-steps",
     "timeout": "--peer-timeout",
+    "max_new_tokens": "--tokens",
 }
 """Python argument names whose flag is not ``--`` + the name with dashes."""
 

@@ -19,7 +19,7 @@ import numpy as np
 from jaxnet import text
 from jaxnet.app import saved
 from jaxnet.app.files import SavedModel
-from jaxnet.decoding import generate
+from jaxnet.decoding import check_sampling, generate
 from jaxnet.inference import evaluate
 from jaxnet.members import take_member
 
@@ -124,6 +124,7 @@ def generate_text(
     prompt cut to the context."""
     lm = load_language_model(model)
     ids, dropped = prompt_ids(lm, prompt)
+    check_sampling(lm.model, tokens, temperature, top_k, top_p)  # before the prompt is written
     if write is not None:
         write(prompt)
     if dropped and note is not None:

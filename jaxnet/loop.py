@@ -59,10 +59,13 @@ class NonFiniteLossError(RuntimeError):
     ``template``, so that a front end can :meth:`render` it in its own spelling.
     """
 
-    def __init__(self, epoch: int, step: int, context: str = ""):
-        self.epoch, self.step, self.names = epoch, step, ("skip_nonfinite", "out", "checkpoint_every")
+    def __init__(self, epoch: int, step: int, context: str = "", names: tuple = (), by_steps: bool = False):
+        """``context``: more of the template, naming ``names`` as ``{1}``, ``{2}`` ...; ``by_steps``:
+        a run by steps (its epochs are rounds: only the step is named)."""
+        self.epoch, self.step, self.names = epoch, step, ("skip_nonfinite", *names)
+        at = f"step {step}" if by_steps else f"epoch {epoch}, step {step}"
         self.template = (
-            f"loss became non-finite at epoch {epoch}, step {step}: lower the learning rate, "
+            f"loss became non-finite at {at}: lower the learning rate, "
             "check the data for extreme values, or skip such updates ({0})" + context
         )
         super().__init__(self.template.format(*self.names))

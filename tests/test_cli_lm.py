@@ -86,6 +86,10 @@ def test_a_run_by_steps_extends_with_resume(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["steps"] == 60
     assert "from its checkpoint at step 40" in result.stderr
+    again = jaxnet("train", "--resume", copy, "--json")
+    assert again.returncode == 0 and f"{copy} already finished at step 60; not training further" in again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["steps"] == 60 and "best_epoch" not in summary and summary["best_step"] in (20, 40, 60)
 
 
 def test_eval_batches_all_validates_on_every_window_of_the_held_out_text(tmp_path):

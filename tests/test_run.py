@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -263,7 +264,12 @@ def test_a_nonfinite_loss_is_a_runtime_failure_exit_1(tmp_path):
         "--quiet",
     )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "(--skip-nonfinite); no checkpoint was saved (use --out DIR --checkpoint-every N)" in proc.stderr
+    assert "(--skip-nonfinite); no checkpoint was saved (use --out DIR)" in proc.stderr
+    args = ["--hidden", "", "--optimizer", "sgd", "--lr", "3", "--steps", "200", "--eval-every", "100", "--quiet"]
+    steps = _jaxnet("train", "--data", tmp_path / "lin.npz", *args, "--out", tmp_path / "run")
+    assert steps.returncode == 1 and steps.stderr.count("\n") == 1, steps.stderr
+    assert re.search(r"non-finite at step \d+: .*no checkpoint was saved before it \(save every N steps: "
+                     r"--checkpoint-steps N\)$", steps.stderr.strip()), steps.stderr  # fmt: skip
 
 
 @pytest.mark.slow

@@ -413,8 +413,11 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
     summary.update({k: v for k, v in entries[best].items() if k.startswith("val_") and k not in _PLAIN_VAL})
     if c.steps is not None:  # a run by steps records rounds of eval_every steps, not epochs
-        last = member_history(state.history, best)[-1:] or [{}]
-        summary.update(epochs=None, rounds=entries[best]["epochs"], steps=last[0].get("step"))
+        history = member_history(state.history, best)
+        top = summary.pop("best_epoch")  # a round: named by its step instead
+        steps = history[-1].get("step") if history else None
+        best_step = history[top - 1].get("step") if top else None
+        summary.update(epochs=None, rounds=entries[best]["epochs"], steps=steps, best_step=best_step)
     summary.update(seconds=seconds, steps_per_second=_speed(state.history), **_utilization(state.history))
     if job.problem.report is not None:  # what reading the table did (also the run folder's data.json)
         summary["data"] = tables.report_json(job.problem.report, job.problem.encoder)
@@ -430,14 +433,15 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
 
 def _language_model_figures(job: Job, state: FitState, best: int, steps_per_second: float | None) -> dict:
     """A language model's final figures: the steps, the last evaluation's validation loss and
-    perplexity (at the final step), the best one and its step, tokens per second and parameters."""
+    perplexity (at the final step), the best one (its step is the run's ``best_step``), tokens per
+    second and parameters."""
     history = member_history(state.history, best)
     last = history[-1] if history else {}
     c = job.config
     out = {"steps": last.get("step"), "val_loss": last.get("val_loss")}
     if last.get("val_loss") is not None:
         top = history[last["best_epoch"] - 1]
-        out.update(val_perplexity=math.exp(last["val_loss"]), best_val_loss=top["val_loss"], best_step=top["step"])
+        out.update(val_perplexity=math.exp(last["val_loss"]), best_val_loss=top["val_loss"])
     out["tokens_per_second"] = None if steps_per_second is None else steps_per_second * c.batch_size * c.context
     return out
 
@@ -630,15 +634,25 @@ def _train_and_write(job, folder, state, callbacks, mesh, schedule, start) -> Ru
     try:
         state = train(job, state, callbacks, mesh, schedule.steps, schedule.log_steps)
     except NonFiniteLossError as e:
-        last = checkpoint.latest(folder.checkpoints) if folder is not None else None
-        where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved (use {1} DIR {2} N)"
-        raise NonFiniteLossError(e.epoch, e.step, checks_escape(where) if last else where) from None
+        raise _nonfinite(e, folder, job.config.steps is not None) from None
     summary, best = summarize(job, state, time.perf_counter() - start)
     finished = _finished(state, job.config)
     result = RunResult(saved_model(job, state, best), metrics_rows(job, state.history), summary, state, finished)
     if folder is not None and primary:
         write_outputs(folder, job, result)
     return result
+
+
+def _nonfinite(error: NonFiniteLossError, folder: RunFolder | None, by_steps: bool) -> NonFiniteLossError:
+    """``error`` with the run's last good checkpoint, or how to have one next time."""
+    last = checkpoint.latest(folder.checkpoints) if folder is not None else None
+    if last is not None:
+        where, names = checks_escape(f"; last good checkpoint: {last}"), ()
+    elif folder is None:
+        where, names = "; no checkpoint was saved (use {1} DIR)", ("out",)
+    else:
+        where, names = "; no checkpoint was saved before it (save every N steps: {1} N)", ("checkpoint_steps",)
+    return NonFiniteLossError(error.epoch, error.step, where, names, by_steps)
 
 
 def _owned(folder: RunFolder):
@@ -702,7 +716,8 @@ def _continue(
             "epochs",
         )
     if _finished(restored.state, config):
-        _say(notify, f"{folder.path} already finished at epoch {epoch}; not training further")
+        at = f"step {restored.state.steps}" if config.steps is not None else f"epoch {epoch}"
+        _say(notify, f"{folder.path} already finished at {at}; not training further")
     else:
         where = _where(restored.state, config.steps is not None)
         _say(notify, f"continuing the run in {folder.path} from its checkpoint {where}")

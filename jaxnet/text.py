@@ -338,7 +338,7 @@ def tokenize_files(paths, tokenizer: Tokenizer, out: str | os.PathLike, field: s
                     count += 1
         if count == 0:
             shown = ", ".join(map(str, paths))
-            raise TextError(f"{shown} holds no text: give a text to train on")
+            raise TextError(f"{shown} holds no text: give a text that is not empty")
     header = {"dtype": dtype.str, "tokens": count, "vocab_size": tokenizer.vocab_size}
     atomic.write_text(Path(f"{out}.json"), json.dumps(header) + "\n")
     return open_tokens(out)

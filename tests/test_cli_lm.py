@@ -66,6 +66,19 @@ def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained):
     figures = json.loads(result.stdout)
     assert figures["perplexity"] == pytest.approx(2.718281828 ** figures["loss"], rel=1e-6)
     assert figures["bits_per_character"] == pytest.approx(figures["bits_per_token"], rel=1e-2)  # char tokens
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "jaxnet.app", "evaluate", "--model", str(out), "--data", "-", "--json"]
+    piped = subprocess.run(cmd, input=TEXT[:2000], capture_output=True, text=True, env=env, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout) == figures  # standard input reads as the same text
+    empty = subprocess.run(cmd, input="", capture_output=True, text=True, env=env, timeout=300)
+    assert empty.returncode == 2 and empty.stderr == (
+        "jaxnet: error: standard input holds no text: give a text that is not empty\n"
+    )
+    table = jaxnet("evaluate", "--model", out, "--data", other, "--target", "price")
+    assert table.returncode == 2 and table.stderr == (
+        "jaxnet: error: --target is for tables; a language model is scored on a text: drop it\n"
+    )
 
 
 def test_summary_of_a_language_model_lists_its_parameters_and_flops_per_token(trained):
@@ -217,6 +230,11 @@ def test_a_jsonl_corpus_trains_and_a_missing_field_is_named(tmp_path):
     result = jaxnet(*args, "--text-field", "body", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["steps"] == 10
+    scored = jaxnet("evaluate", "--model", tmp_path / "run", "--data", corpus)  # the run's field, body
+    assert scored.returncode == 0 and scored.stdout.startswith("loss "), scored.stderr
+    other = jaxnet("evaluate", "--model", tmp_path / "run", "--data", corpus, "--text-field", "title")
+    assert other.returncode == 2
+    assert other.stderr.strip().endswith("line 1 has no text field 'title': name the field (--text-field)")
     missing = jaxnet(*args[:-2], "--out", tmp_path / "other")
     assert missing.returncode == 2
     assert missing.stderr.strip().endswith("line 1 has no text field 'text': name the field (--text-field)")

@@ -548,6 +548,11 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--target", metavar="COLUMN", help="the CSV target column (default: the one trained on)")
     p.add_argument(
+        "--text-field",
+        metavar="NAME",
+        help="a language model scored on a JSONL or Parquet corpus: its text field (default: the run's)",
+    )
+    p.add_argument(
         "--metrics",
         type=name_list,
         metavar="M1,M2",
@@ -562,13 +567,15 @@ def _cmd_evaluate(args) -> int:
     from jaxnet.app import files, language
     from jaxnet.app import saved as savedlib
 
-    delimiter = _checked_delimiter(args)
     model = files.load_model(args.model)
     if language.is_language_model(model):
-        figures = language.evaluate_text(model, args.data)
+        figures = _evaluate_text(args, model)
         shown = (f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
         print(_json(figures) if args.json else "  ".join(shown))
         return 0
+    if args.text_field is not None:
+        raise CliError("--text-field is for a language model's text; this model reads tables: drop it")
+    delimiter = _checked_delimiter(args)
     named = args.metrics if args.metrics is not None else model.meta.get("config", {}).get("metrics", [])
     configlib.checked_metrics(named)  # (before any data is read)
     chunks = _reported(savedlib.input_chunks(model, args.data, args.target, delimiter=delimiter), model, args.data)
@@ -590,6 +597,30 @@ def _cmd_evaluate(args) -> int:
 
         print(report.per_target_line(per_target, "per target").removeprefix("per target, "))
     return 0
+
+
+def _evaluate_text(args, model) -> dict:
+    """A language model's figures on the text ``--data`` names (``-``: standard input)."""
+    import tempfile
+    from pathlib import Path
+
+    from jaxnet.app import language
+
+    for name in ("target", "metrics", "delimiter", "arch"):
+        if getattr(args, name) is not None:
+            raise CliError(f"{flag(name)} is for tables; a language model is scored on a text: drop it")
+    field = args.text_field or model.meta.get("config", {}).get("text_field") or "text"
+    if args.data != "-":
+        return language.evaluate_text(model, args.data, field)
+    with tempfile.TemporaryDirectory(prefix="jaxnet-stdin-") as folder:
+        path = Path(folder) / "standard input.txt"
+        with open(path, "wb") as f:
+            while block := sys.stdin.buffer.read(1 << 20):
+                f.write(block)
+        try:
+            return language.evaluate_text(model, str(path), field)
+        except ValueError as e:  # named as the user knows it
+            raise type(e)(str(e).replace(str(path), "standard input")) from None
 
 
 def _add_generate(sub) -> None:

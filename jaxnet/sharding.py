@@ -224,7 +224,7 @@ def param_specs(params, mesh: Mesh, rules=None, *, min_size: int = MIN_SHARDED_S
       ValueError: a rule that matches no parameter, names an axis the mesh lacks, is longer than
         its leaf or does not divide it (the message names the path).
     """
-    table = [(pattern, _as_spec(spec)) for pattern, spec in _items(rules)]
+    table = [(pattern, _rule_spec(pattern, spec)) for pattern, spec in _items(rules)]
     for pattern, _ in table:
         try:
             re.compile(pattern)
@@ -258,6 +258,14 @@ def _items(rules) -> list:
     if not all(isinstance(item, tuple) and len(item) == 2 for item in items):
         raise TypeError("sharding rules must be {regex: spec} or a list of (regex, spec) pairs")
     return items
+
+
+def _rule_spec(pattern: str, spec) -> P:
+    """The spec of the rule ``pattern``, its errors naming the rule."""
+    try:
+        return _as_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"sharding rule {pattern!r}: {e}") from None
 
 
 def _as_spec(spec) -> P:

@@ -64,6 +64,10 @@ BAD = {
     "missing file": (["train", "--data", "{d}/nope.csv", "--target", "label"], "not found"),
     "batch size 0": (["train", "--batch-size", "0"], "--batch-size.*positive integer"),
     "not a model": (["predict", "--model", "{baddir}", "--data", "{good}"], "not a jaxnet model"),
+    "data as the model": (
+        ["predict", "--model", "{good}", "--data", "{good}"],
+        r"not a jaxnet model: .*good\.csv is not a \.npz archive \(give the run folder of a training run\)",
+    ),
 }
 
 # The same checks in-process (cli.main, the console script's entry point): the same code path,

@@ -176,7 +176,8 @@ def test_a_prompt_with_characters_the_model_does_not_know_is_refused(trained):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == (
         "jaxnet: error: the prompt has 1 character(s) the char tokenizer does not know: 'ü' "
-        "(it knows the characters of its training text)"
+        "(it knows the characters of its training text): leave them out, or train with a tokenizer that reads "
+        "any text (byte)"
     )
 
 

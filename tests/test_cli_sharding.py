@@ -61,6 +61,7 @@ def test_a_sharded_run_resumes_on_two_devices_and_on_one(corpus, tmp_path):
         (["--mesh", "fsdp=4", "--shard", "nothing/here=fsdp"], "sharding rule 'nothing/here' matches no parameter"),
         (["--mesh", "fsdp=4", "--shard", "embed=fsdp,None,None"], "the spec fsdp,None,None, longer than its rank"),
         (["--mesh", "fsdp=4", "--shard", "embed=fsdp"], "dimension 0 of embed/table (29, 128) is not divisible"),
+        (["--mesh", "fsdp=4", "--shard", "embed=bogus"], "sharding rule 'embed': unknown mesh axis 'bogus' in"),
         (["--shard", "embed=fsdp"], "--shard lays params out on a device mesh: give --mesh too"),
         (["--shard", "embed"], "expected REGEX=SPEC"),
         (["--accumulate", "3"], "--accumulate 3 does not divide --batch-size 8 into equal microbatches"),

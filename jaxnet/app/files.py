@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -203,6 +204,8 @@ def load_model(path: str | os.PathLike, limit: int = npz.DEFAULT_LIMIT) -> Saved
     if not file.is_file():
         where = f"{path} has no {MODEL_FILE}" if path.is_dir() else f"{path} does not exist"
         raise ValueError(f"not a jaxnet model: {where} (give the run folder of a training run)")
+    if file.suffix.lower() != ".npz" and not zipfile.is_zipfile(file):  # a data file given as the model, say
+        raise ValueError(f"not a jaxnet model: {path} is not a .npz archive (give the run folder of a training run)")
     try:
         meta = _read_meta(file)
         arrays = npz.read_arrays(

@@ -77,7 +77,10 @@ def evaluate_text(model: SavedModel, data: str, field: str = "text") -> dict:
 def prompt_ids(lm: LanguageModel, prompt: str) -> tuple[np.ndarray, int]:
     """``(ids, dropped)``: the prompt's token ids (at most the context's, the rest ``dropped`` from
     its left); a prompt a char tokenizer cannot encode is refused, naming its characters."""
-    ids = lm.tokenizer.encode(prompt, "the prompt") if prompt else np.array([lm.tokenizer.eot], np.int32)
+    try:
+        ids = lm.tokenizer.encode(prompt, "the prompt") if prompt else np.array([lm.tokenizer.eot], np.int32)
+    except text.TextError as e:
+        raise text.TextError(f"{e}: leave them out, or train with a tokenizer that reads any text (byte)") from None
     if len(ids) == 0:
         ids = np.array([lm.tokenizer.eot], np.int32)
     dropped = max(0, len(ids) - lm.context)

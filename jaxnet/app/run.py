@@ -793,7 +793,12 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
             folder.clear()
             folder.write_config(job.config.to_dict())  # a batch size 'auto' as the number it became
         schedule = schedule._replace(keep=3 if o.keep is None else o.keep)
-        return _execute(job, folder, None, callbacks, mesh, schedule, log, trace)
+        try:
+            return _execute(job, folder, None, callbacks, mesh, schedule, log, trace)
+        except BaseException:
+            if parallel.is_primary() and not folder.started():  # refused before its first round: no run here
+                folder.clear()
+            raise
 
 
 def _check_log(log) -> None:

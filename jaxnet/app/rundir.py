@@ -105,6 +105,11 @@ class RunFolder:
         atomic.write_text(self.path / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
         atomic.write_text(self.path / CONFIG_TOML, configfile.dumps(config))
 
+    def started(self) -> bool:
+        """Whether the run here got as far as a round's metrics, a checkpoint or a model (else a
+        failure left only its config, and the text's token cache)."""
+        return any((self.path / name).exists() for name in (files.MODEL_FILE, "metrics.jsonl", CHECKPOINTS))
+
     def clear(self) -> None:
         """Removes the run's files and checkpoints (to train another run into the folder)."""
         for name in OUTPUTS:

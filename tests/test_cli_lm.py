@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from jaxnet.app import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"{w} the quick brown fox jumps over the lazy dog.\n" for w in ("ALPHA", "BETA", "GAMMA") * 60)
 SMALL = ["--context", "16", "--layers", "1", "--heads", "2", "--dim", "16", "--batch-size", "8"]
@@ -105,23 +107,25 @@ def test_a_run_by_steps_extends_with_resume(trained, tmp_path):
     assert summary["steps"] == 60 and "best_epoch" not in summary and summary["best_step"] in (20, 40, 60)
 
 
-def test_eval_batches_all_validates_on_every_window_of_the_held_out_text(tmp_path):
+def test_eval_batches_all_validates_on_every_window_of_the_held_out_text(tmp_path, capsys):
     corpus, held, out = tmp_path / "corpus.txt", tmp_path / "held.txt", tmp_path / "run"
-    corpus.write_text(TEXT)
-    tokens = len(TEXT) + 1  # and the separator
+    corpus.write_text(TEXT * 4)
+    tokens = 4 * len(TEXT) + 1  # and the separator
     cut = tokens - round(tokens * 0.1)  # the default --val-split, its last part
-    held.write_text(TEXT[cut:])
+    held.write_text((TEXT * 4)[cut:])
+    windows = (tokens - cut - 1) // 16  # disjoint windows of context 16 + 1 tokens
+    assert windows > 20 * 8  # more than the default --eval-batches 20 of 8
     args = ["train", "--data", corpus, "--task", "lm", "--tokenizer", "char", *SMALL, "--steps", "10"]
     result = jaxnet(*args, "--eval-batches", "all", "--out", out, "--json")
     assert result.returncode == 0, result.stderr
-    windows = (tokens - cut - 1) // 16  # disjoint windows of context 16 + 1 tokens
-    assert windows > 2 * 8 and f", {windows} validation windows" in result.stderr.splitlines()[0]
+    assert f", {windows} validation windows" in result.stderr.splitlines()[0]
     figures = json.loads(jaxnet("evaluate", "--model", out, "--data", held, "--json").stdout)
     assert figures["tokens"] == windows * 16
     assert json.loads(result.stdout)["val_loss"] == pytest.approx(figures["loss"], rel=1e-5)
-    bad = jaxnet(*args, "--eval-batches", "some", "--out", tmp_path / "bad")
-    lines = bad.stderr.strip().splitlines()
-    assert bad.returncode == 2 and len(lines) == 1 and "--eval-batches: 'some' is neither a number nor all" in lines[0]
+    assert cli.main([*map(str, args), "--eval-batches", "some", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == (
+        "jaxnet: error: argument --eval-batches: 'some' is neither a number nor all (see 'jaxnet train --help')\n"
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -163,11 +167,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, extra,
         (["--tokens", "0"], "--tokens must be a positive integer, got 0"),
     ],
 )
-def test_bad_sampling_options_are_refused_before_the_prompt_is_written(trained, extra, message):
+def test_bad_sampling_options_are_refused_before_the_prompt_is_written(trained, capsys, extra, message):
     _, out, _ = trained
-    result = jaxnet("generate", "--model", out, "--prompt", "ALPHA", *extra)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"jaxnet: error: {message}\n"
+    assert cli.main(["generate", "--model", str(out), "--prompt", "ALPHA", *extra]) == 2
+    written = capsys.readouterr()
+    assert written.out == "" and written.err == f"jaxnet: error: {message}\n"
 
 
 def test_a_prompt_with_characters_the_model_does_not_know_is_refused(trained):

@@ -137,7 +137,12 @@ def as_stateful(layer: Model | StatefulModel) -> StatefulModel:
     if isinstance(layer, StatefulModel):
         return layer
     init, apply = layer
-    return StatefulModel(lambda key: (init(key), {}), lambda params, state, x, ctx: (apply(params, x), state))
+
+    def stateful(params, state, x, ctx):
+        return apply(params, x), state
+
+    stateful.__qualname__ = getattr(apply, "__qualname__", stateful.__qualname__)  # named as the layer (summary)
+    return StatefulModel(lambda key: (init(key), {}), stateful)
 
 
 def _check_layers(layers, where: str) -> None:
@@ -238,7 +243,7 @@ def repeat(block: Model | StatefulModel, n: int, *, remat: str = "none") -> Mode
         body = rematted(lambda h, p: (block.apply(p, h), None), remat)
         return jax.lax.scan(body, x, params)[0]
 
-    apply.layers = (block,) * n
+    apply.layers, apply.stacked = (block,) * n, True  # (jaxnet.summary: one stacked tree of params)
     return Model(init, apply)
 
 
@@ -254,7 +259,7 @@ def _repeat_stateful(block: StatefulModel, n: int, remat: str) -> StatefulModel:
         x, new_state = jax.lax.scan(rematted(body, remat), x, (params, state, jnp.arange(n)))
         return x, new_state
 
-    apply.layers = (block,) * n
+    apply.layers, apply.stacked = (block,) * n, True  # (jaxnet.summary: one stacked tree of params)
     return block._replace(init=init, apply=apply)
 
 

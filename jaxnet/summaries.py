@@ -84,11 +84,19 @@ def _rows(model: AnyModel, params, state, x) -> tuple[list[Row], jax.ShapeDtypeS
         out = jax.eval_shape(lambda p, s, e: _apply_one(model, p, s, e), params, state, x)
         return [Row(_name(model), tuple(out.shape), _count(params))], out
     rows = []
-    states = state if isinstance(state, list) else [{}] * len(layers)
+    if getattr(model.apply, "stacked", False):  # jaxnet.repeat: one tree, a leading axis of the layers
+        params, states = ([_layer_of(tree)] * len(layers) for tree in (params, state or {}))
+    else:
+        states = state if isinstance(state, list) else [{}] * len(layers)
     for i, (layer, p, s) in enumerate(zip(layers, params, states)):
         inner, x = _rows(layer, p, s, x)
         rows.extend(r._replace(name=f"{i}.{r.name}") for r in inner)
     return rows, x
+
+
+def _layer_of(stacked):
+    """The shapes of one layer of ``stacked`` (every leaf with a leading axis of the layers)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stacked)
 
 
 def _apply_one(model: AnyModel, params, state, x):

@@ -59,7 +59,7 @@ def test_generate_writes_the_prompt_and_new_text(trained):
     assert greedy.returncode == 0 and set(greedy.stdout) <= set(TEXT)
 
 
-def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained):
+def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained, capsys):
     folder, out, _ = trained
     other = folder / "other.txt"
     other.write_text(TEXT[:2000])
@@ -81,6 +81,8 @@ def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained):
     assert table.returncode == 2 and table.stderr == (
         "jaxnet: error: --target is for tables; a language model is scored on a text: drop it\n"
     )
+    assert cli.main(["evaluate", "--model", str(out), "--data", str(other), "--text-field", "body"]) == 2
+    assert capsys.readouterr().err.endswith(f"{other} is read as plain text\n")
 
 
 def test_summary_of_a_language_model_lists_its_parameters_and_flops_per_token(trained):
@@ -201,6 +203,9 @@ def test_many_language_models_train_in_one_program(trained, tmp_path):
     assert len(summary["members"]) == 4 and all(m["val_loss"] < 4.0 for m in summary["members"])
     best = min(summary["members"], key=lambda m: m["val_loss"])
     assert summary["best_member"] == best["member"] and summary["val_loss"] == pytest.approx(best["val_loss"])
+    for member in summary["members"]:  # rounds of --eval-every steps, named by their steps
+        assert "epochs" not in member and "best_epoch" not in member
+        assert member["rounds"] == 2 and member["steps"] == 20 and member["best_step"] in (10, 20)
 
 
 @pytest.mark.slow

@@ -229,6 +229,18 @@ def test_a_rerun_that_starts_over_says_so(tmp_path):
     other = run_cli("train", "--dataset", "digits", "--hidden", "16", "--epochs", "1", "--out", out)
     assert other.returncode == 0, other.stderr
     assert f"{out} holds the config of another run but no checkpoint" in other.stderr
+    shutil.rmtree(out / "checkpoints")  # a finished run's model, its checkpoints gone
+    finished = run_cli("train", "--resume", out)
+    assert finished.returncode == 2
+    assert finished.stderr.strip().endswith(
+        f"cannot resume: {out} holds a model but no checkpoints: train a new run to go on"
+    )
+    for name in ("model.npz", "metrics.jsonl", "curves.png"):
+        (out / name).unlink()
+    stored = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**stored, "from_a_later_version": 1}))
+    again = run_cli("train", "--dataset", "digits", "--hidden", "16", "--epochs", "1", "--out", out)
+    assert again.returncode == 0 and f"{out} holds the config of another run" in again.stderr, again.stderr
 
 
 def test_named_metrics_show_in_the_epoch_lines_the_final_line_and_the_json():

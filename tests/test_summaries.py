@@ -40,6 +40,20 @@ def test_stateful_and_nested_models_and_a_plain_pair():
     assert [(r.output_shape, r.params) for r in s.rows] == [((2,), 6)] and s.step is not None
 
 
+def test_repeated_blocks_are_listed_one_row_per_layer_of_the_stack():
+    model = jn.serial(jn.dense(4, 8), jn.repeat(jn.serial(jn.dense(8, 8), jn.batch_norm(8)), 2), jn.dense(8, 2))
+    s = jn.summary(model, jnp.ones(4))
+    assert [(r.name, r.params) for r in s.rows] == [
+        ("0.dense", 40),
+        ("1.0.0.dense", 72),
+        ("1.0.1.batch_norm", 16),
+        ("1.1.0.dense", 72),
+        ("1.1.1.batch_norm", 16),
+        ("2.dense", 18),
+    ]
+    assert s.params == 234 and s.state == 2 * 2 * 8  # the stack's running means and variances
+
+
 def test_a_gpt_is_one_row_of_its_parameters():
     model = jn.gpt(63, context=32, layers=2, heads=2, dim=64)
     s = jn.summary(model, jnp.zeros(32, jnp.int32))

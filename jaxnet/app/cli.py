@@ -609,6 +609,10 @@ def _evaluate_text(args, model) -> dict:
     for name in ("target", "metrics", "delimiter", "arch"):
         if getattr(args, name) is not None:
             raise CliError(f"{flag(name)} is for tables; a language model is scored on a text: drop it")
+    records = args.data != "-" and args.data.lower().endswith((".jsonl", ".parquet"))
+    if args.text_field is not None and not records:
+        shown = "standard input" if args.data == "-" else args.data
+        raise CliError(f"--text-field names a field of a JSONL or Parquet corpus; {shown} is read as plain text")
     field = args.text_field or model.meta.get("config", {}).get("text_field") or "text"
     if args.data != "-":
         return language.evaluate_text(model, args.data, field)

@@ -275,7 +275,7 @@ def _validate_length(c: TrainConfig) -> None:
         checks.integer("steps", c.steps)
         checks.optional_integer("eval_every", c.eval_every)
     batches = c.eval_batches
-    if batches != "all" and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+    if batches != "all" and not (checks.is_int(batches) and batches >= 1):
         got = checks.escape(repr(batches))
         raise ArgumentError(f"{{0}} must be a positive integer or 'all', got {got}", "eval_batches")
 

@@ -15,6 +15,8 @@ _TABLE = (
     "weight_decay",
     "epochs",
     "best_epoch",
+    "steps",
+    "best_step",
     "train_loss",
     "val_loss",
     "val_accuracy",

@@ -349,6 +349,16 @@ _PLAIN_VAL = ("val_loss", "val_accuracy", "val_seconds")
 """Validation fields every run reports on their own; the others are named metrics (``--metrics``)."""
 
 
+def _in_steps(entry: dict, last: dict, best: dict) -> dict:
+    """A run by steps' entry: its rounds (of ``eval_every`` steps), its steps and the step of its
+    best validation, instead of epochs and a best epoch."""
+    out = {k: v for k, v in entry.items() if k not in ("epochs", "best_epoch")}
+    out.update(rounds=entry["epochs"], steps=last.get("step"))
+    if "best_epoch" in entry:
+        out["best_step"] = best.get("step") if entry["best_epoch"] else None
+    return out
+
+
 def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
     """One summary entry per member: its seed and hyperparameters, epochs, best figures, test metrics."""
     entries = []
@@ -367,7 +377,7 @@ def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
         if any("skipped" in r for r in own):
             entry["skipped"] = sum(r["skipped"] for r in own)  # updates skipped as non-finite
         entry.update({f"test_{name}": value for name, value in tests[i].items()} if tests else {})
-        entries.append(entry)
+        entries.append(_in_steps(entry, last, best) if job.config.steps is not None else entry)
     return entries
 
 
@@ -402,7 +412,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     summary = {
         "dataset": c.dataset or Path(c.data).name,
         "task": job.problem.task,
-        "epochs": entries[best]["epochs"],
+        "epochs": entries[best].get("epochs"),  # (None in a run by steps)
         "train_loss": entries[best]["train_loss"],
         "val_loss": entries[best].get("val_loss"),
         "val_accuracy": entries[best].get("val_accuracy"),
@@ -413,11 +423,8 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
     summary.update({k: v for k, v in entries[best].items() if k.startswith("val_") and k not in _PLAIN_VAL})
     if c.steps is not None:  # a run by steps records rounds of eval_every steps, not epochs
-        history = member_history(state.history, best)
-        top = summary.pop("best_epoch")  # a round: named by its step instead
-        steps = history[-1].get("step") if history else None
-        best_step = history[top - 1].get("step") if top else None
-        summary.update(epochs=None, rounds=entries[best]["epochs"], steps=steps, best_step=best_step)
+        del summary["best_epoch"]
+        summary.update({k: entries[best].get(k) for k in ("rounds", "steps", "best_step")})
     summary.update(seconds=seconds, steps_per_second=_speed(state.history), **_utilization(state.history))
     if job.problem.report is not None:  # what reading the table did (also the run folder's data.json)
         summary["data"] = tables.report_json(job.problem.report, job.problem.encoder)
@@ -433,15 +440,14 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
 
 def _language_model_figures(job: Job, state: FitState, best: int, steps_per_second: float | None) -> dict:
     """A language model's final figures: the steps, the last evaluation's validation loss and
-    perplexity (at the final step), the best one (its step is the run's ``best_step``), tokens per
-    second and parameters."""
+    perplexity (at the final step), the best one and its step, tokens per second and parameters."""
     history = member_history(state.history, best)
     last = history[-1] if history else {}
     c = job.config
     out = {"steps": last.get("step"), "val_loss": last.get("val_loss")}
     if last.get("val_loss") is not None:
         top = history[last["best_epoch"] - 1]
-        out.update(val_perplexity=math.exp(last["val_loss"]), best_val_loss=top["val_loss"])
+        out.update(val_perplexity=math.exp(last["val_loss"]), best_val_loss=top["val_loss"], best_step=top["step"])
     out["tokens_per_second"] = None if steps_per_second is None else steps_per_second * c.batch_size * c.context
     return out
 
@@ -784,7 +790,7 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
             )
         job = prepare(config, folder.path, mesh)
         if stored is not None and not _holds_training(folder) and not overwrite:
-            same = not configlib.differences(TrainConfig.from_dict(stored), config)
+            same = _same_config(stored, config)
             whose = "this run's config" if same else "the config of another run"
             _say(notify, f"{folder.path} holds {whose} but no checkpoint (it stopped before its first save): "
                          "training starts over")  # fmt: skip
@@ -795,10 +801,18 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
         schedule = schedule._replace(keep=3 if o.keep is None else o.keep)
         try:
             return _execute(job, folder, None, callbacks, mesh, schedule, log, trace)
-        except BaseException:
+        except Exception:  # (not a Ctrl-C: a run interrupted keeps its config)
             if parallel.is_primary() and not folder.started():  # refused before its first round: no run here
                 folder.clear()
             raise
+
+
+def _same_config(stored: dict, config: TrainConfig) -> bool:
+    """Whether a folder's stored config is ``config`` (one of another jaxnet version's is not)."""
+    try:
+        return not configlib.differences(TrainConfig.from_dict(stored), config)
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_log(log) -> None:
@@ -875,6 +889,8 @@ def resume(
         stored = folder.stored_config()
         if stored is None:
             raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
+        if not checkpoint.steps(folder.checkpoints) and (folder.path / files.MODEL_FILE).exists():
+            raise ValueError(f"cannot resume: {out} holds a model but no checkpoints: train a new run to go on")
         if not checkpoint.steps(folder.checkpoints):
             raise ValueError(
                 f"cannot resume: the run in {out} stopped before its first checkpoint: train it again "

@@ -859,10 +859,10 @@ def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, b
     device (default: the device's reported limit; none on CPU), and returns ``options`` with the
     step's FLOPs and the devices' peak when utilization can be reported. ``cost``: the step's
     :func:`jaxnet._programs.step_cost` when already known (a batch size ``auto`` found it)."""
-    given = budget is not None
-    budget, source = _budget(budget)
-    if not given and (source.startswith("the host memory") or options.members is not None):
-        budget = None  # no device limit to hold to (members: check_fit_memory's estimate)
+    if budget is None and (options.members is not None or memory_limit()[1] == "host memory"):
+        source = ""  # no device limit to hold to (members: check_fit_memory's estimate)
+    else:
+        budget, source = _budget(budget)
     peak = summaries.peak_tflops() if peak is None else checks.number("peak_tflops", peak, 0.0, strict=True)
     if budget is None and peak is None:
         return options

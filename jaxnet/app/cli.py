@@ -601,6 +601,7 @@ def _cmd_evaluate(args) -> int:
 
 def _evaluate_text(args, model) -> dict:
     """A language model's figures on the text ``--data`` names (``-``: standard input)."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -619,8 +620,7 @@ def _evaluate_text(args, model) -> dict:
     with tempfile.TemporaryDirectory(prefix="jaxnet-stdin-") as folder:
         path = Path(folder) / "standard input.txt"
         with open(path, "wb") as f:
-            while block := sys.stdin.buffer.read(1 << 20):
-                f.write(block)
+            shutil.copyfileobj(sys.stdin.buffer, f)
         try:
             return language.evaluate_text(model, str(path), field)
         except ValueError as e:  # named as the user knows it

@@ -778,7 +778,7 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
         stored = folder.stored_config()
         if stored is not None and config.batch_size == "auto" and not overwrite:  # the number auto chose then
             config = dataclasses.replace(config, batch_size=stored.get("batch_size", "auto"))
-        if stored is not None and _holds_training(folder) and not overwrite:
+        if stored is not None and folder.holds_training() and not overwrite:
             _check_same_run(folder, TrainConfig.from_dict(stored), config)
             if checkpoint.steps(folder.checkpoints):
                 return _continue(folder, config, callbacks, mesh, schedule, notify, log, trace)
@@ -789,7 +789,7 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
                 "overwrite",
             )
         job = prepare(config, folder.path, mesh)
-        if stored is not None and not _holds_training(folder) and not overwrite:
+        if stored is not None and not folder.holds_training() and not overwrite:
             same = _same_config(stored, config)
             whose = "this run's config" if same else "the config of another run"
             _say(notify, f"{folder.path} holds {whose} but no checkpoint (it stopped before its first save): "
@@ -833,12 +833,6 @@ def _checked_folder(out, options: RunOptions) -> RunFolder:
     if problem is not None:
         raise ArgumentError(f"{checks.escape(problem)}: give {{0}} a folder that can be written", "out")
     return folder
-
-
-def _holds_training(folder: RunFolder) -> bool:
-    """Whether the folder holds something of its run worth keeping: checkpoints or a model (a run
-    that failed before its first checkpoint left only its config)."""
-    return bool(checkpoint.steps(folder.checkpoints)) or (folder.path / files.MODEL_FILE).exists()
 
 
 def _check_same_run(folder: RunFolder, stored: TrainConfig, config: TrainConfig) -> None:
@@ -889,9 +883,9 @@ def resume(
         stored = folder.stored_config()
         if stored is None:
             raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
-        if not checkpoint.steps(folder.checkpoints) and (folder.path / files.MODEL_FILE).exists():
-            raise ValueError(f"cannot resume: {out} holds a model but no checkpoints: train a new run to go on")
         if not checkpoint.steps(folder.checkpoints):
+            if folder.holds_training():  # its model
+                raise ValueError(f"cannot resume: {out} holds a model but no checkpoints: train a new run to go on")
             raise ValueError(
                 f"cannot resume: the run in {out} stopped before its first checkpoint: train it again "
                 f"(jaxnet train --config {Path(out) / CONFIG_TOML} --out {out})"

@@ -20,13 +20,15 @@ import socket
 from pathlib import Path
 
 from jaxnet import _atomic as atomic
+from jaxnet import checkpoint
 from jaxnet.app import configfile, files
 
 CONFIG_FILE = "config.json"
 CONFIG_TOML = "config.toml"  # the same config, for jaxnet train --config
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
-OUTPUTS = (CONFIG_FILE, CONFIG_TOML, files.MODEL_FILE, "metrics.jsonl", "curves.png")
+METRICS_FILE = "metrics.jsonl"
+OUTPUTS = (CONFIG_FILE, CONFIG_TOML, files.MODEL_FILE, METRICS_FILE, "curves.png")
 WRITTEN = ("data.json", "metrics.csv", "steps.csv", "mlflow-run.json", "tokens.bin", "tokens.bin.json",
            "tokens.source.json", "tokenizer.json")  # fmt: skip
 """Other files a run writes into its folder (atomically, through ``atomic.atomic_path``)."""
@@ -105,10 +107,15 @@ class RunFolder:
         atomic.write_text(self.path / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True) + "\n")
         atomic.write_text(self.path / CONFIG_TOML, configfile.dumps(config))
 
+    def holds_training(self) -> bool:
+        """Whether the folder holds something of its run worth keeping: checkpoints or a model (a run
+        that failed before its first checkpoint left only its config)."""
+        return bool(checkpoint.steps(self.checkpoints)) or (self.path / files.MODEL_FILE).exists()
+
     def started(self) -> bool:
-        """Whether the run here got as far as a round's metrics, a checkpoint or a model (else a
-        failure left only its config, and the text's token cache)."""
-        return any((self.path / name).exists() for name in (files.MODEL_FILE, "metrics.jsonl", CHECKPOINTS))
+        """Whether the run here got as far as a round's metrics (else a failure left only its config,
+        and the text's token cache)."""
+        return self.holds_training() or (self.path / METRICS_FILE).exists()
 
     def clear(self) -> None:
         """Removes the run's files and checkpoints (to train another run into the folder)."""

@@ -3,7 +3,8 @@
 A GPT whose params and AdamW state take about ``--state-mb`` megabytes trains for ``--steps``
 steps in rounds of ``--every`` steps, saving a checkpoint after every round (``Checkpointer(every=1)``):
 asynchronously (the default: the state copied on its device, then checksummed and written by a
-background thread), synchronously, or not at all. Reported, for each (medians of ``--repeats``
+background thread), synchronously, not at all, or (``zstd``) asynchronously with orbax's default
+zstd compression, which jaxnet's writes leave out. Reported, for each (medians of ``--repeats``
 interleaved runs), and as overheads over no saves:
 
 - ``steady``: the seconds per step while training goes on, from the end of the first round (which
@@ -12,7 +13,8 @@ interleaved runs), and as overheads over no saves:
 - ``whole``: the seconds of the whole ``fit`` call per step, which also waits for the last
   asynchronous write at the end (one write, about half a second here, spread over a short run).
 
-    python bench/checkpoint_async.py [--steps 60] [--every 10] [--repeats 3] [--json FILE]
+    python bench/checkpoint_async.py [--steps 60] [--every 10] [--repeats 3] [--kinds none,async,sync,zstd]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ import optax  # noqa: E402
 
 import jaxnet as jn  # noqa: E402
 from bench import common  # noqa: E402
+from jaxnet import checkpoint  # noqa: E402
 from jaxnet.callbacks import Checkpointer  # noqa: E402
+
+plain_writers = checkpoint._writers
+
+
+def zstd_writers() -> dict:
+    """Orbax's default handlers for the state: its arrays compressed with zstd."""
+    import orbax.checkpoint as ocp
+
+    return {"state": ocp.PyTreeCheckpointHandler(use_compression=True), "meta": ocp.JsonCheckpointHandler()}
 
 
 def main() -> None:
@@ -43,6 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--kinds", default="none,async,sync", help="of none, async, sync, zstd; none first")
     parser.add_argument("--json")
     args = parser.parse_args()
     net = jn.gpt(vocab_size=256, context=64, layers=args.layers, heads=8, dim=args.dim)
@@ -56,7 +69,9 @@ def main() -> None:
     def run(kind: str) -> tuple[float, float]:
         shutil.rmtree(folder / kind, ignore_errors=True)
         ends: list = []  # the end of each round, after its callbacks before this one (the save)
-        saver = [] if kind == "none" else [Checkpointer(folder / kind, every=1, keep=2, asynchronous=kind == "async")]
+        asynchronous = kind in ("async", "zstd")
+        saver = [] if kind == "none" else [Checkpointer(folder / kind, every=1, keep=2, asynchronous=asynchronous)]
+        checkpoint._writers = zstd_writers if kind == "zstd" else plain_writers
         start = time.perf_counter()
         jn.fit(
             net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.adamw(1e-3), steps=args.steps,
@@ -66,7 +81,9 @@ def main() -> None:
         whole = (time.perf_counter() - start) / args.steps
         return (ends[-1] - ends[0]) / (args.steps - args.every), whole
 
-    kinds = ("none", "async", "sync")
+    kinds = tuple(args.kinds.split(","))
+    if kinds[0] != "none" or not set(kinds) <= {"none", "async", "sync", "zstd"}:
+        parser.error("--kinds: none first, then any of async, sync, zstd")
     run("none")  # compile once, outside the timed runs (the cache serves the others)
     seconds: dict = {k: {"steady": [], "whole": []} for k in kinds}
     for i in range(args.repeats):

@@ -190,6 +190,23 @@ def test_resume_from_an_older_checkpoint_is_bitwise_identical(saved, tmp_path):
     assert resumed.summary["test_accuracy"] == result.summary["test_accuracy"]
 
 
+def test_arrays_are_written_uncompressed(tmp_path):
+    """The write's CPU is what an asynchronous save takes from training: no zstd (zeros would
+    compress to almost nothing)."""
+    import optax
+
+    from jaxnet.loop import init_fit_state
+
+    params = {"w": jax.numpy.zeros((256, 256), jax.numpy.float32)}
+    path = checkpoint.save(tmp_path, init_fit_state(params, optax.sgd(0.1), jax.random.key(0)))
+    stored = sum(p.stat().st_size for p in (path / "state").rglob("*") if p.is_file())
+    assert stored >= 256 * 256 * 4
+    restored = checkpoint.restore(
+        tmp_path, jax.eval_shape(lambda: init_fit_state(params, optax.sgd(0.1), jax.random.key(0)))
+    )
+    np.testing.assert_array_equal(np.asarray(restored.state.train.params["w"]), np.zeros((256, 256), np.float32))
+
+
 def _files(path):
     return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.stat().st_size > 0)
 
@@ -331,6 +348,10 @@ def test_cli_resume_refuses_conflicts_and_reports_a_finished_run(saved, capsys):
     assert "already finished at epoch 4" in captured.err
     summary = json.loads(captured.out)
     assert summary["epochs"] == 4 and summary["test_accuracy"] == result.summary["test_accuracy"]
+    assert summary["train_seconds"] == pytest.approx(sum(r["seconds"] for r in result.history))
+    assert summary["train_seconds"] == pytest.approx(result.summary["train_seconds"])  # the run's, not this command's
+    assert cli.main(["train", "--resume", str(out), "--dataset", "moons"]) == 0
+    assert f"4 epochs in {summary['train_seconds']:.1f}s" in capsys.readouterr().err
     assert steps(out) == before
 
 

@@ -29,7 +29,8 @@ def format_result(summary: dict, out: str | None = None) -> str:
     """The last lines of ``jaxnet train``: epochs (or steps), time, loss and the held-out figures."""
     by_steps = summary.get("epochs") is None and summary.get("steps") is not None
     length = f"{summary['steps']} steps" if by_steps else f"{summary['epochs']} epochs"
-    parts = [f"{length} in {summary['seconds']:.1f}s", f"train loss {summary['train_loss']:.4g}"]
+    seconds = summary.get("train_seconds", summary["seconds"])  # the run's rounds, a resumed run's earlier ones too
+    parts = [f"{length} in {seconds:.1f}s", f"train loss {summary['train_loss']:.4g}"]
     if summary.get("task") == "lm":
         if summary.get("val_loss") is not None:
             parts.append(f"validation loss {summary['val_loss']:.4g} (perplexity {summary['val_perplexity']:.4g})")

@@ -425,7 +425,8 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     if c.steps is not None:  # a run by steps records rounds of eval_every steps, not epochs
         del summary["best_epoch"]
         summary.update({k: entries[best].get(k) for k in ("rounds", "steps", "best_step")})
-    summary.update(seconds=seconds, steps_per_second=_speed(state.history), **_utilization(state.history))
+    summary.update(seconds=seconds, train_seconds=sum(r["seconds"] for r in state.history))
+    summary.update(steps_per_second=_speed(state.history), **_utilization(state.history))
     if job.problem.report is not None:  # what reading the table did (also the run folder's data.json)
         summary["data"] = tables.report_json(job.problem.report, job.problem.encoder)
     summary.update(_parameter_counts(job))

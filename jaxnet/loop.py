@@ -39,17 +39,11 @@ from jaxnet.groups import finetuning
 from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
 from jaxnet.members import check_memory, estimate_member_bytes, memory_limit, num_members, set_hyperparams
-from jaxnet.metrics import check_metric_targets, get_metrics
+from jaxnet.metrics import Metric, check_metric_targets, get_metrics, monitor_sign
 from jaxnet.step import init_state, skip_nonfinite_updates, spikes_of
 
 MONITORS = ("val_loss", "val_accuracy")
 """What early stopping may monitor, besides ``val_<name>`` of a named metric given to ``fit``."""
-LOWER_IS_BETTER = ("val_loss", "val_cross_entropy", "val_mse", "val_mae")
-
-
-def monitor_sign(monitor: str) -> float:
-    """1 when a lower ``monitor`` is better (losses and errors), -1 when higher is."""
-    return 1.0 if monitor in LOWER_IS_BETTER else -1.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -274,10 +268,12 @@ def _per_member(value, k: int) -> list:
     return list(value) if isinstance(value, list) else [value] * k
 
 
-def _open_book(state: FitState, monitor: str, patience: int | None, skip_nonfinite: bool) -> _Book:
+def _open_book(
+    state: FitState, monitor: str, patience: int | None, skip_nonfinite: bool, metrics: tuple[Metric, ...] = ()
+) -> _Book:
     """The bookkeeping of ``state``: fresh, or rebuilt from a resumed state's history."""
     k = num_members(state.train.key) or 1
-    sign = monitor_sign(monitor)
+    sign = monitor_sign(monitor, metrics)
     best_epoch = np.asarray(_per_member(state.best_epoch, k), dtype=np.int64)
     best_value = np.full(k, math.inf * sign)
     stopped = np.zeros(k, bool)
@@ -347,8 +343,9 @@ def _keep_best(improved: np.ndarray, params, best, members: int | None):
     return _where_members(jnp.asarray(improved), params, best) if improved.any() else best
 
 
-def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, monitor: str) -> tuple[_Book, np.ndarray]:
-    sign = monitor_sign(monitor)
+def _improve(book: _Book, val: dict, keep: np.ndarray, epoch: int, options: FitOptions) -> tuple[_Book, np.ndarray]:
+    monitor = options.monitor
+    sign = monitor_sign(monitor, options.metrics)
     current = np.asarray(val[monitor[len("val_") :]], dtype=np.float64).reshape(keep.shape)
     improved = keep & ((book.best_epoch == 0) | (sign * current < sign * book.best_value))
     book = book._replace(
@@ -508,7 +505,7 @@ def _conclude(state, book, compiled, options, train, metrics, position, start, b
     if compiled.validate is not None:
         params = averaged(train.params, train.opt_state)  # the moving average, when one is kept
         val = compiled.validate(params, train.model_state)
-        book, improved = _improve(book, val, keep, epoch, options.monitor)
+        book, improved = _improve(book, val, keep, epoch, options)
         best = _keep_best(improved, (params, train.model_state), best, options.members)
     record = _record(epoch, metrics, val, book, keep, train)
     now = time.perf_counter()
@@ -547,7 +544,7 @@ def _steps_left(state: FitState, options: FitOptions) -> bool:
 
 def _loop(state: FitState, compiled: programs.Programs, options: FitOptions) -> FitState:
     """Epochs until the last, every member stopped, or a callback asks to stop."""
-    book = _open_book(state, options.monitor, options.patience, options.skip_nonfinite)
+    book = _open_book(state, options.monitor, options.patience, options.skip_nonfinite, options.metrics)
     state = state._replace(history=list(state.history))  # appended to by each epoch; the caller's stays as it is
     for on_run_start in hooks.bound(options.callbacks, hooks.OnRunStart):
         on_run_start(state)
@@ -634,8 +631,9 @@ def fit(
         every epoch in batches of ``eval_batch_size``.
       patience: stop after this many epochs without improvement of ``monitor`` (needs
         ``validation``).
-      monitor: ``"val_loss"`` (lower is better), ``"val_accuracy"`` or ``"val_<name>"`` of one of
-        ``metrics`` (higher is better, but for ``cross_entropy``, ``mse`` and ``mae``).
+      monitor: ``"val_loss"``, ``"val_accuracy"`` or ``"val_<name>"`` of one of ``metrics``. Lower
+        is better for the loss, ``cross_entropy``, ``perplexity``, ``bits_per_token``, ``mse`` and
+        ``mae``; higher for the others (a :class:`~jaxnet.metrics.Metric` says its own).
       drop_remainder: drop the last partial batch instead of masking it.
       callbacks: called after each epoch as ``cb(fit_state, record)``; returning True stops. A
         callback may also have the hooks ``on_run_start``, ``on_run_end``, ``on_chunk`` and

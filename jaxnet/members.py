@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxnet import _checks as checks
 from jaxnet.base import Model, Params, PRNGKey
+from jaxnet.metrics import get_metrics, monitor_sign
 
 
 def member_grid(seeds: int, first_seed: int = 0, **hyperparams: Sequence[float]) -> list[dict]:
@@ -227,14 +228,17 @@ def member_scores(history: list, monitor: str = "val_loss") -> list[float]:
     return scores
 
 
-def best_member(history: list, monitor: str = "val_loss") -> int:
-    """The index of the member with the best ``monitor`` (highest accuracy, lowest loss); members
-    tied on an accuracy are ranked by their validation loss (when the history has one), then by index.
+def best_member(history: list, monitor: str = "val_loss", metrics: Sequence = ()) -> int:
+    """The index of the member with the best ``monitor`` (the lowest loss, perplexity or error, the
+    highest accuracy, f1 or r2: :func:`jaxnet.metrics.monitor_sign`, which reads a custom metric's
+    direction from its :class:`~jaxnet.metrics.Metric` in ``metrics``); members tied on a figure
+    that is better higher are ranked by their validation loss (when the history has one), then by
+    index.
 
     Raises ValueError when no member has a finite score.
     """
     scores = member_scores(history, monitor)
-    sign = -1.0 if monitor.endswith("accuracy") else 1.0
+    sign = monitor_sign(monitor, get_metrics(metrics))
     ties = member_scores(history, "val_loss") if sign < 0 and "val_loss" in history[0] else [0.0] * len(scores)
     ties = [t if math.isfinite(t) else math.inf for t in ties]
     finite = [(sign * s, ties[i], i) for i, s in enumerate(scores) if math.isfinite(s)]

@@ -11,7 +11,9 @@ Names: ``accuracy``, ``top_k_accuracy`` (``top_5_accuracy`` etc.), ``cross_entro
 bits: bits per byte or per character with a byte or character tokenizer),
 ``precision``, ``recall``, ``f1`` (macro averages over the classes present in the targets or the
 predictions, as scikit-learn's ``average="macro"``), ``mse``, ``mae``, ``r2``; or any per-example
-callable ``(prediction, target) -> scalar``, reported as its weighted mean under its ``__name__``.
+callable ``(prediction, target) -> scalar``, reported as its weighted mean under its ``__name__``
+(with a token axis, the callable gets one token: ``(V,)`` logits and a scalar label). Lower is
+better for the losses and errors (:data:`LOWER_IS_BETTER`), higher for the rest.
 
 Axis letters in shapes: :mod:`jaxnet.base`.
 """
@@ -33,12 +35,30 @@ from jaxnet.losses import has_token_axis, safe_targets, token_weights
 
 class Metric(NamedTuple):
     """A metric as sums: ``zeros(outputs) -> state``, ``update(state, predictions: (b, out),
-    targets: (b, ...), weights: (b,)) -> state`` and ``result(state) -> float`` (numpy state)."""
+    targets: (b, ...), weights: (b,)) -> state`` and ``result(state) -> float`` (numpy state).
+    ``lower_is_better``: its direction, for early stopping and for picking the best member."""
 
     name: str
     zeros: Callable[[int], Any]
     update: Callable[..., Any]
     result: Callable[[Any], float]
+    lower_is_better: bool = False
+
+
+LOWER_IS_BETTER = ("loss", "cross_entropy", "perplexity", "bits_per_token", "mse", "mae")
+"""The figures of which a lower value is better: the loss and the built-in metrics that are losses
+or errors. Of the others (accuracies, precision, recall, f1, r2, and a callable's mean unless given
+as a :class:`Metric` with ``lower_is_better=True``) a higher is better."""
+
+
+def monitor_sign(monitor: str, metrics: Sequence[Metric] = ()) -> float:
+    """1 when a lower ``monitor`` (``val_loss``, ``train_loss``, ``val_<metric>``) is better, -1
+    when a higher is: by the metric of that name among ``metrics``, else by :data:`LOWER_IS_BETTER`."""
+    name = monitor.split("_", 1)[1] if monitor.startswith(("val_", "train_")) else monitor
+    for metric in metrics:
+        if metric.name == name:
+            return 1.0 if metric.lower_is_better else -1.0
+    return 1.0 if name in LOWER_IS_BETTER else -1.0
 
 
 def _ratio(top, bottom) -> float:
@@ -206,7 +226,7 @@ def get_metric(metric: str | Callable | Metric) -> Metric:
         if top:
             return per_token(top_k_accuracy(int(top.group(1))))
         if metric in BUILT_IN:
-            return per_token(BUILT_IN[metric]())
+            return per_token(BUILT_IN[metric]())._replace(lower_is_better=metric in LOWER_IS_BETTER)
         names = ", ".join([*BUILT_IN, "top_k_accuracy (e.g. top_5_accuracy)"])
         raise ValueError(f"unknown metric {metric!r}: use one of {names}, or a callable (prediction, target)")
     if callable(metric):

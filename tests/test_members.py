@@ -155,6 +155,35 @@ def test_best_member_by_accuracy_and_by_final_train_loss():
         best_member([{"epoch": 1, "train_loss": [None, float("nan")]}], "train_loss")
 
 
+def test_each_figure_is_ranked_in_its_own_direction():
+    """Perplexity and bits are the loss's exp and its ratio to log 2, errors are errors: lower is
+    better for all of them; f1, r2 and accuracies are better higher."""
+    history = [{"epoch": 1, "best_epoch": [1, 1, 1]}]
+    for name in ("val_loss", "val_perplexity", "val_bits_per_token", "val_cross_entropy", "val_mse", "val_mae"):
+        assert best_member([dict(history[0], **{name: [3.0, 2.0, 5.0]})], name) == 1, name
+    for name in ("val_accuracy", "val_top_5_accuracy", "val_f1", "val_precision", "val_recall", "val_r2"):
+        assert best_member([dict(history[0], **{name: [0.3, 0.9, 0.5]})], name) == 1, name
+    from jaxnet.metrics import Metric, get_metric
+
+    error = get_metric(lambda p, t: abs(p - t).sum())._replace(name="error", lower_is_better=True)
+    assert best_member([dict(history[0], val_error=[3.0, 2.0, 5.0])], "val_error", [error]) == 1
+    assert isinstance(error, Metric)
+
+
+def test_early_stopping_on_perplexity_keeps_the_epoch_of_the_lowest():
+    """Every figure of the cross-entropy picks the epoch of the lowest validation loss."""
+    best = {}
+    for monitor in ("val_loss", "val_perplexity", "val_bits_per_token", "val_cross_entropy"):
+        params = NET.init(jax.random.key(0))
+        result = fit(NET, params, X, Y, loss="softmax_cross_entropy", optimizer=optax.sgd(0.5), epochs=12,
+                     batch_size=16, key=jax.random.key(1), validation=VAL, patience=3, monitor=monitor,
+                     metrics=["perplexity", "bits_per_token", "cross_entropy"])  # fmt: skip
+        losses = [r["val_loss"] for r in result.history]
+        best[monitor] = result.best_epoch
+        assert result.best_epoch == int(np.argmin(losses)) + 1, monitor
+    assert len(set(best.values())) == 1 and best["val_loss"] > 1
+
+
 def test_member_grid():
     grid = member_grid(8, learning_rate=[1e-3, 1e-2, 1e-1])
     assert len(grid) == 24 and grid[0] == {"seed": 0, "learning_rate": 1e-3} and grid[-1]["seed"] == 7

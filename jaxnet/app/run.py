@@ -407,7 +407,7 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
     bound = archlib.Bound(job.model, *variables)
     scaler = job.problem.target_scaler
     tests = saved.member_metrics(job.meta, bound, test.x, test.y, scaler, c.metrics) if test is not None else []
-    best = memberlib.best_member(state.history, job.monitor) if job.member_run else 0
+    best = memberlib.best_member(state.history, job.monitor, c.metrics or ()) if job.member_run else 0
     entries = _member_entries(job, state.history, tests)
     summary = {
         "dataset": c.dataset or Path(c.data).name,

@@ -200,13 +200,20 @@ def sequential_chunks(
 ):
     """Chunks of an epoch over a sequential source, ``start`` batches skipped (a resumed epoch);
     full batches in chunks of ``steps``, a last partial batch padded and weighted in its own."""
-    batches = sources.batches_of(source.blocks(seed, shuffle), batch_size, seed, shuffle_buffer)
-    for done in range(start):
-        if next(batches, None) is None:
-            raise sources.DataError(
-                f"{source.name} ended after {done} batches, before step {start} where the checkpoint stands: "
-                "a resumed run needs the same data, in the same order"
-            )
+
+    def read() -> Iterator:
+        return sources.batches_of(source.blocks(seed, shuffle), batch_size, seed, shuffle_buffer)
+
+    if getattr(source, "once", False):  # an iterator is continued (what a round read ahead kept), not read again
+        batches = source.continued(start, read, keep=4 * steps + 4)
+    else:
+        batches = read()
+        for done in range(start):
+            if next(batches, None) is None:
+                raise sources.DataError(
+                    f"{source.name} ended after {done} batches, before step {start} where the checkpoint stands: "
+                    "a resumed run needs the same data, in the same order"
+                )
     xs, ys = [], []
     full = start
     for x, y in batches:

@@ -710,7 +710,8 @@ def fit(
         bench/README.md, "Logging steps"); member runs do not log steps.
       steps: train for this many optimizer steps in all (instead of ``epochs``), as language
         models train: the data's epochs follow one another (each reshuffled) for as long as the
-        steps last, and an endless source may be given. The loop then runs in rounds of
+        steps last, and an endless source may be given (an iterator: each round continues it; one
+        that ends before the steps are done raises ValueError). The loop then runs in rounds of
         ``eval_every`` steps, each ending with the validation and one record (``epoch``: the
         round's number, ``step``: the steps done, ``train_loss``: the mean over the round's
         examples or real tokens); ``patience`` counts rounds. Resumes exactly, also inside a round.

@@ -21,6 +21,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import mmap
@@ -285,17 +286,55 @@ def _check_block(got: RowSpec, want: RowSpec, where: str) -> None:
 
 class _Peekable:
     """An iterator read in one pass, which a first look (:meth:`Sequential.first_spec`) may precede:
-    every pass starts with the first element again, then goes on where the iterator stands."""
+    a look reads the first element and stops; the pass after it starts with that element again,
+    then goes on where the iterator stands. Once a pass has gone past it, no pass sees it again:
+    a pass after the iterator's end yields nothing. ``read``: the elements taken from the iterator."""
 
     def __init__(self, iterator: Iterator):
-        self.iterator, self.head = iterator, []
+        self.iterator, self.head, self.read = iterator, [], 0
 
     def __iter__(self) -> Iterator:
-        yield from self.head
-        for element in self.iterator:
-            if not self.head:
+        if not self.head:
+            for element in self.iterator:
                 self.head.append(element)
+                self.read += 1
+                break
+        if self.head:
+            yield self.head[0]
+            self.head.clear()  # (not reached by a look, which stops at the first element)
+        for element in self.iterator:
+            self.read += 1
             yield element
+
+
+class _Continued:
+    """One pass over the batches of a one-pass source, which each round of a fit by steps continues
+    instead of reading the source again: :meth:`starting_at` the round's first batch, the batches
+    that the last round read ahead and did not train on (at most ``keep``, which must exceed the
+    read-ahead) handed out again."""
+
+    def __init__(self, batches: Iterator, keep: int):
+        self.batches, self.keep = batches, keep
+        self.kept: collections.deque = collections.deque()  # (index, batch), the newest ``keep``
+        self.read = 0
+
+    def starting_at(self, start: int) -> Iterator:
+        while self.kept and self.kept[0][0] < start:
+            self.kept.popleft()
+        if self.kept and self.kept[0][0] > start:  # (a read-ahead beyond ``keep``: a bug, never data)
+            raise RuntimeError(f"batch {start} of a one-pass source was read ahead and not kept")
+        for _, batch in list(self.kept):
+            yield batch
+        for _ in range(start - self.read):  # a resumed run: the new iterator's first batches skipped
+            if next(self.batches, None) is None:
+                return
+            self.read += 1
+        for batch in self.batches:
+            self.kept.append((self.read, batch))
+            self.read += 1
+            if len(self.kept) > self.keep:
+                self.kept.popleft()
+            yield batch
 
 
 class Sequential:
@@ -320,6 +359,16 @@ class Sequential:
             iterable = _Peekable(iterable)
         self.iterable, self.name = iterable, name
         self.spec: RowSpec | None = None
+        self.once = isinstance(iterable, _Peekable)
+        self._pass: _Continued | None = None
+
+    def continued(self, start: int, batches: Callable[[], Iterator], keep: int) -> Iterator:
+        """A one-pass source's batches from batch ``start`` of its epoch: a new pass of
+        ``batches()`` at 0, else the pass that the last round left (which a re-iterable source
+        reads again instead)."""
+        if start == 0 or self._pass is None:
+            self._pass = _Continued(batches(), keep)
+        return self._pass.starting_at(start)
 
     def blocks(self, seed: int, shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The blocks of one epoch (``seed`` and ``shuffle`` are unused: the iterable has its own order)."""
@@ -361,6 +410,12 @@ class Sequential:
                 raise DataError(f"reading {unit} {i} of {self.name} failed ({type(e).__name__}: {e})") from None
             yield i, element
             i += 1
+        if i == 0 and isinstance(self.iterable, _Peekable) and self.iterable.read:
+            raise DataError(
+                f"{self.name} is an iterator, which ended after {self.iterable.read} {unit}es, before the fit's steps "
+                "were done: give an endless iterator, an iterable that starts over (a list, a Grain dataset) or fewer "
+                "steps"
+            )
         if i == 0:
             raise DataError(f"{self.name} yielded no {unit}es: give it at least one (an iterator read up already?)")
 

@@ -86,6 +86,43 @@ def test_an_endless_iterator_trains_for_the_steps_given():
     assert result.steps == 20 and [r["step"] for r in result.history] == [10, 20]
 
 
+def test_an_iterator_that_ends_before_the_steps_is_refused_not_replayed():
+    """A one-pass iterator read up is not started over (it cannot be): its first batch is never
+    fed twice, and the fit says the iterator ended."""
+    tokens = _tokens()
+    pairs = [(tokens[i : i + C][None].repeat(8, 0), tokens[i + 1 : i + C + 1][None].repeat(8, 0)) for i in (0, 9, 18)]
+    exact = _fit(iter(pairs), steps=3, eval_every=3)
+    assert exact.steps == 3
+    with pytest.raises(ValueError, match="ended after 3 batches, before the fit's steps were done"):
+        _fit(iter(pairs), steps=6, eval_every=3)
+    once = _fit(iter(pairs), steps=3, eval_every=1)
+    listed = _fit(pairs, steps=3, eval_every=1)  # a list: each batch once, in order
+    for a, b in zip(jax.tree.leaves(once.train.params), jax.tree.leaves(listed.train.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_endless_iterator_is_read_once_across_rounds():
+    """Each round continues the iterator where the last stopped (not read again from its start,
+    which an iterator cannot be): the same training as a list of the batches it gave."""
+    tokens, drawn = _tokens(), []
+
+    def batch(i):
+        starts = np.random.default_rng(i).integers(0, len(tokens) - C - 1, 8)
+        return np.stack([tokens[s : s + C] for s in starts]), np.stack([tokens[s + 1 : s + C + 1] for s in starts])
+
+    def endless():
+        for i in itertools.count():
+            drawn.append(i)
+            yield batch(i)
+
+    once = _fit(endless(), steps=12, eval_every=4)
+    listed = _fit([batch(i) for i in range(12)], steps=12, eval_every=4)
+    assert len(drawn) <= 12 + 6  # what the last round read ahead, at most
+    assert [r["train_loss"] for r in once.history] == [r["train_loss"] for r in listed.history]
+    for a, b in zip(jax.tree.leaves(once.train.params), jax.tree.leaves(listed.train.params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_one_pass_generator_trains_one_epoch():
     tokens = _tokens()
     pairs = ((tokens[i : i + C][None], tokens[i + 1 : i + C + 1][None]) for i in range(0, 80, C))

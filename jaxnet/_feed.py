@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxnet import sharding as shardinglib
 from jaxnet import sources
+from jaxnet._weights import weighed
 from jaxnet.epoch import epoch_batches, epoch_metrics, num_batches, start_carry
 from jaxnet.forward import apply_batch
 from jaxnet.losses import LossSpec, has_token_axis, loss_sums
@@ -335,25 +336,27 @@ def resident_chunks(
 ) -> tuple[Iterator[Chunk], Callable]:
     """``(chunks, divisor)`` of an epoch of ``n`` resident rows cut into chunks of steps: each
     chunk is its rows' ``(index[, weight])`` ``(S, b)`` (``(K, S, b)`` for K members' keys), for
-    steps that gather from the arrays; ``sample_weight`` ``(n,)`` multiplies the weights (which
-    every chunk then has)."""
+    steps that gather from the arrays; ``sample_weight`` ``(n,)`` (or ``(n, T)``) multiplies the
+    weights (which every chunk then has)."""
     index, weight = epoch_layout(shuffle_key, n, layout.batch_size, layout.drop_remainder, layout.shuffle)
     nb = index.shape[-2]
     padded = nb * layout.batch_size > n
     divisor = n if padded else nb
     if sample_weight is not None:
-        weight = weight * sample_weight[index]
+        weight = weighed(weight, sample_weight, index)
         padded = True
     # on the host: slicing device arrays chunk by chunk would dispatch a program per slice
     index, weight = jax.device_get((index, weight))
-    sums = weight.sum(axis=-1, dtype=np.float64)  # (nb,), or (K, nb) per member
+    sums = weight.reshape(*index.shape[:-1], -1).sum(axis=-1, dtype=np.float64)  # (nb,), or (K, nb) per member
     if sample_weight is not None:
         divisor = sums.sum(axis=-1)
     first = sums.reshape(-1, nb)[0]  # the first member's: for the position (the divisor does not use it)
 
     def chunks():
+        lead = (slice(None),) * (index.ndim - 2)  # (K,) members' axis; the weights may have a token axis last
         for s in range(start, nb, layout.steps):
-            part = (index[..., s : s + layout.steps, :],) + ((weight[..., s : s + layout.steps, :],) if padded else ())
+            steps_at = (*lead, slice(s, s + layout.steps))
+            part = (index[steps_at],) + ((weight[steps_at],) if padded else ())
             steps = part[0].shape[-2]
             examples = float(first[s : s + steps].sum()) if padded else steps * layout.batch_size
             yield Chunk(part, steps, padded, examples)

@@ -80,20 +80,32 @@ def _check_labels(labels: np.ndarray, classes: int) -> None:
         raise ValueError(f"y has the label {bad}, but the model predicts {classes} classes 0..{classes - 1}")
 
 
-def check_sample_weight(sample_weight, num_examples: int) -> jax.Array | None:
-    """``sample_weight`` as a float32 ``(n,)`` array: finite, at least 0, not all 0."""
+def check_sample_weight(sample_weight, num_examples: int, tokens: tuple | None = None) -> jax.Array | None:
+    """``sample_weight`` as a float32 ``(n,)`` array (or ``(n, T)``, one weight per token, where
+    the targets have a token axis: ``tokens`` is their shape): finite, at least 0, not all 0."""
     if sample_weight is None:
         return None
     w = np.asarray(sample_weight)
     if w.dtype == object or not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
         raise TypeError(f"sample_weight must be an array of numbers, got dtype {w.dtype}")
-    if w.shape != (num_examples,):
-        raise ValueError(f"sample_weight must have shape ({num_examples},), one weight per example of x; got {w.shape}")
+    if w.shape != (num_examples,) and (tokens is None or w.shape != tuple(tokens)):
+        per_token = f" or {tuple(tokens)}, one per token of y" if tokens is not None else ""
+        raise ValueError(
+            f"sample_weight must have shape ({num_examples},), one weight per example of x{per_token}; got {w.shape}"
+        )
     if not np.isfinite(w).all() or (w < 0).any():
         raise ValueError("sample_weight must be finite and at least 0")
     if not (w > 0).any():
         raise ValueError("sample_weight is 0 for every example: nothing would train")
     return jnp.asarray(w, jnp.float32)
+
+
+def weighed(weight, sample_weight, index):
+    """The batches' weights ``weight`` ``(..., nb, b)`` (1 for a real row, 0 for padding) times
+    the sample weights of their rows ``index``: ``(..., nb, b)``, or ``(..., nb, b, T)`` with a
+    weight per token (``sample_weight`` ``(n, T)``)."""
+    rows = sample_weight[index].astype(weight.dtype)
+    return weight.reshape(weight.shape + (1,) * (rows.ndim - weight.ndim)) * rows
 
 
 def parse_class_weight(text: str | None, classes=None) -> str | dict[int, float] | None:

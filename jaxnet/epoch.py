@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxnet._weights import weighed
 from jaxnet.base import PRNGKey, TrainState
 from jaxnet.losses import has_token_axis
 from jaxnet.shuffle import index_permutation
@@ -65,7 +66,7 @@ def _float_dtype(tree) -> jnp.dtype:
 
 def _epoch_batches(shuffle_key, x, y, layout, sample_weight=None):
     """``(scanned, batch_of, divisor)``: what the scan runs over, ``batch_of(i, item) -> batch``,
-    and what the epoch's loss total is divided by. ``sample_weight`` ``(n,)`` weighs every batch."""
+    and what the epoch's loss total is divided by. ``sample_weight`` ``(n,)`` (or ``(n, T)``) weighs every batch."""
     num_examples, batch_size, drop_remainder, shuffle, padded = layout
     nb = num_batches(num_examples, batch_size, drop_remainder)
     if not (shuffle or padded or sample_weight is not None):  # the data's own order: each step slices x and y
@@ -80,7 +81,7 @@ def _epoch_batches(shuffle_key, x, y, layout, sample_weight=None):
     index, weight = epoch_batches(shuffle_key, num_examples, batch_size, drop_remainder, shuffle)
     divisor = num_examples if padded else nb
     if sample_weight is not None:
-        weight = weight * sample_weight[index].astype(weight.dtype)
+        weight = weighed(weight, sample_weight, index)
         padded, divisor = True, jnp.sum(weight)
     if _row_bytes(x) + _row_bytes(y) >= GATHER_PER_STEP_BYTES:  # each step gathers its rows
 

@@ -222,7 +222,8 @@ def _check_data(x, y, validation, sample_weight=None, once: bool = False) -> pro
     if train is None:
         train = _check_pair("x", x, y)
         if sample_weight is not None:
-            train = (*train, weights.check_sample_weight(sample_weight, train[0].shape[0]))
+            tokens = train[1].shape if has_token_axis(train[1]) else None
+            train = (*train, weights.check_sample_weight(sample_weight, train[0].shape[0], tokens))
     if validation is None:
         return programs.Data(train, None)
     # a pair (x_val, y_val), unless its first element is itself a batch (a list of two batches)
@@ -699,7 +700,9 @@ def fit(
       verbose: False (the default) prints nothing; True shows progress on stderr, a tqdm bar on a
         terminal or in a notebook and one line per epoch otherwise; ``"bar"`` or ``"lines"`` choose.
       sample_weight: ``(n,)`` weights of the training examples (resident arrays): each batch's
-        loss is the weighted mean of its examples' (see :mod:`jaxnet._weights`).
+        loss is the weighted mean of its examples' (see :mod:`jaxnet._weights`). With targets of
+        a token axis ``(n, T)``, also ``(n, T)``: a weight per token (the loss is then the
+        weighted mean over the tokens; a weight of 0 masks a token like :data:`IGNORE_INDEX`).
       class_weight: ``"balanced"`` (``n / (classes * count)``, from ``y``) or ``{class: weight}``:
         each example's loss term is weighted by its class's (classification losses, any data).
         Validation is unweighted.
@@ -817,7 +820,7 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
     if has_token_axis(jax.ShapeDtypeStruct((1, *target.shape), target.dtype)):
         raise ValueError(
             "class_weight weighs each example by its label's class, but these targets have a token axis (a label per "
-            "token): weigh tokens with per-token sample weights in your own loss, or drop class_weight"
+            "token): weigh the tokens with sample_weight of the targets' shape (n, T) instead"
         )
     params, model_state = train.params, train.model_state
     if num_members(train.key):  # one member's shapes

@@ -146,9 +146,14 @@ def loss_sums(fn: PerExample, predictions, targets, weights=None) -> tuple[jax.A
 
     A term is one example, or one token when ``fn`` returns a value per token (integer targets
     ``(b, T)``, predictions ``(b, T, V)``): then the count is the number of real tokens (weighted),
-    :data:`IGNORE_INDEX` targets excluded. Summed in the values' float dtype, at least float32.
+    :data:`IGNORE_INDEX` targets excluded, and ``fn`` gets them as id 0 (weighted 0). A ``fn``
+    that returns one value per sequence gets the targets as they are, :data:`IGNORE_INDEX`
+    included, to mask them itself. Summed in the values' float dtype, at least float32.
     """
-    values = jax.vmap(fn)(predictions, safe_targets(targets))
+    safe = safe_targets(targets)
+    if has_token_axis(targets) and jax.eval_shape(jax.vmap(fn), predictions, safe).shape != targets.shape:
+        safe = targets  # one value per sequence: fn sees (and masks) the padding itself
+    values = jax.vmap(fn)(predictions, safe)
     values = values.astype(jnp.promote_types(values.dtype, jnp.float32))  # float64 stays float64
     w = token_weights(targets, weights, values.shape).astype(values.dtype)
     return jnp.sum(w * values), jnp.sum(w)

@@ -28,9 +28,11 @@ def _data(n, seed=0, ignored=0.2):
 
 
 def _reference(logits, y, w=None):
-    """The mean cross-entropy over the real tokens, as a float64 loop."""
+    """The mean cross-entropy over the real tokens, as a float64 loop; ``w`` a weight per
+    sequence ``(n,)`` or per token ``(n, T)``."""
     logits = np.asarray(logits, np.float64)
     w = np.ones(len(y)) if w is None else np.asarray(w, np.float64)
+    w = np.broadcast_to(w.reshape(len(y), -1), y.shape)
     total = count = 0.0
     for i in range(y.shape[0]):
         for t in range(y.shape[1]):
@@ -38,8 +40,8 @@ def _reference(logits, y, w=None):
                 continue
             row = logits[i, t]
             top = row.max()
-            total += w[i] * (top + np.log(np.exp(row - top).sum()) - row[y[i, t]])
-            count += w[i]
+            total += w[i, t] * (top + np.log(np.exp(row - top).sum()) - row[y[i, t]])
+            count += w[i, t]
     return total / count
 
 
@@ -170,3 +172,51 @@ def test_sample_weights_weigh_each_of_an_examples_tokens(per_example):
     net, result = _fit(x, y, sample_weight=w, **(options if per_example else {}))
     params = net.init(jax.random.key(0))
     np.testing.assert_allclose(result.history[-1]["train_loss"], _reference(_logits(net, params, x), y, w), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"chunk_steps": 1}, {"accumulate": 2}, {"steps": 3, "eval_every": 3, "epochs": None}, {"members": True}],
+    ids=["resident", "chunked", "accumulated", "by-steps", "members"],
+)
+def test_per_token_sample_weights_weigh_each_token(options):
+    """sample_weight of the targets' shape: a weight per token, the loss their weighted mean."""
+    x, y = _data(12)
+    w = np.random.default_rng(3).uniform(0.2, 2.0, y.shape).astype(np.float32)
+    w[1, :3] = 0.0  # a weight of 0 masks a token
+    if options.pop("members", False):
+        net = _net()
+        keys = jn.member_keys([0, 0])
+        result = jn.fit(net, jn.init_members(net, keys), x, y, sample_weight=w, loss="softmax_cross_entropy",
+                        optimizer=optax.sgd(0.0), epochs=1, batch_size=4, key=jn.member_keys([1, 2]))  # fmt: skip
+        losses = result.history[-1]["train_loss"]
+    else:
+        net, result = _fit(x, y, sample_weight=w, **options)
+        losses = [result.history[-1]["train_loss"]]
+    expected = _reference(_logits(net, net.init(jax.random.key(0)), x), y, w)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(12,\).* or \(12, 7\), one per token"):
+        _fit(x, y, sample_weight=w[:, :3])
+
+
+def test_a_custom_loss_of_a_sequence_sees_its_padding():
+    """A loss returning a value per token is masked by jaxnet (it gets padding as id 0); one
+    returning a value per sequence gets the targets as they are, IGNORE_INDEX included."""
+    x, y = _data(8)
+    y[1:, 4:] = IGNORE_INDEX
+
+    def sequence_mean(logits, labels):  # (T, V), (T,) -> the mean over the sequence's real tokens
+        real = labels != IGNORE_INDEX
+        terms = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(real, labels, 0))
+        return jnp.sum(terms * real) / jnp.maximum(real.sum(), 1)
+
+    net, result = _fit(x, y, loss=sequence_mean)
+    logits = _logits(net, net.init(jax.random.key(0)), x)
+    per_sequence = [_reference(logits[i : i + 1], y[i : i + 1]) for i in range(1, 8)]  # row 0 has no real token
+    np.testing.assert_allclose(result.history[-1]["train_loss"], np.sum(per_sequence) / 8, rtol=1e-5)
+
+    def per_token(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    _, tokens = _fit(x, y, loss=per_token)
+    np.testing.assert_allclose(tokens.history[-1]["train_loss"], _reference(logits, y), rtol=1e-5)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.forward import apply_batch
-from jaxnet.losses import LossSpec
+from jaxnet.losses import IGNORE_INDEX, LossSpec
 
 
 def num_classes(model, params, model_state, x_row: jax.ShapeDtypeStruct, spec: LossSpec) -> int:
@@ -26,6 +26,36 @@ def num_classes(model, params, model_state, x_row: jax.ShapeDtypeStruct, spec: L
     shape = jax.eval_shape(lambda p, s, x: apply_batch(model, p, s, x)[0], params, model_state, batch).shape
     outputs = shape[-1] if len(shape) > 1 else 1
     return 2 if spec.name == "sigmoid_binary_cross_entropy" and outputs == 1 else outputs
+
+
+def check_class_ids(name: str, y, classes: int) -> None:
+    """Refuses class-id targets ``y`` (resident, ``(n,)`` or ``(n, T)``) outside the model's
+    ``classes``, :data:`~jaxnet.losses.IGNORE_INDEX` allowed where ``y`` has a token axis: a
+    negative id would silently index from the end, one past it would give a NaN loss. Float ids
+    with a token axis are refused (their padding could not be told from a label)."""
+    xp = jnp if isinstance(y, jax.Array) else np
+    if not xp.issubdtype(y.dtype, xp.integer):
+        if y.ndim >= 2 and xp.issubdtype(y.dtype, xp.floating):
+            raise TypeError(
+                f"{name} holds {y.dtype} ids with a token axis: give integer ids ({name}.astype(np.int32)); only "
+                f"integer targets can mark padding with IGNORE_INDEX ({IGNORE_INDEX})"
+            )
+        return
+    if y.size == 0 or (int(xp.min(y)) >= 0 and int(xp.max(y)) < classes):
+        return
+    tokens = y.ndim >= 2
+    bad = (y < 0) | (y >= classes)
+    if tokens:
+        bad = bad & (y != IGNORE_INDEX)
+    if not bool(xp.any(bad)):
+        return
+    at = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+    where = f"row {at[0]}" + (f", position {', '.join(map(str, at[1:]))}" if len(at) > 1 else "")
+    allowed = f"0 to {classes - 1}" + (f", or IGNORE_INDEX ({IGNORE_INDEX}) for padding" if tokens else "")
+    raise ValueError(
+        f"{name} holds the label {int(y[at])} at {where}, outside the model's {classes} classes: give class ids "
+        f"{allowed}"
+    )
 
 
 def integer_labels(y) -> np.ndarray:
@@ -52,7 +82,7 @@ def class_weights(class_weight, spec: LossSpec, classes: int, y=None) -> jax.Arr
                 "{class: weight}"
             )
         labels = integer_labels(y)
-        _check_labels(labels, classes)
+        check_class_ids("y", labels, classes)
         counts = np.bincount(labels, minlength=classes).astype(np.float64)
         present = counts > 0
         weights = np.ones(classes)
@@ -70,14 +100,8 @@ def class_weights(class_weight, spec: LossSpec, classes: int, y=None) -> jax.Arr
             raise ValueError(f"class_weight: the weight of class {label} must be a finite number >= 0, got {weight!r}")
         weights[int(label)] = weight
     if y is not None:
-        _check_labels(integer_labels(y), classes)
+        check_class_ids("y", integer_labels(y), classes)
     return jnp.asarray(weights, jnp.float32)
-
-
-def _check_labels(labels: np.ndarray, classes: int) -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        bad = int(labels.min() if labels.min() < 0 else labels.max())
-        raise ValueError(f"y has the label {bad}, but the model predicts {classes} classes 0..{classes - 1}")
 
 
 def check_sample_weight(sample_weight, num_examples: int, tokens: tuple | None = None) -> jax.Array | None:

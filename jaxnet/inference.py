@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxnet import _feed as feed
 from jaxnet import _programs as programs
+from jaxnet import _weights as weights
 from jaxnet import sources
 from jaxnet.forward import AnyModel, apply_batch, check_model
 from jaxnet.losses import LossSpec, PerExample, get_loss
@@ -69,6 +70,9 @@ def evaluate(
             raise ValueError("x has no examples: give at least one")
         if len(y) != rows:
             raise ValueError(f"x has {rows} examples but y has {len(y)}: give as many targets as inputs")
+        if spec.name == "softmax_cross_entropy":
+            row = jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype)
+            weights.check_class_ids("y", y, weights.num_classes(model, params, model_state, row, spec))
         chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=named)
         validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t, named)
         return {name: float(v) for name, v in validate(params, model_state).items()}

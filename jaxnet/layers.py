@@ -606,7 +606,9 @@ def embedding(vocab_size: int, dim: int, *, dtype=jnp.float32) -> Model:
     def apply(params, ids):
         if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
             raise TypeError(f"embedding: ids must be integers, got {jnp.asarray(ids).dtype}")
-        return jnp.take(params["table"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        table = params["table"]
+        ids = jnp.where(ids < 0, table.shape[0], ids)  # (take would count a negative id from the end)
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
     return Model(init, apply)
 

@@ -60,7 +60,8 @@ class NonFiniteLossError(RuntimeError):
         at = f"step {step}" if by_steps else f"epoch {epoch}, step {step}"
         self.template = (
             f"loss became non-finite at {at}: lower the learning rate, "
-            "check the data for extreme values, or skip such updates ({0})" + context
+            "check the data for extreme values or class ids outside the model's classes, or skip such updates ({0})"
+            + context
         )
         super().__init__(self.template.format(*self.names))
 
@@ -763,6 +764,7 @@ def fit(
         resume = _start(params, optimizer, key, batch_size, members, data, mesh, start)
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
+    _check_labels(spec, model, resume.train, data)
     options = FitOptions(
         epochs=epochs,
         steps=steps,
@@ -822,11 +824,28 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
             "class_weight weighs each example by its label's class, but these targets have a token axis (a label per "
             "token): weigh the tokens with sample_weight of the targets' shape (n, T) instead"
         )
+    classes = _classes(spec, model, train, row)
+    return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
+
+
+def _classes(spec: LossSpec, model, train: TrainState, row: jax.ShapeDtypeStruct) -> int:
+    """The classes the model predicts for examples of shape ``row`` (from shapes only)."""
     params, model_state = train.params, train.model_state
     if num_members(train.key):  # one member's shapes
         params, model_state = jax.tree.map(lambda a: a[0], (params, model_state))
-    classes = weights.num_classes(model, params, model_state, row, spec)
-    return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
+    return weights.num_classes(model, params, model_state, row, spec)
+
+
+def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data) -> None:
+    """Refuses resident class ids outside the model's classes (streamed ones give a NaN loss)."""
+    if spec.name != "softmax_cross_entropy":
+        return
+    resident = {"y": data.train, "validation's y": data.validation}
+    resident = {name: pair[1] for name, pair in resident.items() if isinstance(pair, tuple)}
+    if resident:
+        classes = _classes(spec, model, train, _example_shapes(data.train)[0])
+        for name, y in resident.items():
+            weights.check_class_ids(name, y, classes)
 
 
 def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:

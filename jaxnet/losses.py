@@ -45,9 +45,12 @@ def softmax_cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
 
     Args:
       logits: ``(classes,)`` unnormalized scores.
-      label: scalar int in ``[0, classes)``.
+      label: scalar int in ``[0, classes)`` (another gives NaN: never a wrapped, clamped class).
     """
-    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(label, jnp.int32))
+    label = jnp.asarray(label, jnp.int32)
+    inside = (label >= 0) & (label < jnp.shape(logits)[-1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(inside, label, 0))
+    return jnp.where(inside, loss, jnp.nan)
 
 
 def sigmoid_binary_cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:

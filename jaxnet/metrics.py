@@ -27,10 +27,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxnet._checks import ArgumentError, escape
-from jaxnet.losses import has_token_axis, safe_targets, token_weights
+from jaxnet.losses import has_token_axis, safe_targets, softmax_cross_entropy, token_weights
 
 
 class Metric(NamedTuple):
@@ -165,7 +164,7 @@ def _r2() -> Metric:
 
 
 def _cross_entropy(logits, label):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, label)
+    return softmax_cross_entropy(logits, label)  # (NaN for a label outside the classes)
 
 
 def _accuracy(logits, label):

@@ -215,6 +215,7 @@ def test_default_train_reaches_95_percent_on_digits_and_predict_reproduces_it(tm
         "test_loss",
         "test_accuracy",
         "seconds",
+        "train_seconds",
         "steps_per_second",
         "best_epoch",
         "batch_size",

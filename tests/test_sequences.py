@@ -220,3 +220,28 @@ def test_a_custom_loss_of_a_sequence_sees_its_padding():
 
     _, tokens = _fit(x, y, loss=per_token)
     np.testing.assert_allclose(tokens.history[-1]["train_loss"], _reference(logits, y), rtol=1e-5)
+
+
+def test_class_ids_outside_the_vocabulary_are_refused_or_nan_never_wrapped():
+    """A negative id other than IGNORE_INDEX, or one past the vocabulary, is refused in resident
+    targets (training, validation, evaluate); streamed, it gives a NaN loss. Float ids with a
+    token axis are refused: their padding could not be masked."""
+    x, y = _data(8)
+    net = _net()
+    params = net.init(jax.random.key(0))
+    for bad, label in ((-5, "-5"), (V, str(V))):
+        wrong = y.copy()
+        wrong[2, 3] = bad
+        message = f"holds the label {label} at row 2, position 3, outside the model's {V} classes"
+        with pytest.raises(ValueError, match="y " + message):
+            _fit(x, wrong)
+        with pytest.raises(ValueError, match="validation's y " + message):
+            _fit(x, y, validation=(x, wrong))
+        with pytest.raises(ValueError, match="y " + message):
+            jn.evaluate(net, params, x, wrong, loss="softmax_cross_entropy")
+        streamed = jn.evaluate(net, params, [(x, wrong)], loss="softmax_cross_entropy")
+        assert np.isnan(streamed["loss"])
+    with pytest.raises(TypeError, match="y holds float32 ids with a token axis: give integer ids"):
+        _fit(x, y.astype(np.float32))
+    assert np.isnan(np.asarray(jn.embedding(V, 4).apply(jn.embedding(V, 4).init(jax.random.key(0)), -1))).all()
+    np.testing.assert_equal(np.asarray(softmax_cross_entropy(jnp.zeros(V), -1)), np.nan)

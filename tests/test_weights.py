@@ -125,7 +125,7 @@ def test_streamed_data_refuses_sample_weights_and_balanced_classes(problem):
 
 def test_a_label_beyond_the_models_classes_is_refused(problem):
     net, params, x, y = problem
-    with pytest.raises(ValueError, match="y has the label 7, but the model predicts 3 classes"):
+    with pytest.raises(ValueError, match="y holds the label 7 at row 3, outside the model's 3 classes"):
         _fit(net, params, x, np.where(y == 2, 7, y).astype(np.int32), batch_size=16, class_weight="balanced")
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from incli import run_cli
 
 from jaxnet.app import cli
 
@@ -15,10 +16,7 @@ TEXT = "".join(f"{w} the quick brown fox jumps over the lazy dog.\n" for w in ("
 SMALL = ["--context", "16", "--layers", "1", "--heads", "2", "--dim", "16", "--batch-size", "8"]
 
 
-def jaxnet(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "jaxnet.app", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+jaxnet = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from incli import run_cli
 
 import jaxnet as jn
 
@@ -97,12 +98,6 @@ def test_an_arch_factory_without_arguments_is_accepted(tmp_path):
            "--arch", f"{tmp_path / 'net.py'}:build", "--quiet"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-
-
-def run_cli(*args, timeout=180):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "jaxnet.app", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)  # fmt: skip
 
 
 def test_rows_without_a_target_are_left_out_and_counted_and_ignored_columns_are_no_features(tmp_path):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_probes import run_cli
+from incli import run_cli
 
 import jaxnet as jn
 from jaxnet import callbacks

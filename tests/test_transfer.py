@@ -1,9 +1,6 @@
 """Starting from trained weights (load_params, --init-from) and low-rank adapters (jn.lora)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -11,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from incli import run_cli
 
 import jaxnet as jn
 from jaxnet import lowrank
@@ -19,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NET = jn.mlp([4, 16, 2])
 
 
-def jaxnet(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "jaxnet.app", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
+jaxnet = run_cli
 
 
 def test_weights_load_by_path_with_renames_and_mismatches_are_listed_together():

@@ -157,8 +157,7 @@ def init_fit_state(
     if skip_nonfinite:
         optimizer = skip_nonfinite_updates(optimizer)
 
-    def fresh(p, kk, s):  # copies: the state's buffers are donated to the epochs, the caller's are not
-        p, kk, s = jax.tree.map(jnp.copy, (p, kk, s))
+    def fresh(p, kk, s):  # (init_state copies: the state's buffers are donated to the epochs, the caller's not)
         return init_state(p, optimizer, kk, s)
 
     k = num_members(key)

@@ -90,8 +90,11 @@ def step_key(model: AnyModel, state: TrainState) -> PRNGKey | None:
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRNGKey, model_state=None) -> TrainState:
     """A fresh :class:`TrainState` at step 0: ``params`` (a pytree), ``optimizer.init(params)``,
-    ``key`` (a scalar PRNG key), ``step`` (an int32 scalar) and a stateful model's ``model_state``."""
+    ``key`` (a scalar PRNG key), ``step`` (an int32 scalar) and a stateful model's ``model_state``.
+    The state holds copies of ``params``, ``key`` and ``model_state``: a step that donates the
+    state (:func:`make_train_step`) never deletes the caller's arrays."""
     _check_optimizer(optimizer)
+    params, key, model_state = jax.tree.map(jnp.copy, (params, key, model_state))
     return TrainState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32), model_state)
 
 

@@ -120,3 +120,16 @@ def test_a_nonfinite_loss_with_finite_gradients_is_skipped_too(key):
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(jax.grad(loss_fn)(params, (x, y))))
     state, _ = jn.make_update(net, infinite, opt)(jn.init_state(params, opt, key), (x, y))
     assert int(state.opt_state.total_notfinite) == 1
+
+
+def test_a_donating_step_never_deletes_the_callers_arrays():
+    """init_state copies what it is given: the README's loop may go on using its params and key."""
+    net, opt = jn.mlp([2, 4, 1]), optax.sgd(0.1)
+    params, key = net.init(jax.random.key(0)), jax.random.key(1)
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(params)]
+    state = jn.init_state(params, opt, key)
+    state, _ = jn.make_train_step(net, "mse", opt)(state, (jnp.ones((8, 2)), jnp.zeros((8, 1))))
+    for a, b in zip(jax.tree.leaves(params), before):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert jax.random.key_data(key).tolist() == jax.random.key_data(jax.random.key(1)).tolist()
+    assert int(state.step) == 1

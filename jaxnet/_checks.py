@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import jax
 import numpy as np
 
 
@@ -93,6 +94,14 @@ def choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ArgumentError(f"unknown {{0}} {literal(value)}: use one of {escape(', '.join(map(str, choices)))}", name)
     return value
+
+
+def key(name: str, value) -> None:
+    """Refuses a ``value`` that is not a JAX PRNG key (a typed key array, or raw ``uint32`` key
+    data): an integer seed given where a key goes would fail deep inside JAX."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == np.uint32):
+        raise TypeError(f"{name} must be a JAX PRNG key, e.g. jax.random.key(0) (a seed is not one); got {value!r}")
 
 
 def boolean(name: str, value) -> bool:

@@ -20,10 +20,26 @@ from jaxnet.forward import apply_batch
 from jaxnet.losses import IGNORE_INDEX, LossSpec
 
 
+def output_shape(model, params, model_state, x_row: jax.ShapeDtypeStruct) -> tuple:
+    """The shape of the model's outputs for one example of shape ``x_row`` (from shapes only)."""
+    batch = jax.ShapeDtypeStruct((1, *x_row.shape), x_row.dtype)
+    return jax.eval_shape(lambda p, s, x: apply_batch(model, p, s, x)[0], params, model_state, batch).shape[1:]
+
+
+def check_class_id_shape(name: str, y_row: tuple, outputs: tuple) -> None:
+    """Refuses class ids of shape ``y_row`` per example for outputs of shape ``outputs``: one id
+    per row of class scores, ``outputs[:-1]``."""
+    if tuple(y_row) != tuple(outputs[:-1]):
+        want = "(n,)" if len(outputs) <= 1 else f"({', '.join(['n', *map(str, outputs[:-1])])})"
+        raise ValueError(
+            f"{name} has targets of shape {tuple(y_row)} per example, but the model's outputs are {tuple(outputs)} "
+            f"(class scores): give one class id per row of scores, {name} of shape {want}"
+        )
+
+
 def num_classes(model, params, model_state, x_row: jax.ShapeDtypeStruct, spec: LossSpec) -> int:
     """The classes a classification model predicts: its outputs (2 for a one-output binary loss)."""
-    batch = jax.ShapeDtypeStruct((1, *x_row.shape), x_row.dtype)
-    shape = jax.eval_shape(lambda p, s, x: apply_batch(model, p, s, x)[0], params, model_state, batch).shape
+    shape = (1, *output_shape(model, params, model_state, x_row))
     outputs = shape[-1] if len(shape) > 1 else 1
     return 2 if spec.name == "sigmoid_binary_cross_entropy" and outputs == 1 else outputs
 

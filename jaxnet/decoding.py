@@ -126,6 +126,7 @@ def generate(
     """
     decoder = _decoder(model)
     steps, top_k, top_p = check_sampling(model, max_new_tokens, temperature, top_k, top_p)
+    checks.key("key", key)
     window, length = prompt_window(prompt_ids, decoder.config.context, decoder.config.vocab_size, decoder.config.eot)
     greedy = temperature == 0
     tokens = _program(

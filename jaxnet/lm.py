@@ -80,6 +80,8 @@ def _check_config(c: GPTConfig) -> GPTConfig:
     checks.number("dropout", c.dropout, minimum=0.0)
     if c.dropout >= 1:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if c.eot is not None:
+        checks.integer("eot", c.eot, minimum=0, maximum=c.vocab_size - 1)  # an id of the vocabulary
     return c
 
 

@@ -40,7 +40,7 @@ from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
 from jaxnet.members import check_memory, estimate_member_bytes, memory_limit, num_members, set_hyperparams
 from jaxnet.metrics import Metric, check_metric_targets, get_metrics, monitor_sign
-from jaxnet.step import init_state, skip_nonfinite_updates, spikes_of
+from jaxnet.step import check_optimizer, init_state, skip_nonfinite_updates, spikes_of
 
 MONITORS = ("val_loss", "val_accuracy")
 """What early stopping may monitor, besides ``val_<name>`` of a named metric given to ``fit``."""
@@ -742,9 +742,9 @@ def fit(
         that epoch, which callbacks have already seen).
     """
     spec = get_loss(loss)
+    _check_kinds(optimizer, key, mesh, epochs, steps, eval_every)
     optimizer = finetuning(optimizer, trainable=trainable, ema=ema, skip_spikes=skip_spikes)
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
-    _check_length(epochs, steps, eval_every)
     data = _check_data(x, y, validation, sample_weight, once=steps is not None or epochs == 1)
     named = get_metrics(metrics)
     auto = isinstance(batch_size, str) and batch_size == "auto"
@@ -803,6 +803,17 @@ def fit(
     return _loop(state, compiled, options)
 
 
+def _check_kinds(optimizer, key, mesh, epochs, steps, eval_every) -> None:
+    """Refuses an ``optimizer``, ``key`` or ``mesh`` of the wrong kind, naming it, and a length
+    of the fit that is not epochs or steps (:func:`_check_length`)."""
+    _check_length(epochs, steps, eval_every)
+    check_optimizer(optimizer)
+    if key is not None:
+        checks.key("key", key)
+    if mesh is not None:
+        shardinglib.check_mesh(mesh)
+
+
 def _progress(verbose, epochs: int) -> tuple:
     """The progress callback that ``verbose`` asks for (none when False)."""
     if verbose is False or verbose is None:
@@ -827,24 +838,32 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
     return weights.class_weights(class_weight, spec, classes, data.train[1] if resident else None)
 
 
+def _one_member(train: TrainState) -> tuple:
+    """``(params, model_state)`` of one member (a member run's first), for shapes."""
+    params, model_state = train.params, train.model_state
+    if num_members(train.key):
+        params, model_state = jax.tree.map(lambda a: a[0], (params, model_state))
+    return params, model_state
+
+
 def _classes(spec: LossSpec, model, train: TrainState, row: jax.ShapeDtypeStruct) -> int:
     """The classes the model predicts for examples of shape ``row`` (from shapes only)."""
-    params, model_state = train.params, train.model_state
-    if num_members(train.key):  # one member's shapes
-        params, model_state = jax.tree.map(lambda a: a[0], (params, model_state))
-    return weights.num_classes(model, params, model_state, row, spec)
+    return weights.num_classes(model, *_one_member(train), row, spec)
 
 
 def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data) -> None:
-    """Refuses resident class ids outside the model's classes (streamed ones give a NaN loss)."""
+    """Refuses class ids whose shape does not match the model's class scores, and resident ones
+    outside its classes (streamed ones give a NaN loss)."""
     if spec.name != "softmax_cross_entropy":
         return
+    row, target = _example_shapes(data.train)
+    outputs = weights.output_shape(model, *_one_member(train), row)
+    weights.check_class_id_shape("y", target.shape, outputs)
     resident = {"y": data.train, "validation's y": data.validation}
     resident = {name: pair[1] for name, pair in resident.items() if isinstance(pair, tuple)}
-    if resident:
-        classes = _classes(spec, model, train, _example_shapes(data.train)[0])
-        for name, y in resident.items():
-            weights.check_class_ids(name, y, classes)
+    for name, y in resident.items():
+        weights.check_class_id_shape(name, y.shape[1:], outputs)
+        weights.check_class_ids(name, y, outputs[-1] if outputs else 1)
 
 
 def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:

@@ -84,7 +84,10 @@ def num_members(key: PRNGKey) -> int | None:
 
 
 def init_members(model: Model, keys: PRNGKey) -> Params:
-    """``vmap(model.init)(keys)``: params of K members, every leaf with a leading axis K."""
+    """``vmap(model.init)(keys)``: params of K members, every leaf with a leading axis K (what
+    ``model.init`` returns: for a stateful model such as :func:`jaxnet.gpt`, ``(params,
+    model_state)``, each stacked: give ``fit`` the first as params and the second as
+    ``model_state``)."""
     if num_members(keys) is None:
         raise ValueError("init_members needs a (K,) array of keys: use member_keys(seeds)")
     return jax.jit(jax.vmap(model.init))(keys)  # one compiled call, not one per op

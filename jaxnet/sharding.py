@@ -308,6 +308,19 @@ def shardings(specs, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
 
+def check_mesh(mesh) -> None:
+    """Refuses a ``mesh`` that is not a ``jax.sharding.Mesh`` with axes among :data:`AXES` (one
+    whose axes jaxnet does not know would leave each batch unsplit, every device doing all of it)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, e.g. jaxnet.make_mesh(fsdp=8); got {mesh!r}")
+    unknown = [a for a in mesh.axis_names if a not in AXES]
+    if unknown:
+        raise ValueError(
+            f"mesh has the axis {unknown[0]!r}: jaxnet splits batches over 'data' and 'fsdp' and layers over 'model'; "
+            "name the axes so (jaxnet.make_mesh(data=..., fsdp=..., model=...))"
+        )
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The axes of ``mesh`` that split each batch: ``"data"`` and ``"fsdp"``, those it has."""
     return tuple(a for a in mesh.axis_names if a in BATCH_AXES)

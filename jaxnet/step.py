@@ -20,7 +20,7 @@ Metrics = dict[str, jax.Array]
 Update = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
-def _check_optimizer(optimizer) -> None:
+def check_optimizer(optimizer) -> None:
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {optimizer!r}")
 
@@ -93,7 +93,7 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, key: PRN
     ``key`` (a scalar PRNG key), ``step`` (an int32 scalar) and a stateful model's ``model_state``.
     The state holds copies of ``params``, ``key`` and ``model_state``: a step that donates the
     state (:func:`make_train_step`) never deletes the caller's arrays."""
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     params, key, model_state = jax.tree.map(jnp.copy, (params, key, model_state))
     return TrainState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32), model_state)
 
@@ -145,7 +145,7 @@ def make_update(
     gradient-sized sum. A stateful model's state is threaded through the microbatches, and each
     draws its own dropout key (``fold_in(step_key, m)``).
     """
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     check_model(model)
     optimizer = optax.with_extra_args_support(optimizer)  # update(..., value=loss) reaches those that read it
     objective = _objective(model, loss, compute_dtype)

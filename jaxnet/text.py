@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxnet import _atomic as atomic
+from jaxnet import _checks as checks
 from jaxnet.sources import DataError, Indexed, release_pages
 
 READ_BYTES = 16 * 2**20
@@ -394,6 +395,11 @@ def windows(tokens, context: int, stride: int = 1, limit: int | None = None, nam
       stride: 1 (every offset: shuffled, random windows), or C (disjoint windows).
       limit: at most this many windows, spread evenly over the tokens (a fixed validation set).
     """
+    context, stride = checks.integer("context", context), checks.integer("stride", stride)
+    limit = checks.optional_integer("limit", limit)
+    if not hasattr(tokens, "dtype") or np.ndim(tokens) != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        got = f"{np.ndim(tokens)}-d {tokens.dtype}" if hasattr(tokens, "dtype") else type(tokens).__name__
+        raise TypeError(f"tokens must be a 1-d array of integer token ids (e.g. open_tokens(...)), got {got}")
     n = len(tokens)
     if n < context + 1:
         raise DataError(f"{name} has {n} tokens, fewer than a window of context {context} + 1: give more text")

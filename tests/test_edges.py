@@ -192,3 +192,41 @@ def test_orbax_thread_failures_stay_out_of_the_terminal_unless_debugging(capsys)
             assert ("write failed" in err) == shown and "ours" in err, err
     finally:
         sys.unraisablehook, threading.excepthook = saved
+
+
+def test_a_callers_mistakes_are_named_before_anything_runs():
+    """Each mistake raises TypeError or ValueError naming the argument, not an error from deep in JAX."""
+    import jax
+    import optax
+
+    import jaxnet as jn
+    from jaxnet import text
+
+    net, V, C = jn.mlp([2, 4, 3]), 11, 8
+    x, y = np.ones((8, 2), np.float32), np.zeros(8, np.int32)
+    args = dict(loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), epochs=1, batch_size=4, key=jax.random.key(1))
+    cases = [
+        ({"key": 0}, TypeError, "key must be a JAX PRNG key"),
+        ({"optimizer": "adam"}, TypeError, "optimizer must be an optax.GradientTransformation"),
+        ({"mesh": "fsdp=8"}, TypeError, "mesh must be a jax.sharding.Mesh"),
+        ({"mesh": jax.make_mesh((1,), ("batch",))}, ValueError, "mesh has the axis 'batch'"),
+        ({"y": np.zeros((8, 1), np.int32)}, ValueError, r"y has targets of shape \(1,\) per example, but the model's"),
+    ]
+    for change, error, message in cases:
+        given = {**args, "x": x, "y": y, **change}
+        with pytest.raises(error, match=message):
+            jn.fit(net, net.init(jax.random.key(0)), **given)
+    gpt = jn.gpt(V, context=C, layers=1, heads=2, dim=16)
+    params, state = gpt.init(jax.random.key(0))
+    ids = np.zeros((4, C), np.int32)
+    with pytest.raises(ValueError, match=r"y has targets of shape \(7,\) per example, .* y of shape \(n, 8\)"):
+        jn.fit(gpt, params, ids, ids[:, 1:], model_state=state, **args)
+    with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
+        jn.generate(gpt, params, [1, 2], 3, key=0)
+    with pytest.raises(ValueError, match="eot must be an integer in"):
+        jn.gpt(V, context=C, layers=1, heads=2, dim=16, eot=V)
+    for bad, match in [({"stride": 0}, "stride must be a positive integer"), ({"limit": -1}, "limit must be")]:
+        with pytest.raises(ValueError, match=match):
+            text.windows(np.arange(100, dtype=np.int32), C, **bad)
+    with pytest.raises(TypeError, match="tokens must be a 1-d array of integer token ids"):
+        text.windows(np.zeros(100, np.float32), C)

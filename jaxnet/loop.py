@@ -763,7 +763,7 @@ def fit(
         resume = _start(params, optimizer, key, batch_size, members, data, mesh, start)
     elif hyperparams:
         raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
-    _check_labels(spec, model, resume.train, data)
+    _check_labels(spec, model, resume.train, data, named)
     options = FitOptions(
         epochs=epochs,
         steps=steps,
@@ -851,13 +851,14 @@ def _classes(spec: LossSpec, model, train: TrainState, row: jax.ShapeDtypeStruct
     return weights.num_classes(model, *_one_member(train), row, spec)
 
 
-def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data) -> None:
-    """Refuses class ids whose shape does not match the model's class scores, and resident ones
-    outside its classes (streamed ones give a NaN loss)."""
+def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data, metrics: tuple = ()) -> None:
+    """Refuses class ids whose shape does not match the model's class scores, resident ones
+    outside its classes (streamed ones give a NaN loss), and a ``top_k_accuracy`` of more classes."""
     if spec.name != "softmax_cross_entropy":
         return
     row, target = _example_shapes(data.train)
     outputs = weights.output_shape(model, *_one_member(train), row)
+    check_metric_targets(metrics, True, spec.name, outputs[-1] if outputs else 1)
     weights.check_class_id_shape("y", target.shape, outputs)
     resident = {"y": data.train, "validation's y": data.validation}
     resident = {name: pair[1] for name, pair in resident.items() if isinstance(pair, tuple)}

@@ -223,6 +223,11 @@ def test_a_callers_mistakes_are_named_before_anything_runs():
         jn.fit(gpt, params, ids, ids[:, 1:], model_state=state, **args)
     with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
         jn.generate(gpt, params, [1, 2], 3, key=0)
+    stacked = jn.init_members(gpt, jn.member_keys([0, 1]))[0]
+    with pytest.raises(ValueError, match=r"params do not fit this model: .* take one with jaxnet.take_member"):
+        jn.generate(gpt, stacked, [1, 2], 3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="'top_50_accuracy' needs at least 50 classes; the model has 11"):
+        jn.fit(gpt, params, ids, ids, model_state=state, metrics=["top_50_accuracy"], **args)
     with pytest.raises(ValueError, match="eot must be an integer in"):
         jn.gpt(V, context=C, layers=1, heads=2, dim=16, eot=V)
     for bad, match in [({"stride": 0}, "stride must be a positive integer"), ({"limit": -1}, "limit must be")]:

@@ -41,8 +41,17 @@ EOT = "<|endoftext|>"
 """The document separator's name (GPT-2's)."""
 
 
-class TextError(ValueError):
-    """A text or tokenizer that cannot be used; the message names the file, offset or character."""
+class TextError(checks.ArgumentError):
+    """A text or tokenizer that cannot be used; the message names the file, offset or character,
+    and may name an argument through a template (a front end spells it its own way: see
+    :class:`jaxnet._checks.ArgumentError`). Without ``names`` the message is plain text."""
+
+    def __init__(self, message: str, *names: str):
+        super().__init__(message if names else checks.escape(message), *names)
+
+
+BYTE_TOKENIZER = "ByteTokenizer()"
+"""How an error names the byte tokenizer (the command line spells it ``--tokenizer byte``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,8 +236,11 @@ def read_text(path: str | os.PathLike, where: str | None = None) -> Iterator[str
             except UnicodeDecodeError as e:
                 bad = (pending + data)[e.start : e.start + 4]
                 raise TextError(
-                    f"{where} is not UTF-8 text: byte offset {offset - len(pending) + e.start} ({bad!r}); "
-                    "convert it to UTF-8, or use --tokenizer byte"
+                    checks.escape(
+                        f"{where} is not UTF-8 text: byte offset {offset - len(pending) + e.start} ({bad!r}); "
+                    )
+                    + "convert it to UTF-8, or use the byte tokenizer ({0})",
+                    BYTE_TOKENIZER,
                 ) from None
             if text:
                 yield text
@@ -270,7 +282,8 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
                 raise TextError(f"{path} line {number} is not JSON ({e.msg})") from None
             value = record.get(field) if isinstance(record, dict) else None
             if not isinstance(value, str):
-                raise TextError(f"{path} line {number} has no text field {field!r}: name the field (--text-field)")
+                where = checks.escape(f"{path} line {number} has no text field {field!r}")
+                raise TextError(where + ": name the field ({0}=NAME)", "field")
             yield value
 
 
@@ -282,8 +295,9 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
         raise ImportError("reading Parquet needs pyarrow: pip install 'jaxnet-trainer[data]'") from None
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
+        names = ", ".join(table.schema_arrow.names)
         raise TextError(
-            f"{path} has no column {field!r} (it has {', '.join(table.schema_arrow.names)}): name it (--text-field)"
+            checks.escape(f"{path} has no column {field!r} (it has {names})") + ": name it ({0}=NAME)", "field"
         )
     for batch in table.iter_batches(columns=[field], batch_size=4096):
         column = batch.column(0)

@@ -242,7 +242,7 @@ def test_a_jsonl_corpus_trains_and_a_missing_field_is_named(tmp_path):
     assert scored.returncode == 0 and scored.stdout.startswith("loss "), scored.stderr
     other = jaxnet("evaluate", "--model", tmp_path / "run", "--data", corpus, "--text-field", "title")
     assert other.returncode == 2
-    assert other.stderr.strip().endswith("line 1 has no text field 'title': name the field (--text-field)")
+    assert other.stderr.strip().endswith("line 1 has no text field 'title': name the field (--text-field=NAME)")
     missing = jaxnet(*args[:-2], "--out", tmp_path / "other")
     assert missing.returncode == 2
-    assert missing.stderr.strip().endswith("line 1 has no text field 'text': name the field (--text-field)")
+    assert missing.stderr.strip().endswith("line 1 has no text field 'text': name the field (--text-field=NAME)")

@@ -235,3 +235,19 @@ def test_a_callers_mistakes_are_named_before_anything_runs():
             text.windows(np.arange(100, dtype=np.int32), C, **bad)
     with pytest.raises(TypeError, match="tokens must be a 1-d array of integer token ids"):
         text.windows(np.zeros(100, np.float32), C)
+
+
+def test_the_text_apis_errors_name_python_arguments_and_the_cli_its_flags(tmp_path):
+    from jaxnet import text
+    from jaxnet.app.cli import _message
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "docs.jsonl").write_text('{"body": "hello"}\n')
+    with pytest.raises(text.TextError) as error:
+        list(text.read_text(tmp_path / "latin1.txt"))
+    assert str(error.value).endswith("convert it to UTF-8, or use the byte tokenizer (ByteTokenizer())")
+    assert _message(error.value).endswith("convert it to UTF-8, or use the byte tokenizer (--tokenizer byte)")
+    with pytest.raises(text.TextError) as error:
+        list(text.text_chunks(tmp_path / "docs.jsonl"))
+    assert str(error.value).endswith("has no text field 'text': name the field (field=NAME)")
+    assert _message(error.value).endswith("has no text field 'text': name the field (--text-field=NAME)")

@@ -40,6 +40,8 @@ FLAGS = {
     "log_steps": "--log-every-steps",
     "timeout": "--peer-timeout",
     "max_new_tokens": "--tokens",
+    "field": "--text-field",  # (of jaxnet.text)
+    "ByteTokenizer()": "--tokenizer byte",  # (jaxnet.text.BYTE_TOKENIZER)
 }
 """Python argument names whose flag is not ``--`` + the name with dashes."""
 

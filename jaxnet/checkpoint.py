@@ -329,8 +329,8 @@ def entries(directory: str | os.PathLike) -> list[Entry]:
     for _ in range(3):
         try:
             return _entries(directory)
-        except FileNotFoundError:  # a step folder vanished between listing and reading
-            continue
+        except (FileNotFoundError, NotADirectoryError):  # a step folder vanished between listing and reading
+            continue  # (orbax says NotADirectoryError of a path that is no longer a folder)
     return _entries(directory)
 
 

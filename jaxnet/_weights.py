@@ -44,6 +44,13 @@ def num_classes(model, params, model_state, x_row: jax.ShapeDtypeStruct, spec: L
     return 2 if spec.name == "sigmoid_binary_cross_entropy" and outputs == 1 else outputs
 
 
+def check_class_targets(name: str, y, outputs: tuple) -> None:
+    """Refuses resident class ids ``y`` ``(n, ...)`` that do not fit outputs of shape ``outputs``
+    (:func:`check_class_id_shape`, :func:`check_class_ids`)."""
+    check_class_id_shape(name, np.shape(y)[1:], outputs)
+    check_class_ids(name, y, outputs[-1] if outputs else 1)
+
+
 def check_class_ids(name: str, y, classes: int) -> None:
     """Refuses class-id targets ``y`` (resident, ``(n,)`` or ``(n, T)``) outside the model's
     ``classes``, :data:`~jaxnet.losses.IGNORE_INDEX` allowed where ``y`` has a token axis: a

@@ -72,8 +72,7 @@ def evaluate(
             raise ValueError(f"x has {rows} examples but y has {len(y)}: give as many targets as inputs")
         if spec.name == "softmax_cross_entropy":
             outputs = weights.output_shape(model, params, model_state, jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype))
-            weights.check_class_id_shape("y", np.shape(y)[1:], outputs)
-            weights.check_class_ids("y", y, outputs[-1] if outputs else 1)
+            weights.check_class_targets("y", y, outputs)
         chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=named)
         validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t, named)
         return {name: float(v) for name, v in validate(params, model_state).items()}

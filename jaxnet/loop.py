@@ -863,8 +863,7 @@ def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data,
     resident = {"y": data.train, "validation's y": data.validation}
     resident = {name: pair[1] for name, pair in resident.items() if isinstance(pair, tuple)}
     for name, y in resident.items():
-        weights.check_class_id_shape(name, y.shape[1:], outputs)
-        weights.check_class_ids(name, y, outputs[-1] if outputs else 1)
+        weights.check_class_targets(name, y, outputs)
 
 
 def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:

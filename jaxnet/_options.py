@@ -48,6 +48,7 @@ class FitOptions:
     class_weights: jax.Array | None = None
     sharding: Any = None
     accumulate: int = 1
+    device_invariant: int | None = None
     flops_per_step: float | None = None
     peak_flops: float | None = None
 

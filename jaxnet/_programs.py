@@ -63,6 +63,8 @@ def _update(model, spec, optimizer, options: FitOptions, mesh):
         gradients=options.logs_steps,
         per_example=options.per_example_grads,
         accumulate=options.accumulate,
+        device_invariant=options.device_invariant,
+        mesh=mesh,
     )
     if options.class_weights is not None:
         update = weigh_classes(update, options.class_weights)

@@ -27,7 +27,7 @@ from jaxnet import _checks as checks
 from jaxnet import _programs as programs
 from jaxnet import _progress as progress
 from jaxnet import _weights as weights
-from jaxnet import hooks, sources, summaries
+from jaxnet import hooks, parts, sources, summaries
 from jaxnet import sharding as shardinglib
 from jaxnet._checks import ArgumentError
 from jaxnet._feed import CHUNK_BYTES, Position, split_keys
@@ -602,6 +602,7 @@ def fit(
     eval_every: int | None = None,
     sharding=None,
     accumulate: int = 1,
+    device_invariant: int | None = None,
     memory_budget: int | None = None,
     peak_tflops: float | None = None,
     trainable: str | None = None,
@@ -659,6 +660,13 @@ def fit(
       accumulate: compute each optimizer step's gradient over this many microbatches of
         ``batch_size / accumulate`` examples, one after the other inside the compiled step, then
         apply one update (the same update as the whole batch, in less memory).
+      device_invariant: a power of two k: each step's gradient is the sum of those of k parts of
+        ``batch_size / k`` rows, each device computing its own parts, added in one fixed order
+        (:mod:`jaxnet.parts`). The run is then bitwise the same on any number of batch devices that
+        divides k (one device included), so a checkpoint continues to the bit on another mesh. It
+        costs smaller matmuls and a replicated gradient (see docs/sharding.md); a ``"model"`` axis,
+        ``accumulate``, ``per_example_grads`` and a model whose state changes in training (batch
+        norm) are refused with it.
       memory_budget: bytes one device may use. Before the first step, XLA's memory analysis of
         the compiled step (params, optimizer state, a batch, activations; per device on a mesh)
         is compared with it, and a step that needs more is refused with the figures and what
@@ -749,7 +757,7 @@ def fit(
     named = get_metrics(metrics)
     auto = isinstance(batch_size, str) and batch_size == "auto"
     if auto:  # the smallest a mesh and microbatches allow, until XLA's memory analysis picks one
-        batch_size = _smallest_batch(accumulate, mesh)
+        batch_size = _smallest_batch(accumulate, mesh, device_invariant)
     _check_options(spec, batch_size, patience, monitor, data.validation, named)
     check_metric_targets(named, spec.integer_labels, spec.name)
     batch_size = _clamped_batch(batch_size, data.train, drop_remainder, mesh)
@@ -757,6 +765,8 @@ def fit(
         _check_padding(model, model_state if resume is None else resume.train.model_state, data.train, batch_size,
                        drop_remainder)  # fmt: skip
     members = num_members(key if resume is None else resume.train.key)
+    if device_invariant is not None and members is None:
+        mesh, sharding = _invariant_layout(mesh, sharding)
     fresh = resume is None
     if fresh:
         start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
@@ -788,6 +798,7 @@ def fit(
         class_weights=_class_weights(class_weight, spec, model, resume.train, data),
         sharding=_check_sharding(sharding, mesh, resume.train),
         accumulate=_check_accumulate(accumulate, batch_size),
+        device_invariant=_check_invariant(device_invariant, batch_size, mesh, accumulate, per_example_grads),
     )
     if auto:
         shapes = (train_rows(data.train), _example_shapes(data.train))
@@ -796,11 +807,14 @@ def fit(
     _check_resumable(options, resume, data)
     options = _preflight(model, spec, optimizer, options, resume.train, data, mesh, memory_budget, peak_tflops,
                          cost if auto else None)  # fmt: skip
-    compiled = programs.build_programs(model, spec, optimizer, options, mesh, data)
-    # Epochs donate the state's buffers; copy a caller's state first so that it stays valid.
+    return _run(programs.build_programs(model, spec, optimizer, options, mesh, data), options, resume, fresh)
+
+
+def _run(compiled: programs.Programs, options: FitOptions, resume: FitState, fresh: bool) -> FitState:
+    """The fit's loop from ``resume``, its state placed where the programs expect it. Epochs donate
+    the state's buffers: a caller's state (not ``fresh``) is copied first, so that it stays valid."""
     train = compiled.place(resume.train)
-    state = resume._replace(train=train if fresh else _copy_tree(train))
-    return _loop(state, compiled, options)
+    return _loop(resume._replace(train=train if fresh else _copy_tree(train)), compiled, options)
 
 
 def _check_kinds(optimizer, key, mesh, epochs, steps, eval_every) -> None:
@@ -932,6 +946,7 @@ def fitting_batch_size(
     mesh=None,
     sharding=None,
     accumulate: int = 1,
+    device_invariant: int | None = None,
     model_state: Any = None,
     compute_dtype: Any = None,
 ) -> int:
@@ -949,17 +964,22 @@ def fitting_batch_size(
         rows, example = len(x), tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (x, y))
     else:
         rows, example = train_rows(source), _example_shapes(source)
-    options = FitOptions(epochs=1, batch_size=_smallest_batch(accumulate, mesh), compute_dtype=compute_dtype,
-                         sharding=sharding, accumulate=accumulate)  # fmt: skip
+    smallest = _smallest_batch(accumulate, mesh, device_invariant)
+    invariant = _check_invariant(device_invariant, smallest, mesh, accumulate, False)
+    options = FitOptions(epochs=1, batch_size=smallest, compute_dtype=compute_dtype, sharding=sharding,
+                         accumulate=accumulate, device_invariant=invariant)  # fmt: skip
     state = jax.eval_shape(lambda p, s: init_state(p, optimizer, jax.random.key(0), s), params, model_state)
     found, _ = _fitting_batch(model, get_loss(loss), optimizer, options, state, (rows, example), mesh, memory_budget)
     return found.batch_size
 
 
-def _smallest_batch(accumulate, mesh) -> int:
-    """The smallest power of two that ``accumulate`` microbatches and a mesh's batch devices divide."""
+def _smallest_batch(accumulate, mesh, device_invariant=None) -> int:
+    """The smallest power of two that ``accumulate`` microbatches and a mesh's batch devices divide
+    (and ``device_invariant``'s parts)."""
     devices = 1 if mesh is None else shardinglib.batch_devices(mesh)
     need = checks.integer("accumulate", accumulate) * devices
+    if device_invariant is not None:
+        need = max(need, parts.check_parts(device_invariant, devices, mesh))
     if need & (need - 1):
         raise ArgumentError(
             f"{{0}} 'auto' picks a power of two, which {{1}} {accumulate} times {devices} batch devices does not "
@@ -1038,6 +1058,32 @@ def _check_sharding(rules, mesh, train: TrainState):
         raise ValueError("sharding rules lay params out on a mesh: give mesh=jaxnet.make_mesh(...) too")
     shardinglib.param_specs(train.params, mesh, rules)
     return rules
+
+
+def _invariant_layout(mesh, sharding):
+    """``(mesh, sharding)`` of a ``device_invariant`` fit: one device's mesh when none is given
+    (wherever a resumed state was), and the state whole on every device. Laid out in shards, the
+    optimizer's update is a program that depends on the device count, which XLA fuses, and so
+    rounds, differently (:func:`jaxnet.parts.whole`)."""
+    if sharding is not None:
+        raise ArgumentError("{0} keeps the params whole on every device: drop {1}", "device_invariant", "sharding")
+    mesh = shardinglib.make_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
+    return mesh, [(".*", jax.sharding.PartitionSpec())]
+
+
+def _check_invariant(k, batch_size: int, mesh, accumulate, per_example_grads) -> int | None:
+    if k is None:
+        return None
+    k = parts.check_parts(k, 1 if mesh is None else shardinglib.batch_devices(mesh), mesh)
+    if batch_size % k:
+        raise ArgumentError(
+            f"{{0}} {k} does not divide {{1}} {batch_size} into equal parts: give a batch size that it divides",
+            "device_invariant", "batch_size",
+        )  # fmt: skip
+    if accumulate != 1 or per_example_grads:
+        taken = "accumulate" if accumulate != 1 else "per_example_grads"
+        raise ArgumentError("{0} already splits each batch into parts: drop {1}", "device_invariant", taken)
+    return k
 
 
 def _check_accumulate(accumulate, batch_size: int) -> int:

@@ -5,6 +5,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -15,6 +16,9 @@ import optax
 from jaxnet.base import Batch, Params, PRNGKey, TrainState
 from jaxnet.forward import AnyModel, apply_batch, check_model, has_state, is_stateful
 from jaxnet.losses import LossSpec, PerExample, batch_mean, get_loss, has_token_axis, loss_sums
+from jaxnet.parts import accumulated, alone, invariant
+from jaxnet.parts import unpack as _unpack
+from jaxnet.sharding import make_mesh
 
 Metrics = dict[str, jax.Array]
 Update = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -23,13 +27,6 @@ Update = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 def check_optimizer(optimizer) -> None:
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {optimizer!r}")
-
-
-def _unpack(batch: Batch):
-    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        raise TypeError("a batch is a tuple (x, y) or (x, y, weights) with a leading example axis")
-    x, y, *rest = batch
-    return x, y, (rest[0] if rest else None)
 
 
 def _cast_floats(tree, dtype):
@@ -122,6 +119,8 @@ def make_update(
     gradients: bool = False,
     per_example: bool = False,
     accumulate: int = 1,
+    device_invariant: int | None = None,
+    mesh=None,
 ) -> Update:
     """The pure, un-jitted update ``(state, batch) -> (state, metrics)``.
 
@@ -144,23 +143,43 @@ def make_update(
     equals the whole batch's (up to rounding) in the memory of a microbatch's activations plus one
     gradient-sized sum. A stateful model's state is threaded through the microbatches, and each
     draws its own dropout key (``fold_in(step_key, m)``).
+
+    ``device_invariant=k`` computes the gradient over k parts of ``b / k`` consecutive rows, each
+    device its own parts, added in one fixed binary tree (:mod:`jaxnet.parts`): the update is then
+    bitwise the same on ``mesh`` (default: one device) as on any other number of batch devices
+    dividing ``k``, so a run continues to the bit on another mesh.
     """
     check_optimizer(optimizer)
     check_model(model)
     optimizer = optax.with_extra_args_support(optimizer)  # update(..., value=loss) reaches those that read it
     objective = _objective(model, loss, compute_dtype)
+    apply = functools.partial(_apply, optimizer)
+    if device_invariant is not None:
+        if per_example or accumulate != 1:
+            raise ValueError(
+                "device_invariant already splits the batch into parts: drop "
+                + ("per-example gradients" if per_example else "accumulate")
+            )
+        mesh = mesh or _one_device_mesh()
+        apply = alone(functools.partial(_apply, optimizer))  # the same program on every device count
+        return _batch_update(model, invariant(objective, device_invariant, mesh), apply, outputs, gradients)
     if accumulate != 1:
         if per_example:
             raise ValueError("accumulate: per-example gradients (DP-SGD) are clipped per example: drop accumulate")
-        return _batch_update(model, _accumulated(objective, accumulate), optimizer, outputs, gradients)
+        return _batch_update(model, accumulated(objective, accumulate), apply, outputs, gradients)
     if per_example:
         return _per_example_update(model, objective, optimizer, outputs, gradients)
-    return _batch_update(model, jax.value_and_grad(objective, has_aux=True), optimizer, outputs, gradients)
+    return _batch_update(model, jax.value_and_grad(objective, has_aux=True), apply, outputs, gradients)
 
 
-def _batch_update(model: AnyModel, value_and_grad: Callable, optimizer, outputs: bool, gradients: bool) -> Update:
+def _one_device_mesh():
+    return make_mesh(devices=jax.devices()[:1])
+
+
+def _batch_update(model: AnyModel, value_and_grad: Callable, apply: Callable, outputs: bool, gradients: bool) -> Update:
     """:func:`make_update`'s update: one step on the batch loss's gradient, from ``value_and_grad``
-    (of the objective, or :func:`_accumulated` over microbatches)."""
+    (of the objective, or over parts of the batch: :mod:`jaxnet.parts`), applied by ``apply``
+    (:func:`_apply` with the optimizer)."""
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = step_key(model, state)
@@ -169,49 +188,10 @@ def _batch_update(model: AnyModel, value_and_grad: Callable, optimizer, outputs:
         )
         if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss: skip the step too
             grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_value), g, jnp.nan), grads)
-        state, opt_state = _apply(optimizer, state, grads, model_state, loss_value)
+        state, opt_state = apply(state, grads, model_state, loss_value)
         return state, _step_metrics(loss_value, count, predictions, grads, opt_state, outputs, gradients)
 
     return update
-
-
-def _accumulated(objective, k: int):
-    """``objective``'s value and gradient over ``k`` microbatches: ``(params, model_state, batch,
-    key) -> ((loss, aux), grads)`` (a ``value_and_grad`` of its own, see :func:`make_update`)."""
-    value_and_grad = jax.value_and_grad(objective, has_aux=True)
-
-    def split(a):  # (b, ...) -> (k, b / k, ...): microbatch m holds rows m, m + k, ...
-        if a.shape[0] % k:
-            raise ValueError(f"accumulate {k} does not divide the batch of {a.shape[0]} examples")
-        return jnp.swapaxes(jnp.reshape(a, (a.shape[0] // k, k, *a.shape[1:])), 0, 1)
-
-    def join(a):  # the inverse of split
-        return jnp.reshape(jnp.swapaxes(a, 0, 1), (-1, *a.shape[2:]))
-
-    def accumulated(params, model_state, batch, key):
-        x, y, w = _unpack(batch)
-        parts = jax.tree.map(split, (x, y) if w is None else (x, y, w))
-
-        def micro(carry, inputs):
-            m, part = inputs
-            total, weight, grads, state = carry
-            sub = None if key is None else jax.random.fold_in(key, m)
-            (mean, (state, predictions, count)), g = value_and_grad(params, state, part, sub)
-            if count is None:  # examples: the microbatch's weight is its rows' (or their weights')
-                count = jnp.sum(part[2]) if len(part) == 3 else jnp.asarray(part[0].shape[0])
-            count = jnp.asarray(count, jnp.float32)
-            grads = jax.tree.map(lambda s, gi: s + count * gi.astype(jnp.float32), grads, g)
-            return (total + count * mean.astype(jnp.float32), weight + count, grads, state), predictions
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        start = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros, model_state)
-        (total, weight, grads, model_state), predictions = jax.lax.scan(micro, start, (jnp.arange(k), parts))
-        scale = jnp.where(weight > 0, 1.0 / jnp.maximum(weight, 1e-30), 0.0)
-        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
-        count = weight if has_token_axis(y) else None
-        return (total * scale, (model_state, jax.tree.map(join, predictions), count)), grads
-
-    return accumulated
 
 
 def _apply(optimizer, state: TrainState, grads, model_state, loss_value) -> tuple[TrainState, Any]:

@@ -52,6 +52,26 @@ def test_a_sharded_run_resumes_on_two_devices_and_on_one(corpus, tmp_path):
         assert max(float(np.max(np.abs(ours[k] - theirs[k]), initial=0.0)) for k in ours) < 1e-5
 
 
+@pytest.mark.slow
+def test_a_device_invariant_run_resumes_to_the_bit_on_two_devices_and_on_one(corpus, tmp_path):
+    flags = [*RUN, "--clip-norm", "0.5", "--device-invariant", "4"]
+    straight = jaxnet("train", "--data", corpus, *flags, "--steps", "20", "--mesh", "fsdp=4", "--out", tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr
+    for devices, mesh in ((2, ["--mesh", "fsdp=2"]), (1, [])):
+        out = tmp_path / f"cut{devices}"
+        cut = jaxnet("train", "--data", corpus, *flags, "--steps", "10", "--mesh", "fsdp=4", "--out", out)
+        assert cut.returncode == 0, cut.stderr
+        resumed = jaxnet("train", "--resume", out, "--steps", "20", *mesh, "--quiet", "--json", devices=devices)
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["steps"] == 20
+        ours, theirs = weights(out), weights(tmp_path / "a")
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            np.testing.assert_array_equal(ours[k], theirs[k])  # to the bit
+    conflict = jaxnet("train", "--resume", tmp_path / "a", "--steps", "30", "--device-invariant", "2", devices=1)
+    assert conflict.returncode == 2 and "--device-invariant 2 conflicts with the run's 4" in conflict.stderr
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -65,6 +85,9 @@ def test_a_sharded_run_resumes_on_two_devices_and_on_one(corpus, tmp_path):
         (["--shard", "embed=fsdp"], "--shard lays params out on a device mesh: give --mesh too"),
         (["--shard", "embed"], "expected REGEX=SPEC"),
         (["--accumulate", "3"], "--accumulate 3 does not divide --batch-size 8 into equal microbatches"),
+        (["--device-invariant", "3"], "--device-invariant must be a power of two (1, 2, 4, 8, ...), got 3"),
+        (["--device-invariant", "16"], "--device-invariant 16 does not divide --batch-size 8 into equal parts"),
+        (["--mesh", "fsdp=4", "--device-invariant", "2"], "--device-invariant 2 is not divisible by the 4 devices"),
     ],
 )
 def test_bad_meshes_and_rules_are_one_line_and_exit_2_before_training(corpus, tmp_path, flags, message):

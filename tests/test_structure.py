@@ -87,7 +87,7 @@ def test_internal_library_modules_are_marked_with_an_underscore():
     # internal and named _like_this, so `ls jaxnet/` says which is which.
     public = {
         "adapters", "averaging", "base", "callbacks", "checkpoint", "decoding", "epoch", "forward", "groups", "hooks",
-        "inference", "layers", "lm", "loggers", "loop", "losses", "lowrank", "members", "metrics", "parallel",
+        "inference", "layers", "lm", "loggers", "loop", "losses", "lowrank", "members", "metrics", "parallel", "parts",
         "sharding", "shuffle", "sources", "step", "summaries", "text", "transfer",
     }  # fmt: skip
     library = {_name(p) for p in PACKAGE.glob("*.py")} - {"__init__"}

@@ -178,6 +178,13 @@ CONFIG_FLAGS: dict[str, Flag] = {
     "peak_tflops": Flag(
         DEVICES, "number", "T", "one device's peak TFLOP/s, for model FLOPs utilization (default: known GPUs, TPUs)"
     ),
+    "device_invariant": Flag(
+        DEVICES,
+        "int",
+        "K",
+        "sum each step's gradient over K parts of the batch in one fixed order: the run is bitwise the same "
+        "on any device count dividing K (a power of two), so --resume may change --mesh",
+    ),  # fmt: skip
     "shard": Flag(
         DEVICES,
         "rules",

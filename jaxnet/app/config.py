@@ -36,6 +36,7 @@ from jaxnet.lm import decay_mask
 from jaxnet.losses import get_loss
 from jaxnet.members import member_grid
 from jaxnet.metrics import get_metrics
+from jaxnet.parts import check_parts
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_EPOCHS = ConfigFields.epochs
@@ -405,6 +406,11 @@ def _validate_recipe(c: TrainConfig) -> None:
     checks.optional_integer("memory_budget", c.memory_budget)
     if c.peak_tflops is not None:
         checks.number("peak_tflops", c.peak_tflops, 0.0, strict=True)
+    if c.device_invariant is not None:
+        check_parts(c.device_invariant, 1)
+        if c.batch_size != "auto" and c.batch_size % c.device_invariant:
+            raise ArgumentError(f"{{0}} {c.device_invariant} does not divide {{1}} {c.batch_size} into equal parts",
+                                "device_invariant", "batch_size")  # fmt: skip
     if c.batch_size != "auto" and c.batch_size % c.accumulate:
         raise ArgumentError(f"{{0}} {c.accumulate} does not divide {{1}} {c.batch_size} into equal microbatches",
                             "accumulate", "batch_size")  # fmt: skip

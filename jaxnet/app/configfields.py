@@ -76,6 +76,7 @@ class ConfigFields:
     positions: str = "learned"
     remat: str = "none"
     accumulate: int = 1
+    device_invariant: int | None = None
     shard: tuple[str, ...] = ()
     memory_budget: int | None = None
     init_from: str | None = None

@@ -131,7 +131,8 @@ def _fitting_batch(config: TrainConfig, problem: Problem, model, variables, mesh
     found = fitting_batch_size(
         model, variables[0], train.x, train.y, loss=with_label_smoothing(problem.loss, c.label_smoothing),
         optimizer=configlib.make_optimizer(dataclasses.replace(c, batch_size=1)), memory_budget=c.memory_budget,
-        mesh=mesh, sharding=sharding_rules(c), accumulate=c.accumulate, model_state=variables[1],
+        mesh=mesh, sharding=sharding_rules(c), accumulate=c.accumulate, device_invariant=c.device_invariant,
+        model_state=variables[1],
         compute_dtype=compute_dtype(c),
     )  # fmt: skip
     return dataclasses.replace(config, batch_size=found)
@@ -313,6 +314,7 @@ def train(
         class_weight=class_weight_of(c, job.problem),
         sharding=sharding_rules(c),
         accumulate=c.accumulate,
+        device_invariant=c.device_invariant,
         memory_budget=c.memory_budget,
         peak_tflops=c.peak_tflops,
         log_every_steps=log_steps,

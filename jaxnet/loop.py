@@ -964,6 +964,8 @@ def fitting_batch_size(
         rows, example = len(x), tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (x, y))
     else:
         rows, example = train_rows(source), _example_shapes(source)
+    if device_invariant is not None:  # the state whole on every device, as fit lays it out
+        mesh, sharding = _invariant_layout(mesh, sharding)
     smallest = _smallest_batch(accumulate, mesh, device_invariant)
     invariant = _check_invariant(device_invariant, smallest, mesh, accumulate, False)
     options = FitOptions(epochs=1, batch_size=smallest, compute_dtype=compute_dtype, sharding=sharding,

@@ -52,7 +52,8 @@ def main() -> None:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, b2=0.99, weight_decay=0.1))
 
     def run(text: str, k: int | None):
-        mesh = None if text == "one" else jn.make_mesh(**sharding.parse_mesh(text))
+        sizes = {} if text == "one" else sharding.parse_mesh(text)
+        mesh = jn.make_mesh(**sizes, devices=jax.devices()[: int(np.prod(list(sizes.values())))]) if sizes else None
         result = jn.fit(
             net, params, x, y, loss="softmax_cross_entropy", optimizer=optimizer, steps=2 * args.steps,
             eval_every=args.steps, batch_size=args.batch_size, key=jax.random.key(1), model_state=state, mesh=mesh,

@@ -662,8 +662,9 @@ def fit(
         apply one update (the same update as the whole batch, in less memory).
       device_invariant: a power of two k: each step's gradient is the sum of those of k parts of
         ``batch_size / k`` rows, each device computing its own parts, added in one fixed order
-        (:mod:`jaxnet.parts`). The run is then bitwise the same on any number of batch devices that
-        divides k (one device included), so a checkpoint continues to the bit on another mesh. It
+        (:mod:`jaxnet.parts`). The run is then bitwise the same on any mesh of batch devices that
+        divides k (one device included) in one process, so a checkpoint continues to the bit on
+        another mesh (across processes: as far as XLA runs each matmul alike; docs/sharding.md). It
         costs smaller matmuls and a replicated gradient (see docs/sharding.md); a ``"model"`` axis,
         ``accumulate``, ``per_example_grads`` and a model whose state changes in training (batch
         norm) are refused with it.

@@ -8,7 +8,8 @@ real tokens) and divide the sums by the total weight once: the batch's mean, fro
 - :func:`accumulated` (``accumulate=k``) runs the ``k`` microbatches one after the other in a
   ``lax.scan`` and keeps one float32 sum: the memory of one microbatch's activations.
 - :func:`invariant` (``device_invariant=k``) makes the result the same to the bit on any number
-  ``n`` of devices that divides ``k``.
+  ``n`` of devices that divides ``k`` (in one process; across processes XLA's CPU runtime may run
+  one compiled matmul with other bits: docs/sharding.md).
 
 Why a data-parallel step is not bitwise the same on another device count, and what
 ``device_invariant`` does about each cause (all measured on XLA's CPU backend):

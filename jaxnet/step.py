@@ -147,7 +147,7 @@ def make_update(
     ``device_invariant=k`` computes the gradient over k parts of ``b / k`` consecutive rows, each
     device its own parts, added in one fixed binary tree (:mod:`jaxnet.parts`): the update is then
     bitwise the same on ``mesh`` (default: one device) as on any other number of batch devices
-    dividing ``k``, so a run continues to the bit on another mesh.
+    dividing ``k``, so a run continues to the bit on another mesh (docs/sharding.md).
     """
     check_optimizer(optimizer)
     check_model(model)

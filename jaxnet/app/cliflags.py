@@ -182,8 +182,8 @@ CONFIG_FLAGS: dict[str, Flag] = {
         DEVICES,
         "int",
         "K",
-        "sum each step's gradient over K parts of the batch in one fixed order: the run is bitwise the same "
-        "on any device count dividing K (a power of two), so --resume may change --mesh",
+        "sum each step's gradient over K parts of the batch in one fixed order, the same on any device count "
+        "dividing K (a power of two), so that --resume may change --mesh and continue to the bit",
     ),  # fmt: skip
     "shard": Flag(
         DEVICES,

@@ -666,7 +666,7 @@ def fit(
         divides k (one device included) in one process, so a checkpoint continues to the bit on
         another mesh (across processes: as far as XLA runs each matmul alike; docs/sharding.md). It
         costs smaller matmuls and a replicated gradient (see docs/sharding.md); a ``"model"`` axis,
-        ``accumulate``, ``per_example_grads`` and a model whose state changes in training (batch
+        ``accumulate``, ``per_example_grads`` and a model with a state (batch
         norm) are refused with it.
       memory_budget: bytes one device may use. Before the first step, XLA's memory analysis of
         the compiled step (params, optimizer state, a batch, activations; per device on a mesh)
@@ -756,6 +756,7 @@ def fit(
     _check_model_state(model, model_state if resume is None else resume.train.model_state)
     data = _check_data(x, y, validation, sample_weight, once=steps is not None or epochs == 1)
     named = get_metrics(metrics)
+    members, mesh, sharding = _placement(key if resume is None else resume.train.key, device_invariant, mesh, sharding)
     auto = isinstance(batch_size, str) and batch_size == "auto"
     if auto:  # the smallest a mesh and microbatches allow, until XLA's memory analysis picks one
         batch_size = _smallest_batch(accumulate, mesh, device_invariant)
@@ -765,9 +766,6 @@ def fit(
     if not auto:  # (else checked once auto has picked the size)
         _check_padding(model, model_state if resume is None else resume.train.model_state, data.train, batch_size,
                        drop_remainder)  # fmt: skip
-    members = num_members(key if resume is None else resume.train.key)
-    if device_invariant is not None and members is None:
-        mesh, sharding = _invariant_layout(mesh, sharding)
     fresh = resume is None
     if fresh:
         start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
@@ -799,7 +797,9 @@ def fit(
         class_weights=_class_weights(class_weight, spec, model, resume.train, data),
         sharding=_check_sharding(sharding, mesh, resume.train),
         accumulate=_check_accumulate(accumulate, batch_size),
-        device_invariant=_check_invariant(device_invariant, batch_size, mesh, accumulate, per_example_grads),
+        device_invariant=_check_invariant(
+            device_invariant, batch_size, mesh, accumulate, per_example_grads, resume.train.model_state
+        ),
     )
     if auto:
         shapes = (train_rows(data.train), _example_shapes(data.train))
@@ -968,7 +968,7 @@ def fitting_batch_size(
     if device_invariant is not None:  # the state whole on every device, as fit lays it out
         mesh, sharding = _invariant_layout(mesh, sharding)
     smallest = _smallest_batch(accumulate, mesh, device_invariant)
-    invariant = _check_invariant(device_invariant, smallest, mesh, accumulate, False)
+    invariant = _check_invariant(device_invariant, smallest, mesh, accumulate, False, model_state)
     options = FitOptions(epochs=1, batch_size=smallest, compute_dtype=compute_dtype, sharding=sharding,
                          accumulate=accumulate, device_invariant=invariant)  # fmt: skip
     state = jax.eval_shape(lambda p, s: init_state(p, optimizer, jax.random.key(0), s), params, model_state)
@@ -1063,20 +1063,36 @@ def _check_sharding(rules, mesh, train: TrainState):
     return rules
 
 
+def _placement(key, device_invariant, mesh, sharding) -> tuple:
+    """``(members, mesh, sharding)``: the members of ``key`` (None: a single run), and for a
+    ``device_invariant`` single run its :func:`_invariant_layout` (found before the batch size,
+    which a mesh keeps whole)."""
+    members = num_members(key)
+    if device_invariant is not None and members is None:
+        mesh, sharding = _invariant_layout(mesh, sharding)
+    return members, mesh, sharding
+
+
 def _invariant_layout(mesh, sharding):
     """``(mesh, sharding)`` of a ``device_invariant`` fit: one device's mesh when none is given
     (wherever a resumed state was), and the state whole on every device. Laid out in shards, the
     optimizer's update is a program that depends on the device count, which XLA fuses, and so
-    rounds, differently (:func:`jaxnet.parts.whole`)."""
+    rounds, differently (:func:`jaxnet.parts.alone`)."""
     if sharding is not None:
         raise ArgumentError("{0} keeps the params whole on every device: drop {1}", "device_invariant", "sharding")
-    mesh = shardinglib.make_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
+    mesh = shardinglib.one_device_mesh() if mesh is None else mesh
     return mesh, [(".*", jax.sharding.PartitionSpec())]
 
 
-def _check_invariant(k, batch_size: int, mesh, accumulate, per_example_grads) -> int | None:
+def _check_invariant(k, batch_size: int, mesh, accumulate, per_example_grads, model_state=None) -> int | None:
     if k is None:
         return None
+    if jax.tree.leaves(model_state):
+        raise ArgumentError(
+            "{0}: the model has a state (e.g. batch norm's statistics), which parts on different devices cannot "
+            "thread in order: drop {0}",
+            "device_invariant",
+        )
     k = parts.check_parts(k, 1 if mesh is None else shardinglib.batch_devices(mesh), mesh)
     if batch_size % k:
         raise ArgumentError(

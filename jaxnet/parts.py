@@ -145,8 +145,8 @@ def check_parts(k, devices: int, mesh: Mesh | None = None) -> int:
 def invariant(objective: Callable, k: int, mesh: Mesh) -> ValueAndGrad:
     """``objective``'s value and gradient over ``k`` parts of ``b / k`` consecutive rows, summed in one
     binary tree: bitwise the same on any number of ``mesh``'s batch devices dividing ``k`` (see the
-    module docstring). Part ``j`` draws the key ``fold_in(key, j)``; a model whose state changes
-    in training (batch norm's statistics) is refused, as its parts on different devices cannot
+    module docstring). Part ``j`` draws the key ``fold_in(key, j)``; a model with a state
+    (batch norm's statistics) is refused, as its parts on different devices cannot
     thread it in order."""
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
     axes = shardinglib.batch_axes(mesh)
@@ -169,8 +169,8 @@ def invariant(objective: Callable, k: int, mesh: Mesh) -> ValueAndGrad:
         x, y, w = unpack(batch)
         if jax.tree.leaves(model_state):
             raise ValueError(
-                "device_invariant: the model's state changes in training (e.g. batch norm's statistics), "
-                "which parts on different devices cannot thread in order: drop device_invariant"
+                "device_invariant: the model has a state (e.g. batch norm's statistics), which parts on different "
+                "devices cannot thread in order: drop device_invariant"
             )
         part = (x, y) if w is None else (x, y, w)
         if x.shape[0] % k:
@@ -226,8 +226,8 @@ def _joined(a: jax.Array) -> jax.Array:
 
 
 def alone(fn: Callable) -> Callable:
-    """``fn(state, *args) -> (state, extra)`` compiled apart from the program around it: as the body
-    of a ``while_loop`` that runs once, by a count that XLA cannot see (``state.step``'s sign).
+    """``fn(state, *args) -> state`` compiled apart from the program around it: as the body of a
+    ``while_loop`` that runs once, by a count that XLA cannot foresee (``state.step``'s sign).
 
     XLA fuses no operation across a loop's body, so the body compiles alike on every device count;
     inlined, the optimizer's update is fused with what comes before and after it, which the device
@@ -237,16 +237,15 @@ def alone(fn: Callable) -> Callable:
     cannot hoist any of the body's work out of the loop."""
 
     def alone_fn(state, *args):
-        extra = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, state, *args)[1])
-        once = jnp.where(state.step >= 0, 1, 0)
+        once = jnp.where(state.step >= 0, 1, 0)  # 1; a step count is never negative
 
         def body(carry):
-            i, state, _ = carry
+            i, state = carry
             fresh = i < once  # true, for all XLA knows only at run time
             given = jax.tree.map(lambda a: jnp.where(fresh, a, jnp.zeros_like(a)), args)
-            return i + 1, *fn(state, *given)
+            return i + 1, fn(state, *given)
 
-        return jax.lax.while_loop(lambda carry: carry[0] < once, body, (jnp.int32(0), state, extra))[1:]
+        return jax.lax.while_loop(lambda carry: carry[0] < once, body, (jnp.int32(0), state))[1]
 
     return alone_fn
 

@@ -99,6 +99,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, model: int = 1, *, devices=None) -> 
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=chosen)
 
 
+def one_device_mesh() -> Mesh:
+    """A :func:`make_mesh` of the first device alone (of the first process)."""
+    return make_mesh(devices=jax.devices()[:1])
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (for :func:`make_mesh`); unknown axes refused.
 

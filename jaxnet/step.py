@@ -18,7 +18,7 @@ from jaxnet.forward import AnyModel, apply_batch, check_model, has_state, is_sta
 from jaxnet.losses import LossSpec, PerExample, batch_mean, get_loss, has_token_axis, loss_sums
 from jaxnet.parts import accumulated, alone, invariant
 from jaxnet.parts import unpack as _unpack
-from jaxnet.sharding import make_mesh
+from jaxnet.sharding import one_device_mesh
 
 Metrics = dict[str, jax.Array]
 Update = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -156,13 +156,11 @@ def make_update(
     apply = functools.partial(_apply, optimizer)
     if device_invariant is not None:
         if per_example or accumulate != 1:
-            raise ValueError(
-                "device_invariant already splits the batch into parts: drop "
-                + ("per-example gradients" if per_example else "accumulate")
-            )
-        mesh = mesh or _one_device_mesh()
-        apply = alone(functools.partial(_apply, optimizer))  # the same program on every device count
-        return _batch_update(model, invariant(objective, device_invariant, mesh), apply, outputs, gradients)
+            taken = "per_example" if per_example else "accumulate"
+            raise ValueError(f"device_invariant already splits the batch into parts: drop {taken}")
+        mesh = mesh or one_device_mesh()
+        value_and_grad = invariant(objective, device_invariant, mesh)
+        return _batch_update(model, value_and_grad, _alone(apply), outputs, gradients)  # alike on any device count
     if accumulate != 1:
         if per_example:
             raise ValueError("accumulate: per-example gradients (DP-SGD) are clipped per example: drop accumulate")
@@ -172,8 +170,16 @@ def make_update(
     return _batch_update(model, jax.value_and_grad(objective, has_aux=True), apply, outputs, gradients)
 
 
-def _one_device_mesh():
-    return make_mesh(devices=jax.devices()[:1])
+def _alone(apply: Callable) -> Callable:
+    """``apply`` (``(state, grads, model_state, loss) -> (state, opt_state)``) compiled apart from the
+    program around it (:func:`jaxnet.parts.alone`)."""
+    step = alone(lambda state, *args: apply(state, *args)[0])
+
+    def isolated(state: TrainState, *args):
+        state = step(state, *args)
+        return state, state.opt_state
+
+    return isolated
 
 
 def _batch_update(model: AnyModel, value_and_grad: Callable, apply: Callable, outputs: bool, gradients: bool) -> Update:

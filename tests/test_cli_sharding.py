@@ -76,6 +76,10 @@ def test_a_sharded_run_resumes_on_two_devices_and_on_one(corpus, tmp_path, invar
         (["--device-invariant", "3"], "--device-invariant must be a power of two (1, 2, 4, 8, ...), got 3"),
         (["--device-invariant", "16"], "--device-invariant 16 does not divide --batch-size 8 into equal parts"),
         (["--mesh", "fsdp=4", "--device-invariant", "2"], "--device-invariant 2 is not divisible by the 4 devices"),
+        (
+            ["--mesh", "fsdp=2,data=2", "--shard", "embed=fsdp", "--device-invariant", "4"],
+            "--device-invariant keeps the params whole on every device: drop --shard",
+        ),
     ],
 )
 def test_bad_meshes_and_rules_are_one_line_and_exit_2_before_training(corpus, tmp_path, flags, message):

@@ -74,6 +74,18 @@ def test_a_device_invariant_run_continues_to_the_bit_on_another_mesh():
         assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
 
 
+@needs_4
+def test_a_small_dataset_is_split_into_the_same_parts_with_and_without_a_mesh():
+    net, (x, y) = gpt(), tokens(n=28)  # fewer rows than the batch: one padded batch, on every mesh
+    params, _ = net.init(jax.random.key(0))
+    runs = [
+        jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=OPTIMIZER, steps=2, batch_size=32,
+               key=jax.random.key(1), model_state={}, mesh=mesh_of(axes), device_invariant=4)
+        for axes in (None, {"fsdp": 2})
+    ]  # fmt: skip
+    assert_bitwise(runs[0].train.params, runs[1].train.params)
+
+
 def test_a_device_invariant_step_is_the_whole_batchs_mean():
     net, (x, y) = gpt(), tokens()
     params, _ = net.init(jax.random.key(0))
@@ -125,6 +137,6 @@ def test_device_invariant_refuses_a_model_whose_state_changes_in_training():
     net = jn.serial(jn.dense(4, 8), jn.batch_norm(8), jn.dense(8, 2))
     params, state = net.init(jax.random.key(0))
     x, y = np.ones((16, 4), np.float32), np.zeros((16,), np.int32)
-    with pytest.raises(ValueError, match="the model's state changes in training .* drop device_invariant"):
+    with pytest.raises(ValueError, match="device_invariant: the model has a state .* drop device_invariant"):
         jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), epochs=1, batch_size=8,
                key=jax.random.key(1), model_state=state, device_invariant=2)  # fmt: skip

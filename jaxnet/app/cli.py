@@ -40,6 +40,7 @@ FLAGS = {
     "log_steps": "--log-every-steps",
     "timeout": "--peer-timeout",
     "max_new_tokens": "--tokens",
+    "sharding": "--shard",
     "field": "--text-field",  # (of jaxnet.text)
     "ByteTokenizer()": "--tokenizer byte",  # (jaxnet.text.BYTE_TOKENIZER)
 }

@@ -133,7 +133,7 @@ def test_device_invariant_refuses_what_it_cannot_make_invariant(change, message)
                key=jax.random.key(1), model_state={}, **kwargs, **change)  # fmt: skip
 
 
-def test_device_invariant_refuses_a_model_whose_state_changes_in_training():
+def test_device_invariant_refuses_a_model_with_a_state():
     net = jn.serial(jn.dense(4, 8), jn.batch_norm(8), jn.dense(8, 2))
     params, state = net.init(jax.random.key(0))
     x, y = np.ones((16, 4), np.float32), np.zeros((16,), np.int32)

@@ -79,6 +79,23 @@ def regression_data(n: int, features: int, outputs: int, seed: int = 0) -> tuple
     )
 
 
+def add_gpt_arguments(parser, *, dim: int, layers: int, batch_size: int) -> None:
+    """The GPT flags of the sharding benchmarks: ``--steps``, ``--dim``, ``--layers``,
+    ``--batch-size`` (with these defaults) and ``--json``."""
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--json")
+
+
+def token_windows(rows: int, vocab: int, context: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)``: ``rows`` windows of ``context`` random token ids below ``vocab`` (int32), and the
+    same shifted by one (the next-token targets, wrapping around)."""
+    x = np.random.default_rng(seed).integers(0, vocab, (rows, context)).astype(np.int32)
+    return x, np.roll(x, -1, axis=1)
+
+
 def num_weights(sizes: list[int]) -> int:
     """Number of multiply-accumulate weights (biases excluded) of an MLP."""
     return sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))

@@ -38,17 +38,11 @@ from jaxnet import sharding  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meshes", nargs="+", default=["fsdp=8", "data=2,fsdp=2,model=2"])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--json")
+    common.add_gpt_arguments(parser, dim=512, layers=4, batch_size=8)
     args = parser.parse_args()
     net = jn.gpt(vocab_size=512, context=64, layers=args.layers, heads=8, dim=args.dim)
     params, state = net.init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 512, (args.batch_size * args.steps, 64)).astype(np.int32)
-    y = np.roll(x, -1, axis=1)
+    x, y = common.token_windows(args.batch_size * args.steps, 512)
 
     def run(mesh):
         start = time.perf_counter()

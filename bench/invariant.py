@@ -12,9 +12,7 @@ params from the one-device run of its mode (0.0 exactly, for ``device_invariant`
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -89,13 +87,9 @@ def main() -> None:
         "repeats": args.repeats,
         "parameters": sum(int(np.size(a)) for a in jax.tree.leaves(params)),
         "devices": jax.device_count(),
-        "platform": jax.devices()[0].platform,
         "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
     }
-    common.write_json(args.json, result)
+    common.write_json(args.json, result)  # (with the device, versions and date: common.stamp)
 
 
 if __name__ == "__main__":

@@ -509,8 +509,16 @@ def _arrays(manager, step: int, meta: dict, template: dict | None = None) -> dic
     older checkpoint), so a read that fails in one process fails in all."""
     ocp = _orbax()
     spread = jax.process_count() > 1 and any(isinstance(a, jax.ShapeDtypeStruct) for a in (template or {}).values())
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
-    arrays = _everywhere(lambda: manager.restore(step, args=args).state, spread)
+    folder = Path(manager.directory) / str(step) / "state"
+
+    def read():  # the handler's own restore: the manager's waits for every process after reading, and a
+        handler = ocp.StandardCheckpointHandler()  # process whose read failed never came: the others hung
+        try:
+            return handler.restore(folder, args=ocp.args.StandardRestore(template))
+        finally:
+            handler.close()
+
+    arrays = _everywhere(read, spread)
     if template is None:
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
     elif set(arrays) != set(template):

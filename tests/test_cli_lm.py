@@ -136,6 +136,8 @@ def test_eval_batches_all_validates_on_every_window_of_the_held_out_text(tmp_pat
         ("latin1", [], "not UTF-8 text: byte offset 9"),
         ("tiny", [], "fewer than a window of context 16 + 1"),
         ("good", ["--epochs", "3"], "--epochs and --steps both set the run's length"),
+        ("good", ["--device-invariant", "2", "--accumulate", "2"], "--device-invariant already splits each batch"),
+        ("good", ["--device-invariant", "2", "--shard", "embed=fsdp"], "--device-invariant keeps the params whole"),
         ("table", [], "--task lm trains on text"),
     ],
 )
@@ -155,7 +157,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, extra,
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not (out / "model.npz").exists() and not (out / "checkpoints").exists()
+    assert not out.exists()  # not even the text's token cache
 
 
 @pytest.mark.parametrize(

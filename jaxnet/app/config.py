@@ -411,6 +411,10 @@ def _validate_recipe(c: TrainConfig) -> None:
         if c.batch_size != "auto" and c.batch_size % c.device_invariant:
             raise ArgumentError(f"{{0}} {c.device_invariant} does not divide {{1}} {c.batch_size} into equal parts",
                                 "device_invariant", "batch_size")  # fmt: skip
+        if c.accumulate != 1:
+            raise ArgumentError("{0} already splits each batch into parts: drop {1}", "device_invariant", "accumulate")
+        if c.shard:
+            raise ArgumentError("{0} keeps the params whole on every device: drop {1}", "device_invariant", "shard")
     if c.batch_size != "auto" and c.batch_size % c.accumulate:
         raise ArgumentError(f"{{0}} {c.accumulate} does not divide {{1}} {c.batch_size} into equal microbatches",
                             "accumulate", "batch_size")  # fmt: skip

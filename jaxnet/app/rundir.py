@@ -29,8 +29,9 @@ LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 OUTPUTS = (CONFIG_FILE, CONFIG_TOML, files.MODEL_FILE, METRICS_FILE, "curves.png")
-WRITTEN = ("data.json", "metrics.csv", "steps.csv", "mlflow-run.json", "tokens.bin", "tokens.bin.json",
-           "tokens.source.json", "tokenizer.json")  # fmt: skip
+TOKEN_CACHE = ("tokenizer.json", "tokens.bin", "tokens.bin.json", "tokens.source.json")
+"""A text's tokens and tokenizer, cached in the run folder before the run starts (``jaxnet.app.task``)."""
+WRITTEN = ("data.json", "metrics.csv", "steps.csv", "mlflow-run.json", *TOKEN_CACHE)
 """Other files a run writes into its folder (atomically, through ``atomic.atomic_path``)."""
 
 
@@ -66,8 +67,9 @@ class RunFolder:
     @contextlib.contextmanager
     def lock(self):
         """Holds the folder's lock while the block runs; raises :class:`RunFolderBusy` at once if
-        another process holds it. The lock file is removed on release, and so is the folder when
-        the block failed before writing anything into a folder it created."""
+        another process holds it. The lock file is removed on release. When the block fails in a
+        folder it created before the run started (a refusal once the text was tokenized), the
+        folder goes too, with the tokens cached in it: a refused command leaves nothing."""
         created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / LOCK_FILE
@@ -76,7 +78,9 @@ class RunFolder:
         try:
             yield self
         except BaseException:
-            if created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            if created and {p.name for p in self.path.iterdir()} <= {LOCK_FILE, *TOKEN_CACHE}:
+                for name in TOKEN_CACHE:
+                    (self.path / name).unlink(missing_ok=True)
                 path.unlink()
                 f.close()
                 self.path.rmdir()

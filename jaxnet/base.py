@@ -133,3 +133,8 @@ class TrainState(NamedTuple):
     key: PRNGKey
     step: jax.Array
     model_state: Any = None
+
+
+def path_name(path) -> str:
+    """A pytree path as ``blocks/attn/q/w`` (list indices as numbers: ``layers/0/w``)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)

@@ -27,8 +27,8 @@ from jax.experimental import io_callback
 from jaxnet import _checks as checks
 from jaxnet._checks import ArgumentError
 from jaxnet.base import Params, PRNGKey
+from jaxnet.forward import check_params
 from jaxnet.lm import GPT, Cache
-from jaxnet.sharding import path_name
 
 
 def sample_logits(logits: jax.Array, key: PRNGKey, temperature, top_k: int | None = None, top_p=None) -> jax.Array:
@@ -128,7 +128,7 @@ def generate(
     decoder = _decoder(model)
     steps, top_k, top_p = check_sampling(model, max_new_tokens, temperature, top_k, top_p)
     checks.key("key", key)
-    _check_params(model, params)
+    check_params(model, params)
     window, length = prompt_window(prompt_ids, decoder.config.context, decoder.config.vocab_size, decoder.config.eot)
     greedy = temperature == 0
     tokens = _program(
@@ -156,22 +156,6 @@ def _decoder(model) -> GPT:
     if not isinstance(decoder, GPT):
         raise TypeError("model: generate needs a language model from jaxnet.gpt (its apply decodes with a cache)")
     return decoder
-
-
-def _check_params(model, params) -> None:
-    """Refuses ``params`` whose arrays are not the shapes ``model.init`` makes (another GPT's, or a
-    member run's stacked params), naming the first that differs."""
-    made = jax.eval_shape(model.init, jax.random.key(0))[0]
-    expected = {path_name(path): a.shape for path, a in jax.tree_util.tree_flatten_with_path(made)[0]}
-    given = {path_name(path): np.shape(a) for path, a in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for path in sorted(set(expected) | set(given)):
-        if expected.get(path) != given.get(path):
-            stacked = " (a member run's stacked params: take one with jaxnet.take_member(params, i))"
-            hint = stacked if given.get(path, ())[1:] == expected.get(path) else ""
-            raise ValueError(
-                f"params do not fit this model: {path} is {given.get(path, 'missing')}, the model's is "
-                f"{expected.get(path, 'absent')}{hint}"
-            )
 
 
 def prompt_window(prompt_ids, context: int, vocab_size: int, eot: int | None = None) -> tuple[jax.Array, int]:

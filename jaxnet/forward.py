@@ -13,8 +13,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxnet.base import BATCH_AXIS, Context, Model, Params, PRNGKey, StatefulModel
+from jaxnet.base import BATCH_AXIS, Context, Model, Params, PRNGKey, StatefulModel, path_name
 
 AnyModel = Model | StatefulModel
 
@@ -39,6 +40,29 @@ def init_model(model: AnyModel, key: PRNGKey) -> tuple[Params, Any]:
         params, state = model.init(key)
         return params, state
     return model.init(key), None
+
+
+def check_params(model: AnyModel, params: Params, members: int | None = None) -> None:
+    """Raises ValueError unless ``params`` hold the arrays ``model.init`` makes (by path and
+    shape, found by ``jax.eval_shape``: nothing is computed), naming the first that differs.
+    ``members``: each array has a leading ``(K,)`` member axis. An ``init`` that cannot be traced
+    (one that computes with NumPy) is not checked."""
+    try:
+        made = jax.eval_shape(lambda key: init_model(model, key)[0], jax.random.key(0))
+    except Exception:  # noqa: BLE001 (a courtesy: apply says the rest)
+        return
+    lead = 1 if members else 0
+    expected = {path_name(path): tuple(a.shape) for path, a in jax.tree_util.tree_flatten_with_path(made)[0]}
+    given = {path_name(p): tuple(np.shape(a))[lead:] for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path in sorted(set(expected) | set(given)):
+        if expected.get(path) != given.get(path):
+            stacked = given.get(path, ())[1:] == expected.get(path)
+            hint = " (a member run's stacked params: take one with jaxnet.take_member(params, i))" if stacked else ""
+            hint += f" (after the leading member axis of {members})" if members else ""
+            raise ValueError(
+                f"params do not fit this model: {path or 'the array'} is {given.get(path, 'missing')}, the model's is "
+                f"{expected.get(path, 'absent')}{hint}"
+            )
 
 
 def has_state(state: Any) -> bool:

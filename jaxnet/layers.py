@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnet.base import Context, Model, Params, PRNGKey, StatefulModel
+from jaxnet.forward import check_params
 
 Activation = Callable[[jax.Array], jax.Array]
 Initializer = Callable[..., jax.Array]
@@ -304,20 +305,14 @@ def with_params(model: Model, params: Params) -> Model:
 
     The given params are checked against the structure and shapes that ``model.init`` produces.
     """
+    check_params(model, params)
     expected = jax.eval_shape(model.init, jax.random.key(0))
     given = jax.tree.map(jnp.asarray, params)
-    if jax.tree.structure(expected) != jax.tree.structure(given):
+    if jax.tree.structure(expected) != jax.tree.structure(given):  # the same paths in other containers
         raise ValueError(
             f"params do not fit the model: expected structure {jax.tree.structure(expected)}, "
             f"got {jax.tree.structure(given)}"
         )
-    for path, e, g in zip(
-        (jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]),
-        jax.tree.leaves(expected),
-        jax.tree.leaves(given),
-    ):
-        if e.shape != g.shape:
-            raise ValueError(f"params{path} has shape {g.shape}, the model expects {e.shape}")
     given = jax.tree.map(lambda e, g: g.astype(e.dtype), expected, given)
     return Model(lambda key: given, model.apply)
 

@@ -34,7 +34,7 @@ from jaxnet._feed import CHUNK_BYTES, Position, split_keys
 from jaxnet._options import FitOptions
 from jaxnet.averaging import averaged
 from jaxnet.base import Params, PRNGKey, StatefulModel, TrainState
-from jaxnet.forward import AnyModel, check_model, is_stateful
+from jaxnet.forward import AnyModel, check_model, check_params, is_stateful
 from jaxnet.groups import finetuning
 from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
@@ -613,7 +613,9 @@ def fit(
 
     Args:
       model: the model.
-      params: initial params (ignored when ``resume`` is given).
+      params: initial params (ignored when ``resume`` is given): the arrays ``model.init`` makes,
+        by path and shape (with a leading member axis for a member run), else a ValueError names
+        the first that differs.
       x: ``(n, ...)`` inputs; y: ``(n, ...)`` targets (integer labels for cross-entropy). Arrays
         in memory are placed on the device whole (the fast path). Data that is not is streamed
         (see :mod:`jaxnet.sources` and docs/data.md): ``np.memmap`` or :class:`jaxnet.NpyFile`
@@ -768,6 +770,7 @@ def fit(
                        drop_remainder)  # fmt: skip
     fresh = resume is None
     if fresh:
+        check_params(model, params, members)
         start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
         resume = _start(params, optimizer, key, batch_size, members, data, mesh, start)
     elif hyperparams:

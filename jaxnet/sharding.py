@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet._checks import ArgumentError
-from jaxnet.base import TrainState
+from jaxnet.base import TrainState, path_name
 from jaxnet.forward import init_model
 
 AXES = ("data", "fsdp", "model")
@@ -152,11 +152,6 @@ def listed(names) -> str:
     show what a pattern could have matched."""
     names = list(names)
     return ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
-
-
-def path_name(path) -> str:
-    """A pytree path as ``blocks/attn/q/w`` (list indices as numbers: ``layers/0/w``)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _spelled(sizes: Mapping[str, int]) -> str:

@@ -216,6 +216,11 @@ def test_a_callers_mistakes_are_named_before_anything_runs():
         given = {**args, "x": x, "y": y, **change}
         with pytest.raises(error, match=message):
             jn.fit(net, net.init(jax.random.key(0)), **given)
+    other = jn.mlp([2, 8, 3]).init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"params do not fit this model: 0/b is \(8,\), the model's is \(4,\)$"):
+        jn.fit(net, other, x, y, **args)
+    with pytest.raises(ValueError, match=r"0/b is \(\), the model's is \(4,\) \(after the leading member axis of 2\)"):
+        jn.fit(net, net.init(jax.random.key(0)), x, y, **{**args, "key": jn.member_keys([0, 1])})
     gpt = jn.gpt(V, context=C, layers=1, heads=2, dim=16)
     params, state = gpt.init(jax.random.key(0))
     ids = np.zeros((4, C), np.int32)

@@ -70,10 +70,12 @@ def test_with_params_starts_from_given_weights(key):
     params = jn.with_params(net, given).init(key)
     np.testing.assert_array_equal(params[0]["w"], given[0]["w"])
     assert params[0]["w"].dtype == jnp.float32
-    with pytest.raises(ValueError, match=r"shape \(2, 3\).*expects \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"0/w is \(2, 3\), the model's is \(3, 2\)"):
         jn.with_params(net, [{"w": np.ones((2, 3)), "b": np.ones(2)}])
-    with pytest.raises(ValueError, match="structure"):
+    with pytest.raises(ValueError, match="0/b is missing, the model's is"):
         jn.with_params(net, {"w": np.ones((3, 2))})
+    with pytest.raises(ValueError, match="structure"):  # the same paths in other containers
+        jn.with_params(net, ({"w": np.ones((3, 2)), "b": np.ones(2)},))  # a tuple for the list
 
 
 def test_batched_forward_equals_python_loop(key):

@@ -24,9 +24,9 @@ import numpy as np
 
 from jaxnet import layers as L
 from jaxnet._checks import ArgumentError, escape
+from jaxnet.base import path_name
 from jaxnet.forward import AnyModel, check_model, init_model
 from jaxnet.lm import gpt
-from jaxnet.sharding import path_name
 
 ARCHS = ("mlp", "cnn", "gpt")
 IMAGE_SHAPES = {"digits": (8, 8, 1)}

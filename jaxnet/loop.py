@@ -665,8 +665,9 @@ def fit(
       device_invariant: a power of two k: each step's gradient is the sum of those of k parts of
         ``batch_size / k`` rows, each device computing its own parts, added in one fixed order
         (:mod:`jaxnet.parts`). The run is then bitwise the same on any mesh of batch devices that
-        divides k (one device included) in one process, so a checkpoint continues to the bit on
-        another mesh (across processes: as far as XLA runs each matmul alike; docs/sharding.md). It
+        divides k (one device included), so a checkpoint continues to the bit on another mesh; in
+        another process too, when every process starts JAX's CPU backend with the same threads
+        (:func:`jaxnet.parts.same_cpu_threads`, which the CLI calls; docs/sharding.md). It
         costs smaller matmuls and a replicated gradient (see docs/sharding.md); a ``"model"`` axis,
         ``accumulate``, ``per_example_grads`` and a model with a state (batch
         norm) are refused with it.

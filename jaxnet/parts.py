@@ -8,8 +8,8 @@ real tokens) and divide the sums by the total weight once: the batch's mean, fro
 - :func:`accumulated` (``accumulate=k``) runs the ``k`` microbatches one after the other in a
   ``lax.scan`` and keeps one float32 sum: the memory of one microbatch's activations.
 - :func:`invariant` (``device_invariant=k``) makes the result the same to the bit on any number
-  ``n`` of devices that divides ``k`` (in one process; across processes XLA's CPU runtime may run
-  one compiled matmul with other bits: docs/sharding.md).
+  ``n`` of devices that divides ``k``: in one process, and across processes that start JAX with the
+  same CPU threads (:func:`same_cpu_threads`).
 
 Why a data-parallel step is not bitwise the same on another device count, and what
 ``device_invariant`` does about each cause (all measured on XLA's CPU backend):
@@ -27,7 +27,10 @@ Why a data-parallel step is not bitwise the same on another device count, and wh
    cannot see (a count of one would be inlined into the program around it), and the optimizer's
    update runs :func:`alone`, as the body of a loop that runs once: XLA fuses nothing across a
    loop's body.
-3. In shards, the optimizer's update is partitioned by XLA, with the global norm of gradient
+3. Across processes, XLA's CPU runtime runs one compiled matmul with other bits: its intra-op
+   thread pool has ``max(NPROC or the cores, devices)`` threads, and Eigen splits a long sum over
+   them by their number. :func:`same_cpu_threads` gives every process the same pool.
+4. In shards, the optimizer's update is partitioned by XLA, with the global norm of gradient
    clipping summed per shard and then across devices. So a ``device_invariant`` fit keeps the
    params and the optimizer state whole on every device (:func:`jaxnet.fit`), and the gradient is
    replicated before the update.
@@ -41,6 +44,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -140,6 +144,35 @@ def check_parts(k, devices: int, mesh: Mesh | None = None) -> int:
             "mesh",
         )
     return int(k)
+
+
+THREADS_ENV = "NPROC"
+"""Read by XLA's CPU client when JAX starts it: its intra-op thread pool has ``max(NPROC, devices)``
+threads (``NPROC`` unset: the cores this process may run on)."""
+
+
+def same_cpu_threads(k: int) -> bool:
+    """Gives XLA's CPU runtime ``max(k, cores)`` intra-op threads in this process (``NPROC``), as
+    in every other process of a ``device_invariant=k`` run on this machine, whatever its device
+    count (at most ``k``): Eigen splits a matmul's long sums over the pool's threads by their
+    number, so a process of 8 emulated devices (8 threads) and one of 1 (2 threads, on 2 cores)
+    round some of the same matmul's sums differently. Call it before JAX's first use of a device
+    (the CLI does); an ``NPROC`` the user set is kept. Returns whether the pool will have that size:
+    False when JAX's backend had already started, or ``NPROC`` was set otherwise."""
+    want = str(max(k, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    started = _backend_started()
+    if not started:
+        os.environ.setdefault(THREADS_ENV, want)
+    return not started and os.environ[THREADS_ENV] == want
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # another JAX: assume not (the docs say when to call)
+        return False
 
 
 def invariant(objective: Callable, k: int, mesh: Mesh) -> ValueAndGrad:

@@ -1,6 +1,10 @@
 """fit(device_invariant=k): each step's gradient summed over k parts in one fixed order, so that a
 run is bitwise the same on 4, 2 or 1 devices and continues to the bit on another mesh."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import optax
@@ -140,3 +144,16 @@ def test_device_invariant_refuses_a_model_with_a_state():
     with pytest.raises(ValueError, match="device_invariant: the model has a state .* drop device_invariant"):
         jn.fit(net, params, x, y, loss="softmax_cross_entropy", optimizer=optax.sgd(0.1), epochs=1, batch_size=8,
                key=jax.random.key(1), model_state=state, device_invariant=2)  # fmt: skip
+
+
+def test_same_cpu_threads_sets_the_cpu_pool_before_the_backend_starts_and_keeps_the_users():
+    code = (
+        "import os, jax; from jaxnet import parts; print(parts.same_cpu_threads(8), os.environ.get('NPROC')); "
+        "jax.devices(); print(parts.same_cpu_threads(8))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NPROC"}
+    want = max(8, len(os.sched_getaffinity(0)))
+    for given, expected in ((None, f"True {want}\nFalse"), ("3", "False 3\nFalse")):
+        run_env = env if given is None else {**env, "NPROC": given}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr

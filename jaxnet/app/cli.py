@@ -387,12 +387,13 @@ def _train(args) -> int:
         if not supervisor.is_supervised():  # the runtime's fatal errors become one line, in bounded time
             return supervisor.supervise(args.argv, timeout, _debugging(args))
         supervisor.bind_to_supervisor()
+    given, config = _train_config(args)  # (no device touched yet)
+    _same_cpu_threads(given, args.resume)
     # Before any other JAX use: joining a multi-process run must precede backend start-up.
     where = (args.coordinator, args.num_processes, args.process_id)
     distributed = parallel.initialize_distributed(*where, timeout=timeout)
     mesh = _mesh(args, distributed)
     primary = parallel.is_primary()
-    given, config = _train_config(args)
     interrupt = callbacks.Interrupt(_say if primary else None)
     progress = callbacks.Progress(_rounds(config, args)) if primary and not args.quiet else None
     cbs = [interrupt] + ([progress] if progress else [])
@@ -431,6 +432,20 @@ def _train(args) -> int:
     if primary:
         _report(result, args, out)
     return 0
+
+
+def _same_cpu_threads(given: dict, resume) -> None:
+    """A ``--device-invariant K`` run (given, or the resumed run's) starts XLA's CPU runtime with
+    the same threads in every process, whatever its devices (:func:`jaxnet.parts.same_cpu_threads`)."""
+    from jaxnet import parts
+    from jaxnet.app.rundir import RunFolder
+
+    k = given.get("device_invariant")
+    if k is None and resume:
+        with contextlib.suppress(OSError, ValueError):
+            k = (RunFolder(resume).stored_config() or {}).get("device_invariant")
+    if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
+        parts.same_cpu_threads(k)
 
 
 def _interrupted_at(state, out) -> str:

@@ -131,9 +131,12 @@ def check_parts(k, devices: int, mesh: Mesh | None = None) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k & (k - 1):
         raise ArgumentError(f"{{0}} must be a power of two (1, 2, 4, 8, ...), got {literal(k)}", "device_invariant")
     if k % devices:
+        counts = [str(1 << i) for i in range(k.bit_length())]
+        counts = " or ".join(counts) if len(counts) < 3 else ", ".join(counts[:-1]) + " or " + counts[-1]
+        new = f" (a new run may instead give {{0}} {devices})" if devices & (devices - 1) == 0 else ""
         raise ArgumentError(
-            f"{{0}} {k} is not divisible by the {devices} devices that split each batch: give a multiple of "
-            f"{devices} (the most devices the run may train on), or train on fewer devices",
+            f"{{0}} {k} is not divisible by the {devices} devices that split each batch: split it over {counts} "
+            f"device{'s' if k > 1 else ''}{new}",
             "device_invariant",
         )
     if mesh is not None and mesh.shape.get("model", 1) > 1:

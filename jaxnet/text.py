@@ -359,6 +359,18 @@ def tokenize_files(paths, tokenizer: Tokenizer, out: str | os.PathLike, field: s
     return open_tokens(out)
 
 
+def first_difference(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 22) -> int | None:
+    """The first index where two 1-d token arrays differ (one ending first: its length), or None
+    when equal; compared a chunk at a time, so memory maps are never read whole."""
+    n = min(len(a), len(b))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        unequal = np.flatnonzero(a[start:stop] != b[start:stop])
+        if unequal.size:
+            return start + int(unequal[0])
+    return None if len(a) == len(b) else n
+
+
 def open_tokens(path: str | os.PathLike) -> np.memmap:
     """The token file ``path`` (see :func:`tokenize_files`) as a read-only memory map, checked
     against its header (its size must be what the header says)."""

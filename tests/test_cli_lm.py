@@ -107,6 +107,29 @@ def test_a_run_by_steps_extends_with_resume(trained, tmp_path):
     assert summary["steps"] == 60 and "best_epoch" not in summary and summary["best_step"] in (20, 40, 60)
 
 
+def test_a_resume_keeps_the_runs_tokenizer_and_refuses_a_text_that_changed(tmp_path):
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "run"
+    corpus.write_text(TEXT)
+    args = ["--data", corpus, "--task", "lm", "--tokenizer", "char", *SMALL, "--eval-batches", "2"]
+    assert jaxnet("train", *args, "--steps", "4", "--out", out).returncode == 0
+    cached = {name: (out / name).read_bytes() for name in ("tokenizer.json", "tokens.bin", "tokens.source.json")}
+    for changed, message in (
+        (TEXT + "Zebra!\n", "corpus.txt has 2 character(s) the char tokenizer does not know: '!', 'Z'"),
+        (TEXT + "the dog\n", f"{len(TEXT) + 9:,} tokens now, {len(TEXT) + 1:,} then; the first differs at"),
+    ):
+        corpus.write_text(changed)
+        result = jaxnet("train", "--resume", out, "--steps", "8")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "cannot resume: the text the run in" in result.stderr and message in result.stderr, result.stderr
+        assert "restore it, or train a new run on it" in result.stderr
+        assert {name: (out / name).read_bytes() for name in cached} == cached  # the run's own, untouched
+    corpus.write_text(TEXT)  # the same text again, a newer file: the run's tokens, the stamp renewed
+    result = jaxnet("train", "--resume", out, "--steps", "8", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["steps"] == 8, result.stderr
+    assert (out / "tokens.source.json").read_bytes() != cached["tokens.source.json"]
+    assert (out / "tokenizer.json").read_bytes() == cached["tokenizer.json"]
+
+
 def test_eval_batches_all_validates_on_every_window_of_the_held_out_text(tmp_path, capsys):
     corpus, held, out = tmp_path / "corpus.txt", tmp_path / "held.txt", tmp_path / "run"
     corpus.write_text(TEXT * 4)

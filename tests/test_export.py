@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import subprocess
 import sys
 
@@ -84,3 +85,24 @@ def test_weights_as_safetensors_read_back_without_jaxnet(tmp_path, capsys):
 
     with safe_open(str(tmp_path / "w.safetensors"), framework="numpy") as f:
         assert '"loss"' in f.metadata()["jaxnet"]
+
+
+def test_a_language_model_exports_its_next_token_probabilities(tmp_path, capsys):
+    import jax
+
+    from jaxnet.app import files, language
+
+    corpus, out, program = tmp_path / "corpus.txt", tmp_path / "run", tmp_path / "lm.jaxexport"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    args = ["--task", "lm", "--tokenizer", "char", "--context", "16", "--layers", "1", "--heads", "2", "--dim", "16"]
+    assert cli.main(["train", "--data", str(corpus), *args, "--steps", "5", "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["export", "--model", str(out), "--out", str(program)]) == 0
+    assert "next-token probabilities of (n, context) int32 windows" in capsys.readouterr().err
+    about = json.loads((tmp_path / "lm.jaxexport.json").read_text())
+    assert about["task"] == "lm" and about["context"] == 16 and about["tokenizer"]["jaxnet_tokenizer"] == "char"
+    lm = language.load_language_model(files.load_model(out))
+    ids = np.array([lm.tokenizer.encode("the quick brown ", "p"), lm.tokenizer.encode("lazy dog. the qu", "p")])
+    exported = np.asarray(jax.export.deserialize(program.read_bytes()).call(ids.astype(np.int32)))
+    logits = jax.vmap(lambda row: lm.model.apply(lm.params, {}, row, None)[0])(ids)
+    assert exported.shape == (2, 16, about["vocab_size"])
+    np.testing.assert_allclose(exported, jax.nn.softmax(logits, axis=-1), rtol=1e-5, atol=1e-7)

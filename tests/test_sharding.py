@@ -365,6 +365,22 @@ def test_the_command_lines_batch_size_auto_is_recorded_as_the_number_it_became(t
     assert again.summary["batch_size"] == 256 and again.summary["epochs"] == 2
 
 
+def test_a_resumed_run_takes_the_memory_budget_of_its_machine(tmp_path):
+    from jaxnet.app import config as configlib
+    from jaxnet.app import run as runlib
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(500, 8)).astype(np.float32), y=rng.integers(0, 3, 500))
+    config = configlib.make_config(data=str(tmp_path / "d.npz"), batch_size=64, memory_budget=64 << 20, epochs=1)
+    runlib.run(config, out=tmp_path / "run", notify=lambda *a: None)
+    with pytest.raises(ValueError, match="over the memory budget of 1.0 KiB"):  # taken, not a conflict
+        runlib.resume(tmp_path / "run", epochs=2, overrides={"memory_budget": 1000})
+    with pytest.raises(ValueError, match="batch_size 32 conflicts with the run's 64"):  # the run's own
+        runlib.resume(tmp_path / "run", epochs=2, overrides={"batch_size": 32})
+    result = runlib.resume(tmp_path / "run", epochs=2, overrides={"memory_budget": 128 << 20, "peak_tflops": 1.0})
+    assert result.summary["epochs"] == 2
+
+
 @pytest.mark.slow
 def test_two_processes_write_their_own_shards_and_one_or_two_processes_read_theirs(tmp_path):
     ckpts = tmp_path / "checkpoints"

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from jaxnet.app import cliflags
 
@@ -781,6 +782,9 @@ def _cmd_export(args) -> int:
     out = exporting.export(args.model, args.out, arch=args.arch, platforms=platforms)
     if str(out).endswith(".safetensors"):
         _say(f"exported the weights to {out}")
+    elif json.loads(Path(f"{out}.json").read_text())["task"] == "lm":
+        _say(f"exported to {out}: next-token probabilities of (n, context) int32 windows of token ids, padded on the "
+             f"right; the context and the tokenizer are in {out}.json")  # fmt: skip
     else:
         _say(f"exported to {out}; what it takes (one column per input column, categories as indices, NaN for a "
              f"gap) is in {out}.json")  # fmt: skip

@@ -523,10 +523,15 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Gradi
     )
 
 
+MACHINE_FIELDS = ("memory_budget", "peak_tflops")
+"""Fields that describe the machine a run trains on, not the run: a resumed run takes them anew."""
+
+
 def check_overrides(config: TrainConfig, given: dict) -> None:
     """Raises ArgumentError naming the first field in ``given`` (None = not given) whose value
-    differs from ``config``'s: a resumed run keeps its config. A run of a user's own model
-    resumes only when ``given`` names its architecture again (no code is imported unasked)."""
+    differs from ``config``'s: a resumed run keeps its config (but for :data:`MACHINE_FIELDS`). A
+    run of a user's own model resumes only when ``given`` names its architecture again (no code is
+    imported unasked)."""
     if is_file_arch(config.arch) and given.get("arch") is None:
         raise ArgumentError(
             f"this run trains {checks.escape(config.arch)}: give {{0}} with it again to resume "
@@ -534,7 +539,7 @@ def check_overrides(config: TrainConfig, given: dict) -> None:
             "arch",
         )
     for name, value in given.items():
-        if value is None:
+        if value is None or name in MACHINE_FIELDS:
             continue
         have = getattr(config, name)
         if name == "loss" and have is not None:

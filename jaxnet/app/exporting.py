@@ -19,6 +19,12 @@ on arrays, the columns are its features. The JSON also holds ``classes`` (the na
 probabilities' columns, when the labels were names). The program's platform is the one it was
 exported on, unless ``platforms`` names others (``("cpu", "cuda")``).
 
+A language model (``--task lm``) exports ``predict(ids: (n, C) int32) -> (n, C, V) float32``: the
+probabilities of the next token after each position of ``n`` windows of the context ``C`` (an
+ensemble's average). The model is causal, so a window shorter than ``C`` is padded on the right
+with any id and read at its last real position. The JSON holds ``context``, ``vocab_size`` and
+the ``tokenizer`` (:func:`jaxnet.text.tokenizer_from_json` reads it).
+
 Axis letters in shapes: :mod:`jaxnet.base`.
 """
 
@@ -37,7 +43,10 @@ from jaxnet.forward import apply_batch
 
 
 def prediction_function(model: files.SavedModel, arch: str | None = None):
-    """``predict(x_raw: (n, d)) -> (n, out)`` of a saved model, pure jax, the weights closed over."""
+    """``predict(x_raw: (n, d)) -> (n, out)`` of a saved model, pure jax, the weights closed over
+    (a language model's: :func:`next_tokens_function`)."""
+    if model.meta.get("task") == "lm":
+        return next_tokens_function(model, arch)
     bound = saved.bind_saved(model, arch)
     encoder = saved.encoder_of(model)
     mean, std = (jnp.asarray(a, jnp.float32)[None] for a in (model.mean, model.std))
@@ -57,6 +66,31 @@ def prediction_function(model: files.SavedModel, arch: str | None = None):
         return jax.nn.sigmoid(outputs) if loss == "sigmoid_binary_cross_entropy" else outputs
 
     return predict
+
+
+def next_tokens_function(model: files.SavedModel, arch: str | None = None):
+    """``predict(ids: (n, C) int32) -> (n, C, V)`` of a saved language model: each position's
+    next-token probabilities, the members' average."""
+    bound = saved.bind_saved(model, arch)
+
+    def predict(ids):
+        outputs = jax.vmap(lambda p, s: apply_batch(bound.model, p, s, ids)[0])(bound.params, bound.state)
+        return jax.nn.softmax(saved.combine(outputs, "softmax_cross_entropy"), axis=-1)
+
+    return predict
+
+
+def _inputs(model: files.SavedModel) -> tuple:
+    """``(shape (n, ...) with n symbolic, dtype, description for the JSON)`` of the exported program."""
+    (n,) = jax.export.symbolic_shape("n")
+    if model.meta.get("task") == "lm":
+        gpt = model.meta["gpt"]
+        about = {"task": "lm", "context": gpt["context"], "vocab_size": gpt["vocab_size"],
+                 "tokenizer": json.loads(model.meta["tokenizer"])}  # fmt: skip
+        return jax.ShapeDtypeStruct((n, gpt["context"]), jnp.int32), about
+    encoder = saved.encoder_of(model)
+    about = {**encoder.to_json(), "classes": model.meta.get("classes"), "task": model.meta["task"]}
+    return jax.ShapeDtypeStruct((n, len(encoder.columns)), jnp.float32), about
 
 
 def _require(module: str, what: str) -> None:
@@ -103,13 +137,9 @@ def export(model_dir, out, *, arch: str | None = None, platforms: tuple[str, ...
         return export_safetensors(model_dir, out)
     _require("flatbuffers", "jaxnet export")  # jax.export serializes with it
     model = files.load_model(model_dir)
-    encoder = saved.encoder_of(model)
-    (n,) = jax.export.symbolic_shape("n")
-    program = jax.export.export(jax.jit(prediction_function(model, arch)), platforms=platforms)(
-        jax.ShapeDtypeStruct((n, len(encoder.columns)), jnp.float32)
-    )
+    shape, inputs = _inputs(model)
+    program = jax.export.export(jax.jit(prediction_function(model, arch)), platforms=platforms)(shape)
     out = Path(out)
-    inputs = {**encoder.to_json(), "classes": model.meta.get("classes"), "task": model.meta["task"]}
     with atomic.atomic_path(out) as tmp:
         tmp.write_bytes(program.serialize())
     atomic.write_text(Path(f"{out}.json"), json.dumps(inputs, indent=1, sort_keys=True) + "\n")

@@ -100,12 +100,12 @@ class Job(NamedTuple):
         return ("val_accuracy" if classify else "val_loss") if self.problem.splits.val is not None else "train_loss"
 
 
-def prepare(config: TrainConfig, cache: Path | None = None, mesh=None) -> Job:
+def prepare(config: TrainConfig, cache: Path | None = None, mesh=None, resuming: bool = False) -> Job:
     """Loads the data of ``config`` and describes its model and members; refuses a run whose
     estimated memory exceeds the device's before anything is allocated. A text's tokens are cached
-    in ``cache`` (the run folder). A batch size ``auto`` is resolved for ``mesh`` (the job's config
-    holds the number)."""
-    problem = load_problem(config, cache)
+    in ``cache`` (the run folder; ``resuming`` its run: with its own tokenizer). A batch size
+    ``auto`` is resolved for ``mesh`` (the job's config holds the number)."""
+    problem = load_problem(config, cache, resuming)
     class_weight_of(config, problem)
     meta = model_meta(config, problem)
     model = archlib.build_model(meta, config.arch)
@@ -131,7 +131,7 @@ def _fitting_batch(config: TrainConfig, problem: Problem, model, variables, mesh
     found = fitting_batch_size(
         model, variables[0], train.x, train.y, loss=with_label_smoothing(problem.loss, c.label_smoothing),
         optimizer=configlib.make_optimizer(dataclasses.replace(c, batch_size=1)), memory_budget=c.memory_budget,
-        mesh=mesh, sharding=sharding_rules(c), accumulate=c.accumulate, device_invariant=c.device_invariant,
+        mesh=mesh, sharding=sharding_rules(c, mesh), accumulate=c.accumulate, device_invariant=c.device_invariant,
         model_state=variables[1],
         compute_dtype=compute_dtype(c),
     )  # fmt: skip
@@ -143,8 +143,11 @@ def compute_dtype(config: TrainConfig):
     return None if config.dtype == "float32" else jnp.dtype(config.dtype)
 
 
-def sharding_rules(config: TrainConfig) -> list | None:
-    """``--shard``'s ``REGEX=SPEC`` rules as ``fit(sharding=)`` takes them."""
+def sharding_rules(config: TrainConfig, mesh) -> list | None:
+    """``--shard``'s ``REGEX=SPEC`` rules as ``fit(sharding=)`` takes them on ``mesh``; None
+    without a mesh: a run resumed on one device holds its params whole (a new run is refused)."""
+    if mesh is None:
+        return None
     return [tuple(rule.rsplit("=", 1)) for rule in config.shard] or None
 
 
@@ -281,7 +284,7 @@ def train(
     c, val = job.config, job.problem.splits.val
     if job.member_run and mesh is not None:
         raise ArgumentError(MEMBER_RUNS + " train on one device: drop {4}", *MEMBER_FLAGS, "devices")
-    if c.shard and mesh is None:
+    if c.shard and mesh is None and resume is None:
         raise ArgumentError("{0} lays params out on a device mesh: give {1} too", "shard", "mesh")
     start = _fresh(job) if resume is None else _Start(None, None, None, None)
     x, y = _local_rows(job, mesh)
@@ -312,7 +315,7 @@ def train(
         chunk_steps=chunk_steps,
         metrics=list(c.metrics) or None,
         class_weight=class_weight_of(c, job.problem),
-        sharding=sharding_rules(c),
+        sharding=sharding_rules(c, mesh),
         accumulate=c.accumulate,
         device_invariant=c.device_invariant,
         memory_budget=c.memory_budget,
@@ -703,8 +706,8 @@ def _continue(
 ) -> RunResult:
     """Continues the run in ``folder`` from its newest usable checkpoint (everything is checked
     before anything in the folder changes)."""
-    job = prepare(config, folder.path, mesh)
-    restored = checkpoint.restore(folder.checkpoints, template(job), mesh=mesh, sharding=sharding_rules(config))
+    job = prepare(config, folder.path, mesh, resuming=True)
+    restored = checkpoint.restore(folder.checkpoints, template(job), mesh=mesh, sharding=sharding_rules(config, mesh))
     _check_same_data(job, restored.metadata, folder)
     _announce(notify, job, config)
     for path, reason in restored.damaged:
@@ -874,7 +877,8 @@ def resume(
       epochs: extend (or shorten) the run to this many epochs; the result equals a run of that
         many epochs never interrupted.
       steps: likewise for a run by steps: extend it to this many steps.
-      overrides: config fields given again (None: not given); each must equal the run's own.
+      overrides: config fields given again (None: not given); each must equal the run's own, but
+        for those of the machine (``memory_budget``, ``peak_tflops``), which the resumed run takes.
       options: the fields of :class:`RunOptions`; the checkpoint and logging schedule left unset
         is the run's own.
     """
@@ -895,7 +899,8 @@ def resume(
             )
         config = TrainConfig.from_dict(stored)
         configlib.check_overrides(config, overrides or {})
-        config = _extended(config, epochs, steps)
+        machine = {k: v for k, v in (overrides or {}).items() if k in configlib.MACHINE_FIELDS and v is not None}
+        config = _extended(dataclasses.replace(config, **machine), epochs, steps)
         _check_log(o.log)
         return _continue(folder, config, o.callbacks, o.mesh, o.cadence, o.notify, o.log, o.trace)
 
@@ -925,4 +930,4 @@ def restore_run(out: str | Path) -> tuple[TrainConfig, checkpoint.Restored]:
     if stored is None:
         raise ValueError(f"cannot resume: {out} holds no run (give the out folder of an earlier run)")
     config = TrainConfig.from_dict(stored)
-    return config, checkpoint.restore(folder.checkpoints, template(prepare(config, folder.path)))
+    return config, checkpoint.restore(folder.checkpoints, template(prepare(config, folder.path, resuming=True)))

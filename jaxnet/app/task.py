@@ -108,11 +108,12 @@ def _check_classes(ds: datalib.Dataset) -> None:
         )
 
 
-def load_problem(config: TrainConfig, cache: Path | None = None) -> Problem:
+def load_problem(config: TrainConfig, cache: Path | None = None, resuming: bool = False) -> Problem:
     """Loads and splits the data of ``config`` and fits the standardization on the training split;
-    a text (task ``lm``) is tokenized into ``cache`` (a folder; a temporary one when None)."""
+    a text (task ``lm``) is tokenized into ``cache`` (a folder; a temporary one when None), or,
+    ``resuming`` the run in ``cache``, read with that run's own tokenizer (:func:`_run_tokens`)."""
     if config.task == "lm":
-        return _text_problem(config, cache)
+        return _text_problem(config, cache, resuming)
     options = {}
     if config.data is not None and tables.is_table_file(config.data):
         options = dict(
@@ -194,15 +195,17 @@ def _source(config: TrainConfig, files: list[Path]) -> dict:
     return {"files": stamps, "field": config.text_field, "tokenizer": [config.tokenizer, config.vocab_size, *stamp]}
 
 
-def _cached_tokens(config: TrainConfig, files: list[Path], cache: Path):
+def _cached_tokens(config: TrainConfig, files: list[Path], cache: Path, resuming: bool = False):
     """``(tokenizer, tokens)`` of the text: those ``cache`` holds when it made them from these files
-    for this tokenizer (a resumed run uses its own), else made anew (and cached)."""
+    for this tokenizer, else made anew (and cached); ``resuming``: the run's own (:func:`_run_tokens`)."""
     cache.mkdir(parents=True, exist_ok=True)
     source, stamp = _source(config, files), cache / SOURCE_FILE
     with contextlib.suppress(OSError, ValueError, text.TextError):
         if json.loads(stamp.read_text()) == source:
             tokenizer = text.tokenizer_from_json((cache / TOKENIZER_FILE).read_text())
             return tokenizer, text.open_tokens(cache / TOKENS_FILE)
+    if resuming and (cache / TOKENIZER_FILE).is_file():
+        return _run_tokens(config, files, cache, source)
     tokenizer = _new_tokenizer(config, files)
     tokens = text.tokenize_files(files, tokenizer, cache / TOKENS_FILE, config.text_field)
     atomic.write_text(cache / TOKENIZER_FILE, text.tokenizer_to_json(tokenizer))
@@ -210,7 +213,35 @@ def _cached_tokens(config: TrainConfig, files: list[Path], cache: Path):
     return tokenizer, tokens
 
 
-def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
+def _run_tokens(config: TrainConfig, files: list[Path], cache: Path, source: dict):
+    """``(tokenizer, tokens)`` of a run being resumed whose text's files changed size or time since
+    it started: its own tokenizer, and its tokens when the text still makes them (the stamp is
+    renewed). A text that no longer does is refused, and nothing in ``cache`` changes: a new
+    tokenizer would no longer fit the run's embedding, and the run's would be lost for
+    ``generate`` and ``--init-from``."""
+    tokenizer = text.tokenizer_from_json((cache / TOKENIZER_FILE).read_text(), str(cache / TOKENIZER_FILE))
+    refused = (
+        f"cannot resume: the text the run in {text_escape(cache)} trained on changed since it started "
+        "({}): restore it, or train a new run on it (another --out, or --overwrite)"
+    )
+    with tempfile.TemporaryDirectory(prefix="jaxnet-tokens-") as folder:
+        try:
+            now = text.tokenize_files(files, tokenizer, Path(folder) / TOKENS_FILE, config.text_field)
+        except text.TextError as e:
+            raise ValueError(refused.format(e)) from None
+        try:
+            then = text.open_tokens(cache / TOKENS_FILE)
+        except (OSError, ValueError, text.TextError):  # the cache is gone: the run's tokenizer makes it again
+            then = now = text.tokenize_files(files, tokenizer, cache / TOKENS_FILE, config.text_field)
+        first = text.first_difference(now, then)
+        if first is not None:
+            tokens = f"{len(now):,} tokens now, {len(then):,} then; the first differs at {first:,}"
+            raise ValueError(refused.format(tokens))
+    atomic.write_text(cache / SOURCE_FILE, json.dumps(source) + "\n")
+    return tokenizer, then
+
+
+def _text_problem(config: TrainConfig, cache: Path | None, resuming: bool = False) -> Problem:
     """A language model's problem: the text tokenized (cached in ``cache``), its last ``val_split``
     held out; training windows at every offset, validation at most ``eval_batches`` batches of
     disjoint windows spread over the held-out part."""
@@ -219,7 +250,7 @@ def _text_problem(config: TrainConfig, cache: Path | None) -> Problem:
     if cache is None:  # a run without a folder: its tokens go when the process does
         cache = Path(tempfile.mkdtemp(prefix="jaxnet-tokens-"))
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    tokenizer, tokens = _cached_tokens(config, files, cache)
+    tokenizer, tokens = _cached_tokens(config, files, cache, resuming)
     train, val = text.split_tokens(tokens, config.val_split)
     name = Path(source).name
     parts = [text.windows(train, config.context, name=f"{name} (training part)")]

@@ -37,7 +37,9 @@ def _compile(pattern: str, what: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except (re.error, TypeError) as e:
-        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+        raise ValueError(
+            f"{what} {pattern!r} is not a valid regular expression: {e} (escape a literal character with a backslash)"
+        ) from None
 
 
 def partition(

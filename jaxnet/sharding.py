@@ -174,7 +174,8 @@ def spec_text(spec: P) -> str:
 def _check_rule(name: str, shape: tuple, spec: P, mesh: Mesh, pattern: str) -> None:
     if len(spec) > len(shape):
         raise ValueError(
-            f"sharding rule {pattern!r} gives {name} {shape} the spec {spec_text(spec)}, longer than its rank"
+            f"sharding rule {pattern!r} gives {name} {shape} the spec {spec_text(spec)}, longer than its rank: give "
+            f"at most {len(shape)} entries"
         )
     for i, entry in enumerate(spec):
         for axis in _axes_of(entry):
@@ -184,7 +185,7 @@ def _check_rule(name: str, shape: tuple, spec: P, mesh: Mesh, pattern: str) -> N
         if shape[i] % size:
             raise ValueError(
                 f"sharding rule {pattern!r}: dimension {i} of {name} {shape} is not divisible by "
-                f"{spec_text(P(entry))} of size {size}"
+                f"{spec_text(P(entry))} of size {size}: shard another dimension, or leave it whole (None)"
             )
 
 
@@ -229,7 +230,10 @@ def param_specs(params, mesh: Mesh, rules=None, *, min_size: int = MIN_SHARDED_S
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"sharding rule {pattern!r} is not a valid regular expression: {e}") from None
+            raise ValueError(
+                f"sharding rule {pattern!r} is not a valid regular expression: {e} (escape a literal character "
+                "with a backslash)"
+            ) from None
     used = set()
 
     def spec_of(path, leaf):

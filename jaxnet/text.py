@@ -50,6 +50,10 @@ class TextError(checks.ArgumentError):
         super().__init__(message if names else checks.escape(message), *names)
 
 
+class UnknownCharactersError(TextError):
+    """A text holds characters a char tokenizer does not know (the message names them)."""
+
+
 BYTE_TOKENIZER = "ByteTokenizer()"
 """How an error names the byte tokenizer (the command line spells it ``--tokenizer byte``)."""
 
@@ -117,7 +121,7 @@ class CharTokenizer:
         if unknown.any():
             missing = sorted({chr(p) for p in points[unknown]})
             shown = ", ".join(repr(c) for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise TextError(
+            raise UnknownCharactersError(
                 f"{where} has {len(missing)} character(s) the char tokenizer does not know: {shown} "
                 "(it knows the characters of its training text)"
             )
@@ -125,6 +129,10 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in np.asarray(ids).ravel() if 0 <= int(i) < len(self.chars))
+
+
+BPE_MIN_VOCAB = 257
+"""The smallest byte-level BPE: its 256 byte tokens and the document separator."""
 
 
 class BPETokenizer:
@@ -150,13 +158,21 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        """A byte-level BPE of ``vocab_size`` ids (the 256 bytes and :data:`EOT` included) learned from ``texts``."""
+        """A byte-level BPE of ``vocab_size`` ids (the 256 bytes and :data:`EOT` included, so at
+        least :data:`BPE_MIN_VOCAB`) learned from ``texts``."""
+        if not isinstance(vocab_size, int) or vocab_size < BPE_MIN_VOCAB:
+            raise ValueError(
+                f"vocab_size must be at least {BPE_MIN_VOCAB} (the 256 bytes and {EOT!r}), got {vocab_size!r}"
+            )
         tk = _tokenizers()
         tokenizer = tk.Tokenizer(tk.models.BPE())
         tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = tk.decoders.ByteLevel()
         trainer = tk.trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,  # (its bars leave empty lines on stderr)
         )
         tokenizer.train_from_iterator(texts, trainer=trainer)
         return cls(tokenizer)
@@ -239,7 +255,7 @@ def read_text(path: str | os.PathLike, where: str | None = None) -> Iterator[str
                     checks.escape(
                         f"{where} is not UTF-8 text: byte offset {offset - len(pending) + e.start} ({bad!r}); "
                     )
-                    + "convert it to UTF-8, or use the byte tokenizer ({0})",
+                    + "convert it to UTF-8, or train with the byte tokenizer ({0}), which reads any bytes",
                     BYTE_TOKENIZER,
                 ) from None
             if text:
@@ -266,7 +282,7 @@ def text_files(path: str | os.PathLike) -> list[Path]:
             raise TextError(f"{path} holds no .txt files")
         return found
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise FileNotFoundError(f"no such file: {path}: give a text file (.txt, .jsonl, .parquet) or a folder of .txt")
     return [path]
 
 

@@ -63,6 +63,8 @@ def files(tmp_path_factory):
 BAD = {
     "missing file": (["train", "--data", "{d}/nope.csv", "--target", "label"], "not found"),
     "batch size 0": (["train", "--batch-size", "0"], "--batch-size.*positive integer"),
+    "lm flag on a table": (["train", "--tokenizer", "char"], r"--tokenizer is for --task lm \(a language model\)"),
+    "lm field on a table": (["train", "--context", "32"], "--context is for --task lm"),
     "not a model": (["predict", "--model", "{baddir}", "--data", "{good}"], "not a jaxnet model"),
     "data as the model": (
         ["predict", "--model", "{good}", "--data", "{good}"],

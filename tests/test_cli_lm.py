@@ -57,6 +57,16 @@ def test_generate_writes_the_prompt_and_new_text(trained):
     assert greedy.returncode == 0 and set(greedy.stdout) <= set(TEXT)
 
 
+def test_predict_on_a_language_model_names_the_commands_that_take_one(trained):
+    folder, out, _ = trained
+    result = jaxnet("predict", "--model", out, "--data", folder / "corpus.txt")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"jaxnet: error: {out} holds a language model: sample text from it with 'jaxnet generate', or score it on a "
+        "text with 'jaxnet evaluate'\n"
+    )
+
+
 def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained, capsys):
     folder, out, _ = trained
     other = folder / "other.txt"
@@ -66,6 +76,9 @@ def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained, capsys):
     figures = json.loads(result.stdout)
     assert figures["perplexity"] == pytest.approx(2.718281828 ** figures["loss"], rel=1e-6)
     assert figures["bits_per_character"] == pytest.approx(figures["bits_per_token"], rel=1e-2)  # char tokens
+    top = jaxnet("evaluate", "--model", out, "--data", other, "--metrics", "top_3_accuracy", "--json")
+    top = json.loads(top.stdout)
+    assert top["loss"] == figures["loss"] and 0 < top["accuracy"] <= top["top_3_accuracy"] <= 1
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "jaxnet.app", "evaluate", "--model", str(out), "--data", "-", "--json"]
     piped = subprocess.run(cmd, input=TEXT[:2000], capture_output=True, text=True, env=env, timeout=300)
@@ -74,6 +87,12 @@ def test_evaluate_on_a_text_reports_loss_perplexity_and_bits(trained, capsys):
     empty = subprocess.run(cmd, input="", capture_output=True, text=True, env=env, timeout=300)
     assert empty.returncode == 2 and empty.stderr == (
         "jaxnet: error: standard input holds no text: give a text that is not empty\n"
+    )
+    (folder / "new.txt").write_text(TEXT[:200] + "Zebra\n")
+    unknown = jaxnet("evaluate", "--model", out, "--data", folder / "new.txt")
+    assert unknown.returncode == 2 and unknown.stderr.endswith(
+        "has 1 character(s) the char tokenizer does not know: 'Z' (it knows the characters of its training text): "
+        "score a text without them, or a model trained on them\n"
     )
     table = jaxnet("evaluate", "--model", out, "--data", other, "--target", "price")
     assert table.returncode == 2 and table.stderr == (
@@ -160,6 +179,9 @@ def test_eval_batches_all_validates_on_every_window_of_the_held_out_text(tmp_pat
         ("tiny", [], "fewer than a window of context 16 + 1"),
         ("good", ["--epochs", "3"], "--epochs and --steps both set the run's length"),
         ("good", ["--device-invariant", "2", "--accumulate", "2"], "--device-invariant already splits each batch"),
+        ("good", ["--vocab-size", "300"], "--vocab-size is the vocabulary --tokenizer bpe learns; --tokenizer char"),
+        ("good", ["--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be at least 257 for --tokenizer"),
+        ("good", ["--text-field", "body"], "--text-field names the field of a JSONL or Parquet corpus;"),
         ("good", ["--device-invariant", "2", "--shard", "embed=fsdp"], "--device-invariant keeps the params whole"),
         ("table", [], "--task lm trains on text"),
     ],

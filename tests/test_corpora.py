@@ -38,7 +38,7 @@ def test_other_bytes_are_refused_and_nothing_is_left(served, monkeypatch):
     monkeypatch.setitem(corpora.CORPORA, "shakespeare", corpus._replace(size=100))  # never reads past the size
     with pytest.raises(corpora.DownloadError, match=r"is not the expected one \(101 bytes; expected 100 bytes"):
         corpora.fetch("shakespeare", note=None)
-    assert list(corpora.cache_dir().iterdir()) == []
+    assert not corpora.cache_dir().exists()  # nothing left, not even the folder it made
 
 
 def test_offline_is_one_line_naming_the_fix(served, monkeypatch, capsys):
@@ -50,6 +50,7 @@ def test_offline_is_one_line_naming_the_fix(served, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("jaxnet: error: cannot download the shakespeare text from file:///nowhere/at/all.txt")
     assert err[-1].endswith("connect to the internet, or download it yourself and give --data FILE")
+    assert not (source.parent / "cache").exists()  # no empty cache folder left behind
 
 
 def test_the_command_line_trains_a_character_model_on_it(served, tmp_path, capsys):

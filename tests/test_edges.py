@@ -250,8 +250,10 @@ def test_the_text_apis_errors_name_python_arguments_and_the_cli_its_flags(tmp_pa
     (tmp_path / "docs.jsonl").write_text('{"body": "hello"}\n')
     with pytest.raises(text.TextError) as error:
         list(text.read_text(tmp_path / "latin1.txt"))
-    assert str(error.value).endswith("convert it to UTF-8, or use the byte tokenizer (ByteTokenizer())")
-    assert _message(error.value).endswith("convert it to UTF-8, or use the byte tokenizer (--tokenizer byte)")
+    assert str(error.value).endswith(
+        "convert it to UTF-8, or train with the byte tokenizer (ByteTokenizer()), which reads any bytes"
+    )
+    assert _message(error.value).endswith("or train with the byte tokenizer (--tokenizer byte), which reads any bytes")
     with pytest.raises(text.TextError) as error:
         list(text.text_chunks(tmp_path / "docs.jsonl"))
     assert str(error.value).endswith("has no text field 'text': name the field (field=NAME)")

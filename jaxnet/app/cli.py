@@ -300,11 +300,16 @@ def _train_config(args) -> tuple[dict, object]:
     from jaxnet.app import config as configlib
     from jaxnet.app import configfile
 
-    given = cliflags.given(args)
+    flags = cliflags.given(args)
+    given = flags
     if args.config:
         given = {**configfile.load_config_file(args.config), **{k: v for k, v in given.items() if v is not None}}
     given = configlib.inherited(given)  # --init-from RUN: its architecture and tokenizer
-    return given, None if args.resume else configlib.make_config(**given)
+    if args.resume:
+        return given, None
+    config = configlib.make_config(**given)
+    configlib.check_lm_fields(config, [name for name, value in flags.items() if value is not None])
+    return given, config
 
 
 def _print_config(config, resume) -> int:
@@ -513,6 +518,9 @@ def _cmd_predict(args) -> int:
 
     delimiter = _checked_delimiter(args)
     model = files.load_model(args.model)
+    if model.meta.get("task") == "lm":
+        raise CliError(f"{args.model} holds a language model: sample text from it with 'jaxnet generate', or score it "
+                       "on a text with 'jaxnet evaluate'")  # fmt: skip
     chunks = savedlib.input_chunks(model, args.data, targets=False, id_column=args.id_column, delimiter=delimiter)
     chunks = _reported(chunks, model, args.data)
 
@@ -622,26 +630,28 @@ def _evaluate_text(args, model) -> dict:
     """A language model's figures on the text ``--data`` names (``-``: standard input)."""
     import shutil
     import tempfile
-    from pathlib import Path
 
+    from jaxnet.app import config as configlib
     from jaxnet.app import language
 
-    for name in ("target", "metrics", "delimiter", "arch"):
+    for name in ("target", "delimiter", "arch"):
         if getattr(args, name) is not None:
             raise CliError(f"{flag(name)} is for tables; a language model is scored on a text: drop it")
+    named = args.metrics if args.metrics is not None else model.meta.get("config", {}).get("metrics", [])
+    configlib.checked_metrics(named)
     records = args.data != "-" and args.data.lower().endswith((".jsonl", ".parquet"))
     if args.text_field is not None and not records:
         shown = "standard input" if args.data == "-" else args.data
         raise CliError(f"--text-field names a field of a JSONL or Parquet corpus; {shown} is read as plain text")
     field = args.text_field or model.meta.get("config", {}).get("text_field") or "text"
     if args.data != "-":
-        return language.evaluate_text(model, args.data, field)
+        return language.evaluate_text(model, args.data, field, named)
     with tempfile.TemporaryDirectory(prefix="jaxnet-stdin-") as folder:
         path = Path(folder) / "standard input.txt"
         with open(path, "wb") as f:
             shutil.copyfileobj(sys.stdin.buffer, f)
         try:
-            return language.evaluate_text(model, str(path), field)
+            return language.evaluate_text(model, str(path), field, named)
         except ValueError as e:  # named as the user knows it
             raise type(e)(str(e).replace(str(path), "standard input")) from None
 

@@ -25,6 +25,7 @@ from jaxnet.app.arch import IMAGE_SHAPES, check_arch, is_file_arch
 from jaxnet.app.configfields import (
     ADAMW_WEIGHT_DECAY,
     CNN_DROPOUT,
+    LM_FIELDS,
     PRESETS,
     TABLE_PRESET,
     TASK_PRESETS,
@@ -37,6 +38,7 @@ from jaxnet.losses import get_loss
 from jaxnet.members import member_grid
 from jaxnet.metrics import get_metrics
 from jaxnet.parts import check_parts
+from jaxnet.text import BPE_MIN_VOCAB
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_EPOCHS = ConfigFields.epochs
@@ -365,6 +367,7 @@ def _validate_text(c: TrainConfig) -> None:
     if c.dim % c.heads:
         raise ArgumentError(f"{{0}} {c.dim} must be divisible by {{1}} {c.heads}", "dim", "heads")
     if not lm:
+        check_lm_fields(c)
         return
     if c.data is None and c.dataset not in corpora.CORPORA or str(c.data).lower().endswith((".csv", ".npz")):
         shown = checks.escape(c.data or c.dataset)
@@ -378,9 +381,36 @@ def _validate_text(c: TrainConfig) -> None:
     if c.tokenizer not in ("byte", "char", "bpe") and not str(c.tokenizer).endswith(".json"):
         raise ArgumentError(f"{{0}} must be byte, char, bpe or a tokenizer.json file, got {checks.escape(c.tokenizer)}",
                             "tokenizer")  # fmt: skip
+    _validate_tokenizer(c)
     for name in ("target", "class_weight"):
         if getattr(c, name) is not None:
             raise ArgumentError("{0} is for tables, not {1} lm", name, "task")
+
+
+def check_lm_fields(c: TrainConfig, named=()) -> None:
+    """Refuses, for a task other than ``lm``, a language model's field set to other than its
+    default, or ``named`` (given on the command line; a config file holds them all, at their
+    defaults)."""
+    if c.task == "lm":
+        return
+    for name in LM_FIELDS:
+        if name in named or getattr(c, name) != getattr(ConfigFields, name):
+            raise ArgumentError("{0} is for {1} lm (a language model): drop {0}", name, "task")
+
+
+def _validate_tokenizer(c: TrainConfig) -> None:
+    """``vocab_size`` is what a BPE learns (at least its bytes and separator); ``text_field`` names
+    the field of a JSONL or Parquet corpus."""
+    if c.tokenizer == "bpe" and c.vocab_size < BPE_MIN_VOCAB:
+        raise ArgumentError(f"{{0}} must be at least {BPE_MIN_VOCAB} for {{1}} bpe (its 256 bytes and the document "
+                            f"separator), got {c.vocab_size}", "vocab_size", "tokenizer")  # fmt: skip
+    if c.tokenizer != "bpe" and c.vocab_size != ConfigFields.vocab_size:
+        raise ArgumentError(f"{{0}} is the vocabulary {{1}} bpe learns; {{1}} {checks.escape(c.tokenizer)} has its "
+                            "own: drop {0}", "vocab_size", "tokenizer")  # fmt: skip
+    plain = c.data is not None and not str(c.data).lower().endswith((".jsonl", ".parquet"))
+    if plain and c.text_field != ConfigFields.text_field:
+        raise ArgumentError(f"{{0}} names the field of a JSONL or Parquet corpus; {checks.escape(c.data)} is plain "
+                            "text: drop {0}", "text_field")  # fmt: skip
 
 
 def _validate_recipe(c: TrainConfig) -> None:

@@ -93,6 +93,11 @@ class ConfigFields:
     peak_tflops: float | None = None
 
 
+LM_FIELDS = ("tokenizer", "text_field", "vocab_size", "context", "layers", "heads", "dim", "positions", "remat",
+             "eval_batches")  # fmt: skip
+"""The fields of a language model (``task`` lm) alone: another task refuses them when set."""
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The worked example's network and its single sample: 3-2-2 sigmoid, half-SSE, online SGD 0.1.
     "seed": dict(

@@ -9,6 +9,7 @@ more bytes than the text has.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -84,6 +85,7 @@ def fetch(name: str, folder: str | os.PathLike | None = None, note=_on_stderr) -
     path = folder / corpus.filename
     if path.is_file() and path.stat().st_size == corpus.size and _sha256(path) == corpus.sha256:
         return path
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -91,7 +93,13 @@ def fetch(name: str, folder: str | os.PathLike | None = None, note=_on_stderr) -
                             "to a folder that can be written") from None  # fmt: skip
     if note is not None:
         note(f"downloading the {name} text ({corpus.about}) from {corpus.url} into {folder}")
-    _download(name, corpus, path)
+    try:
+        _download(name, corpus, path)
+    except DownloadError:
+        if created:  # a failed download leaves no empty cache folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return path
 
 

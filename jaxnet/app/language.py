@@ -50,19 +50,25 @@ def load_language_model(model: SavedModel) -> LanguageModel:
     return LanguageModel(bound.model, params, tokenizer, int(model.meta["gpt"]["context"]))
 
 
-def evaluate_text(model: SavedModel, data: str, field: str = "text") -> dict:
-    """``{"loss", "perplexity", "bits_per_token", "bits_per_character", "tokens"}`` of ``model`` on
-    the text ``data`` (a file or a folder of .txt), tokenized with the model's tokenizer: disjoint
-    windows of the context cover the text, each token predicted once (the mean over them)."""
+def evaluate_text(model: SavedModel, data: str, field: str = "text", metrics=()) -> dict:
+    """``{"loss", "perplexity", "bits_per_token", "bits_per_character", "accuracy", <metric> ...,
+    "tokens"}`` of ``model`` on the text ``data`` (a file or a folder of .txt), tokenized with the
+    model's tokenizer: disjoint windows of the context cover the text, each token predicted once
+    (the mean over them; a last part shorter than a window is left out). ``metrics``: named
+    metrics per token (``top_5_accuracy``)."""
     lm = load_language_model(model)
     files = text.text_files(data)
     with tempfile.TemporaryDirectory(prefix="jaxnet-eval-") as folder:
-        tokens = text.tokenize_files(files, lm.tokenizer, Path(folder) / "tokens.bin", field)
+        try:
+            tokens = text.tokenize_files(files, lm.tokenizer, Path(folder) / "tokens.bin", field)
+        except text.UnknownCharactersError as e:
+            raise text.TextError(f"{e}: score a text without them, or a model trained on them") from None
         windows = text.windows(tokens, lm.context, stride=lm.context, name=str(data))
         covered = windows.num_rows * lm.context + 1
         out = evaluate(
-            lm.model, lm.params, windows, None, loss="softmax_cross_entropy", batch_size=EVAL_BATCH, model_state={}
-        )
+            lm.model, lm.params, windows, None, loss="softmax_cross_entropy", batch_size=EVAL_BATCH, model_state={},
+            metrics=list(metrics),
+        )  # fmt: skip
         characters = len(lm.tokenizer.decode(tokens[1:covered]).replace(text.EOT, ""))
     loss, count = float(out["loss"]), windows.num_rows * lm.context
     return {
@@ -70,6 +76,7 @@ def evaluate_text(model: SavedModel, data: str, field: str = "text") -> dict:
         "perplexity": math.exp(loss),
         "bits_per_token": loss / math.log(2),
         "bits_per_character": loss * count / max(characters, 1) / math.log(2),
+        **{name: float(value) for name, value in out.items() if name != "loss"},
         "tokens": count,
     }
 
@@ -79,7 +86,7 @@ def prompt_ids(lm: LanguageModel, prompt: str) -> tuple[np.ndarray, int]:
     its left); a prompt a char tokenizer cannot encode is refused, naming its characters."""
     try:
         ids = lm.tokenizer.encode(prompt, "the prompt") if prompt else np.array([lm.tokenizer.eot], np.int32)
-    except text.TextError as e:
+    except text.UnknownCharactersError as e:
         raise text.TextError(f"{e}: leave them out, or train with a tokenizer that reads any text (byte)") from None
     if len(ids) == 0:
         ids = np.array([lm.tokenizer.eot], np.int32)

@@ -28,8 +28,9 @@ import numpy as np
 from jaxnet import _atomic as atomic
 from jaxnet import _checks as checks
 from jaxnet import _weights as weights
-from jaxnet import checkpoint, groups, loggers, lowrank, parallel, sources, transfer
+from jaxnet import checkpoint, groups, loggers, lowrank, parallel, parts, sources, transfer
 from jaxnet import members as memberlib
+from jaxnet import sharding as shardinglib
 from jaxnet._checks import ArgumentError
 from jaxnet._checks import escape as checks_escape
 from jaxnet.app import arch as archlib
@@ -284,8 +285,6 @@ def train(
     c, val = job.config, job.problem.splits.val
     if job.member_run and mesh is not None:
         raise ArgumentError(MEMBER_RUNS + " train on one device: drop {4}", *MEMBER_FLAGS, "devices")
-    if c.shard and mesh is None and resume is None:
-        raise ArgumentError("{0} lays params out on a device mesh: give {1} too", "shard", "mesh")
     start = _fresh(job) if resume is None else _Start(None, None, None, None)
     x, y = _local_rows(job, mesh)
     # A library's batch norm would count the padding of a partial batch: each epoch leaves its last
@@ -770,6 +769,7 @@ def run(config: TrainConfig, *, out: str | Path | None = None, overwrite: bool =
       A :class:`RunResult`.
     """
     o = RunOptions(**options)
+    _check_layout(config, o.mesh, resuming=False)
     callbacks, mesh, notify, log, trace = o.callbacks, o.mesh, o.notify, o.log, o.trace
     if o.log_steps is not None and configlib.is_member_run(config):
         raise ArgumentError(MEMBER_RUNS + " do not log steps: drop {4}", *MEMBER_FLAGS, "log_steps")
@@ -826,6 +826,16 @@ def _check_log(log) -> None:
         loggers.parse(log)
     except ValueError as e:
         raise ArgumentError(checks.escape(str(e)).replace("unknown logger", "{0}: unknown logger"), "log") from None
+
+
+def _check_layout(config: TrainConfig, mesh, resuming: bool) -> None:
+    """Refuses, before the data is read, ``--shard`` rules without a mesh (a new run; a resumed
+    one holds its params whole on one device) and a ``--device-invariant`` that ``mesh`` cannot
+    split (:func:`jaxnet.parts.check_parts`)."""
+    if config.shard and mesh is None and not resuming:
+        raise ArgumentError("{0} lays params out on a device mesh: give {1} too", "shard", "mesh")
+    if config.device_invariant is not None and mesh is not None:
+        parts.check_parts(config.device_invariant, shardinglib.batch_devices(mesh), mesh)
 
 
 def _checked_folder(out, options: RunOptions) -> RunFolder:
@@ -901,6 +911,7 @@ def resume(
         configlib.check_overrides(config, overrides or {})
         machine = {k: v for k, v in (overrides or {}).items() if k in configlib.MACHINE_FIELDS and v is not None}
         config = _extended(dataclasses.replace(config, **machine), epochs, steps)
+        _check_layout(config, o.mesh, resuming=True)
         _check_log(o.log)
         return _continue(folder, config, o.callbacks, o.mesh, o.cadence, o.notify, o.log, o.trace)
 

@@ -10,6 +10,7 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -37,6 +38,30 @@ def check_class_id_shape(name: str, y_row: tuple, outputs: tuple) -> None:
         )
 
 
+def check_target_shape(name: str, y_row: tuple, outputs: tuple) -> None:
+    """Refuses targets of shape ``y_row`` per example for a loss that compares them with outputs
+    of shape ``outputs`` element by element (``mse``, ``half_sse``, binary cross-entropy): they
+    would broadcast silently. ``()`` and ``(1,)`` stand for each other."""
+    if math.prod(y_row) != math.prod(outputs) or (tuple(y_row) != tuple(outputs) and math.prod(y_row) != 1):
+        want = f"({', '.join(['n', *map(str, outputs)])})"
+        raise ValueError(
+            f"{name} has targets of shape {tuple(y_row)} per example, but the model's outputs are {tuple(outputs)}: "
+            f"give {name} of shape {want}, one target per output"
+        )
+
+
+def check_binary_targets(name: str, y) -> None:
+    """Refuses resident binary cross-entropy targets outside [0, 1]."""
+    xp = jnp if isinstance(y, jax.Array) else np
+    if y.size and not (float(xp.min(y)) >= 0 and float(xp.max(y)) <= 1):
+        values = np.asarray(y)
+        at = tuple(int(i) for i in np.argwhere((values < 0) | (values > 1))[0])
+        raise ValueError(
+            f"{name} holds {float(values[at])} at row {at[0]}: binary cross-entropy takes targets in [0, 1] (the "
+            "probability of the positive class)"
+        )
+
+
 def num_classes(model, params, model_state, x_row: jax.ShapeDtypeStruct, spec: LossSpec) -> int:
     """The classes a classification model predicts: its outputs (2 for a one-output binary loss)."""
     shape = (1, *output_shape(model, params, model_state, x_row))
@@ -51,19 +76,23 @@ def check_class_targets(name: str, y, outputs: tuple) -> None:
     check_class_ids(name, y, outputs[-1] if outputs else 1)
 
 
+def check_class_dtype(name: str, dtype) -> None:
+    """Refuses class-id targets that are not integers: a float id (0.5) would be truncated to a
+    class silently, and float padding could not be told from a label."""
+    if not np.issubdtype(np.dtype(dtype), np.integer):
+        raise TypeError(
+            f"{name} holds {np.dtype(dtype)} targets, but the loss takes integer class ids: give integer ids "
+            f"({name}.astype(np.int32)), or a loss for {np.dtype(dtype)} targets (mse, sigmoid_binary_cross_entropy)"
+        )
+
+
 def check_class_ids(name: str, y, classes: int) -> None:
-    """Refuses class-id targets ``y`` (resident, ``(n,)`` or ``(n, T)``) outside the model's
-    ``classes``, :data:`~jaxnet.losses.IGNORE_INDEX` allowed where ``y`` has a token axis: a
-    negative id would silently index from the end, one past it would give a NaN loss. Float ids
-    with a token axis are refused (their padding could not be told from a label)."""
+    """Refuses class-id targets ``y`` (resident, ``(n,)`` or ``(n, T)``) that are not integers
+    (:func:`check_class_dtype`) or lie outside the model's ``classes``,
+    :data:`~jaxnet.losses.IGNORE_INDEX` allowed where ``y`` has a token axis: a negative id would
+    silently index from the end, one past it would give a NaN loss."""
     xp = jnp if isinstance(y, jax.Array) else np
-    if not xp.issubdtype(y.dtype, xp.integer):
-        if y.ndim >= 2 and xp.issubdtype(y.dtype, xp.floating):
-            raise TypeError(
-                f"{name} holds {y.dtype} ids with a token axis: give integer ids ({name}.astype(np.int32)); only "
-                f"integer targets can mark padding with IGNORE_INDEX ({IGNORE_INDEX})"
-            )
-        return
+    check_class_dtype(name, y.dtype)
     if y.size == 0 or (int(xp.min(y)) >= 0 and int(xp.max(y)) < classes):
         return
     tokens = y.ndim >= 2

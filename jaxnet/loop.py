@@ -870,19 +870,38 @@ def _classes(spec: LossSpec, model, train: TrainState, row: jax.ShapeDtypeStruct
     return weights.num_classes(model, *_one_member(train), row, spec)
 
 
+ELEMENTWISE_LOSSES = ("mse", "half_sse", "sigmoid_binary_cross_entropy")
+"""Built-in losses that compare each output with its own target."""
+
+
 def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data, metrics: tuple = ()) -> None:
-    """Refuses class ids whose shape does not match the model's class scores, resident ones
-    outside its classes (streamed ones give a NaN loss), and a ``top_k_accuracy`` of more classes."""
-    if spec.name != "softmax_cross_entropy":
+    """Refuses class ids that are not integers or whose shape does not match the model's class
+    scores, resident ones outside its classes (streamed ones give a NaN loss), a ``top_k_accuracy``
+    of more classes; and targets of an elementwise loss not shaped as the outputs (resident binary
+    ones outside [0, 1])."""
+    if spec.name not in ("softmax_cross_entropy", *ELEMENTWISE_LOSSES):
         return
     row, target = _example_shapes(data.train)
     outputs = weights.output_shape(model, *_one_member(train), row)
+    if spec.name in ELEMENTWISE_LOSSES:
+        return _check_elementwise_targets(spec, target, outputs, data)
     check_metric_targets(metrics, True, spec.name, outputs[-1] if outputs else 1)
     weights.check_class_id_shape("y", target.shape, outputs)
+    weights.check_class_dtype("y", target.dtype)
     resident = {"y": data.train, "validation's y": data.validation}
     resident = {name: pair[1] for name, pair in resident.items() if isinstance(pair, tuple)}
     for name, y in resident.items():
         weights.check_class_targets(name, y, outputs)
+
+
+def _check_elementwise_targets(spec: LossSpec, target, outputs: tuple, data: programs.Data) -> None:
+    weights.check_target_shape("y", target.shape, outputs)
+    resident = {"y": data.train, "validation's y": data.validation}
+    for name, pair in resident.items():
+        if isinstance(pair, tuple):
+            weights.check_target_shape(name, np.shape(pair[1])[1:], outputs)
+            if spec.name == "sigmoid_binary_cross_entropy":
+                weights.check_binary_targets(name, pair[1])
 
 
 def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:

@@ -211,6 +211,13 @@ def test_a_callers_mistakes_are_named_before_anything_runs():
         ({"mesh": "fsdp=8"}, TypeError, "mesh must be a jax.sharding.Mesh"),
         ({"mesh": jax.make_mesh((1,), ("batch",))}, ValueError, "mesh has the axis 'batch'"),
         ({"y": np.zeros((8, 1), np.int32)}, ValueError, r"y has targets of shape \(1,\) per example, but the model's"),
+        ({"y": np.full(8, 0.5, np.float32)}, TypeError, "y holds float32 targets, but the loss takes integer class"),
+        ({"loss": "mse"}, ValueError, r"y has targets of shape \(\) per example, but the model's outputs are \(3,\)"),
+        (
+            {"loss": "sigmoid_binary_cross_entropy", "y": np.full((8, 3), 2.0, np.float32)},
+            ValueError,
+            r"y holds 2.0 at row 0: binary cross-entropy takes targets in \[0, 1\]",
+        ),
     ]
     for change, error, message in cases:
         given = {**args, "x": x, "y": y, **change}

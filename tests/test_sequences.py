@@ -225,7 +225,7 @@ def test_a_custom_loss_of_a_sequence_sees_its_padding():
 def test_class_ids_outside_the_vocabulary_are_refused_or_nan_never_wrapped():
     """A negative id other than IGNORE_INDEX, or one past the vocabulary, is refused in resident
     targets (training, validation, evaluate); streamed, it gives a NaN loss. Float ids with a
-    token axis are refused: their padding could not be masked."""
+    token axis are refused, as any float ids (0.5 would be truncated to a class)."""
     x, y = _data(8)
     net = _net()
     params = net.init(jax.random.key(0))
@@ -241,7 +241,7 @@ def test_class_ids_outside_the_vocabulary_are_refused_or_nan_never_wrapped():
             jn.evaluate(net, params, x, wrong, loss="softmax_cross_entropy")
         streamed = jn.evaluate(net, params, [(x, wrong)], loss="softmax_cross_entropy")
         assert np.isnan(streamed["loss"])
-    with pytest.raises(TypeError, match="y holds float32 ids with a token axis: give integer ids"):
+    with pytest.raises(TypeError, match="y holds float32 targets, but the loss takes integer class ids: give integer"):
         _fit(x, y.astype(np.float32))
     assert np.isnan(np.asarray(jn.embedding(V, 4).apply(jn.embedding(V, 4).init(jax.random.key(0)), -1))).all()
     np.testing.assert_equal(np.asarray(softmax_cross_entropy(jnp.zeros(V), -1)), np.nan)

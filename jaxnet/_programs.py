@@ -27,7 +27,15 @@ from jaxnet import _feed as feed
 from jaxnet import parallel
 from jaxnet import sharding as shardinglib
 from jaxnet._options import FitOptions
-from jaxnet.epoch import logged_template, make_epoch, make_steps, metric_zeros, num_batches, outputs_of, start_carry
+from jaxnet.epoch import (
+    logged_template,
+    make_epoch,
+    make_steps,
+    metric_zeros,
+    num_batches,
+    outputs_of,
+    start_carry,
+)
 from jaxnet.losses import has_token_axis
 from jaxnet.step import make_update, skip_nonfinite_updates, weigh_classes
 
@@ -95,7 +103,7 @@ def _fresh(update, options: FitOptions, x, y) -> Callable:
             sums = metric_zeros(metrics, outputs_of(update, train, x, y, rows)) if metrics else None
             last = logged_template(jax.eval_shape(lambda s, b: update(s, b)[1], train, batch)) if log else None
             found.append((sums, last))
-        return start_carry(train, *found[0], tokens=has_token_axis(y))
+        return start_carry(train, *found[0], tokens=has_token_axis(y) or options.class_weights is not None)
 
     return fresh if options.members is None else jax.jit(jax.vmap(fresh))
 
@@ -129,7 +137,9 @@ def _resident_epochs(update, options: FitOptions, train: tuple, compile: Callabl
     n, b = x.shape[0], options.batch_size
     layout = dict(drop_remainder=options.drop_remainder, shuffle=options.shuffle, unroll=options.unroll)
     layout.update(metrics=options.metrics)
-    epoch = make_epoch(update, n, b, sample_weights=bool(weight), **layout)
+    epoch = make_epoch(
+        update, n, b, sample_weights=bool(weight), weighs_classes=options.class_weights is not None, **layout
+    )
     steps = num_batches(n, b, options.drop_remainder)
     if members is not None:
         epoch = jax.vmap(epoch, in_axes=(0, None, None, *[None] * len(weight)))

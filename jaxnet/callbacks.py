@@ -39,7 +39,8 @@ class Checkpointer(OnRunStart, OnChunk, OnRunEnd, OnRunFailure):
       every_steps: also save inside epochs, at the first chunk boundary after every
         ``every_steps`` optimizer steps (the position in the data included: a resume continues
         the epoch exactly). Needs epochs in chunks: streamed data, or ``fit(chunk_steps=...)``
-        (``chunk_steps=every_steps`` puts the boundaries on the multiples).
+        (``fit`` refuses it otherwise). Chunks are counted within each epoch:
+        ``chunk_steps=every_steps`` saves every ``every_steps`` steps of an epoch and at its end.
       asynchronous: training goes on while a checkpoint is written: the state is copied to the
         host (:func:`jaxnet.checkpoint.snapshot`), then written by a background thread. At most
         one write is in flight (the next save waits for it); the run's end waits for the last.

@@ -104,7 +104,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[jax.Array], None] | None = None,
 ) -> np.ndarray:
     """``max_new_tokens`` new token ids after ``prompt_ids``, sampled from a language model.
 
@@ -119,8 +119,8 @@ def generate(
       temperature: the logits are divided by it before sampling; 0 decodes greedily (argmax).
       top_k: sample among the ``top_k`` most likely tokens only.
       top_p: sample among the smallest set of tokens whose probability reaches ``top_p``.
-      on_token: called with each token id as soon as it is produced (from inside the compiled
-        program, in order), e.g. to print text as it comes.
+      on_token: called with each token id, a 0-d int32 array (``int(token)``), as soon as it is
+        produced (from inside the compiled program, in order), e.g. to print text as it comes.
 
     Returns:
       The new ids ``(max_new_tokens,)``, int32.

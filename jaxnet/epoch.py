@@ -278,6 +278,7 @@ def make_epoch(
     unroll: int = 1,
     metrics: tuple = (),
     sample_weights: bool = False,
+    weighs_classes: bool = False,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """One epoch of shuffled minibatch updates as a pure function (jit, vmap or shard it).
 
@@ -295,6 +296,8 @@ def make_epoch(
         (the update must return ``predictions``: ``make_update(..., outputs=True)``).
       sample_weights: the epoch takes a fourth argument, per-example weights ``(n,)``: each
         batch's loss is their weighted mean, the epoch's loss their weighted mean over the epoch.
+      weighs_classes: ``update`` weighs each example by its class and reports the weight
+        (:func:`jaxnet.step.weigh_classes`): the epoch's loss is the weighted mean over it.
 
     Returns:
       ``epoch(state, x: (n, ...), y: (n, ...)[, sample_weight: (n,)]) -> (state, metrics)``, with
@@ -323,7 +326,7 @@ def make_epoch(
         key, shuffle_key = jax.random.split(state.key)
         scanned, batch_of, divisor = _epoch_batches(shuffle_key, x, y, layout, *sample_weight)
         sums = metric_zeros(metrics, outputs_of(update, state, x, y, batch_size)) if metrics else None
-        carry = start_carry(state._replace(key=key), sums, tokens=has_token_axis(y))
+        carry = start_carry(state._replace(key=key), sums, tokens=has_token_axis(y) or weighs_classes)
         carry, _ = jax.lax.scan(
             lambda c, item: (body(c, batch_of(c.steps, item)), None), carry, scanned, length=nb, unroll=unroll
         )

@@ -29,6 +29,19 @@ def check_model(model, name: str = "model") -> None:
         )
 
 
+def check_model_state(model, model_state) -> None:
+    """Raises TypeError unless ``model`` is a model, and ValueError when ``model_state`` is missing
+    for a :class:`StatefulModel` or given for a plain one."""
+    check_model(model)
+    if is_stateful(model) and model_state is None:
+        raise ValueError(
+            "model_state: a StatefulModel needs its initial state: params, model_state = model.init(key) "
+            "(init_members(model, keys) for a member run)"
+        )
+    if not is_stateful(model) and model_state is not None:
+        raise ValueError("model_state is for a StatefulModel; a plain Model has none: drop model_state")
+
+
 def is_stateful(model: AnyModel) -> bool:
     """Whether ``model``'s apply takes state and a context (a :class:`StatefulModel`)."""
     return isinstance(model, StatefulModel)

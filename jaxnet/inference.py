@@ -20,15 +20,18 @@ from jaxnet import _feed as feed
 from jaxnet import _programs as programs
 from jaxnet import _weights as weights
 from jaxnet import sources
-from jaxnet.forward import AnyModel, apply_batch, check_model
+from jaxnet.forward import AnyModel, apply_batch, check_model_state, check_params
 from jaxnet.losses import LossSpec, PerExample, get_loss
 from jaxnet.metrics import get_metrics
 
 DEFAULT_BATCH = 1024
 
 
-def _checked(model, batch_size) -> int:
-    check_model(model)
+def _checked(model, batch_size, params, model_state) -> int:
+    """``batch_size``, after the model, its state and its params (one model's: take a member run's
+    apart with :func:`jaxnet.take_member`) are checked."""
+    check_model_state(model, model_state)
+    check_params(model, params)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
@@ -61,7 +64,7 @@ def evaluate(
     Returns:
       ``{"loss": float, "accuracy": float?, <metric>: float ...}``.
     """
-    batch_size = _checked(model, batch_size)
+    batch_size = _checked(model, batch_size, params, model_state)
     spec, named = get_loss(loss), get_metrics(metrics)
     source = sources.as_source(x, y, "x", once=True)
     if source is None:
@@ -110,7 +113,7 @@ def predict_batches(
 ) -> Iterator[np.ndarray]:
     """:func:`predict`, one ``(m, ...)`` numpy array per batch of at most ``batch_size`` rows (for
     outputs too large to hold: write each away)."""
-    batch_size = _checked(model, batch_size)
+    batch_size = _checked(model, batch_size, params, model_state)
     run = jax.jit(lambda p, s, xs: apply_batch(model, p, s, xs)[0])
     pending = None  # one batch in flight: the next is read while the device computes
     for block in _blocks(x, batch_size):

@@ -34,7 +34,7 @@ from jaxnet._feed import CHUNK_BYTES, Position, split_keys
 from jaxnet._options import FitOptions
 from jaxnet.averaging import averaged
 from jaxnet.base import Params, PRNGKey, StatefulModel, TrainState
-from jaxnet.forward import AnyModel, check_model, check_params, is_stateful
+from jaxnet.forward import AnyModel, check_model_state, check_params
 from jaxnet.groups import finetuning
 from jaxnet.hooks import Callback, Record
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
@@ -181,23 +181,42 @@ def init_fit_state(
     return FitState(train, 0, [], None, [0] * k)
 
 
+def _check_call(params, resume, callbacks, unroll, compute_dtype) -> None:
+    """Refuses arguments of the wrong kind, naming them, before anything is read."""
+    if resume is None and params is None:
+        raise TypeError("params: give the model's initial params (model.init(key)), or resume=a FitState")
+    if resume is not None and not isinstance(resume, FitState):
+        raise TypeError(f"resume must be a FitState (returned by fit, or restored from a checkpoint), got "
+                        f"{type(resume).__name__}")  # fmt: skip
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}: give [callback]")
+    checks.integer("unroll", unroll)
+    if compute_dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(
+                f"compute_dtype must be a floating dtype (jnp.bfloat16, jnp.float16), got {compute_dtype!r}"
+            )
+
+
 def _as_array(name: str, value) -> jax.Array:
     # device_put, not jnp.asarray: the latter compiles a program of its own for each new shape
-    array = value if isinstance(value, jax.Array) else jax.device_put(np.asarray(value))
+    array = value if isinstance(value, jax.Array) else jax.device_put(_numbers(name, np.asarray(value)))
+    if not (jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)
+            or array.dtype == jnp.bool_):  # fmt: skip
+        raise TypeError(f"{name} holds {array.dtype} values: give an array of numbers (bool, int or float)")
     if array.ndim == 0 or array.shape[0] == 0:
         raise ValueError(f"{name} is empty: give at least one example")
     return array
 
 
-def _check_model_state(model, model_state) -> None:
-    check_model(model)
-    if is_stateful(model) and model_state is None:
-        raise ValueError(
-            "model_state: a StatefulModel needs its initial state: params, model_state = model.init(key) "
-            "(init_members(model, keys) for a member run)"
-        )
-    if not is_stateful(model) and model_state is not None:
-        raise ValueError("model_state is for a StatefulModel; a plain Model has none: drop model_state")
+def _numbers(name: str, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
+        raise TypeError(f"{name} holds {array.dtype} values: give an array of numbers (bool, int or float)")
+    return array
 
 
 def _check_pair(name: str, x, y) -> tuple:
@@ -226,6 +245,8 @@ def _check_data(x, y, validation, sample_weight=None, once: bool = False) -> pro
             train = (*train, weights.check_sample_weight(sample_weight, train[0].shape[0], tokens))
     if validation is None:
         return programs.Data(train, None)
+    if isinstance(validation, tuple) and len(validation) != 2 and all(sources.is_resident(v) for v in validation):
+        raise TypeError(f"validation must be a pair (x_val, y_val) or a data source, got a tuple of {len(validation)}")
     # a pair (x_val, y_val), unless its first element is itself a batch (a list of two batches)
     if isinstance(validation, (tuple, list)) and len(validation) == 2 and not isinstance(validation[0], tuple):
         source = sources.as_source(*validation, "validation")
@@ -756,7 +777,8 @@ def fit(
     spec = get_loss(loss)
     _check_kinds(optimizer, key, mesh, epochs, steps, eval_every)
     optimizer = finetuning(optimizer, trainable=trainable, ema=ema, skip_spikes=skip_spikes)
-    _check_model_state(model, model_state if resume is None else resume.train.model_state)
+    _check_call(params, resume, callbacks, unroll, compute_dtype)
+    check_model_state(model, model_state if resume is None else resume.train.model_state)
     data = _check_data(x, y, validation, sample_weight, once=steps is not None or epochs == 1)
     named = get_metrics(metrics)
     members, mesh, sharding = _placement(key if resume is None else resume.train.key, device_invariant, mesh, sharding)
@@ -770,13 +792,10 @@ def fit(
         _check_padding(model, model_state if resume is None else resume.train.model_state, data.train, batch_size,
                        drop_remainder)  # fmt: skip
     fresh = resume is None
-    if fresh:
-        check_params(model, params, members)
-        start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
-        resume = _start(params, optimizer, key, batch_size, members, data, mesh, start)
-    elif hyperparams:
-        raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
+    start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
+    resume = _starting(model, optimizer, params, key, batch_size, members, data, mesh, resume, start, (epochs, steps))
     _check_labels(spec, model, resume.train, data, named)
+    _check_chunked(callbacks, data, chunk_steps, steps)
     options = FitOptions(
         epochs=epochs,
         steps=steps,
@@ -805,6 +824,7 @@ def fit(
             device_invariant, batch_size, mesh, accumulate, per_example_grads, resume.train.model_state
         ),
     )
+    _check_per_example(optimizer, resume.train.params, members, options.per_example_grads)
     if auto:
         shapes = (train_rows(data.train), _example_shapes(data.train))
         options, cost = _fitting_batch(model, spec, optimizer, options, resume.train, shapes, mesh, memory_budget)
@@ -892,6 +912,68 @@ def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data,
     resident = {name: pair[1] for name, pair in resident.items() if isinstance(pair, tuple)}
     for name, y in resident.items():
         weights.check_class_targets(name, y, outputs)
+
+
+def _starting(model, optimizer, params, key, batch_size, members, data, mesh, resume, start: dict, length) -> FitState:
+    """The state a fit starts from: a fresh one (:func:`_start`, ``start`` its options) from
+    ``params``, or ``resume`` once checked against the fit (:func:`_check_resume`)."""
+    if resume is None:
+        check_params(model, params, members)
+        return _start(params, optimizer, key, batch_size, members, data, mesh, start)
+    if start["hyperparams"]:
+        raise ValueError("hyperparams are set when a member run starts; a resumed run keeps its optimizer state")
+    _check_resume(model, optimizer, start["skip_nonfinite"], resume, members, *length)
+    return resume
+
+
+def _check_resume(model, optimizer, skip_nonfinite: bool, resume: FitState, members, epochs, steps) -> None:
+    """Refuses a ``resume`` state of another model, of another optimizer (or one wrapped by other
+    options), or further along than the fit asks."""
+    check_params(model, resume.train.params, members)
+    wrapped = skip_nonfinite_updates(optimizer) if skip_nonfinite else optimizer
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype),
+                       resume.train.params)  # fmt: skip
+    if jax.tree.structure(jax.eval_shape(wrapped.init, one)) != jax.tree.structure(resume.train.opt_state):
+        raise ValueError(
+            "resume: its optimizer state is not what this optimizer makes: give the optimizer the state was saved "
+            "with, and the same skip_nonfinite, trainable, ema and skip_spikes"
+        )
+    if epochs is not None and resume.epoch > epochs:
+        raise ValueError(f"epochs {epochs} is fewer than the {resume.epoch} the resumed state has trained: give more")
+    if steps is not None and resume.steps > steps:
+        raise ValueError(f"steps {steps} is fewer than the {resume.steps} the resumed state has trained: give more")
+
+
+def _check_per_example(optimizer, params, members, per_example_grads) -> None:
+    """With ``per_example_grads``, the optimizer must turn per-example gradients (a leading batch
+    axis) into one update: a plain optax optimizer would return per-example updates."""
+    if not per_example_grads:
+        return
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
+    stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2, *a.shape), a.dtype), one)
+    try:
+        updates = jax.eval_shape(lambda g, p: optimizer.update(g, optimizer.init(p), p)[0], stacked, one)
+        same = jax.tree.map(lambda u, p: u.shape == p.shape, updates, one)
+        takes = all(jax.tree.leaves(same))
+    except (TypeError, ValueError):
+        takes = False
+    if not takes:
+        raise ValueError(
+            "per_example_grads: the optimizer must reduce per-example gradients to one update (jaxnet.dp_optimizer); "
+            "this one takes ordinary gradients: drop per_example_grads"
+        )
+
+
+def _check_chunked(callbacks, data: programs.Data, chunk_steps, steps) -> None:
+    """A callback that saves every so many steps (``Checkpointer(every_steps=)``) needs epochs in
+    chunks: resident data has them only with ``chunk_steps`` (or a fit by steps)."""
+    every = [getattr(cb, "every_steps", None) for cb in callbacks]
+    every = [n for n in every if n]
+    if every and isinstance(data.train, tuple) and chunk_steps is None and steps is None:
+        raise ValueError(
+            f"callbacks: a Checkpointer's every_steps={every[0]} saves inside epochs, which resident data has in "
+            f"chunks only: give chunk_steps={every[0]} too"
+        )
 
 
 def _check_elementwise_targets(spec: LossSpec, target, outputs: tuple, data: programs.Data) -> None:

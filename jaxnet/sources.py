@@ -698,7 +698,8 @@ def as_source(x, y=None, name: str = "x", once: bool = False) -> Any:
             return Indexed(x, y, name)
         raise TypeError(f"{name} and y must be arrays (or {name} an iterable of (x, y) batches with y=None)")
     if is_resident(x):
-        raise TypeError(f"{name} is an array but y is None: give the targets, fit({name}, y, ...)")
+        fix = "its targets y too" if name == "x" else "a pair (x_val, y_val)"
+        raise TypeError(f"{name} is an array without its targets: give {fix}")
     if _is_grain(x) and hasattr(x, "__len__") and hasattr(x, "__getitem__") and not hasattr(x, "__next__"):
         if type(x).__name__ not in ("DataLoader",) and "Iter" not in type(x).__name__:
             if _grain_batched(x):

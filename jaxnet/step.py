@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxnet import _checks as checks
 from jaxnet.base import Batch, Params, PRNGKey, TrainState
 from jaxnet.forward import AnyModel, apply_batch, check_model, has_state, is_stateful
 from jaxnet.losses import LossSpec, PerExample, batch_mean, get_loss, has_token_axis, loss_sums
@@ -247,7 +248,11 @@ def weigh_classes(update: Update, class_weights: jax.Array) -> Update:
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             labels = jnp.round(labels).astype(jnp.int32)
         per_example = class_weights[labels]
-        return update(state, (x, y, per_example if w is None else w * per_example.astype(w.dtype)))
+        w = per_example if w is None else w * per_example.astype(w.dtype)
+        state, out = update(state, (x, y, w))
+        if "weight" not in out:  # what the loss averaged over: the epoch's loss is the mean over it
+            out = {**out, "weight": jnp.sum(w)}
+        return state, out
 
     return weighed
 
@@ -442,6 +447,7 @@ def dp_aggregate(l2_norm_clip: float, noise_multiplier: float, key: PRNGKey) -> 
         raise ValueError(f"l2_norm_clip must be greater than 0, got {l2_norm_clip!r}")
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be 0 or more, got {noise_multiplier!r}")
+    checks.key("key", key)
     from optax import contrib
 
     return contrib.differentially_private_aggregate(l2_norm_clip, noise_multiplier, key)

@@ -265,3 +265,53 @@ def test_the_text_apis_errors_name_python_arguments_and_the_cli_its_flags(tmp_pa
         list(text.text_chunks(tmp_path / "docs.jsonl"))
     assert str(error.value).endswith("has no text field 'text': name the field (field=NAME)")
     assert _message(error.value).endswith("has no text field 'text': name the field (--text-field=NAME)")
+
+
+def test_the_kind_of_each_argument_and_a_resumed_state_are_checked():
+    """A wrong kind of argument, and a resume that does not fit the fit, name what is wrong."""
+    import tempfile
+
+    import jax
+    import optax
+
+    import jaxnet as jn
+    from jaxnet.callbacks import Checkpointer
+
+    net, x, y = jn.mlp([2, 4, 3]), np.ones((8, 2), np.float32), np.zeros(8, np.int32)
+    params = net.init(jax.random.key(0))
+    args = dict(loss="softmax_cross_entropy", optimizer=optax.adam(0.1), epochs=2, batch_size=4, key=jax.random.key(1))
+    cases = [
+        ({"params": None}, TypeError, "params: give the model's initial params"),
+        ({"resume": "runs/x"}, TypeError, "resume must be a FitState"),
+        ({"callbacks": print}, TypeError, "callbacks must be a list of callbacks"),
+        ({"unroll": 0}, ValueError, "unroll must be a positive integer"),
+        ({"compute_dtype": "float8"}, TypeError, "compute_dtype must be a floating dtype"),
+        ({"x": x.astype(np.complex64)}, TypeError, "x holds complex64 values: give an array of numbers"),
+        ({"validation": x}, TypeError, r"validation is an array without its targets: give a pair \(x_val, y_val\)"),
+        ({"validation": (x, y, y)}, TypeError, "validation must be a pair .* got a tuple of 3"),
+        ({"per_example_grads": True}, ValueError, "per_example_grads: the optimizer must reduce per-example"),
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        cases.append(({"callbacks": [Checkpointer(folder, every_steps=3)]}, ValueError, "give chunk_steps=3 too"))
+        for change, error, message in cases:
+            given = {"params": params, "x": x, "y": y, **args, **change}
+            with pytest.raises(error, match=message):
+                jn.fit(net, given.pop("params"), given.pop("x"), given.pop("y"), **given)
+    state = jn.fit(net, params, x, y, **args)
+    for change, message in (
+        ({"optimizer": optax.sgd(0.1)}, "resume: its optimizer state is not what this optimizer makes"),
+        ({"ema": 0.9}, "resume: its optimizer state is not what this optimizer makes"),
+        ({"epochs": 1}, "epochs 1 is fewer than the 2 the resumed state has trained"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            jn.fit(net, params, x, y, resume=state, **{**args, **change})
+    with pytest.raises(ValueError, match=r"params do not fit this model: 0/b is \(4,\), the model's is \(8,\)"):
+        jn.fit(jn.mlp([2, 8, 3]), params, x, y, resume=state, **args)
+    stateful = jn.serial(jn.dense(2, 4), jn.batch_norm(4), jn.dense(4, 3))
+    with pytest.raises(ValueError, match="model_state: a StatefulModel needs its initial state"):
+        jn.predict(stateful, stateful.init(jax.random.key(0))[0], x)
+    stacked = jn.init_members(net, jn.member_keys([0, 1]))
+    with pytest.raises(ValueError, match="take one with jaxnet.take_member"):
+        jn.evaluate(net, stacked, x, y, loss="softmax_cross_entropy")
+    with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
+        jn.dp_optimizer(0.1, 1.0, 1.0, 7)

@@ -277,3 +277,22 @@ def test_early_stopping_monitors_a_named_metric_in_its_direction(problem):
     lowest = _fit(net, params, x, y, metrics=["cross_entropy"], monitor="val_cross_entropy", **args)
     ce = [r["val_cross_entropy"] for r in lowest.history]
     assert lowest.best_epoch == 1 + int(np.argmin(ce))
+
+
+def test_the_epochs_loss_under_class_weights_is_their_weighted_mean(problem):
+    """Resident (with a padded last batch) and streamed: sum(w * loss) / sum(w) over the epoch, as
+    sample_weight gives, not a mean of the batches' weighted means."""
+    net, params, x, y = problem
+    counts = np.bincount(y, minlength=C)
+    w = (len(y) / (C * counts))[y]
+    logits = np.asarray(jn.predict(net, params, x), np.float64)
+    losses = -(logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)))[np.arange(len(y)), y]
+    expected = float((w * losses).sum() / w.sum())
+    frozen = dict(optimizer=optax.sgd(0.0), batch_size=16)  # the params stay: each batch's loss is on them
+    balanced = {k: float(v) for k, v in enumerate(len(y) / (C * counts))}  # a mapping also streams
+    for data in ((x, y), (jn.Indexed(x, y), None)):
+        got = _fit(net, params, *data, class_weight=balanced, **frozen).history[-1]["train_loss"]
+        assert got == pytest.approx(expected, rel=1e-5)
+    assert _fit(net, params, x, y, sample_weight=w, **frozen).history[-1]["train_loss"] == pytest.approx(
+        expected, rel=1e-5
+    )

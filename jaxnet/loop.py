@@ -37,6 +37,7 @@ from jaxnet.base import Params, PRNGKey, StatefulModel, TrainState
 from jaxnet.forward import AnyModel, check_model_state, check_params
 from jaxnet.groups import finetuning
 from jaxnet.hooks import Callback, Record
+from jaxnet.lm import GPT
 from jaxnet.losses import LossSpec, PerExample, get_loss, has_token_axis
 from jaxnet.members import check_memory, estimate_member_bytes, memory_limit, num_members, set_hyperparams
 from jaxnet.metrics import Metric, check_metric_targets, get_metrics, monitor_sign
@@ -794,7 +795,7 @@ def fit(
     fresh = resume is None
     start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
     resume = _starting(model, optimizer, params, key, batch_size, members, data, mesh, resume, start, (epochs, steps))
-    _check_labels(spec, model, resume.train, data, named)
+    _check_examples(spec, model, resume.train, data, named)
     _check_chunked(callbacks, data, chunk_steps, steps)
     options = FitOptions(
         epochs=epochs,
@@ -894,11 +895,12 @@ ELEMENTWISE_LOSSES = ("mse", "half_sse", "sigmoid_binary_cross_entropy")
 """Built-in losses that compare each output with its own target."""
 
 
-def _check_labels(spec: LossSpec, model, train: TrainState, data: programs.Data, metrics: tuple = ()) -> None:
-    """Refuses class ids that are not integers or whose shape does not match the model's class
-    scores, resident ones outside its classes (streamed ones give a NaN loss), a ``top_k_accuracy``
-    of more classes; and targets of an elementwise loss not shaped as the outputs (resident binary
-    ones outside [0, 1])."""
+def _check_examples(spec: LossSpec, model, train: TrainState, data: programs.Data, metrics: tuple = ()) -> None:
+    """Refuses a GPT's resident input ids outside its vocabulary (:func:`_check_token_ids`); class
+    ids that are not integers or whose shape does not match the model's class scores, resident ones
+    outside its classes (streamed ones give a NaN loss), a ``top_k_accuracy`` of more classes; and
+    targets of an elementwise loss not shaped as the outputs (resident binary ones outside [0, 1])."""
+    _check_token_ids(model, data)
     if spec.name not in ("softmax_cross_entropy", *ELEMENTWISE_LOSSES):
         return
     row, target = _example_shapes(data.train)
@@ -974,6 +976,28 @@ def _check_chunked(callbacks, data: programs.Data, chunk_steps, steps) -> None:
             f"callbacks: a Checkpointer's every_steps={every[0]} saves inside epochs, which resident data has in "
             f"chunks only: give chunk_steps={every[0]} too"
         )
+
+
+def _check_token_ids(model, data: programs.Data) -> None:
+    """A GPT's resident input ids must lie in its vocabulary: one outside it reads no embedding row
+    (a NaN loss, which would blame the learning rate)."""
+    gpt = getattr(model, "apply", None)
+    if not isinstance(gpt, GPT):
+        return
+    vocab = gpt.config.vocab_size
+    for name, pair in {"x": data.train, "validation's x": data.validation}.items():
+        if isinstance(pair, tuple) and pair[0].size:
+            ids = pair[0]
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise TypeError(
+                    f"{name} holds {ids.dtype} values: a GPT reads integer token ids ({name}.astype(np.int32))"
+                )
+            if int(jnp.min(ids)) < 0 or int(jnp.max(ids)) >= vocab:
+                at = tuple(int(i) for i in np.argwhere(np.asarray((ids < 0) | (ids >= vocab)))[0])
+                raise ValueError(
+                    f"{name} holds the id {int(ids[at])} at row {at[0]}, position {at[1]}, outside the GPT's "
+                    f"vocabulary of {vocab} ids: give ids 0 to {vocab - 1}"
+                )
 
 
 def _check_elementwise_targets(spec: LossSpec, target, outputs: tuple, data: programs.Data) -> None:

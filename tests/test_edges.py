@@ -233,6 +233,12 @@ def test_a_callers_mistakes_are_named_before_anything_runs():
     ids = np.zeros((4, C), np.int32)
     with pytest.raises(ValueError, match=r"y has targets of shape \(7,\) per example, .* y of shape \(n, 8\)"):
         jn.fit(gpt, params, ids, ids[:, 1:], model_state=state, **args)
+    outside = ids.copy()
+    outside[1, 5] = V
+    with pytest.raises(ValueError, match=f"x holds the id {V} at row 1, position 5, outside the GPT's vocabulary"):
+        jn.fit(gpt, params, outside, ids, model_state=state, **args)
+    with pytest.raises(ValueError, match="validation's x holds the id -3 at row 0, position 0"):
+        jn.fit(gpt, params, ids, ids, model_state=state, validation=(ids - 3, ids), **args)
     with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
         jn.generate(gpt, params, [1, 2], 3, key=0)
     stacked = jn.init_members(gpt, jn.member_keys([0, 1]))[0]

@@ -1034,7 +1034,12 @@ def _check_resumable(options: FitOptions, resume: FitState, data) -> None:
 
 
 class MemoryBudgetError(ArgumentError):
-    """A training step needs more memory per device than its budget (see ``fit(memory_budget=)``)."""
+    """A training step needs more memory per device than its budget (see ``fit(memory_budget=)``):
+    ``figures`` says how much, the message also what lowers it."""
+
+    def __init__(self, message: str, *names: str, figures: str | None = None):
+        super().__init__(message, *names)
+        self.figures = figures
 
 
 def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, budget, peak, cost=None) -> FitOptions:
@@ -1051,12 +1056,13 @@ def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, b
         return options
     need = cost or programs.step_cost(model, spec, optimizer, options, train, _example_shapes(data.train), mesh)
     if budget is not None and need["total"] > budget:
+        state, temp = _size(need["state"]), _size(need["temp"])
+        figures = (f"one training step needs {_size(need['total'])} per device (XLA's memory analysis: params, "
+                   f"optimizer state and a batch {state}, activations and scratch {temp}), over {source}")  # fmt: skip
         raise MemoryBudgetError(
-            f"one training step needs {_size(need['total'])} per device (XLA's memory analysis: params, optimizer "
-            f"state and a batch {_size(need['state'])}, activations and scratch {_size(need['temp'])}), over "
-            f"{source}: shard the params over more devices ({{0}} with an fsdp axis), recompute activations "
-            "({1}), split each batch into microbatches ({2}) or lower {3}",
-            "mesh", "remat", "accumulate", "batch_size",
+            checks.escape(figures) + ": shard the params over more devices ({0} with an fsdp axis), recompute "
+            "activations ({1}), split each batch into microbatches ({2}) or lower {3}",
+            "mesh", "remat", "accumulate", "batch_size", figures=figures,
         )  # fmt: skip
     if peak is None or not need["flops"]:
         return options

@@ -373,7 +373,7 @@ def test_a_resumed_run_takes_the_memory_budget_of_its_machine(tmp_path):
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(500, 8)).astype(np.float32), y=rng.integers(0, 3, 500))
     config = configlib.make_config(data=str(tmp_path / "d.npz"), batch_size=64, memory_budget=64 << 20, epochs=1)
     runlib.run(config, out=tmp_path / "run", notify=lambda *a: None)
-    with pytest.raises(ValueError, match="over the memory budget of 1.0 KiB"):  # taken, not a conflict
+    with pytest.raises(ValueError, match="over the memory budget of 1.0 KiB: resume it on more devices"):  # taken
         runlib.resume(tmp_path / "run", epochs=2, overrides={"memory_budget": 1000})
     with pytest.raises(ValueError, match="batch_size 32 conflicts with the run's 64"):  # the run's own
         runlib.resume(tmp_path / "run", epochs=2, overrides={"batch_size": 32})

@@ -44,6 +44,7 @@ from jaxnet.epoch import num_batches
 from jaxnet.forward import AnyModel, init_model
 from jaxnet.loop import (
     FitState,
+    MemoryBudgetError,
     NonFiniteLossError,
     check_fit_memory,
     counts_padding,
@@ -735,7 +736,16 @@ def _continue(
     if parallel.is_primary():
         checkpoint.set_aside(folder.checkpoints, restored.state.steps)
         folder.write_config(config.to_dict())
-    return _execute(job, folder, restored.state, callbacks, mesh, schedule, log, trace)
+    try:
+        return _execute(job, folder, restored.state, callbacks, mesh, schedule, log, trace)
+    except MemoryBudgetError as e:  # the run keeps its batch, remat and microbatches: what is left
+        if e.figures is None:
+            raise
+        raise ArgumentError(
+            checks_escape(e.figures) + ": resume it on more devices ({0} with a larger fsdp axis), or give {1} anew "
+            "where the machine has more",
+            "mesh", "memory_budget",
+        ) from None  # fmt: skip
 
 
 def _finished(state: FitState, config: TrainConfig) -> bool:

@@ -54,10 +54,9 @@ def check_binary_targets(name: str, y) -> None:
     """Refuses resident binary cross-entropy targets outside [0, 1]."""
     xp = jnp if isinstance(y, jax.Array) else np
     if y.size and not (float(xp.min(y)) >= 0 and float(xp.max(y)) <= 1):
-        values = np.asarray(y)
-        at = tuple(int(i) for i in np.argwhere((values < 0) | (values > 1))[0])
+        at, _ = first_place((y < 0) | (y > 1))
         raise ValueError(
-            f"{name} holds {float(values[at])} at row {at[0]}: binary cross-entropy takes targets in [0, 1] (the "
+            f"{name} holds {float(y[at])} at row {at[0]}: binary cross-entropy takes targets in [0, 1] (the "
             "probability of the positive class)"
         )
 
@@ -101,13 +100,33 @@ def check_class_ids(name: str, y, classes: int) -> None:
         bad = bad & (y != IGNORE_INDEX)
     if not bool(xp.any(bad)):
         return
-    at = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
-    where = f"row {at[0]}" + (f", position {', '.join(map(str, at[1:]))}" if len(at) > 1 else "")
+    at, where = first_place(bad)
     allowed = f"0 to {classes - 1}" + (f", or IGNORE_INDEX ({IGNORE_INDEX}) for padding" if tokens else "")
     raise ValueError(
         f"{name} holds the label {int(y[at])} at {where}, outside the model's {classes} classes: give class ids "
         f"{allowed}"
     )
+
+
+def first_place(bad) -> tuple[tuple, str]:
+    """``(index, "row r[, position p]")`` of the first True of ``bad`` ``(n, ...)``."""
+    at = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+    return at, f"row {at[0]}" + (f", position {', '.join(map(str, at[1:]))}" if len(at) > 1 else "")
+
+
+def check_token_ids(name: str, ids, vocab: int) -> None:
+    """Refuses resident input token ids ``(n, T)`` that are not integers or lie outside a
+    vocabulary of ``vocab``: one outside it reads no embedding row (a NaN loss, which would blame
+    the learning rate)."""
+    xp = jnp if isinstance(ids, jax.Array) else np
+    if not xp.issubdtype(ids.dtype, xp.integer):
+        raise TypeError(f"{name} holds {ids.dtype} values: a GPT reads integer token ids ({name}.astype(np.int32))")
+    if ids.size and (int(xp.min(ids)) < 0 or int(xp.max(ids)) >= vocab):
+        at, where = first_place((ids < 0) | (ids >= vocab))
+        raise ValueError(
+            f"{name} holds the id {int(ids[at])} at {where}, outside the GPT's vocabulary of {vocab} ids: give "
+            f"ids 0 to {vocab - 1}"
+        )
 
 
 def integer_labels(y) -> np.ndarray:

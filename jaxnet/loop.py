@@ -205,18 +205,14 @@ def _check_call(params, resume, callbacks, unroll, compute_dtype) -> None:
 
 def _as_array(name: str, value) -> jax.Array:
     # device_put, not jnp.asarray: the latter compiles a program of its own for each new shape
-    array = value if isinstance(value, jax.Array) else jax.device_put(_numbers(name, np.asarray(value)))
-    if not (jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)
-            or array.dtype == jnp.bool_):  # fmt: skip
+    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    if not (
+        jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating) or array.dtype == np.bool_
+    ):  # fmt: skip (complex numbers, strings, objects)
         raise TypeError(f"{name} holds {array.dtype} values: give an array of numbers (bool, int or float)")
+    array = array if isinstance(array, jax.Array) else jax.device_put(array)
     if array.ndim == 0 or array.shape[0] == 0:
         raise ValueError(f"{name} is empty: give at least one example")
-    return array
-
-
-def _numbers(name: str, array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
-        raise TypeError(f"{name} holds {array.dtype} values: give an array of numbers (bool, int or float)")
     return array
 
 
@@ -928,13 +924,17 @@ def _starting(model, optimizer, params, key, batch_size, members, data, mesh, re
     return resume
 
 
+def _member_shapes(params: Params, members) -> Params:
+    """The shapes and dtypes of one member's params (``members``: each leaf has a leading ``(K,)``)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
+
+
 def _check_resume(model, optimizer, skip_nonfinite: bool, resume: FitState, members, epochs, steps) -> None:
     """Refuses a ``resume`` state of another model, of another optimizer (or one wrapped by other
     options), or further along than the fit asks."""
     check_params(model, resume.train.params, members)
     wrapped = skip_nonfinite_updates(optimizer) if skip_nonfinite else optimizer
-    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype),
-                       resume.train.params)  # fmt: skip
+    one = _member_shapes(resume.train.params, members)
     if jax.tree.structure(jax.eval_shape(wrapped.init, one)) != jax.tree.structure(resume.train.opt_state):
         raise ValueError(
             "resume: its optimizer state is not what this optimizer makes: give the optimizer the state was saved "
@@ -951,7 +951,7 @@ def _check_per_example(optimizer, params, members, per_example_grads) -> None:
     axis) into one update: a plain optax optimizer would return per-example updates."""
     if not per_example_grads:
         return
-    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
+    one = _member_shapes(params, members)
     stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2, *a.shape), a.dtype), one)
     try:
         updates = jax.eval_shape(lambda g, p: optimizer.update(g, optimizer.init(p), p)[0], stacked, one)
@@ -979,25 +979,12 @@ def _check_chunked(callbacks, data: programs.Data, chunk_steps, steps) -> None:
 
 
 def _check_token_ids(model, data: programs.Data) -> None:
-    """A GPT's resident input ids must lie in its vocabulary: one outside it reads no embedding row
-    (a NaN loss, which would blame the learning rate)."""
+    """A GPT's resident input ids must lie in its vocabulary (:func:`jaxnet._weights.check_token_ids`)."""
     gpt = getattr(model, "apply", None)
-    if not isinstance(gpt, GPT):
-        return
-    vocab = gpt.config.vocab_size
-    for name, pair in {"x": data.train, "validation's x": data.validation}.items():
-        if isinstance(pair, tuple) and pair[0].size:
-            ids = pair[0]
-            if not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise TypeError(
-                    f"{name} holds {ids.dtype} values: a GPT reads integer token ids ({name}.astype(np.int32))"
-                )
-            if int(jnp.min(ids)) < 0 or int(jnp.max(ids)) >= vocab:
-                at = tuple(int(i) for i in np.argwhere(np.asarray((ids < 0) | (ids >= vocab)))[0])
-                raise ValueError(
-                    f"{name} holds the id {int(ids[at])} at row {at[0]}, position {at[1]}, outside the GPT's "
-                    f"vocabulary of {vocab} ids: give ids 0 to {vocab - 1}"
-                )
+    if isinstance(gpt, GPT):
+        for name, pair in {"x": data.train, "validation's x": data.validation}.items():
+            if isinstance(pair, tuple):
+                weights.check_token_ids(name, pair[0], gpt.config.vocab_size)
 
 
 def _check_elementwise_targets(spec: LossSpec, target, outputs: tuple, data: programs.Data) -> None:
@@ -1013,7 +1000,7 @@ def _check_elementwise_targets(spec: LossSpec, target, outputs: tuple, data: pro
 def _start(params, optimizer, key, batch_size: int, members, data, mesh, options: dict) -> FitState:
     """A fresh fit's state (laid out on ``mesh``), after the estimate of its memory (without a
     mesh that shards params: :func:`_preflight` then asks XLA)."""
-    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:] if members else a.shape, a.dtype), params)
+    one = _member_shapes(params, members)
     if mesh is None or shardinglib.batch_devices(mesh) == mesh.size:
         check_fit_memory(one, optimizer, batch_size, members or 1, _resident_bytes(data))
     return init_fit_state(params, optimizer, key, mesh=mesh, **options)

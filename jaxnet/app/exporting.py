@@ -55,8 +55,7 @@ def prediction_function(model: files.SavedModel, arch: str | None = None):
 
     def predict(x):
         xs = (tables.encode(x.astype(jnp.float32), encoder, jnp) - mean) / std
-        outputs = jax.vmap(lambda p, s: apply_batch(bound.model, p, s, xs)[0])(bound.params, bound.state)
-        outputs = saved.combine(outputs, loss)
+        outputs = _combined(bound, xs, loss)
         if regression:
             if target is None:
                 return outputs
@@ -74,10 +73,15 @@ def next_tokens_function(model: files.SavedModel, arch: str | None = None):
     bound = saved.bind_saved(model, arch)
 
     def predict(ids):
-        outputs = jax.vmap(lambda p, s: apply_batch(bound.model, p, s, ids)[0])(bound.params, bound.state)
-        return jax.nn.softmax(saved.combine(outputs, "softmax_cross_entropy"), axis=-1)
+        return jax.nn.softmax(_combined(bound, ids, "softmax_cross_entropy"), axis=-1)
 
     return predict
+
+
+def _combined(bound, xs, loss: str):
+    """The saved members' outputs on the batch ``xs``, as one model's (:func:`saved.combine`)."""
+    outputs = jax.vmap(lambda p, s: apply_batch(bound.model, p, s, xs)[0])(bound.params, bound.state)
+    return saved.combine(outputs, loss)
 
 
 def _inputs(model: files.SavedModel) -> tuple:

@@ -224,15 +224,17 @@ def _run_tokens(config: TrainConfig, files: list[Path], cache: Path, source: dic
         f"cannot resume: the text the run in {text_escape(cache)} trained on changed since it started "
         "({}): restore it, or train a new run on it (another --out, or --overwrite)"
     )
+    try:
+        then = text.open_tokens(cache / TOKENS_FILE)
+    except (OSError, ValueError, text.TextError):  # the token file is gone: the run's tokenizer makes it again
+        then = None
     with tempfile.TemporaryDirectory(prefix="jaxnet-tokens-") as folder:
         try:
-            now = text.tokenize_files(files, tokenizer, Path(folder) / TOKENS_FILE, config.text_field)
+            out = Path(folder) / TOKENS_FILE if then is not None else cache / TOKENS_FILE
+            now = text.tokenize_files(files, tokenizer, out, config.text_field)
         except text.TextError as e:
             raise ValueError(refused.format(e)) from None
-        try:
-            then = text.open_tokens(cache / TOKENS_FILE)
-        except (OSError, ValueError, text.TextError):  # the cache is gone: the run's tokenizer makes it again
-            then = now = text.tokenize_files(files, tokenizer, cache / TOKENS_FILE, config.text_field)
+        then = now if then is None else then
         first = text.first_difference(now, then)
         if first is not None:
             tokens = f"{len(now):,} tokens now, {len(then):,} then; the first differs at {first:,}"

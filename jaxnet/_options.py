@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,7 +23,8 @@ class FitOptions:
     ``monitor``, ``callbacks``);
     the programs (``jaxnet._programs``) read how steps are made and fed. ``members`` is K for a
     member run, None for a single one; ``class_weights`` the ``(C,)`` weights of the classes, or
-    None. Axis letters: :mod:`jaxnet.base`.
+    None; ``check_chunk(prefix, arrays)`` checks each streamed chunk's host arrays as it is read
+    (``prefix`` "" or "validation's "), or is None. Axis letters: :mod:`jaxnet.base`.
     """
 
     epochs: int | None
@@ -51,6 +53,7 @@ class FitOptions:
     device_invariant: int | None = None
     flops_per_step: float | None = None
     peak_flops: float | None = None
+    check_chunk: Callable[[str, tuple], None] | None = None
 
     @property
     def round_steps(self) -> int | None:

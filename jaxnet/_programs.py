@@ -210,7 +210,7 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, compile: Callabl
             steps_fn = jax.vmap(steps_fn)
         return compile(steps_fn)
 
-    put = feed.placer(mesh)
+    put = _checked(feed.placer(mesh), options.check_chunk, "")
     chunks_for = functools.partial(feed.epoch_chunks, source, layout)
     rows = [
         jax.ShapeDtypeStruct((1, *shape), dtype)
@@ -222,6 +222,19 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, compile: Callabl
         return feed.run_epoch(chunks_for, program, put, train, position, on_chunk, fresh)
 
     return streamed
+
+
+def _checked(put: Callable, check: Callable | None, prefix: str) -> Callable:
+    """``put`` that first checks a chunk's host arrays (``check(prefix, arrays)``, in the prefetch
+    thread: its error is raised in the loop)."""
+    if check is None:
+        return put
+
+    def checked_put(arrays):
+        check(prefix, arrays)
+        return put(arrays)
+
+    return checked_put
 
 
 def eval_batch_size(given: int | None, batch_size: int, rows: int | None) -> int:
@@ -335,7 +348,8 @@ def build_programs(model, spec, optimizer, options: FitOptions, mesh, data: Data
             chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=metrics)
             validate = resident_validation(chunk, *place(data.validation), b, members, place, metrics)
         else:
-            sums = streamed_sums(model, spec, data.validation, b, options.chunk_bytes, metrics, members=members)
+            put = _checked(jax.device_put, options.check_chunk, "validation's ")
+            sums = streamed_sums(model, spec, data.validation, b, options.chunk_bytes, metrics, put, members)
 
             def validate(params, model_state):
                 return feed.means_of(sums(params, model_state), metrics)

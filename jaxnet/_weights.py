@@ -21,10 +21,15 @@ from jaxnet.forward import apply_batch
 from jaxnet.losses import IGNORE_INDEX, LossSpec
 
 
-def output_shape(model, params, model_state, x_row: jax.ShapeDtypeStruct) -> tuple:
-    """The shape of the model's outputs for one example of shape ``x_row`` (from shapes only)."""
+def output_shape(model, params, model_state, x_row: jax.ShapeDtypeStruct, name: str = "x") -> tuple:
+    """The shape of the model's outputs for one example of shape ``x_row`` (from shapes only). A
+    ValueError or TypeError of the model's is raised again naming the input ``name`` and its shape."""
     batch = jax.ShapeDtypeStruct((1, *x_row.shape), x_row.dtype)
-    return jax.eval_shape(lambda p, s, x: apply_batch(model, p, s, x)[0], params, model_state, batch).shape[1:]
+    try:
+        return jax.eval_shape(lambda p, s, x: apply_batch(model, p, s, x)[0], params, model_state, batch).shape[1:]
+    except (ValueError, TypeError) as e:
+        kind = ValueError if isinstance(e, ValueError) else TypeError
+        raise kind(f"{name}: the model fails on an example of shape {x_row.shape} ({x_row.dtype}): {e}") from e
 
 
 def check_class_id_shape(name: str, y_row: tuple, outputs: tuple) -> None:

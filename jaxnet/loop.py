@@ -820,6 +820,7 @@ def fit(
         device_invariant=_check_invariant(
             device_invariant, batch_size, mesh, accumulate, per_example_grads, resume.train.model_state
         ),
+        check_chunk=_chunk_check(spec, model, resume.train, data),
     )
     _check_per_example(optimizer, resume.train.params, members, options.per_example_grads)
     if auto:
@@ -892,15 +893,16 @@ ELEMENTWISE_LOSSES = ("mse", "half_sse", "sigmoid_binary_cross_entropy")
 
 
 def _check_examples(spec: LossSpec, model, train: TrainState, data: programs.Data, metrics: tuple = ()) -> None:
-    """Refuses a GPT's resident input ids outside its vocabulary (:func:`_check_token_ids`); class
+    """Refuses a GPT's resident input ids outside its vocabulary (:func:`_check_token_ids`); inputs
+    the model fails on (:func:`jaxnet._weights.output_shape`, the error naming x); class
     ids that are not integers or whose shape does not match the model's class scores, resident ones
-    outside its classes (streamed ones give a NaN loss), a ``top_k_accuracy`` of more classes; and
+    outside its classes (streamed ones: :func:`_chunk_check`), a ``top_k_accuracy`` of more classes; and
     targets of an elementwise loss not shaped as the outputs (resident binary ones outside [0, 1])."""
     _check_token_ids(model, data)
+    row, target = _example_shapes(data.train)
+    outputs = weights.output_shape(model, *_one_member(train), row)  # (an error of the model's names x)
     if spec.name not in ("softmax_cross_entropy", *ELEMENTWISE_LOSSES):
         return
-    row, target = _example_shapes(data.train)
-    outputs = weights.output_shape(model, *_one_member(train), row)
     if spec.name in ELEMENTWISE_LOSSES:
         return _check_elementwise_targets(spec, target, outputs, data)
     check_metric_targets(metrics, True, spec.name, outputs[-1] if outputs else 1)
@@ -976,6 +978,31 @@ def _check_chunked(callbacks, data: programs.Data, chunk_steps, steps) -> None:
             f"callbacks: a Checkpointer's every_steps={every[0]} saves inside epochs, which resident data has in "
             f"chunks only: give chunk_steps={every[0]} too"
         )
+
+
+def _chunk_check(spec: LossSpec, model, train: TrainState, data: programs.Data) -> Callable | None:
+    """For streamed data, ``check(prefix, arrays)`` of each chunk as it is read: a GPT's input ids
+    in its vocabulary, class ids in the model's classes (:func:`_check_examples` checks resident
+    data whole); None when there is nothing to check."""
+    if all(part is None or isinstance(part, tuple) for part in (data.train, data.validation)):
+        return None
+    row, target = _example_shapes(data.train)
+    gpt = getattr(model, "apply", None)
+    vocab = gpt.config.vocab_size if isinstance(gpt, GPT) else None
+    classes = None
+    if spec.name == "softmax_cross_entropy":
+        outputs = weights.output_shape(model, *_one_member(train), row)
+        classes = outputs[-1] if outputs else 1
+    if vocab is None and classes is None:
+        return None
+
+    def check(prefix: str, arrays: tuple) -> None:
+        if vocab is not None:
+            weights.check_token_ids(f"a streamed chunk of {prefix}x", arrays[0].reshape(-1, *row.shape), vocab)
+        if classes is not None:
+            weights.check_class_ids(f"a streamed chunk of {prefix}y", arrays[1].reshape(-1, *target.shape), classes)
+
+    return check
 
 
 def _check_token_ids(model, data: programs.Data) -> None:

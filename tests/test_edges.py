@@ -218,6 +218,16 @@ def test_a_callers_mistakes_are_named_before_anything_runs():
             ValueError,
             r"y holds 2.0 at row 0: binary cross-entropy takes targets in \[0, 1\]",
         ),
+        (
+            {"x": np.ones((8, 5), np.float32)},
+            ValueError,
+            r"^x: the model fails on an example of shape \(5,\) \(float32\): ",
+        ),
+        (
+            {"x": np.ones((8, 5), np.float32), "loss": lambda out, t: ((out - t) ** 2).mean()},  # any loss: the same
+            ValueError,
+            r"^x: the model fails on an example of shape \(5,\) .* the layer expects 2 features",
+        ),
     ]
     for change, error, message in cases:
         given = {**args, "x": x, "y": y, **change}

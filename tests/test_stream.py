@@ -682,3 +682,36 @@ def test_parquet_predictions_come_in_file_order_and_folders_predict_without_y(tm
     capsys.readouterr()
     assert cli.main(["predict", "--model", str(out), "--data", str(only_x)]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == len(x) + 1
+
+
+def test_streamed_ids_outside_the_classes_or_the_vocabulary_are_named_not_a_nan_loss(data, tmp_path):
+    """Resident ids are checked whole before training; streamed ones chunk by chunk, as read."""
+    _, x, y = data
+    p0 = NET.init(jax.random.key(0))
+    bad = y.copy()
+    bad[40] = 3  # the model has 3 classes
+    batches = [(x[i : i + 16], bad[i : i + 16]) for i in range(0, 64, 16)]
+    with pytest.raises(ValueError, match=r"^a streamed chunk of y holds the label 3 at row 40, outside the model's 3"):
+        jn.fit(NET, p0, batches, None, **args(epochs=1))
+    np.save(tmp_path / "y.npy", bad)
+    mapped = np.load(tmp_path / "y.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match="a streamed chunk of y holds the label 3 at row"):
+        jn.fit(NET, p0, np.load(data[0] / "x.npy", mmap_mode="r"), mapped, **args(epochs=1, shuffle=False))
+    with pytest.raises(ValueError, match="^a streamed chunk of validation's y holds the label 3"):
+        jn.fit(NET, p0, x, y, validation=batches, **args(epochs=1))
+    V, C = 11, 8
+    gpt = jn.gpt(V, context=C, layers=1, heads=2, dim=16)
+    params, state = gpt.init(jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, V, (32, C)).astype(np.int32)
+    outside = ids.copy()
+    outside[20, 3] = V
+    stream = [(outside[i : i + 8], ids[i : i + 8]) for i in range(0, 32, 8)]
+    with pytest.raises(ValueError, match=f"^a streamed chunk of x holds the id {V} at row 20, position 3, outside the"):
+        jn.fit(
+            gpt, params, stream, None, model_state=state, **args(epochs=1, loss="softmax_cross_entropy", batch_size=8)
+        )
+    good = [(ids[i : i + 8], ids[i : i + 8]) for i in range(0, 32, 8)]  # and a good stream trains
+    fitted = jn.fit(
+        gpt, params, good, None, model_state=state, **args(epochs=1, loss="softmax_cross_entropy", batch_size=8)
+    )
+    assert np.isfinite(fitted.history[-1]["train_loss"])

@@ -210,7 +210,7 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, compile: Callabl
             steps_fn = jax.vmap(steps_fn)
         return compile(steps_fn)
 
-    put = _checked(feed.placer(mesh), options.check_chunk, "")
+    put = checked_put(feed.placer(mesh), options.check_chunk, "")
     chunks_for = functools.partial(feed.epoch_chunks, source, layout)
     rows = [
         jax.ShapeDtypeStruct((1, *shape), dtype)
@@ -224,17 +224,17 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, compile: Callabl
     return streamed
 
 
-def _checked(put: Callable, check: Callable | None, prefix: str) -> Callable:
+def checked_put(put: Callable, check: Callable | None, prefix: str) -> Callable:
     """``put`` that first checks a chunk's host arrays (``check(prefix, arrays)``, in the prefetch
     thread: its error is raised in the loop)."""
     if check is None:
         return put
 
-    def checked_put(arrays):
+    def put_checked(arrays):
         check(prefix, arrays)
         return put(arrays)
 
-    return checked_put
+    return put_checked
 
 
 def eval_batch_size(given: int | None, batch_size: int, rows: int | None) -> int:
@@ -348,10 +348,19 @@ def build_programs(model, spec, optimizer, options: FitOptions, mesh, data: Data
             chunk = feed.make_eval_chunk(model, spec, gather=True, metrics=metrics)
             validate = resident_validation(chunk, *place(data.validation), b, members, place, metrics)
         else:
-            put = _checked(jax.device_put, options.check_chunk, "validation's ")
+            put = checked_put(jax.device_put, options.check_chunk, "validation's ")
             sums = streamed_sums(model, spec, data.validation, b, options.chunk_bytes, metrics, put, members)
 
             def validate(params, model_state):
                 return feed.means_of(sums(params, model_state), metrics)
 
     return Programs(train_epoch, validate, place_state)
+
+
+def example_shapes(train) -> tuple:
+    """``(x, y)`` of one example's shapes and dtypes, of ``train`` an ``(x, y, ...)`` tuple of
+    resident arrays or a source."""
+    if isinstance(train, tuple):
+        return tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in train[:2])
+    spec = train.spec if train.kind == "indexed" else train.first_spec()
+    return jax.ShapeDtypeStruct(spec.x_shape, spec.x_dtype), jax.ShapeDtypeStruct(spec.y_shape, spec.y_dtype)

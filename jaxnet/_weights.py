@@ -11,13 +11,14 @@ Axis letters in shapes: :mod:`jaxnet.base`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxnet.forward import apply_batch
+from jaxnet.lm import GPT
 from jaxnet.losses import IGNORE_INDEX, LossSpec
 
 
@@ -132,6 +133,30 @@ def check_token_ids(name: str, ids, vocab: int) -> None:
             f"{name} holds the id {int(ids[at])} at {where}, outside the GPT's vocabulary of {vocab} ids: give "
             f"ids 0 to {vocab - 1}"
         )
+
+
+def chunk_check(spec: LossSpec, model, params, model_state, row, target) -> Callable | None:
+    """``check(prefix, arrays)`` of a streamed chunk's host arrays ``(x, y, ...)`` as it is read,
+    ``row`` and ``target`` one example's shapes: a GPT's input ids in its vocabulary
+    (:func:`check_token_ids`), class ids in the model's classes (:func:`check_class_ids`), each
+    named as ``a streamed chunk of {prefix}x``; None when there is nothing to check. Resident data
+    is checked whole instead."""
+    gpt = getattr(model, "apply", None)
+    vocab = gpt.config.vocab_size if isinstance(gpt, GPT) else None
+    classes = None
+    if spec.name == "softmax_cross_entropy":
+        outputs = output_shape(model, params, model_state, row)
+        classes = outputs[-1] if outputs else 1
+    if vocab is None and classes is None:
+        return None
+
+    def check(prefix: str, arrays: tuple) -> None:
+        if vocab is not None:
+            check_token_ids(f"a streamed chunk of {prefix}x", arrays[0].reshape(-1, *row.shape), vocab)
+        if classes is not None:
+            check_class_ids(f"a streamed chunk of {prefix}y", arrays[1].reshape(-1, *target.shape), classes)
+
+    return check
 
 
 def integer_labels(y) -> np.ndarray:

@@ -824,7 +824,7 @@ def fit(
     )
     _check_per_example(optimizer, resume.train.params, members, options.per_example_grads)
     if auto:
-        shapes = (train_rows(data.train), _example_shapes(data.train))
+        shapes = (train_rows(data.train), programs.example_shapes(data.train))
         options, cost = _fitting_batch(model, spec, optimizer, options, resume.train, shapes, mesh, memory_budget)
         _check_padding(model, resume.train.model_state, data.train, options.batch_size, drop_remainder)
     _check_resumable(options, resume, data)
@@ -865,7 +865,7 @@ def _class_weights(class_weight, spec: LossSpec, model, train: TrainState, data:
     if class_weight is None:
         return None
     resident = isinstance(data.train, tuple)
-    row, target = _example_shapes(data.train)
+    row, target = programs.example_shapes(data.train)
     if has_token_axis(jax.ShapeDtypeStruct((1, *target.shape), target.dtype)):
         raise ValueError(
             "class_weight weighs each example by its label's class, but these targets have a token axis (a label per "
@@ -899,7 +899,7 @@ def _check_examples(spec: LossSpec, model, train: TrainState, data: programs.Dat
     outside its classes (streamed ones: :func:`_chunk_check`), a ``top_k_accuracy`` of more classes; and
     targets of an elementwise loss not shaped as the outputs (resident binary ones outside [0, 1])."""
     _check_token_ids(model, data)
-    row, target = _example_shapes(data.train)
+    row, target = programs.example_shapes(data.train)
     outputs = weights.output_shape(model, *_one_member(train), row)  # (an error of the model's names x)
     if spec.name not in ("softmax_cross_entropy", *ELEMENTWISE_LOSSES):
         return
@@ -981,28 +981,12 @@ def _check_chunked(callbacks, data: programs.Data, chunk_steps, steps) -> None:
 
 
 def _chunk_check(spec: LossSpec, model, train: TrainState, data: programs.Data) -> Callable | None:
-    """For streamed data, ``check(prefix, arrays)`` of each chunk as it is read: a GPT's input ids
-    in its vocabulary, class ids in the model's classes (:func:`_check_examples` checks resident
-    data whole); None when there is nothing to check."""
+    """For streamed data, ``check(prefix, arrays)`` of each chunk as it is read
+    (:func:`jaxnet._weights.chunk_check`; :func:`_check_examples` checks resident data whole);
+    None when there is nothing to check."""
     if all(part is None or isinstance(part, tuple) for part in (data.train, data.validation)):
         return None
-    row, target = _example_shapes(data.train)
-    gpt = getattr(model, "apply", None)
-    vocab = gpt.config.vocab_size if isinstance(gpt, GPT) else None
-    classes = None
-    if spec.name == "softmax_cross_entropy":
-        outputs = weights.output_shape(model, *_one_member(train), row)
-        classes = outputs[-1] if outputs else 1
-    if vocab is None and classes is None:
-        return None
-
-    def check(prefix: str, arrays: tuple) -> None:
-        if vocab is not None:
-            weights.check_token_ids(f"a streamed chunk of {prefix}x", arrays[0].reshape(-1, *row.shape), vocab)
-        if classes is not None:
-            weights.check_class_ids(f"a streamed chunk of {prefix}y", arrays[1].reshape(-1, *target.shape), classes)
-
-    return check
+    return weights.chunk_check(spec, model, *_one_member(train), *programs.example_shapes(data.train))
 
 
 def _check_token_ids(model, data: programs.Data) -> None:
@@ -1068,7 +1052,7 @@ def _preflight(model, spec, optimizer, options: FitOptions, train, data, mesh, b
     peak = summaries.peak_tflops() if peak is None else checks.number("peak_tflops", peak, 0.0, strict=True)
     if budget is None and peak is None:
         return options
-    need = cost or programs.step_cost(model, spec, optimizer, options, train, _example_shapes(data.train), mesh)
+    need = cost or programs.step_cost(model, spec, optimizer, options, train, programs.example_shapes(data.train), mesh)
     if budget is not None and need["total"] > budget:
         state, temp = _size(need["state"]), _size(need["temp"])
         figures = (f"one training step needs {_size(need['total'])} per device (XLA's memory analysis: params, "
@@ -1113,7 +1097,7 @@ def fitting_batch_size(
         x, y = (a if hasattr(a, "shape") else np.asarray(a) for a in (x, y))
         rows, example = len(x), tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (x, y))
     else:
-        rows, example = train_rows(source), _example_shapes(source)
+        rows, example = train_rows(source), programs.example_shapes(source)
     if device_invariant is not None:  # the state whole on every device, as fit lays it out
         mesh, sharding = _invariant_layout(mesh, sharding)
     smallest = _smallest_batch(accumulate, mesh, device_invariant)
@@ -1192,14 +1176,6 @@ def _size(n: int) -> str:
     if n < 2**20:
         return f"{n / 2**10:.1f} KiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def _example_shapes(train) -> tuple:
-    """``(x, y)`` of one training example's shapes and dtypes."""
-    if isinstance(train, tuple):
-        return tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in train[:2])
-    spec = train.spec if train.kind == "indexed" else train.first_spec()
-    return jax.ShapeDtypeStruct(spec.x_shape, spec.x_dtype), jax.ShapeDtypeStruct(spec.y_shape, spec.y_dtype)
 
 
 def _check_sharding(rules, mesh, train: TrainState):

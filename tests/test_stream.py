@@ -699,6 +699,8 @@ def test_streamed_ids_outside_the_classes_or_the_vocabulary_are_named_not_a_nan_
         jn.fit(NET, p0, np.load(data[0] / "x.npy", mmap_mode="r"), mapped, **args(epochs=1, shuffle=False))
     with pytest.raises(ValueError, match="^a streamed chunk of validation's y holds the label 3"):
         jn.fit(NET, p0, x, y, validation=batches, **args(epochs=1))
+    with pytest.raises(ValueError, match="^a streamed chunk of y holds the label 3 at row"):  # evaluate alike
+        jn.evaluate(NET, p0, batches, loss="cross_entropy")
     V, C = 11, 8
     gpt = jn.gpt(V, context=C, layers=1, heads=2, dim=16)
     params, state = gpt.init(jax.random.key(0))

@@ -183,3 +183,32 @@ def test_every_member_of_an_ensemble_starts_from_the_weights(mlp_run, tmp_path):
             assert after[name].shape == (2, *before[name].shape)
             np.testing.assert_array_equal(after[name], np.broadcast_to(before[name], after[name].shape))
         assert not np.array_equal(after["params/1/w"][0], before["params/1/w"])
+
+
+def test_init_from_a_table_run_needs_its_features_in_its_order(tmp_path):
+    """Its weights meet the features by position: other columns, another order or other categories
+    would train them on the wrong inputs, silently; refused, and the same columns train."""
+    from csvfiles import write_csv
+
+    rng = np.random.default_rng(0)
+    area, rooms, city = rng.uniform(30, 200, 60), rng.integers(1, 6, 60), rng.choice(["lyon", "nice"], 60)
+    rows = [(round(float(a), 1), int(r), c, round(3 * a + 10 * r, 1)) for a, r, c in zip(area, rooms, city)]
+    write_csv(tmp_path / "h.csv", ["area", "rooms", "city", "price"], rows)
+    write_csv(tmp_path / "swapped.csv", ["rooms", "area", "city", "price"], [(r, a, c, p) for a, r, c, p in rows])
+    other = [(a, r, "paris" if c == "lyon" else c, p) for a, r, c, p in rows]  # another category
+    write_csv(tmp_path / "cities.csv", ["area", "rooms", "city", "price"], other)
+    common = ["--target", "price", "--epochs", "1", "--quiet"]
+    assert jaxnet("train", "--data", tmp_path / "h.csv", *common, "--out", tmp_path / "h").returncode == 0
+    for data, message in [
+        ("swapped.csv", "its model reads 4 features and this data gives 4; feature 1 is 'area' there and 'rooms' here"),
+        ("cities.csv", "feature 3 is 'city=lyon' there and 'city=nice' here"),
+    ]:
+        result = jaxnet(
+            "train", "--data", tmp_path / data, *common, "--init-from", tmp_path / "h", "--out", tmp_path / "o"
+        )
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr and not (tmp_path / "o").exists()
+    same = jaxnet(
+        "train", "--data", tmp_path / "h.csv", *common, "--init-from", tmp_path / "h", "--out", tmp_path / "s"
+    )
+    assert same.returncode == 0, same.stderr

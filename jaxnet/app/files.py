@@ -189,6 +189,16 @@ def _read_meta(file: Path) -> dict:
     return meta
 
 
+def saved_meta(path: str | os.PathLike) -> dict | None:
+    """The metadata of the model saved in ``path`` (a run folder or a ``model.npz``; only its
+    metadata is read), or None when ``path`` holds no jaxnet model file (another source of weights)."""
+    path = Path(path)
+    file = path / MODEL_FILE if path.is_dir() else path
+    if file.name != MODEL_FILE or not file.is_file():
+        return None
+    return _read_meta(file)
+
+
 def load_model(path: str | os.PathLike, limit: int = npz.DEFAULT_LIMIT) -> SavedModel:
     """Loads a model saved by :func:`save_model` from a run folder or a ``model.npz`` path.
 

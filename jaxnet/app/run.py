@@ -117,6 +117,7 @@ def prepare(config: TrainConfig, cache: Path | None = None, mesh=None, resuming:
     if config.batch_size == "auto":
         config = _fitting_batch(config, problem, model, (one, one_state), mesh)
         problem = with_batch_size(problem, config)
+    _check_source_inputs(config, meta)
     start = _start_weights(config, one)
     # what fit places on the device (lazy rows, read in chunks, are not placed)
     parts = [part for part in problem.splits if part is not None and sources.is_resident(part.x)]
@@ -151,6 +152,28 @@ def sharding_rules(config: TrainConfig, mesh) -> list | None:
     if mesh is None:
         return None
     return [tuple(rule.rsplit("=", 1)) for rule in config.shard] or None
+
+
+def _check_source_inputs(config: TrainConfig, meta: dict) -> None:
+    """``--init-from`` a jaxnet model: it must read the features this data gives (by name, in
+    order: a table's columns, their categories) and predict the same classes, since its weights are
+    matched by position; else they would meet other features, silently."""
+    source = files.saved_meta(config.init_from) if config.init_from is not None else None
+    for field, what, many in (("feature_names", "feature", "features"), ("classes", "class", "classes")):
+        theirs, ours = (source or {}).get(field), meta.get(field)
+        if theirs is None or ours is None or list(theirs) == list(ours):
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ArgumentError(
+            f"{{0}} {checks.escape(config.init_from)}: its model reads {len(theirs)} {many} and this data gives "
+            f"{len(ours)}; {what} {at + 1} is {_nth(theirs, at)} there and {_nth(ours, at)} here. Its weights meet "
+            f"them by position: give data with its columns, in its order, and its categories (or train from scratch)",
+            "init_from",
+        )
+
+
+def _nth(names: Sequence, at: int) -> str:
+    return checks.literal(names[at]) if at < len(names) else "none"
 
 
 def _start_weights(config: TrainConfig, shapes) -> transfer.Loaded | None:

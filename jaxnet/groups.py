@@ -76,6 +76,11 @@ def partition(
         raise ArgumentError(
             "{0} " + literal(frozen.pattern) + " matches every parameter: nothing would train", "freeze"
         )
+    for regex, _ in compiled if frozen is not None else ():
+        if all(frozen.search(n) for n in names if regex.search(n)):
+            raise ArgumentError("{0} " + literal(regex.pattern) + " matches only frozen parameters ("
+                                + escape(listed([n for n in names if regex.search(n)]))
+                                + "): it would change nothing; drop it, or train them", "lr_mult")  # fmt: skip
 
     def label(path, _):
         name = path_name(path)
@@ -84,6 +89,13 @@ def partition(
         return next((f"x{factor!r}" for regex, factor in compiled if regex.search(name)), DEFAULT)
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def check_matches(what: str, pattern: str, params) -> None:
+    """Refuses a regex ``pattern`` (the argument ``what``) that matches no path of ``params``."""
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if not any(_compile(pattern, what).search(n) for n in names):
+        raise _unmatched(what, pattern, names)
 
 
 def _unmatched(what: str, pattern: str, names: Sequence[str]) -> ArgumentError:
@@ -144,7 +156,8 @@ def trainable_count(params, *, freeze: str | None = None, trainable: str | None 
 
 def decay_mask_except(pattern: str | None, base: Callable | None = None) -> Callable | None:
     """A weight-decay mask (a function of the params) that is ``base``'s (default: every leaf)
-    except where ``pattern`` matches the path (``--no-decay``)."""
+    except where ``pattern`` matches the path (``--no-decay``; :func:`check_matches` it against
+    the whole params: the mask also sees each group's part alone)."""
     if pattern is None:
         return base
     regex = _compile(pattern, "no_decay")

@@ -96,7 +96,10 @@ def _safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def renamed(arrays: dict, rename: Mapping[str, str] | None) -> dict:
-    """``arrays`` with each name passed through every ``re.sub(regex, replacement)`` in order."""
+    """``arrays`` with each name passed through every ``re.sub(regex, replacement)`` in order; two
+    names renamed to one are refused (one array would be dropped)."""
+    if rename is not None and not isinstance(rename, Mapping):
+        raise TypeError(f"rename must be a mapping {{regex: replacement}}, got {type(rename).__name__}")
     rules = []
     for pattern, replacement in (rename or {}).items():
         try:
@@ -106,11 +109,14 @@ def renamed(arrays: dict, rename: Mapping[str, str] | None) -> dict:
     for regex, _ in rules:
         if not any(regex.search(name) for name in arrays):
             raise ValueError(f"rename {regex.pattern!r} matches no name of the source; it has: {listed(arrays)}")
-    out = {}
+    out, source = {}, {}
     for name, array in arrays.items():
+        new = name
         for regex, replacement in rules:
-            name = regex.sub(replacement, name)
-        out[name] = array
+            new = regex.sub(replacement, new)
+        if new in out:
+            raise ValueError(f"rename gives {source[new]!r} and {name!r} one name, {new!r}: rename them apart")
+        out[new], source[new] = array, name
     return out
 
 

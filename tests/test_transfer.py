@@ -34,6 +34,11 @@ def test_weights_load_by_path_with_renames_and_mismatches_are_listed_together():
     assert loaded.loaded == ["0/b", "0/w"] and loaded.fresh == ["1/b", "1/w"] and loaded.unused == ["1/w", "extra"]
     with pytest.raises(ValueError, match=r"rename '\^nothing' matches no name of the source; it has: layer0/w"):
         jn.load_params(source, params, rename={"^nothing": "x"})
+    both = {"enc/1/w": np.ones((16, 2)), "1/w": np.zeros((16, 2))}  # one would be dropped, silently
+    with pytest.raises(ValueError, match=r"rename gives 'enc/1/w' and '1/w' one name, '1/w': rename them apart"):
+        jn.load_params(both, params, rename={"^enc/": ""}, partial=True)
+    with pytest.raises(TypeError, match=r"rename must be a mapping \{regex: replacement\}, got str"):
+        jn.load_params(source, params, rename="^layer0/=0/")
 
 
 def test_weights_load_from_safetensors_and_a_non_weights_file_is_refused(tmp_path):
@@ -142,6 +147,8 @@ def test_a_renamed_layer_is_refused_with_the_names_and_accepted_with_init_rename
         (["--init-from", "{run}", "--init-rename", "zzz=a"], "rename 'zzz' matches no name of the source"),
         (["--freeze", "."], "--freeze '.' matches every parameter: nothing would train"),
         (["--freeze", "nothing"], "--freeze 'nothing' matches no parameter"),
+        (["--freeze", "^0/", "--lr-mult", "^0/=5"], "--lr-mult '^0/' matches only frozen parameters (0/b, 0/w)"),
+        (["--no-decay", "nothing", "--optimizer", "adamw"], "--no-decay 'nothing' matches no parameter"),
         (["--lora-rank", "0"], "--lora-rank must be a positive integer"),
         (["--lora-rank", "100"], "lora rank 100 exceeds the smallest dimension"),
         (["--ema", "1.5"], "--ema is a decay in (0, 1)"),

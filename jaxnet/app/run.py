@@ -118,6 +118,8 @@ def prepare(config: TrainConfig, cache: Path | None = None, mesh=None, resuming:
         config = _fitting_batch(config, problem, model, (one, one_state), mesh)
         problem = with_batch_size(problem, config)
     _check_source_inputs(config, meta)
+    if config.no_decay is not None:
+        groups.check_matches("no_decay", config.no_decay, one)
     start = _start_weights(config, one)
     # what fit places on the device (lazy rows, read in chunks, are not placed)
     parts = [part for part in problem.splits if part is not None and sources.is_resident(part.x)]

@@ -39,8 +39,10 @@ class Checkpointer(OnRunStart, OnChunk, OnRunEnd, OnRunFailure):
       every_steps: also save inside epochs, at the first chunk boundary after every
         ``every_steps`` optimizer steps (the position in the data included: a resume continues
         the epoch exactly). Needs epochs in chunks: streamed data, or ``fit(chunk_steps=...)``
-        (``fit`` refuses it otherwise). Chunks are counted within each epoch:
-        ``chunk_steps=every_steps`` saves every ``every_steps`` steps of an epoch and at its end.
+        (``fit`` refuses it otherwise). Chunks are cut within each epoch, saves are due by the
+        run's steps: 10-step epochs in chunks of 3 end chunks at steps 3, 6, 9, 10, 13, ...;
+        ``every_steps=3`` saves at 3, 6, 9, 13, 16, 19 (no multiple of 3 passed between 9 and 10)
+        and at the run's end. ``every=1`` adds each epoch's end.
       asynchronous: training goes on while a checkpoint is written: the state is copied to the
         host (:func:`jaxnet.checkpoint.snapshot`), then written by a background thread. At most
         one write is in flight (the next save waits for it); the run's end waits for the last.

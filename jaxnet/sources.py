@@ -451,16 +451,16 @@ class Parquet(Sequential):
       path: the ``.parquet`` file.
       target: the target column (None: features only, ``y`` None: for :func:`jaxnet.predict`).
       features: the feature columns, in order (default: every other column).
-      y_dtype: ``y``'s dtype (int32 labels or float32 targets).
+      y_dtype: ``y``'s dtype (int32 labels or float32 targets; default: int32 for an integer or
+        boolean target column, float32 for others). A value the dtype cannot hold exactly (0.5 as
+        an integer label) is refused, as is a NaN or infinite value in any column read.
       optional_target: a file without the target column is read for its features (``y`` None).
 
     Each epoch visits the row groups in an order drawn from the epoch's seed and shuffles the
     rows within each group (``blocks(seed, shuffle=False)``: the file's order). Memory holds one group.
     """
 
-    def __init__(
-        self, path, target: str | None, features=None, y_dtype=np.float32, name=None, optional_target: bool = False
-    ):
+    def __init__(self, path, target: str | None, features=None, y_dtype=None, name=None, optional_target: bool = False):
         pq = _pyarrow_parquet()
         self.path = Path(path)
         self.name = name or self.path.name
@@ -481,19 +481,27 @@ class Parquet(Sequential):
         missing = [c for c in self.features if c not in columns]
         if missing:
             raise DataError(f"{self.name} lacks the feature columns {', '.join(map(repr, missing[:5]))}")
-        self.target, self.y_dtype = target, np.dtype(y_dtype)
+        self.target, self.y_dtype = target, np.dtype(y_dtype or self._column_dtype(target))
         self.num_groups = self.file.num_row_groups
         self.num_rows = self.file.metadata.num_rows
         self.spec = RowSpec((len(self.features),), np.dtype(np.float32), (), self.y_dtype)
         if self.num_rows == 0:
             raise DataError(f"{self.name} has no rows")
 
+    def _column_dtype(self, name: str | None) -> np.dtype:
+        """int32 for an integer or boolean column (class ids), float32 for others (or none)."""
+        if name is None:
+            return np.dtype(np.float32)
+        kind = self.file.schema_arrow.field(name).type
+        whole = str(kind) == "bool" or str(kind).startswith(("int", "uint"))
+        return np.dtype(np.int32 if whole else np.float32)
+
     def read_group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         try:
             wanted = [*self.features, *([self.target] if self.target is not None else [])]
             table = self.file.read_row_group(g, columns=wanted)
-            x = np.stack([_column(table, c, self.name, g) for c in self.features], axis=1).astype(np.float32)
-            y = None if self.target is None else _column(table, self.target, self.name, g).astype(self.y_dtype)
+            x = np.stack([_column(table, c, self.name, g, np.float32) for c in self.features], axis=1)
+            y = None if self.target is None else _column(table, self.target, self.name, g, self.y_dtype)
         except DataError:
             raise
         except Exception as e:
@@ -511,16 +519,27 @@ class Parquet(Sequential):
             yield x, y
 
 
-def _column(table, name: str, file: str, group: int) -> np.ndarray:
+def _column(table, name: str, file: str, group: int, dtype) -> np.ndarray:
+    """Column ``name`` of a row group as ``dtype``; refuses gaps, text, NaN or infinite values and
+    values ``dtype`` would change (a float label cast to an integer)."""
     column = table.column(name)
+    where = f"row group {group} of {file}: column {name!r}"
     if column.null_count:
-        raise DataError(
-            f"row group {group} of {file}: column {name!r} has {column.null_count} missing values: fill or drop them"
-        )
+        raise DataError(f"{where} has {column.null_count} missing values: fill or drop them")
     values = column.to_numpy()
     if not np.issubdtype(values.dtype, np.number) and values.dtype != bool:
-        raise DataError(f"row group {group} of {file}: column {name!r} is {column.type}, not numeric")
-    return values
+        raise DataError(f"{where} is {column.type}, not numeric")
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        row = int(np.argmin(np.isfinite(values)))
+        raise DataError(f"{where} holds {values[row]} at row {row} of the group: fill or drop it")
+    cast = values.astype(dtype)
+    if np.issubdtype(np.dtype(dtype), np.integer) and not np.array_equal(cast, values):
+        row = int(np.argmax(cast != values))
+        raise DataError(
+            f"{where} holds {values[row].item()!r} at row {row} of the group, which an {np.dtype(dtype)} label cannot "
+            "hold: give whole class ids, or y_dtype=np.float32 for a regression target"
+        )
+    return cast
 
 
 def require_targets(source, name: str) -> None:

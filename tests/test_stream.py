@@ -376,6 +376,17 @@ def test_parquet_row_groups_stream_in_a_keyed_order(tmp_path, resident):
         jn.Parquet(tmp_path / "bad.parquet", target="label")
     with pytest.raises(jn.DataError, match="has no column 'price'"):
         jn.Parquet(tmp_path / "t.parquet", target="price")
+    assert jn.Parquet(tmp_path / "t.parquet", target="label").y_dtype == np.int32  # the column's: integer labels
+    holed = x.copy()
+    holed[7, 2] = np.nan  # a NaN, not a gap: it gave a non-finite loss that blamed the learning rate
+    pq.write_table(pa.table({"f0": x[:, 0], "label": (y * 0.5).astype(np.float64)}), tmp_path / "halves.parquet")
+    pq.write_table(pa.table({**{f"f{j}": holed[:, j] for j in range(6)}, "label": y}), tmp_path / "nan.parquet")
+    halved = jn.Parquet(tmp_path / "halves.parquet", target="label", y_dtype=np.int32)
+    with pytest.raises(jn.DataError, match=r"column 'label' holds 0.5 at row \d+ of the group, which an int32 label"):
+        list(halved.blocks(0, shuffle=False))  # 0.5 was truncated to class 0, silently
+    assert jn.Parquet(tmp_path / "halves.parquet", target="label").y_dtype == np.float32
+    with pytest.raises(jn.DataError, match="row group 0 of nan.parquet: column 'f2' holds nan at row 7 of the group"):
+        jn.fit(NET, p0, jn.Parquet(tmp_path / "nan.parquet", target="label"), None, **args(epochs=1))
 
 
 def test_cli_sweeps_stream_a_folder_of_npy_and_refuse_step_logs(data, tmp_path, capsys):

@@ -61,6 +61,21 @@ def test_fit_and_encode_match_a_plain_python_loop(tmp_path):
     assert encoder.scaled.tolist() == [False, False, True, False, False, False, False]
 
 
+def test_a_parquet_file_reads_as_the_csv_of_the_same_cells(tmp_path):
+    """A text cell a CSV reads as a gap ("", "NA", ...) is a gap in Parquet too, not a category."""
+    header, rows = MIXED[0], [*MIXED[1], ["NA", "3", "true", "1", "pear"]]
+    path = write(tmp_path / "t.csv", header, rows)
+    text = {name: pa.array([r[j] for r in rows]) for j, name in enumerate(header)}
+    pq.write_table(pa.table(text), tmp_path / "t.parquet")
+    features = ["size", "colour"]
+    csv_encoder = tables.fit_encoder(tables.read_table(path), features, categorical=["colour"], rows=np.arange(4))
+    table = tables.read_table(tmp_path / "t.parquet")
+    encoder = tables.fit_encoder(table, features, categorical=["colour"], rows=np.arange(4))
+    assert encoder == csv_encoder and encoder.columns[0].categories == ("large", "small")
+    streamed = next(tables.batches(tmp_path / "t.parquet", features, None, 100))
+    assert streamed.column("size").null_count == 2  # predict's reader alike
+
+
 def test_unseen_categories_and_embedding_codes(tmp_path):
     table = tables.read_table(write(tmp_path / "t.csv", ["c", "y"], [["a", 1], ["b", 0], ["", 1], ["zebra", 0]]))
     onehot = tables.fit_encoder(table, ["c"], rows=np.array([0, 1, 2]))

@@ -314,7 +314,8 @@ def read_table(path, columns: Sequence[str] | None = None, types: dict | None = 
     table = None
     try:
         if path.lower().endswith(".parquet"):
-            table = pa.parquet.read_table(path, columns=list(columns) if columns is not None else None)
+            wanted = list(columns) if columns is not None else None
+            table = _gaps_as_nulls(pa, pa.parquet.read_table(path, columns=wanted))
         else:
             _check_text(path, name)
             options = _read_options(pa, path)
@@ -339,6 +340,18 @@ def read_table(path, columns: Sequence[str] | None = None, types: dict | None = 
         header = table.column_names if table is not None else ()
         raise _arrow_error(name, e, header, path=path, delimiter=delimiter) from None
     _check_names(table.column_names, name)
+    return table
+
+
+def _gaps_as_nulls(pa, table):
+    """``table`` with each text cell that a CSV reads as a gap (:data:`GAPS`, the empty string
+    among them) made null, so that a Parquet file and a CSV of the same values give the same
+    features (a gap, not a category ``""``)."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            column = table.column(i)
+            gap = pa.compute.is_in(column, value_set=pa.array(GAPS, field.type))
+            table = table.set_column(i, field, pa.compute.if_else(gap, pa.scalar(None, field.type), column))
     return table
 
 
@@ -386,7 +399,7 @@ def batches(
         if path.lower().endswith(".parquet"):
             file = pa.parquet.ParquetFile(path)
             for batch in file.iter_batches(batch_size=rows, columns=None if columns is None else list(columns)):
-                yield pa.Table.from_batches([batch])
+                yield _gaps_as_nulls(pa, pa.Table.from_batches([batch]))
             return
         source = _stdin() if path == "-" else path
         delimiter = delimiter or sniff_delimiter(path)

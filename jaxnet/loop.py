@@ -118,6 +118,13 @@ class _Book(NamedTuple):
     best_value: np.ndarray
     stopped: np.ndarray
     skipped: np.ndarray | None
+    spikes: np.ndarray | None = None  # loss spikes skipped so far (jaxnet.skip_spikes), or None
+
+
+def _spikes(opt_state, k: int) -> np.ndarray | None:
+    """The ``(K,)`` loss spikes :func:`jaxnet.skip_spikes` has skipped so far (None without it)."""
+    spikes = spikes_of(opt_state)
+    return None if spikes is None else np.broadcast_to(np.ravel(np.asarray(spikes)), (k,)).astype(np.int64)
 
 
 # Fresh copies of a pytree's arrays in one compiled call (eagerly, each leaf shape compiles its own copy).
@@ -305,7 +312,7 @@ def _open_book(
         if patience is not None:
             stopped |= (best_epoch > 0) & (state.epoch - best_epoch >= patience)
     skipped = _skipped_updates(state.train.opt_state, k) if skip_nonfinite else None
-    return _Book(best_epoch, best_value, stopped, skipped)
+    return _Book(best_epoch, best_value, stopped, skipped, _spikes(state.train.opt_state, k))
 
 
 def is_finished(
@@ -344,9 +351,8 @@ def _record(epoch: int, metrics: dict, val: dict | None, book: _Book, keep: np.n
     record.update({name: _values(v, keep) for name, v in metrics.get("train_metrics", {}).items()})
     if book.skipped is not None:
         record["skipped"] = [int(v) for v in _skipped_updates(train.opt_state, keep.size) - book.skipped]
-    spikes = spikes_of(train.opt_state)
-    if spikes is not None:
-        record["spikes"] = [int(v) for v in np.ravel(np.asarray(spikes))]
+    if book.spikes is not None:  # this epoch's, as skipped
+        record["spikes"] = [int(v) for v in _spikes(train.opt_state, keep.size) - book.spikes]
     if val is not None:
         record.update({f"val_{name}": _values(v, keep) for name, v in val.items()})
         record["best_epoch"] = [int(e) for e in book.best_epoch]
@@ -543,7 +549,7 @@ def _conclude(state, book, compiled, options, train, metrics, position, start, b
     if options.patience is not None:
         stopped |= epoch - book.best_epoch >= options.patience
     skipped = _skipped_updates(train.opt_state, k) if book.skipped is not None else None
-    book = book._replace(stopped=stopped, skipped=skipped)
+    book = book._replace(stopped=stopped, skipped=skipped, spikes=_spikes(train.opt_state, k))
     if options.members is None:  # a single run's records and best epoch hold scalars
         record = {name: v[0] if isinstance(v, list) else v for name, v in record.items()}
     best_epoch = int(book.best_epoch[0]) if options.members is None else [int(e) for e in book.best_epoch]

@@ -404,8 +404,9 @@ def _member_entries(job: Job, history: list, tests: list[dict]) -> list[dict]:
                 val_accuracy=best.get("val_accuracy"),
             )
             entry.update({k: v for k, v in best.items() if k.startswith("val_") and k not in _PLAIN_VAL})
-        if any("skipped" in r for r in own):
-            entry["skipped"] = sum(r["skipped"] for r in own)  # updates skipped as non-finite
+        for name in ("skipped", "spikes"):  # updates skipped as non-finite, loss spikes skipped
+            if any(name in r for r in own):
+                entry[name] = sum(r[name] for r in own)
         entry.update({f"test_{name}": value for name, value in tests[i].items()} if tests else {})
         entries.append(_in_steps(entry, last, best) if job.config.steps is not None else entry)
     return entries
@@ -450,7 +451,8 @@ def summarize(job: Job, state: FitState, seconds: float) -> tuple[dict, int]:
         "batch_size": c.batch_size,  # (a batch size 'auto' as the number it became)
         "test_accuracy": None,
     }
-    summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name == "skipped"})
+    counts = ("skipped", "spikes")
+    summary.update({name: v for name, v in entries[best].items() if name.startswith("test_") or name in counts})
     summary.update({k: v for k, v in entries[best].items() if k.startswith("val_") and k not in _PLAIN_VAL})
     if c.steps is not None:  # a run by steps records rounds of eval_every steps, not epochs
         del summary["best_epoch"]

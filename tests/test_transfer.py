@@ -137,6 +137,12 @@ def test_a_renamed_layer_is_refused_with_the_names_and_accepted_with_init_rename
     assert "0/b is missing; 0/w is missing; first/b is unexpected; first/w is unexpected" in refused.stderr
     accepted = jaxnet(*args, "--init-rename", "^first/=0/", "--out", tmp_path / "b")
     assert accepted.returncode == 0, accepted.stderr
+    partial = jaxnet(
+        *args[:-3], "--init-from", tmp_path / "renamed.safetensors", "--init-partial", "--out", tmp_path / "c"
+    )
+    assert partial.returncode == 0, partial.stderr  # not --quiet: it says what it did not load
+    assert ("2 params loaded; 2 kept their fresh initialization (0/b, 0/w); 2 arrays of the source unused (first/b, "
+            "first/w)") in partial.stderr  # fmt: skip
 
 
 @pytest.mark.parametrize(

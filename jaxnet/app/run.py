@@ -705,8 +705,8 @@ def _say(notify: Notify | None, message: str, always: bool = True) -> None:
 
 
 def _announce(notify: Notify | None, job: Job, asked: TrainConfig) -> None:
-    """The run's first lines: its task and data, what reading a table did to it, and the batch
-    size that ``auto`` (in the config ``asked``) became."""
+    """The run's first lines: its task and data, what reading a table did to it, the batch size
+    that ``auto`` (in the config ``asked``) became, and what ``--init-partial`` left fresh."""
     problem = job.problem
     _say(notify, describe_problem(problem), always=False)
     if asked.batch_size == "auto":
@@ -716,6 +716,12 @@ def _announce(notify: Notify | None, job: Job, asked: TrainConfig) -> None:
     if problem.report is not None:
         for line in tables.report_lines(problem.report, problem.encoder, Path(job.config.data).name):
             _say(notify, line, always=False)
+    loaded = job.start_weights
+    if loaded is not None and (loaded.fresh or loaded.unused):  # (--init-partial: else both are refused)
+        fresh, unused = (shardinglib.listed(names) or "none" for names in (loaded.fresh, loaded.unused))
+        _say(notify, f"--init-from {job.config.init_from}: {len(loaded.loaded)} params loaded; {len(loaded.fresh)} "
+                     f"kept their fresh initialization ({fresh}); {len(loaded.unused)} arrays of the source unused "
+                     f"({unused})")  # fmt: skip
 
 
 def _check_same_data(job: Job, metadata: dict, folder: RunFolder) -> None:

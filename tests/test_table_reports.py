@@ -309,3 +309,12 @@ def test_predict_and_evaluate_read_a_csv_with_the_training_runs_delimiter_or_the
     np.savez(tmp_path / "x.npz", x=np.zeros((3, 2), np.float32))
     npz = run_cli("predict", "--model", tmp_path / "run", "--data", tmp_path / "x.npz", "--delimiter", ";")
     assert npz.returncode == 2 and "--delimiter separates a CSV's fields; x.npz is not a CSV" in npz.stderr
+    for data, extra, message in [  # train: options that would be ignored are refused
+        (["--dataset", "digits"], ["--delimiter", ";"], "--delimiter separates a CSV file's fields (a data file .csv)"),
+        (["--dataset", "digits"], ["--ignore", "id"], "--ignore is for CSV and Parquet tables"),
+        (["--data", tmp_path / "semi.csv", "--target", "y"], ["--embedding-dim", "3"],
+         "--embedding-dim sizes the vectors of --encoding embedding: give --encoding embedding, or drop"),
+    ]:  # fmt: skip
+        refused = run_cli("train", *data, *extra, "--epochs", "1", "--out", tmp_path / "refused")
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused").exists()

@@ -156,7 +156,9 @@ def test_a_renamed_layer_is_refused_with_the_names_and_accepted_with_init_rename
         (["--freeze", "^0/", "--lr-mult", "^0/=5"], "--lr-mult '^0/' matches only frozen parameters (0/b, 0/w)"),
         (["--no-decay", "nothing", "--optimizer", "adamw"], "--no-decay 'nothing' matches no parameter"),
         (["--lora-rank", "0"], "--lora-rank must be a positive integer"),
-        (["--lora-rank", "100"], "lora rank 100 exceeds the smallest dimension"),
+        (["--init-from", "{run}", "--lora-rank", "100"], "lora rank 100 exceeds the smallest dimension"),
+        (["--lora-rank", "2"], "--lora-rank trains adapters on a base that --init-from gives"),  # not a random one
+        (["--lora-alpha", "4"], "--lora-alpha shapes the adapters of --lora-rank: give --lora-rank, or drop"),
         (["--ema", "1.5"], "--ema is a decay in (0, 1)"),
         (["--skip-spikes", "1,3"], "--skip-spikes needs a window of at least 2 steps"),
         (["--init-rename", "a=b"], "--init-rename and --init-partial shape what --init-from loads"),

@@ -212,9 +212,14 @@ def _validate_data(c: TrainConfig) -> None:
         raise ArgumentError(f"{{0}} must be column names, got {checks.literal(c.categorical)}", "categorical")
     checks.choice("encoding", c.encoding, tables.ENCODINGS)
     checks.integer("embedding_dim", c.embedding_dim)
-    for name, default in (("categorical", ()), ("encoding", "onehot")):
+    for name, default in (("categorical", ()), ("encoding", "onehot"), ("ignore", ())):
         if getattr(c, name) != default and not table:
             raise ArgumentError("{0} is for CSV and Parquet tables (a data file .csv or .parquet)", name)
+    if c.delimiter is not None and not (table and tables.is_csv(c.data)):
+        raise ArgumentError("{0} separates a CSV file's fields (a data file .csv)", "delimiter")
+    if c.embedding_dim != ConfigFields.embedding_dim and c.encoding != "embedding":
+        raise ArgumentError("{0} sizes the vectors of {1} embedding: give {1} embedding, or drop {0}", "embedding_dim",
+                            "encoding")  # fmt: skip
     if c.encoding == "embedding" and c.arch != "mlp":
         raise ArgumentError("{0} embedding is for {1} mlp", "encoding", "arch")
     if c.task is not None:
@@ -351,6 +356,12 @@ def _validate_tuning(c: TrainConfig) -> None:
         checks.integer("lora_rank", c.lora_rank)
         if c.freeze is not None:
             raise ArgumentError("{0} trains the adapters alone: drop {1}", "lora_rank", "freeze")
+        if c.init_from is None:
+            raise ArgumentError("{0} trains adapters on a base that {1} gives (trained weights, frozen): give {1}",
+                                "lora_rank", "init_from")  # fmt: skip
+    for name in ("lora_alpha", "lora_targets"):
+        if c.lora_rank is None and getattr(c, name) != getattr(ConfigFields, name):
+            raise ArgumentError("{0} shapes the adapters of {1}: give {1}, or drop {0}", name, "lora_rank")
     if (c.init_rename or c.init_partial) and c.init_from is None:
         raise ArgumentError("{0} and {1} shape what {2} loads: give {2}", "init_rename", "init_partial", "init_from")
 

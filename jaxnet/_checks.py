@@ -43,6 +43,11 @@ def is_int(value) -> bool:
     return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool)
 
 
+def is_real(value) -> bool:
+    """True for Python and numpy real numbers (integers included), False for bools."""
+    return isinstance(value, (numbers.Real, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
     """``value`` as an int in ``[minimum, maximum]``.
 

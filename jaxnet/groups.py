@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import optax
 
+from jaxnet import _checks as checks
 from jaxnet import step
 from jaxnet._checks import ArgumentError, escape, literal
 from jaxnet.averaging import with_ema
@@ -136,7 +137,7 @@ def grouped(
     if freeze is None and trainable is None and not lr_mult:
         return optimizer
     for factor in (lr_mult or {}).values():
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+        if not checks.is_real(factor) or not factor > 0:
             raise ValueError(f"lr_mult: a multiplier must be a positive number, got {factor!r}")
     transforms = {FROZEN: optax.set_to_zero(), DEFAULT: optimizer}
     for factor in (lr_mult or {}).values():

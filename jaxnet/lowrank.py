@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,8 @@ def _base_params(model, key):
 def merge(params: dict, scale: float) -> dict:
     """The base params of :func:`lora`'s ``params`` with each adapter folded in:
     ``w + scale * a @ b`` (``scale = alpha / rank``), in ``w``'s dtype."""
+    if not isinstance(params, Mapping) or set(params) != {"base", "lora"}:
+        raise TypeError("merge takes the params of a jaxnet.lora model, {'base': ..., 'lora': ...}, whole")
 
     def fold(path, w):
         pair = params["lora"].get(path_name(path))

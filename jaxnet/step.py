@@ -290,10 +290,11 @@ def skip_spikes(optimizer: optax.GradientTransformation, window: int, factor: fl
       >>> float(updates["w"]), int(state.spikes)
       (0.0, 1)
     """
-    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+    if not checks.is_int(window) or window < 2:
         raise ValueError(f"skip_spikes: the window must be an integer of at least 2 steps, got {window!r}")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+    if not checks.is_real(factor) or not factor > 0:
         raise ValueError(f"skip_spikes: the factor (standard deviations) must be positive, got {factor!r}")
+    window, factor = int(window), float(factor)
     inner = optax.with_extra_args_support(optimizer)
 
     def init(params):

@@ -54,6 +54,8 @@ def read_named(source) -> dict[str, np.ndarray]:
     """The named arrays of ``source`` (see the module docstring)."""
     if isinstance(source, Mapping):
         return {str(k): np.asarray(v) for k, v in source.items()}
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a path or a {{name: array}} dict, got {type(source).__name__}: " + SOURCES)
     path = Path(os.fspath(source))
     if path.is_dir() and not (path / MODEL_FILE).is_file():
         if checkpoint.steps(path.parent if path.name.isdigit() else path):  # checkpoints, or one of them
@@ -147,6 +149,8 @@ def load_params(source, template, *, rename: Mapping[str, str] | None = None, pa
       >>> loaded.params["layer"]["w"].tolist(), loaded.fresh
       ([[1.0, 1.0], [1.0, 1.0]], [])
     """
+    if template is None:
+        raise TypeError("template must be the params to fill (arrays or jax.ShapeDtypeStruct), e.g. model.init(key)")
     arrays = renamed(read_named(source), rename)
     leaves, structure = jax.tree_util.tree_flatten_with_path(template)
     out, loaded, fresh, problems = [], [], [], []

@@ -141,5 +141,9 @@ def test_fit_counts_spikes_in_its_records():
     clean = jn.fit(net, None, x[:192], y[:192], loss="mse", optimizer=optax.adam(1e-2), epochs=3, batch_size=8,
                    key=jax.random.key(1), shuffle=False, skip_spikes=(10, 6.0), resume=result)  # fmt: skip
     assert [r["spikes"] for r in clean.history] == [1, 0, 0]  # each epoch's own, as skipped (were 1, 1, 1)
+    numpy_scalars = jn.grouped(optax.adam(1e-2), lr_mult={"^0/": np.float32(2)})  # taken as Python numbers are
+    again = jn.fit(net, params, x, y, loss="mse", optimizer=numpy_scalars, epochs=1, batch_size=8,
+                   key=jax.random.key(1), shuffle=False, skip_spikes=(np.int64(10), np.float32(6.0)))  # fmt: skip
+    assert again.history[-1]["spikes"] == 1
     with pytest.raises(ValueError, match="skip_spikes must be"):
         fit(NET.init(jax.random.key(0)), skip_spikes=10)

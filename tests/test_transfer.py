@@ -39,6 +39,12 @@ def test_weights_load_by_path_with_renames_and_mismatches_are_listed_together():
         jn.load_params(both, params, rename={"^enc/": ""}, partial=True)
     with pytest.raises(TypeError, match=r"rename must be a mapping \{regex: replacement\}, got str"):
         jn.load_params(source, params, rename="^layer0/=0/")
+    with pytest.raises(TypeError, match="template must be the params to fill"):
+        jn.load_params(source, None)
+    with pytest.raises(TypeError, match=r"source must be a path or a \{name: array\} dict, got int"):
+        jn.load_params(5, params)
+    with pytest.raises(TypeError, match="merge takes the params of a jaxnet.lora model"):
+        lowrank.merge(params, 1.0)
 
 
 def test_weights_load_from_safetensors_and_a_non_weights_file_is_refused(tmp_path):

@@ -38,8 +38,10 @@ def _compile(pattern: str, what: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except (re.error, TypeError) as e:
-        raise ValueError(
-            f"{what} {pattern!r} is not a valid regular expression: {e} (escape a literal character with a backslash)"
+        raise ArgumentError(
+            "{0} " + literal(pattern) + f" is not a valid regular expression: {escape(e)} (escape a literal character "
+            "with a backslash)",
+            what,
         ) from None
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet._checks import ArgumentError, escape, literal
 from jaxnet.base import Model, PRNGKey, StatefulModel
 from jaxnet.sharding import listed, path_name
 
@@ -35,7 +36,9 @@ def _targets(params, pattern: str) -> dict[str, tuple]:
     try:
         regex = re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"lora targets {pattern!r} is not a valid regular expression: {e}") from None
+        raise ArgumentError(
+            "{0} " + literal(pattern) + f" is not a valid regular expression: {escape(e)}", "targets"
+        ) from None
     found = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = path_name(path)
@@ -43,21 +46,21 @@ def _targets(params, pattern: str) -> dict[str, tuple]:
             found[name] = tuple(np.shape(leaf))
     if not found:
         names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        raise ValueError(f"lora targets {pattern!r} match no weight of 2 or more dimensions; the params are: "
-                         + listed(names))  # fmt: skip
+        raise ArgumentError("{0} " + literal(pattern) + " match no weight of 2 or more dimensions; the params are: "
+                            + escape(listed(names)), "targets")  # fmt: skip
     return found
 
 
 def _check(rank, alpha, shapes: dict) -> float:
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
+        raise ArgumentError("{0} must be a positive integer, got " + literal(rank), "rank")
     smallest = min(min(shape[-2:]) for shape in shapes.values())
     if rank > smallest:
-        raise ValueError(f"lora rank {rank} exceeds the smallest dimension of the adapted weights ({smallest}): "
-                         f"use at most {smallest}")  # fmt: skip
+        raise ArgumentError(f"{{0}} {rank} exceeds the smallest dimension of the adapted weights ({smallest}): use "
+                            f"at most {smallest}", "rank")  # fmt: skip
     alpha = float(rank if alpha is None else alpha)
     if not alpha > 0:
-        raise ValueError(f"lora alpha must be positive, got {alpha!r}")
+        raise ArgumentError("{0} must be positive, got " + literal(alpha), "alpha")
     return alpha / rank
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxnet import _npz as npz
 from jaxnet import checkpoint
+from jaxnet._checks import ArgumentError, escape
 from jaxnet.sharding import listed, path_name
 
 MODEL_FILE = "model.npz"
@@ -168,9 +169,9 @@ def load_params(source, template, *, rename: Mapping[str, str] | None = None, pa
     unused = sorted(set(arrays) - set(loaded))
     problems += [f"{name} is unexpected" for name in unused if name not in fresh]
     if problems and not partial:
-        raise ValueError(f"the weights do not fit the model ({len(problems)}): " + "; ".join(problems[:20])
-                         + (" ..." if len(problems) > 20 else "") + ": rename them (rename) or keep the model's own "
-                         "values for these (partial)")  # fmt: skip
+        raise ArgumentError(escape(f"the weights do not fit the model ({len(problems)}): " + "; ".join(problems[:20])
+                                   + (" ..." if len(problems) > 20 else "")) + ": rename them ({0}) or keep the "
+                            "model's own values for these ({1})", "rename", "partial")  # fmt: skip
     if not loaded:
         raise ValueError(f"none of the weights fits the model: {'; '.join(problems[:5])}")
     return Loaded(jax.tree_util.tree_unflatten(structure, out), loaded, fresh, unused)

@@ -82,7 +82,7 @@ def test_a_sharded_run_resumes_on_two_devices_and_on_one(corpus, tmp_path, invar
         (["--mesh", "fsdp=4", "--shard", "embed=fsdp"], "dimension 0 of embed/table (29, 128) is not divisible"),
         (["--mesh", "fsdp=4", "--shard", "embed=bogus"], "sharding rule 'embed': unknown mesh axis 'bogus' in"),
         (["--shard", "embed=fsdp"], "--shard lays params out on a device mesh: give --mesh too"),
-        (["--shard", "embed"], "expected REGEX=SPEC"),
+        (["--shard", "embed"], "argument --shard: expected a rule REGEX=VALUE, got 'embed'"),
         (["--accumulate", "3"], "--accumulate 3 does not divide --batch-size 8 into equal microbatches"),
         (["--device-invariant", "3"], "--device-invariant must be a power of two (1, 2, 4, 8, ...), got 3"),
         (["--device-invariant", "16"], "--device-invariant 16 does not divide --batch-size 8 into equal parts"),

@@ -83,9 +83,9 @@ def test_lora_starts_as_its_base_trains_only_its_adapters_and_merges():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"rank": 0}, "lora rank must be a positive integer"),
-        ({"rank": 3}, r"lora rank 3 exceeds the smallest dimension of the adapted weights \(2\): use at most 2"),
-        ({"rank": 2, "targets": "nothing"}, "lora targets 'nothing' match no weight"),
+        ({"rank": 0}, "^rank must be a positive integer"),
+        ({"rank": 3}, r"^rank 3 exceeds the smallest dimension of the adapted weights \(2\): use at most 2"),
+        ({"rank": 2, "targets": "nothing"}, "^targets 'nothing' match no weight"),
     ],
 )
 def test_lora_refuses_ranks_and_targets_that_cannot_be(options, message):
@@ -162,7 +162,9 @@ def test_a_renamed_layer_is_refused_with_the_names_and_accepted_with_init_rename
         (["--freeze", "^0/", "--lr-mult", "^0/=5"], "--lr-mult '^0/' matches only frozen parameters (0/b, 0/w)"),
         (["--no-decay", "nothing", "--optimizer", "adamw"], "--no-decay 'nothing' matches no parameter"),
         (["--lora-rank", "0"], "--lora-rank must be a positive integer"),
-        (["--init-from", "{run}", "--lora-rank", "100"], "lora rank 100 exceeds the smallest dimension"),
+        (["--init-from", "{run}", "--lora-rank", "100"], "--lora-rank 100 exceeds the smallest dimension"),
+        (["--init-from", "{run}", "--lora-rank", "2", "--lora-targets", "nothing"], "--lora-targets 'nothing' match"),
+        (["--freeze", "["], "--freeze '[' is not a valid regular expression"),
         (["--lora-rank", "2"], "--lora-rank trains adapters on a base that --init-from gives"),  # not a random one
         (["--lora-alpha", "4"], "--lora-alpha shapes the adapters of --lora-rank: give --lora-rank, or drop"),
         (["--ema", "1.5"], "--ema is a decay in (0, 1)"),

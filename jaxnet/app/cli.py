@@ -44,6 +44,11 @@ FLAGS = {
     "sharding": "--shard",
     "field": "--text-field",  # (of jaxnet.text)
     "ByteTokenizer()": "--tokenizer byte",  # (jaxnet.text.BYTE_TOKENIZER)
+    "rename": "--init-rename",  # (jaxnet.load_params)
+    "partial": "--init-partial",
+    "rank": "--lora-rank",  # (jaxnet.lora)
+    "alpha": "--lora-alpha",
+    "targets": "--lora-targets",
 }
 """Python argument names whose flag is not ``--`` + the name with dashes."""
 
@@ -124,9 +129,10 @@ def bytes_arg(text: str) -> int:
 
 
 def rule_arg(text: str) -> str:
-    """argparse type: ``REGEX=SPEC`` (a sharding rule; the spec is checked when the mesh is known)."""
+    """argparse type: a rule ``REGEX=VALUE`` of ``--shard``, ``--lr-mult`` or ``--init-rename``
+    (the value is checked by the flag's own use)."""
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected REGEX=SPEC (e.g. 'attn/o/w=model,fsdp'), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a rule REGEX=VALUE, got {text!r}")
     return text
 
 

@@ -229,6 +229,15 @@ def test_evaluate_reads_class_names_and_refuses_unknown_ones(fruit_run, capsys):
     write(d / "odd.csv", ["weight", "colour", "ripe", "kind"], [*rows[:3], ["100", "red", "true", "banana"]])
     assert cli.main(["evaluate", "--model", str(out), "--data", str(d / "odd.csv")]) == 2
     assert "row 4: class 'banana' is not one the model knows (apple, pear, plum)" in capsys.readouterr().err
+    header = ["weight", "colour", "ripe", "kind"]
+    write(d / "gap.csv", header, [*rows[:3], ["100", "red", "true", ""], *rows[3:6]])  # a row with no target
+    write(d / "six.csv", header, rows[:6])
+    outputs = []
+    for name in ("gap.csv", "six.csv"):
+        assert cli.main(["evaluate", "--model", str(out), "--data", str(d / name), "--json"]) == 0
+        outputs.append(capsys.readouterr())
+    assert "gap.csv: 1 of 7 rows have no target value: left out" in outputs[0].err  # as in training
+    assert json.loads(outputs[0].out) == json.loads(outputs[1].out)
 
 
 def test_export_of_a_table_model_equals_predict(fruit_run, tmp_path, capsys):

@@ -650,6 +650,9 @@ def _table_chunks(path: str, encoder, target, classes, rows, id_column, delimite
                                     f"{escape(', '.join(table.column_names[:8]))})", "id_column")  # fmt: skip
             has_y = bool(targets) and all(t in table.column_names for t in targets)
             first = False
+        read, dropped = table.num_rows, 0
+        if has_y:  # rows with no target value are left out (and reported), as in training
+            table, dropped = tables.rows_with_targets(table, targets)
         raw = tables.raw_matrix(table, encoder, name)
         y = None
         if has_y:
@@ -659,7 +662,7 @@ def _table_chunks(path: str, encoder, target, classes, rows, id_column, delimite
                 values = tables.target_values(table, targets, name)
                 y = values[:, 0] if len(targets) == 1 else values
         ids = None if id_column is None else [_id_text(v) for v in table.column(id_column).to_pylist()]
-        yield InputRows(tables.encode(raw, encoder), y, ids, tables.report_of(raw, encoder))
+        yield InputRows(tables.encode(raw, encoder), y, ids, tables.report_of(raw, encoder, rows=read, dropped=dropped))
 
 
 def _id_text(value) -> str:

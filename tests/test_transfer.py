@@ -130,6 +130,17 @@ def test_init_from_a_run_starts_from_its_weights_and_records_it(mlp_run, tmp_pat
     assert not np.array_equal(after["params/1/w"], before["params/1/w"])
 
 
+def test_a_relative_init_from_is_recorded_whole_so_its_config_runs_from_anywhere(mlp_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(mlp_run)
+    first = jaxnet("train", "--dataset", "digits", "--init-from", "run", "--epochs", "1", "--out", tmp_path / "a",
+                   "--quiet")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["init_from"] == str(mlp_run / "run")
+    monkeypatch.chdir(tmp_path)  # elsewhere: "run" does not exist here
+    again = jaxnet("train", "--config", tmp_path / "a" / "config.toml", "--out", tmp_path / "b", "--quiet")
+    assert again.returncode == 0, again.stderr
+
+
 def test_a_renamed_layer_is_refused_with_the_names_and_accepted_with_init_rename(mlp_run, tmp_path):
     from safetensors.numpy import save_file
 

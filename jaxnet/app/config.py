@@ -108,8 +108,11 @@ class TrainConfig(ConfigFields):
                      "init_rename", "lr_mult", "ignore"):  # fmt: skip
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.data is not None:
-            object.__setattr__(self, "data", os.path.abspath(os.fspath(self.data)))
+        for name in ("data", "init_from"):  # a config runs from any folder
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.path.abspath(os.fspath(getattr(self, name))))
+        if str(self.tokenizer).endswith(".json"):
+            object.__setattr__(self, "tokenizer", os.path.abspath(self.tokenizer))
         object.__setattr__(self, "arch", check_arch(self.arch))
         if self.arch == "cnn" and self.input_shape is None and self.dataset in IMAGE_SHAPES:
             object.__setattr__(self, "input_shape", IMAGE_SHAPES[self.dataset])
@@ -585,8 +588,8 @@ def check_overrides(config: TrainConfig, given: dict) -> None:
         have = getattr(config, name)
         if name == "loss" and have is not None:
             same = get_loss(value).name == get_loss(have).name
-        elif name == "data" and have is not None:
-            same = os.path.abspath(value) == have
+        elif name in ("data", "init_from") or (name == "tokenizer" and str(value).endswith(".json")):
+            same = have is not None and os.path.abspath(value) == have
         elif name == "arch":
             same = check_arch(value) == have
         else:

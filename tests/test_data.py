@@ -175,6 +175,7 @@ def test_csv_negative_labels_out_of_range(tmp_path):
         ("a,b,y\n1,nan,0\n", r"data.csv: column 'b' is empty in every row; drop it"),
         ("a,b,y\n1,2,0\n-inf,2,1\n", r"data.csv: row 2, column 'a': -inf is not a finite number within float32"),
         ("a,b,y\n1,2,0\n1e39,2,1\n", r"data.csv: row 2, column 'a': 1e\+39 is not a finite number"),
+        ("a,b,y\n1,2,\n3,4,0\n5,inf,1\n", r"data.csv: row 3, column 'b': inf"),  # the file's row, not the kept rows'
         ("a,b,y\n1,2,inf\n", r"data.csv: row 1, column 'y': inf is not a finite number"),
         ("a,b,label\n1,2,0\n", r"data.csv lacks the target column 'y' \(it has a, b, label\)"),
         ("a,y\n1_000,1\n2,0\n3,1\n", r"row 1, column 'a': '1_000' is not a number"),

@@ -459,6 +459,7 @@ def load_table(
     if table.num_rows == 0:
         raise ValueError(f"empty dataset: {name} has a header but no data rows")
     read = table.num_rows
+    tables.check_finite(table, features, name)  # (rows numbered as in the file, before any is left out)
     table, dropped = tables.rows_with_targets(table, targets)
     if table.num_rows == 0:
         raise ValueError(f"{name}: no row has a value in the target column {target!r}")

@@ -644,6 +644,17 @@ def _as_text(pa, column):
     return column.cast(pa.string())
 
 
+def check_finite(table, names: Sequence[str], where: str) -> None:
+    """Refuses a value of the float columns among ``names`` that is not finite within float32
+    range, naming its row as the file numbers it (1 for the first data row): call it on the table
+    as read, before rows are left out or split."""
+    pa = _pyarrow()
+    for name in names:
+        column = table.column(name)
+        if pa.types.is_floating(column.type):
+            _number_matrix(pa, pa.table({name: column}), [name], where)
+
+
 def _number_matrix(pa, table, names: Sequence[str], where: str) -> np.ndarray:
     """Numeric or boolean columns ``names`` of ``table`` as ``(n, k)`` float64 (NaN for a gap);
     refuses a value that is not finite within float32 range, naming its row and column."""

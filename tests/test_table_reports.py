@@ -251,8 +251,10 @@ def test_a_saved_index_is_left_out_also_of_a_filtered_frame_and_a_wrong_delimite
     rows = "".join(f"{i * 3},{i % 4},{i % 2}\n" for i in range(40))  # DataFrame.to_csv of a filtered frame
     ds = datalib.load_table(table_of(tmp_path, "f.csv", ",x,y\n" + rows), "y")
     assert list(ds.feature_names) == ["x"] and ds.report.index == 1
-    with pytest.raises(ValueError, match=r"the header reads as one column, 'x;y': give the file's delimiter"):
+    with pytest.raises(ValueError, match=r"the header reads as one column, 'x;y': its fields look separated by ';'"):
         datalib.load_table(table_of(tmp_path, "s.csv", "x;y\n1;0\n2;1\n"), "y", delimiter=",")
+    with pytest.raises(ValueError, match=r"the header reads as one column, 'x y': give the file's delimiter"):
+        datalib.load_table(table_of(tmp_path, "t.csv", "x y\n1 0\n2 1\n"), "y")  # spaces: none it knows
 
 
 def test_train_through_a_closed_pipe_trains_on_and_saves_its_model(tmp_path):

@@ -433,8 +433,12 @@ def load_table(
     targets = target_columns(target)
     header = table.column_names
     if len(header) == 1 and len(targets) == 1 and targets[0] != header[0] and targets[0] in header[0]:
-        raise ArgumentError(f"{escape(name)}: the header reads as one column, {escape(repr(header[0]))}: "
-                            "give the file's delimiter with {0} (e.g. ';')", "delimiter")  # fmt: skip
+        sniffed = tables.sniff_delimiter(os.fspath(path))
+        fix = "give the file's delimiter with {0} (e.g. ';')"
+        if delimiter is not None and sniffed != delimiter and sniffed in header[0]:
+            fix = f"its fields look separated by {escape(repr(sniffed))}: leave {{0}} out (it is found) or give that"
+        raise ArgumentError(f"{escape(name)}: the header reads as one column, {escape(repr(header[0]))}: " + fix,
+                            "delimiter")  # fmt: skip
     tables.missing_columns(table.column_names, targets, name, "the target column")
     tables.missing_columns(table.column_names, list(ignore), name, "the column to ignore")
     if set(ignore) & set(targets):

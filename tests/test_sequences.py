@@ -224,8 +224,8 @@ def test_a_custom_loss_of_a_sequence_sees_its_padding():
 
 def test_class_ids_outside_the_vocabulary_are_refused_or_nan_never_wrapped():
     """A negative id other than IGNORE_INDEX, or one past the vocabulary, is refused in resident
-    targets (training, validation, evaluate); streamed, it gives a NaN loss. Float ids with a
-    token axis are refused, as any float ids (0.5 would be truncated to a class)."""
+    targets (training, validation, evaluate), and streamed ones chunk by chunk (they gave a NaN
+    loss). Float ids with a token axis are refused, as any float ids (0.5 would be truncated)."""
     x, y = _data(8)
     net = _net()
     params = net.init(jax.random.key(0))
@@ -239,8 +239,8 @@ def test_class_ids_outside_the_vocabulary_are_refused_or_nan_never_wrapped():
             _fit(x, y, validation=(x, wrong))
         with pytest.raises(ValueError, match="y " + message):
             jn.evaluate(net, params, x, wrong, loss="softmax_cross_entropy")
-        streamed = jn.evaluate(net, params, [(x, wrong)], loss="softmax_cross_entropy")
-        assert np.isnan(streamed["loss"])
+        with pytest.raises(ValueError, match="a streamed chunk of y " + message):
+            jn.evaluate(net, params, [(x, wrong)], loss="softmax_cross_entropy")
     with pytest.raises(TypeError, match="y holds float32 targets, but the loss takes integer class ids: give integer"):
         _fit(x, y.astype(np.float32))
     assert np.isnan(np.asarray(jn.embedding(V, 4).apply(jn.embedding(V, 4).init(jax.random.key(0)), -1))).all()

@@ -727,7 +727,8 @@ def fit(
         an epoch, which ``resume`` continues exactly (default None: one call per epoch).
       chunk_bytes: the bytes of one chunk of streamed batches (two are in flight).
       shuffle_buffer: sequential sources (iterables, Grain iterators): shuffle rows through a
-        buffer of this many (0: their own order); indexed sources are shuffled globally by index.
+        buffer of this many (0: their own order); resident arrays and indexed sources are
+        shuffled globally by index, and refuse it.
       eval_batch_size: validation batch (default ``max(batch_size, 1024)``, at most the rows).
       metrics: named metrics (:mod:`jaxnet.metrics`: e.g. ``["f1", "precision", "recall",
         "top_5_accuracy"]``, or per-example callables), summed on the device over every batch:
@@ -1030,6 +1031,11 @@ def _check_resumable(options: FitOptions, resume: FitState, data) -> None:
             "a batch (or 0 for the source's own order)"
         )
     resident = isinstance(data.train, tuple)
+    if options.shuffle_buffer and (resident or data.train.kind == "indexed"):
+        raise ValueError(
+            "shuffle_buffer shuffles the rows of a sequential source (an iterable, a Grain iterator, a Parquet "
+            "file); these rows are shuffled whole every epoch (shuffle=True): drop it"
+        )
     if resume.position is not None and options.chunk_steps is None and not options.steps and resident:
         raise ValueError(
             "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "

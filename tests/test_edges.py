@@ -228,6 +228,7 @@ def test_a_callers_mistakes_are_named_before_anything_runs():
             ValueError,
             r"^x: the model fails on an example of shape \(5,\) .* the layer expects 2 features",
         ),
+        ({"shuffle_buffer": 16}, ValueError, "shuffle_buffer shuffles the rows of a sequential source"),  # not ignored
     ]
     for change, error, message in cases:
         given = {**args, "x": x, "y": y, **change}

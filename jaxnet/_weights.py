@@ -135,9 +135,10 @@ def check_token_ids(name: str, ids, vocab: int) -> None:
         )
 
 
-def chunk_check(spec: LossSpec, model, params, model_state, row, target) -> Callable | None:
+def chunk_check(spec: LossSpec, model, outputs: tuple | None, row, target) -> Callable | None:
     """``check(prefix, arrays)`` of a streamed chunk's host arrays ``(x, y, ...)`` as it is read,
-    ``row`` and ``target`` one example's shapes: a GPT's input ids in its vocabulary
+    ``row`` and ``target`` one example's shapes and ``outputs`` the model's for it
+    (:func:`output_shape`; needed for cross-entropy): a GPT's input ids in its vocabulary
     (:func:`check_token_ids`), class ids in the model's classes (:func:`check_class_ids`), each
     named as ``a streamed chunk of {prefix}x``; None when there is nothing to check. Resident data
     is checked whole instead."""
@@ -145,7 +146,6 @@ def chunk_check(spec: LossSpec, model, params, model_state, row, target) -> Call
     vocab = gpt.config.vocab_size if isinstance(gpt, GPT) else None
     classes = None
     if spec.name == "softmax_cross_entropy":
-        outputs = output_shape(model, params, model_state, row)
         classes = outputs[-1] if outputs else 1
     if vocab is None and classes is None:
         return None

@@ -80,7 +80,9 @@ def evaluate(
         validate = programs.resident_validation(chunk, x, y, min(batch_size, rows), None, lambda t: t, named)
         return {name: float(v) for name, v in validate(params, model_state).items()}
     sources.require_targets(source, "x")
-    check = weights.chunk_check(spec, model, params, model_state, *programs.example_shapes(source))
+    row, target = programs.example_shapes(source)
+    outputs = weights.output_shape(model, params, model_state, row) if spec.name == "softmax_cross_entropy" else None
+    check = weights.chunk_check(spec, model, outputs, row, target)
     put = programs.checked_put(jax.device_put, check, "")
     sums = programs.streamed_sums(model, spec, source, batch_size, chunk_bytes, named, put)
     return {name: float(v) for name, v in feed.means_of(sums(params, model_state), named).items()}

@@ -798,7 +798,7 @@ def fit(
     fresh = resume is None
     start = dict(skip_nonfinite=skip_nonfinite, hyperparams=hyperparams, model_state=model_state, sharding=sharding)
     resume = _starting(model, optimizer, params, key, batch_size, members, data, mesh, resume, start, (epochs, steps))
-    _check_examples(spec, model, resume.train, data, named)
+    outputs = _check_examples(spec, model, resume.train, data, named)
     _check_chunked(callbacks, data, chunk_steps, steps)
     options = FitOptions(
         epochs=epochs,
@@ -827,7 +827,7 @@ def fit(
         device_invariant=_check_invariant(
             device_invariant, batch_size, mesh, accumulate, per_example_grads, resume.train.model_state
         ),
-        check_chunk=_chunk_check(spec, model, resume.train, data),
+        check_chunk=_chunk_check(spec, model, outputs, data),
     )
     _check_per_example(optimizer, resume.train.params, members, options.per_example_grads)
     if auto:
@@ -899,19 +899,20 @@ ELEMENTWISE_LOSSES = ("mse", "half_sse", "sigmoid_binary_cross_entropy")
 """Built-in losses that compare each output with its own target."""
 
 
-def _check_examples(spec: LossSpec, model, train: TrainState, data: programs.Data, metrics: tuple = ()) -> None:
+def _check_examples(spec: LossSpec, model, train: TrainState, data: programs.Data, metrics: tuple = ()) -> tuple:
     """Refuses a GPT's resident input ids outside its vocabulary (:func:`_check_token_ids`); inputs
     the model fails on (:func:`jaxnet._weights.output_shape`, the error naming x); class
     ids that are not integers or whose shape does not match the model's class scores, resident ones
     outside its classes (streamed ones: :func:`_chunk_check`), a ``top_k_accuracy`` of more classes; and
-    targets of an elementwise loss not shaped as the outputs (resident binary ones outside [0, 1])."""
+    targets of an elementwise loss not shaped as the outputs (resident binary ones outside [0, 1]).
+    Returns the shape of the model's outputs for one example."""
     _check_token_ids(model, data)
     row, target = programs.example_shapes(data.train)
     outputs = weights.output_shape(model, *_one_member(train), row)  # (an error of the model's names x)
-    if spec.name not in ("softmax_cross_entropy", *ELEMENTWISE_LOSSES):
-        return
     if spec.name in ELEMENTWISE_LOSSES:
-        return _check_elementwise_targets(spec, target, outputs, data)
+        _check_elementwise_targets(spec, target, outputs, data)
+    if spec.name != "softmax_cross_entropy":
+        return outputs
     check_metric_targets(metrics, True, spec.name, outputs[-1] if outputs else 1)
     weights.check_class_id_shape("y", target.shape, outputs)
     weights.check_class_dtype("y", target.dtype)
@@ -919,6 +920,7 @@ def _check_examples(spec: LossSpec, model, train: TrainState, data: programs.Dat
     resident = {name: pair[1] for name, pair in resident.items() if isinstance(pair, tuple)}
     for name, y in resident.items():
         weights.check_class_targets(name, y, outputs)
+    return outputs
 
 
 def _starting(model, optimizer, params, key, batch_size, members, data, mesh, resume, start: dict, length) -> FitState:
@@ -987,13 +989,13 @@ def _check_chunked(callbacks, data: programs.Data, chunk_steps, steps) -> None:
         )
 
 
-def _chunk_check(spec: LossSpec, model, train: TrainState, data: programs.Data) -> Callable | None:
+def _chunk_check(spec: LossSpec, model, outputs: tuple, data: programs.Data) -> Callable | None:
     """For streamed data, ``check(prefix, arrays)`` of each chunk as it is read
-    (:func:`jaxnet._weights.chunk_check`; :func:`_check_examples` checks resident data whole);
-    None when there is nothing to check."""
+    (:func:`jaxnet._weights.chunk_check`, ``outputs`` one example's; :func:`_check_examples`
+    checks resident data whole); None when there is nothing to check."""
     if all(part is None or isinstance(part, tuple) for part in (data.train, data.validation)):
         return None
-    return weights.chunk_check(spec, model, *_one_member(train), *programs.example_shapes(data.train))
+    return weights.chunk_check(spec, model, outputs, *programs.example_shapes(data.train))
 
 
 def _check_token_ids(model, data: programs.Data) -> None:

@@ -124,6 +124,9 @@ class Position(NamedTuple):
       sums: the epoch's training metric states so far (None without metrics).
       weight: with token targets, the real tokens trained on so far (see
         :class:`jaxnet.epoch.Carry`); None otherwise.
+      order: how the epoch reads its rows, ``(batch_size, shuffle, drop_remainder,
+        shuffle_buffer)``: a resume must read them the same way (() when not known: a checkpoint
+        of an older version).
     """
 
     shuffle_key: Any
@@ -133,6 +136,7 @@ class Position(NamedTuple):
     examples: int
     sums: Any = None
     weight: Any = None
+    order: tuple = ()
 
 
 def chunk_steps(spec: sources.RowSpec, batch_size: int, budget: int = CHUNK_BYTES, most: int | None = None) -> int:
@@ -372,7 +376,14 @@ def counts_examples(source, layout: StreamLayout) -> bool:
 
 
 def run_epoch(
-    chunks_for: Callable, program: Callable, put: Callable, train, position: Position | None, on_chunk, fresh=None
+    chunks_for: Callable,
+    program: Callable,
+    put: Callable,
+    train,
+    position: Position | None,
+    on_chunk,
+    fresh=None,
+    order: tuple = (),
 ):
     """One epoch in chunks (or the rest of one, from ``position``).
 
@@ -386,6 +397,7 @@ def run_epoch(
         epoch's last); True from it after any other stops the epoch there.
       fresh: ``fresh(train) -> carry`` of a new epoch (default :func:`jaxnet.epoch.start_carry`;
         the metric sums and logged values of a fit's).
+      order: the epoch's :attr:`Position.order`, recorded in every position.
 
     Returns:
       ``(train, metrics, position)``: metrics as :func:`jaxnet.epoch.make_epoch`'s and ``position``
@@ -412,7 +424,9 @@ def run_epoch(
                 return carry.state, None, pending
             carry = program(chunk.weighted)(carry, *chunk.arrays)
             steps, examples = steps + chunk.steps, examples + chunk.examples
-            pending = Position(shuffle_key, carry.total, carry.finite_steps, steps, examples, carry.sums, carry.weight)
+            pending = Position(
+                shuffle_key, carry.total, carry.finite_steps, steps, examples, carry.sums, carry.weight, order
+            )
     finally:
         stream.close()
     if pending is not None:

@@ -89,6 +89,11 @@ def _layout(options: FitOptions, steps: int, mesh) -> feed.StreamLayout:
     )
 
 
+def epoch_order(options: FitOptions) -> tuple:
+    """How a fit's epochs read their rows (:attr:`jaxnet._feed.Position.order`)."""
+    return (options.batch_size, options.shuffle, options.drop_remainder, options.shuffle_buffer)
+
+
 def _fresh(update, options: FitOptions, x, y) -> Callable:
     """``fresh(train) -> carry`` of a new chunked epoch: zero metric sums and a logged-values
     template, their shapes found once from the update's (``x``, ``y``: anything with the rows'
@@ -167,7 +172,7 @@ def _resident_epochs(update, options: FitOptions, train: tuple, compile: Callabl
         return lambda carry, *arrays: run(carry, x, y, *arrays)
 
     def chunked(train, position, on_chunk):
-        return feed.run_epoch(chunks_for, program, None, train, position, on_chunk, fresh)
+        return feed.run_epoch(chunks_for, program, None, train, position, on_chunk, fresh, epoch_order(options))
 
     return chunked
 
@@ -219,7 +224,7 @@ def _streamed_epochs(update, options: FitOptions, source, mesh, compile: Callabl
     fresh = _fresh(update, options, *rows)
 
     def streamed(train, position, on_chunk):
-        return feed.run_epoch(chunks_for, program, put, train, position, on_chunk, fresh)
+        return feed.run_epoch(chunks_for, program, put, train, position, on_chunk, fresh, epoch_order(options))
 
     return streamed
 
@@ -332,7 +337,8 @@ def build_programs(model, spec, optimizer, options: FitOptions, mesh, data: Data
             return shardinglib.put(state, shardinglib.state_shardings(state, mesh, options.sharding))
 
         def compile(fn):
-            return jax.jit(shardinglib.constrain_outputs(fn, mesh, options.sharding), donate_argnums=(0,))
+            jitted = jax.jit(shardinglib.constrain_outputs(fn, mesh, options.sharding), donate_argnums=(0,))
+            return shardinglib.placed_inputs(jitted, mesh)
 
     if isinstance(data.train, tuple):
         train_epoch = _resident_epochs(update, options, place(data.train), compile)

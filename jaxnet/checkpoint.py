@@ -134,7 +134,7 @@ def _array_tree(state: FitState) -> dict:
 
 def _where(p: Position) -> dict:
     """The JSON part of a position: its counts, and the shapes of its metric sums (the template)."""
-    where = {"steps": p.steps, "examples": p.examples, "tokens": p.weight is not None}
+    where = {"steps": p.steps, "examples": p.examples, "tokens": p.weight is not None, "order": list(p.order)}
     if p.sums is not None:
         where["sums"] = {name: [list(np.shape(v)), np.asarray(v).dtype.str] for name, v in p.sums.items()}
     return where
@@ -429,6 +429,9 @@ def _read_meta(manager, step: int) -> dict:
     position = meta.get("position")
     if position is not None and not (isinstance(position, dict) and type(position.get("steps")) is int):
         raise ValueError("its metadata field 'position' is malformed")
+    order = [] if position is None else position.get("order", [])  # absent before the order was recorded
+    if not (isinstance(order, list) and len(order) in (0, 4) and all(type(v) in (int, bool) for v in order)):
+        raise ValueError("its metadata field 'position' is malformed (its order)")
     return meta
 
 
@@ -473,7 +476,14 @@ def _read(path: Path, like: FitState, placed: dict) -> tuple[FitState, dict]:
         p, where = tree["position"], meta["position"]
         shuffle_key = jax.random.wrap_key_data(p["shuffle_key"], impl=meta["key_impl"])
         position = Position(
-            shuffle_key, p["total"], p["finite"], int(where["steps"]), where["examples"], p.get("sums"), p.get("weight")
+            shuffle_key,
+            p["total"],
+            p["finite"],
+            int(where["steps"]),
+            where["examples"],
+            p.get("sums"),
+            p.get("weight"),
+            tuple(where.get("order", ())),
         )
     state = FitState(
         train,

@@ -441,13 +441,13 @@ def _restart_sums(position):
     return position._replace(total=zero[0], weight=zero[1], sums=zero[2], examples=0, finite_steps=finite)
 
 
-def _next_epoch(train: TrainState, so_far: _Tally) -> tuple[TrainState, Position]:
+def _next_epoch(train: TrainState, so_far: _Tally, order: tuple) -> tuple[TrainState, Position]:
     """The start of a new epoch of the data inside a round: the key split as a new epoch splits it,
     and a position at its first step holding the round's sums so far (so that a checkpoint in this
     epoch holds the whole round's)."""
     key, shuffle_key = split_keys(train.key)
     finite = np.zeros_like(so_far.finite_steps)
-    position = Position(shuffle_key, so_far.total, finite, 0, so_far.examples, so_far.sums, so_far.weight)
+    position = Position(shuffle_key, so_far.total, finite, 0, so_far.examples, so_far.sums, so_far.weight, order)
     return train._replace(key=key), position
 
 
@@ -466,7 +466,7 @@ def _round(
         position = _restart_sums(position)
     while True:
         if position is None and pieces:  # the data's epoch ended inside the round
-            train, position = _next_epoch(train, pieces[-1][0])
+            train, position = _next_epoch(train, pieces[-1][0], programs.epoch_order(options))
         base = (first if not pieces else pieces[-1][2]) - (position.steps if position is not None else 0)
         user_hook = _chunk_hook(state._replace(train=train), options, base)
         tallies: list[_Tally] = []
@@ -1042,6 +1042,24 @@ def _check_resumable(options: FitOptions, resume: FitState, data) -> None:
         raise ValueError(
             "resume: the state stands inside an epoch, which resumes only in chunks: give chunk_steps as in the "
             "run that saved it"
+        )
+    _check_order(resume.position, programs.epoch_order(options))
+
+
+_ORDER = ("batch_size", "shuffle", "drop_remainder", "shuffle_buffer")
+
+
+def _check_order(position, order: tuple) -> None:
+    """A state inside an epoch resumes only with the epoch's reading order: another batch size or
+    shuffle would read its rows from another place, some twice and some never."""
+    saved = () if position is None else tuple(position.order)
+    changed = [(name, a, b) for name, a, b in zip(_ORDER, saved, order, strict=False) if a != b]
+    if changed:
+        was = " and ".join(f"{name} {a}" for name, a, _ in changed)
+        now = " and ".join(f"{name} {b}" for name, _, b in changed)
+        raise ValueError(
+            f"resume: the state stands inside an epoch read with {was}, which this fit gives as {now}: give "
+            f"{was} to finish that epoch (a state at an epoch's end resumes with any)"
         )
 
 

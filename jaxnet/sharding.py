@@ -402,6 +402,23 @@ def constrain_outputs(fn, mesh: Mesh, rules=None):
     return constrained
 
 
+def placed_inputs(compiled, mesh: Mesh):
+    """``compiled`` (a jitted function of arrays laid out on ``mesh``) with every input array not
+    yet on ``mesh`` (one made on the host's default device: a fresh epoch's running sums, a
+    resumed position's copies) placed on it replicated first, so that every call has the input
+    shardings of the calls before it and the program compiles once, not once per new layout."""
+    whole = replicated(mesh)
+
+    def lay_in(a):
+        on_mesh = isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
+        return a if on_mesh or not isinstance(a, jax.Array) else put(a, whole)
+
+    def call(*args):
+        return compiled(*jax.tree.map(lay_in, args))
+
+    return call
+
+
 def init_sharded(model, key, mesh: Mesh, rules=None):
     """``(params, model_state)`` of ``model`` created already sharded on ``mesh`` (``init`` compiled
     with ``out_shardings``), so that a model too large for one device never exists whole on one.

@@ -3,6 +3,7 @@ meshes (equal to one device), resume onto another mesh, and accumulated microbat
 
 import functools
 import json
+import logging
 
 import jax
 import numpy as np
@@ -113,6 +114,19 @@ def test_a_sharded_fit_equals_one_device_and_holds_its_share_of_the_state(axes):
     assert S.bytes_per_device(state) <= whole * 1.05 / split
     q = sharded.train.opt_state[0].mu["blocks"]["attn"]["q"]["w"]  # Adam's moments follow their params
     assert q.sharding.spec == sharded.train.params["blocks"]["attn"]["q"]["w"].sharding.spec
+
+
+@needs_4
+def test_a_sharded_fit_compiles_its_training_program_once(caplog):
+    # Each round's first call had inputs made on the host's default device (a fresh epoch's sums),
+    # the next the laid-out outputs of the last: three compiles of the same program per fit.
+    net, (x, y) = small_gpt(), tokens()
+    params, _ = net.init(jax.random.key(0))
+    mesh = S.make_mesh(fsdp=2, model=2, devices=jax.devices()[:4])
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        run = fit(net, params, x, y, steps=6, every=2, mesh=mesh)  # 3 rounds over 2 epochs of 4 steps
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(constrained)")]
+    assert len(run.history) == 3 and len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
 
 
 @pytest.mark.slow

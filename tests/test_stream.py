@@ -306,12 +306,28 @@ def test_member_runs_stream_and_chunk_each_member_in_its_own_order_and_resume_in
         jn.fit(NET, p0, [(x[:40], y[:40])], None, **common)
 
 
-def test_resuming_inside_an_epoch_needs_its_chunks(data, tmp_path):
+def test_resuming_inside_an_epoch_needs_its_chunks_and_its_order(data, tmp_path):
     _, x, y = data
     p0 = NET.init(jax.random.key(0))
     stopped = jn.fit(NET, p0, x, y, chunk_steps=4, callbacks=[StopAt(5)], **args())
     with pytest.raises(ValueError, match="inside an epoch, which resumes only in chunks: give chunk_steps"):
         jn.fit(NET, None, x, y, resume=stopped, **args())
+    # another batch size or shuffle would read the epoch's rows from elsewhere: some twice, some never
+    checkpoint.save(tmp_path, stopped)
+    like = jax.eval_shape(lambda: jn.init_fit_state(p0, args()["optimizer"], jax.random.key(1)))
+    restored = checkpoint.restore(tmp_path, like).state
+    assert restored.position.order == stopped.position.order == (16, True, False, 0)
+    for state in (stopped, restored):
+        with pytest.raises(ValueError, match="read with batch_size 16, which this fit gives as batch_size 8: give"):
+            jn.fit(NET, None, x, y, chunk_steps=4, resume=state, **args(batch_size=8))
+        with pytest.raises(ValueError, match="read with shuffle True, which this fit gives as shuffle False"):
+            jn.fit(NET, None, x, y, chunk_steps=4, resume=state, shuffle=False, **args())
+    straight = jn.fit(NET, p0, x, y, chunk_steps=4, **args())
+    resumed = jn.fit(NET, None, x, y, chunk_steps=4, resume=restored, **args())
+    assert leaves_equal(resumed.train.params, straight.train.params)
+    # a state at an epoch's end resumes with any order
+    ended = jn.fit(NET, p0, x, y, **args(epochs=1))
+    assert ended.position is None and jn.fit(NET, None, x, y, resume=ended, **args(batch_size=8)).epoch == 3
 
 
 def test_batched_evaluate_and_predict_match_one_batch(data):

@@ -57,13 +57,14 @@ def partition(
         would train); the message lists the parameters.
     """
     names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    part = _is_part(params)
     rules = list((lr_mult or {}).items())
     if freeze is not None and trainable is not None:
         raise ValueError("give freeze (what does not train) or trainable (what does), not both")
     if trainable is not None:  # "only these train": everything else is frozen
         keep = _compile(trainable, "trainable")
         if not any(keep.search(n) for n in names):
-            raise _unmatched("trainable", trainable, names)
+            raise _unmatched("trainable", trainable, names, part)
         freeze = "|".join(f"^{re.escape(n)}$" for n in names if not keep.search(n)) or None
         if freeze is None:
             return jax.tree.map(lambda _: DEFAULT, params) if not rules else partition(params, lr_mult=lr_mult)
@@ -74,10 +75,11 @@ def partition(
             raise ValueError(f"lr_mult {pattern!r}: the multiplier must be positive, got {factor!r}")
     for what, regex in ([("freeze", frozen)] if frozen else []) + [("lr_mult", r) for r, _ in compiled]:
         if not any(regex.search(n) for n in names):
-            raise _unmatched(what, regex.pattern, names)
+            raise _unmatched(what, regex.pattern, names, part)
     if frozen is not None and all(frozen.search(n) for n in names):
+        given, inside = (f" it is given ({escape(listed(names))})", _INSIDE) if part else ("", "")
         raise ArgumentError(
-            "{0} " + literal(frozen.pattern) + " matches every parameter: nothing would train", "freeze"
+            "{0} " + literal(frozen.pattern) + f" matches every parameter{given}: nothing would train{inside}", "freeze"
         )
     for regex, _ in compiled if frozen is not None else ():
         if all(frozen.search(n) for n in names if regex.search(n)):
@@ -101,7 +103,23 @@ def check_matches(what: str, pattern: str, params) -> None:
         raise _unmatched(what, pattern, names)
 
 
-def _unmatched(what: str, pattern: str, names: Sequence[str]) -> ArgumentError:
+_INSIDE = (
+    "; this optimizer sits inside another grouping (fit's trainable, or an outer jaxnet.grouped or finetuning), "
+    "which gives it only those: give freeze or trainable, and lr_mult, to one grouping"
+)
+
+
+def _is_part(params) -> bool:
+    """Whether ``params`` are one group's part of the whole (``optax.multi_transform`` masks the
+    other groups' leaves): a grouping inside another sees only its group."""
+    nodes = jax.tree.leaves(params, is_leaf=lambda n: isinstance(n, optax.MaskedNode))
+    return any(isinstance(n, optax.MaskedNode) for n in nodes)
+
+
+def _unmatched(what: str, pattern: str, names: Sequence[str], part: bool = False) -> ArgumentError:
+    if part:
+        return ArgumentError("{0} " + literal(pattern) + " matches none of the parameters it is given ("
+                             + escape(listed(names)) + ")" + _INSIDE, what)  # fmt: skip
     return ArgumentError("{0} " + literal(pattern) + " matches no parameter; the parameters are: "
                          + escape(listed(names)), what)  # fmt: skip
 

@@ -72,6 +72,28 @@ def test_groups_that_cannot_be_are_refused_with_the_parameters_named(options, me
         jn.grouped(optax.sgd(0.1), **options).init(NET.init(jax.random.key(0)))
 
 
+def test_a_grouping_inside_another_says_it_sees_only_its_group():
+    # fit's trainable groups the optimizer given: a jn.grouped inside sees only the trainable params
+    params, (x, y) = NET.init(jax.random.key(0)), problem()
+    run = dict(epochs=1, batch_size=16, key=jax.random.key(1))
+    inside = "which gives it only those: give freeze or trainable, and lr_mult, to one grouping"
+    cases = [
+        ({"freeze": "^0/"}, "^1/", r"freeze '\^0/' matches none of the parameters it is given \(1/b, 1/w\); this"),
+        ({"freeze": "^0/"}, "^0/", r"matches every parameter it is given \(0/b, 0/w\): nothing would train; this"),
+        ({"lr_mult": {"^0/": 0.1}}, "^1/", r"lr_mult '\^0/' matches none of the parameters it is given"),
+    ]
+    for grouping, trainable, message in cases:
+        opt = jn.grouped(optax.sgd(0.1), **grouping)
+        with pytest.raises(ValueError, match=message) as raised:
+            jn.fit(NET, params, x, y, loss="softmax_cross_entropy", optimizer=opt, trainable=trainable, **run)
+        assert inside in str(raised.value)
+    # an lr_mult that matches inside the trainable group composes
+    opt = jn.grouped(optax.sgd(0.1), lr_mult={"^1/w": 0.5})
+    trained = jn.fit(NET, params, x, y, loss="softmax_cross_entropy", optimizer=opt, trainable="^1/", **run)
+    np.testing.assert_array_equal(trained.train.params[0]["w"], params[0]["w"])
+    assert not np.array_equal(trained.train.params[1]["w"], params[1]["w"])
+
+
 def test_the_moving_average_equals_its_closed_form():
     params = NET.init(jax.random.key(0))
     decay = 0.9

@@ -188,7 +188,7 @@ def test_init_sharded_creates_params_in_their_shards():
     np.testing.assert_array_equal(np.asarray(fc), np.asarray(expected["blocks"]["mlp"]["fc"]["w"]))
 
 
-@pytest.mark.parametrize("k", [2, pytest.param(4, marks=pytest.mark.slow), 8])
+@pytest.mark.parametrize("k", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow), 8])
 def test_accumulated_microbatches_equal_the_whole_batch(k):
     net, (x, y) = small_gpt(), tokens(30)
     y[:5, :4] = jn.IGNORE_INDEX  # masked tokens, and a padded last batch (30 rows in batches of 8)

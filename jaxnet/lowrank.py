@@ -51,6 +51,13 @@ def _targets(params, pattern: str) -> dict[str, tuple]:
     return found
 
 
+def adapter_count(params, rank: int, targets: str = TARGETS) -> int:
+    """The parameters that :func:`lora`'s adapters of ``rank`` add to ``params`` (the base's):
+    ``r * (d_in + d_out)`` for each targeted weight (per leading index of a stacked one)."""
+    shapes = _targets(params, targets)
+    return sum(math.prod(lead) * rank * (d_in + d_out) for *lead, d_in, d_out in shapes.values())
+
+
 def _check(rank, alpha, shapes: dict) -> float:
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
         raise ArgumentError("{0} must be a positive integer, got " + literal(rank), "rank")

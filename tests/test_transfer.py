@@ -128,6 +128,32 @@ def test_init_from_a_run_starts_from_its_weights_and_records_it(mlp_run, tmp_pat
     before, after = (np.load(p / "model.npz") for p in (mlp_run / "run", out))
     np.testing.assert_array_equal(after["params/0/w"], before["params/0/w"])  # frozen: the loaded weights
     assert not np.array_equal(after["params/1/w"], before["params/1/w"])
+    shown = json.loads(jaxnet("summary", "--model", out, "--json").stdout)
+    assert shown["trainable_parameters"] == summary["trainable_parameters"] == 16 * 10 + 10  # layer 1's
+    assert shown["trained"] == "all but --freeze '^0/'" and shown["params"] == summary["parameters"]
+
+
+def test_a_lora_run_trains_its_adapters_alone_and_its_summary_says_so(mlp_run, tmp_path):
+    out = tmp_path / "lora"
+    result = jaxnet("train", "--dataset", "digits", "--init-from", mlp_run / "run", "--epochs", "1", "--lora-rank",
+                    "2", "--out", out, "--quiet", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    adapters = 2 * (64 + 16) + 2 * (16 + 10)  # r * (d_in + d_out) for 0/w (64, 16) and 1/w (16, 10)
+    summary = json.loads(result.stdout)
+    assert (
+        summary["trainable_parameters"] == adapters and summary["parameters"] == 64 * 16 + 16 + 16 * 10 + 10 + adapters
+    )
+    with np.load(out / "adapters.npz") as saved:
+        assert sum(saved[k].size for k in saved.files) == adapters
+    before, after = (np.load(p / "model.npz") for p in (mlp_run / "run", out))
+    np.testing.assert_array_equal(after["params/0/b"], before["params/0/b"])  # not adapted: unchanged
+    assert not np.array_equal(after["params/0/w"], before["params/0/w"])  # the adapters merged in
+    shown = jaxnet("summary", "--model", out)
+    assert shown.returncode == 0, shown.stderr
+    assert f"the run trained {adapters} parameters: LoRA adapters of rank 2 (--lora-targets '(^|/)w$'), merged" in (
+        shown.stdout
+    )
+    assert "trainable_parameters" not in json.loads(jaxnet("summary", "--model", mlp_run / "run", "--json").stdout)
 
 
 def test_a_relative_init_from_is_recorded_whole_so_its_config_runs_from_anywhere(mlp_run, tmp_path, monkeypatch):

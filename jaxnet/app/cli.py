@@ -758,12 +758,19 @@ def _cmd_summary(args) -> int:
     from jaxnet import summaries as summarylib
     from jaxnet.app import saved
 
-    found, tokens = saved.saved_summary(args.model, args.batch_size, args.arch)
+    found, tokens, trained = saved.saved_summary(args.model, args.batch_size, args.arch)
     figures = summarylib.as_dict(found)
     if tokens:  # a language model's costs per token of a batch of windows
         figures["flops_per_token"] = {k: c["flops"] / tokens for k in ("forward", "train_step") if (c := figures[k])}
-    print(_json(figures) if args.json else str(found) + _per_token(figures))
+    figures.update(trained or {})
+    print(_json(figures) if args.json else str(found) + _per_token(figures) + _trained(trained))
     return 0
+
+
+def _trained(trained: dict | None) -> str:
+    if trained is None:
+        return ""
+    return f"\nthe run trained {trained['trainable_parameters']:,} parameters: {trained['trained']}"
 
 
 def _per_token(figures: dict) -> str:

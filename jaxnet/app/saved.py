@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import sources, summaries
+from jaxnet import groups, lowrank, sources, summaries
 from jaxnet.app import arch as archlib
 from jaxnet.app import config as configlib
 from jaxnet.app import data as datalib
@@ -310,15 +310,19 @@ def evaluate_chunks(saved: SavedModel, chunks, arch: str | None = None, metrics=
     return tally.metrics(), tally.n
 
 
-def saved_summary(path, batch_size: int | None = None, arch: str | None = None) -> tuple[summaries.Summary, int]:
-    """``(summary, tokens)``: the :func:`jaxnet.summary` of a trained run's model (its first member),
-    with the run's loss, optimizer and batch size (from its ``config.json``) unless ``batch_size`` is
-    given; and for a language model the tokens of the summary's batch (``b * T``), else 0."""
+def saved_summary(
+    path, batch_size: int | None = None, arch: str | None = None
+) -> tuple[summaries.Summary, int, dict | None]:
+    """``(summary, tokens, trained)``: the :func:`jaxnet.summary` of a trained run's model (its first
+    member), with the run's loss, optimizer and batch size (from its ``config.json``) unless
+    ``batch_size`` is given; for a language model the tokens of the summary's batch (``b * T``),
+    else 0; and what a fine-tuning run trained of them (:func:`trained_parameters`)."""
     model = files.load_model(path)
     bound = bind_saved(model, arch)
     params, state = jax.tree.map(lambda a: a[0], (bound.params, bound.state))
     stored = RunFolder(path).stored_config() if Path(path).is_dir() else None
     config = configlib.TrainConfig.from_dict(stored) if stored else None
+    trained = trained_parameters(config, params)
     if config is not None and config.lora_rank is not None:  # the saved model is the base, adapters merged in
         config = dataclasses.replace(config, lora_rank=None)
     optimizer = configlib.make_optimizer(config) if config else None
@@ -333,4 +337,20 @@ def saved_summary(path, batch_size: int | None = None, arch: str | None = None) 
     found = summaries.summary(
         bound.model, example, params=params, model_state=state, batch_size=batch_size, loss=loss, optimizer=optimizer
     )
-    return found, found.batch_size * example.shape[0] if lm else 0
+    return found, found.batch_size * example.shape[0] if lm else 0, trained
+
+
+def trained_parameters(config: configlib.TrainConfig | None, params) -> dict | None:
+    """What a fine-tuning run trained of its saved ``params``: ``trainable_parameters`` (all
+    but ``--freeze``'s; under LoRA its adapters, which the saved weights hold merged) and
+    ``trained``, how, in words; None for a run that trained every parameter (or no config)."""
+    if config is None:
+        return None
+    if config.lora_rank is not None:
+        count = lowrank.adapter_count(params, config.lora_rank, config.lora_targets)
+        how = f"LoRA adapters of rank {config.lora_rank} (--lora-targets {config.lora_targets!r}), merged into these"
+        return {"trainable_parameters": count, "trained": how}
+    if config.freeze is not None:
+        count = groups.trainable_count(params, freeze=config.freeze)
+        return {"trainable_parameters": count, "trained": f"all but --freeze {config.freeze!r}"}
+    return None

@@ -90,8 +90,12 @@ def _layout(options: FitOptions, steps: int, mesh) -> feed.StreamLayout:
 
 
 def epoch_order(options: FitOptions) -> tuple:
-    """How a fit's epochs read their rows (:attr:`jaxnet._feed.Position.order`)."""
-    return (options.batch_size, options.shuffle, options.drop_remainder, options.shuffle_buffer)
+    """How a fit's epochs read their rows (:attr:`jaxnet._feed.Position.order`), as plain Python
+    values (a checkpoint stores them as JSON; a caller may give NumPy scalars): the shuffle buffer
+    counts only when rows are shuffled."""
+    shuffle = bool(options.shuffle)
+    buffer = int(options.shuffle_buffer) if shuffle else 0
+    return (int(options.batch_size), shuffle, bool(options.drop_remainder), buffer)
 
 
 def _fresh(update, options: FitOptions, x, y) -> Callable:

@@ -104,7 +104,8 @@ def check_matches(what: str, pattern: str, params) -> None:
 
 
 _INSIDE = (
-    "; this optimizer sits inside another grouping (fit's trainable, or an outer jaxnet.grouped or finetuning), "
+    "; this optimizer sits inside another grouping (fit's trainable, or an outer jaxnet.grouped, "
+    "jaxnet.groups.finetuning or optax.multi_transform), "
     "which gives it only those: give freeze or trainable, and lr_mult, to one grouping"
 )
 

@@ -1049,14 +1049,18 @@ def _check_resumable(options: FitOptions, resume: FitState, data) -> None:
 _ORDER = ("batch_size", "shuffle", "drop_remainder", "shuffle_buffer")
 
 
+def _listed(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _check_order(position, order: tuple) -> None:
     """A state inside an epoch resumes only with the epoch's reading order: another batch size or
     shuffle would read its rows from another place, some twice and some never."""
     saved = () if position is None else tuple(position.order)
     changed = [(name, a, b) for name, a, b in zip(_ORDER, saved, order, strict=False) if a != b]
     if changed:
-        was = " and ".join(f"{name} {a}" for name, a, _ in changed)
-        now = " and ".join(f"{name} {b}" for name, _, b in changed)
+        was, now = (_listed([f"{name} {pair[i]}" for name, *pair in changed]) for i in (0, 1))
         raise ValueError(
             f"resume: the state stands inside an epoch read with {was}, which this fit gives as {now}: give "
             f"{was} to finish that epoch (a state at an epoch's end resumes with any)"

@@ -409,9 +409,11 @@ def placed_inputs(compiled, mesh: Mesh):
     shardings of the calls before it and the program compiles once, not once per new layout."""
     whole = replicated(mesh)
 
-    def lay_in(a):
-        on_mesh = isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
-        return a if on_mesh or not isinstance(a, jax.Array) else put(a, whole)
+    def lay_in(a):  # a global array (of every process) keeps its own layout, as put_replicated keeps it
+        if not isinstance(a, jax.Array) or not a.is_fully_addressable:
+            return a
+        on_mesh = isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
+        return a if on_mesh else put(a, whole)
 
     def call(*args):
         return compiled(*jax.tree.map(lay_in, args))

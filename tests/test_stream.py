@@ -322,12 +322,20 @@ def test_resuming_inside_an_epoch_needs_its_chunks_and_its_order(data, tmp_path)
             jn.fit(NET, None, x, y, chunk_steps=4, resume=state, **args(batch_size=8))
         with pytest.raises(ValueError, match="read with shuffle True, which this fit gives as shuffle False"):
             jn.fit(NET, None, x, y, chunk_steps=4, resume=state, shuffle=False, **args())
+    both = "read with batch_size 16, shuffle True and drop_remainder False, which this fit gives as batch_size 8, "
+    with pytest.raises(ValueError, match=both + "shuffle False and drop_remainder True: give batch_size 16, shuffle"):
+        jn.fit(NET, None, x, y, chunk_steps=4, resume=stopped, shuffle=False, drop_remainder=True, **args(batch_size=8))
     straight = jn.fit(NET, p0, x, y, chunk_steps=4, **args())
     resumed = jn.fit(NET, None, x, y, chunk_steps=4, resume=restored, **args())
     assert leaves_equal(resumed.train.params, straight.train.params)
     # a state at an epoch's end resumes with any order
     ended = jn.fit(NET, p0, x, y, **args(epochs=1))
     assert ended.position is None and jn.fit(NET, None, x, y, resume=ended, **args(batch_size=8)).epoch == 3
+    # NumPy scalars are recorded as plain values (a checkpoint's JSON takes them)
+    numpy = jn.fit(NET, p0, x, y, chunk_steps=4, callbacks=[StopAt(5)], shuffle=np.bool_(True),
+                   **args(batch_size=np.int64(16)))  # fmt: skip
+    checkpoint.save(tmp_path / "numpy", numpy)
+    assert checkpoint.restore(tmp_path / "numpy", like).state.position.order == (16, True, False, 0)
 
 
 def test_batched_evaluate_and_predict_match_one_batch(data):

@@ -150,10 +150,18 @@ def test_a_lora_run_trains_its_adapters_alone_and_its_summary_says_so(mlp_run, t
     assert not np.array_equal(after["params/0/w"], before["params/0/w"])  # the adapters merged in
     shown = jaxnet("summary", "--model", out)
     assert shown.returncode == 0, shown.stderr
-    assert f"the run trained {adapters} parameters: LoRA adapters of rank 2 (--lora-targets '(^|/)w$'), merged" in (
-        shown.stdout
-    )
+    line = f"the run trained {adapters} parameters: LoRA adapters of rank 2 (--lora-targets '(^|/)w$'), merged into"
+    assert line + " the saved weights" in shown.stdout
     assert "trainable_parameters" not in json.loads(jaxnet("summary", "--model", mlp_run / "run", "--json").stdout)
+    # the run's own targets and alpha
+    out = tmp_path / "last"
+    result = jaxnet("train", "--dataset", "digits", "--init-from", mlp_run / "run", "--epochs", "1", "--lora-rank",
+                    "2", "--lora-targets", "^1/w$", "--lora-alpha", "4", "--out", out, "--quiet", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = jaxnet("summary", "--model", out, "--json")
+    assert shown.returncode == 0, shown.stderr
+    trained = json.loads(result.stdout)["trainable_parameters"]
+    assert json.loads(shown.stdout)["trainable_parameters"] == trained == 2 * (16 + 10)
 
 
 def test_a_relative_init_from_is_recorded_whole_so_its_config_runs_from_anywhere(mlp_run, tmp_path, monkeypatch):

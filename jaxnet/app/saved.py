@@ -324,7 +324,7 @@ def saved_summary(
     config = configlib.TrainConfig.from_dict(stored) if stored else None
     trained = trained_parameters(config, params)
     if config is not None and config.lora_rank is not None:  # the saved model is the base, adapters merged in
-        config = dataclasses.replace(config, lora_rank=None)
+        config = dataclasses.replace(config, lora_rank=None, lora_alpha=None, lora_targets=lowrank.TARGETS)
     optimizer = configlib.make_optimizer(config) if config else None
     if batch_size is None:
         batch_size = config.batch_size if config else 32
@@ -348,7 +348,8 @@ def trained_parameters(config: configlib.TrainConfig | None, params) -> dict | N
         return None
     if config.lora_rank is not None:
         count = lowrank.adapter_count(params, config.lora_rank, config.lora_targets)
-        how = f"LoRA adapters of rank {config.lora_rank} (--lora-targets {config.lora_targets!r}), merged into these"
+        targets = f"--lora-targets {config.lora_targets!r}"
+        how = f"LoRA adapters of rank {config.lora_rank} ({targets}), merged into the saved weights"
         return {"trainable_parameters": count, "trained": how}
     if config.freeze is not None:
         count = groups.trainable_count(params, freeze=config.freeze)

@@ -265,8 +265,19 @@ def test_missing_run_folder_or_checkpoints_are_refused(tmp_path):
         runlib.resume(tmp_path / "nope")
     with pytest.raises(ValueError, match="has no checkpoints"):
         runlib.resume(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder: give resume the out folder of an earlier run"):
+        runlib.resume(tmp_path / "file")
     with pytest.raises(ValueError, match="has no checkpoints"):
         checkpoint.restore(tmp_path, None)
+
+
+def test_a_run_without_its_config_says_so(saved, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(saved[0], copy)
+    (copy / "config.json").unlink()
+    with pytest.raises(ValueError, match="has checkpoints but no config.json, the run's config: put it back"):
+        runlib.resume(copy)
 
 
 def test_check_overrides_names_the_conflicting_option(saved):
@@ -340,6 +351,10 @@ def test_cli_resume_refuses_conflicts_and_reports_a_finished_run(saved, capsys):
     assert cli.main(["train", "--resume", str(out), "--hidden", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--hidden 8 conflicts with the run's 4" in err
+    for flags, shown in ((["--skip-nonfinite"], "--skip-nonfinite on conflicts with the run's off"),
+                         (["--patience", "2"], "--patience 2 conflicts with the run's none")):  # fmt: skip
+        assert cli.main(["train", "--resume", str(out), *flags]) == 2
+        assert shown in capsys.readouterr().err
     assert cli.main(["train", "--checkpoint-every", "2", "--dataset", "xor"]) == 2
     assert "--checkpoint-every N needs --out DIR" in capsys.readouterr().err
     before = steps(out)
@@ -431,3 +446,20 @@ def test_interrupt_stops_at_the_next_boundary_and_a_second_signal_acts_at_once(s
         else:
             assert signal.getsignal(signum) == signal.SIG_DFL
     assert signal.getsignal(signum) == previous
+
+
+def test_extending_a_run_that_stopped_early_is_refused_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "early"
+    flags = ["train", "--dataset", "moons", "--epochs", "400", "--patience", "2", "--out", str(out), "--quiet"]
+    assert cli.main(flags) == 0
+    stopped = len(metrics(out))
+    assert stopped < 400  # early stopping ended it
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "500", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxnet: error: ") and "\n" not in err
+    assert f"stopped early at epoch {stopped}: its validation figure had not improved" in err
+    assert "so more --epochs would not train it: start a new run from its weights (--init-from" in err
+    assert json.loads((out / "config.json").read_text())["epochs"] == 400  # untouched
+    assert cli.main(flags) == 0  # the command that started it still reports it finished
+    assert f"already finished at epoch {stopped}" in capsys.readouterr().err

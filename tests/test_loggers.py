@@ -148,6 +148,20 @@ def test_bad_logger_names_are_one_line_usage_errors(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     assert cli.main(["train", "--epochs", "1", "--log", "csv"]) == 2
     assert "--log NAMES needs --out DIR" in capsys.readouterr().err
+    # steps logged to no logger: refused, not ignored
+    assert cli.main(["train", "--epochs", "1", "--out", str(tmp_path / "s"), "--log-every-steps", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "jaxnet: error: --log-every-steps N logs steps to the loggers of --log NAMES (csv, tensorboard, " + (
+        "mlflow): give it"
+    )
+
+
+def test_a_resumed_run_logs_on_to_its_loggers(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "moons", "--epochs", "2", "--out", str(out), "--log", "csv", "--quiet"]) == 0
+    assert cli.main(["train", "--resume", str(out), "--epochs", "4", "--quiet"]) == 0  # --log not given again
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
 
 
 def test_fit_is_silent_by_default_and_talks_when_asked(capsys):

@@ -422,7 +422,7 @@ def test_cli_sweeps_stream_a_folder_of_npy_and_refuse_step_logs(data, tmp_path, 
     assert [m["learning_rate"] for m in summary["members"]] == [0.01, 0.001]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["member"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert cli.main(["train", *flags, "--out", str(tmp_path / "logged"), "--log-every-steps", "2"]) == 2
+    assert cli.main(["train", *flags, "--out", str(tmp_path / "logged"), "--log", "csv", "--log-every-steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
         "jaxnet: error: member runs (--seeds, --ensemble, lists of --lr or --weight-decay) do not log steps: "

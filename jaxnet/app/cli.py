@@ -298,6 +298,10 @@ def _check_train_args(args) -> None:
     ):
         if value is not None and not (args.out or args.resume):
             raise CliError(f"{name} needs --out DIR")
+    if args.log_every_steps is not None and not args.log and not args.resume:
+        raise CliError(
+            "--log-every-steps N logs steps to the loggers of --log NAMES (csv, tensorboard, mlflow): give it"
+        )
 
 
 def _train_config(args) -> tuple[dict, object]:

@@ -567,6 +567,15 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Gradi
     )
 
 
+def _shown(value) -> str:
+    """A config value as a flag would give it: on/off for a switch, none for nothing, a list by commas."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or (isinstance(value, (tuple, list)) and not value):
+        return "none"
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 MACHINE_FIELDS = ("memory_budget", "peak_tflops")
 """Fields that describe the machine a run trains on, not the run: a resumed run takes them anew."""
 
@@ -595,7 +604,7 @@ def check_overrides(config: TrainConfig, given: dict) -> None:
         else:
             same = (tuple(value) if isinstance(value, list) else value) == have
         if not same:
-            shown = [",".join(map(str, v)) if isinstance(v, (tuple, list)) else v for v in (value, have)]
+            shown = [_shown(v) for v in (value, have)]
             raise ArgumentError(
                 f"{{0}} {checks.escape(shown[0])} conflicts with the run's {checks.escape(shown[1])}: a resumed run "
                 "keeps its config (drop {0}, or train into another folder)",

@@ -563,13 +563,16 @@ def _close_loggers(made: list, folder: RunFolder | None, status: str) -> None:
 
 class Cadence(NamedTuple):
     """When a run checkpoints: every ``every`` epochs, every ``steps`` steps (inside epochs, which
-    then run in chunks of that many steps), keeping the newest ``keep``; and every how many steps
-    of an epoch it logs (``log_steps``); None: not given."""
+    then run in chunks of that many steps), keeping the newest ``keep``; every how many steps of
+    an epoch it logs (``log_steps``), and to which loggers (``log``, their names); None: not
+    given. A resume keeps what it is not given anew (a run that logged to TensorBoard goes on
+    logging there)."""
 
     every: int | None = None
     keep: int | None = None
     steps: int | None = None
     log_steps: int | None = None
+    log: str | None = None
 
     def given_over(self, stored: dict) -> Cadence:
         """This schedule, with what was not given taken from a checkpoint's stored one."""
@@ -609,7 +612,10 @@ class RunOptions:
     @property
     def cadence(self) -> Cadence:
         """When the run checkpoints and logs (None: not given)."""
-        return Cadence(self.checkpoint_every, self.keep, self.checkpoint_steps, self.log_steps)
+        log = self.log  # names, checked where the loggers are made
+        names = ",".join(map(str, log)) if isinstance(log, (tuple, list)) else log
+        names = names or None
+        return Cadence(self.checkpoint_every, self.keep, self.checkpoint_steps, self.log_steps, names)
 
 
 def _metadata(job: Job, schedule: Cadence) -> dict:
@@ -746,6 +752,7 @@ def _continue(
     for path, reason in restored.damaged:
         _say(notify, f"checkpoint {path.name} is damaged ({reason}); resuming from {restored.path.name}")
     schedule = schedule.given_over(restored.metadata.get("schedule", {}))
+    log = log if log is not None else schedule.log
     epoch, inside = restored.state.epoch, restored.state.position is not None
     if config.steps is not None and config.steps < restored.state.steps:
         raise ArgumentError(
@@ -760,6 +767,7 @@ def _continue(
             f"{epoch} to extend it (or train into another folder)",
             "epochs",
         )
+    _check_not_stopped_early(folder, restored.state, config)
     if _finished(restored.state, config):
         at = f"step {restored.state.steps}" if config.steps is not None else f"epoch {epoch}"
         _say(notify, f"{folder.path} already finished at {at}; not training further")
@@ -779,6 +787,20 @@ def _continue(
             "where the machine has more",
             "mesh", "memory_budget",
         ) from None  # fmt: skip
+
+
+def _check_not_stopped_early(folder: RunFolder, state: FitState, config: TrainConfig) -> None:
+    """Refuses to extend a run that early stopping ended: more epochs would train it no further
+    (and its config would claim them)."""
+    asked = config.steps is None and config.epochs != (folder.stored_config() or {}).get("epochs")
+    if asked and state.epoch < config.epochs and _finished(state, config):
+        raise ArgumentError(
+            f"the run in {checks_escape(folder.path)} stopped early at epoch {state.epoch}: its validation figure "
+            f"had not improved for {config.patience} epochs ({{1}} {config.patience}), so more {{0}} would not train "
+            f"it: start a new run from its weights (--init-from {checks_escape(folder.path)})",
+            "epochs",
+            "patience",
+        )
 
 
 def _finished(state: FitState, config: TrainConfig) -> bool:
@@ -881,16 +903,18 @@ def _check_layout(config: TrainConfig, mesh, resuming: bool) -> None:
         parts.check_parts(config.device_invariant, shardinglib.batch_devices(mesh), mesh)
 
 
-def _checked_folder(out, options: RunOptions) -> RunFolder:
-    """The run folder ``out``, refused early when it cannot be one; the checkpoint schedule checked."""
+def _checked_folder(out, options: RunOptions, what: str = "out") -> RunFolder:
+    """The run folder ``out`` (the argument ``what``), refused early when it cannot be one; the
+    checkpoint schedule checked."""
     for name in ("checkpoint_every", "checkpoint_steps", "log_steps", "keep"):
         checks.optional_integer(name, getattr(options, name))
     folder = RunFolder(out)
     if str(out) == "":
-        raise ArgumentError("{0} is empty: name a folder for the run", "out")
+        raise ArgumentError("{0} is empty: name a folder for the run", what)
     problem = folder.unusable()
     if problem is not None:
-        raise ArgumentError(f"{checks.escape(problem)}: give {{0}} a folder that can be written", "out")
+        hint = "the out folder of an earlier run" if what == "resume" else "a folder that can be written"
+        raise ArgumentError(f"{checks.escape(problem)}: give {{0}} {hint}", what)
     return folder
 
 
@@ -936,11 +960,16 @@ def resume(
         is the run's own.
     """
     o = RunOptions(**options)
-    folder = _checked_folder(out, o)
+    folder = _checked_folder(out, o, "resume")
     if not folder.path.is_dir():
         raise ValueError(f"cannot resume: {out} does not exist (give the out folder of an earlier run)")
     with _owned(folder):
         stored = folder.stored_config()
+        if stored is None and checkpoint.steps(folder.checkpoints):
+            raise ValueError(
+                f"cannot resume: {out} has checkpoints but no config.json, the run's config: put it back (or train "
+                "into another folder)"
+            )
         if stored is None:
             raise ValueError(f"cannot resume: {out} has no checkpoints (give the out folder of an earlier run)")
         if not checkpoint.steps(folder.checkpoints):
